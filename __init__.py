@@ -1,0 +1,18 @@
+"""peftlab: domain pipelines for parameter-efficient fine-tuning.
+
+`peftlab.run(...)` trains a pipeline and returns its run directory;
+`peftlab.load(run_dir)` returns a predictor over a finished run.
+"""
+
+__version__ = "0.1.0"
+
+__all__ = ["run", "load", "__version__"]
+
+
+def __getattr__(name):
+    # Imported lazily so `import peftlab` stays cheap (no torch until needed).
+    if name in ("run", "load"):
+        from peftlab.pipelines import api
+
+        return getattr(api, name)
+    raise AttributeError(f"module 'peftlab' has no attribute {name!r}")

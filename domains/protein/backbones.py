@@ -1,0 +1,253 @@
+"""ESM-2 backbones (fair-esm), by official name, local file or folder, or `tiny`.
+
+Resolution order for a name: an existing local path (an official fair-esm `.pt` file,
+or a Hugging Face `EsmModel` folder with `config.json`), then the torch hub cache
+(`<torch hub dir>/checkpoints/<name>.pt`, where fair-esm stores downloads), then a
+download through fair-esm. Offline with none of these, the error says where it looked
+and how to pass a local path. Only `tiny` is random-init.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import pickle
+from pathlib import Path
+
+import esm
+import torch
+from esm.model.esm2 import ESM2
+from torch import nn
+
+from peftlab.shared import io
+from peftlab.shared.errors import UserError
+
+# name -> (layers, width, heads), as released by Meta AI (Lin et al. 2023)
+ESM2_ARCHITECTURES = {
+    "esm2_t6_8M_UR50D": (6, 320, 20),
+    "esm2_t12_35M_UR50D": (12, 480, 20),
+    "esm2_t30_150M_UR50D": (30, 640, 20),
+    "esm2_t33_650M_UR50D": (33, 1280, 20),
+    "esm2_t36_3B_UR50D": (36, 2560, 40),
+    "esm2_t48_15B_UR50D": (48, 5120, 40),
+}
+TINY = (2, 64, 4)
+TINY_SEED = 1234
+"""Fixed so a `tiny` backbone is the same weights every time it is built (runs reload it)."""
+
+AMINO_ACIDS = set("ACDEFGHIKLMNPQRSTVWYXBZUO")
+"""Letters ESM-2's alphabet has a token for: the 20 standard residues, X (unknown),
+B/Z (ambiguous), U (selenocysteine), O (pyrrolysine)."""
+
+
+class ESMEncoder(nn.Module):
+    """ESM-2's encoder: token embedding, transformer layers, final layer norm.
+
+    The same modules (and state-dict keys) as fair-esm's `ESM2`, without the LM and
+    contact heads, returning the last hidden states (batch, tokens, width).
+    """
+
+    def __init__(self, num_layers: int, embed_dim: int, attention_heads: int, token_dropout: bool = True):
+        super().__init__()
+        self.alphabet = esm.data.Alphabet.from_architecture("ESM-1b")
+        full = ESM2(num_layers=num_layers, embed_dim=embed_dim, attention_heads=attention_heads,
+                    alphabet=self.alphabet, token_dropout=token_dropout)
+        self.embed_tokens = full.embed_tokens
+        self.layers = full.layers
+        self.emb_layer_norm_after = full.emb_layer_norm_after
+        self.token_dropout = token_dropout
+        self.embed_dim = embed_dim
+        self.num_layers = num_layers
+        self.attention_heads = attention_heads
+
+    @property
+    def padding_idx(self) -> int:
+        return self.alphabet.padding_idx
+
+    def tokenize(self, sequences: list[str]) -> torch.Tensor:
+        """<cls> residues <eos>, right-padded to the longest sequence in the batch."""
+        to_index = self.alphabet.tok_to_idx
+        width = max(len(s) for s in sequences) + 2
+        tokens = torch.full((len(sequences), width), self.alphabet.padding_idx, dtype=torch.long)
+        for row, sequence in enumerate(sequences):
+            ids = [self.alphabet.cls_idx] + [to_index[c] for c in sequence] + [self.alphabet.eos_idx]
+            tokens[row, : len(ids)] = torch.tensor(ids)
+        return tokens
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        padding_mask = tokens.eq(self.alphabet.padding_idx)
+        x = self.embed_tokens(tokens)
+        if self.token_dropout:
+            # ESM-2 was trained with masked tokens zeroed and the rest rescaled by the
+            # expected mask ratio; at fine-tuning there are no masks, so x *= 0.88 / 1.
+            masked = tokens == self.alphabet.mask_idx
+            x = x.masked_fill(masked.unsqueeze(-1), 0.0)
+            mask_ratio_train = 0.15 * 0.8
+            lengths = (~padding_mask).sum(-1)
+            observed = masked.sum(-1).to(x.dtype) / lengths
+            x = x * (1 - mask_ratio_train) / (1 - observed)[:, None, None]
+        x = x * (1 - padding_mask.unsqueeze(-1).type_as(x))
+        x = x.transpose(0, 1)
+        attention_mask = padding_mask if padding_mask.any() else None
+        for layer in self.layers:
+            x, _ = layer(x, self_attn_padding_mask=attention_mask, need_head_weights=False)
+        x = self.emb_layer_norm_after(x)
+        return x.transpose(0, 1)
+
+
+def backbone_names() -> list[str]:
+    return ["tiny", *ESM2_ARCHITECTURES]
+
+
+def load_backbone(name: str) -> tuple[ESMEncoder, dict]:
+    """-> (encoder, info) where info records name, source and a weights hash."""
+    if name == "tiny":
+        with torch.random.fork_rng():
+            torch.manual_seed(TINY_SEED)
+            encoder = ESMEncoder(*TINY)
+        return encoder, _info(name, "random-init tiny preset", encoder)
+    path = Path(os.path.expanduser(name))
+    if path.exists():
+        return _load_local(path, name)
+    if name not in ESM2_ARCHITECTURES:
+        raise UserError(
+            f"unknown ESM-2 backbone {name!r}: not a local path, and not one of {', '.join(backbone_names())}"
+        )
+    cached = Path(torch.hub.get_dir()) / "checkpoints" / f"{name}.pt"
+    if cached.is_file():
+        return _load_official(cached, name)
+    if _offline():
+        raise UserError(
+            f"ESM-2 backbone {name!r} is not available offline: no local path {name!r} and no "
+            f"cached file {cached}; download it where you have internet "
+            f"(fair-esm: esm.pretrained.{name}()) or pass --backbone /path/to/{name}.pt"
+        )
+    try:
+        esm.pretrained.load_model_and_alphabet_hub(name)  # downloads into the hub cache
+    except Exception as error:  # network errors come in many types
+        raise UserError(
+            f"ESM-2 backbone {name!r} could not be downloaded ({type(error).__name__}: {error}); "
+            f"looked for a local path and {cached}; pass --backbone /path/to/{name}.pt"
+        ) from None
+    return _load_official(cached, name)
+
+
+def _offline() -> bool:
+    return any(os.environ.get(v, "") not in ("", "0") for v in ("PEFTLAB_OFFLINE", "HF_HUB_OFFLINE"))
+
+
+def _load_local(path: Path, name: str) -> tuple[ESMEncoder, dict]:
+    if path.is_dir():
+        if not (path / "config.json").is_file():
+            raise UserError(f"{path}: an ESM-2 folder needs config.json and model weights (as transformers saves EsmModel)")
+        return _load_hf_folder(path, name)
+    if path.suffix == ".pt":
+        return _load_official(path, name)
+    raise UserError(f"{path}: not an ESM-2 checkpoint; pass a fair-esm .pt file or a Hugging Face EsmModel folder")
+
+
+def _load_official(path: Path, name: str) -> tuple[ESMEncoder, dict]:
+    """An official fair-esm `.pt` file, read with weights_only=True.
+
+    Official files keep their config as an argparse.Namespace, which we allow
+    explicitly; any other pickled object is refused rather than executed.
+    """
+    try:
+        with torch.serialization.safe_globals([argparse.Namespace]):
+            data = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as error:
+        raise UserError(f"{path}: refused to load (it holds objects other than tensors and config: {str(error).splitlines()[0]})") from None
+    except (RuntimeError, EOFError, OSError) as error:
+        raise UserError(f"{path}: not a readable torch checkpoint ({error}); is the file complete?") from None
+    if not isinstance(data, dict) or "model" not in data or "cfg" not in data:
+        raise UserError(f"{path}: not an ESM-2 checkpoint (expected keys 'model' and 'cfg', as fair-esm releases them)")
+    cfg = data["cfg"]["model"]
+    get = (lambda k: cfg[k]) if isinstance(cfg, dict) else (lambda k: getattr(cfg, k))
+    encoder = ESMEncoder(get("encoder_layers"), get("encoder_embed_dim"), get("encoder_attention_heads"),
+                         token_dropout=bool(get("token_dropout")))
+    state = {}
+    for key, value in data["model"].items():
+        for prefix in ("encoder.sentence_encoder.", "encoder."):
+            if key.startswith(prefix):
+                key = key[len(prefix):]
+                break
+        state[key] = value
+    _load_weights(encoder, state, path, ignore=("lm_head.", "contact_head."))
+    return encoder, _info(name, str(path), encoder)
+
+
+_HF_TO_FAIR = [
+    ("embeddings.word_embeddings.", "embed_tokens."),
+    ("encoder.emb_layer_norm_after.", "emb_layer_norm_after."),
+    ("encoder.layer.", "layers."),
+    (".attention.self.query.", ".self_attn.q_proj."),
+    (".attention.self.key.", ".self_attn.k_proj."),
+    (".attention.self.value.", ".self_attn.v_proj."),
+    (".attention.self.rotary_embeddings.", ".self_attn.rot_emb."),
+    (".attention.output.dense.", ".self_attn.out_proj."),
+    (".attention.LayerNorm.", ".self_attn_layer_norm."),
+    (".intermediate.dense.", ".fc1."),
+    (".output.dense.", ".fc2."),
+    (".LayerNorm.", ".final_layer_norm."),
+]
+
+
+def hf_to_fair_esm(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Hugging Face `EsmModel` keys -> fair-esm `ESM2` keys (same tensors)."""
+    mapped = {}
+    for key, value in state.items():
+        key = key.removeprefix("esm.")
+        if key.startswith(("pooler.", "contact_head.", "lm_head.", "classifier.")) or key.endswith("position_ids"):
+            continue
+        for old, new in _HF_TO_FAIR:
+            key = key.replace(old, new)
+        mapped[key] = value
+    return mapped
+
+
+def _load_hf_folder(path: Path, name: str) -> tuple[ESMEncoder, dict]:
+    config = json.loads((path / "config.json").read_text())
+    if config.get("model_type") != "esm" or config.get("position_embedding_type", "rotary") != "rotary":
+        raise UserError(f"{path}/config.json: not an ESM-2 model (model_type {config.get('model_type')!r}); ESM-2 has model_type 'esm' with rotary positions")
+    vocab = path / "vocab.txt"
+    if vocab.is_file():
+        tokens = vocab.read_text().split()
+        expected = esm.data.Alphabet.from_architecture("ESM-1b").all_toks
+        if tokens != expected:
+            raise UserError(f"{vocab}: vocabulary differs from ESM-2's 33 tokens; this is not an ESM-2 checkpoint")
+    weights = path / "model.safetensors"
+    if weights.is_file():
+        state = io.load_tensors(weights)
+    elif (path / "pytorch_model.bin").is_file():
+        state = torch.load(path / "pytorch_model.bin", map_location="cpu", weights_only=True)
+    else:
+        raise UserError(f"{path}: no model.safetensors or pytorch_model.bin next to config.json")
+    encoder = ESMEncoder(config["num_hidden_layers"], config["hidden_size"], config["num_attention_heads"],
+                         token_dropout=bool(config.get("token_dropout", True)))
+    _load_weights(encoder, hf_to_fair_esm(state), path)
+    return encoder, _info(name, str(path), encoder)
+
+
+def _load_weights(encoder: ESMEncoder, state: dict, path: Path, ignore: tuple[str, ...] = ()) -> None:
+    # Rotary inverse frequencies are computed from the width, not learned; transformers
+    # 5 even saves one shared copy as `encoder.layer.*....inv_freq`.
+    state = {k: v for k, v in state.items() if not k.startswith(ignore) and not k.endswith("inv_freq")}
+    own = encoder.state_dict()
+    missing = sorted(k for k in own if k not in state and not k.endswith("rot_emb.inv_freq"))
+    unexpected = sorted(k for k in state if k not in own)
+    if missing or unexpected:
+        raise UserError(f"{path}: weights do not fit ESM-2 (missing {missing[:3]}, unexpected {unexpected[:3]})")
+    for key, value in state.items():
+        if own[key].shape != value.shape:
+            raise UserError(f"{path}: {key} has shape {tuple(value.shape)}, ESM-2 expects {tuple(own[key].shape)}")
+    encoder.load_state_dict({k: v.float() for k, v in state.items()}, strict=False)
+
+
+def _info(name: str, source: str, encoder: ESMEncoder) -> dict:
+    return {
+        "name": name,
+        "source": source,
+        "architecture": {"layers": encoder.num_layers, "width": encoder.embed_dim, "heads": encoder.attention_heads},
+        "weights_sha256": io.tensors_fingerprint(encoder.state_dict()),
+    }

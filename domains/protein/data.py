@@ -1,0 +1,222 @@
+"""Protein data: FASTA, D-SCRIPT pair TSVs, `sequence,label` CSVs, and demo generators.
+
+Readers check what a user can get wrong and say where: letters outside ESM-2's
+alphabet, empty sequences, pairs naming an id the FASTA lacks, labels outside the
+card's list. Each error names the file and line.
+"""
+
+from __future__ import annotations
+
+import csv
+from pathlib import Path
+
+import numpy as np
+
+from peftlab.shared.errors import UserError
+
+from .backbones import AMINO_ACIDS
+
+STANDARD_RESIDUES = "ACDEFGHIKLMNPQRSTVWY"
+
+
+def check_sequence(sequence: str, where: str) -> str:
+    sequence = sequence.strip().upper()
+    if not sequence:
+        raise UserError(f"{where}: empty sequence; remove the record or give its residues")
+    bad = sorted(set(sequence) - AMINO_ACIDS)
+    if bad:
+        raise UserError(
+            f"{where}: {''.join(bad)!r} is not an amino-acid letter; "
+            f"sequences use {''.join(sorted(AMINO_ACIDS))} (X for unknown residues)"
+        )
+    return sequence
+
+
+def read_fasta(path: Path) -> dict[str, str]:
+    """id -> sequence. The id is the header's first word."""
+    records: dict[str, list[str]] = {}
+    header_line: dict[str, int] = {}
+    current = None
+    try:
+        lines = Path(path).read_text(encoding="utf-8").splitlines()
+    except UnicodeDecodeError as error:
+        raise UserError(f"{path}: not UTF-8/ASCII text (byte {error.start}); is this a FASTA file?") from None
+    for number, line in enumerate(lines, start=1):
+        line = line.strip()
+        if not line or line.startswith(";"):
+            continue
+        if line.startswith(">"):
+            if not line[1:].strip():
+                raise UserError(f"{path}:{number}: FASTA header without an id")
+            current = line[1:].split()[0]
+            if current in records:
+                raise UserError(f"{path}:{number}: duplicate FASTA id {current!r} (first at line {header_line[current]})")
+            records[current] = []
+            header_line[current] = number
+            continue
+        if current is None:
+            raise UserError(f"{path}:{number}: sequence before the first '>' header; is this a FASTA file?")
+        bad = sorted(set(line.upper()) - AMINO_ACIDS - {"*"})
+        if bad:
+            raise UserError(f"{path}:{number}: {''.join(bad)!r} is not an amino-acid letter (record {current!r}); "
+                            f"sequences use {''.join(sorted(AMINO_ACIDS))}")
+        records[current].append(line.upper().rstrip("*"))
+    if not records:
+        raise UserError(f"{path}: no FASTA records (lines starting with '>')")
+    sequences = {}
+    for name, parts in records.items():
+        sequences[name] = check_sequence("".join(parts), f"{path}:{header_line[name]} (record {name!r})")
+    return sequences
+
+
+def parse_label(value: str, labels: list[str] | None, where: str) -> int:
+    """A label cell -> class index: a label name from the card, or its index (0, 1, 1.0)."""
+    value = value.strip()
+    if labels and value in labels:
+        return labels.index(value)
+    try:
+        number = float(value)
+    except ValueError:
+        known = f"one of {labels} or an index" if labels else "a class index"
+        raise UserError(f"{where}: label {value!r} is not {known}; fix the cell or the card's `labels`") from None
+    if number != int(number) or number < 0 or (labels and int(number) >= len(labels)):
+        raise UserError(f"{where}: label {value!r} is out of range for labels {labels}")
+    return int(number)
+
+
+def _column(fields: dict, key: str, default, header: list[str] | None, path: Path) -> int:
+    spec = fields.get(key, default)
+    if isinstance(spec, int):
+        return spec
+    if header is None or spec not in header:
+        raise UserError(f"{path}: column {spec!r} for fields.{key} not found; the header has {header}")
+    return header.index(spec)
+
+
+def read_pairs(path: Path, sequences: dict[str, str], fields: dict, labels: list[str] | None,
+               labelled: bool = True) -> list[dict]:
+    """D-SCRIPT pair TSV: `protein_a<TAB>protein_b<TAB>label`, no header (or a named header)."""
+    rows = list(_rows(path, "\t"))
+    header = None
+    if rows and not _looks_like_data(rows[0][1], sequences):
+        header, rows = rows[0][1], rows[1:]
+    a_col = _column(fields, "protein_a", 0, header, path)
+    b_col = _column(fields, "protein_b", 1, header, path)
+    label_col = _column(fields, "label", 2, header, path) if labelled else None
+    examples = []
+    for number, cells in rows:
+        need = max(a_col, b_col, label_col if label_col is not None else 0) + 1
+        if len(cells) < need:
+            raise UserError(f"{path}:{number}: expected {need} tab-separated columns, found {len(cells)}")
+        a, b = cells[a_col].strip(), cells[b_col].strip()
+        for name in (a, b):
+            if name not in sequences:
+                raise UserError(f"{path}:{number}: protein {name!r} is not in the FASTA file; add its sequence or drop the pair")
+        example = {"id": f"{a}|{b}", "a": a, "b": b, "a_seq": sequences[a], "b_seq": sequences[b]}
+        if label_col is not None:
+            example["label"] = parse_label(cells[label_col], labels, f"{path}:{number}")
+        examples.append(example)
+    if not examples:
+        raise UserError(f"{path}: no pairs")
+    return examples
+
+
+def read_sequence_csv(path: Path, fields: dict, labels: list[str] | None, labelled: bool = True) -> list[dict]:
+    """CSV with a header: a sequence column and (when labelled) a label column."""
+    rows = list(_rows(path, ","))
+    if not rows:
+        raise UserError(f"{path}: empty CSV file")
+    header = [h.strip() for h in rows[0][1]]
+    seq_col = _column(fields, "sequence", "sequence", header, path)
+    label_col = _column(fields, "label", "label", header, path) if labelled else None
+    id_col = header.index(fields["id"]) if "id" in fields and fields["id"] in header else None
+    examples = []
+    for number, cells in rows[1:]:
+        if len(cells) != len(header):
+            raise UserError(f"{path}:{number}: {len(cells)} columns, the header has {len(header)}")
+        example = {"id": cells[id_col] if id_col is not None else f"{path.name}:{number}",
+                   "seq": check_sequence(cells[seq_col], f"{path}:{number}")}
+        if label_col is not None:
+            example["label"] = parse_label(cells[label_col], labels, f"{path}:{number}")
+        examples.append(example)
+    if not examples:
+        raise UserError(f"{path}: no data rows under the header")
+    return examples
+
+
+def _rows(path: Path, delimiter: str):
+    try:
+        with open(path, newline="", encoding="utf-8") as handle:
+            for number, cells in enumerate(csv.reader(handle, delimiter=delimiter), start=1):
+                if cells and any(c.strip() for c in cells):
+                    yield number, cells
+    except UnicodeDecodeError as error:
+        raise UserError(f"{path}: not UTF-8 text (byte {error.start}); save it as UTF-8") from None
+    except csv.Error as error:
+        raise UserError(f"{path}: malformed {'TSV' if delimiter == chr(9) else 'CSV'} ({error})") from None
+
+
+def _looks_like_data(cells: list[str], sequences: dict[str, str]) -> bool:
+    return bool(cells) and cells[0].strip() in sequences
+
+
+# ----------------------------------------------------------------------------- demo data
+# Synthetic protein families, each marked by a planted motif. Whether two proteins
+# interact is decided by their families (family 2k pairs with 2k+1), so a model must
+# recognise each protein's motif to score a pair: learnable, but not by length or
+# by the pair's composition alone.
+
+
+def demo_proteins(families: int, per_family: int, seed: int) -> tuple[dict[str, str], dict[str, int]]:
+    rng = np.random.default_rng(seed)
+    residues = np.array(list(STANDARD_RESIDUES))
+    motifs = ["".join(rng.choice(residues, size=6)) for _ in range(families)]
+    sequences, family_of = {}, {}
+    for family, motif in enumerate(motifs):
+        for member in range(per_family):
+            length = int(rng.integers(40, 90))
+            body = list(rng.choice(residues, size=length))
+            for _ in range(3):
+                start = int(rng.integers(0, length - len(motif)))
+                body[start:start + len(motif)] = motif
+            name = f"fam{family}_p{member}"
+            sequences[name] = "".join(body)
+            family_of[name] = family
+    return sequences, family_of
+
+
+def demo_pairs(sizes: dict[str, int], families: int, per_family: int, positive_fraction: float, seed: int):
+    sequences, family_of = demo_proteins(families, per_family, seed)
+    names = sorted(sequences)
+    rng = np.random.default_rng(seed + 1)
+    partner = {f: f ^ 1 for f in range(families)}  # 0<->1, 2<->3, ...
+    by_family = {f: [n for n in names if family_of[n] == f] for f in range(families)}
+    splits = {}
+    for split, count in sizes.items():
+        examples = []
+        for _ in range(count):
+            a = names[int(rng.integers(len(names)))]
+            if rng.random() < positive_fraction:
+                pool = by_family[partner[family_of[a]]]
+                label = 1
+            else:
+                pool = [n for n in names if family_of[n] != partner[family_of[a]]]
+                label = 0
+            b = pool[int(rng.integers(len(pool)))]
+            examples.append({"id": f"{a}|{b}", "a": a, "b": b, "a_seq": sequences[a], "b_seq": sequences[b], "label": label})
+        splits[split] = examples
+    return splits
+
+
+def demo_sequences(sizes: dict[str, int], families: int, seed: int):
+    """Single sequences labelled by family (one motif per class)."""
+    total = sum(sizes.values())
+    sequences, family_of = demo_proteins(families, (total + families - 1) // families, seed)
+    names = sorted(sequences)
+    order = np.random.default_rng(seed + 2).permutation(len(names))
+    examples = [{"id": names[i], "seq": sequences[names[i]], "label": family_of[names[i]]} for i in order]
+    splits, start = {}, 0
+    for split, count in sizes.items():
+        splits[split] = examples[start:start + count]
+        start += count
+    return splits

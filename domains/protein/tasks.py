@@ -1,0 +1,350 @@
+"""Protein tasks on ESM-2: `protein-ppi` (pair -> interacts?) and `protein-classify`.
+
+PPI follows Sledzieski et al. 2023: both proteins go through the one backbone, their
+residue embeddings are mean-pooled, the two vectors are averaged and a small MLP gives
+one logit (binary cross-entropy); model selection on validation AUPR.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+from peftlab.shared.cards import Card
+from peftlab.shared.data import ratio_split
+from peftlab.shared.errors import UserError
+from peftlab.shared.tasks import Dataset, register_task
+
+from . import data
+from .backbones import ESMEncoder, backbone_names, load_backbone
+
+
+@dataclass
+class ProteinOptions:
+    max_length: int = field(default=1022, metadata={"help": "residues per sequence; longer ones are cropped (ESM-2 saw 1024 tokens with <cls>/<eos>)"})
+    crop_train: str = field(default="random", metadata={"help": "training crop of long sequences: random, start or center window"})
+    crop_eval: str = field(default="start", metadata={"help": "evaluation crop: start or center (deterministic)"})
+    head_hidden: int = field(default=128, metadata={"help": "hidden width of the MLP head"})
+    head_dropout: float = field(default=0.1, metadata={"help": "dropout in the MLP head"})
+    combine: str = field(default="mean", metadata={"help": "PPI: how two protein vectors combine: mean (the paper) or mean_product ([mean, a*b])"})
+    pos_weight: float | None = field(default=None, metadata={"help": "PPI: BCE weight of positives (e.g. the negative:positive ratio)"})
+
+    def __post_init__(self):
+        if self.max_length < 1:
+            raise ValueError(f"max_length must be >= 1, got {self.max_length}")
+        if self.crop_train not in ("random", "start", "center"):
+            raise ValueError(f"crop_train must be random, start or center, got {self.crop_train!r}")
+        if self.crop_eval not in ("start", "center"):
+            raise ValueError(f"crop_eval must be start or center, got {self.crop_eval!r}")
+        if self.combine not in ("mean", "mean_product"):
+            raise ValueError(f"combine must be mean or mean_product, got {self.combine!r}")
+
+
+def crop(sequence: str, max_length: int, policy: str, rng: np.random.Generator | None) -> str:
+    if len(sequence) <= max_length:
+        return sequence
+    if policy == "random" and rng is not None:
+        start = int(rng.integers(0, len(sequence) - max_length + 1))
+    elif policy == "center":
+        start = (len(sequence) - max_length) // 2
+    else:
+        start = 0
+    return sequence[start:start + max_length]
+
+
+def mlp(width: int, hidden: int, outputs: int, dropout: float) -> nn.Sequential:
+    return nn.Sequential(nn.Linear(width, hidden), nn.GELU(), nn.Dropout(dropout), nn.Linear(hidden, outputs))
+
+
+class _ProteinModel(nn.Module):
+    """Shared by both tasks: tokenising, cropping, masked mean pooling."""
+
+    def __init__(self, backbone: ESMEncoder, info: dict, options: ProteinOptions):
+        super().__init__()
+        self.backbone = backbone
+        self.backbone_info = info
+        self.options = options
+
+    def _encoder(self) -> ESMEncoder:
+        return self.backbone.base_model if hasattr(self.backbone, "base_model") else self.backbone
+
+    def _tokens(self, sequences: list[str], rng) -> torch.Tensor:
+        policy = self.options.crop_train if rng is not None else self.options.crop_eval
+        cropped = [crop(s, self.options.max_length, policy, rng) for s in sequences]
+        return self._encoder().tokenize(cropped)
+
+    def embed(self, tokens: torch.Tensor) -> torch.Tensor:
+        """Mean over residue positions (not <cls>, <eos> or padding)."""
+        encoder = self._encoder()
+        hidden = self.backbone(tokens)
+        alphabet = encoder.alphabet
+        residue = (tokens != alphabet.padding_idx) & (tokens != alphabet.cls_idx) & (tokens != alphabet.eos_idx)
+        weights = residue.unsqueeze(-1).to(hidden.dtype)
+        return (hidden * weights).sum(1) / weights.sum(1).clamp(min=1)
+
+
+class PPIModel(_ProteinModel):
+    def __init__(self, backbone, info, options: ProteinOptions):
+        super().__init__(backbone, info, options)
+        width = backbone.embed_dim * (2 if options.combine == "mean_product" else 1)
+        self.head = mlp(width, options.head_hidden, 1, options.head_dropout)
+
+    def example_length(self, example) -> int:
+        return min(max(len(example["a_seq"]), len(example["b_seq"])), self.options.max_length)
+
+    def collate(self, examples, rng):
+        # Each distinct protein in the batch is encoded once.
+        unique: dict[str, int] = {}
+        for example in examples:
+            for key in ("a_seq", "b_seq"):
+                unique.setdefault(example[key], len(unique))
+        batch = {
+            "tokens": self._tokens(list(unique), rng),
+            "a": torch.tensor([unique[e["a_seq"]] for e in examples]),
+            "b": torch.tensor([unique[e["b_seq"]] for e in examples]),
+        }
+        if all("label" in e for e in examples):
+            batch["labels"] = torch.tensor([float(e["label"]) for e in examples])
+        return batch
+
+    def forward(self, batch) -> torch.Tensor:
+        vectors = self.embed(batch["tokens"])
+        a, b = vectors[batch["a"]], vectors[batch["b"]]
+        pair = (a + b) / 2
+        if self.options.combine == "mean_product":
+            pair = torch.cat([pair, a * b], dim=-1)
+        return self.head(pair).squeeze(-1)
+
+    def loss(self, logits, batch):
+        weight = None if self.options.pos_weight is None else torch.tensor(self.options.pos_weight)
+        return F.binary_cross_entropy_with_logits(logits.float(), batch["labels"], pos_weight=weight)
+
+    def scores(self, logits):
+        return torch.sigmoid(logits.float())
+
+
+class ClassifyModel(_ProteinModel):
+    def __init__(self, backbone, info, options: ProteinOptions, num_labels: int):
+        super().__init__(backbone, info, options)
+        self.head = mlp(backbone.embed_dim, options.head_hidden, num_labels, options.head_dropout)
+
+    def example_length(self, example) -> int:
+        return min(len(example["seq"]), self.options.max_length)
+
+    def collate(self, examples, rng):
+        batch = {"tokens": self._tokens([e["seq"] for e in examples], rng)}
+        if all("label" in e for e in examples):
+            batch["labels"] = torch.tensor([e["label"] for e in examples])
+        return batch
+
+    def forward(self, batch) -> torch.Tensor:
+        return self.head(self.embed(batch["tokens"]))
+
+    def loss(self, logits, batch):
+        return F.cross_entropy(logits.float(), batch["labels"])
+
+    def scores(self, logits):
+        probabilities = torch.softmax(logits.float(), dim=-1)
+        # Two classes: report P(class 1), so binary metrics (AUROC, AUPR) apply.
+        return probabilities[:, 1] if probabilities.shape[1] == 2 else probabilities
+
+
+# Defaults that suit fair-esm's module names (Sledzieski et al.: LoRA on attention
+# key/value of the last 8 layers; Houlsby adapters after attention and feed-forward).
+_ESM_METHOD_DEFAULTS = {
+    "lora": {"target_modules": ["k_proj", "v_proj"], "layers": "last_8"},
+    "dora": {"target_modules": ["k_proj", "v_proj"], "layers": "last_8"},
+    "loha": {"target_modules": ["k_proj", "v_proj"], "layers": "last_8"},
+    "lokr": {"target_modules": ["k_proj", "v_proj"], "layers": "last_8"},
+    "vera": {"target_modules": ["k_proj", "v_proj"], "layers": "last_8"},
+    "ia3": {"target_modules": ["k_proj", "v_proj", "fc2"], "feedforward_modules": ["fc2"]},
+    "adapter": {"target_modules": ["out_proj", "fc2"]},
+    "parallel_adapter": {"target_modules": ["fc2"]},
+    "freeze_layers": {"blocks": "layers"},
+}
+
+
+class _ProteinTask:
+    domain = "protein"
+    options = ProteinOptions
+    card_keys = ("demo",)
+
+    def backbones(self) -> list[str]:
+        return backbone_names()
+
+    def default_method_options(self, method: str, model) -> dict[str, Any]:
+        return dict(_ESM_METHOD_DEFAULTS.get(method, {}))
+
+    def _splits(self, card: Card, examples: list[dict], group_of=None) -> dict[str, list[dict]]:
+        spec = card.splits or {}
+        ratios = spec.get("ratios", {"train": 0.8, "validation": 0.1, "test": 0.1})
+        return ratio_split(examples, ratios, int(spec.get("seed", 0)), group_of, where=str(card.card_path))
+
+    def _per_split_files(self, card: Card) -> dict[str, Path] | None:
+        spec = card.splits or {}
+        files = {k: v for k, v in spec.items() if k in ("train", "validation", "test")}
+        if not files:
+            return None
+        resolved = {}
+        for split, value in files.items():
+            path = card.resolve(str(value), f"splits.{split}")
+            if not path.is_file():
+                raise UserError(f"{card.card_path}: splits.{split} = {path} does not exist")
+            resolved[split] = path
+        return resolved
+
+    def describe_base(self, scores: np.ndarray, labels: list[str]) -> dict:
+        if np.ndim(scores) == 0:
+            probability = float(scores)
+            return {"score": probability, "prediction": labels[int(probability >= 0.5)]}
+        return {"scores": {label: float(s) for label, s in zip(labels, scores)}, "prediction": labels[int(np.argmax(scores))]}
+
+
+class PPITask(_ProteinTask):
+    name = "protein-ppi"
+    description = "protein-protein interaction: two sequences -> interact yes/no (ESM-2, Sledzieski et al. 2023)"
+    metrics = ("aupr", "auroc", "f1", "precision", "recall", "accuracy")
+    primary_metric = "aupr"
+    formats = ("fasta+pairs_tsv", "demo")
+
+    def read(self, card: Card, options: ProteinOptions) -> Dataset:
+        labels = card.labels or ["no_interaction", "interaction"]
+        if len(labels) != 2:
+            raise UserError(f"{card.card_path}: protein-ppi is binary; `labels` must name 2 classes, got {labels}")
+        if card.format == "demo":
+            demo = {"families": 8, "per_family": 12, "positive_fraction": 0.35, "seed": 0,
+                    "train": 800, "validation": 200, "test": 300, **(card.option("demo") or {})}
+            sizes = {s: int(demo[s]) for s in ("train", "validation", "test")}
+            splits = data.demo_pairs(sizes, demo["families"], demo["per_family"], demo["positive_fraction"], demo["seed"])
+            return Dataset(splits, labels)
+        if card.format != "fasta+pairs_tsv":
+            raise UserError(f"{card.card_path}: protein-ppi reads formats {', '.join(self.formats)}, not {card.format!r}")
+        sequences = data.read_fasta(card.file("sequences"))
+        per_split = self._per_split_files(card)
+        if per_split:
+            splits = {s: data.read_pairs(p, sequences, card.fields, labels) for s, p in per_split.items()}
+        else:
+            pairs = data.read_pairs(card.file("pairs"), sequences, card.fields, labels)
+            group = (card.splits or {}).get("group_by_protein", False)
+            # Grouping keeps every protein of a split out of the others: pairs are
+            # assigned by their first protein, and cross-split pairs dropped.
+            splits = self._splits(card, pairs, (lambda e: e["a"]) if group else None)
+            if group:
+                test_proteins = {e["a"] for e in splits.get("test", [])}
+                for name in ("train", "validation"):
+                    splits[name] = [e for e in splits.get(name, []) if e["b"] not in test_proteins]
+        notes = []
+        long = sum(1 for s in sequences.values() if len(s) > options.max_length)
+        if long:
+            notes.append(f"{long} sequences longer than {options.max_length} residues are cropped ({options.crop_train} in training, {options.crop_eval} at evaluation)")
+        return Dataset(splits, labels, notes)
+
+    def build_model(self, backbone: str, labels: list[str], options: ProteinOptions) -> PPIModel:
+        encoder, info = load_backbone(backbone)
+        return PPIModel(encoder, info, options)
+
+    def read_inputs(self, paths, options) -> list[dict]:
+        fasta = [p for p in paths if Path(p).suffix.lower() in (".fasta", ".fa", ".faa")]
+        tables = [p for p in paths if Path(p).suffix.lower() in (".tsv", ".txt")]
+        if len(fasta) != 1 or len(tables) != 1:
+            raise UserError("protein-ppi predict takes one FASTA file (.fasta/.fa/.faa) and one pairs TSV (.tsv)")
+        sequences = data.read_fasta(Path(fasta[0]))
+        return data.read_pairs(Path(tables[0]), sequences, {}, None, labelled=False)
+
+    def describe(self, example, scores, labels) -> dict:
+        return {"protein_a": example["a"], "protein_b": example["b"], **self.describe_base(scores, labels)}
+
+    def card_template(self) -> str:
+        return CARD_TEMPLATES[self.name]
+
+
+class ClassifyTask(_ProteinTask):
+    name = "protein-classify"
+    description = "protein sequence -> class (e.g. symmetry, function, activity) on ESM-2"
+    metrics = ("accuracy", "macro_f1", "auroc")
+    primary_metric = "accuracy"
+    formats = ("csv", "fasta", "demo")
+
+    def read(self, card: Card, options: ProteinOptions) -> Dataset:
+        if card.format == "demo":
+            demo = {"families": 4, "seed": 0, "train": 400, "validation": 100, "test": 200, **(card.option("demo") or {})}
+            labels = card.labels or [f"family_{i}" for i in range(demo["families"])]
+            sizes = {s: int(demo[s]) for s in ("train", "validation", "test")}
+            return Dataset(data.demo_sequences(sizes, demo["families"], demo["seed"]), labels)
+        if card.format != "csv":
+            raise UserError(f"{card.card_path}: protein-classify reads formats csv and demo, not {card.format!r}")
+        labels = card.labels
+        per_split = self._per_split_files(card)
+        if per_split:
+            splits = {s: data.read_sequence_csv(p, card.fields, labels) for s, p in per_split.items()}
+        else:
+            splits = self._splits(card, data.read_sequence_csv(card.file("data"), card.fields, labels))
+        if labels is None:
+            count = 1 + max(e["label"] for split in splits.values() for e in split)
+            labels = [str(i) for i in range(count)]
+        return Dataset(splits, labels)
+
+    def build_model(self, backbone: str, labels: list[str], options: ProteinOptions) -> ClassifyModel:
+        encoder, info = load_backbone(backbone)
+        return ClassifyModel(encoder, info, options, len(labels))
+
+    def read_inputs(self, paths, options) -> list[dict]:
+        examples = []
+        for path in map(Path, paths):
+            if path.suffix.lower() in (".fasta", ".fa", ".faa"):
+                examples += [{"id": k, "seq": v} for k, v in data.read_fasta(path).items()]
+            elif path.suffix.lower() == ".csv":
+                examples += data.read_sequence_csv(path, {}, None, labelled=False)
+            else:
+                raise UserError(f"{path}: protein-classify predict reads FASTA (.fasta/.fa/.faa) or CSV with a `sequence` column")
+        return examples
+
+    def describe(self, example, scores, labels) -> dict:
+        return {"id": example["id"], **self.describe_base(scores, labels)}
+
+    def card_template(self) -> str:
+        return CARD_TEMPLATES[self.name]
+
+
+CARD_TEMPLATES = {
+    "protein-ppi": """---
+name: my-ppi-dataset
+domain: protein
+task: protein-ppi
+format: fasta+pairs_tsv
+files:
+  sequences: sequences.fasta      # >id then residues
+  pairs: pairs.tsv                # protein_a<TAB>protein_b<TAB>label (0/1)
+fields: {protein_a: 0, protein_b: 1, label: 2}
+labels: [no_interaction, interaction]
+splits: {ratios: {train: 0.8, validation: 0.1, test: 0.1}, seed: 0, group_by_protein: false}
+license: ""
+source: ""
+---
+What the pairs are, how interactions and negatives were chosen, intended use, known biases.
+""",
+    "protein-classify": """---
+name: my-sequence-dataset
+domain: protein
+task: protein-classify
+format: csv
+files:
+  data: sequences.csv             # header row; one sequence per line
+fields: {sequence: sequence, label: label}
+labels: [negative, positive]      # label cells hold these names or their indices
+splits: {ratios: {train: 0.8, validation: 0.1, test: 0.1}, seed: 0}
+license: ""
+source: ""
+---
+What the sequences are, how labels were measured, intended use, known biases.
+""",
+}
+
+register_task(PPITask())
+register_task(ClassifyTask())

@@ -1,0 +1,1 @@
+"""Pipelines: recipes (YAML), the runner, and the `peftlab` command line."""

@@ -1,0 +1,198 @@
+"""The `peftlab` command line. Every command has --help.
+
+User mistakes print one line (`error: ...`) on stderr and exit with code 2.
+Progress and tables go to stderr; `run` and `eval` end with one JSON line on stdout.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import click
+
+from peftlab.shared.errors import UserError
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(package_name="peftlab")
+def cli():
+    """peftlab: parameter-efficient fine-tuning pipelines across domains."""
+
+
+@cli.command("list")
+@click.argument("what", required=False, type=click.Choice(["pipelines", "methods", "backbones", "cards", "tasks"]))
+def list_command(what):
+    """List pipelines, methods, backbones, tasks or data cards (all by default)."""
+    from peftlab.pipelines import config as cfg
+    from peftlab.shared import methods
+    from peftlab.shared.tasks import list_tasks
+
+    sections = [what] if what else ["pipelines", "methods", "backbones", "cards"]
+    for section in sections:
+        if len(sections) > 1:
+            click.echo(f"# {section}")
+        if section == "pipelines":
+            for name in cfg.list_pipelines():
+                recipe = cfg.read_recipe(name)
+                click.echo(f"{name:28s} task={recipe['task']['name']} backbone={recipe['backbone']['name']} method={recipe['method']['name']}")
+        elif section == "methods":
+            for name in methods.list_methods():
+                spec = methods.get_method(name)
+                flags = ("mergeable" if spec.mergeable else "not mergeable") + (", peft" if spec.peft_backed else "")
+                click.echo(f"{name:18s} {spec.description} [{flags}]")
+                for option, default, help_text in methods.options_help(spec):
+                    click.echo(f"    {option}={default!r}  {help_text}")
+        elif section == "backbones":
+            for task in list_tasks():
+                click.echo(f"{task.name:28s} {', '.join(task.backbones())}")
+        elif section == "tasks":
+            for task in list_tasks():
+                click.echo(f"{task.name:28s} {task.description}")
+        elif section == "cards":
+            root = cfg.PACKAGE_ROOT / "data_cards"
+            for path in sorted(root.glob("*.md")):
+                click.echo(f"{str(Path('data_cards') / path.name):44s}")
+
+
+@cli.command(context_settings={"ignore_unknown_options": False})
+@click.argument("pipeline", required=False)
+@click.argument("overrides", nargs=-1)
+@click.option("--demo", is_flag=True, help="Use the pipeline's embedded demo data and tiny backbone.")
+@click.option("--method", help="PEFT method (see `peftlab list methods`).")
+@click.option("--backbone", help="Backbone name, local path, or tiny.")
+@click.option("--data", help="Data card path.")
+@click.option("--out", type=click.Path(file_okay=False), help="The run directory (default runs/<pipeline>/<time>-<method>/).")
+@click.option("--config", "config_file", type=click.Path(dir_okay=False), help="A run.yaml to repeat (key=value still apply).")
+@click.option("--resume", type=click.Path(file_okay=False), help="Continue an unfinished run directory from checkpoints/last.")
+def run(pipeline, overrides, demo, method, backbone, data, out, config_file, resume):
+    """Train and evaluate PIPELINE; KEY=VALUE overrides any config key (e.g. train.max_steps=20)."""
+    from peftlab.pipelines import runner
+
+    if pipeline and "=" in pipeline:
+        overrides, pipeline = (pipeline, *overrides), None
+    if resume:
+        run_dir = runner.resume(resume)
+    else:
+        config = runner.build_config(pipeline, config_file=config_file, demo=demo, method=method,
+                                     backbone=backbone, data=data, overrides=list(overrides))
+        run_dir = runner.run(config, out=out)
+    from peftlab.shared import io
+
+    results = io.read_json(run_dir / "metrics.json")
+    runner.log(f"run directory: {run_dir}")
+    click.echo(runner.metrics_line(run_dir, results))
+
+
+@cli.command("eval")
+@click.argument("run_dir", type=click.Path())
+@click.option("--data", help="Evaluate on another card (same task and labels).")
+@click.option("--split", default="test", show_default=True)
+@click.option("--force", is_flag=True, help="Use the adapter even if the backbone weights differ from training.")
+def eval_command(run_dir, data, split, force):
+    """Evaluate a finished run on a split; prints the metrics as one JSON line."""
+    from peftlab.pipelines.predictor import load
+
+    predictor = load(run_dir, force=force)
+    results = predictor.evaluate(split=split, card=data)
+    click.echo(json.dumps({"run_dir": str(run_dir), split: results}))
+
+
+@cli.command()
+@click.argument("run_dir", type=click.Path())
+@click.argument("inputs", nargs=-1, required=True)
+@click.option("--out", type=click.Path(dir_okay=False), help="JSONL file (default: stdout).")
+@click.option("--force", is_flag=True, help="Use the adapter even if the backbone weights differ from training.")
+def predict(run_dir, inputs, out, force):
+    """Predict with a finished run on the task's natural files (PPI: a FASTA and a pairs TSV)."""
+    from peftlab.pipelines.predictor import load
+    from peftlab.shared import io
+
+    rows = load(run_dir, force=force).predict(list(inputs))
+    if out:
+        io.write_jsonl(out, rows)
+        click.echo(f"{len(rows)} predictions -> {out}", err=True)
+    else:
+        for row in rows:
+            click.echo(json.dumps(row))
+
+
+@cli.command()
+@click.argument("run_dir", type=click.Path())
+@click.option("--out", required=True, type=click.Path(file_okay=False), help="Directory for the merged run.")
+def merge(run_dir, out):
+    """Fold a mergeable adapter into the backbone weights; writes a run directory with method `full`."""
+    from peftlab.pipelines.predictor import load
+
+    merged = load(run_dir).merge(out)
+    click.echo(str(merged))
+
+
+@cli.group()
+def card():
+    """Validate or create data cards."""
+
+
+@card.command("validate")
+@click.argument("path", type=click.Path())
+def card_validate(path):
+    """Check a card against its task's schema and read its records."""
+    from peftlab.pipelines import config as cfg
+    from peftlab.pipelines import runner
+    from peftlab.shared.cards import read_card
+    from peftlab.shared.tasks import get_task
+
+    header = read_card(path)
+    task = get_task(header.task)
+    loaded = runner.load_card(path, task)
+    options = task.options()
+    dataset = task.read(loaded, options)
+    counts = {split: len(examples) for split, examples in dataset.splits.items()}
+    del cfg
+    click.echo(json.dumps({"card": str(loaded.card_path), "task": task.name, "labels": dataset.labels, "splits": counts}))
+    for split, examples in dataset.splits.items():
+        if not examples:
+            raise UserError(f"{path}: split {split!r} is empty")
+
+
+@card.command("new")
+@click.argument("domain")
+@click.argument("task_name", metavar="TASK")
+@click.option("--out", type=click.Path(dir_okay=False), help="Write the card here (default: stdout).")
+def card_new(domain, task_name, out):
+    """Print (or write) a card template for DOMAIN TASK."""
+    from peftlab.shared import io
+    from peftlab.shared.tasks import get_task
+
+    task = get_task(task_name)
+    if task.domain != domain:
+        raise UserError(f"task {task_name!r} belongs to domain {task.domain!r}, not {domain!r}")
+    if out:
+        if Path(out).exists():
+            raise UserError(f"{out} exists; choose another --out")
+        io.write_text(out, task.card_template())
+    else:
+        click.echo(task.card_template(), nl=False)
+
+
+def main(argv=None) -> int:
+    try:
+        cli.main(args=argv, prog_name="peftlab", standalone_mode=False)
+    except UserError as error:
+        click.echo(f"error: {error}", err=True)
+        return 2
+    except click.exceptions.Abort:
+        click.echo("aborted", err=True)
+        return 130
+    except click.ClickException as error:
+        error.show()
+        return 2
+    except KeyboardInterrupt:
+        click.echo("interrupted; resume with `peftlab run --resume RUN_DIR`", err=True)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,197 @@
+"""Run configuration: a recipe YAML, then `key=value` overrides, validated.
+
+    pipeline: protein-ppi
+    task: {name: protein-ppi, max_length: 1022}
+    backbone: {name: esm2_t33_650M_UR50D}
+    method: {name: lora, r: 8, alpha: 32, dropout: 0.1}
+    data: {card: data_cards/dscript-ecoli.md, limit: {train: 2000}}
+    train: {epochs: 10, batch_size: 8, lr: 1.0e-3, ...}
+    eval: {splits: [validation, test], primary_metric: aupr}
+
+`task:` and `method:` sections take the options of the chosen task and method; the
+other sections are fixed schemas. Unknown keys fail and list the valid ones.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+from pathlib import Path
+from typing import Any
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+import peftlab
+from peftlab.shared.errors import UserError, did_you_mean
+from peftlab.shared.training import TrainConfig
+
+RECIPES = Path(__file__).parent / "recipes"
+PACKAGE_ROOT = Path(peftlab.__file__).parent
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class BackboneConfig(_Strict):
+    name: str = Field(description="official name, local path, or tiny")
+
+
+class DataConfig(_Strict):
+    card: str = Field(description="path of the data card")
+    limit: dict[str, int] | None = Field(None, description="at most this many examples per split (seeded, stratified)")
+
+
+class EvalConfig(_Strict):
+    splits: list[str] = ["validation", "test"]
+    primary_metric: str | None = None
+    metrics: list[str] | None = None
+
+
+class RunConfig(_Strict):
+    pipeline: str
+    task: dict[str, Any]
+    backbone: BackboneConfig
+    method: dict[str, Any]
+    data: DataConfig
+    train: TrainConfig = TrainConfig()
+    eval: EvalConfig = EvalConfig()
+    demo: dict[str, Any] | None = Field(None, description="overrides `--demo` applies (recipes only)")
+
+    @property
+    def method_name(self) -> str:
+        return self.method["name"]
+
+    @property
+    def method_options(self) -> dict[str, Any]:
+        return {k: v for k, v in self.method.items() if k != "name"}
+
+    @property
+    def task_name(self) -> str:
+        return self.task["name"]
+
+    @property
+    def task_options(self) -> dict[str, Any]:
+        return {k: v for k, v in self.task.items() if k != "name"}
+
+
+def list_pipelines() -> list[str]:
+    return sorted(p.stem for p in RECIPES.glob("*.yaml"))
+
+
+def read_recipe(pipeline: str) -> dict:
+    path = RECIPES / f"{pipeline}.yaml"
+    if not path.is_file():
+        raise UserError(f"unknown pipeline {pipeline!r}{did_you_mean(pipeline, list_pipelines())}")
+    return _load_yaml(path)
+
+
+def _load_yaml(path: Path) -> dict:
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except (yaml.YAMLError, UnicodeDecodeError) as error:
+        raise UserError(f"{path}: not valid YAML ({str(error).splitlines()[0]})") from None
+    if not isinstance(data, dict):
+        raise UserError(f"{path}: a run config is a YAML mapping (pipeline:, task:, backbone:, ...)")
+    return data
+
+
+def read_config_file(path) -> dict:
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"config file {path} does not exist")
+    return _load_yaml(path)
+
+
+def merge(base: dict, update: dict) -> dict:
+    result = copy.deepcopy(base)
+    for key, value in update.items():
+        if isinstance(value, dict) and isinstance(result.get(key), dict):
+            result[key] = merge(result[key], value)
+        else:
+            result[key] = copy.deepcopy(value)
+    return result
+
+
+def apply_overrides(config: dict, overrides: list[str]) -> dict:
+    """`train.lr=3e-4 method.target_modules=[q,v]` -> nested updates (values parsed as YAML)."""
+    config = copy.deepcopy(config)
+    for item in overrides:
+        key, sep, raw = item.partition("=")
+        if not sep or not key:
+            raise UserError(f"override {item!r} is not key=value (e.g. train.lr=3e-4)")
+        try:
+            value = yaml.safe_load(raw) if raw else None
+        except yaml.YAMLError:
+            value = raw
+        _check_key(key)
+        node = config
+        parts = key.split(".")
+        for part in parts[:-1]:
+            node = node.setdefault(part, {})
+            if not isinstance(node, dict):
+                raise UserError(f"override {item!r}: {part!r} is not a section")
+        node[parts[-1]] = value
+    return config
+
+
+_SECTIONS = {
+    "backbone": BackboneConfig, "data": DataConfig, "train": TrainConfig, "eval": EvalConfig,
+}
+
+
+def _check_key(key: str) -> None:
+    parts = key.split(".")
+    top = parts[0]
+    valid_top = list(RunConfig.model_fields)
+    if top not in valid_top:
+        raise UserError(f"unknown config key {key!r}; valid sections: {', '.join(valid_top)}")
+    schema = _SECTIONS.get(top)
+    if schema is not None and len(parts) > 1 and parts[1] not in schema.model_fields:
+        raise UserError(f"unknown config key {key!r}; valid {top} keys: {', '.join(schema.model_fields)}")
+
+
+def validate(config: dict, where: str = "config") -> RunConfig:
+    try:
+        run_config = RunConfig(**config)
+    except ValidationError as error:
+        first = error.errors()[0]
+        field = ".".join(str(p) for p in first["loc"])
+        if first["type"] == "extra_forbidden":
+            section = first["loc"][0] if len(first["loc"]) > 1 else None
+            valid = list((_SECTIONS[section].model_fields if section in _SECTIONS else RunConfig.model_fields))
+            raise UserError(f"{where}: unknown key {field!r}; valid keys: {', '.join(valid)}") from None
+        if first["type"] == "missing":
+            raise UserError(f"{where}: {field!r} is required") from None
+        raise UserError(f"{where}: {field}: {first['msg']} (got {first.get('input')!r})") from None
+    for section in ("task", "method"):
+        if "name" not in getattr(run_config, section):
+            raise UserError(f"{where}: {section}.name is required")
+    return run_config
+
+
+def build_task_options(task, options: dict):
+    fields = {f.name for f in dataclasses.fields(task.options)}
+    unknown = sorted(set(options) - fields)
+    if unknown:
+        raise UserError(f"task {task.name!r} has no option {unknown[0]!r}; valid task options: {', '.join(sorted(fields))}")
+    try:
+        return task.options(**options)
+    except (TypeError, ValueError) as error:
+        raise UserError(f"task {task.name!r}: {error}") from None
+
+
+def resolve_card_path(card: str) -> Path:
+    """As given (relative to the working directory), else relative to the package."""
+    path = Path(card).expanduser()
+    if path.exists() or path.is_absolute():
+        return path
+    packaged = PACKAGE_ROOT / card
+    return packaged if packaged.exists() else path
+
+
+def to_yaml_dict(config: RunConfig) -> dict:
+    data = config.model_dump(mode="json")
+    data.pop("demo", None)
+    return data

@@ -1,0 +1,101 @@
+"""Reuse a finished run: `peftlab.load(run_dir)` -> a predictor (evaluate, predict, merge)."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+from typing import Any
+
+from peftlab.pipelines import config as cfg
+from peftlab.pipelines import runner
+from peftlab.shared import checkpoint, io, methods
+from peftlab.shared.errors import UserError
+from peftlab.shared.tasks import get_task
+from peftlab.shared.training import make_accelerator, predict_scores
+
+
+class Predictor:
+    """A run's model rebuilt from its directory: backbone + saved adapter + head."""
+
+    def __init__(self, run_dir, force: bool = False):
+        self.run_dir = Path(run_dir)
+        for required in ("run.yaml", "meta.json", runner.ADAPTER):
+            if not (self.run_dir / required).exists():
+                raise UserError(f"{self.run_dir} is not a finished peftlab run directory (no {required})")
+        self.config = cfg.validate(cfg.read_config_file(self.run_dir / "run.yaml"), where=str(self.run_dir / "run.yaml"))
+        self.meta = io.read_json(self.run_dir / "meta.json")
+        self.task = get_task(self.config.task_name)
+        self.options = cfg.build_task_options(self.task, self.config.task_options)
+        self.labels: list[str] = self.meta["labels"]
+        self.model = self.task.build_model(self.config.backbone.name, self.labels, self.options)
+        self._check_backbone(force)
+        adapter = self.run_dir / runner.ADAPTER
+        self.model.backbone = methods.load_adapter(self.model.backbone, adapter)
+        checkpoint.load_state(self.model.head, io.load_tensors(adapter / runner.HEAD_FILE), str(adapter))
+        if (adapter / runner.BUFFERS_FILE).is_file():
+            checkpoint.load_state(self.model.backbone, io.load_tensors(adapter / runner.BUFFERS_FILE), str(adapter))
+        self.model.eval()
+        self.accelerator = make_accelerator(self.config.train.precision)
+        self.batch_size = self.config.train.eval_batch_size or self.config.train.batch_size
+
+    def _check_backbone(self, force: bool) -> None:
+        saved = self.meta["backbone"].get("weights_sha256")
+        actual = self.model.backbone_info.get("weights_sha256")
+        if saved and actual and saved != actual and self.meta["method"]["name"] != "full" and not force:
+            raise UserError(
+                f"{self.run_dir}: the adapter was trained on backbone {self.meta['backbone']['name']!r} with weights "
+                f"{saved[:12]}…, but {self.config.backbone.name!r} now has weights {actual[:12]}…; "
+                f"pass --force to use it anyway"
+            )
+
+    def evaluate(self, split: str = "test", card: str | None = None, predictions_file=None) -> dict[str, Any]:
+        card_path = card or self.config.data.card
+        loaded = runner.load_card(card_path, self.task)
+        dataset = runner.read_dataset(self.config, self.task, self.options, loaded)
+        if card is not None:
+            dataset.labels = self._check_labels(dataset.labels, loaded)
+        if split not in dataset.splits:
+            raise UserError(f"split {split!r} is not in {loaded.card_path}; it has {', '.join(dataset.splits)}")
+        return runner.evaluate_split(self.task, self.model, dataset, split, self.meta["metrics"],
+                                     self.batch_size, self.accelerator.autocast, predictions_file)
+
+    def _check_labels(self, labels: list[str], card) -> list[str]:
+        if labels != self.labels:
+            raise UserError(f"{card.card_path}: labels {labels} differ from the run's {self.labels}")
+        return labels
+
+    def predict(self, inputs) -> list[dict[str, Any]]:
+        """`inputs`: the task's natural files (paths), or example dicts as the task reads them."""
+        if inputs and all(isinstance(i, str | Path) for i in inputs):
+            examples = self.task.read_inputs([Path(i) for i in inputs], self.options)
+        else:
+            examples = list(inputs)
+        scores = predict_scores(self.model, examples, self.batch_size, self.accelerator.autocast)
+        return [self.task.describe(e, s, self.labels) for e, s in zip(examples, scores)]
+
+    def merge(self, out) -> Path:
+        """Write a run directory whose adapter is the merged backbone (method `full`)."""
+        out = Path(out)
+        if out.exists() and any(out.iterdir()):
+            raise UserError(f"{out} exists and is not empty; choose another --out")
+        merged = self.model.backbone.merge()
+        self.model.backbone = methods.apply(merged, "full")
+        out.mkdir(parents=True, exist_ok=True)
+        try:
+            runner.save_adapter(self.model, out / runner.ADAPTER)
+            config = io.read_json(self.run_dir / "meta.json")
+            merged_from = {"run_dir": str(self.run_dir), "method": config["method"]}
+            config["method"] = {"name": "full", "options": {}, "merged_from": merged_from}
+            io.write_json(out / "meta.json", config)
+            run_yaml = cfg.read_config_file(self.run_dir / "run.yaml")
+            run_yaml["method"] = {"name": "full"}
+            io.write_yaml(out / "run.yaml", run_yaml)
+            shutil.copy(self.run_dir / "card.md", out / "card.md")
+        except BaseException:
+            shutil.rmtree(out, ignore_errors=True)
+            raise
+        return out
+
+
+def load(run_dir, force: bool = False) -> Predictor:
+    return Predictor(run_dir, force=force)

@@ -1,0 +1,300 @@
+"""Run a pipeline end to end, and reuse what it wrote.
+
+`run` validates everything it can (config, card, data, backbone, method) before it
+creates the run directory, so a user mistake leaves nothing behind. The directory
+holds run.yaml, card.md, adapter/, meta.json, metrics.json, predictions/ and
+checkpoints/ (ARCHITECTURE section 6); metrics.json is written last, so a run
+without it is unfinished and can be resumed.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import sys
+import time
+from dataclasses import dataclass
+from datetime import datetime
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+import torch
+
+import peftlab
+from peftlab.pipelines import config as cfg
+from peftlab.shared import checkpoint, io, methods
+from peftlab.shared.cards import Card, read_card
+from peftlab.shared.data import subsample
+from peftlab.shared.errors import UserError
+from peftlab.shared.tasks import Dataset, get_task
+from peftlab.shared.training import make_accelerator, peak_rss_mb, resolve_precision, seed_everything, train
+
+ADAPTER = "adapter"
+HEAD_FILE = "head.safetensors"
+BUFFERS_FILE = "buffers.safetensors"
+
+
+def log(message: str) -> None:
+    print(message, file=sys.stderr, flush=True)
+
+
+def build_config(
+    pipeline: str | None = None,
+    *,
+    config_file: str | None = None,
+    demo: bool = False,
+    method: str | None = None,
+    backbone: str | None = None,
+    data: str | None = None,
+    overrides: list[str] | tuple[str, ...] = (),
+) -> cfg.RunConfig:
+    """Recipe (or config file), then --demo, --method/--backbone/--data, then key=value."""
+    if config_file:
+        raw = cfg.read_config_file(config_file)
+        if pipeline and raw.get("pipeline") != pipeline:
+            raise UserError(f"{config_file} is for pipeline {raw.get('pipeline')!r}, not {pipeline!r}")
+    elif pipeline:
+        raw = cfg.read_recipe(pipeline)
+    else:
+        raise UserError("name a pipeline (see `peftlab list pipelines`) or pass --config FILE")
+    if demo:
+        if not raw.get("demo"):
+            raise UserError(f"pipeline {raw.get('pipeline')!r} has no demo settings")
+        raw = cfg.merge(raw, raw["demo"])
+    raw.pop("demo", None)
+    if method:
+        raw["method"] = {"name": method}
+    if backbone:
+        raw["backbone"] = {"name": backbone}
+    if data:
+        raw.setdefault("data", {})
+        raw["data"] = {"card": data}
+    raw = cfg.apply_overrides(raw, list(overrides))
+    return cfg.validate(raw, where=config_file or f"pipeline {pipeline}")
+
+
+@dataclass
+class Prepared:
+    config: cfg.RunConfig
+    task: Any
+    options: Any
+    card: Card
+    dataset: Dataset
+    model: Any
+    metrics: list[str]
+    primary_metric: str
+
+
+def load_card(card_path: str, task) -> Card:
+    card = read_card(cfg.resolve_card_path(card_path))
+    card.check_keys(task.card_keys)
+    if card.task != task.name:
+        raise UserError(f"{card.card_path}: the card is for task {card.task!r}, this pipeline runs {task.name!r}; pass a {task.name} card")
+    if card.domain != task.domain:
+        raise UserError(f"{card.card_path}: domain {card.domain!r} does not match task {task.name!r} (domain {task.domain!r})")
+    if card.format not in task.formats:
+        raise UserError(f"{card.card_path}: format {card.format!r} is not one {task.name} reads ({', '.join(task.formats)}); set `loader:` for another format")
+    return card
+
+
+def read_dataset(config: cfg.RunConfig, task, options, card: Card) -> Dataset:
+    dataset = task.read(card, options)
+    limit = config.data.limit or {}
+    unknown = sorted(set(limit) - set(dataset.splits))
+    if unknown:
+        raise UserError(f"data.limit names split {unknown[0]!r}; the card has {', '.join(dataset.splits)}")
+    for split, examples in dataset.splits.items():
+        dataset.splits[split] = subsample(examples, limit.get(split), config.train.seed)
+    if not dataset.splits.get("train"):
+        raise UserError(f"{card.card_path}: the train split is empty; check `splits`")
+    for note in dataset.notes:
+        log(f"note: {note}")
+    return dataset
+
+
+def prepare(config: cfg.RunConfig) -> Prepared:
+    task = get_task(config.task_name)
+    options = cfg.build_task_options(task, config.task_options)
+    card = load_card(config.data.card, task)
+    dataset = read_dataset(config, task, options, card)
+    metric_names = config.eval.metrics or card.metrics or list(task.metrics)
+    primary = config.eval.primary_metric or task.primary_metric
+    if primary not in metric_names:
+        metric_names = [primary, *metric_names]
+    from peftlab.shared.metrics import get_metric
+
+    for name in metric_names:
+        get_metric(name)
+    for split in config.eval.splits:
+        if split not in dataset.splits:
+            raise UserError(f"eval.splits names {split!r}; the data has {', '.join(dataset.splits)}")
+    seed_everything(config.train.seed)  # head and method initialisation
+    model = task.build_model(config.backbone.name, dataset.labels, options)
+    method_options = {**task.default_method_options(config.method_name, model), **config.method_options}
+    model.backbone = methods.apply(model.backbone, config.method_name, **method_options)
+    return Prepared(config, task, options, card, dataset, model, metric_names, primary)
+
+
+def default_run_dir(pipeline: str, method: str) -> Path:
+    stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
+    base = Path("runs") / pipeline / f"{stamp}-{method}"
+    candidate, suffix = base, 1
+    while True:
+        try:
+            candidate.mkdir(parents=True, exist_ok=False)  # exclusive: two runs never share one
+            return candidate
+        except FileExistsError:
+            suffix += 1
+            candidate = base.with_name(f"{base.name}-{suffix}")
+
+
+def parameter_summary(model) -> dict[str, Any]:
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    total = sum(p.numel() for p in model.parameters())
+    counts = model.backbone.parameter_counts()
+    return {
+        "trainable": trainable,
+        "total": total,
+        "percent": 100.0 * trainable / total,
+        "method": counts["method"],
+        "method_percent_of_backbone": counts["method_percent"],
+        "head": sum(p.numel() for p in model.head.parameters()),
+    }
+
+
+def library_versions() -> dict[str, str]:
+    versions = {"peftlab": peftlab.__version__}
+    for name in ("torch", "transformers", "peft", "accelerate", "fair-esm", "safetensors"):
+        try:
+            versions[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            pass
+    return versions
+
+
+def run(config: cfg.RunConfig, out: str | Path | None = None) -> Path:
+    prepared = prepare(config)
+    if out is not None:
+        run_dir = Path(out)
+        if run_dir.exists() and any(run_dir.iterdir()):
+            raise UserError(f"{run_dir} exists and is not empty; choose another --out, or continue it with --resume {run_dir}")
+        run_dir.mkdir(parents=True, exist_ok=True)
+    else:
+        run_dir = default_run_dir(config.pipeline, config.method_name)
+    try:
+        _write_start(run_dir, prepared)
+        return _train_and_finish(run_dir, prepared, resume=False)
+    except UserError:
+        shutil.rmtree(run_dir, ignore_errors=True)
+        raise
+
+
+def resume(run_dir: str | Path) -> Path:
+    run_dir = Path(run_dir)
+    if not (run_dir / "run.yaml").is_file():
+        raise UserError(f"{run_dir} is not a peftlab run directory (no run.yaml)")
+    if (run_dir / "metrics.json").is_file():
+        raise UserError(f"{run_dir} is already finished (metrics.json exists); evaluate it with `peftlab eval {run_dir}`")
+    config = cfg.validate(cfg.read_config_file(run_dir / "run.yaml"), where=str(run_dir / "run.yaml"))
+    prepared = prepare(config)
+    return _train_and_finish(run_dir, prepared, resume=True)
+
+
+def _write_start(run_dir: Path, prepared: Prepared) -> None:
+    config = cfg.to_yaml_dict(prepared.config)
+    config["data"]["card"] = str(prepared.card.card_path)
+    config["method"] = {"name": prepared.config.method_name, **prepared.model.backbone.options.__dict__}
+    io.write_yaml(run_dir / "run.yaml", config)
+    io.write_text(run_dir / "card.md", prepared.card.text)
+    io.write_json(run_dir / "meta.json", _meta(prepared))
+
+
+def _meta(prepared: Prepared) -> dict:
+    return {
+        "domain": prepared.task.domain,
+        "task": prepared.task.name,
+        "pipeline": prepared.config.pipeline,
+        "backbone": prepared.model.backbone_info,
+        "labels": prepared.dataset.labels,
+        "method": {"name": prepared.config.method_name, "options": prepared.model.backbone.options.__dict__},
+        "metrics": prepared.metrics,
+        "primary_metric": prepared.primary_metric,
+        "params": parameter_summary(prepared.model),
+        "precision": resolve_precision(prepared.config.train.precision),
+        "versions": library_versions(),
+        "created": datetime.now().isoformat(timespec="seconds"),
+    }
+
+
+def _train_and_finish(run_dir: Path, prepared: Prepared, resume: bool) -> Path:
+    config, model = prepared.config, prepared.model
+    params = parameter_summary(model)
+    log(f"{config.pipeline}: {config.method_name} on {config.backbone.name}: "
+        f"{params['trainable']:,} of {params['total']:,} parameters train ({params['percent']:.3f}%)")
+    accelerator = make_accelerator(config.train.precision)
+    started = time.perf_counter()
+    state = train(model, prepared.dataset.splits["train"], prepared.dataset.splits.get("validation", []),
+                  config.train, prepared.metrics, prepared.primary_metric, run_dir, accelerator, resume=resume, log=log)
+    if not accelerator.is_main_process:
+        return run_dir
+    save_adapter(model, run_dir / ADAPTER)
+    results = {}
+    batch = config.train.eval_batch_size or config.train.batch_size
+    for split in config.eval.splits:
+        results[split] = evaluate_split(prepared.task, model, prepared.dataset, split, prepared.metrics,
+                                        batch, accelerator.autocast, run_dir / "predictions" / f"{split}.jsonl")
+    results["train"] = {
+        "samples_per_s": state["samples"] / max(state["seconds"], 1e-9),
+        "seconds": state["seconds"],
+        "wall_seconds": time.perf_counter() - started,
+        "steps": state["global_step"],
+        "epochs": state["epoch"],
+        "best_epoch": state["best_epoch"],
+        "peak_rss_mb": peak_rss_mb(),
+        "precision": resolve_precision(config.train.precision),
+    }
+    if torch.cuda.is_available():
+        results["train"]["peak_gpu_mb"] = torch.cuda.max_memory_allocated() / 2**20
+    results["params"] = params
+    results["history"] = state["history"]
+    io.write_json(run_dir / "metrics.json", results)  # last: marks the run finished
+    return run_dir
+
+
+def save_adapter(model, directory: Path) -> None:
+    """adapter/ = the method's files + the head + BatchNorm buffers, swapped in whole."""
+    tmp = directory.with_name(f".{directory.name}.tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    model.backbone.save(tmp)
+    io.save_tensors(tmp / HEAD_FILE, model.head.state_dict())
+    buffers = checkpoint.batchnorm_buffers(model.backbone)
+    if buffers:
+        io.save_tensors(tmp / BUFFERS_FILE, buffers)
+    shutil.rmtree(directory, ignore_errors=True)
+    tmp.rename(directory)
+
+
+def evaluate_split(task, model, dataset: Dataset, split: str, metric_names, batch_size, autocast, predictions_file=None) -> dict:
+    from peftlab.shared.training import evaluate
+
+    examples = dataset.splits[split]
+    if not examples:
+        raise UserError(f"split {split!r} is empty")
+    if any("label" not in e for e in examples):
+        raise UserError(f"split {split!r} has unlabelled examples; it cannot be evaluated")
+    scores_by_metric, scores = evaluate(model, examples, metric_names, batch_size, autocast)
+    if predictions_file is not None:
+        rows = []
+        for example, score in zip(examples, scores):
+            row = task.describe(example, score, dataset.labels)
+            row["label"] = dataset.labels[example["label"]]
+            rows.append(row)
+        io.write_jsonl(predictions_file, rows)
+    return scores_by_metric
+
+
+def metrics_line(run_dir: Path, results: dict) -> str:
+    summary = {"run_dir": str(run_dir)}
+    summary.update({k: v for k, v in results.items() if k not in ("history",)})
+    return json.dumps(summary, default=float)

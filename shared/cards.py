@@ -1,0 +1,138 @@
+"""Data cards: Markdown with a YAML header (the Hugging Face dataset-card convention).
+
+A card says what a dataset is (name, domain, task, format, files, fields, labels,
+splits, licence, source) so a supported format plugs in with no code. Paths are
+relative to the card unless absolute; `${VAR}` expands from the environment.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from pathlib import Path
+from typing import Any
+
+import yaml
+from pydantic import BaseModel, ConfigDict, ValidationError
+
+from peftlab.shared.errors import UserError
+
+CORE_KEYS = (
+    "name", "domain", "task", "format", "path", "files", "fields", "labels", "splits",
+    "metrics", "license", "source", "citation", "group_by", "loader", "description",
+)
+
+
+class Card(BaseModel):
+    model_config = ConfigDict(extra="allow", arbitrary_types_allowed=True)
+
+    name: str
+    domain: str
+    task: str
+    format: str
+    path: str | None = None
+    files: dict[str, str] | None = None
+    fields: dict[str, int | str] = {}
+    labels: list[str] | None = None
+    splits: dict[str, Any] | None = None
+    metrics: list[str] | None = None
+    license: str | None = None
+    source: str | None = None
+    citation: str | None = None
+    group_by: str | None = None
+    loader: str | None = None
+    description: str | None = None
+
+    # Set by `read_card`, not by the header.
+    card_path: Path | None = None
+    body: str = ""
+    text: str = ""
+
+    @property
+    def extras(self) -> dict[str, Any]:
+        return dict(self.model_extra or {})
+
+    def option(self, key: str, default=None):
+        return self.extras.get(key, default)
+
+    def resolve(self, value: str, what: str = "path") -> Path:
+        """Expand `${VAR}` and make relative paths relative to the card's folder."""
+        expanded = expand_vars(value, f"{self.card_path}: {what}")
+        path = Path(expanded).expanduser()
+        if not path.is_absolute() and self.card_path is not None:
+            path = self.card_path.parent / path
+        return path
+
+    def file(self, key: str) -> Path:
+        """`files.<key>` resolved and checked to exist."""
+        if not self.files or key not in self.files:
+            raise UserError(f"{self.card_path}: field 'files.{key}' is missing; add `files: {{{key}: PATH}}`")
+        path = self.resolve(self.files[key], f"files.{key}")
+        if not path.exists():
+            raise UserError(f"{self.card_path}: files.{key} = {path} does not exist; fix the path (relative paths are relative to the card)")
+        return path
+
+    def check_keys(self, allowed_extra) -> None:
+        unknown = sorted(set(self.extras) - set(allowed_extra))
+        if unknown:
+            valid = ", ".join(sorted(set(CORE_KEYS) | set(allowed_extra)))
+            raise UserError(f"{self.card_path}: unknown field {unknown[0]!r}; valid fields: {valid}")
+
+
+_VAR = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)\}")
+
+
+def expand_vars(value: str, where: str) -> str:
+    def substitute(match):
+        name = match.group(1)
+        if name not in os.environ:
+            raise UserError(f"{where}: environment variable {name} is not set; set it or write the path out")
+        return os.environ[name]
+
+    return _VAR.sub(substitute, value)
+
+
+def read_card(path) -> Card:
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"data card {path} does not exist; pass the path of a card (see `peftlab list cards`)")
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as error:
+        raise UserError(f"{path}: not UTF-8 text (byte {error.start}); save the card as UTF-8") from None
+    header, body = _split_front_matter(text, path)
+    try:
+        data = yaml.safe_load(header)
+    except yaml.YAMLError as error:
+        mark = getattr(error, "problem_mark", None)
+        line = f" line {mark.line + 2}" if mark else ""
+        problem = getattr(error, "problem", None) or str(error).splitlines()[0]
+        raise UserError(f"{path}:{line}: the YAML header does not parse ({problem}); fix the YAML") from None
+    if not isinstance(data, dict):
+        raise UserError(f"{path}: the YAML header must be a mapping of fields (name:, domain:, task:, ...)")
+    try:
+        card = Card(**data)
+    except ValidationError as error:
+        first = error.errors()[0]
+        field = ".".join(str(p) for p in first["loc"])
+        if first["type"] == "missing":
+            raise UserError(f"{path}: required field {field!r} is missing; add `{field}:` to the header") from None
+        raise UserError(f"{path}: field {field!r}: {first['msg']}") from None
+    card.card_path = path.resolve()
+    card.body = body.strip()
+    card.text = text
+    return card
+
+
+def _split_front_matter(text: str, path: Path) -> tuple[str, str]:
+    lines = text.splitlines()
+    if not lines or lines[0].strip() != "---":
+        raise UserError(f"{path}:1: a data card starts with a '---' line, then the YAML header, then '---'")
+    for index, line in enumerate(lines[1:], start=1):
+        if line.strip() == "---":
+            return "\n".join(lines[1:index]), "\n".join(lines[index + 1:])
+    raise UserError(f"{path}: the YAML header has no closing '---' line")
+
+
+def render_card(header: dict, body: str) -> str:
+    return "---\n" + yaml.safe_dump(header, sort_keys=False) + "---\n\n" + body.strip() + "\n"

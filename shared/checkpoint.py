@@ -1,0 +1,128 @@
+"""Crash-safe checkpoints in safetensors + JSON (no pickles).
+
+`checkpoints/last` is a symlink to a complete `step-N/` folder, swapped atomically
+after the new folder is fully written, so a run killed at any moment still has an
+intact previous checkpoint to resume from.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import shutil
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from peftlab.shared import io
+
+
+def trainable_state(model: nn.Module) -> dict[str, torch.Tensor]:
+    """Everything training changes: trainable parameters and BatchNorm running stats."""
+    state = {name: p.detach() for name, p in model.named_parameters() if p.requires_grad}
+    state.update(batchnorm_buffers(model))
+    return state
+
+
+def batchnorm_buffers(model: nn.Module) -> dict[str, torch.Tensor]:
+    # Running statistics move during training even when the norm's affine is frozen,
+    # so they belong to the adapter.
+    buffers = {}
+    for module_name, module in model.named_modules():
+        if isinstance(module, nn.modules.batchnorm._BatchNorm):
+            for buffer_name, buffer in module.named_buffers(recurse=False):
+                if buffer is not None:
+                    buffers[f"{module_name}.{buffer_name}" if module_name else buffer_name] = buffer.detach()
+    return buffers
+
+
+def load_state(model: nn.Module, tensors: dict[str, torch.Tensor], source: str) -> None:
+    own = dict(model.named_parameters())
+    own.update(dict(model.named_buffers()))
+    missing = [k for k in tensors if k not in own]
+    if missing:
+        raise ValueError(f"{source}: tensors {missing[:3]} do not exist in the model")
+    with torch.no_grad():
+        for name, value in tensors.items():
+            own[name].copy_(value)
+
+
+def _optimizer_to_files(optimizer: torch.optim.Optimizer) -> tuple[dict[str, torch.Tensor], dict]:
+    state_dict = optimizer.state_dict()
+    tensors, scalars = {}, {}
+    for index, slots in state_dict["state"].items():
+        for key, value in slots.items():
+            if torch.is_tensor(value):
+                tensors[f"{index}.{key}"] = value
+            else:
+                scalars[f"{index}.{key}"] = value
+    return tensors, {"param_groups": state_dict["param_groups"], "scalars": scalars}
+
+
+def _optimizer_from_files(optimizer, tensors: dict[str, torch.Tensor], meta: dict) -> None:
+    state: dict[int, dict[str, Any]] = {}
+    for flat, value in list(tensors.items()) + list(meta["scalars"].items()):
+        index, key = flat.split(".", 1)
+        state.setdefault(int(index), {})[key] = value
+    optimizer.load_state_dict({"state": state, "param_groups": meta["param_groups"]})
+
+
+def save_checkpoint(directory: Path, model, optimizer, scheduler, train_state: dict) -> None:
+    directory = Path(directory)
+    step_dir = directory / f"step-{train_state['global_step']:08d}"
+    if step_dir.exists():
+        shutil.rmtree(step_dir)
+    step_dir.mkdir(parents=True)
+    io.save_tensors(step_dir / "trainable.safetensors", trainable_state(model))
+    optimizer_tensors, optimizer_meta = _optimizer_to_files(optimizer)
+    io.save_tensors(step_dir / "optimizer.safetensors", optimizer_tensors)
+    rng = {"torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        rng.update({f"cuda{i}": s for i, s in enumerate(torch.cuda.get_rng_state_all())})
+    io.save_tensors(step_dir / "rng.safetensors", rng)
+    scheduler_state = {k: v for k, v in scheduler.state_dict().items() if k != "lr_lambdas"}
+    io.write_json(step_dir / "state.json", {
+        "train": train_state,
+        "optimizer": optimizer_meta,
+        "scheduler": scheduler_state,
+        "python_random": _jsonable(random.getstate()),
+    })
+    link = directory / "last"
+    tmp_link = directory / f".last.{os.getpid()}"
+    tmp_link.unlink(missing_ok=True)
+    os.symlink(step_dir.name, tmp_link)
+    os.replace(tmp_link, link)  # the atomic switch
+    for old in directory.glob("step-*"):
+        if old.name != step_dir.name:
+            shutil.rmtree(old, ignore_errors=True)
+
+
+def has_checkpoint(directory: Path) -> bool:
+    return (Path(directory) / "last" / "state.json").is_file()
+
+
+def load_checkpoint(directory: Path, model, optimizer, scheduler) -> dict:
+    last = Path(directory) / "last"
+    saved = json.loads((last / "state.json").read_text())
+    load_state(model, io.load_tensors(last / "trainable.safetensors"), str(last))
+    _optimizer_from_files(optimizer, io.load_tensors(last / "optimizer.safetensors"), saved["optimizer"])
+    scheduler.load_state_dict(saved["scheduler"])
+    rng = io.load_tensors(last / "rng.safetensors")
+    torch.set_rng_state(rng["torch"])
+    if torch.cuda.is_available():
+        states = [rng[k] for k in sorted(k for k in rng if k.startswith("cuda"))]
+        if states:
+            torch.cuda.set_rng_state_all(states)
+    random.setstate(_tuples(saved["python_random"]))
+    return saved["train"]
+
+
+def _jsonable(value):
+    return [_jsonable(v) for v in value] if isinstance(value, tuple | list) else value
+
+
+def _tuples(value):
+    return tuple(_tuples(v) for v in value) if isinstance(value, list) else value

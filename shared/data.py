@@ -1,0 +1,101 @@
+"""Dataset plumbing every domain shares: splits, subsampling, length-bucketed batches."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+
+import numpy as np
+from torch.utils.data import Sampler
+
+from peftlab.shared.errors import UserError
+from peftlab.shared.tasks import Example
+
+SPLITS = ("train", "validation", "test")
+
+
+def ratio_split(
+    examples: Sequence[Example],
+    ratios: dict[str, float],
+    seed: int,
+    group_of: Callable[[Example], object] | None = None,
+    where: str = "card",
+) -> dict[str, list[Example]]:
+    """Random split by ratios; with `group_of`, whole groups go to one split."""
+    unknown = sorted(set(ratios) - set(SPLITS))
+    if unknown:
+        raise UserError(f"{where}: splits.ratios names {unknown[0]!r}; use train, validation, test")
+    total = sum(ratios.values())
+    if not 0.99 <= total <= 1.01 or any(v < 0 for v in ratios.values()):
+        raise UserError(f"{where}: splits.ratios must be non-negative and sum to 1, got {ratios}")
+    rng = np.random.default_rng(seed)
+    names = list(ratios)
+    bounds = np.cumsum([ratios[n] for n in names])
+    if group_of is None:
+        order = rng.permutation(len(examples))
+        cut = np.round(bounds * len(examples)).astype(int)
+        starts = np.concatenate([[0], cut[:-1]])
+        return {n: [examples[i] for i in order[s:e]] for n, s, e in zip(names, starts, cut)}
+    groups = sorted({str(group_of(e)) for e in examples})
+    draws = rng.random(len(groups))
+    split_of = {g: names[min(int(np.searchsorted(bounds, d, side="right")), len(names) - 1)] for g, d in zip(groups, draws)}
+    result: dict[str, list[Example]] = {n: [] for n in names}
+    for example in examples:
+        result[split_of[str(group_of(example))]].append(example)
+    return result
+
+
+def subsample(examples: list[Example], limit: int | None, seed: int) -> list[Example]:
+    """At most `limit` examples, stratified by label where there is one (seeded)."""
+    if limit is None or len(examples) <= limit:
+        return examples
+    rng = np.random.default_rng(seed)
+    labels = np.array([e.get("label", -1) for e in examples])
+    chosen: list[int] = []
+    for value in np.unique(labels):
+        members = np.flatnonzero(labels == value)
+        share = int(round(limit * len(members) / len(examples)))
+        chosen += list(rng.choice(members, size=min(share, len(members)), replace=False))
+    chosen = sorted(chosen)[:limit]
+    return [examples[i] for i in chosen]
+
+
+class BucketBatchSampler(Sampler[list[int]]):
+    """Batches of similar length, in a seeded random order that changes each epoch.
+
+    Indices are shuffled, cut into pools of `batch_size * pool_factor`, sorted by
+    length inside each pool, batched, and the batches shuffled: little padding and no
+    fixed length order. The order is a pure function of (seed, epoch), so a resumed run
+    sees exactly the batches an uninterrupted one would.
+    """
+
+    def __init__(self, lengths: Sequence[int], batch_size: int, seed: int, shuffle: bool = True, pool_factor: int = 50):
+        self.lengths = np.asarray(lengths)
+        self.batch_size = batch_size
+        self.seed = seed
+        self.shuffle = shuffle
+        self.pool = batch_size * pool_factor
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def batches(self) -> list[list[int]]:
+        if not self.shuffle:
+            # evaluation: longest first, so the peak-memory batch comes at once
+            order = np.argsort(-self.lengths, kind="stable")
+            return [order[i:i + self.batch_size].tolist() for i in range(0, len(order), self.batch_size)]
+        rng = np.random.default_rng([self.seed, self.epoch])
+        order = rng.permutation(len(self.lengths))
+        batches = []
+        for start in range(0, len(order), self.pool):
+            pool = order[start:start + self.pool]
+            pool = pool[np.argsort(self.lengths[pool], kind="stable")]
+            batches += [pool[i:i + self.batch_size].tolist() for i in range(0, len(pool), self.batch_size)]
+        rng.shuffle(batches)
+        return batches
+
+    def __iter__(self):
+        return iter(self.batches())
+
+    def __len__(self) -> int:
+        return (len(self.lengths) + self.batch_size - 1) // self.batch_size

@@ -1,0 +1,22 @@
+"""User-facing errors.
+
+A `UserError` is a mistake the user can fix (bad card, unknown name, malformed file).
+The CLI prints its message as one line and exits with code 2; anything else is a bug
+and keeps its traceback.
+"""
+
+
+class UserError(Exception):
+    """A problem with the user's input, explained in one line with the fix."""
+
+    exit_code = 2
+
+
+def did_you_mean(name: str, known) -> str:
+    """`known: a, b, c` with a close match first where there is one."""
+    import difflib
+
+    known = sorted(known)
+    close = difflib.get_close_matches(name, known, n=1)
+    hint = f" (did you mean {close[0]!r}?)" if close else ""
+    return f"{hint}; known: {', '.join(known)}"

@@ -1,0 +1,208 @@
+"""Methods peft already implements, as thin wrappers.
+
+Their adapters are ordinary peft adapters (`adapter_config.json` +
+`adapter_model.safetensors`) that `peft.PeftModel.from_pretrained` loads. We resolve
+`target_modules` + `layers` to explicit module names ourselves, so every method in
+peftlab selects modules the same way and errors name what exists.
+"""
+
+from __future__ import annotations
+
+from dataclasses import field, dataclass
+
+import peft
+from torch import nn
+
+from peftlab.shared.methods.registry import Applied, register_method
+from peftlab.shared.methods.targeting import find_blocks, select_modules
+
+_TUNABLE = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Embedding)
+
+TARGETS_HELP = (
+    "module-name suffixes (list) or a full-name regex (string); "
+    "default: the task's choice for its backbone, else every Linear inside the blocks"
+)
+LAYERS_HELP = "blocks to adapt: 'all', 'last_N', 'first_N' or a list of indices"
+BLOCKS_HELP = "path of the block list (default: the model's longest nn.ModuleList)"
+
+
+def target_names(model: nn.Module, targets, layers, blocks, method: str, types=_TUNABLE) -> list[str]:
+    if targets is None:
+        path, _ = find_blocks(model, blocks)
+        targets = rf"{path}\.\d+\..*" if path else r"\d+\..*"
+        types = (nn.Linear,)
+    return [name for name, _ in select_modules(model, targets, types=types, layers=layers, blocks_path=blocks, method=method)]
+
+
+def _wrap(model: nn.Module, config: peft.PeftConfig) -> Applied:
+    peft_model = peft.get_peft_model(model, config)
+    names = [n for n, p in peft_model.named_parameters() if p.requires_grad]
+    return Applied(peft_model, names)
+
+
+def _merge(model, options, state):
+    return model.merge_and_unload()
+
+
+@dataclass
+class LoraOptions:
+    r: int = field(default=8, metadata={"help": "rank of the low-rank update"})
+    alpha: float = field(default=16, metadata={"help": "scaling numerator: the update is scaled by alpha / r"})
+    dropout: float = field(default=0.0, metadata={"help": "dropout on the LoRA branch input"})
+    target_modules: list[str] | str | None = field(default=None, metadata={"help": TARGETS_HELP})
+    layers: str | list[int] | int | None = field(default=None, metadata={"help": LAYERS_HELP})
+    blocks: str | None = field(default=None, metadata={"help": BLOCKS_HELP})
+
+    def __post_init__(self):
+        if self.r < 1:
+            raise ValueError(f"r must be >= 1, got {self.r}")
+        if not 0 <= self.dropout < 1:
+            raise ValueError(f"dropout must be in [0, 1), got {self.dropout}")
+
+
+def _lora_config(model, options: LoraOptions, method: str, use_dora: bool) -> peft.LoraConfig:
+    return peft.LoraConfig(
+        r=options.r,
+        lora_alpha=options.alpha,
+        lora_dropout=options.dropout,
+        target_modules=target_names(model, options.target_modules, options.layers, options.blocks, method),
+        use_dora=use_dora,
+    )
+
+
+register_method(
+    "lora",
+    LoraOptions,
+    lambda model, o: _wrap(model, _lora_config(model, o, "lora", use_dora=False)),
+    description="LoRA (Hu et al. 2021): W + (alpha/r)·B·A with B zero-initialised (peft)",
+    mergeable=True,
+    identity_at_init=True,
+    merge=_merge,
+    peft_backed=True,
+)
+
+register_method(
+    "dora",
+    LoraOptions,
+    lambda model, o: _wrap(model, _lora_config(model, o, "dora", use_dora=True)),
+    description="DoRA (Liu et al. 2024): LoRA on the direction, a learned magnitude per output (peft)",
+    mergeable=True,
+    identity_at_init=True,
+    merge=_merge,
+    peft_backed=True,
+)
+
+
+@dataclass
+class IA3Options:
+    target_modules: list[str] | str | None = field(default=None, metadata={"help": TARGETS_HELP})
+    feedforward_modules: list[str] | None = field(
+        default=None,
+        metadata={"help": "targets whose input (not output) is rescaled, as IA3 does for the FFN's second layer"},
+    )
+    layers: str | list[int] | int | None = field(default=None, metadata={"help": LAYERS_HELP})
+    blocks: str | None = field(default=None, metadata={"help": BLOCKS_HELP})
+
+
+def _ia3(model, o: IA3Options) -> Applied:
+    names = target_names(model, o.target_modules, o.layers, o.blocks, "ia3")
+    feedforward = [n for n in names if o.feedforward_modules and any(n == f or n.endswith("." + f) for f in o.feedforward_modules)]
+    return _wrap(model, peft.IA3Config(target_modules=names, feedforward_modules=feedforward))
+
+
+register_method(
+    "ia3",
+    IA3Options,
+    _ia3,
+    description="(IA)³ (Liu et al. 2022): learned per-channel rescaling of activations (peft)",
+    mergeable=True,
+    identity_at_init=True,
+    merge=_merge,
+    peft_backed=True,
+)
+
+
+@dataclass
+class LycorisOptions:
+    r: int = field(default=8, metadata={"help": "rank of each factor"})
+    alpha: float = field(default=8, metadata={"help": "scaling numerator: the update is scaled by alpha / r"})
+    dropout: float = field(default=0.0, metadata={"help": "rank dropout"})
+    target_modules: list[str] | str | None = field(default=None, metadata={"help": TARGETS_HELP})
+    layers: str | list[int] | int | None = field(default=None, metadata={"help": LAYERS_HELP})
+    blocks: str | None = field(default=None, metadata={"help": BLOCKS_HELP})
+
+
+register_method(
+    "loha",
+    LycorisOptions,
+    lambda model, o: _wrap(model, peft.LoHaConfig(
+        r=o.r, alpha=o.alpha, rank_dropout=o.dropout,
+        target_modules=target_names(model, o.target_modules, o.layers, o.blocks, "loha"))),
+    description="LoHa (Hyeon-Woo et al. 2022): Hadamard product of two low-rank updates (peft)",
+    mergeable=True,
+    identity_at_init=True,
+    merge=_merge,
+    peft_backed=True,
+)
+
+register_method(
+    "lokr",
+    LycorisOptions,
+    lambda model, o: _wrap(model, peft.LoKrConfig(
+        r=o.r, alpha=o.alpha, rank_dropout=o.dropout,
+        target_modules=target_names(model, o.target_modules, o.layers, o.blocks, "lokr"))),
+    description="LoKr (Yeh et al. 2023): Kronecker-product update, as in KAdaptation (peft)",
+    mergeable=True,
+    identity_at_init=True,
+    merge=_merge,
+    peft_backed=True,
+)
+
+
+@dataclass
+class VeraOptions:
+    r: int = field(default=256, metadata={"help": "rank of the shared frozen random projections"})
+    dropout: float = field(default=0.0, metadata={"help": "dropout on the VeRA branch input"})
+    target_modules: list[str] | str | None = field(default=None, metadata={"help": TARGETS_HELP})
+    layers: str | list[int] | int | None = field(default=None, metadata={"help": LAYERS_HELP})
+    blocks: str | None = field(default=None, metadata={"help": BLOCKS_HELP})
+
+
+register_method(
+    "vera",
+    VeraOptions,
+    lambda model, o: _wrap(model, peft.VeraConfig(
+        r=o.r, vera_dropout=o.dropout,
+        target_modules=target_names(model, o.target_modules, o.layers, o.blocks, "vera", types=(nn.Linear,)))),
+    description="VeRA (Kopiczko et al. 2024): shared frozen random projections, trained scaling vectors (peft)",
+    mergeable=True,
+    identity_at_init=True,
+    merge=_merge,
+    peft_backed=True,
+)
+
+
+@dataclass
+class LNTuningOptions:
+    target_modules: list[str] | str | None = field(
+        default=None, metadata={"help": "norm layers to tune (default: every LayerNorm)"}
+    )
+
+
+def _ln_tuning(model, o: LNTuningOptions) -> Applied:
+    targets = o.target_modules
+    names = [n for n, _ in select_modules(
+        model, targets, types=None if targets is not None else (nn.LayerNorm,), method="ln_tuning")]
+    return _wrap(model, peft.LNTuningConfig(target_modules=names))
+
+
+register_method(
+    "ln_tuning",
+    LNTuningOptions,
+    _ln_tuning,
+    description="LN tuning (Zhao et al. 2023): train only the normalisation layers (peft)",
+    mergeable=True,
+    identity_at_init=True,
+    merge=_merge,
+    peft_backed=True,
+)

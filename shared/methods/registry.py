@@ -1,0 +1,108 @@
+"""The method registry: name -> options dataclass + apply function.
+
+Like peft's `register_peft_method` or timm's `@register_model`: one call registers a
+method, duplicates fail at import, unknown names fail with the list of known ones.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+from torch import nn
+
+from peftlab.shared.errors import UserError, did_you_mean
+
+
+@dataclass(frozen=True)
+class MethodSpec:
+    name: str
+    options: type
+    """A dataclass; each field carries `metadata={"help": ...}`."""
+    apply: Callable[[nn.Module, Any], Any]
+    """(model, options) -> `Applied`: the (possibly wrapped) model and its method parameters."""
+    description: str
+    mergeable: bool
+    """`merge()` folds the method into plain weights with the same outputs."""
+    identity_at_init: bool
+    """The adapted model's output equals the base model's before any training."""
+    merge: Callable[[nn.Module, Any, Any], nn.Module] | None = None
+    peft_backed: bool = False
+
+
+@dataclass
+class Applied:
+    model: nn.Module
+    parameter_names: list[str]
+    """Names (relative to `model`) of the parameters the method trains."""
+    state: Any = None
+    """Whatever the method needs later to merge (e.g. hook handles)."""
+
+
+_METHODS: dict[str, MethodSpec] = {}
+
+
+def register_method(
+    name: str,
+    options: type,
+    apply: Callable,
+    *,
+    description: str,
+    mergeable: bool,
+    identity_at_init: bool,
+    merge: Callable | None = None,
+    peft_backed: bool = False,
+) -> MethodSpec:
+    if name in _METHODS:
+        raise ValueError(f"PEFT method {name!r} is registered twice")
+    if not dataclasses.is_dataclass(options):
+        raise TypeError(f"options of method {name!r} must be a dataclass")
+    spec = MethodSpec(name, options, apply, description, mergeable, identity_at_init, merge, peft_backed)
+    _METHODS[name] = spec
+    return spec
+
+
+def get_method(name: str) -> MethodSpec:
+    _load_builtin_methods()
+    if name not in _METHODS:
+        raise UserError(f"unknown PEFT method {name!r}{did_you_mean(name, _METHODS)}")
+    return _METHODS[name]
+
+
+def list_methods() -> list[str]:
+    _load_builtin_methods()
+    return sorted(_METHODS)
+
+
+def build_options(spec: MethodSpec, options: dict[str, Any]):
+    """Options dict -> the method's dataclass, naming any unknown or mistyped field."""
+    fields = {f.name: f for f in dataclasses.fields(spec.options)}
+    unknown = sorted(set(options) - set(fields))
+    if unknown:
+        raise UserError(
+            f"method {spec.name!r} has no option {unknown[0]!r}; "
+            f"valid options: {', '.join(sorted(fields))}"
+        )
+    try:
+        return spec.options(**options)
+    except (TypeError, ValueError) as error:
+        raise UserError(f"method {spec.name!r}: {error}") from None
+
+
+def options_help(spec: MethodSpec) -> list[tuple[str, Any, str]]:
+    """(field, default, help) for each option, for `peftlab list methods`."""
+    rows = []
+    for field in dataclasses.fields(spec.options):
+        default = field.default if field.default is not dataclasses.MISSING else None
+        if field.default_factory is not dataclasses.MISSING:
+            default = field.default_factory()
+        rows.append((field.name, default, field.metadata.get("help", "")))
+    return rows
+
+
+def _load_builtin_methods() -> None:
+    # The built-in methods register themselves on import; domain methods register
+    # when their domain package is imported.
+    from peftlab.shared.methods import builtin  # noqa: F401

@@ -1,0 +1,106 @@
+"""SSF (Lian et al. 2022): a learned per-channel scale and shift after chosen modules.
+
+y = γ ⊙ f(x) + β with γ = 1, β = 0 at init, so the model starts as the base model.
+After a Linear, LayerNorm, conv or BatchNorm the affine folds into that module's own
+weight and bias, which is what `merge()` does.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from peftlab.shared.errors import UserError
+from peftlab.shared.methods.registry import Applied, register_method
+from peftlab.shared.methods.targeting import select_modules
+
+_CHANNEL_FIRST = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.GroupNorm)
+_DEFAULT_TYPES = (nn.Linear, nn.LayerNorm, *_CHANNEL_FIRST)
+
+
+class ScaleShift(nn.Module):
+    def __init__(self, channels: int, channel_dim: int):
+        super().__init__()
+        self.channel_dim = channel_dim
+        self.scale = nn.Parameter(torch.ones(channels))
+        self.shift = nn.Parameter(torch.zeros(channels))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.channel_dim == -1 or x.dim() == 2:
+            return x * self.scale + self.shift
+        shape = [1] * x.dim()
+        shape[1] = -1
+        return x * self.scale.view(shape) + self.shift.view(shape)
+
+
+def _output_channels(module: nn.Module) -> int | None:
+    for attr in ("out_features", "out_channels", "num_features", "num_channels"):
+        if hasattr(module, attr):
+            return getattr(module, attr)
+    if isinstance(module, nn.LayerNorm):
+        return module.normalized_shape[-1]
+    return None
+
+
+def _hook(module, args, output):
+    return module.ssf(output)
+
+
+@dataclass
+class SSFOptions:
+    target_modules: list[str] | str | None = field(
+        default=None,
+        metadata={"help": "modules followed by a scale+shift (default: every Linear, norm and conv)"},
+    )
+    layers: str | list[int] | int | None = field(default=None, metadata={"help": "blocks to adapt: 'all', 'last_N', or indices"})
+    blocks: str | None = field(default=None, metadata={"help": "path of the block list"})
+
+
+def apply_ssf(model: nn.Module, options: SSFOptions) -> Applied:
+    types = _DEFAULT_TYPES if options.target_modules is None else None
+    chosen = select_modules(model, options.target_modules, types=types, layers=options.layers,
+                            blocks_path=options.blocks, method="ssf")
+    names, handles = [], []
+    for name, module in chosen:
+        channels = _output_channels(module)
+        if channels is None:
+            raise UserError(f"ssf: cannot tell the output channels of {name} ({type(module).__name__}); target Linear, norm or conv modules")
+        channel_dim = 1 if isinstance(module, _CHANNEL_FIRST) else -1
+        module.ssf = ScaleShift(channels, channel_dim)
+        handles.append(module.register_forward_hook(_hook))
+        names += [f"{name}.ssf.scale", f"{name}.ssf.shift"]
+    return Applied(model, names, state=handles)
+
+
+def merge_ssf(model: nn.Module, options: SSFOptions, handles) -> nn.Module:
+    for handle in handles:
+        handle.remove()
+    for name, module in list(model.named_modules()):
+        if not isinstance(getattr(module, "ssf", None), ScaleShift):
+            continue
+        ssf = module.ssf
+        del module.ssf
+        weight = getattr(module, "weight", None)
+        if weight is None:
+            raise UserError(f"ssf: {name} has no affine weight to fold the scale into; it cannot be merged")
+        with torch.no_grad():
+            scale, shift = ssf.scale.detach(), ssf.shift.detach()
+            view = [-1] + [1] * (weight.dim() - 1)
+            weight.mul_(scale.view(view).to(weight.dtype))
+            if module.bias is None:
+                module.bias = nn.Parameter(torch.zeros_like(shift, dtype=weight.dtype), requires_grad=False)
+            module.bias.mul_(scale.to(weight.dtype)).add_(shift.to(weight.dtype))
+    return model
+
+
+register_method(
+    "ssf",
+    SSFOptions,
+    apply_ssf,
+    description="SSF: per-channel scale and shift after each chosen module (γ=1, β=0 at init)",
+    mergeable=True,
+    identity_at_init=True,
+    merge=merge_ssf,
+)

@@ -1,0 +1,129 @@
+"""The metrics registry, over scikit-learn.
+
+Canonical names are the same in every domain and in `metrics.json`; values are
+fractions in [0, 1] (ranks stay ranks). Classification metrics take the true class
+indices and the predicted scores: shape (N,) positive-class probabilities for binary
+tasks, (N, K) class probabilities otherwise.
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+from sklearn import metrics as skm
+
+from peftlab.shared.errors import UserError, did_you_mean
+
+
+@dataclass(frozen=True)
+class Metric:
+    name: str
+    fn: Callable[[np.ndarray, np.ndarray], float | None]
+    higher_is_better: bool = True
+
+
+_METRICS: dict[str, Metric] = {}
+
+
+def register_metric(name: str, fn: Callable, higher_is_better: bool = True) -> None:
+    if name in _METRICS:
+        raise ValueError(f"metric {name!r} is registered twice")
+    _METRICS[name] = Metric(name, fn, higher_is_better)
+
+
+def get_metric(name: str) -> Metric:
+    if name not in _METRICS:
+        raise UserError(f"unknown metric {name!r}{did_you_mean(name, _METRICS)}")
+    return _METRICS[name]
+
+
+def list_metrics() -> list[str]:
+    return sorted(_METRICS)
+
+
+def predicted_classes(scores: np.ndarray, threshold: float = 0.5) -> np.ndarray:
+    return (scores >= threshold).astype(int) if scores.ndim == 1 else scores.argmax(axis=1)
+
+
+def _is_binary(scores: np.ndarray) -> bool:
+    return scores.ndim == 1
+
+
+def _only_one_class(y: np.ndarray) -> bool:
+    return len(np.unique(y)) < 2
+
+
+def _auroc(y, scores):
+    if _only_one_class(y):
+        return None  # undefined: no ranking to judge with a single class present
+    if _is_binary(scores):
+        return skm.roc_auc_score(y, scores)
+    present = np.unique(y)
+    if len(present) < scores.shape[1]:
+        # one-vs-rest over the classes that occur, so a rare class missing from a split
+        # does not make the whole metric undefined
+        return float(np.mean([skm.roc_auc_score(y == c, scores[:, c]) for c in present]))
+    return skm.roc_auc_score(y, scores, multi_class="ovr", average="macro")
+
+
+def _aupr(y, scores):
+    if _only_one_class(y):
+        return None
+    if _is_binary(scores):
+        return skm.average_precision_score(y, scores)
+    return float(np.mean([skm.average_precision_score(y == c, scores[:, c]) for c in np.unique(y)]))
+
+
+def _binary_or_macro(fn):
+    def metric(y, scores):
+        average = "binary" if _is_binary(scores) else "macro"
+        return fn(y, predicted_classes(scores), average=average, zero_division=0)
+
+    return metric
+
+
+register_metric("accuracy", lambda y, s: skm.accuracy_score(y, predicted_classes(s)))
+register_metric("balanced_accuracy", lambda y, s: skm.balanced_accuracy_score(y, predicted_classes(s)))
+register_metric("uar", lambda y, s: skm.balanced_accuracy_score(y, predicted_classes(s)))
+register_metric("macro_f1", lambda y, s: skm.f1_score(y, predicted_classes(s), average="macro", zero_division=0))
+register_metric("f1", _binary_or_macro(skm.f1_score))
+register_metric("precision", _binary_or_macro(skm.precision_score))
+register_metric("recall", _binary_or_macro(skm.recall_score))
+register_metric("auroc", _auroc)
+register_metric("aupr", _aupr)
+register_metric("mcc", lambda y, s: skm.matthews_corrcoef(y, predicted_classes(s)))
+
+
+def compute(names: Sequence[str], y_true, scores) -> dict[str, float | None]:
+    y_true = np.asarray(y_true)
+    scores = np.asarray(scores, dtype=np.float64)
+    results = {}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        for name in names:
+            value = get_metric(name).fn(y_true, scores)
+            results[name] = None if value is None or math.isnan(value) else float(value)
+    return results
+
+
+def compute_by_group(names: Sequence[str], y_true, scores, groups) -> dict[str, dict]:
+    """Each metric per group, plus `worst_group_gap`: max - min over groups per metric."""
+    y_true, scores, groups = np.asarray(y_true), np.asarray(scores), np.asarray(groups)
+    per_group = {str(g): compute(names, y_true[groups == g], scores[groups == g]) for g in np.unique(groups)}
+    gaps = {}
+    for name in names:
+        values = [m[name] for m in per_group.values() if m[name] is not None]
+        gaps[name] = max(values) - min(values) if values else None
+    return {"groups": per_group, "worst_group_gap": gaps}
+
+
+def is_better(metric: str, value: float | None, best: float | None) -> bool:
+    if value is None:
+        return False
+    if best is None:
+        return True
+    return value > best if get_metric(metric).higher_is_better else value < best

@@ -1,0 +1,119 @@
+"""Tasks: the interface a domain implements, and the registry that holds them.
+
+A task is a `typing.Protocol`, not a base class: a domain writes a plain class with
+these members and registers an instance. Importing `peftlab.domains` registers them all.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Protocol, runtime_checkable
+
+import numpy as np
+import torch
+from torch import nn
+
+from peftlab.shared.cards import Card
+from peftlab.shared.errors import UserError, did_you_mean
+
+Example = dict[str, Any]
+"""One record: task-specific fields, plus `label` (class index) where labelled and `id`."""
+
+
+@dataclass
+class Dataset:
+    splits: dict[str, list[Example]]
+    labels: list[str]
+    notes: list[str] = field(default_factory=list)
+    """What the reader did that a user should know (crops, drops), shown after reading."""
+
+
+@runtime_checkable
+class TaskModel(Protocol):
+    """What the training loop needs of a task's model (an `nn.Module`)."""
+
+    backbone: nn.Module
+    """Where the PEFT method applies."""
+    head: nn.Module
+    """Always trains, saved with the adapter."""
+    backbone_info: dict[str, Any]
+    """name, source, weights_sha256: recorded in meta.json and checked on load."""
+
+    def collate(self, examples: Sequence[Example], rng: np.random.Generator | None) -> dict[str, Any]:
+        """Examples -> a batch; `rng` drives training-time randomness (None at eval)."""
+
+    def __call__(self, batch: dict[str, Any]) -> torch.Tensor: ...
+
+    def loss(self, outputs: torch.Tensor, batch: dict[str, Any]) -> torch.Tensor: ...
+
+    def scores(self, outputs: torch.Tensor) -> torch.Tensor:
+        """(N,) positive-class probabilities for binary tasks, (N, K) otherwise."""
+
+    def example_length(self, example: Example) -> int:
+        """A cost proxy used to bucket batches by length."""
+
+
+@runtime_checkable
+class Task(Protocol):
+    name: str
+    domain: str
+    description: str
+    metrics: tuple[str, ...]
+    primary_metric: str
+    formats: tuple[str, ...]
+    card_keys: tuple[str, ...]
+    """Extra card header fields this task reads, besides the core ones."""
+    options: type
+    """Dataclass of the recipe's `task:` section (with help text)."""
+
+    def backbones(self) -> list[str]: ...
+
+    def read(self, card: Card, options: Any) -> Dataset: ...
+
+    def build_model(self, backbone: str, labels: list[str], options: Any) -> TaskModel: ...
+
+    def default_method_options(self, method: str, model: TaskModel) -> dict[str, Any]:
+        """Method options that suit this backbone (e.g. LoRA targets), overridable by the user."""
+
+    def read_inputs(self, paths: Sequence[Path], options: Any) -> list[Example]:
+        """The task's natural input files -> unlabelled examples, for `peftlab predict`."""
+
+    def describe(self, example: Example, scores: np.ndarray, labels: list[str]) -> dict[str, Any]:
+        """One JSONL prediction line: the example's identity, scores and predicted label."""
+
+    def card_template(self) -> str: ...
+
+
+_TASKS: dict[str, Task] = {}
+
+
+def register_task(task: Task) -> Task:
+    if task.name in _TASKS:
+        raise ValueError(f"task {task.name!r} is registered twice")
+    missing = [m for m in ("read", "build_model", "read_inputs", "describe", "card_template") if not hasattr(task, m)]
+    if missing:
+        raise TypeError(f"task {task.name!r} lacks {', '.join(missing)}")
+    _TASKS[task.name] = task
+    return task
+
+
+def get_task(name: str) -> Task:
+    _load_domains()
+    if name not in _TASKS:
+        raise UserError(f"unknown task {name!r}{did_you_mean(name, _TASKS)}")
+    return _TASKS[name]
+
+
+def list_tasks() -> list[Task]:
+    _load_domains()
+    return [_TASKS[name] for name in sorted(_TASKS)]
+
+
+def _load_domains() -> None:
+    # The registry lives in shared; the domains fill it. Imported by name at run time so
+    # that `shared` has no import-time dependency on any domain.
+    import importlib
+
+    importlib.import_module("peftlab.domains").load_all()

@@ -1,0 +1,241 @@
+"""The one training loop, on accelerate.
+
+AdamW over the trainable parameters only, warm-up then cosine/linear decay, gradient
+accumulation and clipping, bf16 autocast where the hardware has it, evaluation each
+epoch, best checkpoint on the task's primary metric, early stopping, seeding, a
+progress bar, and resume from `checkpoints/last` that ends with the same weights as an
+uninterrupted run (batch order and training-time randomness are pure functions of
+seed, epoch and batch index; the global RNG is restored from the checkpoint).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import random
+import resource
+import sys
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal
+
+import numpy as np
+import torch
+from pydantic import BaseModel, ConfigDict, Field
+from tqdm.auto import tqdm
+from transformers import get_scheduler
+
+from peftlab.shared import checkpoint, io, metrics
+from peftlab.shared.data import BucketBatchSampler
+from peftlab.shared.tasks import Example, TaskModel
+
+
+class TrainConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    epochs: int = Field(10, ge=1, description="passes over the training split")
+    max_steps: int | None = Field(None, ge=1, description="stop after this many optimizer steps")
+    batch_size: int = Field(8, ge=1)
+    grad_accum: int = Field(1, ge=1, description="micro-batches per optimizer step")
+    lr: float = Field(1e-3, gt=0)
+    weight_decay: float = Field(0.01, ge=0)
+    warmup_ratio: float = Field(0.1, ge=0, le=1)
+    schedule: Literal["cosine", "linear", "constant"] = "cosine"
+    max_grad_norm: float | None = Field(1.0, gt=0)
+    precision: Literal["auto", "bf16", "fp16", "fp32"] = "auto"
+    early_stopping_patience: int | None = Field(3, ge=1, description="epochs without improvement before stopping")
+    seed: int = 0
+    checkpoint_every: int | None = Field(None, ge=1, description="also checkpoint every N steps (always at epoch end)")
+    eval_batch_size: int | None = Field(None, ge=1)
+
+
+def resolve_precision(precision: str) -> str:
+    """`auto` -> bf16 where the device computes it natively, else fp32."""
+    if precision != "auto":
+        return precision
+    if torch.cuda.is_available():
+        return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+    return "bf16" if cpu_has_bf16() else "fp32"
+
+
+def cpu_has_bf16() -> bool:
+    try:
+        flags = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+    return any(flag in flags for flag in ("avx512_bf16", "amx_bf16"))
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def make_accelerator(precision: str):
+    from accelerate import Accelerator
+
+    mixed = {"bf16": "bf16", "fp16": "fp16", "fp32": "no"}[resolve_precision(precision)]
+    return Accelerator(mixed_precision=mixed)
+
+
+def peak_rss_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
+
+
+@torch.inference_mode()
+def predict_scores(model: TaskModel, examples: Sequence[Example], batch_size: int, autocast) -> np.ndarray:
+    """Scores for `examples` in their order; batches are length-sorted, deterministically."""
+    if not examples:
+        return np.zeros((0,))
+    was_training = model.training
+    model.eval()
+    sampler = BucketBatchSampler([model.example_length(e) for e in examples], batch_size, seed=0, shuffle=False)
+    rows: dict[int, np.ndarray] = {}
+    for indices in sampler:
+        batch = model.collate([examples[i] for i in indices], rng=None)
+        with autocast():
+            scores = model.scores(model(batch)).float().cpu().numpy()
+        rows.update(zip(indices, scores))
+    model.train(was_training)
+    return np.stack([rows[i] for i in range(len(examples))])
+
+
+def evaluate(model, examples, metric_names, batch_size, autocast) -> tuple[dict, np.ndarray]:
+    scores = predict_scores(model, examples, batch_size, autocast)
+    labels = [e["label"] for e in examples]
+    return metrics.compute(metric_names, labels, scores), scores
+
+
+@dataclass
+class TrainResult:
+    state: dict
+    history: list[dict] = field(default_factory=list)
+
+
+def train(
+    model: TaskModel,
+    train_examples: list[Example],
+    validation_examples: list[Example],
+    config: TrainConfig,
+    metric_names: Sequence[str],
+    primary_metric: str,
+    run_dir: Path,
+    accelerator,
+    resume: bool = False,
+    log: Callable[[str], None] = lambda message: print(message, file=sys.stderr),
+) -> dict:
+    """Train in place; on return `model` holds the best weights. Returns the train state."""
+    checkpoints = Path(run_dir) / "checkpoints"
+    seed_everything(config.seed)
+    params = [p for p in model.parameters() if p.requires_grad]
+    decay = [p for p in params if p.ndim >= 2]
+    no_decay = [p for p in params if p.ndim < 2]
+    optimizer = torch.optim.AdamW(
+        [{"params": decay, "weight_decay": config.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
+        lr=config.lr,
+    )
+    sampler = BucketBatchSampler([model.example_length(e) for e in train_examples], config.batch_size, config.seed)
+    micro_batches = len(sampler)
+    steps_per_epoch = math.ceil(micro_batches / config.grad_accum)
+    total_steps = config.epochs * steps_per_epoch
+    if config.max_steps is not None:
+        total_steps = min(total_steps, config.max_steps)
+    scheduler = get_scheduler(
+        {"constant": "constant_with_warmup"}.get(config.schedule, config.schedule),
+        optimizer,
+        num_warmup_steps=int(config.warmup_ratio * total_steps),
+        num_training_steps=total_steps,
+    )
+    task_model = model  # the task's own object: collate, loss and scores live here
+    model, optimizer = accelerator.prepare(model, optimizer)
+    state = {
+        "epoch": 0, "step_in_epoch": 0, "global_step": 0, "total_steps": total_steps,
+        "best_metric": None, "best_epoch": None, "bad_epochs": 0, "history": [],
+        "samples": 0, "seconds": 0.0, "done": False,
+    }
+    if resume and checkpoint.has_checkpoint(checkpoints):
+        state = checkpoint.load_checkpoint(checkpoints, task_model, optimizer, scheduler)
+        log(f"resumed from step {state['global_step']} (epoch {state['epoch']}, step {state['step_in_epoch']} of it)")
+    eval_batch = config.eval_batch_size or config.batch_size
+    best_file = checkpoints / "best" / "trainable.safetensors"
+
+    progress = tqdm(total=total_steps, initial=state["global_step"], desc="train", unit="step",
+                    file=sys.stderr, dynamic_ncols=True, mininterval=0.5)
+    model.train()
+    while state["epoch"] < config.epochs and not state["done"]:
+        epoch = state["epoch"]
+        sampler.set_epoch(epoch)
+        batches = sampler.batches()
+        start_batch = state["step_in_epoch"] * config.grad_accum
+        epoch_start = time.perf_counter()
+        running_loss = 0.0
+        for index in range(start_batch, len(batches)):
+            indices = batches[index]
+            batch = task_model.collate([train_examples[i] for i in indices], rng=np.random.default_rng([config.seed, epoch, index]))
+            last_micro = (index + 1) % config.grad_accum == 0 or index + 1 == len(batches)
+            sync = contextlib.nullcontext() if last_micro else accelerator.no_sync(model)
+            with sync, accelerator.autocast():
+                loss = task_model.loss(model(batch), batch)
+            accelerator.backward(loss / config.grad_accum)
+            running_loss += loss.item()
+            state["samples"] += len(indices)
+            if not last_micro:
+                continue
+            if config.max_grad_norm:
+                accelerator.clip_grad_norm_(params, config.max_grad_norm)
+            optimizer.step()
+            scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
+            state["global_step"] += 1
+            state["step_in_epoch"] += 1
+            progress.update(1)
+            elapsed = state["seconds"] + time.perf_counter() - epoch_start
+            progress.set_postfix(epoch=epoch + 1, loss=f"{loss.item():.4f}",
+                                 samples_s=f"{state['samples'] / max(elapsed, 1e-9):.1f}", refresh=False)
+            if state["global_step"] >= total_steps:
+                state["done"] = True
+                break
+            if config.checkpoint_every and state["global_step"] % config.checkpoint_every == 0:
+                state["seconds"] += time.perf_counter() - epoch_start
+                epoch_start = time.perf_counter()
+                _save(checkpoints, accelerator, task_model, optimizer, scheduler, state)
+        state["seconds"] += time.perf_counter() - epoch_start
+
+        entry = {"epoch": epoch + 1, "step": state["global_step"],
+                 "train_loss": running_loss / max(len(batches) - start_batch, 1)}
+        if validation_examples:
+            scores, _ = evaluate(task_model, validation_examples, metric_names, eval_batch, accelerator.autocast)
+            entry["validation"] = scores
+            value = scores.get(primary_metric)
+            if metrics.is_better(primary_metric, value, state["best_metric"]):
+                state.update(best_metric=value, best_epoch=epoch + 1, bad_epochs=0)
+                io.save_tensors(best_file, checkpoint.trainable_state(task_model))
+            else:
+                state["bad_epochs"] += 1
+            log(f"epoch {epoch + 1}: train loss {entry['train_loss']:.4f}, validation {primary_metric} "
+                f"{_fmt(value)} (best {_fmt(state['best_metric'])} at epoch {state['best_epoch']})")
+        state["history"].append(entry)
+        state["epoch"] += 1
+        state["step_in_epoch"] = 0
+        if config.early_stopping_patience and state["bad_epochs"] >= config.early_stopping_patience:
+            log(f"early stopping: no {primary_metric} improvement for {state['bad_epochs']} epochs")
+            state["done"] = True
+        _save(checkpoints, accelerator, task_model, optimizer, scheduler, state)
+    progress.close()
+
+    if best_file.is_file():
+        checkpoint.load_state(task_model, io.load_tensors(best_file), str(best_file))
+    task_model.eval()
+    return state
+
+
+def _save(checkpoints, accelerator, model, optimizer, scheduler, state) -> None:
+    if accelerator.is_main_process:
+        checkpoint.save_checkpoint(checkpoints, model, optimizer, scheduler, state)
+
+
+def _fmt(value) -> str:
+    return "n/a" if value is None else f"{value:.4f}"

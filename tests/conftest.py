@@ -1,0 +1,84 @@
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+
+REPO = Path(__file__).resolve().parents[1]
+
+# Tests never reach for the network: backbones resolve locally or fail clearly.
+os.environ.setdefault("PEFTLAB_OFFLINE", "1")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+
+
+class Block(nn.Module):
+    def __init__(self, width: int):
+        super().__init__()
+        self.norm = nn.LayerNorm(width)
+        self.q_proj = nn.Linear(width, width)
+        self.v_proj = nn.Linear(width, width)
+        self.out_proj = nn.Linear(width, width)
+        self.fc1 = nn.Linear(width, 2 * width)
+        self.fc2 = nn.Linear(2 * width, width)
+
+    def forward(self, x):
+        h = self.norm(x)
+        x = x + self.out_proj(self.q_proj(h) * torch.sigmoid(self.v_proj(h)))
+        return x + self.fc2(torch.relu(self.fc1(x)))
+
+
+class TinyNet(nn.Module):
+    """A 3-block transformer-shaped model with a conv stem and BatchNorm: every module
+    type the generic methods handle."""
+
+    def __init__(self, width: int = 16):
+        super().__init__()
+        self.stem = nn.Conv1d(4, width, kernel_size=3, padding=1)
+        self.stem_norm = nn.BatchNorm1d(width)
+        self.layers = nn.ModuleList([Block(width) for _ in range(3)])
+        self.final_norm = nn.LayerNorm(width)
+
+    def forward(self, x):  # x: (batch, 4, length)
+        h = self.stem_norm(self.stem(x)).transpose(1, 2)
+        for block in self.layers:
+            h = block(h)
+        return self.final_norm(h)
+
+
+@pytest.fixture
+def tiny_net():
+    torch.manual_seed(0)
+    return TinyNet()
+
+
+def run_peftlab(*args, cwd=None, env=None, timeout=600) -> subprocess.CompletedProcess:
+    """The real `peftlab` command, in a subprocess."""
+    full_env = {**os.environ, **(env or {})}
+    script = Path(sys.executable).parent / "peftlab"
+    command = [str(script)] if script.is_file() else [sys.executable, "-m", "peftlab.pipelines.cli"]
+    return subprocess.run([*command, *map(str, args)], cwd=cwd,
+                          env=full_env, capture_output=True, text=True, timeout=timeout)
+
+
+@pytest.fixture
+def real_assets() -> Path:
+    root = os.environ.get("PEFTLAB_REAL_ASSETS")
+    if not root or not Path(root).is_dir():
+        pytest.skip("PEFTLAB_REAL_ASSETS is not set to the real-assets folder")
+    return Path(root)
+
+
+def demo_card_for(task_name: str) -> Path:
+    from peftlab.shared.cards import read_card
+
+    for path in sorted((REPO / "data_cards").glob("*.md")):
+        card = read_card(path)
+        if card.task == task_name and card.format == "demo":
+            return path
+    raise AssertionError(f"task {task_name} has no demo card in data_cards/")

@@ -1,0 +1,183 @@
+"""The method contract, for every registered method, on a generic tiny model and on
+every registered task's tiny model (new methods and tasks are picked up automatically)."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from conftest import TinyNet, demo_card_for
+
+from peftlab.pipelines import runner
+from peftlab.shared import methods
+from peftlab.shared.errors import UserError
+from peftlab.shared.tasks import list_tasks
+
+METHODS = methods.list_methods()
+TASKS = [t.name for t in list_tasks()]
+
+
+def _task_setup(task_name):
+    """(task, model, examples): the task's tiny backbone and a few demo examples."""
+    from peftlab.shared.cards import read_card
+    from peftlab.shared.tasks import get_task
+
+    task = get_task(task_name)
+    options = task.options()
+    dataset = task.read(read_card(demo_card_for(task_name)), options)
+    torch.manual_seed(0)
+    model = task.build_model("tiny", dataset.labels, options)
+    return task, model, dataset.splits["train"][:6]
+
+
+def _frozen_snapshot(model):
+    state = {f"p:{n}": p.detach().clone() for n, p in model.named_parameters()}
+    state.update({f"b:{n}": b.detach().clone() for n, b in model.named_buffers()})
+    return state
+
+
+def _train_steps(model, loss_fn, steps=3):
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=1e-2)
+    model.train()
+    for _ in range(steps):
+        optimizer.zero_grad()
+        loss_fn().backward()
+        optimizer.step()
+    model.eval()
+
+
+def _check_contract(base, adapted_holder, adapted, forward, loss_fn, head_names=()):
+    """base: the model before the method; adapted_holder: the adapted model or its parent."""
+    spec = adapted.spec
+    # 1. identity at init
+    with torch.no_grad():
+        base.eval()
+        adapted_holder.eval()
+        reference, start = forward(base), forward(adapted_holder)
+    if spec.identity_at_init:
+        torch.testing.assert_close(start, reference, atol=1e-5, rtol=1e-5)
+    # 2. only the method's parameters (and the head) train
+    method_names = set(adapted.method_parameters())
+    assert method_names, f"{spec.name}: no method parameters"
+    trainable = {n for n, p in adapted.model.named_parameters() if p.requires_grad}
+    assert trainable == method_names
+    before = _frozen_snapshot(adapted_holder)
+    _train_steps(adapted_holder, loss_fn)
+    after = _frozen_snapshot(adapted_holder)
+    changed = {k for k in before if not torch.equal(before[k], after[k])}
+    allowed = {f"p:{n}" for n, p in adapted_holder.named_parameters() if p.requires_grad}
+    allowed |= {k for k in before if k.startswith("b:") and ("running_" in k or "num_batches" in k)}
+    assert changed, f"{spec.name}: nothing changed after training"
+    assert changed <= allowed, f"{spec.name}: frozen tensors changed: {sorted(changed - allowed)[:3]}"
+    for name in head_names:
+        assert f"p:{name}" in changed, f"head parameter {name} did not train"
+    # 3. trainable count reported
+    counts = adapted.parameter_counts()
+    assert counts["method"] == sum(p.numel() for p in adapted.method_parameters().values()) > 0
+    assert counts["method_percent"] == pytest.approx(100 * counts["method"] / counts["base"])
+    with torch.no_grad():
+        trained = forward(adapted_holder)
+    return adapted, trained, spec
+
+
+@pytest.mark.parametrize("name", METHODS)
+def test_generic_model_contract(name, tiny_net, tmp_path):
+    x = torch.randn(3, 4, 7, generator=torch.Generator().manual_seed(1))
+    base = copy.deepcopy(tiny_net)
+    adapted = methods.apply(copy.deepcopy(tiny_net), name)
+    adapted, trained, spec = _check_contract(
+        base, adapted, adapted, lambda m: m(x), lambda: adapted(x).pow(2).mean())
+    # 4. save -> load round-trips exactly
+    adapted.save(tmp_path / "adapter")
+    reloaded = methods.load_adapter(copy.deepcopy(tiny_net), tmp_path / "adapter")
+    from peftlab.shared.checkpoint import batchnorm_buffers
+
+    # BatchNorm running stats travel with the run's adapter folder, not the method's:
+    with torch.no_grad():
+        for key, value in batchnorm_buffers(adapted.model).items():
+            reloaded.model.get_buffer(key).copy_(value)
+        reloaded.eval()
+        torch.testing.assert_close(reloaded(x), trained, atol=0, rtol=0)
+    # 5. merged equals unmerged where the method allows it
+    if spec.mergeable:
+        merged = adapted.merge()
+        with torch.no_grad():
+            torch.testing.assert_close(merged(x), trained, atol=1e-5, rtol=1e-4)
+    else:
+        with pytest.raises(UserError):
+            adapted.merge()
+
+
+@pytest.mark.parametrize("task_name", TASKS)
+@pytest.mark.parametrize("name", METHODS)
+def test_task_model_contract(name, task_name, tmp_path):
+    task, model, examples = _task_setup(task_name)
+    batch = model.collate(examples, rng=None)
+    base = copy.deepcopy(model)
+    options = task.default_method_options(name, model)
+    model.backbone = methods.apply(model.backbone, name, **options)
+    head_names = [f"head.{n}" for n, _ in model.head.named_parameters()]
+    adapted, trained, spec = _check_contract(
+        base, model, model.backbone, lambda m: m(batch), lambda: model.loss(model(batch), batch),
+        head_names=head_names)
+    # save -> load through the run directory's adapter folder
+    runner.save_adapter(model, tmp_path / "adapter")
+    rebuilt = copy.deepcopy(base)
+    rebuilt.backbone = methods.load_adapter(rebuilt.backbone, tmp_path / "adapter")
+    from peftlab.shared import io
+    from peftlab.shared.checkpoint import load_state
+
+    load_state(rebuilt.head, io.load_tensors(tmp_path / "adapter" / runner.HEAD_FILE), "head")
+    rebuilt.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(rebuilt(batch), trained, atol=0, rtol=0)
+    if spec.mergeable:
+        model.backbone = adapted.merge()
+        with torch.no_grad():
+            torch.testing.assert_close(model(batch), trained, atol=1e-4, rtol=1e-4)
+
+
+def test_every_task_has_a_demo_card():
+    for task_name in TASKS:
+        assert demo_card_for(task_name).is_file()
+
+
+def test_registry_errors():
+    with pytest.raises(UserError, match="unknown PEFT method 'lorra'.*did you mean 'lora'"):
+        methods.get_method("lorra")
+    with pytest.raises(ValueError, match="registered twice"):
+        methods.register_method("lora", methods.get_method("lora").options, lambda m, o: None,
+                                description="", mergeable=False, identity_at_init=False)
+    with pytest.raises(UserError, match="has no option 'rank'.*valid options: alpha"):
+        methods.apply(TinyNet(), "lora", rank=4)
+    with pytest.raises(UserError, match="no module matches"):
+        methods.apply(TinyNet(), "lora", target_modules=["nope"])
+
+
+def test_target_selection_by_suffix_regex_and_layers(tiny_net):
+    adapted = methods.apply(tiny_net, "lora", target_modules=["q_proj"], layers="last_2")
+    names = {n.split(".lora_")[0] for n in adapted.method_parameters()}
+    assert names == {"base_model.model.layers.1.q_proj", "base_model.model.layers.2.q_proj"}
+    adapted = methods.apply(TinyNet(), "ssf", target_modules=r"layers\.0\.fc\d")
+    assert {n.rsplit(".ssf", 1)[0] for n in adapted.method_parameters()} == {"layers.0.fc1", "layers.0.fc2"}
+
+
+def test_freeze_layers_trains_last_blocks_only(tiny_net):
+    adapted = methods.apply(tiny_net, "freeze_layers", trainable_blocks=1)
+    names = set(adapted.method_parameters())
+    assert all(n.startswith(("layers.2.", "final_norm.")) for n in names)
+    assert {n for n in names if n.startswith("layers.2.")} == {f"layers.2.{n}" for n, _ in tiny_net.layers[2].named_parameters()}
+
+
+def test_bitfit_trains_biases_only(tiny_net):
+    adapted = methods.apply(tiny_net, "bitfit")
+    assert set(adapted.method_parameters()) == {n for n, _ in tiny_net.named_parameters() if n.endswith("bias")}
+
+
+def test_ssf_starts_as_identity_and_folds_into_weights(tiny_net):
+    adapted = methods.apply(tiny_net, "ssf", target_modules=["fc1"])
+    for name, param in adapted.method_parameters().items():
+        expected = torch.ones_like(param) if name.endswith("scale") else torch.zeros_like(param)
+        assert torch.equal(param, expected)
