@@ -11,7 +11,6 @@ import sys
 from pathlib import Path
 
 import click
-
 from peftlab.shared.errors import UserError
 
 

@@ -19,12 +19,11 @@ import dataclasses
 from pathlib import Path
 from typing import Any
 
-import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
-
 import peftlab
+import yaml
 from peftlab.shared.errors import UserError, did_you_mean
 from peftlab.shared.training import TrainConfig
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 RECIPES = Path(__file__).parent / "recipes"
 PACKAGE_ROOT = Path(peftlab.__file__).parent
@@ -160,7 +159,7 @@ def validate(config: dict, where: str = "config") -> RunConfig:
         field = ".".join(str(p) for p in first["loc"])
         if first["type"] == "extra_forbidden":
             section = first["loc"][0] if len(first["loc"]) > 1 else None
-            valid = list((_SECTIONS[section].model_fields if section in _SECTIONS else RunConfig.model_fields))
+            valid = list(_SECTIONS[section].model_fields if section in _SECTIONS else RunConfig.model_fields)
             raise UserError(f"{where}: unknown key {field!r}; valid keys: {', '.join(valid)}") from None
         if first["type"] == "missing":
             raise UserError(f"{where}: {field!r} is required") from None

@@ -10,8 +10,9 @@ from peftlab.pipelines import config as cfg
 from peftlab.pipelines import runner
 from peftlab.shared import checkpoint, io, methods
 from peftlab.shared.errors import UserError
+from peftlab.shared.evaluation import predict_outputs
 from peftlab.shared.tasks import get_task
-from peftlab.shared.training import make_accelerator, predict_scores
+from peftlab.shared.training import make_accelerator
 
 
 class Predictor:
@@ -70,8 +71,8 @@ class Predictor:
             examples = self.task.read_inputs([Path(i) for i in inputs], self.options)
         else:
             examples = list(inputs)
-        scores = predict_scores(self.model, examples, self.batch_size, self.accelerator.autocast)
-        return [self.task.describe(e, s, self.labels) for e, s in zip(examples, scores)]
+        outputs = predict_outputs(self.model, examples, self.batch_size, self.accelerator.autocast)
+        return [self.task.describe(e, o, self.labels) for e, o in zip(examples, outputs)]
 
     def merge(self, out) -> Path:
         """Write a run directory whose adapter is the merged backbone (method `full`)."""

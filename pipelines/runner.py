@@ -19,16 +19,23 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any
 
-import torch
-
+import numpy as np
 import peftlab
+import torch
 from peftlab.pipelines import config as cfg
 from peftlab.shared import checkpoint, io, methods
 from peftlab.shared.cards import Card, read_card
 from peftlab.shared.data import subsample
 from peftlab.shared.errors import UserError
+from peftlab.shared.evaluation import evaluate
 from peftlab.shared.tasks import Dataset, get_task
-from peftlab.shared.training import make_accelerator, peak_rss_mb, resolve_precision, seed_everything, train
+from peftlab.shared.training import (
+    make_accelerator,
+    peak_rss_mb,
+    resolve_precision,
+    seed_everything,
+    train,
+)
 
 ADAPTER = "adapter"
 HEAD_FILE = "head.safetensors"
@@ -234,7 +241,7 @@ def _train_and_finish(run_dir: Path, prepared: Prepared, resume: bool) -> Path:
         f"{params['trainable']:,} of {params['total']:,} parameters train ({params['percent']:.3f}%)")
     accelerator = make_accelerator(config.train.precision)
     started = time.perf_counter()
-    state = train(model, prepared.dataset.splits["train"], prepared.dataset.splits.get("validation", []),
+    state = train(prepared.task, model, prepared.dataset.splits["train"], prepared.dataset.splits.get("validation", []),
                   config.train, prepared.metrics, prepared.primary_metric, run_dir, accelerator, resume=resume, log=log)
     if not accelerator.is_main_process:
         return run_dir
@@ -276,22 +283,23 @@ def save_adapter(model, directory: Path) -> None:
 
 
 def evaluate_split(task, model, dataset: Dataset, split: str, metric_names, batch_size, autocast, predictions_file=None) -> dict:
-    from peftlab.shared.training import evaluate
-
     examples = dataset.splits[split]
     if not examples:
         raise UserError(f"split {split!r} is empty")
     if any("label" not in e for e in examples):
         raise UserError(f"split {split!r} has unlabelled examples; it cannot be evaluated")
-    scores_by_metric, scores = evaluate(model, examples, metric_names, batch_size, autocast)
+    results, outputs = evaluate(task, model, examples, metric_names, batch_size, autocast)
     if predictions_file is not None:
         rows = []
-        for example, score in zip(examples, scores):
-            row = task.describe(example, score, dataset.labels)
-            row["label"] = dataset.labels[example["label"]]
+        for example, output in zip(examples, outputs):
+            row = task.describe(example, output, dataset.labels)
+            label = example["label"]
+            row["label"] = dataset.labels[label] if isinstance(label, int | np.integer) and dataset.labels else label
             rows.append(row)
         io.write_jsonl(predictions_file, rows)
-    return scores_by_metric
+        if hasattr(task, "write_report"):
+            task.write_report(split, examples, outputs, dataset.labels, predictions_file.parent)
+    return results
 
 
 def metrics_line(run_dir: Path, results: dict) -> str:

@@ -13,9 +13,8 @@ from pathlib import Path
 from typing import Any
 
 import yaml
-from pydantic import BaseModel, ConfigDict, ValidationError
-
 from peftlab.shared.errors import UserError
+from pydantic import BaseModel, ConfigDict, ValidationError
 
 CORE_KEYS = (
     "name", "domain", "task", "format", "path", "files", "fields", "labels", "splits",

@@ -15,9 +15,8 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from torch import nn
-
 from peftlab.shared import io
+from torch import nn
 
 
 def trainable_state(model: nn.Module) -> dict[str, torch.Tensor]:

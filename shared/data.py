@@ -5,10 +5,9 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 
 import numpy as np
-from torch.utils.data import Sampler
-
 from peftlab.shared.errors import UserError
 from peftlab.shared.tasks import Example
+from torch.utils.data import Sampler
 
 SPLITS = ("train", "validation", "test")
 

@@ -14,9 +14,8 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import numpy as np
-from sklearn import metrics as skm
-
 from peftlab.shared.errors import UserError, did_you_mean
+from sklearn import metrics as skm
 
 
 @dataclass(frozen=True)

@@ -13,10 +13,9 @@ from typing import Any, Protocol, runtime_checkable
 
 import numpy as np
 import torch
-from torch import nn
-
 from peftlab.shared.cards import Card
 from peftlab.shared.errors import UserError, did_you_mean
+from torch import nn
 
 Example = dict[str, Any]
 """One record: task-specific fields, plus `label` (class index) where labelled and `id`."""

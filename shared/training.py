@@ -17,19 +17,18 @@ import resource
 import sys
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
 import numpy as np
 import torch
+from peftlab.shared import checkpoint, io, metrics
+from peftlab.shared.data import BucketBatchSampler
+from peftlab.shared.evaluation import evaluate
+from peftlab.shared.tasks import Example, TaskModel
 from pydantic import BaseModel, ConfigDict, Field
 from tqdm.auto import tqdm
 from transformers import get_scheduler
-
-from peftlab.shared import checkpoint, io, metrics
-from peftlab.shared.data import BucketBatchSampler
-from peftlab.shared.tasks import Example, TaskModel
 
 
 class TrainConfig(BaseModel):
@@ -85,37 +84,8 @@ def peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
 
 
-@torch.inference_mode()
-def predict_scores(model: TaskModel, examples: Sequence[Example], batch_size: int, autocast) -> np.ndarray:
-    """Scores for `examples` in their order; batches are length-sorted, deterministically."""
-    if not examples:
-        return np.zeros((0,))
-    was_training = model.training
-    model.eval()
-    sampler = BucketBatchSampler([model.example_length(e) for e in examples], batch_size, seed=0, shuffle=False)
-    rows: dict[int, np.ndarray] = {}
-    for indices in sampler:
-        batch = model.collate([examples[i] for i in indices], rng=None)
-        with autocast():
-            scores = model.scores(model(batch)).float().cpu().numpy()
-        rows.update(zip(indices, scores))
-    model.train(was_training)
-    return np.stack([rows[i] for i in range(len(examples))])
-
-
-def evaluate(model, examples, metric_names, batch_size, autocast) -> tuple[dict, np.ndarray]:
-    scores = predict_scores(model, examples, batch_size, autocast)
-    labels = [e["label"] for e in examples]
-    return metrics.compute(metric_names, labels, scores), scores
-
-
-@dataclass
-class TrainResult:
-    state: dict
-    history: list[dict] = field(default_factory=list)
-
-
 def train(
+    task,
     model: TaskModel,
     train_examples: list[Example],
     validation_examples: list[Example],
@@ -207,7 +177,7 @@ def train(
         entry = {"epoch": epoch + 1, "step": state["global_step"],
                  "train_loss": running_loss / max(len(batches) - start_batch, 1)}
         if validation_examples:
-            scores, _ = evaluate(task_model, validation_examples, metric_names, eval_batch, accelerator.autocast)
+            scores, _ = evaluate(task, task_model, validation_examples, metric_names, eval_batch, accelerator.autocast)
             entry["validation"] = scores
             value = scores.get(primary_metric)
             if metrics.is_better(primary_metric, value, state["best_metric"]):

@@ -8,7 +8,6 @@ import copy
 import pytest
 import torch
 from conftest import TinyNet, demo_card_for
-
 from peftlab.pipelines import runner
 from peftlab.shared import methods
 from peftlab.shared.errors import UserError
@@ -84,6 +83,8 @@ def _check_contract(base, adapted_holder, adapted, forward, loss_fn, head_names=
 
 @pytest.mark.parametrize("name", METHODS)
 def test_generic_model_contract(name, tiny_net, tmp_path):
+    if not methods.get_method(name).fits(tiny_net):
+        pytest.skip(f"{name} is specific to another architecture")
     x = torch.randn(3, 4, 7, generator=torch.Generator().manual_seed(1))
     base = copy.deepcopy(tiny_net)
     adapted = methods.apply(copy.deepcopy(tiny_net), name)
@@ -114,6 +115,8 @@ def test_generic_model_contract(name, tiny_net, tmp_path):
 @pytest.mark.parametrize("name", METHODS)
 def test_task_model_contract(name, task_name, tmp_path):
     task, model, examples = _task_setup(task_name)
+    if not methods.get_method(name).fits(model.backbone):
+        pytest.skip(f"{name} does not fit {task_name}'s backbone")
     batch = model.collate(examples, rng=None)
     base = copy.deepcopy(model)
     options = task.default_method_options(name, model)

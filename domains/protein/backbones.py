@@ -18,10 +18,9 @@ from pathlib import Path
 import esm
 import torch
 from esm.model.esm2 import ESM2
-from torch import nn
-
 from peftlab.shared import io
 from peftlab.shared.errors import UserError
+from torch import nn
 
 # name -> (layers, width, heads), as released by Meta AI (Lin et al. 2023)
 ESM2_ARCHITECTURES = {

@@ -11,7 +11,6 @@ import csv
 from pathlib import Path
 
 import numpy as np
-
 from peftlab.shared.errors import UserError
 
 from .backbones import AMINO_ACIDS

@@ -13,13 +13,12 @@ from typing import Any
 
 import numpy as np
 import torch
-from torch import nn
-from torch.nn import functional as F
-
 from peftlab.shared.cards import Card
 from peftlab.shared.data import ratio_split
 from peftlab.shared.errors import UserError
 from peftlab.shared.tasks import Dataset, register_task
+from torch import nn
+from torch.nn import functional as F
 
 from . import data
 from .backbones import ESMEncoder, backbone_names, load_backbone

@@ -8,11 +8,10 @@ from pathlib import Path
 
 import peft
 import torch
-from torch import nn
-
 from peftlab.shared import io
 from peftlab.shared.errors import UserError
 from peftlab.shared.methods.registry import MethodSpec, build_options, get_method
+from torch import nn
 
 METHOD_FILE = "method.json"
 WEIGHTS_FILE = "adapter_model.safetensors"
@@ -105,6 +104,8 @@ class AdaptedModel(nn.Module):
 def apply(model: nn.Module, name: str, **options) -> AdaptedModel:
     """Apply PEFT method `name` to `model`; only the method's parameters stay trainable."""
     spec = get_method(name)
+    if not spec.fits(model):
+        raise UserError(f"method {name!r} does not fit a {type(model).__name__} backbone ({spec.description})")
     parsed = build_options(spec, options)
     base_parameters = sum(p.numel() for p in model.parameters())
     for param in model.parameters():

@@ -4,11 +4,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from torch import nn
-
 from peftlab.shared.errors import UserError
 from peftlab.shared.methods.registry import Applied, register_method
 from peftlab.shared.methods.targeting import name_matches
+from torch import nn
 
 
 @dataclass

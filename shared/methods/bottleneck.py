@@ -11,11 +11,10 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 import torch
-from torch import nn
-
 from peftlab.shared.errors import UserError
 from peftlab.shared.methods.registry import Applied, register_method
 from peftlab.shared.methods.targeting import find_blocks, select_modules
+from torch import nn
 
 _ACTIVATIONS = {"relu": nn.ReLU, "gelu": nn.GELU, "silu": nn.SiLU, "tanh": nn.Tanh}
 

@@ -8,13 +8,12 @@ peftlab selects modules the same way and errors name what exists.
 
 from __future__ import annotations
 
-from dataclasses import field, dataclass
+from dataclasses import dataclass, field
 
 import peft
-from torch import nn
-
 from peftlab.shared.methods.registry import Applied, register_method
 from peftlab.shared.methods.targeting import find_blocks, select_modules
+from torch import nn
 
 _TUNABLE = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Embedding)
 

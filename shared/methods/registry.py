@@ -11,9 +11,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from torch import nn
-
 from peftlab.shared.errors import UserError, did_you_mean
+from torch import nn
 
 
 @dataclass(frozen=True)
@@ -30,6 +29,12 @@ class MethodSpec:
     """The adapted model's output equals the base model's before any training."""
     merge: Callable[[nn.Module, Any, Any], nn.Module] | None = None
     peft_backed: bool = False
+    applies_to: Callable[[nn.Module], bool] | None = None
+    """For methods of one architecture (e.g. visual prompts need a ViT): which models
+    they fit. None means any `nn.Module`."""
+
+    def fits(self, model: nn.Module) -> bool:
+        return self.applies_to is None or bool(self.applies_to(model))
 
 
 @dataclass
@@ -54,12 +59,13 @@ def register_method(
     identity_at_init: bool,
     merge: Callable | None = None,
     peft_backed: bool = False,
+    applies_to: Callable[[nn.Module], bool] | None = None,
 ) -> MethodSpec:
     if name in _METHODS:
         raise ValueError(f"PEFT method {name!r} is registered twice")
     if not dataclasses.is_dataclass(options):
         raise TypeError(f"options of method {name!r} must be a dataclass")
-    spec = MethodSpec(name, options, apply, description, mergeable, identity_at_init, merge, peft_backed)
+    spec = MethodSpec(name, options, apply, description, mergeable, identity_at_init, merge, peft_backed, applies_to)
     _METHODS[name] = spec
     return spec
 

@@ -10,11 +10,10 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 import torch
-from torch import nn
-
 from peftlab.shared.errors import UserError
 from peftlab.shared.methods.registry import Applied, register_method
 from peftlab.shared.methods.targeting import select_modules
+from torch import nn
 
 _CHANNEL_FIRST = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.GroupNorm)
 _DEFAULT_TYPES = (nn.Linear, nn.LayerNorm, *_CHANNEL_FIRST)

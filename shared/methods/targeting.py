@@ -12,9 +12,8 @@ from __future__ import annotations
 import re
 from collections.abc import Iterable
 
-from torch import nn
-
 from peftlab.shared.errors import UserError
+from torch import nn
 
 
 def find_blocks(model: nn.Module, path: str | None = None) -> tuple[str, nn.ModuleList]:

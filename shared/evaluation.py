@@ -1,0 +1,56 @@
+"""Evaluation shared by training, `peftlab eval` and `peftlab predict`.
+
+A model's per-example output is a row of `model.scores(model(batch))` (class
+probabilities), or, for models that generate (text, captions), whatever their
+`predict(batch)` returns per example. Metrics come from the registry over the labels
+and scores, unless the task computes its own (`task.compute_metrics`); examples that
+carry a `group` also get each metric per group and the worst-group gap.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+import torch
+from peftlab.shared import metrics
+from peftlab.shared.data import BucketBatchSampler
+from peftlab.shared.tasks import Example
+
+
+@torch.inference_mode()
+def predict_outputs(model, examples: Sequence[Example], batch_size: int, autocast) -> list[Any]:
+    """Outputs for `examples` in their order; batches are length-sorted, deterministically."""
+    if not examples:
+        return []
+    was_training = model.training
+    model.eval()
+    sampler = BucketBatchSampler([model.example_length(e) for e in examples], batch_size, seed=0, shuffle=False)
+    outputs: dict[int, Any] = {}
+    for indices in sampler:
+        batch = model.collate([examples[i] for i in indices], rng=None)
+        with autocast():
+            if hasattr(model, "predict"):
+                rows = model.predict(batch)
+            else:
+                rows = list(model.scores(model(batch)).float().cpu().numpy())
+        outputs.update(zip(indices, rows))
+    model.train(was_training)
+    return [outputs[i] for i in range(len(examples))]
+
+
+def compute_metrics(task, metric_names: Sequence[str], examples: Sequence[Example], outputs: list[Any]) -> dict:
+    if hasattr(task, "compute_metrics"):
+        return task.compute_metrics(metric_names, examples, outputs)
+    labels = [e["label"] for e in examples]
+    scores = np.stack(outputs)
+    result: dict[str, Any] = metrics.compute(metric_names, labels, scores)
+    if all("group" in e for e in examples):
+        result["by_group"] = metrics.compute_by_group(metric_names, labels, scores, [e["group"] for e in examples])
+    return result
+
+
+def evaluate(task, model, examples, metric_names, batch_size, autocast) -> tuple[dict, list[Any]]:
+    outputs = predict_outputs(model, examples, batch_size, autocast)
+    return compute_metrics(task, metric_names, examples, outputs), outputs
