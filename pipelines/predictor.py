@@ -52,7 +52,10 @@ class Predictor:
     def evaluate(self, split: str = "test", card: str | None = None, predictions_file=None) -> dict[str, Any]:
         card_path = card or self.config.data.card
         loaded = runner.load_card(card_path, self.task)
-        dataset = runner.read_dataset(self.config, self.task, self.options, loaded)
+        # The run's own card is read as in training (same subsample); another card whole.
+        config = self.config if card is None else self.config.model_copy(
+            update={"data": self.config.data.model_copy(update={"limit": None})})
+        dataset = runner.read_dataset(config, self.task, self.options, loaded)
         if card is not None:
             dataset.labels = self._check_labels(dataset.labels, loaded)
         if split not in dataset.splits:

@@ -20,6 +20,8 @@ def ratio_split(
     where: str = "card",
 ) -> dict[str, list[Example]]:
     """Random split by ratios; with `group_of`, whole groups go to one split."""
+    if not isinstance(ratios, dict):
+        raise UserError(f"{where}: splits.ratios must be a mapping like {{train: 0.8, validation: 0.1, test: 0.1}}")
     unknown = sorted(set(ratios) - set(SPLITS))
     if unknown:
         raise UserError(f"{where}: splits.ratios names {unknown[0]!r}; use train, validation, test")

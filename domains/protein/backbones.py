@@ -201,6 +201,11 @@ def hf_to_fair_esm(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
             continue
         for old, new in _HF_TO_FAIR:
             key = key.replace(old, new)
+        # Some writers keep LayerNorm's legacy TensorFlow names.
+        if key.endswith(".gamma"):
+            key = key[: -len("gamma")] + "weight"
+        elif key.endswith(".beta"):
+            key = key[: -len("beta")] + "bias"
         mapped[key] = value
     return mapped
 

@@ -1,0 +1,239 @@
+"""Code-review data: CodeReviewer JSONL, Tufano-style TSV pairs, diff truncation, demo data.
+
+CodeReviewer (Li et al. 2022) ships one JSON object per line:
+- review necessity (quality estimation): `patch` (a unified-diff hunk) and `y` (1 = the
+  hunk received a review comment, 0 = it did not);
+- comment generation: `patch` and `msg` (the reviewer's comment);
+- code refinement: `old` (code before the review), `comment`, `new` (code after).
+A card's `fields` renames any of these (e.g. `fields: {patch: diff_hunk}`).
+
+Tufano-style pairs (Tufano et al. 2021/2022, the second dataset LLaMA-Reviewer uses)
+are read as a TSV with one example per line, `source<TAB>target`, no header: for
+comment generation the source is the code and the target the comment; for refinement
+the source is `<code>OLD</code><technical_language>COMMENT</technical_language>`
+and the target the revised code (Tufano's code is one line of space-separated tokens).
+
+Every reader error names the file and line.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+from peftlab.shared.errors import UserError
+
+# ----------------------------------------------------------------------------- readers
+
+# The record fields each task needs, and the CodeReviewer key each is read from.
+TASK_FIELDS = {
+    "necessity": {"patch": "patch", "label": "y"},
+    "comment": {"patch": "patch", "label": "msg"},
+    "refine": {"old": "old", "comment": "comment", "label": "new"},
+}
+
+
+def read_jsonl(path: Path, kind: str, fields: dict, labelled: bool = True) -> list[dict]:
+    """CodeReviewer JSONL -> examples with the task's fields (`label` = y, msg or new)."""
+    keys = {**TASK_FIELDS[kind], **{k: v for k, v in fields.items() if k in TASK_FIELDS[kind] or k == "id"}}
+    examples = []
+    try:
+        lines = Path(path).read_text(encoding="utf-8").splitlines()
+    except UnicodeDecodeError as error:
+        raise UserError(f"{path}: not UTF-8 text (byte {error.start}); save it as UTF-8 JSON lines") from None
+    for number, line in enumerate(lines, start=1):
+        if not line.strip():
+            continue
+        where = f"{path}:{number}"
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as error:
+            raise UserError(f"{where}: not a JSON object ({error.msg} at column {error.colno}); each line must be one JSON object") from None
+        if not isinstance(record, dict):
+            raise UserError(f"{where}: a {type(record).__name__}, not a JSON object; each line must be one JSON object")
+        example = {"id": str(record.get(keys.get("id", "id"), f"{Path(path).name}:{number}"))}
+        for name, key in keys.items():
+            if name == "id" or (name == "label" and not labelled):
+                continue
+            if key not in record:
+                raise UserError(f"{where}: no field {key!r} (needed as `{name}`); add it, or map it with the card's `fields: {{{name}: KEY}}`")
+            value = record[key]
+            example[name] = _necessity_label(value, where, key) if (name == "label" and kind == "necessity") \
+                else _text(value, where, key)
+        examples.append(example)
+    if not examples:
+        raise UserError(f"{path}: no records (expected one JSON object per line)")
+    return examples
+
+
+def _text(value, where: str, key: str) -> str:
+    if not isinstance(value, str):
+        raise UserError(f"{where}: field {key!r} is a {type(value).__name__}, expected a string")
+    return value
+
+
+def _necessity_label(value, where: str, key: str) -> int:
+    if value in (0, 1, "0", "1", True, False) and not isinstance(value, float):
+        return int(value)
+    raise UserError(f"{where}: field {key!r} is {value!r}; review necessity labels are 1 (needs a comment) or 0")
+
+
+_TUFANO_REFINE = re.compile(r"\s*<code>(?P<old>.*)</code>\s*<technical_language>(?P<comment>.*)</technical_language>\s*", re.S)
+
+
+def read_tufano_tsv(path: Path, kind: str, labelled: bool = True) -> list[dict]:
+    """`source<TAB>target` per line (see the module docstring for each task's source)."""
+    if kind == "necessity":
+        raise UserError(f"{path}: Tufano pairs have no review-necessity labels; use CodeReviewer JSONL (format: jsonl)")
+    examples = []
+    try:
+        lines = Path(path).read_text(encoding="utf-8").splitlines()
+    except UnicodeDecodeError as error:
+        raise UserError(f"{path}: not UTF-8 text (byte {error.start})") from None
+    for number, line in enumerate(lines, start=1):
+        if not line.strip():
+            continue
+        where = f"{path}:{number}"
+        cells = line.split("\t")
+        if len(cells) > 2 or (labelled and len(cells) != 2):
+            raise UserError(f"{where}: expected 2 tab-separated columns (source, target), found {len(cells)}")
+        example = {"id": f"{Path(path).name}:{number}"}
+        if kind == "comment":
+            example["patch"] = cells[0]
+        else:
+            match = _TUFANO_REFINE.fullmatch(cells[0])
+            if not match:
+                raise UserError(f"{where}: the source must read <code>OLD</code><technical_language>COMMENT</technical_language>")
+            example["old"], example["comment"] = match["old"].strip(), match["comment"].strip()
+        if labelled:
+            example["label"] = cells[1]
+        examples.append(example)
+    if not examples:
+        raise UserError(f"{path}: no pairs")
+    return examples
+
+
+# ----------------------------------------------------------------------------- truncation
+
+
+def is_hunk_header(line: str) -> bool:
+    return line.startswith("@@")
+
+
+def truncate_lines_middle_out(text: str, budget: int, count: Callable[[str], int]) -> tuple[str, int]:
+    """Fit `text` into `budget` tokens by cutting whole lines from its middle outward.
+
+    The start of a diff (where the change begins) and its end (where it settles) say
+    most about it, so lines go from the middle first; hunk headers (`@@ -a,b +c,d @@`)
+    always stay, so the model still sees where each hunk is. Each cut run becomes one
+    `... (N lines cut) ...` line. Returns (text, lines cut). A single line longer than
+    the whole budget is left for the caller's token-level cut.
+    """
+    lines = text.split("\n")
+    costs = [count(line + "\n") for line in lines]
+    total = sum(costs)
+    if total <= budget:
+        return text, 0
+    middle = (len(lines) - 1) / 2
+    order = sorted((i for i, line in enumerate(lines) if not is_hunk_header(line)), key=lambda i: (abs(i - middle), i))
+    marker_cost = count("... (0000 lines cut) ...\n")
+    removed: set[int] = set()
+    for index in order:
+        runs = _runs(removed, len(lines)) or 1
+        if total + runs * marker_cost <= budget:
+            break
+        removed.add(index)
+        total -= costs[index]
+    kept: list[str] = []
+    for index, line in enumerate(lines):
+        if index in removed:
+            if index == 0 or index - 1 not in removed:
+                run = 0
+                while index + run in removed:
+                    run += 1
+                kept.append(f"... ({run} lines cut) ...")
+            continue
+        kept.append(line)
+    return "\n".join(kept), len(removed)
+
+
+def _runs(removed: set[int], length: int) -> int:
+    return sum(1 for i in removed if i - 1 not in removed)
+
+
+# ----------------------------------------------------------------------------- demo data
+# Small Python functions, each with one planted, learnable review issue, and the same
+# function with the issue fixed. The fixed versions are the "no comment needed"
+# hunks, so necessity depends on seeing the issue, not on the kind of code:
+#   unused variable      `b = a * 2` never read        -> remove the line
+#   missing None check   `return a.attr` after a lookup -> guard with `if a is None`
+#   magic number         `return a * 7`                -> `return a * SCALE`
+# Comments are templated with the names involved, so a model must read the hunk to
+# write them; refinements need the comment and the code.
+
+DEMO_NAMES = ("count", "total", "user", "item", "path", "size", "value", "token")
+DEMO_FUNCTIONS = ("load", "fetch", "parse", "find")
+DEMO_ATTRIBUTES = ("name", "size", "data")
+DEMO_NUMBERS = (3, 7, 12, 42, 60, 100)
+DEMO_ISSUES = ("unused_variable", "missing_none_check", "magic_number")
+
+
+def demo_case(rng: np.random.Generator, issue: str) -> dict:
+    """One function with `issue` planted: its code, the fixed code and the comment."""
+    first, second = rng.choice(len(DEMO_NAMES), size=2, replace=False)
+    a, b = DEMO_NAMES[first], DEMO_NAMES[second]
+    function = DEMO_FUNCTIONS[int(rng.integers(len(DEMO_FUNCTIONS)))]
+    attribute = DEMO_ATTRIBUTES[int(rng.integers(len(DEMO_ATTRIBUTES)))]
+    number = DEMO_NUMBERS[int(rng.integers(len(DEMO_NUMBERS)))]
+    head = [f"def {function}_{a}(key):", f"    {a} = {function}(key)"]
+    if issue == "unused_variable":
+        old = [*head, f"    {b} = {a} * 2", f"    return {a}"]
+        new = [*head, f"    return {a}"]
+        comment = f"`{b}` is assigned but never used; remove it."
+    elif issue == "missing_none_check":
+        old = [*head, f"    return {a}.{attribute}"]
+        new = [*head, f"    if {a} is None:", "        return None", f"    return {a}.{attribute}"]
+        comment = f"`{function}` may return None; check `{a}` first."
+    elif issue == "magic_number":
+        old = [*head, f"    return {a} * {number}"]
+        new = [*head, f"    return {a} * SCALE"]
+        comment = f"Name the magic number {number} as a constant, e.g. SCALE."
+    else:
+        raise ValueError(f"unknown demo issue {issue!r}")
+    return {"issue": issue, "old": "\n".join(old), "new": "\n".join(new), "comment": comment}
+
+
+def as_hunk(code: str, start: int) -> str:
+    """The function as an added hunk of a unified diff."""
+    lines = code.split("\n")
+    return "\n".join([f"@@ -{start},0 +{start},{len(lines)} @@", *(f"+{line}" for line in lines)])
+
+
+def demo_examples(kind: str, sizes: dict[str, int], seed: int) -> dict[str, list[dict]]:
+    """Deterministic demo splits for task kind `necessity`, `comment` or `refine`."""
+    splits = {}
+    for offset, (split, count) in enumerate(sizes.items()):
+        rng = np.random.default_rng([seed, offset])
+        examples = []
+        for index in range(count):
+            case = demo_case(rng, DEMO_ISSUES[int(rng.integers(len(DEMO_ISSUES)))])
+            start = int(rng.integers(1, 400))
+            example_id = f"demo-{split}-{index}"
+            if kind == "necessity":
+                needs_comment = int(rng.random() < 0.5)
+                code = case["old"] if needs_comment else case["new"]
+                examples.append({"id": example_id, "patch": as_hunk(code, start), "label": needs_comment,
+                                 "issue": case["issue"] if needs_comment else "none"})
+            elif kind == "comment":
+                examples.append({"id": example_id, "patch": as_hunk(case["old"], start), "label": case["comment"],
+                                 "issue": case["issue"]})
+            elif kind == "refine":
+                examples.append({"id": example_id, "old": case["old"], "comment": case["comment"], "label": case["new"],
+                                 "issue": case["issue"]})
+            else:
+                raise ValueError(f"unknown task kind {kind!r}")
+        splits[split] = examples
+    return splits

@@ -1,0 +1,398 @@
+"""LLaMA-Reviewer's three tasks (Lu et al. 2023) on any transformers causal LM.
+
+- `code-review-necessity`: diff hunk -> does it need a review comment? A linear head
+  reads the LM's last hidden state at the prompt's final token and gives one logit
+  (binary cross-entropy), the design of transformers' `*ForSequenceClassification`.
+  LLaMA-Reviewer instead generates "yes"/"no"; a head gives a calibrated score, so
+  AUROC/AUPR and any threshold apply, and training is one forward pass per hunk. The
+  positive class is "needs a comment" (CodeReviewer's y = 1); precision, recall and F1
+  are of that class at score threshold 0.5. Primary metric: F1.
+- `code-review-comment`: diff hunk -> review comment. Primary: bleu4 (smoothed
+  sentence-level BLEU-4 averaged, as CodeReviewer's evaluation), with corpus BLEU-4
+  (`corpus_bleu4`) and exact match.
+- `code-refine`: code before review + review comment -> revised code. Primary: bleu4;
+  exact match after whitespace normalisation.
+
+Generation tasks train the LM on prompt + answer with the loss on the answer's tokens
+only, and decode greedily or with beam search, batched and left-padded. Their `head` is
+an empty module: the LM head is the backbone's own, adapted (or not) by the method.
+Prompts come from a template in the recipe's `task:` section; a diff or code too long
+for `max_prompt_tokens` loses whole lines from its middle outward, hunk headers kept.
+"""
+
+from __future__ import annotations
+
+import string
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, ClassVar
+
+import torch
+from peftlab.shared import causal_lm as clm
+from peftlab.shared.cards import Card
+from peftlab.shared.data import ratio_split
+from peftlab.shared.errors import UserError
+from peftlab.shared.tasks import Dataset, register_task
+from peftlab.shared.text_metrics import TEXT_METRICS, compute_text_metrics
+from torch import nn
+from torch.nn import functional as F
+
+from . import data
+from .backbones import backbone_names, load_backbone
+
+# ----------------------------------------------------------------------------- options
+
+
+@dataclass
+class _PromptOptions:
+    REQUIRED: ClassVar[tuple[str, ...]] = ()
+    LONG_FIELD: ClassVar[str] = ""
+    """The field (diff or code) that is cut to fit the prompt budget."""
+
+    prompt_template: str = ""
+    max_prompt_tokens: int = field(default=512, metadata={"help": "prompt tokens at most; the diff/code loses lines from its middle outward (hunk headers kept)"})
+
+    def __post_init__(self):
+        if self.max_prompt_tokens < 16:
+            raise ValueError(f"max_prompt_tokens must be >= 16, got {self.max_prompt_tokens}")
+        try:
+            names = {name for _, name, _, _ in string.Formatter().parse(self.prompt_template) if name is not None}
+        except ValueError as error:
+            raise ValueError(f"prompt_template does not parse ({error}); write fields as {{patch}} and braces as {{{{ }}}}") from None
+        missing = [f for f in self.REQUIRED if f not in names]
+        unknown = sorted(names - set(self.REQUIRED))
+        if missing or unknown:
+            raise ValueError(f"prompt_template must use exactly the fields {', '.join('{' + f + '}' for f in self.REQUIRED)}"
+                             + (f"; it lacks {{{missing[0]}}}" if missing else f"; {{{unknown[0]}}} is not one"))
+
+
+@dataclass
+class NecessityOptions(_PromptOptions):
+    REQUIRED: ClassVar = ("patch",)
+    LONG_FIELD: ClassVar = "patch"
+    prompt_template: str = field(
+        default="Review the code change below.\n{patch}\nDoes this change need a review comment?",
+        metadata={"help": "prompt with {patch}; the head reads the hidden state of its last token"})
+    pos_weight: float | None = field(default=None, metadata={"help": "BCE weight of positives (e.g. the negative:positive ratio)"})
+
+
+@dataclass
+class _GenerationOptions(_PromptOptions):
+    max_target_tokens: int = field(default=128, metadata={"help": "answer tokens trained on at most (the rest are cut)"})
+    max_new_tokens: int = field(default=128, metadata={"help": "tokens generated at most"})
+    num_beams: int = field(default=1, metadata={"help": "1 = greedy decoding, more = beam search"})
+
+    def __post_init__(self):
+        super().__post_init__()
+        for name in ("max_target_tokens", "max_new_tokens", "num_beams"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+
+
+@dataclass
+class CommentOptions(_GenerationOptions):
+    REQUIRED: ClassVar = ("patch",)
+    LONG_FIELD: ClassVar = "patch"
+    prompt_template: str = field(
+        default="Review the code change below and write a review comment.\n{patch}\nReview comment:\n",
+        metadata={"help": "prompt with {patch}; the comment follows it"})
+
+
+@dataclass
+class RefineOptions(_GenerationOptions):
+    REQUIRED: ClassVar = ("old", "comment")
+    LONG_FIELD: ClassVar = "old"
+    prompt_template: str = field(
+        default="Revise the code according to the review comment.\nCode:\n{old}\nReview comment: {comment}\nRevised code:\n",
+        metadata={"help": "prompt with {old} and {comment}; the revised code follows it"})
+    max_comment_tokens: int = field(default=64, metadata={"help": "the comment is cut at its end to this many tokens"})
+
+
+# ----------------------------------------------------------------------------- prompts
+
+
+def render_prompt(tokenizer, options: _PromptOptions, example: dict) -> list[int]:
+    """The example's prompt as token ids, within `options.max_prompt_tokens`."""
+    values = {name: example[name] for name in options.REQUIRED}
+    if isinstance(options, RefineOptions):
+        comment_ids = clm.encode(tokenizer, values["comment"])
+        if len(comment_ids) > options.max_comment_tokens:
+            values["comment"] = tokenizer.decode(comment_ids[:options.max_comment_tokens])
+    long_field = options.LONG_FIELD
+    frame = clm.prompt_ids(tokenizer, options.prompt_template.format(**{**values, long_field: ""}))
+    budget = options.max_prompt_tokens - len(frame)
+    values[long_field], _ = data.truncate_lines_middle_out(
+        values[long_field], max(budget, 0), lambda text: len(clm.encode(tokenizer, text)))
+    ids = clm.prompt_ids(tokenizer, options.prompt_template.format(**values))
+    # Token boundaries across lines, or one line longer than the budget, can leave a
+    # little over: cut tokens from the middle, which keeps the template's ends intact.
+    return clm.truncate_middle(ids, options.max_prompt_tokens)
+
+
+# ----------------------------------------------------------------------------- models
+
+
+class _PromptedLM(nn.Module):
+    def __init__(self, causal_lm: clm.CausalLM, options: _PromptOptions):
+        super().__init__()
+        self.backbone = causal_lm.model
+        self.tokenizer = causal_lm.tokenizer
+        self.backbone_info = causal_lm.info
+        self.options = options
+
+    def prompt(self, example: dict) -> list[int]:
+        return render_prompt(self.tokenizer, self.options, example)
+
+    def example_length(self, example: dict) -> int:
+        # Characters, capped by the prompt budget in tokens: a cheap proxy for
+        # bucketing that does not tokenise every example up front.
+        text = sum(len(example[f]) for f in self.options.REQUIRED) + len(str(example.get("label", "")))
+        return min(text, 4 * self.options.max_prompt_tokens)
+
+    def _device(self) -> torch.device:
+        return next(self.backbone.parameters()).device
+
+
+class NecessityModel(_PromptedLM):
+    """A logit from the LM's last hidden state at the prompt's final token."""
+
+    def __init__(self, causal_lm: clm.CausalLM, options: NecessityOptions):
+        super().__init__(causal_lm, options)
+        self.head = nn.Linear(causal_lm.model.config.hidden_size, 1)
+
+    def collate(self, examples, rng):
+        batch = clm.prompt_batch(self.tokenizer, [self.prompt(e) for e in examples], side="right")
+        if all("label" in e for e in examples):
+            batch["labels"] = torch.tensor([float(e["label"]) for e in examples])
+        return batch
+
+    def forward(self, batch) -> torch.Tensor:
+        mask = batch["attention_mask"]
+        _, hidden = clm.lm_forward(self.backbone, batch["input_ids"], mask, hidden=True)
+        last = mask.sum(dim=1) - 1  # right padding: the final real token of each row
+        final = hidden[torch.arange(hidden.shape[0], device=hidden.device), last]
+        return self.head(final).squeeze(-1)
+
+    def loss(self, logits, batch):
+        weight = None if self.options.pos_weight is None else torch.tensor(self.options.pos_weight, device=logits.device)
+        return F.binary_cross_entropy_with_logits(logits.float(), batch["labels"].to(logits.device), pos_weight=weight)
+
+    def scores(self, logits):
+        return torch.sigmoid(logits.float())
+
+
+class GenerationModel(_PromptedLM):
+    """Prompt -> answer text; trains on the answer tokens, decodes greedily or by beams."""
+
+    def __init__(self, causal_lm: clm.CausalLM, options: _GenerationOptions):
+        super().__init__(causal_lm, options)
+        # Nothing beyond the LM: its own output layer writes the answer. An empty module
+        # keeps the task-model interface (the head is saved with the adapter, here empty).
+        self.head = nn.Module()
+
+    def collate(self, examples, rng):
+        prompts = [self.prompt(e) for e in examples]
+        batch: dict[str, Any] = {"prompts": prompts}
+        if all(isinstance(e.get("label"), str) for e in examples):
+            answers = [clm.answer_ids(self.tokenizer, e["label"], self.options.max_target_tokens) for e in examples]
+            batch.update(clm.training_batch(self.tokenizer, prompts, answers))
+        return batch
+
+    def forward(self, batch) -> torch.Tensor:
+        logits, _ = clm.lm_forward(self.backbone, batch["input_ids"], batch["attention_mask"])
+        return logits
+
+    def loss(self, logits, batch):
+        return clm.answer_loss(logits, batch["labels"].to(logits.device))
+
+    def scores(self, logits):
+        """Next-token distributions (generation tasks evaluate `predict`'s text instead)."""
+        return torch.softmax(logits.float(), dim=-1)
+
+    def predict(self, batch) -> list[str]:
+        options = clm.GenerationOptions(max_new_tokens=self.options.max_new_tokens, num_beams=self.options.num_beams)
+        texts = clm.generate(self.backbone, self.tokenizer, batch["prompts"], options)
+        return [t.strip() for t in texts]
+
+
+# ----------------------------------------------------------------------------- tasks
+
+
+class _CodeReviewTask:
+    domain = "code_review"
+    card_keys = ("demo",)
+    KIND: ClassVar[str]
+    DEMO_SIZES: ClassVar[dict[str, int]]
+
+    def backbones(self) -> list[str]:
+        return backbone_names()
+
+    def default_method_options(self, method: str, model) -> dict[str, Any]:
+        return clm.default_method_options(method, model.backbone)
+
+    def read(self, card: Card, options) -> Dataset:
+        labels = self._labels(card)
+        if card.format == "demo":
+            demo = {**self.DEMO_SIZES, "seed": 0, **(card.option("demo") or {})}
+            sizes = {s: int(demo[s]) for s in ("train", "validation", "test")}
+            return Dataset(data.demo_examples(self.KIND, sizes, int(demo["seed"])), labels)
+        if card.format not in self.formats:
+            raise UserError(f"{card.card_path}: {self.name} reads formats {', '.join(self.formats)}, not {card.format!r}")
+        per_split = self._per_split_files(card)
+        if per_split:
+            splits = {split: self._read_file(card, path) for split, path in per_split.items()}
+        else:
+            spec = card.splits or {}
+            ratios = spec.get("ratios", {"train": 0.8, "validation": 0.1, "test": 0.1})
+            splits = ratio_split(self._read_file(card, card.file("data")), ratios, int(spec.get("seed", 0)),
+                                 where=str(card.card_path))
+        return Dataset(splits, labels, self._notes(splits, options))
+
+    def _labels(self, card: Card) -> list[str]:
+        return []
+
+    def _read_file(self, card: Card, path: Path, labelled: bool = True) -> list[dict]:
+        if card.format == "jsonl":
+            return data.read_jsonl(path, self.KIND, card.fields or {}, labelled)
+        return data.read_tufano_tsv(path, self.KIND, labelled)
+
+    def _per_split_files(self, card: Card) -> dict[str, Path] | None:
+        files = {k: v for k, v in (card.splits or {}).items() if k in ("train", "validation", "test")}
+        resolved = {}
+        for split, value in files.items():
+            path = card.resolve(str(value), f"splits.{split}")
+            if not path.is_file():
+                raise UserError(f"{card.card_path}: splits.{split} = {path} does not exist")
+            resolved[split] = path
+        return resolved or None
+
+    def _notes(self, splits, options) -> list[str]:
+        # Characters / 3 is a generous token estimate for code; the exact cut happens per batch.
+        long_field = options.LONG_FIELD
+        long = sum(1 for examples in splits.values() for e in examples if len(e[long_field]) > 3 * options.max_prompt_tokens)
+        if not long:
+            return []
+        return [f"about {long} examples have a {long_field} longer than max_prompt_tokens={options.max_prompt_tokens}; "
+                f"their middle lines are cut (hunk headers kept)"]
+
+    def build_model(self, backbone: str, labels: list[str], options):
+        causal_lm = load_backbone(backbone)
+        return NecessityModel(causal_lm, options) if self.KIND == "necessity" else GenerationModel(causal_lm, options)
+
+    def read_inputs(self, paths, options) -> list[dict]:
+        examples = []
+        for path in map(Path, paths):
+            if path.suffix.lower() in (".jsonl", ".json"):
+                examples += data.read_jsonl(path, self.KIND, {}, labelled=False)
+            elif path.suffix.lower() == ".tsv":
+                examples += data.read_tufano_tsv(path, self.KIND, labelled=False)
+            else:
+                raise UserError(f"{path}: {self.name} predict reads CodeReviewer JSONL (.jsonl) or Tufano pairs (.tsv)")
+        return examples
+
+    def card_template(self) -> str:
+        return CARD_TEMPLATES[self.name]
+
+
+class NecessityTask(_CodeReviewTask):
+    name = "code-review-necessity"
+    description = "diff hunk -> needs a review comment? (LLaMA-Reviewer's review necessity prediction)"
+    metrics = ("f1", "precision", "recall", "accuracy", "auroc", "aupr")
+    primary_metric = "f1"
+    formats = ("jsonl", "demo")
+    options = NecessityOptions
+    KIND = "necessity"
+    DEMO_SIZES = {"train": 600, "validation": 100, "test": 200}
+    LABELS = ["no_comment", "needs_comment"]
+
+    def _labels(self, card: Card) -> list[str]:
+        labels = card.labels or self.LABELS
+        if len(labels) != 2:
+            raise UserError(f"{card.card_path}: {self.name} is binary; `labels` must name 2 classes (0 then 1), got {labels}")
+        return labels
+
+    def describe(self, example, score, labels) -> dict:
+        probability = float(score)
+        return {"id": example["id"], "score": probability, "prediction": labels[int(probability >= 0.5)]}
+
+
+class _GenerationTask(_CodeReviewTask):
+    metrics = ("bleu4", "corpus_bleu4", "exact_match")
+    primary_metric = "bleu4"
+    formats = ("jsonl", "tufano_tsv", "demo")
+
+    def compute_metrics(self, metric_names, examples, outputs) -> dict:
+        not_text = [n for n in metric_names if n not in TEXT_METRICS]
+        if not_text:
+            raise UserError(f"{self.name} generates text; metric {not_text[0]!r} does not apply (use {', '.join(TEXT_METRICS)})")
+        return compute_text_metrics(metric_names, [e["label"] for e in examples], list(outputs))
+
+    def describe(self, example, output, labels) -> dict:
+        return {"id": example["id"], "prediction": output}
+
+
+class CommentTask(_GenerationTask):
+    name = "code-review-comment"
+    description = "diff hunk -> review comment (LLaMA-Reviewer's review comment generation)"
+    options = CommentOptions
+    KIND = "comment"
+    DEMO_SIZES = {"train": 600, "validation": 60, "test": 150}
+
+
+class RefineTask(_GenerationTask):
+    name = "code-refine"
+    description = "code + review comment -> revised code (LLaMA-Reviewer's code refinement)"
+    options = RefineOptions
+    KIND = "refine"
+    DEMO_SIZES = {"train": 600, "validation": 60, "test": 150}
+
+
+CARD_TEMPLATES = {
+    "code-review-necessity": """---
+name: my-review-necessity-data
+domain: code_review
+task: code-review-necessity
+format: jsonl                     # CodeReviewer JSON lines
+files:
+  data: hunks.jsonl               # one {"patch": "@@ ... @@ ...", "y": 0 or 1} per line
+fields: {patch: patch, label: y}  # which JSON key is what
+labels: [no_comment, needs_comment]
+splits: {ratios: {train: 0.8, validation: 0.1, test: 0.1}, seed: 0}
+license: ""
+source: ""
+---
+Where the hunks come from, how "needs a comment" was decided, intended use, known biases.
+""",
+    "code-review-comment": """---
+name: my-review-comment-data
+domain: code_review
+task: code-review-comment
+format: jsonl                     # CodeReviewer JSON lines, or tufano_tsv (code<TAB>comment)
+files:
+  data: comments.jsonl            # one {"patch": "@@ ... @@ ...", "msg": "review comment"} per line
+fields: {patch: patch, label: msg}
+splits: {ratios: {train: 0.8, validation: 0.1, test: 0.1}, seed: 0}
+license: ""
+source: ""
+---
+Where the hunks and comments come from, intended use, known biases.
+""",
+    "code-refine": """---
+name: my-code-refinement-data
+domain: code_review
+task: code-refine
+format: jsonl                     # CodeReviewer JSON lines, or tufano_tsv
+files:
+  data: refinements.jsonl         # one {"old": code, "comment": review, "new": revised code} per line
+fields: {old: old, comment: comment, label: new}
+splits: {ratios: {train: 0.8, validation: 0.1, test: 0.1}, seed: 0}
+license: ""
+source: ""
+---
+Where the code and reviews come from, intended use, known biases.
+""",
+}
+
+register_task(NecessityTask())
+register_task(CommentTask())
+register_task(RefineTask())

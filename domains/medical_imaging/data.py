@@ -1,0 +1,353 @@
+"""Medical image data: ImageFolder, MedMNIST `.npz`, `path,label[,group]` CSVs, DICOM,
+and a deterministic generator of synthetic "lesion" images for the demo.
+
+An example is a dict with `id`, `label` (class index) and either `path` (an image file,
+read when batched) or `image` (a uint8 array, for data that arrives as arrays), plus
+`group` when the card names a `group_by` attribute. Multi-label examples carry
+`targets` (0/1 per class) and, as `label`, the names of their positive classes joined
+by `|` (what predictions files show, and what subsampling stratifies on).
+
+Every image becomes 3-channel RGB explicitly: grayscale is repeated over the
+channels, RGBA is composited onto black (the background of X-rays and dermoscopy
+borders), 16-bit and float images (and DICOM pixel data) are rescaled to 0-255 by
+their own min and max.
+"""
+
+from __future__ import annotations
+
+import csv
+from pathlib import Path
+
+import numpy as np
+from peftlab.shared.errors import UserError
+from PIL import Image, UnidentifiedImageError
+
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".gif", ".webp", ".ppm", ".pgm")
+DICOM_SUFFIXES = (".dcm", ".dicom")
+READABLE_SUFFIXES = IMAGE_SUFFIXES + DICOM_SUFFIXES
+MULTI_LABEL_SEPARATOR = "|"
+
+
+# ----------------------------------------------------------------------------- images -> RGB
+
+def _rescale_to_uint8(array: np.ndarray) -> np.ndarray:
+    array = array.astype(np.float64)
+    low, high = float(array.min()), float(array.max())
+    if high <= low:
+        return np.zeros(array.shape, dtype=np.uint8)
+    return np.round((array - low) / (high - low) * 255.0).astype(np.uint8)
+
+
+def array_to_rgb(array: np.ndarray, where: str = "image") -> Image.Image:
+    """(H, W), (H, W, 1), (H, W, 3) or (H, W, 4) array -> RGB image."""
+    array = np.asarray(array)
+    if array.ndim == 3 and array.shape[-1] == 1:
+        array = array[..., 0]
+    if array.ndim not in (2, 3) or (array.ndim == 3 and array.shape[-1] not in (3, 4)):
+        raise UserError(f"{where}: image array has shape {array.shape}; expected (H, W), (H, W, 1), (H, W, 3) or (H, W, 4)")
+    if array.dtype != np.uint8:
+        array = _rescale_to_uint8(array)
+    if array.ndim == 2:
+        return Image.fromarray(array).convert("RGB")
+    return to_rgb(Image.fromarray(np.ascontiguousarray(array)))
+
+
+def to_rgb(image: Image.Image) -> Image.Image:
+    """Any PIL mode -> RGB, with the conversions spelled out (see the module docstring)."""
+    if image.mode == "RGB":
+        return image
+    if image.mode in ("I;16", "I;16B", "I;16L", "I", "F"):
+        return array_to_rgb(_rescale_to_uint8(np.asarray(image)))
+    if image.mode in ("RGBA", "LA", "PA") or (image.mode == "P" and "transparency" in image.info):
+        rgba = image.convert("RGBA")
+        black = Image.new("RGBA", rgba.size, (0, 0, 0, 255))
+        return Image.alpha_composite(black, rgba).convert("RGB")
+    return image.convert("RGB")  # L, 1, P, CMYK, YCbCr, LAB, HSV: PIL's standard conversions
+
+
+def read_dicom(path: Path) -> Image.Image:
+    try:
+        import pydicom
+    except ImportError:
+        raise UserError(f"{path}: reading DICOM needs pydicom; install it with `pip install pydicom` "
+                        f"(and `pylibjpeg` for compressed pixel data)") from None
+    dataset = pydicom.dcmread(str(path))
+    pixels = dataset.pixel_array
+    if pixels.ndim == 3 and pixels.shape[-1] not in (3, 4):
+        pixels = pixels[pixels.shape[0] // 2]  # a multi-frame series: its middle frame
+    if getattr(dataset, "PhotometricInterpretation", "") == "MONOCHROME1":
+        pixels = pixels.max() - pixels  # MONOCHROME1 stores bright as low values
+    return array_to_rgb(pixels, str(path))
+
+
+def load_image(path: Path) -> Image.Image:
+    """An image file -> RGB; an unreadable or truncated file is a UserError naming it."""
+    path = Path(path)
+    try:
+        if path.suffix.lower() in DICOM_SUFFIXES:
+            return read_dicom(path)
+        with Image.open(path) as image:
+            image.load()  # decodes fully: a truncated file fails here, not mid-training
+            return to_rgb(image)
+    except UserError:
+        raise
+    except FileNotFoundError:
+        raise UserError(f"{path}: image file not found; fix the path (relative paths are relative to the card)") from None
+    except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as error:
+        raise UserError(f"{path}: unreadable or truncated image ({error}); replace the file, or set "
+                        f"`on_bad_file: skip` in the card to leave bad files out") from None
+    except Exception as error:  # pydicom raises its own error types for malformed files
+        raise UserError(f"{path}: unreadable image ({type(error).__name__}: {error})") from None
+
+
+def example_image(example: dict) -> Image.Image:
+    if "image" in example:
+        return array_to_rgb(example["image"], str(example.get("id", "image")))
+    return load_image(Path(example["path"]))
+
+
+def keep_readable(examples: list[dict], on_bad_file: str, where: str) -> tuple[list[dict], list[str]]:
+    """Decode every file once, before training: a bad file fails now (naming it), or is
+    skipped and counted when the card says `on_bad_file: skip`."""
+    kept, bad = [], []
+    for example in examples:
+        if "path" not in example:
+            kept.append(example)
+            continue
+        try:
+            load_image(Path(example["path"]))
+        except UserError as error:
+            if on_bad_file != "skip" or "needs pydicom" in str(error):
+                raise
+            bad.append(example["path"])
+            continue
+        kept.append(example)
+    notes = []
+    if bad:
+        notes.append(f"{where}: skipped {len(bad)} unreadable image file(s) (on_bad_file: skip), e.g. {bad[0]}")
+    return kept, notes
+
+
+# ----------------------------------------------------------------------------------- labels
+
+def parse_label(value: str, labels: list[str] | None, where: str) -> int:
+    """A label cell -> class index: a label name from the card, or its index."""
+    value = value.strip()
+    if labels and value in labels:
+        return labels.index(value)
+    try:
+        number = float(value)
+    except ValueError:
+        known = f"one of {labels} or an index" if labels else "a class index (or set the card's `labels`)"
+        raise UserError(f"{where}: label {value!r} is not {known}") from None
+    if number != int(number) or number < 0 or (labels and int(number) >= len(labels)):
+        raise UserError(f"{where}: label {value!r} is out of range for labels {labels}")
+    return int(number)
+
+
+def multi_label_example(example: dict, positives: list[int], labels: list[str]) -> dict:
+    targets = [0.0] * len(labels)
+    for index in positives:
+        targets[index] = 1.0
+    example["targets"] = targets
+    example["label"] = MULTI_LABEL_SEPARATOR.join(labels[i] for i in sorted(set(positives))) or "none"
+    return example
+
+
+def parse_multi_label(value: str, labels: list[str], where: str) -> list[int]:
+    """`Effusion|Atelectasis` (names or indices, `|`-separated; empty or `none` = no finding)."""
+    value = value.strip()
+    if value.lower() in ("", "none", "no finding"):
+        return []
+    return [parse_label(part, labels, where) for part in value.split(MULTI_LABEL_SEPARATOR)]
+
+
+# --------------------------------------------------------------------------------- readers
+
+def list_images(folder: Path) -> list[Path]:
+    return sorted(p for p in folder.rglob("*") if p.is_file() and p.suffix.lower() in READABLE_SUFFIXES)
+
+
+def read_imagefolder(root: Path, labels: list[str] | None) -> tuple[list[dict], list[str]]:
+    """`root/<class>/<image>` (torchvision's ImageFolder layout) -> examples, labels."""
+    from torchvision.datasets.folder import find_classes, make_dataset
+
+    if not root.is_dir():
+        raise UserError(f"{root}: ImageFolder root does not exist or is not a folder")
+    try:
+        found, _ = find_classes(str(root))
+    except FileNotFoundError:
+        raise UserError(f"{root}: no class folders; ImageFolder expects root/<class>/<image files>") from None
+    if labels is None:
+        labels = found
+    elif sorted(labels) != sorted(found):
+        raise UserError(f"{root}: class folders {found} differ from the card's labels {labels}; make them the same names")
+    try:
+        samples = make_dataset(str(root), {name: labels.index(name) for name in found}, extensions=READABLE_SUFFIXES)
+    except FileNotFoundError as error:
+        raise UserError(f"{root}: {error}") from None
+    examples = [{"id": str(Path(p).relative_to(root)), "path": p, "label": int(c)} for p, c in samples]
+    return examples, labels
+
+
+def read_medmnist_npz(path: Path, labels: list[str] | None, multi_label: bool) -> tuple[dict[str, list[dict]], list[str]]:
+    """MedMNIST `.npz`: `{train,val,test}_images` (N, H, W[, C]) and `{split}_labels` (N, 1) or
+    (N, K) multi-hot for multi-label sets such as ChestMNIST. `val` becomes `validation`."""
+    try:
+        archive = np.load(path, allow_pickle=False)
+    except (OSError, ValueError) as error:
+        raise UserError(f"{path}: not a readable .npz archive ({error})") from None
+    keys = set(archive.files)
+    splits: dict[str, list[dict]] = {}
+    for prefix, split in (("train", "train"), ("val", "validation"), ("test", "test")):
+        if f"{prefix}_images" not in keys:
+            continue
+        if f"{prefix}_labels" not in keys:
+            raise UserError(f"{path}: has {prefix}_images but no {prefix}_labels")
+        images, targets = archive[f"{prefix}_images"], archive[f"{prefix}_labels"]
+        if len(images) != len(targets):
+            raise UserError(f"{path}: {prefix}_images has {len(images)} images but {prefix}_labels has {len(targets)} rows")
+        targets = targets.reshape(len(targets), -1)
+        if multi_label:
+            if labels is None:
+                labels = [str(i) for i in range(targets.shape[1])]
+            if targets.shape[1] != len(labels):
+                raise UserError(f"{path}: {prefix}_labels has {targets.shape[1]} columns, the card names {len(labels)} labels")
+        elif targets.shape[1] != 1:
+            raise UserError(f"{path}: {prefix}_labels has {targets.shape[1]} columns (multi-label); set task.multi_label=true")
+        examples = []
+        for index in range(len(images)):
+            example = {"id": f"{split}:{index}", "image": images[index]}
+            if multi_label:
+                examples.append(multi_label_example(example, list(np.flatnonzero(targets[index])), labels))
+            else:
+                example["label"] = int(targets[index, 0])
+                examples.append(example)
+        splits[split] = examples
+    if not splits:
+        raise UserError(f"{path}: no `train_images` / `val_images` / `test_images` arrays (MedMNIST layout); it has {sorted(keys)}")
+    if not multi_label:
+        count = 1 + max(e["label"] for examples in splits.values() for e in examples)
+        labels = labels or [str(i) for i in range(count)]
+        if count > len(labels) or min(e["label"] for examples in splits.values() for e in examples) < 0:
+            raise UserError(f"{path}: labels run from 0 to {count - 1}, the card names {len(labels)} labels")
+    return splits, labels
+
+
+def read_image_csv(path: Path, image_root: Path, fields: dict, labels: list[str] | None, group_by: str | None,
+                   multi_label: bool, labelled: bool = True) -> list[dict]:
+    """CSV with a header: an image path column (relative to `image_root`), a label column,
+    and, when the card sets `group_by`, that column as each example's group."""
+    try:
+        with open(path, newline="", encoding="utf-8-sig") as handle:
+            rows = [(n, cells) for n, cells in enumerate(csv.reader(handle), start=1) if any(c.strip() for c in cells)]
+    except UnicodeDecodeError as error:
+        raise UserError(f"{path}: not UTF-8 text (byte {error.start}); save it as UTF-8") from None
+    except csv.Error as error:
+        raise UserError(f"{path}: malformed CSV ({error})") from None
+    if not rows:
+        raise UserError(f"{path}: empty CSV file")
+    header = [h.strip() for h in rows[0][1]]
+
+    def column(key: str, default: str) -> int:
+        name = fields.get(key, default)
+        if isinstance(name, int):
+            return name
+        if name not in header:
+            raise UserError(f"{path}: column {name!r} for fields.{key} not found; the header has {header}")
+        return header.index(name)
+
+    image_col = column("image", "path")
+    label_col = column("label", "label") if labelled else None
+    group_col = column("group", group_by) if group_by else None
+    examples = []
+    for number, cells in rows[1:]:
+        if len(cells) != len(header):
+            raise UserError(f"{path}:{number}: {len(cells)} columns, the header has {len(header)}")
+        relative = cells[image_col].strip()
+        if not relative:
+            raise UserError(f"{path}:{number}: empty image path")
+        example = {"id": relative, "path": str(image_root / relative)}
+        if group_col is not None:
+            example["group"] = cells[group_col].strip()
+        if label_col is not None:
+            where = f"{path}:{number}"
+            if multi_label:
+                multi_label_example(example, parse_multi_label(cells[label_col], labels, where), labels)
+            else:
+                example["label"] = parse_label(cells[label_col], labels, where)
+        examples.append(example)
+    if not examples:
+        raise UserError(f"{path}: no data rows under the header")
+    return examples
+
+
+# ------------------------------------------------------------------------------- demo data
+# Synthetic dermoscopy-like "lesions" on a skin texture. The class sets the lesion's
+# shape and colour (round brown, irregular dark with blue-black spots, elongated tan
+# with a streaked texture); size, position, rotation and hue jitter so that no single
+# pixel tells the class. The group ("site_a" / "site_b", as if two hospitals) darkens
+# site_b images, so per-group metrics have something to show.
+
+DEMO_LABELS = ["nevus", "melanoma", "keratosis"]
+DEMO_GROUPS = ["site_a", "site_b"]
+
+
+def _skin(rng: np.random.Generator, size: int) -> np.ndarray:
+    base = np.array([0.85, 0.66, 0.55]) + rng.normal(0, 0.04, 3)
+    y, x = np.mgrid[0:size, 0:size] / size
+    waves = sum(rng.normal(0, 0.03) * np.sin(2 * np.pi * (rng.uniform(1, 4) * x + rng.uniform(1, 4) * y + rng.uniform()))
+                for _ in range(3))
+    return base[None, None, :] + waves[..., None] + rng.normal(0, 0.03, (size, size, 3))
+
+
+def _lesion_mask(rng: np.random.Generator, size: int, kind: int) -> np.ndarray:
+    y, x = np.mgrid[0:size, 0:size].astype(float)
+    cy, cx = size / 2 + rng.uniform(-size / 8, size / 8, 2)
+    radius = size * rng.uniform(0.16, 0.26)
+    if kind == 0:  # round, regular border
+        return ((y - cy) ** 2 + (x - cx) ** 2) <= radius ** 2
+    if kind == 1:  # irregular: union of offset discs
+        mask = np.zeros((size, size), bool)
+        for _ in range(4):
+            oy, ox = rng.normal(0, radius * 0.45, 2)
+            r = radius * rng.uniform(0.5, 0.85)
+            mask |= ((y - cy - oy) ** 2 + (x - cx - ox) ** 2) <= r ** 2
+        return mask
+    angle = rng.uniform(0, np.pi)  # elongated ellipse at a random angle
+    u = (x - cx) * np.cos(angle) + (y - cy) * np.sin(angle)
+    v = -(x - cx) * np.sin(angle) + (y - cy) * np.cos(angle)
+    return (u / (radius * 1.5)) ** 2 + (v / (radius * 0.6)) ** 2 <= 1
+
+
+_DEMO_COLOURS = {0: (0.45, 0.28, 0.18), 1: (0.22, 0.13, 0.12), 2: (0.66, 0.50, 0.33)}
+
+
+def demo_image(rng: np.random.Generator, size: int, kind: int, darker: bool) -> np.ndarray:
+    image = _skin(rng, size)
+    mask = _lesion_mask(rng, size, kind)
+    colour = np.array(_DEMO_COLOURS[kind]) + rng.normal(0, 0.05, 3)
+    lesion = colour[None, None, :] + rng.normal(0, 0.04, (size, size, 3))
+    if kind == 1:  # blue-black spots inside the lesion
+        spots = rng.random((size, size)) < 0.12
+        lesion[spots] = np.array([0.12, 0.12, 0.25])
+    if kind == 2:  # streaked texture along one axis
+        lesion += 0.06 * np.sin(np.arange(size) * rng.uniform(1.0, 2.0))[None, :, None]
+    image[mask] = lesion[mask]
+    if darker:
+        image *= 0.7
+    return np.clip(np.round(image * 255), 0, 255).astype(np.uint8)
+
+
+def demo_lesions(sizes: dict[str, int], image_size: int, seed: int) -> dict[str, list[dict]]:
+    rng = np.random.default_rng(seed)
+    splits = {}
+    for split, count in sizes.items():
+        examples = []
+        for index in range(count):
+            kind = int(rng.integers(len(DEMO_LABELS)))
+            group = int(rng.integers(len(DEMO_GROUPS)))
+            examples.append({"id": f"{split}:{index}", "image": demo_image(rng, image_size, kind, darker=group == 1),
+                             "label": kind, "site": DEMO_GROUPS[group]})
+        splits[split] = examples
+    return splits

@@ -1,0 +1,419 @@
+"""`medical-classify`: an image -> one of K classes (or, with `multi_label`, any of K
+findings), on a timm ViT or ResNet, with the PEFT methods Dutt et al. compare.
+
+The backbone's pooled features go to one linear layer (softmax cross-entropy; with
+`multi_label`, one sigmoid/BCE logit per finding). Training images get timm's
+augmentation for the backbone's data config (random resized crop, horizontal flip),
+seeded from the loop's per-batch `rng`, so a resumed run sees the same crops;
+evaluation images get timm's deterministic resize + centre crop.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import random
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import timm.data
+import torch
+from peftlab.shared import metrics as metric_registry
+from peftlab.shared.cards import Card
+from peftlab.shared.data import ratio_split
+from peftlab.shared.errors import UserError
+from peftlab.shared.tasks import Dataset, register_task
+from sklearn import metrics as skm
+from torch import nn
+from torch.nn import functional as F
+
+from . import data
+from .backbones import backbone_names, family, feature_width, load_backbone
+
+
+@dataclass
+class MedicalImageOptions:
+    image_size: int | None = field(default=None, metadata={"help": "input side in pixels; default: the backbone's pretrained size (224 for ResNet-50 / ViT-B)"})
+    multi_label: bool = field(default=False, metadata={"help": "any number of findings per image (ChestX-ray14 style): sigmoid scores, BCE loss"})
+    head_dropout: float = field(default=0.0, metadata={"help": "dropout before the linear head"})
+    augment: bool = field(default=True, metadata={"help": "training augmentation (random resized crop + flips); false: evaluation transform in training too"})
+    crop_scale: list[float] = field(default_factory=lambda: [0.5, 1.0], metadata={"help": "random resized crop: range of the image area kept"})
+    hflip: float = field(default=0.5, metadata={"help": "probability of a horizontal flip in training"})
+    vflip: float = field(default=0.0, metadata={"help": "probability of a vertical flip in training (dermoscopy: 0.5; X-rays: 0)"})
+    color_jitter: float = field(default=0.0, metadata={"help": "brightness/contrast/saturation jitter strength (0: none)"})
+    batchnorm: str = field(default="update", metadata={"help": "BatchNorm running statistics in training: update (saved with the adapter) or frozen"})
+    mean: list[float] | None = field(default=None, metadata={"help": "normalisation mean; default: the backbone's pretrained config"})
+    std: list[float] | None = field(default=None, metadata={"help": "normalisation std; default: the backbone's pretrained config"})
+
+    def __post_init__(self):
+        if self.image_size is not None and self.image_size < 8:
+            raise ValueError(f"image_size must be >= 8 pixels, got {self.image_size}")
+        if not 0 <= self.head_dropout < 1:
+            raise ValueError(f"head_dropout must be in [0, 1), got {self.head_dropout}")
+        if len(self.crop_scale) != 2 or not 0 < self.crop_scale[0] <= self.crop_scale[1] <= 1:
+            raise ValueError(f"crop_scale must be [low, high] with 0 < low <= high <= 1, got {self.crop_scale}")
+        for name in ("hflip", "vflip"):
+            if not 0 <= getattr(self, name) <= 1:
+                raise ValueError(f"{name} is a probability in [0, 1], got {getattr(self, name)}")
+        if self.batchnorm not in ("update", "frozen"):
+            raise ValueError(f"batchnorm must be update or frozen, got {self.batchnorm!r}")
+        for name in ("mean", "std"):
+            value = getattr(self, name)
+            if value is not None and len(value) != 3:
+                raise ValueError(f"{name} needs 3 values (R, G, B), got {value}")
+
+
+@contextlib.contextmanager
+def seeded_from(rng: np.random.Generator):
+    """timm/torchvision transforms draw from torch's and Python's global RNGs; seed both
+    from the batch's `rng` and restore them after, so augmentation is a pure function of
+    (seed, epoch, batch) and nothing else sees the reseeding."""
+    seed = int(rng.integers(2**31 - 1))
+    python_state = random.getstate()
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        random.seed(seed)
+        try:
+            yield
+        finally:
+            random.setstate(python_state)
+
+
+class ImageClassifier(nn.Module):
+    def __init__(self, backbone: nn.Module, info: dict, data_config: dict, options: MedicalImageOptions, num_labels: int):
+        super().__init__()
+        self.backbone = backbone
+        self.backbone_info = info
+        self.options = options
+        self.data_config = data_config
+        self.head = nn.Sequential(nn.Dropout(options.head_dropout), nn.Linear(feature_width(backbone), num_labels))
+        self.eval_transform = timm.data.create_transform(**data_config, is_training=False)
+        self.train_transform = timm.data.create_transform(
+            **data_config, is_training=True, scale=tuple(options.crop_scale), hflip=options.hflip,
+            vflip=options.vflip, color_jitter=options.color_jitter or None,
+        ) if options.augment else self.eval_transform
+
+    def train(self, mode: bool = True):
+        super().train(mode)
+        if mode and self.options.batchnorm == "frozen":
+            for module in self.modules():
+                if isinstance(module, nn.modules.batchnorm._BatchNorm):
+                    module.eval()
+        return self
+
+    def example_length(self, example) -> int:
+        return 1  # every image is resized to the same input size
+
+    def collate(self, examples, rng):
+        images = [data.example_image(e) for e in examples]
+        if rng is None:
+            pixels = [self.eval_transform(image) for image in images]
+        else:
+            with seeded_from(rng):
+                pixels = [self.train_transform(image) for image in images]
+        batch = {"pixels": torch.stack(pixels)}
+        if all("targets" in e for e in examples):
+            batch["targets"] = torch.tensor([e["targets"] for e in examples], dtype=torch.float32)
+        elif all(isinstance(e.get("label"), int | np.integer) for e in examples):
+            batch["labels"] = torch.tensor([int(e["label"]) for e in examples])
+        return batch
+
+    def forward(self, batch) -> torch.Tensor:
+        return self.head(self.backbone(batch["pixels"]))
+
+    def loss(self, logits, batch):
+        if self.options.multi_label:
+            return F.binary_cross_entropy_with_logits(logits.float(), batch["targets"])
+        return F.cross_entropy(logits.float(), batch["labels"])
+
+    def scores(self, logits):
+        if self.options.multi_label:
+            return torch.sigmoid(logits.float())
+        probabilities = torch.softmax(logits.float(), dim=-1)
+        # Two classes: P(class 1), so binary metrics (AUROC) apply.
+        return probabilities[:, 1] if probabilities.shape[1] == 2 else probabilities
+
+
+# Method defaults per backbone family, in timm's module names. ViT blocks are
+# `blocks.N` (a Sequential) with attn.qkv / attn.proj / mlp.fc1 / mlp.fc2; a ResNet has
+# layer1..layer4 Sequentials of residual blocks with conv1..conv3.
+_VIT_LINEARS = ["attn.qkv", "attn.proj", "mlp.fc1", "mlp.fc2"]
+_VIT_DEFAULTS = {
+    "lora": {"target_modules": _VIT_LINEARS, "blocks": "blocks"},
+    "dora": {"target_modules": _VIT_LINEARS, "blocks": "blocks"},
+    "loha": {"target_modules": _VIT_LINEARS, "blocks": "blocks"},
+    "lokr": {"target_modules": _VIT_LINEARS, "blocks": "blocks"},
+    "vera": {"target_modules": _VIT_LINEARS, "blocks": "blocks"},
+    "ia3": {"target_modules": ["attn.qkv", "mlp.fc2"], "feedforward_modules": ["mlp.fc2"], "blocks": "blocks"},
+    "ssf": {"blocks": "blocks"},
+    "adapter": {"target_modules": ["attn.proj", "mlp.fc2"], "blocks": "blocks"},
+    "parallel_adapter": {"target_modules": ["mlp.fc2"], "blocks": "blocks", "scale": 4.0},
+    "freeze_layers": {"blocks": "blocks"},
+    # The blocks' own LayerNorms. Not the final `norm`: the core hands peft resolved
+    # names, and peft matches them as suffixes, so "norm" would also catch the
+    # Identity placeholders timm keeps at blocks.N.attn.norm.
+    "ln_tuning": {"target_modules": r"blocks\.\d+\.norm[12]"},
+}
+_RESNET_CONVS = r"layer\d\.\d+\.conv\d"
+_RESNET_DEFAULTS = {
+    "lora": {"target_modules": _RESNET_CONVS, "blocks": "layer4"},
+    "dora": {"target_modules": _RESNET_CONVS, "blocks": "layer4"},
+    "loha": {"target_modules": _RESNET_CONVS, "blocks": "layer4"},
+    "lokr": {"target_modules": _RESNET_CONVS, "blocks": "layer4"},
+    "ia3": {"target_modules": _RESNET_CONVS, "blocks": "layer4"},
+    "ssf": {"blocks": "layer4"},
+    # freeze-layers on a ResNet: the last k residual blocks of its last stage, then
+    # the pooling. Name another stage with `blocks: layer3` to go deeper.
+    "freeze_layers": {"blocks": "layer4"},
+}
+_BLOCK_CONTAINERS = ("blocks", "stages", "layers", "features")
+
+
+def _conv_net_defaults(method: str, backbone: nn.Module) -> dict:
+    """Other timm conv nets (EfficientNet, ConvNeXt, ...): their block container by name,
+    and for the low-rank methods every ungrouped conv inside it."""
+    blocks = next((b for b in _BLOCK_CONTAINERS if isinstance(getattr(backbone, b, None), nn.Sequential | nn.ModuleList)), None)
+    if blocks is None:
+        return {}
+    if method in ("lora", "dora", "loha", "lokr", "ia3"):
+        convs = [n for n, m in backbone.named_modules()
+                 if n.startswith(f"{blocks}.") and isinstance(m, nn.Conv2d) and m.groups == 1]
+        return {"target_modules": convs, "blocks": blocks} if convs else {"blocks": blocks}
+    if method in ("ssf", "freeze_layers", "vera", "adapter", "parallel_adapter"):
+        return {"blocks": blocks}
+    return {}
+
+
+class MedicalClassifyTask:
+    name = "medical-classify"
+    domain = "medical_imaging"
+    description = "medical image -> class (or findings, multi-label) on timm ViT / ResNet backbones (Dutt et al. 2023)"
+    metrics = ("auroc", "accuracy", "balanced_accuracy", "macro_f1")
+    primary_metric = "auroc"
+    formats = ("imagefolder", "medmnist_npz", "csv", "demo")
+    card_keys = ("demo", "on_bad_file", "image_root")
+    options = MedicalImageOptions
+
+    def backbones(self) -> list[str]:
+        return backbone_names()
+
+    # ------------------------------------------------------------------------- reading
+
+    def read(self, card: Card, options: MedicalImageOptions) -> Dataset:
+        on_bad_file = card.option("on_bad_file", "error")
+        if on_bad_file not in ("error", "skip"):
+            raise UserError(f"{card.card_path}: on_bad_file must be error or skip, got {on_bad_file!r}")
+        if card.format == "demo":
+            return self._read_demo(card, options)
+        labels = card.labels
+        if options.multi_label and not labels and card.format != "medmnist_npz":
+            raise UserError(f"{card.card_path}: multi-label data needs the card's `labels` (one name per finding)")
+        if card.group_by and card.format != "csv":
+            raise UserError(f"{card.card_path}: group_by needs a per-image attribute; format {card.format!r} has none "
+                            f"(use format: csv with a column named {card.group_by!r})")
+        if card.format == "medmnist_npz":
+            splits, labels = data.read_medmnist_npz(self._data_path(card), labels, options.multi_label)
+            if "train" in splits and not {"validation", "test"} & set(splits):
+                splits = self._ratio_split(card, splits["train"])
+            return Dataset(splits, labels)
+        if card.format == "imagefolder":
+            splits, labels = self._read_imagefolder(card, labels)
+        else:
+            splits = self._read_csv(card, labels, options)
+            if labels is None:
+                count = 1 + max(e["label"] for split in splits.values() for e in split)
+                labels = [str(i) for i in range(count)]
+        notes = []
+        for split in list(splits):
+            splits[split], skipped = data.keep_readable(splits[split], on_bad_file, f"{card.card_path} ({split})")
+            notes += skipped
+        return Dataset(splits, labels, notes)
+
+    def _read_demo(self, card: Card, options: MedicalImageOptions) -> Dataset:
+        demo = {"image_size": 32, "seed": 0, "train": 600, "validation": 150, "test": 300, **(card.option("demo") or {})}
+        sizes = {s: int(demo[s]) for s in ("train", "validation", "test")}
+        splits = data.demo_lesions(sizes, int(demo["image_size"]), int(demo["seed"]))
+        if card.group_by:
+            if card.group_by != "site":
+                raise UserError(f"{card.card_path}: the demo data's only group attribute is 'site', not {card.group_by!r}")
+            for examples in splits.values():
+                for example in examples:
+                    example["group"] = example["site"]
+        return Dataset(splits, card.labels or list(data.DEMO_LABELS))
+
+    def _data_path(self, card: Card) -> Path:
+        if card.files and "data" in card.files:
+            return card.file("data")
+        if not card.path:
+            raise UserError(f"{card.card_path}: set `path:` (or `files: {{data: ...}}`) to the {card.format} data")
+        path = card.resolve(card.path, "path")
+        if not path.exists():
+            raise UserError(f"{card.card_path}: path = {path} does not exist; fix the path (relative paths are relative to the card)")
+        return path
+
+    def _ratio_split(self, card: Card, examples: list[dict]) -> dict[str, list[dict]]:
+        spec = card.splits or {}
+        ratios = spec.get("ratios", {"train": 0.8, "validation": 0.1, "test": 0.1})
+        return ratio_split(examples, ratios, int(spec.get("seed", 0)), where=str(card.card_path))
+
+    def _read_imagefolder(self, card: Card, labels):
+        root = self._data_path(card)
+        split_dirs = {"train": ["train"], "validation": ["validation", "val", "valid"], "test": ["test"]}
+        present = {split: next((root / n for n in names if (root / n).is_dir()), None) for split, names in split_dirs.items()}
+        if present["train"] is not None:
+            splits = {}
+            for split, folder in present.items():
+                if folder is not None:
+                    splits[split], labels = data.read_imagefolder(folder, labels)
+            return splits, labels
+        examples, labels = data.read_imagefolder(root, labels)
+        return self._ratio_split(card, examples), labels
+
+    def _read_csv(self, card: Card, labels, options: MedicalImageOptions) -> dict[str, list[dict]]:
+        image_root = card.resolve(card.option("image_root"), "image_root") if card.option("image_root") else card.card_path.parent
+
+        def read(path: Path) -> list[dict]:
+            return data.read_image_csv(path, image_root, card.fields, labels, card.group_by, options.multi_label)
+
+        per_split = {k: v for k, v in (card.splits or {}).items() if k in ("train", "validation", "test")}
+        if per_split:
+            splits = {}
+            for split, value in per_split.items():
+                path = card.resolve(str(value), f"splits.{split}")
+                if not path.is_file():
+                    raise UserError(f"{card.card_path}: splits.{split} = {path} does not exist")
+                splits[split] = read(path)
+            return splits
+        return self._ratio_split(card, read(self._data_path(card)))
+
+    # ----------------------------------------------------------------------- the model
+
+    def build_model(self, backbone: str, labels: list[str], options: MedicalImageOptions) -> ImageClassifier:
+        model, info, data_config = load_backbone(backbone, options.image_size)
+        if options.mean is not None:
+            data_config["mean"] = tuple(options.mean)
+        if options.std is not None:
+            data_config["std"] = tuple(options.std)
+        info["data_config"] = data_config
+        return ImageClassifier(model, info, data_config, options, len(labels))
+
+    def default_method_options(self, method: str, model) -> dict[str, Any]:
+        backbone = model.backbone.base_model if hasattr(model.backbone, "base_model") else model.backbone
+        kind = family(backbone)
+        if kind == "vit":
+            return dict(_VIT_DEFAULTS.get(method, {}))
+        if kind == "resnet":
+            if method in ("adapter", "parallel_adapter"):
+                raise UserError(f"{method}: peftlab's bottleneck adapters act on token features (Linear / LayerNorm "
+                                f"outputs); on a ResNet use `tsa` (residual 1x1-conv adapters) instead")
+            return dict(_RESNET_DEFAULTS.get(method, {}))
+        return _conv_net_defaults(method, backbone)
+
+    # --------------------------------------------------------------------- predictions
+
+    def read_inputs(self, paths, options: MedicalImageOptions) -> list[dict]:
+        files: list[Path] = []
+        for path in map(Path, paths):
+            if path.is_dir():
+                found = data.list_images(path)
+                if not found:
+                    raise UserError(f"{path}: no image files ({', '.join(data.READABLE_SUFFIXES)}) in this folder")
+                files += found
+            elif path.is_file():
+                if path.suffix.lower() not in data.READABLE_SUFFIXES:
+                    raise UserError(f"{path}: not an image file medical-classify reads ({', '.join(data.READABLE_SUFFIXES)})")
+                files.append(path)
+            else:
+                raise UserError(f"{path}: no such file or folder")
+        examples = [{"id": str(p), "path": str(p), "multi_label": options.multi_label} for p in files]
+        return data.keep_readable(examples, "error", "predict inputs")[0]
+
+    def describe(self, example, scores, labels) -> dict:
+        row = {"id": example["id"]}
+        if "targets" in example or example.get("multi_label"):
+            row["scores"] = {label: float(s) for label, s in zip(labels, scores)}
+            row["predicted_labels"] = [label for label, s in zip(labels, scores) if s >= 0.5]
+            return row
+        if np.ndim(scores) == 0:
+            row.update(score=float(scores), prediction=labels[int(float(scores) >= 0.5)])
+            return row
+        row["scores"] = {label: float(s) for label, s in zip(labels, scores)}
+        row["prediction"] = labels[int(np.argmax(scores))]
+        return row
+
+    # ------------------------------------------------------------------------- metrics
+
+    def compute_metrics(self, metric_names, examples, outputs) -> dict:
+        scores = np.stack(outputs)
+        if all("targets" in e for e in examples):
+            targets = np.array([e["targets"] for e in examples], dtype=int)
+            compute = lambda y, s: multi_label_metrics(metric_names, y, s)  # noqa: E731
+            labels = targets
+        else:
+            labels = np.array([e["label"] for e in examples])
+            compute = lambda y, s: metric_registry.compute(metric_names, y, s)  # noqa: E731
+        result: dict[str, Any] = compute(labels, scores)
+        if all("group" in e for e in examples):
+            groups = np.array([str(e["group"]) for e in examples])
+            per_group = {g: compute(labels[groups == g], scores[groups == g]) for g in np.unique(groups)}
+            gaps = {}
+            for name in metric_names:
+                values = [m[name] for m in per_group.values() if m.get(name) is not None]
+                gaps[name] = max(values) - min(values) if values else None
+            result["by_group"] = {"groups": per_group, "worst_group_gap": gaps}
+        return result
+
+    def card_template(self) -> str:
+        return CARD_TEMPLATE
+
+
+_MULTI_LABEL = {
+    # Subset accuracy (every finding right), as scikit-learn defines accuracy for multi-label.
+    "accuracy": lambda y, s: skm.accuracy_score(y, s >= 0.5),
+    "macro_f1": lambda y, s: skm.f1_score(y, s >= 0.5, average="macro", zero_division=0),
+    "f1": lambda y, s: skm.f1_score(y, s >= 0.5, average="macro", zero_division=0),
+    # Per finding, averaged over findings that have both outcomes in the split
+    # (the ChestX-ray14 convention for AUROC).
+    "balanced_accuracy": lambda y, s: _per_finding(skm.balanced_accuracy_score, y, s >= 0.5),
+    "auroc": lambda y, s: _per_finding(skm.roc_auc_score, y, s),
+    "aupr": lambda y, s: _per_finding(skm.average_precision_score, y, s),
+}
+
+
+def _per_finding(fn, y, s):
+    values = [fn(y[:, k], s[:, k]) for k in range(y.shape[1]) if len(np.unique(y[:, k])) == 2]
+    return float(np.mean(values)) if values else None
+
+
+def multi_label_metrics(names, targets: np.ndarray, scores: np.ndarray) -> dict:
+    result = {}
+    for name in names:
+        if name not in _MULTI_LABEL:
+            raise UserError(f"metric {name!r} is not defined for multi-label data; use {', '.join(_MULTI_LABEL)}")
+        value = _MULTI_LABEL[name](targets, scores) if len(targets) else None
+        result[name] = None if value is None else float(value)
+    return result
+
+
+CARD_TEMPLATE = """---
+name: my-image-dataset
+domain: medical_imaging
+task: medical-classify
+format: csv                       # csv | imagefolder | medmnist_npz
+files:
+  data: metadata.csv              # header row: path,label[,group]
+fields: {image: path, label: label, group: sex}
+image_root: images/               # image paths are relative to this (default: the card's folder)
+labels: [benign, malignant]       # label cells hold these names or their indices
+group_by: sex                     # optional: per-group metrics and the worst-group gap
+splits: {ratios: {train: 0.7, validation: 0.1, test: 0.2}, seed: 0}
+on_bad_file: error                # or skip: leave unreadable images out (counted in the run log)
+license: ""
+source: ""
+---
+What the images are (modality, body part, resolution), how labels were assigned,
+who is in the data (sites, scanners, demographics), intended use, known biases.
+"""
+
+register_task(MedicalClassifyTask())

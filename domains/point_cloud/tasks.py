@@ -1,0 +1,292 @@
+"""`pointcloud-classify`: shape classification on Point-BERT (Yu et al. 2022), with
+Point-PEFT (Tang et al. 2023) and the generic PEFT methods.
+
+Clouds are normalised to the unit sphere, `num_points` are drawn per example (random in
+training, a fixed subset at evaluation), and training augments with Point-BERT's
+random per-axis scale and translation (plus, optionally, rotation about the up axis),
+all drawn from the `rng` the training loop passes to `collate`. The head follows
+Point-BERT's fine-tuning head: [CLS, max over patch tokens] -> MLP -> classes.
+With `votes` > 1, evaluation averages the class probabilities over that many scaled
+copies of each cloud (test-time voting, as Point-BERT reports on ModelNet40).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from peftlab.shared import io
+from peftlab.shared.cards import Card
+from peftlab.shared.data import ratio_split
+from peftlab.shared.errors import UserError
+from peftlab.shared.tasks import Dataset, register_task
+from torch import nn
+from torch.nn import functional as F
+
+from . import data
+from .backbones import PointBERT, backbone_names, load_backbone
+
+VOTE_SEED = 2023
+"""Fixed, so test-time voting gives the same copies (and scores) on every evaluation."""
+
+
+@dataclass
+class PointCloudOptions:
+    num_points: int = field(default=1024, metadata={"help": "points per cloud fed to the model (Point-BERT: 1024 on ModelNet40, 2048 on ScanObjectNN)"})
+    num_group: int | None = field(default=None, metadata={"help": "patches per cloud (default: the backbone's, 64 for Point-BERT)"})
+    group_size: int | None = field(default=None, metadata={"help": "points per patch (default: the backbone's, 32 for Point-BERT)"})
+    num_heads: int | None = field(default=None, metadata={"help": "attention heads of a loaded checkpoint (not stored in the weights; default 6)"})
+    rotate_up: bool = field(default=False, metadata={"help": "training augmentation: random rotation about the up axis"})
+    up_axis: str = field(default="y", metadata={"help": "up axis for rotate_up: x, y (ModelNet40 resampled, ScanObjectNN) or z (raw ModelNet meshes)"})
+    scale_low: float = field(default=2 / 3, metadata={"help": "training augmentation: smallest per-axis scale"})
+    scale_high: float = field(default=3 / 2, metadata={"help": "training augmentation: largest per-axis scale"})
+    translate: float = field(default=0.2, metadata={"help": "training augmentation: largest per-axis shift"})
+    votes: int = field(default=1, metadata={"help": "test-time voting: evaluation averages over this many randomly scaled copies (1 = off)"})
+    off_points: int = field(default=8192, metadata={"help": "points sampled from each .off mesh surface when reading"})
+    head_hidden: int = field(default=256, metadata={"help": "hidden width of the classification head (Point-BERT: 256)"})
+    head_dropout: float = field(default=0.5, metadata={"help": "dropout in the classification head (Point-BERT: 0.5)"})
+    freeze_bn_stats: bool = field(default=True, metadata={"help": "keep the patch encoder's BatchNorm statistics as loaded (eval-mode BN) while training, "
+                                                                  "so a frozen encoder stays exactly the pre-trained function; false updates them, as Point-BERT's full fine-tuning does"})
+    label_smoothing: float = field(default=0.0, metadata={"help": "cross-entropy label smoothing"})
+
+    def __post_init__(self):
+        if self.num_points < 1:
+            raise ValueError(f"num_points must be >= 1, got {self.num_points}")
+        if self.up_axis not in data.AXES:
+            raise ValueError(f"up_axis must be x, y or z, got {self.up_axis!r}")
+        if not 0 < self.scale_low <= self.scale_high:
+            raise ValueError(f"need 0 < scale_low <= scale_high, got {self.scale_low}, {self.scale_high}")
+        if self.votes < 1:
+            raise ValueError(f"votes must be >= 1, got {self.votes}")
+        if not 0 <= self.head_dropout < 1:
+            raise ValueError(f"head_dropout must be in [0, 1), got {self.head_dropout}")
+
+
+class PointCloudClassifier(nn.Module):
+    def __init__(self, backbone: PointBERT, info: dict, options: PointCloudOptions, num_labels: int):
+        super().__init__()
+        needed = max(backbone.config.num_group, backbone.config.group_size)
+        if options.num_points < needed:
+            raise UserError(f"task.num_points={options.num_points} is fewer than the {needed} points the patches need "
+                            f"(num_group={backbone.config.num_group}, group_size={backbone.config.group_size}); raise task.num_points")
+        self.backbone = backbone
+        self.backbone_info = info
+        self.options = options
+        width = backbone.embed_dim
+        self.head = nn.Sequential(nn.Linear(2 * width, options.head_hidden), nn.ReLU(inplace=True),
+                                  nn.Dropout(options.head_dropout), nn.Linear(options.head_hidden, num_labels))
+
+    def train(self, mode: bool = True):
+        super().train(mode)
+        if mode and self.options.freeze_bn_stats:
+            for module in self.backbone.modules():
+                if isinstance(module, nn.modules.batchnorm._BatchNorm):
+                    module.eval()
+        return self
+
+    def example_length(self, example) -> int:
+        return 1  # every cloud costs the same: num_points points
+
+    def _cloud(self, points: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+        return data.normalize_to_unit_sphere(data.choose_points(points, self.options.num_points, rng))
+
+    def collate(self, examples, rng):
+        o = self.options
+        if rng is not None:  # training: random subset + augmentation
+            clouds = [data.augment(self._cloud(e["points"], rng), rng, o.rotate_up, o.up_axis, (o.scale_low, o.scale_high), o.translate)
+                      for e in examples]
+            votes = 1
+        else:  # evaluation: a fixed subset per example; voting adds scaled copies
+            clouds = [self._cloud(e["points"], np.random.default_rng(0)) for e in examples]
+            votes = o.votes
+            if votes > 1:
+                vote_rng = np.random.default_rng(VOTE_SEED)
+                copies = [data.augment(c, vote_rng, False, o.up_axis, (o.scale_low, o.scale_high), 0.0)
+                          for _ in range(votes - 1) for c in clouds]
+                clouds = clouds + copies
+        batch = {"points": torch.from_numpy(np.stack(clouds)), "votes": votes}
+        if all("label" in e for e in examples):
+            batch["labels"] = torch.tensor([int(e["label"]) for e in examples])
+        return batch
+
+    def forward(self, batch) -> torch.Tensor:
+        # the core leaves batches on the CPU; follow the head wherever accelerate put the model
+        tokens = self.backbone(batch["points"].to(self.head[0].weight.device))
+        features = torch.cat([tokens[:, 0], tokens[:, 1:].max(dim=1).values], dim=-1)
+        logits = self.head(features)
+        votes = batch.get("votes", 1)
+        if votes > 1:  # (votes * B, K) -> mean log-probability over the copies
+            logits = logits.float().log_softmax(-1).reshape(votes, -1, logits.shape[-1]).mean(0)
+        return logits
+
+    def loss(self, logits, batch):
+        return F.cross_entropy(logits.float(), batch["labels"].to(logits.device), label_smoothing=self.options.label_smoothing)
+
+    def scores(self, logits):
+        return torch.softmax(logits.float(), dim=-1)
+
+
+# Point-BERT's module names (attn.qkv, attn.proj, mlp.fc1, mlp.fc2) for the generic methods.
+_METHOD_DEFAULTS = {
+    "lora": {"target_modules": ["qkv", "proj"]},
+    "dora": {"target_modules": ["qkv", "proj"]},
+    "loha": {"target_modules": ["qkv", "proj"]},
+    "lokr": {"target_modules": ["qkv", "proj"]},
+    "vera": {"target_modules": ["qkv"]},
+    "ia3": {"target_modules": ["qkv", "fc2"], "feedforward_modules": ["fc2"]},
+    "adapter": {"target_modules": ["attn.proj", "mlp.fc2"], "size": 16},
+    "parallel_adapter": {"target_modules": ["mlp.fc2"], "size": 16},
+    "ssf": {"target_modules": r"(reduce_dim|norm|blocks\.blocks\.\d+\.(norm1|norm2|attn\.qkv|attn\.proj|mlp\.fc1|mlp\.fc2))"},
+    "freeze_layers": {"blocks": "blocks.blocks"},
+}
+
+
+class PointCloudClassifyTask:
+    name = "pointcloud-classify"
+    domain = "point_cloud"
+    description = "3D shape classification on Point-BERT with Point-PEFT (point-prior prompt + geometry-aware adapter)"
+    metrics = ("accuracy", "balanced_accuracy", "macro_f1")
+    primary_metric = "accuracy"
+    formats = ("modelnet_off", "modelnet_txt", "scanobjectnn_h5", "point_folder", "points_npz", "demo")
+    card_keys = ("demo",)
+    options = PointCloudOptions
+
+    def backbones(self) -> list[str]:
+        return backbone_names()
+
+    def default_method_options(self, method: str, model) -> dict[str, Any]:
+        defaults = dict(_METHOD_DEFAULTS.get(method, {}))
+        if method in ("geometry_adapter", "point_peft"):
+            groups = model.backbone.config.num_group if isinstance(model.backbone, PointBERT) else 64
+            # about a quarter of the patches as local groups, each of 8 tokens (fewer for tiny models)
+            defaults.update(local_groups=max(2, groups // 4), local_size=min(8, groups))
+        return defaults
+
+    # --------------------------------------------------------------------------- data
+
+    def read(self, card: Card, options: PointCloudOptions) -> Dataset:
+        spec = dict(card.splits or {})
+        seed = int(spec.get("seed", 0))
+        if card.format == "demo":
+            demo = {"shapes": list(data.DEMO_SHAPES), "num_points": 1024, "train": 480, "validation": 120, "test": 240,
+                    "seed": 0, **(card.option("demo") or {})}
+            shapes = tuple(demo["shapes"])
+            unknown = sorted(set(shapes) - set(data.DEMO_SHAPES))
+            if unknown:
+                raise UserError(f"{card.card_path}: demo.shapes names {unknown[0]!r}; choose from {', '.join(data.DEMO_SHAPES)}")
+            sizes = {s: int(demo[s]) for s in ("train", "validation", "test")}
+            splits = data.demo_dataset(sizes, shapes, int(demo["num_points"]), int(demo["seed"]))
+            return Dataset(splits, card.labels or list(shapes))
+        notes: list[str] = []
+        if card.format == "points_npz":
+            splits, labels = data.read_points_npz(card.file("data"))
+        elif card.format == "modelnet_txt":
+            splits, labels = data.read_modelnet_txt(card.file("root"), spec.get("shape_names", "modelnet40_shape_names.txt"))
+        elif card.format in ("modelnet_off", "point_folder"):
+            suffixes = (".off",) if card.format == "modelnet_off" else data.POINT_SUFFIXES
+            splits, labels = data.read_point_folder(card.file("root"), suffixes, options.off_points, seed)
+        elif card.format == "scanobjectnn_h5":
+            splits, labels = self._read_h5(card)
+        else:
+            raise UserError(f"{card.card_path}: pointcloud-classify reads formats {', '.join(self.formats)}, not {card.format!r}")
+        labels = self._check_labels(card, labels, splits)
+        splits = self._arrange_splits(card, splits, seed, notes)
+        small = sum(1 for split in splits.values() for e in split if len(e["points"]) < options.num_points)
+        if small:
+            notes.append(f"{small} clouds have fewer than num_points={options.num_points} points; points are repeated to fill them")
+        return Dataset(splits, labels, notes)
+
+    def _read_h5(self, card: Card):
+        splits = {}
+        for split in ("train", "validation", "test"):
+            if card.files and split in card.files:
+                clouds, label = data.read_scanobjectnn_h5(card.file(split))
+                splits[split] = [{"id": f"{split}:{i}", "points": c, "label": int(y)} for i, (c, y) in enumerate(zip(clouds, label))]
+        if "train" not in splits:
+            raise UserError(f"{card.card_path}: a scanobjectnn_h5 card names `files: {{train: ..., test: ...}}` (.h5 files)")
+        count = 1 + max(e["label"] for s in splits.values() for e in s)
+        return splits, card.labels or [str(i) for i in range(count)]
+
+    def _check_labels(self, card: Card, labels: list[str], splits) -> list[str]:
+        if card.labels is None:
+            return labels
+        if card.format in ("scanobjectnn_h5",):
+            return card.labels
+        if list(card.labels) != list(labels):
+            raise UserError(f"{card.card_path}: `labels` {card.labels} differ from the data's classes {labels}; "
+                            f"remove `labels` or list the data's classes in order")
+        return labels
+
+    def _arrange_splits(self, card: Card, splits: dict[str, list[dict]], seed: int, notes: list[str]) -> dict[str, list[dict]]:
+        """Official train/test kept; validation carved out of train by `validation_fraction`
+        (stratified); data without splits ('all') divided by `ratios`."""
+        spec = card.splits or {}
+        if "all" in splits:
+            ratios = spec.get("ratios", {"train": 0.8, "validation": 0.1, "test": 0.1})
+            return ratio_split(splits["all"], ratios, seed, where=str(card.card_path))
+        if "validation" not in splits:
+            fraction = float(spec.get("validation_fraction", 0.1))
+            if not 0 <= fraction < 1:
+                raise UserError(f"{card.card_path}: splits.validation_fraction must be in [0, 1), got {fraction}")
+            if fraction > 0:
+                train = splits["train"]
+                rng = np.random.default_rng(seed)
+                chosen = set()
+                for label in sorted({e["label"] for e in train}):
+                    members = [i for i, e in enumerate(train) if e["label"] == label]
+                    chosen |= set(rng.choice(members, size=int(round(fraction * len(members))), replace=False).tolist())
+                splits = {**splits, "train": [e for i, e in enumerate(train) if i not in chosen],
+                          "validation": [e for i, e in enumerate(train) if i in chosen]}
+                notes.append(f"validation: {len(chosen)} training clouds held out (splits.validation_fraction={fraction}, seed {seed})")
+        return splits
+
+    # --------------------------------------------------------------------------- model
+
+    def build_model(self, backbone: str, labels: list[str], options: PointCloudOptions) -> PointCloudClassifier:
+        encoder, info = load_backbone(backbone, options.num_heads)
+        if options.num_group or options.group_size:
+            encoder.set_grouping(options.num_group, options.group_size)
+            info["architecture"].update(num_group=encoder.config.num_group, group_size=encoder.config.group_size)
+        return PointCloudClassifier(encoder, info, options, len(labels))
+
+    def read_inputs(self, paths, options: PointCloudOptions) -> list[dict]:
+        return [{"id": str(p), "points": data.read_point_file(Path(p), options.off_points)} for p in paths]
+
+    def describe(self, example, scores, labels) -> dict:
+        return {"id": example["id"], "scores": {label: float(s) for label, s in zip(labels, scores)},
+                "prediction": labels[int(np.argmax(scores))]}
+
+    def write_report(self, split, examples, outputs, labels, directory) -> None:
+        """`<split>_per_class_accuracy.json`: accuracy and count per class (mean class
+        accuracy, Point-BERT's mAcc, is their mean and is `balanced_accuracy` in metrics)."""
+        truth = np.array([e["label"] for e in examples])
+        predicted = np.stack(outputs).argmax(axis=1)
+        per_class = {}
+        for index, label in enumerate(labels):
+            members = truth == index
+            per_class[label] = {"accuracy": float((predicted[members] == index).mean()) if members.any() else None,
+                                "count": int(members.sum())}
+        io.write_json(Path(directory) / f"{split}_per_class_accuracy.json", per_class)
+
+    def card_template(self) -> str:
+        return CARD_TEMPLATE
+
+
+CARD_TEMPLATE = """---
+name: my-point-clouds
+domain: point_cloud
+task: pointcloud-classify
+format: modelnet_off             # or modelnet_txt, scanobjectnn_h5, point_folder, points_npz
+files:
+  root: ModelNet40               # <root>/<class>/{train,test}/*.off
+splits: {validation_fraction: 0.1, seed: 0}   # folders without train/test: {ratios: {train: 0.8, validation: 0.1, test: 0.1}}
+license: ""
+source: ""
+---
+What the shapes are, how they were scanned or modelled, intended use, known biases.
+"""
+
+register_task(PointCloudClassifyTask())

@@ -1,0 +1,371 @@
+"""Self-supervised speech encoders through transformers: WavLM, wav2vec 2.0, HuBERT, and
+the Whisper encoder, by hub id, local folder, or a `tiny_*` random-init preset.
+
+Resolution order for a name: an existing local folder (`config.json` + weights, as
+transformers saves them, optionally `preprocessor_config.json`), then the Hugging Face
+cache (`local_files_only=True`), then a download, unless offline (`PEFTLAB_OFFLINE=1`
+or `HF_HUB_OFFLINE=1`). A name that resolves nowhere is an error that says where we
+looked and how to pass a folder. Only the `tiny_*` presets are random-init, and they
+are seeded, so every build gives the same weights.
+
+Every backbone is wrapped in a `SpeechEncoder`, which turns waveforms into the
+hidden states of all layers plus a mask of the valid frames, in two stages:
+
+    embed:  CNN feature encoder + feature projection (wav2vec 2.0 family), or
+            log-mel convolutions + positions (Whisper)      -> frames (B, T, D)
+    encode: the transformer layers                           -> states (L + 1, B, T, D)
+
+Between them sits the slot where the `speech_prompt` method prepends learned vectors.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import transformers
+from peftlab.shared import io
+from peftlab.shared.errors import UserError
+from torch import nn
+from torch.nn import functional as F
+from transformers.masking_utils import create_bidirectional_mask
+from transformers.models.wavlm.modeling_wavlm import WavLMAttention
+
+WAV2VEC2_FAMILY = ("wav2vec2", "wavlm", "hubert")
+FAMILIES = (*WAV2VEC2_FAMILY, "whisper")
+
+PRETRAINED = {
+    "microsoft/wavlm-base-plus": "wavlm",
+    "facebook/wav2vec2-base": "wav2vec2",
+    "facebook/hubert-base-ls960": "hubert",
+    "openai/whisper-tiny": "whisper",
+    "openai/whisper-base": "whisper",
+}
+"""The hub checkpoints PEFT-SER (Feng & Narayanan 2023) and its follow-ups compare."""
+
+TINY_PRESETS = {"tiny_wavlm": "wavlm", "tiny_wav2vec2": "wav2vec2", "tiny_hubert": "hubert", "tiny_whisper": "whisper"}
+TINY_ALIAS = "tiny_wavlm"
+"""`tiny` (the name every contract test builds) is the WavLM preset: WavLM Base+ is
+PEFT-SER's best backbone and the recipe's default."""
+TINY_SEED = 1234
+
+WHISPER_MAX_SECONDS = 30.0
+"""Whisper's encoder has 1500 learned positions: 30 s of audio at 50 frames/s."""
+
+
+def backbone_names() -> list[str]:
+    return ["tiny", *TINY_PRESETS, *PRETRAINED]
+
+
+# --------------------------------------------------------------------------- tiny presets
+def _tiny_config(family: str):
+    """Small configs with the real models' frame rate (320 samples per frame at 16 kHz).
+
+    The CNN uses per-frame layer norm (as the Large models do) rather than Base's group
+    norm over time, so padding a batch does not change a clip's features.
+    """
+    width = dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, intermediate_size=128)
+    cnn = dict(conv_dim=(64, 64, 64, 64), conv_kernel=(10, 8, 4, 4), conv_stride=(5, 4, 4, 4),
+               num_conv_pos_embeddings=16, num_conv_pos_embedding_groups=4,
+               feat_extract_norm="layer", do_stable_layer_norm=False, apply_spec_augment=False)
+    if family == "wav2vec2":
+        return transformers.Wav2Vec2Config(**width, **cnn)
+    if family == "hubert":
+        return transformers.HubertConfig(**width, **cnn)
+    if family == "wavlm":
+        return transformers.WavLMConfig(**width, **cnn, num_buckets=32, max_bucket_distance=100)
+    return transformers.WhisperConfig(d_model=64, encoder_layers=2, encoder_attention_heads=4, encoder_ffn_dim=128,
+                                      decoder_layers=1, decoder_attention_heads=4, decoder_ffn_dim=128,
+                                      num_mel_bins=80, max_source_positions=1500)
+
+
+def _tiny_model(family: str) -> nn.Module:
+    config = _tiny_config(family)
+    with torch.random.fork_rng():
+        torch.manual_seed(TINY_SEED)
+        if family == "whisper":
+            return transformers.WhisperForAudioClassification(config).encoder
+        return transformers.AutoModel.from_config(config)
+
+
+def _default_extractor(family: str, config):
+    if family == "whisper":
+        return transformers.WhisperFeatureExtractor(feature_size=config.num_mel_bins)
+    # no per-utterance normalisation, so loudness stays a cue (as in WavLM Base+ and HuBERT)
+    return transformers.Wav2Vec2FeatureExtractor(do_normalize=False, return_attention_mask=True)
+
+
+# --------------------------------------------------------------------------- WavLM attention
+class ModuleCallingWavLMAttention(WavLMAttention):
+    """WavLM attention that calls its q/k/v/out projections as modules.
+
+    transformers' WavLMAttention hands the projection *weights* to
+    `F.multi_head_attention_forward`, so anything that wraps or hooks those modules
+    (LoRA, IA3, SSF, adapters) would silently have no effect there. This computes the
+    same attention (same scaling, gated relative-position bias and padding mask) by
+    calling the modules; a test checks the outputs agree.
+    """
+
+    def torch_multi_head_self_attention(self, hidden_states, attention_mask, gated_position_bias):
+        batch, length, _ = hidden_states.shape
+
+        def heads(x):
+            return x.view(batch, length, self.num_heads, self.head_dim).transpose(1, 2)
+
+        query, key, value = heads(self.q_proj(hidden_states)), heads(self.k_proj(hidden_states)), heads(self.v_proj(hidden_states))
+        bias = gated_position_bias.view(batch, self.num_heads, length, length).to(query.dtype)
+        if attention_mask is not None:
+            padding = attention_mask.ne(1)[:, None, None, :]
+            bias = bias.masked_fill(padding, torch.finfo(bias.dtype).min)
+        attended = F.scaled_dot_product_attention(query, key, value, attn_mask=bias,
+                                                  dropout_p=self.dropout if self.training else 0.0)
+        attended = attended.transpose(1, 2).reshape(batch, length, self.embed_dim)
+        return self.out_proj(attended), None
+
+
+def _module_calling_attention(model: nn.Module) -> None:
+    for module in model.modules():
+        if type(module) is WavLMAttention:
+            module.__class__ = ModuleCallingWavLMAttention
+
+
+# --------------------------------------------------------------------------- the encoder
+@dataclass
+class Featurized:
+    """A batch ready for the encoder: padded model inputs and their valid lengths."""
+
+    inputs: torch.Tensor
+    """(B, samples) waveforms, or (B, mel bins, mel frames) for Whisper."""
+    lengths: torch.Tensor
+    """(B,) valid samples (mel frames for Whisper) per example."""
+
+
+class SpeechEncoder(nn.Module):
+    """A transformers speech encoder -> hidden states of every layer + a frame mask."""
+
+    def __init__(self, family: str, network: nn.Module, extractor, pass_attention_mask: bool = True):
+        super().__init__()
+        if family not in FAMILIES:
+            raise ValueError(f"unknown family {family!r}")
+        self.family = family
+        self.network = network
+        self.extractor = extractor
+        self.pass_attention_mask = pass_attention_mask
+        """wav2vec2-base and HuBERT Base were pre-trained on unmasked, zero-padded
+        batches (their feature extractors say return_attention_mask=False); for them the
+        transformer sees the padding, as in pre-training. Pooling always ignores it."""
+        if family == "whisper":
+            self.width = network.config.d_model
+            self.num_layers = network.config.encoder_layers
+        else:
+            # LayerDrop would skip layers and leave holes in the weighted layer sum.
+            network.config.layerdrop = 0.0
+            self.width = network.config.hidden_size
+            self.num_layers = network.config.num_hidden_layers
+            if family == "wavlm":
+                _module_calling_attention(network)
+
+    @property
+    def sampling_rate(self) -> int:
+        return int(self.extractor.sampling_rate)
+
+    @property
+    def num_states(self) -> int:
+        """Hidden states the head weighs: the transformer's input, then each layer's output."""
+        return self.num_layers + 1
+
+    @property
+    def max_seconds(self) -> float | None:
+        return WHISPER_MAX_SECONDS if self.family == "whisper" else None
+
+    @property
+    def blocks_path(self) -> str:
+        return "network.layers" if self.family == "whisper" else "network.encoder.layers"
+
+    def featurize(self, waveforms: list[np.ndarray]) -> Featurized:
+        """Mono float waveforms at `sampling_rate` -> padded inputs, with the backbone's own extractor."""
+        lengths = [len(w) for w in waveforms]
+        if self.family == "whisper":
+            # Zero-padded to the batch's longest clip, not to Whisper's 30 s: the encoder
+            # below runs on the actual length (see `_embed_whisper`).
+            features = self.extractor(waveforms, sampling_rate=self.sampling_rate, padding="longest",
+                                      return_attention_mask=False, return_tensors="np")["input_features"]
+            mel_frames = [n // self.extractor.hop_length for n in lengths]
+            return Featurized(torch.from_numpy(features), torch.tensor(mel_frames))
+        values = self.extractor(waveforms, sampling_rate=self.sampling_rate, padding="longest",
+                                return_attention_mask=True, return_tensors="np")["input_values"]
+        return Featurized(torch.from_numpy(values), torch.tensor(lengths))
+
+    def frame_lengths(self, lengths: torch.Tensor) -> torch.Tensor:
+        """Valid input samples (mel frames) -> valid encoder frames."""
+        if self.family == "whisper":
+            return (lengths - 1) // 2 + 1  # conv2: kernel 3, stride 2, padding 1
+        return self.network._get_feat_extract_output_lengths(lengths)
+
+    def forward(self, inputs: torch.Tensor, lengths: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """-> (states (L + 1, B, T, D), frame mask (B, T) of valid frames)."""
+        if self.family == "whisper":
+            frames = self._embed_whisper(inputs)
+        else:
+            features = self.network.feature_extractor(inputs).transpose(1, 2)
+            projected = self.network.feature_projection(features)  # HuBERT returns a tensor, the others a pair
+            frames = projected[0] if isinstance(projected, tuple) else projected
+        valid = self.frame_lengths(lengths.to(frames.device))
+        mask = torch.arange(frames.shape[1], device=frames.device)[None, :] < valid[:, None]
+        prompt = getattr(self, "speech_prompt", None)
+        if prompt is not None:
+            frames, mask = prompt(frames, mask)
+        states = self._encode_whisper(frames, mask) if self.family == "whisper" else self._encode_wav2vec2(frames, mask)
+        if prompt is not None:
+            states, mask = states[:, :, prompt.length:], mask[:, prompt.length:]
+        return states, mask
+
+    def _embed_whisper(self, features: torch.Tensor) -> torch.Tensor:
+        """Whisper's convolutions and positions on the actual length, not 30 s of padding.
+
+        transformers' WhisperEncoder.forward insists on 3000 mel frames; the modules
+        themselves do not, so a 2 s clip costs 2 s of compute. Positions are the first T
+        of the learned table, as the full-length model gives the first T frames.
+        """
+        encoder = self.network
+        if features.shape[-1] > 2 * encoder.config.max_source_positions:
+            raise UserError(f"Whisper takes at most {WHISPER_MAX_SECONDS:.0f} s of audio; lower the task's max_seconds")
+        x = F.gelu(encoder.conv1(features))
+        x = F.gelu(encoder.conv2(x)).permute(0, 2, 1)
+        x = x + encoder.embed_positions.weight[: x.shape[1]]
+        return F.dropout(x, p=encoder.config.dropout, training=self.training)
+
+    def _encode_whisper(self, frames: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        encoder = self.network
+        attention = create_bidirectional_mask(config=encoder.config, inputs_embeds=frames, attention_mask=mask)
+        states = [frames]
+        hidden = frames
+        for layer in encoder.layers:
+            hidden = layer(hidden, attention)
+            hidden = hidden[0] if isinstance(hidden, tuple) else hidden
+            states.append(hidden)
+        states[-1] = encoder.layer_norm(hidden)  # as transformers reports the last state
+        return torch.stack(states)
+
+    def _encode_wav2vec2(self, frames: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        # transformers' encoder runs the positional convolution, norm and layers; forward
+        # hooks collect each layer's input and output on the way (removed afterwards, so
+        # copies of the model carry no hooks).
+        layers = self.network.encoder.layers
+        collected: list[torch.Tensor] = []
+
+        def first_input(module, args, kwargs):
+            collected.append(args[0] if args else kwargs["hidden_states"])
+
+        def output(module, args, result):
+            collected.append(result[0] if isinstance(result, tuple) else result)
+
+        handles = [layers[0].register_forward_pre_hook(first_input, with_kwargs=True)]
+        handles += [layer.register_forward_hook(output) for layer in layers]
+        try:
+            result = self.network.encoder(frames, attention_mask=mask if self.pass_attention_mask else None)
+        finally:
+            for handle in handles:
+                handle.remove()
+        # the last state is the encoder's output (after the final norm in pre-norm variants)
+        collected[-1] = result.last_hidden_state
+        return torch.stack(collected)
+
+
+# --------------------------------------------------------------------------- loading
+def load_backbone(name: str) -> tuple[SpeechEncoder, dict]:
+    """-> (encoder, info) where info records name, source, family and a weights hash."""
+    if name == "tiny" or name in TINY_PRESETS:
+        family = TINY_PRESETS[TINY_ALIAS if name == "tiny" else name]
+        network = _tiny_model(family)
+        encoder = SpeechEncoder(family, network, _default_extractor(family, network.config))
+        return encoder, _info(name, f"random-init {family} preset (seed {TINY_SEED})", encoder)
+    path = Path(os.path.expanduser(name))
+    if path.exists():
+        return _load_folder(path, name, str(path))
+    if "/" not in name:
+        raise UserError(f"unknown speech backbone {name!r}: not a local folder, and not one of {', '.join(backbone_names())}")
+    try:
+        return _load_folder(name, name, f"Hugging Face cache ({name})", local_files_only=True)
+    except OSError:
+        pass
+    if _offline():
+        raise UserError(
+            f"speech backbone {name!r} is not available offline: no local folder {name!r} and nothing in the "
+            f"Hugging Face cache ({_hub_cache()}); download it where you have internet "
+            f"(huggingface-cli download {name}) or pass --backbone /path/to/folder with config.json and weights"
+        )
+    try:
+        return _load_folder(name, name, f"Hugging Face hub ({name})")
+    except OSError as error:
+        raise UserError(
+            f"speech backbone {name!r} could not be loaded from the hub ({str(error).splitlines()[0]}); "
+            f"looked for a local folder and the cache {_hub_cache()}; pass --backbone /path/to/folder"
+        ) from None
+
+
+def _offline() -> bool:
+    return any(os.environ.get(v, "") not in ("", "0") for v in ("PEFTLAB_OFFLINE", "HF_HUB_OFFLINE"))
+
+
+def _hub_cache() -> str:
+    from huggingface_hub import constants
+
+    return constants.HF_HUB_CACHE
+
+
+def _read_config(source, local_files_only: bool) -> dict:
+    if isinstance(source, Path):
+        if not (source / "config.json").is_file():
+            raise UserError(f"{source}: a speech backbone folder needs config.json and model weights (as transformers saves them)")
+        return json.loads((source / "config.json").read_text())
+    return transformers.AutoConfig.from_pretrained(source, local_files_only=local_files_only).to_dict()
+
+
+def _load_folder(source, name: str, where: str, local_files_only: bool = False) -> tuple[SpeechEncoder, dict]:
+    """A transformers checkpoint (folder or hub id) -> SpeechEncoder with its real weights, in fp32."""
+    config = _read_config(source, local_files_only)
+    family = config.get("model_type")
+    if family not in FAMILIES:
+        raise UserError(f"{where}: model_type {family!r} is not a supported speech encoder ({', '.join(FAMILIES)})")
+    architectures = config.get("architectures") or []
+    common = dict(dtype=torch.float32, local_files_only=local_files_only, output_loading_info=True)
+    try:
+        if family == "whisper":
+            # Only the encoder is kept: from an audio-classification checkpoint, or from
+            # WhisperModel / WhisperForConditionalGeneration (decoder dropped).
+            cls = transformers.WhisperForAudioClassification if "WhisperForAudioClassification" in architectures else transformers.WhisperModel
+            full, loading = cls.from_pretrained(str(source), **common)
+            network = full.encoder
+            prefix = "encoder."
+        else:
+            network, loading = transformers.AutoModel.from_pretrained(str(source), **common)
+            prefix = ""
+    except (ValueError, RuntimeError) as error:
+        raise UserError(f"{where}: the weights do not load into a {family} model ({str(error).splitlines()[0]})") from None
+    # Never silently random: every encoder tensor must come from the checkpoint.
+    # (masked_spec_embed is SpecAugment's mask vector, which fine-tuning here never uses.)
+    missing = [k for k in loading.get("missing_keys", []) if k.startswith(prefix) and "masked_spec_embed" not in k]
+    if missing:
+        raise UserError(f"{where}: the checkpoint lacks encoder weights {missing[:3]}; it is not a complete {family} checkpoint")
+    try:
+        extractor = transformers.AutoFeatureExtractor.from_pretrained(str(source), local_files_only=local_files_only)
+    except OSError:
+        extractor = _default_extractor(family, network.config)
+    pass_mask = family == "whisper" or bool(getattr(extractor, "return_attention_mask", True))
+    encoder = SpeechEncoder(family, network, extractor, pass_attention_mask=pass_mask)
+    return encoder, _info(name, where, encoder)
+
+
+def _info(name: str, source: str, encoder: SpeechEncoder) -> dict:
+    return {
+        "name": name,
+        "source": source,
+        "family": encoder.family,
+        "architecture": {"layers": encoder.num_layers, "width": encoder.width, "sampling_rate": encoder.sampling_rate},
+        "weights_sha256": io.tensors_fingerprint(encoder.network.state_dict()),
+    }

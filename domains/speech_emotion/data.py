@@ -1,0 +1,382 @@
+"""Speech emotion data: audio files, `path,label[,speaker][,gender]` tables, splits that
+keep speakers apart, and a deterministic synthetic demo.
+
+Audio is read with soundfile (WAV, FLAC, OGG), mixed down to mono and resampled with
+torchaudio to the backbone's rate. Every file is decoded once when a card is read, so a
+corrupt, empty or silent file is reported before training starts (or counted and
+skipped when the card says `on_bad_file: skip`); the decoded clips are kept in a
+bounded cache for the training epochs.
+"""
+
+from __future__ import annotations
+
+import csv
+from collections import OrderedDict
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import soundfile
+import torch
+import torchaudio
+from peftlab.shared.errors import UserError
+from scipy import signal
+
+AUDIO_SUFFIXES = (".wav", ".flac", ".ogg")
+MIN_SECONDS = 0.1
+"""Shorter clips give no frame after wav2vec 2.0's CNN (400-sample receptive field) and
+carry no emotion to speak of; they count as bad files."""
+SILENCE_PEAK = 1e-4
+"""A clip whose peak amplitude is below this (-80 dBFS) is digital silence: a bad file."""
+
+
+# --------------------------------------------------------------------------- audio
+class BadAudio(Exception):
+    """A file that cannot serve as an example; the message says why."""
+
+
+def decode(path: Path) -> tuple[np.ndarray, int]:
+    """-> (mono float32 waveform, sample rate). Raises BadAudio for unusable files."""
+    try:
+        waveform, rate = soundfile.read(str(path), dtype="float32", always_2d=True)
+    except (soundfile.LibsndfileError, RuntimeError, OSError) as error:
+        if not Path(path).is_file():
+            raise BadAudio("file not found") from None
+        raise BadAudio(f"not a readable WAV/FLAC/OGG file ({str(error).splitlines()[0]})") from None
+    waveform = waveform.mean(axis=1)  # mono mix-down
+    if len(waveform) == 0:
+        raise BadAudio("empty (no samples)")
+    if not np.isfinite(waveform).all():
+        raise BadAudio("contains NaN or infinite samples")
+    if len(waveform) < MIN_SECONDS * rate:
+        raise BadAudio(f"only {len(waveform) / rate:.3f} s long (minimum {MIN_SECONDS} s)")
+    if np.abs(waveform).max() < SILENCE_PEAK:
+        raise BadAudio("silent (peak below -80 dBFS)")
+    return np.ascontiguousarray(waveform), int(rate)
+
+
+def resample(waveform: np.ndarray, rate: int, target: int) -> np.ndarray:
+    if rate == target:
+        return waveform
+    return torchaudio.functional.resample(torch.from_numpy(waveform), rate, target).numpy()
+
+
+class AudioCache:
+    """Decoded clips by path, least recently used evicted past a byte budget."""
+
+    def __init__(self, budget_mb: float):
+        self.budget = int(budget_mb * 2**20)
+        self.used = 0
+        self.clips: OrderedDict[str, tuple[np.ndarray, int]] = OrderedDict()
+
+    def get(self, path: str) -> tuple[np.ndarray, int]:
+        if path in self.clips:
+            self.clips.move_to_end(path)
+            return self.clips[path]
+        try:
+            clip = decode(Path(path))
+        except BadAudio as error:  # it was fine when the card was read: the file changed since
+            raise UserError(f"{path}: {error}") from None
+        self.put(path, clip)
+        return clip
+
+    def put(self, path: str, clip: tuple[np.ndarray, int]) -> None:
+        size = clip[0].nbytes
+        if size > self.budget:
+            return
+        self.clips[path] = clip
+        self.used += size
+        while self.used > self.budget:
+            _, (evicted, _) = self.clips.popitem(last=False)
+            self.used -= evicted.nbytes
+
+
+CACHE = AudioCache(budget_mb=1024)
+"""One per process; `SpeechEmotionOptions.audio_cache_mb` sets its budget."""
+
+
+def crop(waveform: np.ndarray, max_samples: int, rng: np.random.Generator | None, eval_crop: str) -> np.ndarray:
+    """At most `max_samples`: a random window in training (from `rng`), else the centre
+    window (eval_crop=center) or the whole clip (eval_crop=full)."""
+    if len(waveform) <= max_samples or (rng is None and eval_crop == "full"):
+        return waveform
+    if rng is not None:
+        start = int(rng.integers(0, len(waveform) - max_samples + 1))
+    else:
+        start = (len(waveform) - max_samples) // 2
+    return waveform[start:start + max_samples]
+
+
+def audio_example(path: Path, on_bad_file: str = "error") -> dict | None:
+    """An unlabelled example for one audio file (decoded once to check it, then cached)."""
+    try:
+        waveform, rate = decode(path)
+    except BadAudio as error:
+        if on_bad_file == "skip":
+            return None
+        raise UserError(f"{path}: {error}; fix or remove the file (or set `on_bad_file: skip` in the card)") from None
+    CACHE.put(str(path), (waveform, rate))
+    return {"id": path.name, "path": str(path), "samples": len(waveform), "sample_rate": rate}
+
+
+def audio_files(paths: list[Path]) -> list[Path]:
+    """Files as given; a folder stands for its audio files (sorted, recursively)."""
+    found = []
+    for path in paths:
+        if path.is_dir():
+            found += sorted(p for p in path.rglob("*") if p.suffix.lower() in AUDIO_SUFFIXES)
+        elif path.suffix.lower() in AUDIO_SUFFIXES:
+            found.append(path)
+        else:
+            raise UserError(f"{path}: not an audio file; speech-emotion reads {', '.join(AUDIO_SUFFIXES)} files or folders of them")
+    if not found:
+        raise UserError(f"no audio files ({', '.join(AUDIO_SUFFIXES)}) in {', '.join(map(str, paths))}")
+    return found
+
+
+# --------------------------------------------------------------------------- tables
+TABLE_FIELDS = ("path", "label", "speaker", "gender", "session")
+"""Fields a table may name: `fields: {path: file, label: emotion, speaker: speaker_id}`.
+`path` and `label` default to columns of those names; the others are optional."""
+
+
+@dataclass
+class TableRows:
+    examples: list[dict]
+    skipped: list[str]
+    """`path: why` of each bad file skipped (card `on_bad_file: skip`)."""
+
+
+def read_table(path: Path, audio_root: Path, fields: dict, labels: list[str] | None, label_map: dict | None,
+               group_by: str | None, on_bad_file: str) -> TableRows:
+    """A CSV (or TSV, by suffix) with a header row; relative audio paths start at `audio_root`."""
+    delimiter = "\t" if path.suffix.lower() == ".tsv" else ","
+    try:
+        with open(path, newline="", encoding="utf-8-sig") as handle:
+            rows = [(n, cells) for n, cells in enumerate(csv.reader(handle, delimiter=delimiter), start=1)
+                    if cells and any(c.strip() for c in cells)]
+    except UnicodeDecodeError as error:
+        raise UserError(f"{path}: not UTF-8 text (byte {error.start}); save it as UTF-8") from None
+    except csv.Error as error:
+        raise UserError(f"{path}: malformed {'TSV' if delimiter == chr(9) else 'CSV'} ({error})") from None
+    if not rows:
+        raise UserError(f"{path}: empty table; it needs a header row (e.g. path,label,speaker) and one row per clip")
+    header = [h.strip() for h in rows[0][1]]
+    unknown = sorted(set(fields) - set(TABLE_FIELDS))
+    if unknown:
+        raise UserError(f"{path}: fields.{unknown[0]} is not a field speech-emotion reads; use {', '.join(TABLE_FIELDS)}")
+    columns = {}
+    for key in TABLE_FIELDS:
+        spec = fields.get(key, key)
+        if isinstance(spec, int) and 0 <= spec < len(header):
+            columns[key] = spec
+        elif spec in header:
+            columns[key] = header.index(spec)
+        elif key in fields or key in ("path", "label"):
+            raise UserError(f"{path}: column {spec!r} for fields.{key} is not in the header {header}; fix `fields` in the card")
+    if group_by is not None and group_by not in columns and group_by not in header:
+        raise UserError(f"{path}: group_by {group_by!r} is neither a field ({', '.join(columns)}) nor a column of {header}")
+    group_column = columns.get(group_by, header.index(group_by) if group_by in header else None)
+    examples, skipped = [], []
+    for number, cells in rows[1:]:
+        where = f"{path}:{number}"
+        if len(cells) != len(header):
+            raise UserError(f"{where}: {len(cells)} columns, the header has {len(header)}")
+        label_text = cells[columns["label"]].strip()
+        if label_map and label_text in label_map:
+            label_text = label_map[label_text]
+            if label_text is None:  # mapped to null: not one of the classes studied
+                continue
+        audio = Path(cells[columns["path"]].strip()).expanduser()
+        if not audio.is_absolute():
+            audio = audio_root / audio
+        example = audio_example(audio, on_bad_file)
+        if example is None:
+            skipped.append(str(audio))
+            continue
+        example["id"] = cells[columns["path"]].strip()
+        example["label"] = parse_label(label_text, labels, where)
+        for key in ("speaker", "gender", "session"):
+            if key in columns:
+                example[key] = cells[columns[key]].strip()
+        if group_column is not None:
+            example["group"] = cells[group_column].strip()
+        examples.append(example)
+    if not examples:
+        raise UserError(f"{path}: no usable rows under the header")
+    return TableRows(examples, skipped)
+
+
+def parse_label(value: str, labels: list[str] | None, where: str) -> int | str:
+    """A label cell -> class index (a name from the card's `labels`, or an index). Without
+    `labels` the name is kept and the reader numbers the classes afterwards."""
+    if labels is None:
+        return value
+    if value in labels:
+        return labels.index(value)
+    if value.isdigit() and int(value) < len(labels):
+        return int(value)
+    raise UserError(f"{where}: label {value!r} is not one of {labels}; fix the cell, the card's `labels`, "
+                    f"or map it with `label_map` (null drops the row)")
+
+
+# --------------------------------------------------------------------------- splits
+def speaker_split(examples: list[dict], ratios: dict[str, float], seed: int, where: str) -> dict[str, list[dict]]:
+    """Whole speakers per split, so no voice is heard in two of them.
+
+    Speakers are shuffled (seeded) and dealt by the ratios, every split with a positive
+    ratio getting at least one speaker; the remainder goes to train.
+    """
+    speakers = sorted({e["speaker"] for e in examples})
+    names = [n for n in ("validation", "test") if ratios.get(n, 0) > 0]
+    if len(speakers) < len(names) + 1:
+        raise UserError(f"{where}: {len(speakers)} speaker(s) cannot be split speaker-independently into "
+                        f"train, {', '.join(names)}; add speakers or give per-split files")
+    order = list(np.random.default_rng(seed).permutation(speakers))
+    assignment = {}
+    for name in names:
+        count = max(1, int(round(ratios[name] * len(speakers))))
+        count = min(count, len(order) - 1 - sum(1 for n in names if n not in assignment and n != name))
+        for speaker in order[:count]:
+            assignment[speaker] = name
+        order = order[count:]
+    for speaker in order:
+        assignment[speaker] = "train"
+    splits = {"train": [], "validation": [], "test": []}
+    for example in examples:
+        splits[assignment[example["speaker"]]].append(example)
+    return splits
+
+
+def fold_split(examples: list[dict], key: str, test: list, validation: list | None, validation_ratio: float,
+               seed: int, where: str) -> dict[str, list[dict]]:
+    """IEMOCAP-style folds: examples whose `key` (e.g. session) is in `test` are the test
+    split, those in `validation` the validation split; without `validation`, a
+    speaker-independent share of the rest is held out for model selection."""
+    if any(key not in e for e in examples):
+        raise UserError(f"{where}: splits.fold_by is {key!r}, but the table gives no {key!r} field; add fields.{key}")
+    values = {str(e[key]) for e in examples}
+    wanted = {str(v) for v in test} | {str(v) for v in (validation or [])}
+    missing = sorted(wanted - values)
+    if missing:
+        raise UserError(f"{where}: splits names {key} {missing[0]!r}, which no row has; the data has {sorted(values)}")
+    test_values = {str(v) for v in test}
+    held_out = [e for e in examples if str(e[key]) in test_values]
+    rest = [e for e in examples if str(e[key]) not in test_values]
+    if validation:
+        validation_values = {str(v) for v in validation}
+        return {"train": [e for e in rest if str(e[key]) not in validation_values],
+                "validation": [e for e in rest if str(e[key]) in validation_values], "test": held_out}
+    if all("speaker" in e for e in rest):
+        inner = speaker_split(rest, {"train": 1 - validation_ratio, "validation": validation_ratio}, seed, where)
+    else:
+        order = np.random.default_rng(seed).permutation(len(rest))
+        cut = int(round(validation_ratio * len(rest)))
+        inner = {"validation": [rest[i] for i in order[:cut]], "train": [rest[i] for i in order[cut:]]}
+    return {"train": inner["train"], "validation": inner["validation"], "test": held_out}
+
+
+# --------------------------------------------------------------------------- demo
+DEMO_LABELS = ["neutral", "happy", "angry", "sad"]
+DEMO_RATE = 16000
+
+# class -> (pitch factor, pitch slope over the clip, pitch wobble depth, loudness,
+#           syllables per second, spectral tilt: harmonic h has amplitude h ** -tilt)
+_DEMO_STYLE = {
+    "neutral": (1.00, -0.05, 0.01, 0.25, 4.0, 1.2),
+    "happy": (1.35, +0.30, 0.08, 0.45, 5.5, 1.0),
+    "angry": (1.20, -0.30, 0.03, 0.80, 6.5, 0.6),
+    "sad": (0.85, -0.15, 0.005, 0.10, 2.5, 1.8),
+}
+_VOWELS = [(730, 1090), (270, 2290), (530, 1840), (570, 840), (440, 1020), (300, 870)]
+"""(F1, F2) in Hz of six vowels (Peterson & Barney 1952, adult male averages)."""
+
+
+def synthesize(emotion: str, base_pitch: float, formant_scale: float, seconds: float,
+               rng: np.random.Generator) -> np.ndarray:
+    """One synthetic utterance: a harmonic source following a pitch contour, shaped into
+    syllables, through two formant resonators, plus breath noise.
+
+    The emotion sets the pitch level, slope and wobble, the loudness, the speaking rate
+    and how bright the voice is; the speaker sets the base pitch and vocal-tract size.
+    """
+    factor, slope, wobble, loudness, rate, tilt = _DEMO_STYLE[emotion]
+    n = int(seconds * DEMO_RATE)
+    t = np.arange(n) / DEMO_RATE
+    jitter = lambda spread: 1 + spread * rng.uniform(-1, 1)  # noqa: E731
+    pitch = base_pitch * factor * jitter(0.08) * (1 + slope * t / seconds)
+    pitch *= 1 + wobble * np.sin(2 * np.pi * 5.0 * t + rng.uniform(0, 2 * np.pi))
+    phase = 2 * np.pi * np.cumsum(pitch) / DEMO_RATE
+    # sum over harmonics h of h^-tilt sin(h phase), below 4 kHz (no aliasing); sin(h phase)
+    # by the recurrence sin((h+1)x) = 2 cos(x) sin(hx) - sin((h-1)x), far cheaper than sin
+    twice_cos = 2 * np.cos(phase)
+    previous, current = np.zeros(n), np.sin(phase)
+    source = np.zeros(n)
+    for h in range(1, int(4000 / pitch.min()) + 1):
+        source += h**-tilt * current * (h * pitch < 4000)
+        previous, current = current, twice_cos * current - previous
+    # syllables: voiced bursts at the speaking rate, each with its own vowel
+    syllable_rate = rate * jitter(0.12)
+    envelope = np.clip(np.sin(np.pi * syllable_rate * t + rng.uniform(0, np.pi)), 0, None) ** 0.7
+    syllable_index = np.floor(syllable_rate * t + rng.uniform(0, 1)).astype(int)
+    voiced = np.zeros(n)
+    for index in np.unique(syllable_index):
+        part = syllable_index == index
+        f1, f2 = _VOWELS[int(rng.integers(len(_VOWELS)))]
+        shaped = source[part]
+        for formant, bandwidth in ((f1 * formant_scale, 90.0), (f2 * formant_scale, 120.0)):
+            radius = np.exp(-np.pi * bandwidth / DEMO_RATE)
+            theta = 2 * np.pi * formant / DEMO_RATE
+            shaped = signal.lfilter([1 - radius], [1, -2 * radius * np.cos(theta), radius**2], shaped)
+        voiced[part] = shaped
+    voiced *= envelope
+    voiced /= np.abs(voiced).max() + 1e-9
+    noise = rng.normal(0, 0.02, n) * (0.3 + envelope)
+    waveform = loudness * jitter(0.2) * (voiced + noise)
+    return np.clip(waveform, -1, 1).astype(np.float32)
+
+
+def demo_speakers(count: int, seed: int) -> list[dict]:
+    """Alternating female / male speakers, each with a base pitch and vocal-tract scale."""
+    rng = np.random.default_rng(seed)
+    speakers = []
+    for index in range(count):
+        gender = "female" if index % 2 == 0 else "male"
+        pitch = rng.uniform(180, 240) if gender == "female" else rng.uniform(95, 140)
+        scale = rng.uniform(1.05, 1.2) if gender == "female" else rng.uniform(0.9, 1.02)
+        speakers.append({"speaker": f"spk{index:02d}", "gender": gender, "pitch": pitch, "scale": scale})
+    return speakers
+
+
+_DEMO_CACHE: dict[tuple, dict] = {}
+
+
+def demo_splits(speakers: int, per_speaker: int, validation_speakers: int, test_speakers: int,
+                seconds: float, seed: int) -> dict[str, list[dict]]:
+    """Synthetic utterances, split by speaker: the last `test_speakers` speakers are the
+    test split, the `validation_speakers` before them the validation split (both
+    gender-balanced when even). Clip lengths vary by +-20 % around `seconds`."""
+    if validation_speakers + test_speakers >= speakers:
+        raise UserError(f"demo: {speakers} speakers leave none to train after {validation_speakers} validation and {test_speakers} test speakers")
+    key = (speakers, per_speaker, validation_speakers, test_speakers, seconds, seed)
+    if key not in _DEMO_CACHE:  # every contract test reads the demo card: generate once
+        rng = np.random.default_rng(seed)
+        examples = []
+        for speaker in demo_speakers(speakers, seed):
+            for number in range(per_speaker):
+                emotion = DEMO_LABELS[number % len(DEMO_LABELS)]
+                length = seconds * rng.uniform(0.8, 1.2)
+                audio = synthesize(emotion, speaker["pitch"], speaker["scale"], length, rng)
+                examples.append({"id": f"{speaker['speaker']}_{number:03d}_{emotion}", "audio": audio,
+                                 "samples": len(audio), "sample_rate": DEMO_RATE,
+                                 "label": DEMO_LABELS.index(emotion),
+                                 "speaker": speaker["speaker"], "gender": speaker["gender"]})
+        order = [s["speaker"] for s in demo_speakers(speakers, seed)]
+        test = set(order[speakers - test_speakers:])
+        validation = set(order[speakers - test_speakers - validation_speakers:speakers - test_speakers])
+        _DEMO_CACHE[key] = {
+            "train": [e for e in examples if e["speaker"] not in test | validation],
+            "validation": [e for e in examples if e["speaker"] in validation],
+            "test": [e for e in examples if e["speaker"] in test],
+        }
+    return {split: [dict(e) for e in rows] for split, rows in _DEMO_CACHE[key].items()}

@@ -1,0 +1,374 @@
+"""`speech-emotion`: an utterance -> its emotion class, after PEFT-SER (Feng & Narayanan 2023).
+
+The speech encoder stays frozen apart from the PEFT method. Its hidden states from every
+layer are mixed by learned softmax weights, mean-pooled over the valid (unpadded)
+frames, and a small MLP gives the class logits; the loss is cross-entropy, weighted by
+inverse class frequency by default, and models are selected on UAR (unweighted average
+recall = balanced accuracy). Accuracy is reported as the field's "weighted accuracy".
+"""
+
+from __future__ import annotations
+
+import math
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from peftlab.shared import io
+from peftlab.shared.cards import Card
+from peftlab.shared.data import ratio_split
+from peftlab.shared.errors import UserError
+from peftlab.shared.tasks import Dataset, register_task
+from torch import nn
+from torch.nn import functional as F
+
+from . import data
+from .backbones import SpeechEncoder, backbone_names, load_backbone
+
+
+@dataclass
+class SpeechEmotionOptions:
+    max_seconds: float = field(default=6.0, metadata={"help": "longest audio the model sees; longer clips are cropped (a random window in training, see eval_crop at evaluation); Whisper takes at most 30"})
+    eval_crop: str = field(default="center", metadata={"help": "evaluation of clips longer than max_seconds: center (the middle window) or full (the whole clip, up to the backbone's limit)"})
+    class_weight: str = field(default="balanced", metadata={"help": "cross-entropy class weights: balanced (inverse training-split frequency, as PEFT-SER) or none"})
+    head_hidden: int = field(default=256, metadata={"help": "hidden width of the MLP head"})
+    head_dropout: float = field(default=0.1, metadata={"help": "dropout in the MLP head"})
+    audio_cache_mb: float = field(default=1024, metadata={"help": "memory for decoded clips kept between epochs (least recently used evicted)"})
+    class_counts: list[int] | None = field(default=None, init=False, metadata={"help": "set by the reader: training-split count per class, for class_weight=balanced"})
+
+    def __post_init__(self):
+        if not self.max_seconds > 0:
+            raise ValueError(f"max_seconds must be > 0, got {self.max_seconds}")
+        if self.eval_crop not in ("center", "full"):
+            raise ValueError(f"eval_crop must be center or full, got {self.eval_crop!r}")
+        if self.class_weight not in ("balanced", "none"):
+            raise ValueError(f"class_weight must be balanced or none, got {self.class_weight!r}")
+        if self.head_hidden < 1:
+            raise ValueError(f"head_hidden must be >= 1, got {self.head_hidden}")
+        if not 0 <= self.head_dropout < 1:
+            raise ValueError(f"head_dropout must be in [0, 1), got {self.head_dropout}")
+        if self.audio_cache_mb < 0:
+            raise ValueError(f"audio_cache_mb must be >= 0, got {self.audio_cache_mb}")
+
+
+class EmotionHead(nn.Module):
+    """Softmax-weighted sum of all hidden layers, masked mean pooling, MLP.
+
+    The layer weights start equal (zero logits) and train with the head, so they are
+    saved with the run's adapter.
+    """
+
+    def __init__(self, num_states: int, width: int, hidden: int, classes: int, dropout: float):
+        super().__init__()
+        self.layer_logits = nn.Parameter(torch.zeros(num_states))
+        self.mlp = nn.Sequential(nn.Linear(width, hidden), nn.ReLU(), nn.Dropout(dropout), nn.Linear(hidden, classes))
+
+    def layer_weights(self) -> torch.Tensor:
+        return torch.softmax(self.layer_logits, dim=0)
+
+    def pool(self, states: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """states (L + 1, B, T, D), mask (B, T) -> (B, D): the mean over valid frames only."""
+        mixed = torch.einsum("l,lbtd->btd", self.layer_weights().to(states.dtype), states)
+        weights = mask.unsqueeze(-1).to(mixed.dtype)
+        return (mixed * weights).sum(1) / weights.sum(1).clamp(min=1)
+
+    def forward(self, states: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        return self.mlp(self.pool(states, mask))
+
+
+class SpeechEmotionModel(nn.Module):
+    def __init__(self, backbone: SpeechEncoder, info: dict, labels: list[str], options: SpeechEmotionOptions):
+        super().__init__()
+        self.backbone = backbone
+        self.backbone_info = info
+        self.options = options
+        self.head = EmotionHead(backbone.num_states, backbone.width, options.head_hidden, len(labels), options.head_dropout)
+        self.register_buffer("class_weights", _class_weights(options, len(labels)), persistent=False)
+        limit = options.max_seconds if backbone.max_seconds is None else min(options.max_seconds, backbone.max_seconds)
+        self.max_seconds = limit
+        self.eval_seconds = limit if options.eval_crop == "center" else (backbone.max_seconds or math.inf)
+
+    def encoder(self) -> SpeechEncoder:
+        return self.backbone.base_model if hasattr(self.backbone, "base_model") else self.backbone
+
+    def example_length(self, example) -> int:
+        """Samples at the backbone's rate after cropping: the cost that batches are bucketed by."""
+        rate = self.encoder().sampling_rate
+        return int(min(example["samples"] / example["sample_rate"], self.max_seconds) * rate)
+
+    def waveform(self, example, rng: np.random.Generator | None) -> np.ndarray:
+        """The example's clip, cropped (at its own rate, cheaper) and resampled to the backbone's."""
+        if "audio" in example:
+            audio, rate = example["audio"], example["sample_rate"]
+        else:
+            audio, rate = data.CACHE.get(example["path"])
+        seconds = self.max_seconds if rng is not None else self.eval_seconds
+        max_samples = int(seconds * rate) if math.isfinite(seconds) else len(audio)
+        audio = data.crop(audio, max_samples, rng, "center")
+        return data.resample(audio, rate, self.encoder().sampling_rate)
+
+    def collate(self, examples, rng):
+        featurized = self.encoder().featurize([self.waveform(e, rng) for e in examples])
+        batch = {"inputs": featurized.inputs, "lengths": featurized.lengths}
+        if all(isinstance(e.get("label"), int) for e in examples):
+            batch["labels"] = torch.tensor([e["label"] for e in examples])
+        return batch
+
+    def forward(self, batch) -> torch.Tensor:
+        device = self.head.layer_logits.device
+        states, mask = self.backbone(batch["inputs"].to(device), batch["lengths"].to(device))
+        return self.head(states, mask)
+
+    def loss(self, logits, batch):
+        labels = batch["labels"].to(logits.device)
+        return F.cross_entropy(logits.float(), labels, weight=self.class_weights)
+
+    def scores(self, logits):
+        probabilities = torch.softmax(logits.float(), dim=-1)
+        # Two classes: report P(class 1), so binary metrics (AUROC, AUPR) apply.
+        return probabilities[:, 1] if probabilities.shape[1] == 2 else probabilities
+
+
+def _class_weights(options: SpeechEmotionOptions, classes: int) -> torch.Tensor | None:
+    """Inverse frequency, normalised to mean 1 over the classes present (sklearn's
+    'balanced'); None (uniform) without counts, e.g. when a saved run predicts."""
+    if options.class_weight == "none" or options.class_counts is None:
+        return None
+    counts = torch.tensor(options.class_counts, dtype=torch.float32)
+    weights = torch.where(counts > 0, counts.sum() / (classes * counts.clamp(min=1)), torch.zeros(()))
+    return weights
+
+
+# --------------------------------------------------------------------------- method defaults
+def _method_defaults(family: str, blocks: str, num_layers: int) -> dict[str, dict]:
+    """PEFT-SER's choices: LoRA and adapters on each layer's feed-forward block.
+
+    LoRA-style methods go on both feed-forward projections (pass
+    `method.target_modules=[q_proj,v_proj]` for attention instead); bottleneck adapters
+    follow the feed-forward output projection; SSF scales every Linear and LayerNorm in
+    the transformer layers.
+    """
+    if family == "whisper":
+        feed_forward, second, key, value = ["fc1", "fc2"], ["fc2"], "self_attn.k_proj", "self_attn.v_proj"
+    else:
+        feed_forward = ["feed_forward.intermediate_dense", "feed_forward.output_dense"]
+        second, key, value = ["feed_forward.output_dense"], "attention.k_proj", "attention.v_proj"
+    low_rank = {"target_modules": feed_forward, "blocks": blocks}
+    return {
+        "lora": low_rank, "dora": low_rank, "loha": low_rank, "lokr": low_rank, "vera": low_rank,
+        "ia3": {"target_modules": [key, value, *second], "feedforward_modules": second, "blocks": blocks},
+        "adapter": {"target_modules": second, "blocks": blocks},
+        "parallel_adapter": {"target_modules": second, "blocks": blocks},
+        "ssf": {"layers": list(range(num_layers)), "blocks": blocks},
+        "freeze_layers": {"blocks": blocks},
+    }
+
+
+# --------------------------------------------------------------------------- the task
+DEMO_DEFAULTS = {"speakers": 16, "per_speaker": 24, "validation_speakers": 2, "test_speakers": 4, "seconds": 1.0, "seed": 0}
+SPLIT_KEYS = {"ratios", "seed", "fold_by", "test", "validation", "validation_ratio", "train"}
+
+
+class SpeechEmotionTask:
+    name = "speech-emotion"
+    domain = "speech_emotion"
+    description = "utterance -> emotion on a frozen WavLM / wav2vec 2.0 / HuBERT / Whisper encoder (PEFT-SER)"
+    metrics = ("uar", "accuracy", "macro_f1")
+    primary_metric = "uar"
+    formats = ("audio_csv", "demo")
+    card_keys = ("demo", "on_bad_file", "label_map")
+    options = SpeechEmotionOptions
+
+    def backbones(self) -> list[str]:
+        return backbone_names()
+
+    def default_method_options(self, method: str, model) -> dict[str, Any]:
+        encoder = model.encoder()
+        return dict(_method_defaults(encoder.family, encoder.blocks_path, encoder.num_layers).get(method, {}))
+
+    # ----------------------------------------------------------------------- reading
+    def read(self, card: Card, options: SpeechEmotionOptions) -> Dataset:
+        data.CACHE.budget = int(options.audio_cache_mb * 2**20)
+        on_bad_file = card.option("on_bad_file", "error")
+        if on_bad_file not in ("error", "skip"):
+            raise UserError(f"{card.card_path}: on_bad_file must be error or skip, got {on_bad_file!r}")
+        if card.format == "demo":
+            splits, labels, notes = self._read_demo(card)
+        elif card.format == "audio_csv":
+            splits, labels, notes = self._read_tables(card, on_bad_file)
+        else:
+            raise UserError(f"{card.card_path}: speech-emotion reads formats {', '.join(self.formats)}, not {card.format!r}")
+        counts = Counter(e["label"] for e in splits["train"])
+        options.class_counts = [counts.get(i, 0) for i in range(len(labels))]
+        absent = [labels[i] for i, n in enumerate(options.class_counts) if n == 0]
+        if absent:
+            notes.append(f"no training examples of {', '.join(absent)}: the model cannot learn them")
+        long = sum(1 for split in splits.values() for e in split if e["samples"] > options.max_seconds * e["sample_rate"])
+        if long:
+            notes.append(f"{long} clips longer than max_seconds={options.max_seconds} are cropped "
+                         f"(random window in training, {options.eval_crop} at evaluation)")
+        return Dataset(splits, labels, notes)
+
+    def _read_demo(self, card: Card):
+        demo = {**DEMO_DEFAULTS, **(card.option("demo") or {})}
+        unknown = sorted(set(demo) - set(DEMO_DEFAULTS))
+        if unknown:
+            raise UserError(f"{card.card_path}: demo.{unknown[0]} is not a demo setting; valid: {', '.join(DEMO_DEFAULTS)}")
+        labels = card.labels or list(data.DEMO_LABELS)
+        if labels != data.DEMO_LABELS:
+            raise UserError(f"{card.card_path}: the demo generates the classes {data.DEMO_LABELS}; remove or fix `labels`")
+        splits = data.demo_splits(int(demo["speakers"]), int(demo["per_speaker"]), int(demo["validation_speakers"]),
+                                  int(demo["test_speakers"]), float(demo["seconds"]), int(demo["seed"]))
+        if card.group_by is not None:
+            if card.group_by not in ("gender", "speaker"):
+                raise UserError(f"{card.card_path}: the demo can group by gender or speaker, not {card.group_by!r}")
+            for split in splits.values():
+                for example in split:
+                    example["group"] = example[card.group_by]
+        return splits, labels, []
+
+    def _read_tables(self, card: Card, on_bad_file: str):
+        label_map = card.option("label_map")
+        if label_map is not None and not isinstance(label_map, dict):
+            raise UserError(f"{card.card_path}: label_map maps label cells to class names, e.g. {{exc: happy, oth: null}}")
+        audio_root = card.resolve(card.path, "path") if card.path else card.card_path.parent
+        spec = dict(card.splits or {})
+        unknown = sorted(set(spec) - SPLIT_KEYS)
+        if unknown:
+            raise UserError(f"{card.card_path}: splits.{unknown[0]} is not understood; use ratios+seed, "
+                            f"fold_by+test[+validation], or train/validation/test files")
+        read = lambda path: data.read_table(path, audio_root, card.fields, card.labels, label_map,  # noqa: E731
+                                            card.group_by, on_bad_file)
+        notes, skipped = [], []
+        files = {k: spec[k] for k in ("train", "validation", "test") if isinstance(spec.get(k), str)}
+        if files:
+            splits = {}
+            for split, value in files.items():
+                path = card.resolve(value, f"splits.{split}")
+                if not path.is_file():
+                    raise UserError(f"{card.card_path}: splits.{split} = {path} does not exist")
+                rows = read(path)
+                splits[split], skipped = rows.examples, skipped + rows.skipped
+            splits.setdefault("validation", [])
+            overlap = _shared_speakers(splits)
+            if overlap:
+                notes.append(f"speakers {sorted(overlap)[:5]} appear in more than one split file: results are not speaker-independent")
+        else:
+            rows = read(card.file("data"))
+            examples, skipped = rows.examples, rows.skipped
+            seed = int(spec.get("seed", 0))
+            where = str(card.card_path)
+            if "fold_by" in spec:
+                if "test" not in spec:
+                    raise UserError(f"{card.card_path}: splits.fold_by needs `test: [values]` (e.g. fold_by: session, test: [5])")
+                splits = data.fold_split(examples, spec["fold_by"], _as_list(spec["test"]),
+                                         _as_list(spec["validation"]) if "validation" in spec else None,
+                                         float(spec.get("validation_ratio", 0.1)), seed, where)
+            else:
+                ratios = spec.get("ratios", {"train": 0.8, "validation": 0.1, "test": 0.1})
+                if all("speaker" in e for e in examples):
+                    splits = data.speaker_split(examples, ratios, seed, where)
+                else:
+                    splits = ratio_split(examples, ratios, seed, where=where)
+                    notes.append("the table names no speaker field: the split is by utterance, not speaker-independent")
+            if all("speaker" in e for e in examples):
+                assert not _shared_speakers(splits), "speaker-independent split leaked a speaker"
+        if skipped:
+            notes.append(f"skipped {len(skipped)} bad audio file(s) (on_bad_file: skip), e.g. {skipped[0]}")
+        labels = card.labels
+        if labels is None:  # classes named by the cells, in sorted order
+            labels = sorted({e["label"] for split in splits.values() for e in split})
+            for split in splits.values():
+                for example in split:
+                    example["label"] = labels.index(example["label"])
+        return {k: splits.get(k, []) for k in ("train", "validation", "test")}, labels, notes
+
+    # ----------------------------------------------------------------------- model
+    def build_model(self, backbone: str, labels: list[str], options: SpeechEmotionOptions) -> SpeechEmotionModel:
+        encoder, info = load_backbone(backbone)
+        if encoder.max_seconds is not None and options.max_seconds > encoder.max_seconds:
+            raise UserError(f"task.max_seconds={options.max_seconds} is longer than {backbone!r} takes "
+                            f"({encoder.max_seconds:.0f} s); set task.max_seconds to at most that")
+        return SpeechEmotionModel(encoder, info, labels, options)
+
+    def read_inputs(self, paths, options) -> list[dict]:
+        return [data.audio_example(path) for path in data.audio_files([Path(p) for p in paths])]
+
+    def describe(self, example, scores, labels) -> dict:
+        row = {"id": example["id"]}
+        if "path" in example:
+            row["path"] = example["path"]
+        if np.ndim(scores) == 0:
+            return {**row, "score": float(scores), "prediction": labels[int(float(scores) >= 0.5)]}
+        return {**row, "scores": {label: float(s) for label, s in zip(labels, scores)},
+                "prediction": labels[int(np.argmax(scores))]}
+
+    def write_report(self, split: str, examples, outputs, labels: list[str], directory: Path) -> None:
+        """`<split>_confusion.json` (counts and per-class recall) and `<split>_confusion.png`."""
+        from matplotlib.figure import Figure
+        from sklearn.metrics import ConfusionMatrixDisplay, confusion_matrix
+
+        scores = np.stack(outputs)
+        predicted = (scores >= 0.5).astype(int) if scores.ndim == 1 else scores.argmax(axis=1)
+        truth = [e["label"] for e in examples]
+        matrix = confusion_matrix(truth, predicted, labels=list(range(len(labels))))
+        totals = matrix.sum(axis=1, keepdims=True)
+        recall = np.divide(matrix, totals, out=np.zeros(matrix.shape), where=totals > 0)
+        io.write_json(Path(directory) / f"{split}_confusion.json", {
+            "labels": labels, "rows": "true class", "columns": "predicted class",
+            "counts": matrix.tolist(), "recall": recall.round(4).tolist(),
+        })
+        size = 1.6 + 0.7 * len(labels)
+        figure = Figure(figsize=(size, size))
+        axes = figure.subplots()
+        ConfusionMatrixDisplay(matrix, display_labels=labels).plot(ax=axes, colorbar=False, xticks_rotation=45)
+        axes.set_title(f"{split}: counts (rows: true class)")
+        figure.tight_layout()
+        with io.atomic_path(Path(directory) / f"{split}_confusion.png") as tmp:
+            figure.savefig(tmp, format="png", dpi=110)
+
+    def card_template(self) -> str:
+        return CARD_TEMPLATE
+
+
+def _as_list(value) -> list:
+    return list(value) if isinstance(value, list | tuple) else [value]
+
+
+def _shared_speakers(splits: dict[str, list[dict]]) -> set:
+    seen: dict[str, str] = {}
+    shared = set()
+    for name, examples in splits.items():
+        for speaker in {e["speaker"] for e in examples if "speaker" in e}:
+            if speaker in seen and seen[speaker] != name:
+                shared.add(speaker)
+            seen[speaker] = name
+    return shared
+
+
+CARD_TEMPLATE = """---
+name: my-emotion-corpus
+domain: speech_emotion
+task: speech-emotion
+format: audio_csv
+path: .                         # where relative audio paths start (relative to this card)
+files:
+  data: labels.csv              # header row; one clip per row (.tsv for tab-separated)
+fields: {path: path, label: label, speaker: speaker, gender: gender}   # speaker/gender optional
+labels: [neutral, happy, angry, sad]
+# label_map: {excited: happy, frustrated: null}   # rename cells; null drops the row
+splits: {ratios: {train: 0.8, validation: 0.1, test: 0.1}, seed: 0}  # by speaker when a speaker field is given
+# splits: {fold_by: session, test: [5]}           # IEMOCAP-style session fold (needs fields.session)
+group_by: gender                # per-group metrics and the recall gap between groups
+on_bad_file: error              # or skip: corrupt/empty/silent files are counted and left out
+license: ""
+source: ""
+---
+Who speaks, in which language, acted or natural emotion, how labels were agreed,
+recording conditions, intended use, known biases (e.g. speakers per gender).
+"""
+
+register_task(SpeechEmotionTask())

@@ -1,0 +1,79 @@
+"""Text-generation metrics over sacrebleu, registered in the core metrics registry.
+
+Generation tasks compare generated strings with reference strings, so these metrics
+take `(references, hypotheses)` (two equal-length lists of str) rather than the
+`(y_true, scores)` arrays of the classification metrics; a task's `compute_metrics`
+calls them through `metrics.get_metric(name).fn`. Values are fractions in [0, 1].
+
+- `bleu4`: smoothed sentence-level BLEU-4 averaged over examples, the figure
+  CodeReviewer (Li et al. 2022) and LLaMA-Reviewer (Lu et al. 2023) report. Smoothing
+  adds 1 to the matched and total n-gram counts for n >= 2 (Lin & Och 2004; sacrebleu's
+  `add-k`, k = 1), so a short hypothesis with no 4-gram match still scores. sacrebleu's
+  standard brevity penalty and `13a` tokenisation are used; CodeXGLUE's `smooth_bleu.py`
+  differs slightly in both, so expect values within about a point of theirs, not equal.
+- `corpus_bleu4`: corpus-level BLEU-4 (sacrebleu defaults, unsmoothed), the WMT figure.
+- `exact_match`: whitespace-normalised string equality (runs of whitespace collapse to
+  one space, ends stripped), the code-refinement convention.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import sacrebleu
+from peftlab.shared.metrics import list_metrics, register_metric
+
+TEXT_METRICS = ("bleu4", "corpus_bleu4", "exact_match")
+
+
+def normalize_whitespace(text: str) -> str:
+    return " ".join(text.split())
+
+
+def _check(references: Sequence[str], hypotheses: Sequence[str]) -> None:
+    if len(references) != len(hypotheses):
+        raise ValueError(f"{len(references)} references but {len(hypotheses)} hypotheses")
+
+
+def sentence_bleu4(references: Sequence[str], hypotheses: Sequence[str]) -> float | None:
+    """Mean over examples of add-1-smoothed sentence BLEU-4, as a fraction."""
+    _check(references, hypotheses)
+    if not references:
+        return None
+    total = 0.0
+    for reference, hypothesis in zip(references, hypotheses):
+        total += sacrebleu.sentence_bleu(hypothesis, [reference], smooth_method="add-k", smooth_value=1).score
+    return total / len(references) / 100.0
+
+
+def corpus_bleu4(references: Sequence[str], hypotheses: Sequence[str]) -> float | None:
+    _check(references, hypotheses)
+    if not references:
+        return None
+    return sacrebleu.corpus_bleu(list(hypotheses), [list(references)]).score / 100.0
+
+
+def exact_match(references: Sequence[str], hypotheses: Sequence[str]) -> float | None:
+    _check(references, hypotheses)
+    if not references:
+        return None
+    same = sum(normalize_whitespace(r) == normalize_whitespace(h) for r, h in zip(references, hypotheses))
+    return same / len(references)
+
+
+def compute_text_metrics(names: Sequence[str], references: Sequence[str], hypotheses: Sequence[str]) -> dict:
+    """Each named text metric over the pairs (names must be text metrics)."""
+    from peftlab.shared.metrics import get_metric
+
+    unknown = [n for n in names if n not in TEXT_METRICS]
+    if unknown:
+        raise ValueError(f"{unknown[0]!r} is not a text metric; text metrics are {', '.join(TEXT_METRICS)}")
+    return {name: get_metric(name).fn(references, hypotheses) for name in names}
+
+
+# Registered once, on first import; a re-import of this module (e.g. importlib.reload
+# in a notebook) finds them there and leaves them be.
+_FUNCTIONS = {"bleu4": sentence_bleu4, "corpus_bleu4": corpus_bleu4, "exact_match": exact_match}
+for _name, _fn in _FUNCTIONS.items():
+    if _name not in list_metrics():
+        register_metric(_name, _fn)

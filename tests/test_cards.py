@@ -1,0 +1,102 @@
+"""Data cards: parsing, validation errors that name the field and the fix, env expansion."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+from conftest import REPO, run_peftlab
+from peftlab.pipelines import runner
+from peftlab.shared.cards import read_card
+from peftlab.shared.errors import UserError
+from peftlab.shared.tasks import get_task
+
+GOOD = """---
+name: tiny-ppi
+domain: protein
+task: protein-ppi
+format: fasta+pairs_tsv
+files: {sequences: seqs.fasta, pairs: pairs.tsv}
+labels: [no_interaction, interaction]
+splits: {ratios: {train: 0.5, validation: 0.25, test: 0.25}, seed: 0}
+license: CC0-1.0
+---
+Four proteins, eight pairs.
+"""
+
+
+def write_ppi_files(folder: Path) -> None:
+    (folder / "seqs.fasta").write_text(">p1\nMKTAYIAKQR\n>p2\nMLLAVLYCLA\nVFALSSRA\n>p3\nGGGWWWKKKL\n>p4\nACDEFGHIKL\n")
+    rows = ["p1\tp2\t1", "p1\tp3\t0", "p2\tp3\t1", "p2\tp4\t0", "p3\tp4\t1", "p1\tp4\t0", "p4\tp4\t1", "p3\tp3\t0"]
+    (folder / "pairs.tsv").write_text("\n".join(rows) + "\n")
+
+
+def write_card(folder: Path, text: str = GOOD) -> Path:
+    write_ppi_files(folder)
+    path = folder / "card.md"
+    path.write_text(text)
+    return path
+
+
+def test_card_parses_and_resolves_paths_relative_to_the_card(tmp_path):
+    card = read_card(write_card(tmp_path))
+    assert card.name == "tiny-ppi" and card.labels == ["no_interaction", "interaction"]
+    assert card.file("sequences") == tmp_path / "seqs.fasta"
+    assert card.body == "Four proteins, eight pairs."
+    dataset = get_task("protein-ppi").read(card, get_task("protein-ppi").options())
+    assert sum(len(v) for v in dataset.splits.values()) == 8
+    assert dataset.splits["train"][0]["a_seq"] in {"MKTAYIAKQR", "MLLAVLYCLAVFALSSRA", "GGGWWWKKKL", "ACDEFGHIKL"}
+
+
+@pytest.mark.parametrize("edit, message", [
+    (lambda t: t.replace("task: protein-ppi\n", ""), r"required field 'task' is missing; add `task:`"),
+    (lambda t: t.replace("labels: [no_interaction, interaction]", "labels: no_interaction"), r"field 'labels'"),
+    (lambda t: t.replace("license: CC0-1.0", "lisence: CC0-1.0"), r"unknown field 'lisence'; valid fields"),
+    (lambda t: t.replace("files: {sequences: seqs.fasta", "files: {sequences: '${PEFTLAB_TEST_UNSET}/s.fasta'"), r"PEFTLAB_TEST_UNSET is not set"),
+    (lambda t: t.replace("seqs.fasta, pairs", "missing.fasta, pairs"), r"files.sequences = .*missing.fasta does not exist"),
+    (lambda t: t.replace("interaction]", "interaction"), r"line \d+: the YAML header does not parse"),
+    (lambda t: t.replace("splits: {ratios: {train: 0.5, validation: 0.25, test: 0.25}", "splits: {ratios: [0.5, 0.5]"), r"splits.ratios must be a mapping"),
+    (lambda t: t.replace("---\nname", "name", 1), r":1: a data card starts with a '---' line"),
+    (lambda t: t.replace("task: protein-ppi", "task: protein-classify"), r"format 'fasta\+pairs_tsv' is not one protein-classify reads"),
+    (lambda t: t.replace("train: 0.5", "train: 0.9"), r"splits.ratios must be non-negative and sum to 1"),
+])
+def test_card_errors_name_the_field_and_the_fix(tmp_path, edit, message, monkeypatch):
+    monkeypatch.delenv("PEFTLAB_TEST_UNSET", raising=False)
+    path = write_card(tmp_path, edit(GOOD))
+    with pytest.raises(UserError, match=message):
+        card = read_card(path)
+        task = get_task(card.task)
+        task.read(runner.load_card(str(path), task), task.options())
+
+
+def test_env_vars_expand(tmp_path, monkeypatch):
+    monkeypatch.setenv("PEFTLAB_TEST_DIR", str(tmp_path))
+    path = write_card(tmp_path, GOOD.replace("seqs.fasta,", "'${PEFTLAB_TEST_DIR}/seqs.fasta',"))
+    assert read_card(path).file("sequences") == tmp_path / "seqs.fasta"
+
+
+def test_cli_card_validate_and_new(tmp_path):
+    path = write_card(tmp_path)
+    result = run_peftlab("card", "validate", path)
+    assert result.returncode == 0, result.stderr
+    summary = json.loads(result.stdout)
+    assert summary["task"] == "protein-ppi" and sum(summary["splits"].values()) == 8
+
+    new = tmp_path / "new.md"
+    assert run_peftlab("card", "new", "protein", "protein-classify", "--out", new).returncode == 0
+    card = read_card(new)
+    assert card.task == "protein-classify" and card.format == "csv"
+
+    bad = run_peftlab("card", "new", "imaging", "protein-ppi")
+    assert bad.returncode == 2 and "belongs to domain 'protein'" in bad.stderr
+
+
+def test_every_shipped_card_parses():
+    for path in sorted((REPO / "data_cards").glob("*.md")):
+        card = read_card(path)
+        task = get_task(card.task)
+        assert card.domain == task.domain, path
+        assert card.format in task.formats, path
+        card.check_keys(task.card_keys)
+        assert card.body, f"{path}: the card body should say what the data is"

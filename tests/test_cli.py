@@ -1,0 +1,148 @@
+"""The `peftlab` command end to end, in subprocesses: demo learning, the run directory,
+eval reproducing the saved metrics, predict, merge, and one-line errors for mistakes."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+from conftest import run_peftlab
+from peftlab.domains.protein.data import demo_proteins
+from peftlab.pipelines.cli import main
+
+
+def last_json(stdout: str) -> dict:
+    return json.loads(stdout.strip().splitlines()[-1])
+
+
+@pytest.fixture(scope="module")
+def ppi_run(tmp_path_factory) -> Path:
+    """One `peftlab run protein-ppi --demo`, shared by the tests that reuse a run."""
+    run_dir = tmp_path_factory.mktemp("runs") / "ppi"
+    result = run_peftlab("run", "protein-ppi", "--demo", "--out", run_dir)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return run_dir
+
+
+def test_demo_learns_and_writes_the_run_directory(ppi_run):
+    metrics = json.loads((ppi_run / "metrics.json").read_text())
+    # The demo must learn: chance AUROC is 0.5 and chance AUPR the positive rate (~0.35).
+    assert metrics["test"]["auroc"] >= 0.75
+    assert metrics["test"]["aupr"] >= 0.55
+    for name in ("run.yaml", "card.md", "meta.json", "metrics.json", "predictions/test.jsonl",
+                 "predictions/validation.jsonl", "adapter/adapter_config.json", "adapter/adapter_model.safetensors",
+                 "adapter/head.safetensors", "adapter/method.json", "checkpoints/last/state.json",
+                 "checkpoints/best/trainable.safetensors"):
+        assert (ppi_run / name).exists(), name
+    meta = json.loads((ppi_run / "meta.json").read_text())
+    assert meta["task"] == "protein-ppi" and meta["method"]["name"] == "lora"
+    assert meta["backbone"]["weights_sha256"] and meta["labels"] == ["no_interaction", "interaction"]
+    assert 0 < metrics["params"]["percent"] < 100 and metrics["params"]["trainable"] < metrics["params"]["total"]
+    assert set(metrics["train"]) >= {"samples_per_s", "seconds", "peak_rss_mb"}
+    best = max(metrics["history"], key=lambda h: h["validation"]["aupr"])
+    assert metrics["train"]["best_epoch"] == best["epoch"]
+    assert metrics["validation"]["aupr"] == pytest.approx(best["validation"]["aupr"])
+    lines = (ppi_run / "predictions" / "test.jsonl").read_text().splitlines()
+    assert len(lines) == 300 and {"protein_a", "protein_b", "score", "prediction", "label"} <= set(json.loads(lines[0]))
+
+
+def test_eval_reproduces_the_saved_test_metrics_exactly(ppi_run):
+    result = run_peftlab("eval", ppi_run, "--split", "test")
+    assert result.returncode == 0, result.stderr[-2000:]
+    saved = json.loads((ppi_run / "metrics.json").read_text())["test"]
+    assert last_json(result.stdout)["test"] == saved
+
+
+def test_predict_on_fasta_and_pairs(ppi_run, tmp_path):
+    sequences, _ = demo_proteins(8, 12, 0)
+    fasta = tmp_path / "proteins.fasta"
+    fasta.write_text("".join(f">{k}\n{v}\n" for k, v in sequences.items()))
+    pairs = tmp_path / "pairs.tsv"
+    pairs.write_text("fam0_p0\tfam1_p3\nfam2_p1\tfam3_p5\nfam0_p0\tfam4_p2\nfam6_p0\tfam2_p2\n")
+    out = tmp_path / "predictions.jsonl"
+    result = run_peftlab("predict", ppi_run, fasta, pairs, "--out", out)
+    assert result.returncode == 0, result.stderr[-2000:]
+    rows = [json.loads(line) for line in out.read_text().splitlines()]
+    assert [(r["protein_a"], r["protein_b"]) for r in rows][:2] == [("fam0_p0", "fam1_p3"), ("fam2_p1", "fam3_p5")]
+    assert all(0 <= r["score"] <= 1 for r in rows)
+    # planted partners (0-1, 2-3) should outscore non-partners
+    assert min(rows[0]["score"], rows[1]["score"]) > max(rows[2]["score"], rows[3]["score"])
+
+
+def test_merge_gives_a_run_that_evaluates_like_the_original(ppi_run, tmp_path):
+    merged = tmp_path / "merged"
+    result = run_peftlab("merge", ppi_run, "--out", merged)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert json.loads((merged / "meta.json").read_text())["method"]["name"] == "full"
+    evaluated = run_peftlab("eval", merged)
+    assert evaluated.returncode == 0, evaluated.stderr[-2000:]
+    saved = json.loads((ppi_run / "metrics.json").read_text())["test"]
+    # bf16 autocast rounds merged and separate weights differently: close, not equal
+    assert last_json(evaluated.stdout)["test"]["auroc"] == pytest.approx(saved["auroc"], abs=0.01)
+
+
+def test_list_and_help():
+    result = run_peftlab("list")
+    assert result.returncode == 0
+    for expected in ("protein-ppi", "lora", "ssf", "esm2_t33_650M_UR50D", "data_cards/protein-ppi-demo.md"):
+        assert expected in result.stdout
+    for command in (["run"], ["eval"], ["predict"], ["merge"], ["card", "validate"], ["card", "new"], ["list"]):
+        assert run_peftlab(*command, "--help").returncode == 0
+
+
+ERRORS = [
+    (["run", "protein-pip", "--demo"], "unknown pipeline 'protein-pip'"),
+    (["run", "protein-ppi", "--demo", "--method", "lorra"], "unknown PEFT method 'lorra'"),
+    (["run", "protein-ppi", "--demo", "--backbone", "esm3_huge"], "unknown ESM-2 backbone 'esm3_huge'"),
+    (["run", "protein-ppi", "--demo", "train.lrr=1"], "unknown config key 'train.lrr'; valid train keys"),
+    (["run", "protein-ppi", "--demo", "train.lr=-1"], "train.lr: Input should be greater than 0"),
+    (["run", "protein-ppi", "--demo", "method.rank=4"], "has no option 'rank'"),
+    (["run", "protein-ppi", "--demo", "task.crop_train=sideways"], "crop_train must be random, start or center"),
+    (["run", "protein-ppi", "--demo", "--data", "missing-card.md"], "data card missing-card.md does not exist"),
+    (["run", "protein-ppi", "--demo", "--data", "data_cards/protein-classify-demo.md"], "the card is for task 'protein-classify'"),
+    (["run", "protein-ppi", "--demo", "train.lr"], "is not key=value"),
+    (["eval", "not-a-run"], "not a finished peftlab run directory"),
+    (["card", "validate", "nowhere.md"], "does not exist"),
+    (["run", "protein-ppi", "--backbone", "esm2_t6_8M_UR50D", "--demo"], "is not available offline"),
+]
+
+
+@pytest.mark.parametrize("argv, message", ERRORS)
+def test_user_mistakes_give_one_line_and_exit_code_2(argv, message, capsys, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch-home"))
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error: ") and message in err[0], err
+    assert not (tmp_path / "runs").exists() or not any((tmp_path / "runs").rglob("*.json"))
+
+
+def test_bad_fasta_in_a_subprocess_names_file_and_line(tmp_path):
+    (tmp_path / "s.fasta").write_text(">a\nMKT\n>b\nMK9T\n")
+    (tmp_path / "p.tsv").write_text("a\tb\t1\n")
+    card = tmp_path / "card.md"
+    card.write_text("---\nname: bad\ndomain: protein\ntask: protein-ppi\nformat: fasta+pairs_tsv\n"
+                    "files: {sequences: s.fasta, pairs: p.tsv}\n---\nbad\n")
+    result = run_peftlab("run", "protein-ppi", "--demo", "--data", card, "--out", tmp_path / "run")
+    assert result.returncode == 2
+    assert result.stderr.strip().splitlines()[-1].startswith(f"error: {tmp_path / 's.fasta'}:4:")
+    assert "Traceback" not in result.stderr
+    assert not (tmp_path / "run").exists()
+
+
+def test_python_api_mirrors_the_cli(tmp_path):
+    import peftlab
+
+    run_dir = peftlab.run("protein-classify", demo=True, out=tmp_path / "run", overrides={"train.epochs": 2})
+    predictor = peftlab.load(run_dir)
+    saved = json.loads((run_dir / "metrics.json").read_text())
+    assert predictor.evaluate("test") == saved["test"]
+    assert saved["test"]["accuracy"] > 0.5  # 4 classes: chance is 0.25
+    fasta = tmp_path / "q.fasta"
+    fasta.write_text(">q1\nMKTAYIAKQRQISFVKSHF\n>q2\nGGGGGGGGGGG\n")
+    rows = predictor.predict([fasta])
+    assert [r["id"] for r in rows] == ["q1", "q2"]
+    assert sum(rows[0]["scores"].values()) == pytest.approx(1.0, abs=1e-4)
+    repeated = run_peftlab("run", "--config", run_dir / "run.yaml", "--out", tmp_path / "again", "train.epochs=1")
+    assert repeated.returncode == 0, repeated.stderr[-2000:]

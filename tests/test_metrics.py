@@ -1,0 +1,51 @@
+"""The metrics registry: canonical names, fractions, agreement with hand-checked values."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from peftlab.shared import metrics
+from peftlab.shared.errors import UserError
+
+
+def test_binary_metrics_match_hand_computed_values():
+    y = [0, 0, 1, 1, 1, 0]
+    scores = np.array([0.1, 0.6, 0.7, 0.4, 0.9, 0.2])
+    result = metrics.compute(["accuracy", "precision", "recall", "f1", "auroc", "aupr", "balanced_accuracy"], y, scores)
+    # predictions at 0.5: [0, 1, 1, 0, 1, 0] -> TP 2, FP 1, FN 1, TN 2
+    assert result["accuracy"] == pytest.approx(4 / 6)
+    assert result["precision"] == pytest.approx(2 / 3)
+    assert result["recall"] == pytest.approx(2 / 3)
+    assert result["f1"] == pytest.approx(2 / 3)
+    # positives {0.7, 0.4, 0.9} vs negatives {0.1, 0.6, 0.2}: 8 of 9 pairs ordered right
+    assert result["auroc"] == pytest.approx(8 / 9)
+    # ranked: 0.9+ 0.7+ 0.6- 0.4+ -> AP = (1 + 1 + 3/4) / 3
+    assert result["aupr"] == pytest.approx((1 + 1 + 0.75) / 3)
+    assert result["balanced_accuracy"] == pytest.approx(4 / 6)
+
+
+def test_multiclass_metrics_and_uar_alias():
+    y = [0, 1, 2, 2]
+    scores = np.array([[0.8, 0.1, 0.1], [0.2, 0.7, 0.1], [0.1, 0.2, 0.7], [0.5, 0.4, 0.1]])
+    result = metrics.compute(["accuracy", "macro_f1", "uar", "balanced_accuracy", "auroc"], y, scores)
+    assert result["accuracy"] == 0.75
+    assert result["uar"] == result["balanced_accuracy"] == pytest.approx((1 + 1 + 0.5) / 3)
+    assert 0 <= result["auroc"] <= 1
+
+
+def test_undefined_metrics_are_none_not_nan():
+    assert metrics.compute(["auroc", "aupr"], [1, 1, 1], np.array([0.2, 0.5, 0.9])) == {"auroc": None, "aupr": None}
+
+
+def test_groups_and_gap():
+    y = [0, 1, 0, 1]
+    scores = np.array([0.1, 0.9, 0.8, 0.2])
+    result = metrics.compute_by_group(["accuracy"], y, scores, ["a", "a", "b", "b"])
+    assert result["groups"] == {"a": {"accuracy": 1.0}, "b": {"accuracy": 0.0}}
+    assert result["worst_group_gap"] == {"accuracy": 1.0}
+
+
+def test_unknown_metric_and_direction():
+    with pytest.raises(UserError, match="unknown metric 'auc'"):
+        metrics.get_metric("auc")
+    assert metrics.is_better("aupr", 0.5, 0.4) and not metrics.is_better("aupr", None, 0.4)

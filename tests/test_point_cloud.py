@@ -1,0 +1,293 @@
+"""Point-cloud domain: Point-BERT pieces, its checkpoint layout, Point-PEFT modules,
+the formats, and learning on demo and real data."""
+
+from __future__ import annotations
+
+import copy
+import json
+import struct
+import time
+
+import numpy as np
+import pytest
+import test_methods_contract as contract
+import torch
+from peftlab.domains.point_cloud import data
+from peftlab.domains.point_cloud.backbones import (
+    PRESETS,
+    PointBERT,
+    farthest_point_sample,
+    knn,
+    load_backbone,
+)
+from peftlab.pipelines import runner
+from peftlab.shared import methods
+from peftlab.shared.errors import UserError
+
+TASK = "pointcloud-classify"
+
+
+# ----------------------------------------------------------------------------- FPS and kNN
+
+
+def reference_fps(points: np.ndarray, count: int) -> list[int]:
+    chosen = [0]
+    for _ in range(count - 1):
+        distance = [min(float(np.sum((p - points[c]) ** 2)) for c in chosen) for p in points]
+        chosen.append(int(np.argmax(distance)))
+    return chosen
+
+
+def test_fps_and_knn_match_simple_reference():
+    rng = np.random.default_rng(0)
+    points = rng.normal(size=(3, 40, 3)).astype(np.float32)
+    fps = farthest_point_sample(torch.from_numpy(points), 7).numpy()
+    for b in range(3):
+        assert fps[b].tolist() == reference_fps(points[b], 7)
+    queries = points[:, :5]
+    found = knn(torch.from_numpy(queries), torch.from_numpy(points), 4).numpy()
+    for b in range(3):
+        for q in range(5):
+            distances = np.linalg.norm(points[b] - queries[b, q], axis=1)
+            assert found[b, q].tolist() == np.argsort(distances, kind="stable")[:4].tolist()
+
+
+def test_patches_are_centred_and_output_has_cls_plus_groups():
+    model, _ = load_backbone("tiny")
+    points = torch.randn(2, 128, 3)
+    patches, centers = model.group_divider(points)
+    assert patches.shape == (2, 16, 16, 3) and centers.shape == (2, 16, 3)
+    # the nearest point of every patch is its centre itself (FPS picks cloud points)
+    assert torch.allclose(patches[:, :, 0], torch.zeros(2, 16, 3))
+    model.eval()
+    assert model(points).shape == (2, 17, 64)
+    assert len(model.blocks.blocks) == 2 and model.blocks.blocks[0].attn.qkv.bias is None
+
+
+# ----------------------------------------------------------------------------- official checkpoint
+
+
+def test_official_checkpoint_layout_loads_key_by_key(tmp_path):
+    torch.manual_seed(3)
+    source = PointBERT(PRESETS["tiny"]).eval()
+    state = {f"module.{k}": v for k, v in source.state_dict().items()}
+    state["module.cls_head_finetune.0.weight"] = torch.randn(256, 128)  # the released classifier: not the encoder
+    path = tmp_path / "Point-BERT.pth"
+    torch.save({"base_model": state, "epoch": 300}, path)
+    loaded, info = load_backbone(str(path), num_heads=4)
+    loaded.set_grouping(16, 16)  # patch counts are not weights: the checkpoint cannot tell them
+    loaded.eval()
+    report = info["load_report"]
+    assert "blocks.blocks.1.attn.qkv.weight" in report["loaded"] and "cls_pos" in report["loaded"]
+    assert report["ignored"] == ["cls_head_finetune.0.weight"] and report["missing"] == []
+    assert info["architecture"]["depth"] == 2 and info["architecture"]["width"] == 64
+    points = torch.randn(2, 256, 3)
+    torch.testing.assert_close(loaded(points), source(points), atol=0, rtol=0)
+
+    # pre-training files keep the encoder under transformer_q.
+    torch.save({"base_model": {f"module.transformer_q.{k}": v for k, v in source.state_dict().items()}}, path)
+    pretrained = load_backbone(str(path), num_heads=4)[0].eval()
+    pretrained.set_grouping(16, 16)
+    torch.testing.assert_close(pretrained(points), source(points), atol=0, rtol=0)
+
+    broken = dict(state)
+    broken["module.reduce_dim.bias"] = torch.zeros(3)
+    torch.save({"base_model": broken}, path)
+    with pytest.raises(UserError, match="does not fit Point-BERT"):
+        load_backbone(str(path), num_heads=4)
+    torch.save({"weights": state}, path)
+    with pytest.raises(UserError, match="base_model"):
+        load_backbone(str(path))
+
+
+def test_named_backbone_without_weights_says_where_to_get_them():
+    with pytest.raises(UserError, match="Point-BERT.pth"):
+        load_backbone("point_bert")
+
+
+# ----------------------------------------------------------------------------- Point-PEFT
+
+
+@pytest.mark.parametrize("method", ["point_prior_prompt", "geometry_adapter", "point_peft"])
+def test_point_peft_methods_obey_the_method_contract(method, tmp_path):
+    # the shared contract, run here because the contract module lists methods before
+    # the domains register theirs
+    contract.test_task_model_contract(method, TASK, tmp_path)
+
+
+def test_geometry_adapter_starts_as_base_and_prompts_leave_output_shape():
+    base, _ = load_backbone("tiny")
+    base.eval()
+    points = torch.randn(3, 200, 3)
+    adapted = methods.apply(copy.deepcopy(base), "point_peft", prompt_tokens=5, local_groups=4, local_size=4)
+    assert adapted(points).shape == base(points).shape
+    gated = methods.apply(copy.deepcopy(base), "geometry_adapter", local_groups=4, local_size=4)
+    torch.testing.assert_close(gated(points), base(points), atol=0, rtol=0)
+    with pytest.raises(UserError, match="does not fit"):
+        methods.apply(torch.nn.Linear(3, 3), "point_peft")
+
+
+def test_prompt_memory_bank_caches_training_features_then_stays_fixed():
+    backbone, _ = load_backbone("tiny")
+    adapted = methods.apply(backbone, "point_prior_prompt", prompt_tokens=4, memory_size=5, memory_topk=2)
+    prompt = adapted.base_model.prompt
+    points = torch.randn(3, 128, 3)
+    adapted.eval()
+    before = adapted(points)
+    adapted.train()
+    adapted(points)
+    assert int(prompt.memory_count) == 3
+    adapted(torch.randn(4, 128, 3))
+    bank = prompt.memory.clone()
+    assert int(prompt.memory_count) == 5
+    adapted(torch.randn(4, 128, 3))
+    assert torch.equal(prompt.memory, bank)  # full: fixed from now on
+    adapted.eval()
+    assert not torch.allclose(adapted(points), before)  # the bank now enhances the prompts
+
+
+# ----------------------------------------------------------------------------- formats
+
+
+def test_off_reader_samples_the_surface_by_area_and_rejects_bad_meshes(tmp_path):
+    # a 2 x 1 rectangle (quad, fan-triangulated) and a 1 x 1 square far away: 2/3 of the area is the rectangle
+    off = tmp_path / "mesh.off"
+    off.write_text("OFF8 2 0\n0 0 0\n2 0 0\n2 1 0\n0 1 0\n10 0 5\n11 0 5\n11 1 5\n10 1 5\n4 0 1 2 3\n4 4 5 6 7\n")
+    points = data.read_point_file(off, off_points=6000)
+    assert points.shape == (6000, 3)
+    on_rectangle = points[:, 2] == 0
+    assert abs(on_rectangle.mean() - 2 / 3) < 0.03
+    assert points[on_rectangle, 0].min() >= 0 and points[on_rectangle, 0].max() <= 2
+    (tmp_path / "flat.off").write_text("OFF\n3 1 0\n0 0 0\n1 1 1\n2 2 2\n3 0 1 2\n")
+    with pytest.raises(UserError, match="flat.off.*zero surface area"):
+        data.read_point_file(tmp_path / "flat.off")
+    (tmp_path / "empty.off").write_text("OFF\n0 0 0\n")
+    with pytest.raises(UserError, match="empty.off.*empty mesh"):
+        data.read_point_file(tmp_path / "empty.off")
+    (tmp_path / "bad.off").write_text("OFF\n3 1 0\n0 0 0\n1 0 0\n0 1 0\n3 0 1 7\n")
+    with pytest.raises(UserError, match="bad.off:6.*out of range"):
+        data.read_point_file(tmp_path / "bad.off")
+
+
+def test_ply_ascii_and_binary_and_npy_round_trip(tmp_path):
+    points = np.random.default_rng(1).normal(size=(20, 3)).astype(np.float32)
+    header = "ply\nformat {fmt} 1.0\ncomment test\nelement vertex 20\nproperty float x\nproperty float y\nproperty float z\nproperty uchar red\nelement face 0\nproperty list uchar int vertex_indices\nend_header\n"
+    (tmp_path / "a.ply").write_text(header.format(fmt="ascii") + "".join(f"{x} {y} {z} 7\n" for x, y, z in points.tolist()))
+    np.testing.assert_allclose(data.read_point_file(tmp_path / "a.ply"), points, rtol=1e-6)
+    body = b"".join(struct.pack("<fffB", *p, 7) for p in points.tolist())
+    (tmp_path / "b.ply").write_bytes(header.format(fmt="binary_little_endian").encode() + body)
+    np.testing.assert_array_equal(data.read_point_file(tmp_path / "b.ply"), points)
+    np.save(tmp_path / "c.npy", np.concatenate([points, points], axis=1))
+    np.testing.assert_array_equal(data.read_point_file(tmp_path / "c.npy"), points)
+    points[4, 1] = np.nan
+    np.save(tmp_path / "nan.npy", points)
+    with pytest.raises(UserError, match="nan.npy: point 4 has a NaN"):
+        data.read_point_file(tmp_path / "nan.npy")
+
+
+def _card(tmp_path, header: str):
+    from peftlab.shared.cards import read_card
+
+    path = tmp_path / "card.md"
+    path.write_text(f"---\nname: t\ndomain: point_cloud\ntask: {TASK}\n{header}\n---\nbody\n")
+    return read_card(path)
+
+
+def _task():
+    from peftlab.shared.tasks import get_task
+
+    task = get_task(TASK)
+    return task, task.options(num_points=64)
+
+
+def test_modelnet_txt_and_scanobjectnn_h5_cards(tmp_path):
+    import h5py
+
+    root = tmp_path / "modelnet40_normal_resampled"
+    rng = np.random.default_rng(2)
+    (root / "chair").mkdir(parents=True)
+    (root / "lamp").mkdir()
+    (root / "modelnet40_shape_names.txt").write_text("chair\nlamp\n")
+    ids = {"train": ["chair_0001", "chair_0002", "lamp_0001", "lamp_0002"], "test": ["chair_0003", "lamp_0003"]}
+    for split, names in ids.items():
+        (root / f"modelnet40_{split}.txt").write_text("\n".join(names) + "\n")
+        for name in names:
+            rows = rng.normal(size=(30, 6))
+            (root / name.rsplit("_", 1)[0] / f"{name}.txt").write_text("\n".join(",".join(f"{v:.6f}" for v in r) for r in rows))
+    task, options = _task()
+    dataset = task.read(_card(tmp_path, f"format: modelnet_txt\nfiles: {{root: {root}}}\nsplits: {{validation_fraction: 0.5, seed: 0}}"), options)
+    assert dataset.labels == ["chair", "lamp"]
+    assert [len(dataset.splits[s]) for s in ("train", "validation", "test")] == [2, 2, 2]
+    assert dataset.splits["test"][1]["points"].shape == (30, 3) and dataset.splits["test"][1]["label"] == 1
+
+    clouds = rng.normal(size=(6, 50, 3)).astype(np.float32)
+    for split in ("train", "test"):
+        with h5py.File(tmp_path / f"{split}.h5", "w") as handle:
+            handle["data"], handle["label"] = clouds, np.array([0, 1, 2, 0, 1, 2]).reshape(-1, 1)
+    card = _card(tmp_path, f"format: scanobjectnn_h5\nfiles: {{train: {tmp_path}/train.h5, test: {tmp_path}/test.h5}}\nlabels: [bag, bin, box]")
+    dataset = task.read(card, options)
+    np.testing.assert_array_equal(dataset.splits["test"][4]["points"], clouds[4])
+    clouds[2, 7, 0] = np.inf
+    with h5py.File(tmp_path / "test.h5", "w") as handle:
+        handle["data"], handle["label"] = clouds, np.zeros(6)
+    with pytest.raises(UserError, match=r"test.h5 \(shape 2\): point 7"):
+        task.read(card, options)
+
+
+def test_normalisation_and_training_augmentation_come_from_the_rng():
+    cloud = np.random.default_rng(0).normal(size=(300, 3)).astype(np.float32) * 40 + 7
+    unit = data.normalize_to_unit_sphere(cloud)
+    np.testing.assert_allclose(unit.mean(0), 0, atol=1e-5)
+    assert np.linalg.norm(unit, axis=1).max() == pytest.approx(1, abs=1e-6)
+    task, options = _task()
+    model = task.build_model("tiny", ["a", "b"], options)
+    examples = [{"id": "x", "points": cloud, "label": 1}]
+    one, two = (model.collate(examples, np.random.default_rng(5))["points"] for _ in range(2))
+    assert torch.equal(one, two) and not torch.equal(one, model.collate(examples, np.random.default_rng(6))["points"])
+    evaluation = model.collate(examples, None)["points"]
+    assert torch.equal(evaluation, model.collate(examples, None)["points"])
+    assert torch.linalg.norm(evaluation[0], dim=1).max() <= 1 + 1e-5
+
+
+# ----------------------------------------------------------------------------- learning
+
+
+def test_demo_pipeline_learns_writes_per_class_accuracy_and_predicts(tmp_path):
+    """Point-PEFT on the random tiny backbone, a short demo run: test accuracy beats
+    chance (1/6) by at least 0.2."""
+    config = runner.build_config(TASK, demo=True, overrides=[
+        "train.epochs=5", "train.lr=1e-2", "task.num_points=256", "task.votes=2",
+        "data.limit.train=240", "data.limit.validation=60", "data.limit.test=120"])
+    run_dir = runner.run(config, out=tmp_path / "run")
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    assert metrics["test"]["accuracy"] >= 1 / 6 + 0.2, metrics["test"]
+    assert set(metrics["test"]) >= {"accuracy", "balanced_accuracy"}
+    per_class = json.loads((run_dir / "predictions" / "test_per_class_accuracy.json").read_text())
+    assert sorted(per_class) == sorted(["sphere", "cube", "cylinder", "cone", "torus", "plane"])
+    assert sum(c["count"] for c in per_class.values()) == 120
+
+    from peftlab.pipelines.predictor import Predictor
+
+    cloud = data.demo_cloud("torus", 400, np.random.default_rng(9))
+    np.save(tmp_path / "torus.npy", cloud)
+    (tmp_path / "torus.txt").write_text("\n".join(",".join(map(str, p)) for p in cloud.tolist()))
+    rows = Predictor(run_dir).predict([tmp_path / "torus.npy", tmp_path / "torus.txt"])
+    assert [r["id"] for r in rows] == [str(tmp_path / "torus.npy"), str(tmp_path / "torus.txt")]
+    assert rows[0]["prediction"] == rows[1]["prediction"]
+    assert sum(rows[0]["scores"].values()) == pytest.approx(1, abs=1e-5)
+
+
+def test_real_modelnet10_subset_beats_chance(real_assets, tmp_path, monkeypatch):
+    """Real ModelNet10 shapes (1200 x 1024 points), a `small` Point-BERT trained from
+    scratch (no Point-BERT weights exist offline) for a short run: test accuracy beats
+    chance (0.1) by at least 0.25."""
+    monkeypatch.setenv("PEFTLAB_REAL_ASSETS", str(real_assets))
+    started = time.perf_counter()
+    config = runner.build_config(TASK, method="full", backbone="tiny", overrides=[
+        "train.epochs=6", "train.lr=1e-3", "train.batch_size=32", "train.warmup_ratio=0.1", "train.weight_decay=0.05",
+        "task.num_points=256", "task.freeze_bn_stats=false", "task.head_dropout=0.1",
+        "data.limit.test=200"])
+    run_dir = runner.run(config, out=tmp_path / "run")
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    print("modelnet10-subset:", metrics["test"], f"{time.perf_counter() - started:.0f}s")
+    assert metrics["test"]["accuracy"] >= 0.1 + 0.25, metrics["test"]

@@ -1,0 +1,153 @@
+"""Protein readers, cropping, bucketing and ESM-2 checkpoint loading."""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+
+import numpy as np
+import pytest
+import torch
+from peftlab.domains.protein import backbones, data
+from peftlab.domains.protein.tasks import crop
+from peftlab.shared.data import BucketBatchSampler, ratio_split, subsample
+from peftlab.shared.errors import UserError
+
+
+def test_fasta_reader_joins_lines_and_reports_bad_letters_with_line(tmp_path):
+    path = tmp_path / "s.fasta"
+    path.write_text(">a desc\nMKT\nayi\n>b\nMLL\n")
+    assert data.read_fasta(path) == {"a": "MKTAYI", "b": "MLL"}
+    path.write_text(">a\nMKT\n>b\nML1L\n")
+    with pytest.raises(UserError, match=r"s.fasta:4: '1' is not an amino-acid letter \(record 'b'\)"):
+        data.read_fasta(path)
+    path.write_text(">a\nMKT\n>b\n>c\nMLL\n")
+    with pytest.raises(UserError, match=r"s.fasta:3 \(record 'b'\): empty sequence"):
+        data.read_fasta(path)
+    path.write_text(">a\nMKT\n>a\nMLL\n")
+    with pytest.raises(UserError, match=r"s.fasta:3: duplicate FASTA id 'a' \(first at line 1\)"):
+        data.read_fasta(path)
+
+
+def test_pairs_reader_names_missing_ids_and_bad_labels(tmp_path):
+    sequences = {"a": "MKT", "b": "MLL"}
+    path = tmp_path / "p.tsv"
+    path.write_text("a\tb\t1\nb\tzz\t0\n")
+    with pytest.raises(UserError, match=r"p.tsv:2: protein 'zz' is not in the FASTA file"):
+        data.read_pairs(path, sequences, {}, ["no", "yes"])
+    path.write_text("a\tb\tmaybe\n")
+    with pytest.raises(UserError, match=r"p.tsv:1: label 'maybe' is not one of"):
+        data.read_pairs(path, sequences, {}, ["no", "yes"])
+    path.write_text("a\tb\t1.0\nb\ta\tno\n")
+    labels = [e["label"] for e in data.read_pairs(path, sequences, {}, ["no", "yes"])]
+    assert labels == [1, 0]
+
+
+def test_csv_reader(tmp_path):
+    path = tmp_path / "s.csv"
+    path.write_text("Name,sequence,target\nx1,MKT,1\nx2,GGW,0\n")
+    examples = data.read_sequence_csv(path, {"sequence": "sequence", "label": "target", "id": "Name"}, ["neg", "pos"])
+    assert [(e["id"], e["seq"], e["label"]) for e in examples] == [("x1", "MKT", 1), ("x2", "GGW", 0)]
+    path.write_text("Name,sequence,target\nx1,MK T,1\n")
+    with pytest.raises(UserError, match=r"s.csv:2: ' ' is not an amino-acid letter"):
+        data.read_sequence_csv(path, {"label": "target"}, None)
+
+
+def test_crop_policies():
+    sequence = "ABCDEFGHIJ"
+    assert crop(sequence, 4, "start", None) == "ABCD"
+    assert crop(sequence, 4, "center", None) == "DEFG"
+    windows = {crop(sequence, 4, "random", np.random.default_rng(s)) for s in range(30)}
+    assert len(windows) > 1 and all(w in sequence for w in windows)
+    assert crop("ABC", 4, "random", np.random.default_rng(0)) == "ABC"
+
+
+def test_bucketing_pads_much_less_than_random_batches_and_is_deterministic():
+    rng = np.random.default_rng(0)
+    lengths = rng.integers(30, 1000, size=800)
+    sampler = BucketBatchSampler(lengths, 8, seed=3)
+    sampler.set_epoch(1)
+    batches = sampler.batches()
+    assert sorted(i for b in batches for i in b) == list(range(800))
+    padded = sum(len(b) * lengths[b].max() for b in batches)
+    shuffled = rng.permutation(800)
+    naive = sum(8 * lengths[shuffled[i:i + 8]].max() for i in range(0, 800, 8))
+    assert padded < 0.6 * naive
+    assert sampler.batches() == batches
+    sampler.set_epoch(2)
+    assert sampler.batches() != batches
+
+
+def test_ratio_split_and_stratified_subsample():
+    examples = [{"id": i, "label": int(i % 10 == 0), "group": i % 7} for i in range(1000)]
+    splits = ratio_split(examples, {"train": 0.8, "validation": 0.1, "test": 0.1}, seed=0)
+    assert [len(splits[s]) for s in ("train", "validation", "test")] == [800, 100, 100]
+    grouped = ratio_split(examples, {"train": 0.5, "test": 0.5}, seed=1, group_of=lambda e: e["group"])
+    assert not {e["group"] for e in grouped["train"]} & {e["group"] for e in grouped["test"]}
+    small = subsample(examples, 200, seed=0)
+    assert len(small) == 200 and sum(e["label"] for e in small) == 20
+
+
+def _official_checkpoint(encoder) -> dict:
+    """A file in the layout fair-esm releases: fairseq-prefixed keys, argparse config."""
+    state = {f"encoder.sentence_encoder.{k}": v for k, v in encoder.state_dict().items()}
+    state["encoder.lm_head.bias"] = torch.zeros(33)
+    cfg = argparse.Namespace(encoder_layers=encoder.num_layers, encoder_embed_dim=encoder.embed_dim,
+                             encoder_attention_heads=encoder.attention_heads, token_dropout=True)
+    return {"model": state, "cfg": {"model": cfg}}
+
+
+def test_official_fair_esm_file_loads_with_weights_only(tmp_path):
+    encoder, _ = backbones.load_backbone("tiny")
+    path = tmp_path / "esm2_tiny.pt"
+    torch.save(_official_checkpoint(encoder), path)
+    loaded, info = backbones.load_backbone(str(path))
+    tokens = encoder.tokenize(["MKTAYIAKQR", "MLL"])
+    with torch.no_grad():
+        torch.testing.assert_close(loaded.eval()(tokens), encoder.eval()(tokens), atol=0, rtol=0)
+    assert info["weights_sha256"] == backbones.load_backbone("tiny")[1]["weights_sha256"]
+
+
+def test_checkpoint_with_arbitrary_pickled_objects_is_refused(tmp_path):
+    encoder, _ = backbones.load_backbone("tiny")
+    checkpoint = _official_checkpoint(encoder)
+    checkpoint["cfg"]["evil"] = datetime.date(2020, 1, 1)  # not a tensor or config: refused
+    path = tmp_path / "bad.pt"
+    torch.save(checkpoint, path)
+    with pytest.raises(UserError, match="refused to load"):
+        backbones.load_backbone(str(path))
+
+
+def test_hugging_face_folder_maps_onto_fair_esm(tmp_path):
+    from transformers import EsmConfig, EsmModel
+
+    config = EsmConfig(vocab_size=33, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                       intermediate_size=128, position_embedding_type="rotary", token_dropout=True,
+                       pad_token_id=1, mask_token_id=32, emb_layer_norm_before=False, layer_norm_eps=1e-5)
+    torch.manual_seed(0)
+    hf = EsmModel(config, add_pooling_layer=False).eval()
+    hf.save_pretrained(tmp_path)
+    encoder, info = backbones.load_backbone(str(tmp_path))
+    tokens = encoder.tokenize(["MKTAYIAKQRQISFVKSHF", "MLLAVLY"])
+    with torch.no_grad():
+        ours = encoder.eval()(tokens)
+        theirs = hf(input_ids=tokens, attention_mask=(tokens != 1).long()).last_hidden_state
+    residues = tokens != 1
+    assert (ours - theirs).abs()[residues].max() < 1e-4
+    assert info["architecture"] == {"layers": 2, "width": 32, "heads": 4}
+
+
+def test_unknown_and_offline_backbones_fail_clearly(monkeypatch, tmp_path):
+    monkeypatch.setenv("PEFTLAB_OFFLINE", "1")
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path))
+    with pytest.raises(UserError, match=r"unknown ESM-2 backbone 'esm3'.*esm2_t6_8M_UR50D"):
+        backbones.load_backbone("esm3")
+    with pytest.raises(UserError, match=r"'esm2_t6_8M_UR50D' is not available offline.*--backbone /path/to/esm2_t6_8M_UR50D.pt"):
+        backbones.load_backbone("esm2_t6_8M_UR50D")
+
+
+def test_tiny_backbone_is_the_same_every_build():
+    first, info1 = backbones.load_backbone("tiny")
+    second, info2 = backbones.load_backbone("tiny")
+    assert info1["weights_sha256"] == info2["weights_sha256"]
+    assert all(torch.equal(a, b) for a, b in zip(first.state_dict().values(), second.state_dict().values()))
