@@ -82,7 +82,8 @@ def save_checkpoint(directory: Path, model, optimizer, scheduler, train_state: d
     if torch.cuda.is_available():
         rng.update({f"cuda{i}": s for i, s in enumerate(torch.cuda.get_rng_state_all())})
     io.save_tensors(step_dir / "rng.safetensors", rng)
-    scheduler_state = {k: v for k, v in scheduler.state_dict().items() if k != "lr_lambdas"}
+    # LambdaLR stores None for plain-function lambdas: the state is plain JSON.
+    scheduler_state = scheduler.state_dict()
     io.write_json(step_dir / "state.json", {
         "train": train_state,
         "optimizer": optimizer_meta,

@@ -75,8 +75,12 @@ def seed_everything(seed: int) -> None:
 
 def make_accelerator(precision: str):
     from accelerate import Accelerator
+    from accelerate.state import AcceleratorState
 
     mixed = {"bf16": "bf16", "fp16": "fp16", "fp32": "no"}[resolve_precision(precision)]
+    # accelerate keeps one process-wide state; runs in one Python process (the API,
+    # `peftlab bench`) may differ in precision. The process group (PartialState) stays.
+    AcceleratorState._reset_state(reset_partial_state=False)
     return Accelerator(mixed_precision=mixed)
 
 

@@ -296,10 +296,10 @@ def test_random_init_only_by_explicit_name():
 # ------------------------------------------------------------------------- runs, end to end
 
 def test_demo_learns_reports_groups_and_predicts_files(tmp_path):
-    """Three classes (chance: 1/3 accuracy, 0.5 AUROC). Two epochs of LoRA on the tiny
+    """Three classes (chance: 1/3 accuracy, 0.5 AUROC). Three epochs of LoRA on the tiny
     ViT reach well above: accuracy >= 0.6 and AUROC >= 0.8 on the demo's test split."""
     run_dir = peftlab.run("medical-classify", demo=True, out=tmp_path / "run",
-                          overrides={"train.epochs": 2, "data.limit": {"validation": 60, "test": 150}})
+                          overrides={"train.epochs": 3, "data.limit": {"validation": 60, "test": 150}})
     results = json.loads((run_dir / "metrics.json").read_text())
     test = results["test"]
     assert test["accuracy"] >= 1 / 3 + 0.27, test
@@ -346,12 +346,15 @@ def test_real_efficientnet_lite0_on_pneumoniamnist(method, real_assets, tmp_path
     """The real ImageNet EfficientNet-Lite0 file, through the user's local-weights path
     (keys differ from timm's, so it loads by position), fine-tuned on real chest X-rays.
     Balanced binary test split: chance is AUROC 0.5 / accuracy 0.5; we require AUROC
-    >= 0.75 after two short epochs on 600 training images at 64 px."""
+    >= 0.75 after two short epochs on 600 training images at 64 px. BatchNorm statistics
+    stay ImageNet's (`batchnorm: frozen`): re-estimating them from 32-image X-ray batches
+    costs ~0.08 AUROC here."""
     weights = real_assets / "weights/efficientnet_lite0_imagenet/efficientnet-lite0-57934424.pth"
     run_dir = peftlab.run("medical-classify", method=method, backbone=f"tf_efficientnet_lite0:{weights}",
                           data="data_cards/pneumoniamnist.md", out=tmp_path / "run",
-                          overrides={"task.image_size": 64, "data.limit": {"train": 600, "validation": 100, "test": 468},
-                                     "train.epochs": 2, "train.batch_size": 32, "train.lr": 1.0e-2,
+                          overrides={"task.image_size": 64, "task.batchnorm": "frozen",
+                                     "data.limit": {"train": 600, "validation": 100, "test": 468},
+                                     "train.epochs": 2, "train.batch_size": 32, "train.lr": 3.0e-3,
                                      "train.precision": "fp32", "eval.splits": ["test"]})
     meta = json.loads((run_dir / "meta.json").read_text())
     assert meta["backbone"]["key_mapping"] == "by position"

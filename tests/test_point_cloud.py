@@ -256,7 +256,7 @@ def test_demo_pipeline_learns_writes_per_class_accuracy_and_predicts(tmp_path):
     """Point-PEFT on the random tiny backbone, a short demo run: test accuracy beats
     chance (1/6) by at least 0.2."""
     config = runner.build_config(TASK, demo=True, overrides=[
-        "train.epochs=5", "train.lr=1e-2", "task.num_points=256", "task.votes=2",
+        "train.epochs=5",
         "data.limit.train=240", "data.limit.validation=60", "data.limit.test=120"])
     run_dir = runner.run(config, out=tmp_path / "run")
     metrics = json.loads((run_dir / "metrics.json").read_text())
@@ -278,15 +278,15 @@ def test_demo_pipeline_learns_writes_per_class_accuracy_and_predicts(tmp_path):
 
 
 def test_real_modelnet10_subset_beats_chance(real_assets, tmp_path, monkeypatch):
-    """Real ModelNet10 shapes (1200 x 1024 points), a `small` Point-BERT trained from
+    """Real ModelNet10 shapes (1200 x 1024 points), the `tiny` Point-BERT trained from
     scratch (no Point-BERT weights exist offline) for a short run: test accuracy beats
     chance (0.1) by at least 0.25."""
     monkeypatch.setenv("PEFTLAB_REAL_ASSETS", str(real_assets))
     started = time.perf_counter()
     config = runner.build_config(TASK, method="full", backbone="tiny", overrides=[
-        "train.epochs=6", "train.lr=1e-3", "train.batch_size=32", "train.warmup_ratio=0.1", "train.weight_decay=0.05",
+        "train.epochs=3", "train.lr=1e-3", "train.batch_size=16", "train.warmup_ratio=0.1", "train.weight_decay=0.05",
         "task.num_points=256", "task.freeze_bn_stats=false", "task.head_dropout=0.1",
-        "data.limit.test=200"])
+        "data.limit.train=400", "data.limit.test=200"])
     run_dir = runner.run(config, out=tmp_path / "run")
     metrics = json.loads((run_dir / "metrics.json").read_text())
     print("modelnet10-subset:", metrics["test"], f"{time.perf_counter() - started:.0f}s")

@@ -126,8 +126,8 @@ def _check_architecture(arch: str, name: str) -> str:
 
 
 def _create(arch: str, image_size: int | None, **kwargs) -> nn.Module:
-    """timm.create_model without a classifier; `img_size` goes to the models that take it."""
-    kwargs["num_classes"] = 0
+    """timm.create_model; `img_size` goes to the models that take it."""
+    kwargs.setdefault("num_classes", 0)
     if image_size:
         try:
             return timm.create_model(arch, img_size=image_size, **kwargs)
@@ -136,6 +136,34 @@ def _create(arch: str, image_size: int | None, **kwargs) -> nn.Module:
             if "img_size" not in str(error):
                 raise
     return timm.create_model(arch, **kwargs)
+
+
+def _reference(arch: str) -> tuple[dict[str, torch.Tensor], tuple[str, ...]]:
+    """ARCH's state-dict shapes with its pretrained classifier (on the meta device: no
+    memory, no init), and the classifier's key prefixes."""
+    with torch.device("meta"):
+        state = timm.create_model(arch, pretrained=False).state_dict()
+    cfg = timm.models.get_pretrained_cfg(arch)
+    classifier = cfg.classifier if cfg is not None else None
+    names = (classifier,) if isinstance(classifier, str) else tuple(classifier or ())
+    return state, tuple(f"{n}." for n in names if n)
+
+
+def _load_strict(arch: str, state: dict[str, torch.Tensor], image_size: int | None) -> nn.Module:
+    """timm builds ARCH from `state` (its own filter function adapts e.g. position
+    embeddings to the image size), strictly: every backbone tensor must come from the
+    file. timm only loads strictly when the class count matches the pretrained one, so
+    the classifier (dropped anyway) is swapped for a placeholder of that shape, and
+    removed after."""
+    reference, classifier = _reference(arch)
+    state = {k: v for k, v in state.items() if not (classifier and k.startswith(classifier))}
+    state.update({k: torch.zeros(v.shape, dtype=v.dtype) for k, v in reference.items()
+                  if classifier and k.startswith(classifier)})
+    cfg = timm.models.get_pretrained_cfg(arch)
+    model = _create(arch, image_size, pretrained=True, pretrained_cfg_overlay={"state_dict": state},
+                    num_classes=cfg.num_classes if cfg is not None else 1000)
+    model.reset_classifier(0)
+    return model
 
 
 # ----------------------------------------------------------------------- named (cache / hub)
@@ -167,8 +195,7 @@ def _cached_weights(arch: str) -> tuple[Path | None, list[str]]:
 def _load_named(arch: str, name: str, image_size: int | None):
     cached, looked = _cached_weights(arch)
     if cached is not None:
-        model = _create(arch, image_size, pretrained=True,
-                        pretrained_cfg_overlay={"state_dict": read_state_dict(cached)})
+        model = _load_strict(arch, read_state_dict(cached), image_size)
         return _finish(model, name, str(cached), arch, image_size)
     where = "; ".join(["no local path " + repr(name), *looked])
     how = f"pass --backbone {arch}:/path/to/weights.pth (a timm or torchvision state dict)"
@@ -212,7 +239,7 @@ def read_state_dict(path: Path) -> dict[str, torch.Tensor]:
 def _load_weights_file(arch: str, path: Path, name: str, image_size: int | None):
     state = read_state_dict(path)
     try:
-        model = _create(arch, image_size, pretrained=True, pretrained_cfg_overlay={"state_dict": state})
+        model = _load_strict(arch, state, image_size)
         mapping = "by name"
     except RuntimeError as by_name_error:  # load_state_dict: missing / unexpected keys or shapes
         reordered = _match_by_position(arch, state)
@@ -220,7 +247,7 @@ def _load_weights_file(arch: str, path: Path, name: str, image_size: int | None)
             first = str(by_name_error).splitlines()
             raise UserError(f"{path}: the weights do not fit timm architecture {arch!r} "
                             f"({' '.join(first[:2])[:300]}); check the architecture name") from None
-        model = _create(arch, image_size, pretrained=True, pretrained_cfg_overlay={"state_dict": reordered})
+        model = _load_strict(arch, reordered, image_size)
         mapping = "by position"
         print(f"note: {path}: key names differ from timm's {arch}; all {len(reordered)} tensors match it "
               f"in order and shape, so they were loaded by position", file=sys.stderr)
@@ -235,12 +262,10 @@ def _match_by_position(arch: str, state: dict[str, torch.Tensor]) -> dict[str, t
     BatchNorm's `num_batches_tracked` counters are left out on both sides (some
     exporters drop them). The file may or may not carry the classifier.
     """
-    with torch.device("meta"):
-        reference = timm.create_model(arch, pretrained=False)
-    own = {k: v for k, v in reference.state_dict().items() if not k.endswith("num_batches_tracked")}
+    reference, classifier = _reference(arch)
+    own = {k: v for k, v in reference.items() if not k.endswith("num_batches_tracked")}
     theirs = [(k, v) for k, v in state.items() if not k.endswith("num_batches_tracked")]
-    classifier = getattr(reference, "pretrained_cfg", {}).get("classifier", "")
-    candidates = [list(own), [k for k in own if not k.startswith(f"{classifier}.")]] if classifier else [list(own)]
+    candidates = [list(own), [k for k in own if not (classifier and k.startswith(classifier))]]
     for keys in candidates:
         if len(keys) == len(theirs) and all(own[k].shape == v.shape for k, (_, v) in zip(keys, theirs)):
             return {k: v for k, (_, v) in zip(keys, theirs)}

@@ -69,7 +69,7 @@ def _tiny_config(family: str):
     norm over time, so padding a batch does not change a clip's features.
     """
     width = dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, intermediate_size=128)
-    cnn = dict(conv_dim=(64, 64, 64, 64), conv_kernel=(10, 8, 4, 4), conv_stride=(5, 4, 4, 4),
+    cnn = dict(conv_dim=(32, 32, 32, 32), conv_kernel=(10, 8, 4, 4), conv_stride=(5, 4, 4, 4),
                num_conv_pos_embeddings=16, num_conv_pos_embedding_groups=4,
                feat_extract_norm="layer", do_stable_layer_norm=False, apply_spec_augment=False)
     if family == "wav2vec2":
@@ -164,6 +164,10 @@ class SpeechEncoder(nn.Module):
         else:
             # LayerDrop would skip layers and leave holes in the weighted layer sum.
             network.config.layerdrop = 0.0
+            # Otherwise transformers marks the CNN's input as requiring grad in training
+            # (for gradient checkpointing) and every step backpropagates through the
+            # frozen CNN. Methods that train the CNN ("full") re-enable its parameters.
+            network.freeze_feature_encoder()
             self.width = network.config.hidden_size
             self.num_layers = network.config.num_hidden_layers
             if family == "wavlm":

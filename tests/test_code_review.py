@@ -1,0 +1,294 @@
+"""Code review domain: causal-LM plumbing, readers, truncation, metrics, demos that learn,
+and a real-asset LoRA run on SmolLM2-135M (GGUF) over CodeReviewer records."""
+
+from __future__ import annotations
+
+import copy
+import json
+from collections import Counter
+from pathlib import Path
+
+import pytest
+import torch
+from peftlab.domains.code_review import data
+from peftlab.domains.code_review.backbones import PACKAGED_GGUF, packaged_gguf
+from peftlab.domains.code_review.tasks import render_prompt
+from peftlab.pipelines import runner
+from peftlab.shared import causal_lm as clm
+from peftlab.shared import methods
+from peftlab.shared.cards import read_card
+from peftlab.shared.errors import UserError
+from peftlab.shared.tasks import get_task
+from peftlab.shared.text_metrics import compute_text_metrics
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    # Tiny models gain nothing from intra-op threads, and on a shared 2-core machine
+    # two threads spin against other processes (measured 10x slower); restore after.
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    return clm.load_causal_lm("tiny")
+
+
+# ----------------------------------------------------------------------------- backbones
+
+
+def test_byte_tokenizer_round_trips_any_text_and_reloads_identically(tiny, tmp_path):
+    text = "@@ -1,2 +1,3 @@\n+\tx = ö → 1  # ✓\n"
+    ids = tiny.tokenizer(text)["input_ids"]
+    assert ids[0] == tiny.tokenizer.bos_token_id and len(ids) == 1 + len(text.encode("utf-8"))
+    assert tiny.tokenizer.decode(ids, skip_special_tokens=True) == text
+    clm.save_causal_lm(tiny, tmp_path / "model")
+    reloaded = clm.load_causal_lm(str(tmp_path / "model"))
+    assert reloaded.tokenizer(text)["input_ids"] == ids
+    assert reloaded.info["weights_sha256"] == tiny.info["weights_sha256"]
+    batch = clm.prompt_batch(tiny.tokenizer, [ids], side="right")
+    torch.testing.assert_close(reloaded.model(**batch).logits, tiny.model(**batch).logits, atol=0, rtol=0)
+
+
+def test_tiny_preset_is_the_same_weights_every_build(tiny):
+    assert clm.load_causal_lm("tiny").info["weights_sha256"] == tiny.info["weights_sha256"]
+
+
+def test_offline_hub_name_fails_clearly(monkeypatch, tmp_path):
+    monkeypatch.setenv("PEFTLAB_OFFLINE", "1")
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path))
+    with pytest.raises(UserError, match=r"'nobody/no-such-model' is not available offline.*pass --backbone /path"):
+        clm.load_causal_lm("nobody/no-such-model")
+    with pytest.raises(UserError, match="no such file or folder"):
+        clm.load_causal_lm(str(tmp_path / "missing.gguf"))
+    (tmp_path / "folder").mkdir()
+    with pytest.raises(UserError, match="needs config.json"):
+        clm.load_causal_lm(str(tmp_path / "folder"))
+
+
+# ----------------------------------------------------------------------------- prompting and generation
+
+
+def test_loss_covers_answer_tokens_only(tiny):
+    tokenizer = tiny.tokenizer
+    prompts = [clm.prompt_ids(tokenizer, "diff A\n"), clm.prompt_ids(tokenizer, "a longer diff B\n")]
+    answers = [clm.answer_ids(tokenizer, "fix it", 64), clm.answer_ids(tokenizer, "ok", 64)]
+    batch = clm.training_batch(tokenizer, prompts, answers)
+    for row, (prompt, answer) in enumerate(zip(prompts, answers)):
+        labels = batch["labels"][row].tolist()
+        assert labels[:len(prompt)] == [clm.IGNORE_INDEX] * len(prompt)
+        assert labels[len(prompt):len(prompt) + len(answer)] == answer
+        assert answer[-1] == tokenizer.eos_token_id
+        assert set(labels[len(prompt) + len(answer):]) <= {clm.IGNORE_INDEX}
+    # Changing the logits at prompt positions leaves the loss unchanged.
+    logits = torch.randn(*batch["input_ids"].shape, len(tokenizer))
+    changed = logits.clone()
+    changed[0, : len(prompts[0]) - 1] += 5.0
+    assert clm.answer_loss(changed, batch["labels"]) == clm.answer_loss(logits, batch["labels"])
+    assert clm.answer_ids(tokenizer, "x" * 50, 10) == clm.encode(tokenizer, "x" * 10)  # cut: no eos
+
+
+@pytest.mark.parametrize("method", ["none", "llama_adapter", "lora"])
+@pytest.mark.parametrize("beams", [1, 3])
+def test_batched_left_padded_generation_equals_one_by_one(tiny, method, beams):
+    torch.manual_seed(0)
+    model = copy.deepcopy(tiny.model)
+    if method != "none":
+        model = methods.apply(model, method, **clm.default_method_options(method, model))
+        with torch.no_grad():  # move off the identity start so the method matters
+            for param in model.method_parameters().values():
+                param.add_(0.3 * torch.randn_like(param))
+    prompts = [clm.prompt_ids(tiny.tokenizer, text) for text in ("a = 1\n", "def f(x):\n    return x\n", "z")]
+    options = clm.GenerationOptions(max_new_tokens=6, num_beams=beams)
+    batched = clm.generate(model, tiny.tokenizer, prompts, options)
+    assert batched == [clm.generate(model, tiny.tokenizer, [p], options)[0] for p in prompts]
+
+
+def test_llama_adapter_starts_as_the_base_model_and_its_gate_opens(tiny):
+    batch = clm.prompt_batch(tiny.tokenizer, [clm.prompt_ids(tiny.tokenizer, "x = 1")], side="right")
+    adapted = methods.apply(copy.deepcopy(tiny.model), "llama_adapter", length=4, layers="last_1")
+    assert sorted(adapted.method_parameters()) == ["model.layers.1.self_attn.adaption_prompt.gate",
+                                                   "model.layers.1.self_attn.adaption_prompt.prompt"]
+    with torch.no_grad():
+        base = tiny.model(**batch).logits
+        torch.testing.assert_close(adapted(**batch).logits, base, atol=0, rtol=0)
+        adapted.method_parameters()["model.layers.1.self_attn.adaption_prompt.gate"].fill_(0.5)
+        assert (adapted(**batch).logits - base).abs().max() > 1e-3
+    assert not methods.get_method("llama_adapter").fits(torch.nn.Linear(2, 2))
+
+
+# ----------------------------------------------------------------------------- truncation
+
+
+def test_long_diff_is_cut_from_the_middle_keeping_hunk_headers(tiny):
+    lines = ["@@ -1,40 +1,41 @@ def first():"] + [f"+    line_{i} = {i}" for i in range(40)]
+    lines += ["@@ -90,3 +91,3 @@ def second():", " unchanged()", "-old()", "+new()"]
+    diff = "\n".join(lines)
+    options = get_task("code-review-comment").options(max_prompt_tokens=200)
+    ids = render_prompt(tiny.tokenizer, options, {"patch": diff})
+    assert len(ids) <= 200
+    text = tiny.tokenizer.decode(ids, skip_special_tokens=True)
+    assert "@@ -1,40 +1,41 @@ def first():" in text and "@@ -90,3 +91,3 @@ def second():" in text
+    assert "+    line_0 = 0" in text and "+new()" in text  # the ends stay
+    assert "+    line_20 = 20" not in text and "lines cut) ..." in text  # the middle goes
+    assert render_prompt(tiny.tokenizer, options, {"patch": "+x = 1"}) == clm.prompt_ids(
+        tiny.tokenizer, options.prompt_template.format(patch="+x = 1"))
+
+
+def test_prompt_templates_are_checked():
+    with pytest.raises(ValueError, match=r"lacks \{comment\}"):
+        get_task("code-refine").options(prompt_template="{old} only")
+    with pytest.raises(ValueError, match=r"\{msg\} is not one"):
+        get_task("code-review-comment").options(prompt_template="{patch} {msg}")
+
+
+# ----------------------------------------------------------------------------- readers
+
+
+def test_codereviewer_jsonl_and_tufano_pairs(tmp_path):
+    jsonl = tmp_path / "cls.jsonl"
+    jsonl.write_text(json.dumps({"patch": "@@ -1 +1 @@\n-a\n+b", "y": 1, "id": 7}) + "\n\n"
+                     + json.dumps({"patch": "@@ -2 +2 @@\n+c", "y": 0}) + "\n")
+    examples = data.read_jsonl(jsonl, "necessity", {})
+    assert [(e["id"], e["label"]) for e in examples] == [("7", 1), ("cls.jsonl:3", 0)]
+    refine = tmp_path / "ref.jsonl"
+    refine.write_text(json.dumps({"before": "x = 1", "comment": "name it", "new": "X = 1"}) + "\n")
+    assert data.read_jsonl(refine, "refine", {"old": "before"})[0] == {
+        "id": "ref.jsonl:1", "old": "x = 1", "comment": "name it", "label": "X = 1"}
+    tsv = tmp_path / "ref.tsv"
+    tsv.write_text("<code>int a = 1 ;</code><technical_language>use final</technical_language>\tfinal int a = 1 ;\n")
+    assert data.read_tufano_tsv(tsv, "refine")[0] == {
+        "id": "ref.tsv:1", "old": "int a = 1 ;", "comment": "use final", "label": "final int a = 1 ;"}
+
+
+@pytest.mark.parametrize("content, kind, message", [
+    ('{"patch": "x", "y": 1}\n{"patch": "y", "y": 0\n', "necessity", r"bad\.jsonl:2: not a JSON object"),
+    ('{"patch": "x"}\n', "necessity", r"bad\.jsonl:1: no field 'y'.*fields: \{label: KEY\}"),
+    ('{"patch": "x", "y": 2}\n', "necessity", r"bad\.jsonl:1: field 'y' is 2"),
+    ('{"patch": "x", "msg": 3}\n', "comment", r"bad\.jsonl:1: field 'msg' is a int"),
+    ('[1, 2]\n', "comment", r"bad\.jsonl:1: a list, not a JSON object"),
+])
+def test_malformed_jsonl_names_file_and_line(tmp_path, content, kind, message):
+    path = tmp_path / "bad.jsonl"
+    path.write_text(content)
+    with pytest.raises(UserError, match=message):
+        data.read_jsonl(path, kind, {})
+
+
+def test_malformed_tufano_line_names_file_and_line(tmp_path):
+    path = tmp_path / "bad.tsv"
+    path.write_text("int a ;\tfinal int a ;\nno target column\n")
+    with pytest.raises(UserError, match=r"bad\.tsv:2: expected 2 tab-separated columns"):
+        data.read_tufano_tsv(path, "comment")
+    with pytest.raises(UserError, match=r"bad\.tsv:1: the source must read <code>"):
+        data.read_tufano_tsv(path, "refine")
+
+
+def test_demo_data_is_deterministic_and_planted():
+    first = data.demo_examples("refine", {"train": 30, "validation": 5, "test": 5}, seed=3)
+    assert first == data.demo_examples("refine", {"train": 30, "validation": 5, "test": 5}, seed=3)
+    issues = Counter(e["issue"] for e in first["train"])
+    assert set(issues) == set(data.DEMO_ISSUES)
+    for example in first["train"]:
+        assert example["old"] != example["label"]
+    necessity = data.demo_examples("necessity", {"train": 200, "validation": 0, "test": 0}, seed=0)["train"]
+    assert 0.4 < sum(e["label"] for e in necessity) / len(necessity) < 0.6
+
+
+# ----------------------------------------------------------------------------- metrics
+
+
+def test_text_metrics():
+    references = ["remove the unused variable", "def f(x):\n    return x"]
+    assert compute_text_metrics(["bleu4", "corpus_bleu4", "exact_match"], references, references) == {
+        "bleu4": pytest.approx(1.0), "corpus_bleu4": pytest.approx(1.0), "exact_match": 1.0}
+    hypotheses = ["remove the variable", "def f(x):  return x"]
+    scores = compute_text_metrics(["bleu4", "corpus_bleu4", "exact_match"], references, hypotheses)
+    assert scores["exact_match"] == 0.5  # whitespace-normalised
+    assert 0 < scores["bleu4"] < 1 and 0 <= scores["corpus_bleu4"] < 1
+    import sacrebleu
+
+    smoothed = sacrebleu.sentence_bleu(hypotheses[0], [references[0]], smooth_method="add-k").score / 100
+    assert compute_text_metrics(["bleu4"], references[:1], hypotheses[:1])["bleu4"] == pytest.approx(smoothed)
+
+
+# ----------------------------------------------------------------------------- demos learn
+
+
+def _demo_run(pipeline, tmp_path, sizes, overrides=()):
+    card = read_card(REPO / "data_cards" / f"{pipeline}-demo.md")
+    header = {k: v for k, v in card.model_dump().items()
+              if v is not None and k not in ("card_path", "body", "text", "demo", "path", "files", "fields")}
+    header["demo"] = {**sizes, "seed": 0}
+    import yaml
+
+    small = tmp_path / f"{pipeline}-small.md"
+    small.write_text("---\n" + yaml.safe_dump(header) + "---\nsmaller demo for tests\n")
+    config = runner.build_config(pipeline, demo=True, data=str(small), overrides=["eval.splits=[test]", *overrides])
+    run_dir = runner.run(config, out=tmp_path / "run")
+    results = json.loads((run_dir / "metrics.json").read_text())["test"]
+    dataset = get_task(get_task(pipeline).name).read(read_card(small), get_task(pipeline).options())
+    return results, dataset
+
+
+def test_necessity_demo_beats_chance(tmp_path):
+    # Balanced classes: a coin-flip predictor has F1 and accuracy about 0.5.
+    results, _ = _demo_run("code-review-necessity", tmp_path, {"train": 320, "validation": 40, "test": 100},
+                           ["train.epochs=4"])
+    assert results["f1"] >= 0.75 and results["accuracy"] >= 0.7, results
+
+
+def test_comment_demo_beats_a_constant_comment(tmp_path):
+    results, dataset = _demo_run("code-review-comment", tmp_path, {"train": 400, "validation": 20, "test": 60},
+                                 ["train.epochs=5"])
+    references = [e["label"] for e in dataset.splits["test"]]
+    constant = Counter(e["label"] for e in dataset.splits["train"]).most_common(1)[0][0]
+    baseline = compute_text_metrics(["bleu4"], references, [constant] * len(references))["bleu4"]
+    assert results["bleu4"] >= baseline + 0.1, (results, baseline)
+
+
+def test_refine_demo_beats_copying_the_input(tmp_path):
+    results, dataset = _demo_run("code-refine", tmp_path, {"train": 400, "validation": 20, "test": 60},
+                                 ["train.epochs=5"])
+    test = dataset.splits["test"]
+    copy_input = compute_text_metrics(["bleu4", "exact_match"], [e["label"] for e in test], [e["old"] for e in test])
+    assert copy_input["exact_match"] == 0.0
+    assert results["bleu4"] > copy_input["bleu4"] and results["exact_match"] >= 0.2, (results, copy_input)
+
+
+# ----------------------------------------------------------------------------- real assets
+
+
+def _smollm2_gguf() -> Path:
+    pytest.importorskip("gguf")
+    try:
+        return packaged_gguf(next(iter(PACKAGED_GGUF)))
+    except UserError as error:
+        pytest.skip(str(error))
+
+
+def test_real_codereviewer_lora_on_smollm2(real_assets, tmp_path):
+    """Reads both CodeReviewer samples; a short LoRA run per task on SmolLM2-135M (GGUF)."""
+    gguf_file = _smollm2_gguf()
+    for card_name in ("codereviewer-necessity-sample", "codereviewer-comment-sample"):
+        card = read_card(REPO / "data_cards" / f"{card_name}.md")
+        task = get_task(card.task)
+        dataset = task.read(card, task.options())
+        assert sum(len(s) for s in dataset.splits.values()) == 100
+    config = runner.build_config(
+        "code-review-necessity", backbone=str(gguf_file), data=str(REPO / "data_cards/codereviewer-necessity-sample.md"),
+        overrides=["task.max_prompt_tokens=96", "train.max_steps=4", "train.epochs=1", "train.batch_size=4",
+                   "train.lr=1e-3", "eval.splits=[test]", "data.limit={train: 16, validation: 4}"])
+    run_dir = runner.run(config, out=tmp_path / "necessity")
+    necessity = json.loads((run_dir / "metrics.json").read_text())
+    assert set(necessity["test"]) >= {"f1", "precision", "recall"} and 0 <= necessity["test"]["f1"] <= 1
+    assert necessity["params"]["method_percent_of_backbone"] < 2
+    meta = json.loads((run_dir / "meta.json").read_text())
+    assert meta["backbone"]["architecture"]["model_type"] == "llama" and meta["backbone"]["architecture"]["layers"] == 30
+    predictions = [json.loads(line) for line in (run_dir / "predictions" / "test.jsonl").read_text().splitlines()]
+    assert len(predictions) == 20 and all(0 <= p["score"] <= 1 for p in predictions)
