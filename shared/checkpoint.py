@@ -20,9 +20,14 @@ from torch import nn
 
 
 def trainable_state(model: nn.Module) -> dict[str, torch.Tensor]:
-    """Everything training changes: trainable parameters and BatchNorm running stats."""
+    """Everything training changes: trainable parameters, BatchNorm running stats, and
+    buffers a PEFT method fills while training (e.g. a memory bank)."""
     state = {name: p.detach() for name, p in model.named_parameters() if p.requires_grad}
     state.update(batchnorm_buffers(model))
+    for module_name, module in model.named_modules():
+        if hasattr(module, "method_buffers"):
+            prefix = f"{module_name}.model." if module_name else "model."
+            state.update({prefix + name: b.detach() for name, b in module.method_buffers().items()})
     return state
 
 

@@ -50,6 +50,9 @@ def subsample(examples: list[Example], limit: int | None, seed: int) -> list[Exa
     if limit is None or len(examples) <= limit:
         return examples
     rng = np.random.default_rng(seed)
+    if not all(isinstance(e.get("label", -1), int | np.integer) for e in examples):
+        # generation targets are text, not classes: a plain random sample
+        return [examples[i] for i in sorted(rng.choice(len(examples), size=limit, replace=False))]
     labels = np.array([e.get("label", -1) for e in examples])
     chosen: list[int] = []
     for value in np.unique(labels):

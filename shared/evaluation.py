@@ -27,9 +27,10 @@ def predict_outputs(model, examples: Sequence[Example], batch_size: int, autocas
     was_training = model.training
     model.eval()
     sampler = BucketBatchSampler([model.example_length(e) for e in examples], batch_size, seed=0, shuffle=False)
+    device = next(model.parameters()).device
     outputs: dict[int, Any] = {}
     for indices in sampler:
-        batch = model.collate([examples[i] for i in indices], rng=None)
+        batch = to_device(model.collate([examples[i] for i in indices], rng=None), device)
         with autocast():
             if hasattr(model, "predict"):
                 rows = model.predict(batch)
@@ -38,6 +39,11 @@ def predict_outputs(model, examples: Sequence[Example], batch_size: int, autocas
         outputs.update(zip(indices, rows))
     model.train(was_training)
     return [outputs[i] for i in range(len(examples))]
+
+
+def to_device(batch: dict[str, Any], device) -> dict[str, Any]:
+    """Tensors of a batch onto the model's device (other values stay as they are)."""
+    return {k: v.to(device, non_blocking=True) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
 
 
 def compute_metrics(task, metric_names: Sequence[str], examples: Sequence[Example], outputs: list[Any]) -> dict:

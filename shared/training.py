@@ -24,7 +24,7 @@ import numpy as np
 import torch
 from peftlab.shared import checkpoint, io, metrics
 from peftlab.shared.data import BucketBatchSampler
-from peftlab.shared.evaluation import evaluate
+from peftlab.shared.evaluation import evaluate, to_device
 from peftlab.shared.tasks import Example, TaskModel
 from pydantic import BaseModel, ConfigDict, Field
 from tqdm.auto import tqdm
@@ -149,6 +149,7 @@ def train(
         for index in range(start_batch, len(batches)):
             indices = batches[index]
             batch = task_model.collate([train_examples[i] for i in indices], rng=np.random.default_rng([config.seed, epoch, index]))
+            batch = to_device(batch, accelerator.device)
             last_micro = (index + 1) % config.grad_accum == 0 or index + 1 == len(batches)
             sync = contextlib.nullcontext() if last_micro else accelerator.no_sync(model)
             with sync, accelerator.autocast():

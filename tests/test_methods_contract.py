@@ -13,8 +13,8 @@ from peftlab.shared import methods
 from peftlab.shared.errors import UserError
 from peftlab.shared.tasks import list_tasks
 
+TASKS = [t.name for t in list_tasks()]  # loads the domains, which register their own methods
 METHODS = methods.list_methods()
-TASKS = [t.name for t in list_tasks()]
 
 
 def _task_setup(task_name):
@@ -133,6 +133,8 @@ def test_task_model_contract(name, task_name, tmp_path):
     from peftlab.shared.checkpoint import load_state
 
     load_state(rebuilt.head, io.load_tensors(tmp_path / "adapter" / runner.HEAD_FILE), "head")
+    if (tmp_path / "adapter" / runner.BUFFERS_FILE).is_file():
+        load_state(rebuilt.backbone, io.load_tensors(tmp_path / "adapter" / runner.BUFFERS_FILE), "buffers")
     rebuilt.eval()
     with torch.no_grad():
         torch.testing.assert_close(rebuilt(batch), trained, atol=0, rtol=0)

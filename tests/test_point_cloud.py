@@ -284,9 +284,9 @@ def test_real_modelnet10_subset_beats_chance(real_assets, tmp_path, monkeypatch)
     monkeypatch.setenv("PEFTLAB_REAL_ASSETS", str(real_assets))
     started = time.perf_counter()
     config = runner.build_config(TASK, method="full", backbone="tiny", overrides=[
-        "train.epochs=3", "train.lr=1e-3", "train.batch_size=16", "train.warmup_ratio=0.1", "train.weight_decay=0.05",
+        "train.epochs=4", "train.lr=1e-3", "train.batch_size=16", "train.warmup_ratio=0.1", "train.weight_decay=0.05",
         "task.num_points=256", "task.freeze_bn_stats=false", "task.head_dropout=0.1",
-        "data.limit.train=400", "data.limit.test=200"])
+        "data.limit.test=200"])
     run_dir = runner.run(config, out=tmp_path / "run")
     metrics = json.loads((run_dir / "metrics.json").read_text())
     print("modelnet10-subset:", metrics["test"], f"{time.perf_counter() - started:.0f}s")

@@ -166,8 +166,9 @@ class SpeechEncoder(nn.Module):
             network.config.layerdrop = 0.0
             # Otherwise transformers marks the CNN's input as requiring grad in training
             # (for gradient checkpointing) and every step backpropagates through the
-            # frozen CNN. Methods that train the CNN ("full") re-enable its parameters.
-            network.freeze_feature_encoder()
+            # frozen CNN. This is what `freeze_feature_encoder()` does (HuBERT lacks the
+            # public method); methods that train the CNN ("full") re-enable its parameters.
+            network.feature_extractor._freeze_parameters()
             self.width = network.config.hidden_size
             self.num_layers = network.config.num_hidden_layers
             if family == "wavlm":

@@ -57,8 +57,10 @@ class SpeechEmotionOptions:
 class EmotionHead(nn.Module):
     """Softmax-weighted sum of all hidden layers, masked mean pooling, MLP.
 
-    The layer weights start equal (zero logits) and train with the head, so they are
-    saved with the run's adapter.
+    Each layer's states are layer-normalised (no learned affine) before mixing, so the
+    weights compare layers on one scale: Whisper's and wav2vec 2.0's intermediate states
+    are far larger than their final, normalised ones. The layer weights start equal
+    (zero logits) and train with the head, so they are saved with the run's adapter.
     """
 
     def __init__(self, num_states: int, width: int, hidden: int, classes: int, dropout: float):
@@ -71,6 +73,7 @@ class EmotionHead(nn.Module):
 
     def pool(self, states: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         """states (L + 1, B, T, D), mask (B, T) -> (B, D): the mean over valid frames only."""
+        states = F.layer_norm(states, states.shape[-1:])
         mixed = torch.einsum("l,lbtd->btd", self.layer_weights().to(states.dtype), states)
         weights = mask.unsqueeze(-1).to(mixed.dtype)
         return (mixed * weights).sum(1) / weights.sum(1).clamp(min=1)

@@ -25,12 +25,14 @@ class AdaptedModel(nn.Module):
     calls it.
     """
 
-    def __init__(self, model: nn.Module, spec: MethodSpec, options, parameter_names, state, base_parameters: int):
+    def __init__(self, model: nn.Module, spec: MethodSpec, options, parameter_names, state, base_parameters: int,
+                 buffer_names=()):
         super().__init__()
         self.model = model
         self.spec = spec
         self.options = options
         self._parameter_names = list(parameter_names)
+        self._buffer_names = list(buffer_names)
         self._state = state
         self.base_parameters = base_parameters
 
@@ -50,22 +52,32 @@ class AdaptedModel(nn.Module):
         params = dict(self.model.named_parameters())
         return {name: params[name] for name in self._parameter_names}
 
+    def method_buffers(self) -> dict[str, torch.Tensor]:
+        buffers = dict(self.model.named_buffers())
+        return {name: buffers[name] for name in self._buffer_names}
+
     def method_state_dict(self) -> dict[str, torch.Tensor]:
         """Exactly what `save` writes: the tensors that, with the base, rebuild the model."""
         if isinstance(self.model, peft.PeftModel):
             return peft.get_peft_model_state_dict(self.model)
-        return {name: p.detach() for name, p in self.method_parameters().items()}
+        state = {name: p.detach() for name, p in self.method_parameters().items()}
+        state.update({name: b.detach() for name, b in self.method_buffers().items()})
+        return state
 
     def load_method_state_dict(self, tensors: dict[str, torch.Tensor], source: str = "adapter") -> None:
         if isinstance(self.model, peft.PeftModel):
             result = peft.set_peft_model_state_dict(self.model, tensors)
             expected = set(peft.get_peft_model_state_dict(self.model))
-            unexpected = [k for k in getattr(result, "unexpected_keys", []) if k in expected or ".lora_" in k]
+            # Prompt-learning methods load `prompt_embeddings` themselves yet report it
+            # as unexpected; everything else peft reports as unexpected is a mismatch.
+            prompt_learning = self.model.peft_config[self.model.active_adapter].is_prompt_learning
+            unexpected = [k for k in getattr(result, "unexpected_keys", [])
+                          if (k in expected or ".lora_" in k) and not (prompt_learning and k == "prompt_embeddings")]
             missing = sorted(expected - set(tensors))
             if missing or unexpected:
                 raise UserError(f"{source}: adapter weights do not fit this model (missing {missing[:3]}, unexpected {unexpected[:3]})")
             return
-        params = self.method_parameters()
+        params = {**self.method_parameters(), **self.method_buffers()}
         missing = sorted(set(params) - set(tensors))
         unexpected = sorted(set(tensors) - set(params))
         if missing or unexpected:
@@ -114,7 +126,8 @@ def apply(model: nn.Module, name: str, **options) -> AdaptedModel:
     trainable = set(applied.parameter_names)
     for param_name, param in applied.model.named_parameters():
         param.requires_grad_(param_name in trainable)
-    return AdaptedModel(applied.model, spec, parsed, applied.parameter_names, applied.state, base_parameters)
+    return AdaptedModel(applied.model, spec, parsed, applied.parameter_names, applied.state, base_parameters,
+                        applied.buffer_names)
 
 
 def load_adapter(model: nn.Module, directory) -> AdaptedModel:

@@ -25,12 +25,15 @@ LAYERS_HELP = "blocks to adapt: 'all', 'last_N', 'first_N' or a list of indices"
 BLOCKS_HELP = "path of the block list (default: the model's longest nn.ModuleList)"
 
 
-def target_names(model: nn.Module, targets, layers, blocks, method: str, types=_TUNABLE) -> list[str]:
+def target_names(model: nn.Module, targets, layers, blocks, method: str, types=_TUNABLE) -> str:
+    """The chosen modules as one anchored regex: peft matches a list by suffix, which
+    would also catch e.g. `blocks.0.attn.norm` for a top-level `norm`."""
     if targets is None:
         path, _ = find_blocks(model, blocks)
         targets = rf"{path}\.\d+\..*" if path else r"\d+\..*"
         types = (nn.Linear,)
-    return [name for name, _ in select_modules(model, targets, types=types, layers=layers, blocks_path=blocks, method=method)]
+    chosen = select_modules(model, targets, types=types, layers=layers, blocks_path=blocks, method=method)
+    return "(" + "|".join(re.escape(name) for name, _ in chosen) + ")"
 
 
 def _wrap(model: nn.Module, config: peft.PeftConfig) -> Applied:
@@ -104,9 +107,13 @@ class IA3Options:
 
 
 def _ia3(model, o: IA3Options) -> Applied:
-    names = target_names(model, o.target_modules, o.layers, o.blocks, "ia3")
-    feedforward = [n for n in names if o.feedforward_modules and any(n == f or n.endswith("." + f) for f in o.feedforward_modules)]
-    return _wrap(model, peft.IA3Config(target_modules=names, feedforward_modules=feedforward))
+    targets = target_names(model, o.target_modules, o.layers, o.blocks, "ia3")
+    feedforward = None
+    if o.feedforward_modules:
+        chosen = [n for n, _ in model.named_modules() if re.fullmatch(targets, n)]
+        matched = [n for n in chosen if any(n == f or n.endswith("." + f) for f in o.feedforward_modules)]
+        feedforward = "(" + "|".join(re.escape(n) for n in matched) + ")" if matched else None
+    return _wrap(model, peft.IA3Config(target_modules=targets, feedforward_modules=feedforward or []))
 
 
 register_method(
@@ -190,9 +197,9 @@ class LNTuningOptions:
 
 def _ln_tuning(model, o: LNTuningOptions) -> Applied:
     targets = o.target_modules
-    names = [n for n, _ in select_modules(
-        model, targets, types=None if targets is not None else (nn.LayerNorm,), method="ln_tuning")]
-    return _wrap(model, peft.LNTuningConfig(target_modules=names))
+    chosen = select_modules(model, targets, types=None if targets is not None else (nn.LayerNorm,), method="ln_tuning")
+    pattern = "(" + "|".join(re.escape(name) for name, _ in chosen) + ")"
+    return _wrap(model, peft.LNTuningConfig(target_modules=pattern))
 
 
 register_method(

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from peftlab.shared.errors import UserError, did_you_mean
@@ -44,6 +44,9 @@ class Applied:
     """Names (relative to `model`) of the parameters the method trains."""
     state: Any = None
     """Whatever the method needs later to merge (e.g. hook handles)."""
+    buffer_names: list[str] = field(default_factory=list)
+    """Buffers (relative to `model`) the method fills while training, e.g. a memory
+    bank: saved and restored with the adapter like its parameters."""
 
 
 _METHODS: dict[str, MethodSpec] = {}
