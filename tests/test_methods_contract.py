@@ -4,6 +4,7 @@ every registered task's tiny model (new methods and tasks are picked up automati
 from __future__ import annotations
 
 import copy
+import functools
 
 import pytest
 import torch
@@ -17,8 +18,8 @@ TASKS = [t.name for t in list_tasks()]  # loads the domains, which register thei
 METHODS = methods.list_methods()
 
 
-def _task_setup(task_name):
-    """(task, model, examples): the task's tiny backbone and a few demo examples."""
+@functools.cache
+def _task_base(task_name):
     from peftlab.shared.cards import read_card
     from peftlab.shared.tasks import get_task
 
@@ -28,6 +29,13 @@ def _task_setup(task_name):
     torch.manual_seed(0)
     model = task.build_model("tiny", dataset.labels, options)
     return task, model, dataset.splits["train"][:6]
+
+
+def _task_setup(task_name):
+    """(task, model, examples): the task's tiny backbone and a few demo examples.
+    The demo data and model are built once per task; each test gets its own copy."""
+    task, model, examples = _task_base(task_name)
+    return task, copy.deepcopy(model), examples
 
 
 def _frozen_snapshot(model):

@@ -4,10 +4,9 @@ from __future__ import annotations
 
 import json
 
+import peftlab
 import pytest
 import torch
-
-import peftlab
 from peftlab.domains.protein.backbones import load_backbone
 
 pytestmark = pytest.mark.real_assets

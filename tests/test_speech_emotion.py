@@ -226,7 +226,7 @@ def test_bad_audio_names_the_file_or_is_skipped_and_counted(tmp_path, problem):
         soundfile.write(bad, np.zeros(0, dtype=np.float32), 16000)
     else:
         soundfile.write(bad, np.zeros(16000, dtype=np.float32), 16000)
-    with pytest.raises(UserError, match=rf"s0_1\.wav: .*(readable|empty|silent).*on_bad_file: skip"):
+    with pytest.raises(UserError, match=r"s0_1\.wav: .*(readable|empty|silent).*on_bad_file: skip"):
         TASK.read(write_card(tmp_path), SpeechEmotionOptions())
     dataset = TASK.read(write_card(tmp_path, "on_bad_file: skip"), SpeechEmotionOptions())
     assert sum(len(rows) for rows in dataset.splits.values()) == len(toy_rows()) - 1

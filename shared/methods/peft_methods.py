@@ -8,6 +8,7 @@ peftlab selects modules the same way and errors name what exists.
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
 
 import peft
