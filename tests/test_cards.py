@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 from conftest import REPO, run_peftlab
 from peftlab.pipelines import runner
+from peftlab.pipelines.cli import main
 from peftlab.shared.cards import read_card
 from peftlab.shared.errors import UserError
 from peftlab.shared.tasks import get_task
@@ -76,20 +77,20 @@ def test_env_vars_expand(tmp_path, monkeypatch):
     assert read_card(path).file("sequences") == tmp_path / "seqs.fasta"
 
 
-def test_cli_card_validate_and_new(tmp_path):
+def test_cli_card_validate_and_new(tmp_path, capsys):
     path = write_card(tmp_path)
     result = run_peftlab("card", "validate", path)
     assert result.returncode == 0, result.stderr
     summary = json.loads(result.stdout)
     assert summary["task"] == "protein-ppi" and sum(summary["splits"].values()) == 8
 
+    # the same commands in-process (a subprocess above already covers the entry point)
     new = tmp_path / "new.md"
-    assert run_peftlab("card", "new", "protein", "protein-classify", "--out", new).returncode == 0
+    assert main(["card", "new", "protein", "protein-classify", "--out", str(new)]) == 0
     card = read_card(new)
     assert card.task == "protein-classify" and card.format == "csv"
-
-    bad = run_peftlab("card", "new", "imaging", "protein-ppi")
-    assert bad.returncode == 2 and "belongs to domain 'protein'" in bad.stderr
+    assert main(["card", "new", "imaging", "protein-ppi"]) == 2
+    assert "belongs to domain 'protein'" in capsys.readouterr().err
 
 
 def test_every_shipped_card_parses():

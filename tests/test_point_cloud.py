@@ -291,3 +291,18 @@ def test_real_modelnet10_subset_beats_chance(real_assets, tmp_path, monkeypatch)
     metrics = json.loads((run_dir / "metrics.json").read_text())
     print("modelnet10-subset:", metrics["test"], f"{time.perf_counter() - started:.0f}s")
     assert metrics["test"]["accuracy"] >= 0.1 + 0.25, metrics["test"]
+
+
+def test_memory_bank_is_saved_with_the_adapter_and_restored(tmp_path):
+    import peftlab
+    from peftlab.shared import io
+
+    run_dir = peftlab.run("pointcloud-classify", demo=True, method="point_prior_prompt", out=tmp_path / "run",
+                          overrides={"method.memory_size": 16, "train.max_steps": 3,
+                                     "data.limit": {"train": 64, "validation": 16, "test": 16}})
+    saved = io.load_tensors(run_dir / "adapter" / "adapter_model.safetensors")
+    assert int(saved["prompt.memory_count"]) == 16 and saved["prompt.memory"].abs().sum() > 0
+    predictor = peftlab.load(run_dir)
+    restored = predictor.model.backbone.method_buffers()
+    assert torch.equal(restored["prompt.memory"], saved["prompt.memory"])
+    assert predictor.evaluate("test") == json.loads((run_dir / "metrics.json").read_text())["test"]

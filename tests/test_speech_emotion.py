@@ -345,7 +345,7 @@ def test_whisper_base_lora_on_emodb_beats_chance(real_assets, tmp_path, monkeypa
     for label in ("whisper-base", "random-init"):
         if label == "random-init":
             real_loader = tasks.load_backbone
-            monkeypatch.setattr(tasks, "load_backbone", lambda name: (
+            monkeypatch.setattr(tasks, "load_backbone", lambda name, real_loader=real_loader: (
                 lambda enc_info: (_random_init_like(enc_info[0]), {**enc_info[1], "source": "random-init"}))(real_loader(name)))
         config = runner.build_config("speech-emotion", backbone=weights, data=str(REPO / "data_cards" / "emodb-subset.md"),
                                      overrides=overrides)

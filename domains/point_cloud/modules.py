@@ -125,7 +125,7 @@ def _prompt_fields():
     return {
         "prompt_tokens": field(default=10, metadata={"help": "number of learnable prompt tokens inserted after CLS"}),
         "memory_size": field(default=0, metadata={"help": "point-prior bank: training features cached (0 = no bank); "
-                                                          "NOTE the bank is a buffer the current adapter format does not save"}),
+                                                          "saved with the adapter"}),
         "memory_topk": field(default=8, metadata={"help": "bank entries nearest to a sample that its prompts attend to"}),
         "memory_weight": field(default=0.5, metadata={"help": "weight of the bank's contribution added to the prompts"}),
         "memory_temperature": field(default=1.0, metadata={"help": "softmax temperature of the prompt-to-bank attention"}),
@@ -222,9 +222,14 @@ def add_geometry_adapters(model: PointBERT, o) -> list[str]:
     return names
 
 
+def _bank_buffers(model: PointBERT) -> list[str]:
+    """The memory bank fills during training: it is saved and restored with the adapter."""
+    return [f"prompt.{name}" for name, _ in model.prompt.named_buffers()]
+
+
 def apply_point_prior_prompt(model: nn.Module, o: PointPriorPromptOptions) -> Applied:
     _check_backbone(model, "point_prior_prompt")
-    return Applied(model, add_prompt(model, o))
+    return Applied(model, add_prompt(model, o), buffer_names=_bank_buffers(model))
 
 
 def apply_geometry_adapter(model: nn.Module, o: GeometryAdapterOptions) -> Applied:
@@ -234,7 +239,7 @@ def apply_geometry_adapter(model: nn.Module, o: GeometryAdapterOptions) -> Appli
 
 def apply_point_peft(model: nn.Module, o: PointPEFTOptions) -> Applied:
     _check_backbone(model, "point_peft")
-    return Applied(model, add_prompt(model, o) + add_geometry_adapters(model, o))
+    return Applied(model, add_prompt(model, o) + add_geometry_adapters(model, o), buffer_names=_bank_buffers(model))
 
 
 def _is_point_bert(model: nn.Module) -> bool:

@@ -103,11 +103,11 @@ def build_options(spec: MethodSpec, options: dict[str, Any]):
 def options_help(spec: MethodSpec) -> list[tuple[str, Any, str]]:
     """(field, default, help) for each option, for `peftlab list methods`."""
     rows = []
-    for field in dataclasses.fields(spec.options):
-        default = field.default if field.default is not dataclasses.MISSING else None
-        if field.default_factory is not dataclasses.MISSING:
-            default = field.default_factory()
-        rows.append((field.name, default, field.metadata.get("help", "")))
+    for option in dataclasses.fields(spec.options):
+        default = option.default if option.default is not dataclasses.MISSING else None
+        if option.default_factory is not dataclasses.MISSING:
+            default = option.default_factory()
+        rows.append((option.name, default, option.metadata.get("help", "")))
     return rows
 
 
