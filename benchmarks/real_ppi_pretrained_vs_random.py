@@ -3,7 +3,7 @@ a random-init backbone of the same architecture, same data, budget and seed.
 
     PEFTLAB_REAL_ASSETS=../shared/real python benchmarks/real_ppi_pretrained_vs_random.py
 
-The settings are those of tests/test_real_assets.py (a CPU-sized subsample).
+A CPU-sized subsample (tests/test_real_assets.py runs a smaller one of the same shape).
 """
 
 from __future__ import annotations
@@ -14,9 +14,8 @@ import os
 import tempfile
 from pathlib import Path
 
-import torch
-
 import peftlab
+import torch
 from peftlab.domains.protein.backbones import ESMEncoder
 
 OVERRIDES = {"data.limit": {"train": 640, "validation": 160, "test": 320}, "task.max_length": 96,

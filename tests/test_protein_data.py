@@ -151,3 +151,27 @@ def test_tiny_backbone_is_the_same_every_build():
     second, info2 = backbones.load_backbone("tiny")
     assert info1["weights_sha256"] == info2["weights_sha256"]
     assert all(torch.equal(a, b) for a, b in zip(first.state_dict().values(), second.state_dict().values()))
+
+
+def test_fused_attention_matches_fair_esm_eager_layers_with_padding_and_lora():
+    from peftlab.shared import methods
+
+    encoder, _ = backbones.load_backbone("tiny")
+    encoder.eval()
+    tokens = encoder.tokenize(["MKTAYIAKQRQISFVKSHFSRQLEERLG", "MLLAVLY", "GIWDTIKSMGKVFAGK"])
+    residues = tokens != encoder.padding_idx
+    with torch.no_grad():
+        fused = encoder(tokens)
+        encoder.attention = "eager"
+        eager = encoder(tokens)
+    assert (fused - eager).abs()[residues].max() < 1e-5
+    # PEFT modules on the projections act the same on both paths
+    adapted = methods.apply(encoder, "lora", target_modules=["k_proj", "v_proj", "out_proj"])
+    with torch.no_grad():
+        for param in adapted.method_parameters().values():
+            param.add_(0.1 * torch.randn_like(param))
+        encoder.attention = "eager"
+        eager = adapted(tokens)
+        encoder.attention = "sdpa"
+        fused = adapted(tokens)
+    assert (fused - eager).abs()[residues].max() < 1e-5

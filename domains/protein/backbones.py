@@ -21,6 +21,7 @@ from esm.model.esm2 import ESM2
 from peftlab.shared import io
 from peftlab.shared.errors import UserError
 from torch import nn
+from torch.nn import functional as F
 
 # name -> (layers, width, heads), as released by Meta AI (Lin et al. 2023)
 ESM2_ARCHITECTURES = {
@@ -47,8 +48,12 @@ class ESMEncoder(nn.Module):
     contact heads, returning the last hidden states (batch, tokens, width).
     """
 
-    def __init__(self, num_layers: int, embed_dim: int, attention_heads: int, token_dropout: bool = True):
+    def __init__(self, num_layers: int, embed_dim: int, attention_heads: int, token_dropout: bool = True,
+                 attention: str = "sdpa"):
         super().__init__()
+        if attention not in ("sdpa", "eager"):
+            raise UserError(f"attention must be sdpa or eager, got {attention!r}")
+        self.attention = attention
         self.alphabet = esm.data.Alphabet.from_architecture("ESM-1b")
         full = ESM2(num_layers=num_layers, embed_dim=embed_dim, attention_heads=attention_heads,
                     alphabet=self.alphabet, token_dropout=token_dropout)
@@ -87,12 +92,42 @@ class ESMEncoder(nn.Module):
             observed = masked.sum(-1).to(x.dtype) / lengths
             x = x * (1 - mask_ratio_train) / (1 - observed)[:, None, None]
         x = x * (1 - padding_mask.unsqueeze(-1).type_as(x))
-        x = x.transpose(0, 1)
         attention_mask = padding_mask if padding_mask.any() else None
+        if self.attention == "sdpa":
+            for layer in self.layers:
+                x = _layer_sdpa(layer, x, attention_mask)
+            return self.emb_layer_norm_after(x)
+        x = x.transpose(0, 1)  # fair-esm's own layers are sequence-first
         for layer in self.layers:
             x, _ = layer(x, self_attn_padding_mask=attention_mask, need_head_weights=False)
         x = self.emb_layer_norm_after(x)
         return x.transpose(0, 1)
+
+
+def _layer_sdpa(layer, x: torch.Tensor, padding_mask: torch.Tensor | None) -> torch.Tensor:
+    """fair-esm's TransformerLayer with fused attention (torch SDPA), batch-first.
+
+    The same modules (q/k/v/out projections, rotary embedding, norms, fc1/fc2) are
+    called, so PEFT methods that wrap or hook them apply unchanged; only the attention
+    product, which fair-esm computes eagerly with a materialised (B·H, T, T) softmax,
+    becomes one fused kernel. Numerically checked against the eager layer in the tests.
+    """
+    attention = layer.self_attn
+    batch, length, width = x.shape
+    heads = attention.num_heads
+    h = layer.self_attn_layer_norm(x)
+
+    def split(t: torch.Tensor) -> torch.Tensor:
+        return t.view(batch, length, heads, width // heads).transpose(1, 2)
+
+    q, k, v = split(attention.q_proj(h)), split(attention.k_proj(h)), split(attention.v_proj(h))
+    q, k = attention.rot_emb(q, k)
+    mask = None if padding_mask is None else ~padding_mask[:, None, None, :]
+    dropout = attention.dropout if attention.training else 0.0
+    h = F.scaled_dot_product_attention(q, k.to(q.dtype), v, attn_mask=mask, dropout_p=dropout)
+    x = x + attention.out_proj(h.transpose(1, 2).reshape(batch, length, width))
+    h = layer.fc2(F.gelu(layer.fc1(layer.final_layer_norm(x))))
+    return x + h
 
 
 def backbone_names() -> list[str]:
