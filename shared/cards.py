@@ -71,6 +71,18 @@ class Card(BaseModel):
             raise UserError(f"{self.card_path}: files.{key} = {path} does not exist; fix the path (relative paths are relative to the card)")
         return path
 
+    def split_files(self) -> dict[str, Path] | None:
+        """`splits: {train: a.tsv, validation: b.tsv, test: c.tsv}` resolved and checked,
+        or None when the card splits by ratios (or not at all)."""
+        files = {k: v for k, v in (self.splits or {}).items() if k in ("train", "validation", "test")}
+        resolved = {}
+        for split, value in files.items():
+            path = self.resolve(str(value), f"splits.{split}")
+            if not path.is_file():
+                raise UserError(f"{self.card_path}: splits.{split} = {path} does not exist; fix the path")
+            resolved[split] = path
+        return resolved or None
+
     def check_keys(self, allowed_extra) -> None:
         unknown = sorted(set(self.extras) - set(allowed_extra))
         if unknown:

@@ -12,6 +12,21 @@ from torch.utils.data import Sampler
 SPLITS = ("train", "validation", "test")
 
 
+def parse_label(value: str, labels: list[str] | None, where: str) -> int:
+    """A label cell -> class index: a label name from the card, or its index (0, 1, 1.0)."""
+    value = value.strip()
+    if labels and value in labels:
+        return labels.index(value)
+    try:
+        number = float(value)
+    except ValueError:
+        known = f"one of {labels} or an index" if labels else "a class index (or set the card's `labels`)"
+        raise UserError(f"{where}: label {value!r} is not {known}; fix the cell or the card's `labels`") from None
+    if number != int(number) or number < 0 or (labels and int(number) >= len(labels)):
+        raise UserError(f"{where}: label {value!r} is out of range for labels {labels}")
+    return int(number)
+
+
 def ratio_split(
     examples: Sequence[Example],
     ratios: dict[str, float],

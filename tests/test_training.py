@@ -16,7 +16,7 @@ import torch
 from conftest import run_peftlab
 from peftlab.shared import io
 
-SETTINGS = ["train.epochs=3", "train.checkpoint_every=3", "train.early_stopping_patience=3"]
+SETTINGS = ["train.epochs=2", "train.checkpoint_every=3", "train.early_stopping_patience=2", "data.limit.train=192"]
 
 
 def _adapter_tensors(run_dir: Path) -> dict[str, torch.Tensor]:

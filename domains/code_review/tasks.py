@@ -238,7 +238,7 @@ class _CodeReviewTask:
             return Dataset(data.demo_examples(self.KIND, sizes, int(demo["seed"])), labels)
         if card.format not in self.formats:
             raise UserError(f"{card.card_path}: {self.name} reads formats {', '.join(self.formats)}, not {card.format!r}")
-        per_split = self._per_split_files(card)
+        per_split = card.split_files()
         if per_split:
             splits = {split: self._read_file(card, path) for split, path in per_split.items()}
         else:
@@ -255,16 +255,6 @@ class _CodeReviewTask:
         if card.format == "jsonl":
             return data.read_jsonl(path, self.KIND, card.fields or {}, labelled)
         return data.read_tufano_tsv(path, self.KIND, labelled)
-
-    def _per_split_files(self, card: Card) -> dict[str, Path] | None:
-        files = {k: v for k, v in (card.splits or {}).items() if k in ("train", "validation", "test")}
-        resolved = {}
-        for split, value in files.items():
-            path = card.resolve(str(value), f"splits.{split}")
-            if not path.is_file():
-                raise UserError(f"{card.card_path}: splits.{split} = {path} does not exist")
-            resolved[split] = path
-        return resolved or None
 
     def _notes(self, splits, options) -> list[str]:
         # Characters / 3 is a generous token estimate for code; the exact cut happens per batch.

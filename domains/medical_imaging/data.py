@@ -19,6 +19,7 @@ import csv
 from pathlib import Path
 
 import numpy as np
+from peftlab.shared.data import parse_label
 from peftlab.shared.errors import UserError
 from PIL import Image, UnidentifiedImageError
 
@@ -129,21 +130,6 @@ def keep_readable(examples: list[dict], on_bad_file: str, where: str) -> tuple[l
 
 
 # ----------------------------------------------------------------------------------- labels
-
-def parse_label(value: str, labels: list[str] | None, where: str) -> int:
-    """A label cell -> class index: a label name from the card, or its index."""
-    value = value.strip()
-    if labels and value in labels:
-        return labels.index(value)
-    try:
-        number = float(value)
-    except ValueError:
-        known = f"one of {labels} or an index" if labels else "a class index (or set the card's `labels`)"
-        raise UserError(f"{where}: label {value!r} is not {known}") from None
-    if number != int(number) or number < 0 or (labels and int(number) >= len(labels)):
-        raise UserError(f"{where}: label {value!r} is out of range for labels {labels}")
-    return int(number)
-
 
 def multi_label_example(example: dict, positives: list[int], labels: list[str]) -> dict:
     targets = [0.0] * len(labels)

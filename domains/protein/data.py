@@ -11,6 +11,7 @@ import csv
 from pathlib import Path
 
 import numpy as np
+from peftlab.shared.data import parse_label
 from peftlab.shared.errors import UserError
 
 from .backbones import AMINO_ACIDS
@@ -66,21 +67,6 @@ def read_fasta(path: Path) -> dict[str, str]:
     for name, parts in records.items():
         sequences[name] = check_sequence("".join(parts), f"{path}:{header_line[name]} (record {name!r})")
     return sequences
-
-
-def parse_label(value: str, labels: list[str] | None, where: str) -> int:
-    """A label cell -> class index: a label name from the card, or its index (0, 1, 1.0)."""
-    value = value.strip()
-    if labels and value in labels:
-        return labels.index(value)
-    try:
-        number = float(value)
-    except ValueError:
-        known = f"one of {labels} or an index" if labels else "a class index"
-        raise UserError(f"{where}: label {value!r} is not {known}; fix the cell or the card's `labels`") from None
-    if number != int(number) or number < 0 or (labels and int(number) >= len(labels)):
-        raise UserError(f"{where}: label {value!r} is out of range for labels {labels}")
-    return int(number)
 
 
 def _column(fields: dict, key: str, default, header: list[str] | None, path: Path) -> int:

@@ -185,19 +185,6 @@ class _ProteinTask:
         ratios = spec.get("ratios", {"train": 0.8, "validation": 0.1, "test": 0.1})
         return ratio_split(examples, ratios, int(spec.get("seed", 0)), group_of, where=str(card.card_path))
 
-    def _per_split_files(self, card: Card) -> dict[str, Path] | None:
-        spec = card.splits or {}
-        files = {k: v for k, v in spec.items() if k in ("train", "validation", "test")}
-        if not files:
-            return None
-        resolved = {}
-        for split, value in files.items():
-            path = card.resolve(str(value), f"splits.{split}")
-            if not path.is_file():
-                raise UserError(f"{card.card_path}: splits.{split} = {path} does not exist")
-            resolved[split] = path
-        return resolved
-
     def describe_base(self, scores: np.ndarray, labels: list[str]) -> dict:
         if np.ndim(scores) == 0:
             probability = float(scores)
@@ -225,7 +212,7 @@ class PPITask(_ProteinTask):
         if card.format != "fasta+pairs_tsv":
             raise UserError(f"{card.card_path}: protein-ppi reads formats {', '.join(self.formats)}, not {card.format!r}")
         sequences = data.read_fasta(card.file("sequences"))
-        per_split = self._per_split_files(card)
+        per_split = card.split_files()
         if per_split:
             splits = {s: data.read_pairs(p, sequences, card.fields, labels) for s, p in per_split.items()}
         else:
@@ -279,7 +266,7 @@ class ClassifyTask(_ProteinTask):
         if card.format != "csv":
             raise UserError(f"{card.card_path}: protein-classify reads formats csv and demo, not {card.format!r}")
         labels = card.labels
-        per_split = self._per_split_files(card)
+        per_split = card.split_files()
         if per_split:
             splits = {s: data.read_sequence_csv(p, card.fields, labels) for s, p in per_split.items()}
         else:
