@@ -306,3 +306,23 @@ def test_memory_bank_is_saved_with_the_adapter_and_restored(tmp_path):
     restored = predictor.model.backbone.method_buffers()
     assert torch.equal(restored["prompt.memory"], saved["prompt.memory"])
     assert predictor.evaluate("test") == json.loads((run_dir / "metrics.json").read_text())["test"]
+
+
+def test_test_time_voting_averages_log_probabilities_over_scaled_copies():
+    from peftlab.shared.cards import read_card
+    from peftlab.shared.tasks import get_task
+
+    task = get_task("pointcloud-classify")
+    options = task.options(votes=3)
+    dataset = task.read(read_card(contract.demo_card_for("pointcloud-classify")), options)
+    model = task.build_model("tiny", dataset.labels, options).eval()
+    examples = dataset.splits["test"][:4]
+    batch = model.collate(examples, rng=None)
+    assert batch["points"].shape[0] == 3 * len(examples)
+    single = task.build_model("tiny", dataset.labels, task.options()).collate(examples, rng=None)
+    assert torch.equal(batch["points"][: len(examples)], single["points"])  # the first copy is the plain one
+    with torch.no_grad():
+        voted = model(batch)
+        per_copy = model({"points": batch["points"], "votes": 1}).float().log_softmax(-1)
+    assert voted.shape == (len(examples), len(dataset.labels))
+    torch.testing.assert_close(voted, per_copy.reshape(3, len(examples), -1).mean(0))
