@@ -146,3 +146,16 @@ def test_python_api_mirrors_the_cli(tmp_path):
     assert sum(rows[0]["scores"].values()) == pytest.approx(1.0, abs=1e-4)
     repeated = run_peftlab("run", "--config", run_dir / "run.yaml", "--out", tmp_path / "again", "train.epochs=1")
     assert repeated.returncode == 0, repeated.stderr[-2000:]
+
+
+def test_adapter_on_other_backbone_weights_is_refused_unless_forced(ppi_run, tmp_path, capsys):
+    import shutil
+
+    copy = tmp_path / "copy"
+    shutil.copytree(ppi_run, copy, symlinks=True)
+    meta = json.loads((copy / "meta.json").read_text())
+    meta["backbone"]["weights_sha256"] = "0" * 64  # as if trained on other weights
+    (copy / "meta.json").write_text(json.dumps(meta))
+    assert main(["eval", str(copy)]) == 2
+    assert "pass --force to use it anyway" in capsys.readouterr().err
+    assert main(["eval", str(copy), "--force"]) == 0
