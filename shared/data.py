@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import csv
 from collections.abc import Callable, Sequence
 
 import numpy as np
@@ -10,6 +11,20 @@ from peftlab.shared.tasks import Example
 from torch.utils.data import Sampler
 
 SPLITS = ("train", "validation", "test")
+
+
+def table_rows(path, delimiter: str = ",") -> list[tuple[int, list[str]]]:
+    """Non-blank rows of a CSV/TSV with their line numbers, so readers can name the line
+    of a bad cell; encoding and quoting problems name the file."""
+    kind = "TSV" if delimiter == "\t" else "CSV"
+    try:
+        with open(path, newline="", encoding="utf-8-sig") as handle:
+            return [(number, cells) for number, cells in enumerate(csv.reader(handle, delimiter=delimiter), start=1)
+                    if any(cell.strip() for cell in cells)]
+    except UnicodeDecodeError as error:
+        raise UserError(f"{path}: not UTF-8 text (byte {error.start}); save it as UTF-8") from None
+    except csv.Error as error:
+        raise UserError(f"{path}: malformed {kind} ({error})") from None
 
 
 def parse_label(value: str, labels: list[str] | None, where: str) -> int:

@@ -119,30 +119,27 @@ def test_generic_model_contract(name, tiny_net, tmp_path):
             adapted.merge()
 
 
-@pytest.mark.parametrize("task_name", TASKS)
-@pytest.mark.parametrize("name", METHODS)
-def test_task_model_contract(name, task_name, tmp_path):
-    task, model, examples = _task_setup(task_name)
-    if not methods.get_method(name).fits(model.backbone):
-        pytest.skip(f"{name} does not fit {task_name}'s backbone")
+def check_task_method(task, model, examples, name, options, tmp_path):
+    """The contract for one method on one task model, through the run's adapter folder
+    (method files + head + BatchNorm buffers), as `peftlab.load` restores it. Domain tests
+    call it for backbones other than their task's `tiny` preset."""
+    from peftlab.shared import io
+    from peftlab.shared.checkpoint import load_state
+
     batch = model.collate(examples, rng=None)
     base = copy.deepcopy(model)
-    options = task.default_method_options(name, model)
-    model.backbone = methods.apply(model.backbone, name, **options)
+    model.backbone = methods.apply(model.backbone, name, **{**task.default_method_options(name, model), **options})
     head_names = [f"head.{n}" for n, _ in model.head.named_parameters()]
     adapted, trained, spec = _check_contract(
         base, model, model.backbone, lambda m: m(batch), lambda: model.loss(model(batch), batch),
         head_names=head_names)
-    # save -> load through the run directory's adapter folder
-    runner.save_adapter(model, tmp_path / "adapter")
+    adapter = tmp_path / "adapter"
+    runner.save_adapter(model, adapter)
     rebuilt = copy.deepcopy(base)
-    rebuilt.backbone = methods.load_adapter(rebuilt.backbone, tmp_path / "adapter")
-    from peftlab.shared import io
-    from peftlab.shared.checkpoint import load_state
-
-    load_state(rebuilt.head, io.load_tensors(tmp_path / "adapter" / runner.HEAD_FILE), "head")
-    if (tmp_path / "adapter" / runner.BUFFERS_FILE).is_file():
-        load_state(rebuilt.backbone, io.load_tensors(tmp_path / "adapter" / runner.BUFFERS_FILE), "buffers")
+    rebuilt.backbone = methods.load_adapter(rebuilt.backbone, adapter)
+    load_state(rebuilt.head, io.load_tensors(adapter / runner.HEAD_FILE), "head")
+    if (adapter / runner.BUFFERS_FILE).is_file():
+        load_state(rebuilt.backbone, io.load_tensors(adapter / runner.BUFFERS_FILE), "buffers")
     rebuilt.eval()
     with torch.no_grad():
         torch.testing.assert_close(rebuilt(batch), trained, atol=0, rtol=0)
@@ -150,6 +147,15 @@ def test_task_model_contract(name, task_name, tmp_path):
         model.backbone = adapted.merge()
         with torch.no_grad():
             torch.testing.assert_close(model(batch), trained, atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("task_name", TASKS)
+@pytest.mark.parametrize("name", METHODS)
+def test_task_model_contract(name, task_name, tmp_path):
+    task, model, examples = _task_setup(task_name)
+    if not methods.get_method(name).fits(model.backbone):
+        pytest.skip(f"{name} does not fit {task_name}'s backbone")
+    check_task_method(task, model, examples, name, {}, tmp_path)
 
 
 def test_every_task_has_a_demo_card():

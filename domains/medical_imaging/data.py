@@ -15,11 +15,10 @@ their own min and max.
 
 from __future__ import annotations
 
-import csv
 from pathlib import Path
 
 import numpy as np
-from peftlab.shared.data import parse_label
+from peftlab.shared.data import parse_label, table_rows
 from peftlab.shared.errors import UserError
 from PIL import Image, UnidentifiedImageError
 
@@ -224,13 +223,7 @@ def read_image_csv(path: Path, image_root: Path, fields: dict, labels: list[str]
                    multi_label: bool, labelled: bool = True) -> list[dict]:
     """CSV with a header: an image path column (relative to `image_root`), a label column,
     and, when the card sets `group_by`, that column as each example's group."""
-    try:
-        with open(path, newline="", encoding="utf-8-sig") as handle:
-            rows = [(n, cells) for n, cells in enumerate(csv.reader(handle), start=1) if any(c.strip() for c in cells)]
-    except UnicodeDecodeError as error:
-        raise UserError(f"{path}: not UTF-8 text (byte {error.start}); save it as UTF-8") from None
-    except csv.Error as error:
-        raise UserError(f"{path}: malformed CSV ({error})") from None
+    rows = table_rows(path, ",")
     if not rows:
         raise UserError(f"{path}: empty CSV file")
     header = [h.strip() for h in rows[0][1]]

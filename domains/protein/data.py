@@ -7,11 +7,10 @@ card's list. Each error names the file and line.
 
 from __future__ import annotations
 
-import csv
 from pathlib import Path
 
 import numpy as np
-from peftlab.shared.data import parse_label
+from peftlab.shared.data import parse_label, table_rows
 from peftlab.shared.errors import UserError
 
 from .backbones import AMINO_ACIDS
@@ -81,7 +80,7 @@ def _column(fields: dict, key: str, default, header: list[str] | None, path: Pat
 def read_pairs(path: Path, sequences: dict[str, str], fields: dict, labels: list[str] | None,
                labelled: bool = True) -> list[dict]:
     """D-SCRIPT pair TSV: `protein_a<TAB>protein_b<TAB>label`, no header (or a named header)."""
-    rows = list(_rows(path, "\t"))
+    rows = table_rows(path, "\t")
     header = None
     if rows and not _looks_like_data(rows[0][1], sequences):
         header, rows = rows[0][1], rows[1:]
@@ -108,7 +107,7 @@ def read_pairs(path: Path, sequences: dict[str, str], fields: dict, labels: list
 
 def read_sequence_csv(path: Path, fields: dict, labels: list[str] | None, labelled: bool = True) -> list[dict]:
     """CSV with a header: a sequence column and (when labelled) a label column."""
-    rows = list(_rows(path, ","))
+    rows = table_rows(path, ",")
     if not rows:
         raise UserError(f"{path}: empty CSV file")
     header = [h.strip() for h in rows[0][1]]
@@ -127,18 +126,6 @@ def read_sequence_csv(path: Path, fields: dict, labels: list[str] | None, labell
     if not examples:
         raise UserError(f"{path}: no data rows under the header")
     return examples
-
-
-def _rows(path: Path, delimiter: str):
-    try:
-        with open(path, newline="", encoding="utf-8") as handle:
-            for number, cells in enumerate(csv.reader(handle, delimiter=delimiter), start=1):
-                if cells and any(c.strip() for c in cells):
-                    yield number, cells
-    except UnicodeDecodeError as error:
-        raise UserError(f"{path}: not UTF-8 text (byte {error.start}); save it as UTF-8") from None
-    except csv.Error as error:
-        raise UserError(f"{path}: malformed {'TSV' if delimiter == chr(9) else 'CSV'} ({error})") from None
 
 
 def _looks_like_data(cells: list[str], sequences: dict[str, str]) -> bool:

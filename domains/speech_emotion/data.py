@@ -10,7 +10,6 @@ bounded cache for the training epochs.
 
 from __future__ import annotations
 
-import csv
 from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,6 +18,7 @@ import numpy as np
 import soundfile
 import torch
 import torchaudio
+from peftlab.shared.data import table_rows
 from peftlab.shared.errors import UserError
 from scipy import signal
 
@@ -151,14 +151,7 @@ def read_table(path: Path, audio_root: Path, fields: dict, labels: list[str] | N
                group_by: str | None, on_bad_file: str) -> TableRows:
     """A CSV (or TSV, by suffix) with a header row; relative audio paths start at `audio_root`."""
     delimiter = "\t" if path.suffix.lower() == ".tsv" else ","
-    try:
-        with open(path, newline="", encoding="utf-8-sig") as handle:
-            rows = [(n, cells) for n, cells in enumerate(csv.reader(handle, delimiter=delimiter), start=1)
-                    if cells and any(c.strip() for c in cells)]
-    except UnicodeDecodeError as error:
-        raise UserError(f"{path}: not UTF-8 text (byte {error.start}); save it as UTF-8") from None
-    except csv.Error as error:
-        raise UserError(f"{path}: malformed {'TSV' if delimiter == chr(9) else 'CSV'} ({error})") from None
+    rows = table_rows(path, delimiter)
     if not rows:
         raise UserError(f"{path}: empty table; it needs a header row (e.g. path,label,speaker) and one row per clip")
     header = [h.strip() for h in rows[0][1]]
