@@ -119,13 +119,37 @@ def predict(run_dir, inputs, out, force):
 
 @cli.command()
 @click.argument("run_dir", type=click.Path())
-@click.option("--out", required=True, type=click.Path(file_okay=False), help="Directory for the merged run.")
-def merge(run_dir, out):
+@click.option("--out", type=click.Path(file_okay=False), help="Directory for the merged run.")
+@click.option("--export", "export_dir", type=click.Path(file_okay=False),
+              help="Also write the merged backbone in its own library's format (fair-esm, timm, transformers), loadable without peftlab.")
+def merge(run_dir, out, export_dir):
     """Fold a mergeable adapter into the backbone weights; writes a run directory with method `full`."""
     from peftlab.pipelines.predictor import load
 
-    merged = load(run_dir).merge(out)
-    click.echo(str(merged))
+    if not out and not export_dir:
+        raise UserError("merge needs --out DIR (a merged run), --export DIR (the merged backbone), or both")
+    predictor = load(run_dir)
+    if out:
+        click.echo(str(predictor.merge(out)))
+    if export_dir:
+        click.echo(str(predictor.export(export_dir)))
+
+
+@cli.command()
+@click.argument("run_dirs", nargs=-1, required=True)
+@click.option("--host", default="127.0.0.1", show_default=True, help="Interface to listen on (0.0.0.0: every one).")
+@click.option("--port", default=8000, show_default=True, type=click.IntRange(0, 65535))
+@click.option("--max-batch", default=32, show_default=True, type=click.IntRange(min=1), help="Examples batched together at most.")
+@click.option("--max-wait-ms", default=5.0, show_default=True, type=click.FloatRange(min=0), help="How long a batch waits for more requests.")
+@click.option("--force", is_flag=True, help="Use adapters even if the backbone weights differ from training.")
+def serve(run_dirs, host, port, max_batch, max_wait_ms, force):
+    """Serve runs over HTTP/JSON; each backbone is loaded once. RUN_DIR or NAME=RUN_DIR.
+
+    GET /health, GET /adapters, POST /predict/NAME with the task's JSON input form.
+    """
+    from peftlab.pipelines.serve import serve as serve_runs
+
+    serve_runs(list(run_dirs), host=host, port=port, force=force, max_batch=max_batch, max_wait_ms=max_wait_ms)
 
 
 @cli.group()

@@ -16,9 +16,14 @@ from peftlab.shared.training import make_accelerator
 
 
 class Predictor:
-    """A run's model rebuilt from its directory: backbone + saved adapter + head."""
+    """A run's model rebuilt from its directory: backbone + saved adapter + head.
 
-    def __init__(self, run_dir, force: bool = False):
+    `attach(predictor, backbone, adapter_dir) -> backbone` replaces the default adapter
+    loading (`methods.load_adapter`): the multi-adapter server uses it to put the run's
+    adapter on a backbone it shares with other runs.
+    """
+
+    def __init__(self, run_dir, force: bool = False, attach=None):
         self.run_dir = Path(run_dir)
         for required in ("run.yaml", "meta.json", runner.ADAPTER):
             if not (self.run_dir / required).exists():
@@ -31,7 +36,10 @@ class Predictor:
         self.model = self.task.build_model(self.config.backbone.name, self.labels, self.options)
         self._check_backbone(force)
         adapter = self.run_dir / runner.ADAPTER
-        self.model.backbone = methods.load_adapter(self.model.backbone, adapter)
+        if attach is None:
+            self.model.backbone = methods.load_adapter(self.model.backbone, adapter)
+        else:
+            self.model.backbone = attach(self, self.model.backbone, adapter)
         checkpoint.load_state(self.model.head, io.load_tensors(adapter / runner.HEAD_FILE), str(adapter))
         if (adapter / runner.BUFFERS_FILE).is_file():
             checkpoint.load_state(self.model.backbone, io.load_tensors(adapter / runner.BUFFERS_FILE), str(adapter))
@@ -101,5 +109,45 @@ class Predictor:
         return out
 
 
-def load(run_dir, force: bool = False) -> Predictor:
+    def export(self, directory) -> Path:
+        """The merged backbone in its own library's format (fair-esm, timm, transformers, ...),
+        loadable without peftlab, plus `export.json` saying what it is and how to load it."""
+        directory = Path(directory)
+        if directory.exists() and any(directory.iterdir()):
+            raise UserError(f"{directory} exists and is not empty; choose another --export")
+        if not hasattr(self.task, "export_backbone"):
+            raise UserError(f"task {self.task.name!r} has no export format; `peftlab merge --out` writes a merged run")
+        adapted = self.model.backbone
+        method = self.meta["method"]["name"]
+        if not adapted.spec.mergeable and method != "full":
+            mergeable = [m for m in methods.list_methods() if methods.get_method(m).mergeable]
+            raise UserError(f"{self.run_dir}: method {method!r} cannot be merged into the backbone weights; "
+                            f"mergeable methods: {', '.join(mergeable)}")
+        self.model.backbone = adapted.base_model if method == "full" else adapted.merge()
+        tmp = directory.with_name(f".{directory.name}.tmp")
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+        try:
+            usage = self.task.export_backbone(self.model, tmp)
+            io.write_json(tmp / "export.json", {
+                "run_dir": str(self.run_dir), "task": self.task.name, "backbone": self.meta["backbone"],
+                "merged_method": self.meta["method"], "load_without_peftlab": usage,
+            })
+            shutil.rmtree(directory, ignore_errors=True)
+            tmp.rename(directory)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+        finally:
+            self.model.backbone = methods.apply(self.model.backbone, "full")
+        return directory
+
+
+def load(run_dir, force: bool = False):
+    """One run directory -> a `Predictor`; a list of them -> a `MultiAdapter` serving all
+    of them on shared backbones (NAME=RUN_DIR names an adapter)."""
+    if isinstance(run_dir, list | tuple):
+        from peftlab.pipelines.multi_adapter import MultiAdapter
+
+        return MultiAdapter(run_dir, force=force)
     return Predictor(run_dir, force=force)

@@ -29,6 +29,7 @@ from typing import Any, ClassVar
 
 import torch
 from peftlab.shared import causal_lm as clm
+from peftlab.shared import requests
 from peftlab.shared.cards import Card
 from peftlab.shared.data import ratio_split
 from peftlab.shared.errors import UserError
@@ -279,6 +280,32 @@ class _CodeReviewTask:
             else:
                 raise UserError(f"{path}: {self.name} predict reads CodeReviewer JSONL (.jsonl) or Tufano pairs (.tsv)")
         return examples
+
+    def rows_follow_examples(self, options) -> bool:
+        return self.KIND == "necessity"  # the generation tasks decode (with beams) rather than score rows
+
+    def parse_request(self, payload: dict, options) -> list[dict]:
+        """{"inputs": [{FIELD: TEXT, ...}, ...]} or {"inputs": {ID: {...}}}, with the task's
+        CodeReviewer fields (`patch`; for code-refine `old` and `comment`)."""
+        fields = [name for name in data.TASK_FIELDS[self.KIND] if name != "label"]
+        requests.only_fields(payload, ("inputs",))
+        examples = []
+        for key, record in requests.items(payload, "inputs", "objects {" + ", ".join(fields) + "}"):
+            if not isinstance(record, dict):
+                raise UserError(f"inputs[{key}]: an object with {', '.join(fields)}, not {type(record).__name__}")
+            requests.only_fields(record, tuple(fields))
+            missing = [name for name in fields if name not in record]
+            if missing:
+                raise UserError(f"inputs[{key}].{missing[0]}: required ({self.name} reads {', '.join(fields)})")
+            examples.append({"id": key, **{name: requests.text(record[name], f"inputs[{key}].{name}") for name in fields}})
+        return examples
+
+    def export_backbone(self, model, directory: Path) -> str:
+        """The transformers causal LM and its tokenizer (`save_pretrained`), which
+        `AutoModelForCausalLM.from_pretrained(DIR)` and `AutoTokenizer.from_pretrained(DIR)` load."""
+        clm.save_causal_lm(clm.CausalLM(model.backbone, model.tokenizer, model.backbone_info), directory)
+        return ("import transformers\nmodel = transformers.AutoModelForCausalLM.from_pretrained(EXPORT_DIR)\n"
+                "tokenizer = transformers.AutoTokenizer.from_pretrained(EXPORT_DIR)")
 
     def card_template(self) -> str:
         return CARD_TEMPLATES[self.name]

@@ -13,17 +13,21 @@ from __future__ import annotations
 import contextlib
 import random
 from dataclasses import dataclass, field
+from io import BytesIO
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import timm.data
+import timm.models
 import torch
 from peftlab.shared import metrics as metric_registry
+from peftlab.shared import requests
 from peftlab.shared.cards import Card
 from peftlab.shared.data import ratio_split
 from peftlab.shared.errors import UserError
 from peftlab.shared.tasks import Dataset, register_task
+from PIL import Image, UnidentifiedImageError
 from sklearn import metrics as skm
 from torch import nn
 from torch.nn import functional as F
@@ -342,6 +346,41 @@ class MedicalClassifyTask:
         row["prediction"] = labels[int(np.argmax(scores))]
         return row
 
+    # ------------------------------------------------------------- serving and export
+
+    def rows_follow_examples(self, options) -> bool:
+        return True
+
+    def parse_request(self, payload: dict, options: MedicalImageOptions) -> list[dict]:
+        """{"images": [BASE64, ...]} or {"images": {ID: BASE64, ...}}: encoded image files
+        (PNG, JPEG, TIFF, BMP, ...), converted to RGB as files are."""
+        requests.only_fields(payload, ("images",))
+        examples = []
+        for key, value in requests.items(payload, "images", "base64 image files"):
+            where = f"images[{key}]"
+            try:
+                with Image.open(BytesIO(requests.base64_bytes(value, where))) as image:
+                    image.load()
+                    rgb = data.to_rgb(image)
+            except UserError:
+                raise
+            except (UnidentifiedImageError, OSError, ValueError, SyntaxError, Image.DecompressionBombError) as error:
+                raise UserError(f"{where}: not a readable image file ({error})") from None
+            examples.append({"id": key, "image": np.asarray(rgb), "multi_label": options.multi_label})
+        return examples
+
+    def export_backbone(self, model, directory: Path) -> str:
+        """timm's own format (`timm.models.save_for_hf`: config.json + model.safetensors),
+        which `timm.create_model("local-dir:DIR", pretrained=True)` loads."""
+        backbone = model.backbone
+        config, args = {}, {}
+        if model.backbone_info.get("architecture") in ("tiny_vit", "tiny_resnet"):
+            arch, args = _registered_equivalent(backbone)
+            config = {"pretrained_cfg": {"architecture": arch}}
+        timm.models.save_for_hf(backbone, str(directory), model_config=config, model_args=args,
+                                safe_serialization=True, data_config=dict(model.data_config))
+        return "import timm\nmodel = timm.create_model('local-dir:' + EXPORT_DIR, pretrained=True)"
+
     # ------------------------------------------------------------------------- metrics
 
     def compute_metrics(self, metric_names, examples, outputs) -> dict:
@@ -366,6 +405,19 @@ class MedicalClassifyTask:
 
     def card_template(self) -> str:
         return CARD_TEMPLATE
+
+
+def _registered_equivalent(backbone: nn.Module) -> tuple[str, dict]:
+    """A tiny preset as a registered timm architecture plus the arguments that shape it."""
+    if family(backbone) == "vit":
+        block = backbone.blocks[0]
+        return "vit_tiny_patch16_224", {
+            "img_size": list(backbone.patch_embed.img_size), "patch_size": list(backbone.patch_embed.patch_size),
+            "embed_dim": backbone.embed_dim, "depth": len(backbone.blocks), "num_heads": block.attn.num_heads,
+            "mlp_ratio": block.mlp.fc1.out_features / backbone.embed_dim}
+    stages = [getattr(backbone, f"layer{i}") for i in range(1, 5)]
+    return "resnet18", {"layers": [len(s) for s in stages], "channels": [s[-1].conv2.out_channels for s in stages],
+                        "stem_width": backbone.conv1.out_channels}
 
 
 _MULTI_LABEL = {

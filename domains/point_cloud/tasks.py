@@ -12,13 +12,14 @@ copies of each cloud (test-time voting, as Point-BERT reports on ModelNet40).
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
-from peftlab.shared import io
+from peftlab.shared import io, requests
 from peftlab.shared.cards import Card
 from peftlab.shared.data import ratio_split
 from peftlab.shared.errors import UserError
@@ -258,6 +259,34 @@ class PointCloudClassifyTask:
     def describe(self, example, scores, labels) -> dict:
         return {"id": example["id"], "scores": {label: float(s) for label, s in zip(labels, scores)},
                 "prediction": labels[int(np.argmax(scores))]}
+
+    def rows_follow_examples(self, options: PointCloudOptions) -> bool:
+        return options.votes == 1  # with votes, each example is several rows (scaled copies)
+
+    def parse_request(self, payload: dict, options) -> list[dict]:
+        """{"points": [CLOUD, ...]} or {"points": {ID: CLOUD, ...}}, a cloud being a list
+        of [x, y, z] (extra columns ignored, as in files)."""
+        requests.only_fields(payload, ("points",))
+        examples = []
+        for key, cloud in requests.items(payload, "points", "point lists [[x, y, z], ...]"):
+            where = f"points[{key}]"
+            try:
+                array = np.asarray(cloud, dtype=np.float32)
+            except (TypeError, ValueError):
+                raise UserError(f"{where}: a cloud is a list of [x, y, z] number lists") from None
+            examples.append({"id": key, "points": data.check_points(array, where)})
+        return examples
+
+    def export_backbone(self, model, directory: Path) -> str:
+        """Point-BERT's own checkpoint layout: `Point-BERT.pth` with the encoder under
+        `base_model` (official key names), and `config.json` with its transformer settings."""
+        encoder = model.backbone
+        with io.atomic_path(directory / "Point-BERT.pth") as tmp:
+            torch.save({"base_model": {k: v.detach().clone().contiguous() for k, v in encoder.state_dict().items()}}, tmp)
+        io.write_json(directory / "config.json", {k: list(v) if isinstance(v, tuple) else v
+                                                  for k, v in dataclasses.asdict(encoder.config).items()})
+        return ("import torch\nstate = torch.load(EXPORT_DIR + '/Point-BERT.pth', weights_only=True)['base_model']  "
+                "# Point-BERT's PointTransformer(config).load_state_dict(state)")
 
     def write_report(self, split, examples, outputs, labels, directory) -> None:
         """`<split>_per_class_accuracy.json`: accuracy and count per class (mean class

@@ -13,6 +13,7 @@ from typing import Any
 
 import numpy as np
 import torch
+from peftlab.shared import io, requests
 from peftlab.shared.cards import Card
 from peftlab.shared.data import ratio_split
 from peftlab.shared.errors import UserError
@@ -21,7 +22,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from . import data
-from .backbones import ESMEncoder, backbone_names, load_backbone
+from .backbones import TINY, TINY_SEED, ESMEncoder, backbone_names, load_backbone
 
 
 @dataclass
@@ -185,6 +186,32 @@ class _ProteinTask:
         ratios = spec.get("ratios", {"train": 0.8, "validation": 0.1, "test": 0.1})
         return ratio_split(examples, ratios, int(spec.get("seed", 0)), group_of, where=str(card.card_path))
 
+    # ------------------------------------------------------------- serving and export
+    def export_backbone(self, model, directory: Path) -> str:
+        """The (merged) encoder as fair-esm releases ESM-2, which
+        `esm.pretrained.load_model_and_alphabet_local(<dir>/<name>.pt)` loads without
+        peftlab: `<name>.pt` ({"model": state dict, "cfg": {"model": Namespace}}) and the
+        `<name>-contact-regression.pt` it reads beside it. The LM and contact heads, which
+        fine-tuning never touches, come from the source checkpoint (the tiny preset
+        rebuilds its own from its seed)."""
+        import argparse
+
+        encoder = model.backbone
+        heads = _esm_heads(model.backbone_info, encoder)
+        name = f"esm2_t{encoder.num_layers}_{encoder.embed_dim}_merged"  # fair-esm dispatches on the esm2 prefix
+        state = {**encoder.state_dict(), **{k: v for k, v in heads.items() if not k.startswith("contact_head.")}}
+        config = argparse.Namespace(encoder_layers=encoder.num_layers, encoder_embed_dim=encoder.embed_dim,
+                                    encoder_attention_heads=encoder.attention_heads, token_dropout=encoder.token_dropout)
+        files = [directory / f"{name}.pt", directory / f"{name}-contact-regression.pt"]
+        contact = {k: v for k, v in heads.items() if k.startswith("contact_head.")}
+        for path, content in zip(files, [{"model": state, "cfg": {"model": config}}, {"model": contact}]):
+            with io.atomic_path(path) as tmp:
+                torch.save({k: ({n: t.detach().clone().contiguous() for n, t in v.items()} if k == "model" else v)
+                            for k, v in content.items()}, tmp)
+        return ("import argparse, torch, esm\n"
+                "with torch.serialization.safe_globals([argparse.Namespace]):\n"
+                f"    model, alphabet = esm.pretrained.load_model_and_alphabet_local('{files[0].name}')")
+
     def describe_base(self, scores: np.ndarray, labels: list[str]) -> dict:
         if np.ndim(scores) == 0:
             probability = float(scores)
@@ -246,6 +273,32 @@ class PPITask(_ProteinTask):
     def describe(self, example, scores, labels) -> dict:
         return {"protein_a": example["a"], "protein_b": example["b"], **self.describe_base(scores, labels)}
 
+    def rows_follow_examples(self, options) -> bool:
+        return False  # a batch encodes each distinct protein once, shared by its pairs
+
+    def parse_request(self, payload: dict, options) -> list[dict]:
+        """{"pairs": [[SEQ_A, SEQ_B], ...]}, or a FASTA and a pairs table as JSON:
+        {"sequences": {ID: SEQ, ...}, "pairs": [[ID_A, ID_B], ...]}."""
+        requests.only_fields(payload, ("pairs", "sequences"))
+        named = None
+        if "sequences" in payload:
+            named = {key: data.check_sequence(requests.text(value, f"sequences.{key}"), f"sequences.{key}")
+                     for key, value in requests.items(payload, "sequences", "sequences")}
+        examples = []
+        for index, pair in requests.items(payload, "pairs", "pairs [A, B]"):
+            if not (isinstance(pair, list) and len(pair) == 2 and all(isinstance(p, str) for p in pair)):
+                raise UserError(f"pairs[{index}]: a pair is a list of two strings ({'ids' if named else 'sequences'})")
+            if named is None:
+                ids = [f"{index}:a", f"{index}:b"]
+                seqs = [data.check_sequence(p, f"pairs[{index}][{side}]") for side, p in enumerate(pair)]
+            else:
+                unknown = [p for p in pair if p not in named]
+                if unknown:
+                    raise UserError(f"pairs[{index}]: {unknown[0]!r} is not an id in `sequences`")
+                ids, seqs = pair, [named[p] for p in pair]
+            examples.append({"id": f"{ids[0]}-{ids[1]}", "a": ids[0], "b": ids[1], "a_seq": seqs[0], "b_seq": seqs[1]})
+        return examples
+
     def card_template(self) -> str:
         return CARD_TEMPLATES[self.name]
 
@@ -294,8 +347,47 @@ class ClassifyTask(_ProteinTask):
     def describe(self, example, scores, labels) -> dict:
         return {"id": example["id"], **self.describe_base(scores, labels)}
 
+    def rows_follow_examples(self, options) -> bool:
+        return True
+
+    def parse_request(self, payload: dict, options) -> list[dict]:
+        """{"sequences": [SEQ, ...]} (ids "0", "1", ...) or {"sequences": {ID: SEQ, ...}}."""
+        requests.only_fields(payload, ("sequences",))
+        return [{"id": key, "seq": data.check_sequence(requests.text(value, f"sequences[{key}]"), f"sequences[{key}]")}
+                for key, value in requests.items(payload, "sequences", "sequences")]
+
     def card_template(self) -> str:
         return CARD_TEMPLATES[self.name]
+
+
+def _esm_heads(info: dict, encoder: ESMEncoder) -> dict[str, torch.Tensor]:
+    """The LM head and contact head of the checkpoint the encoder came from (ESMEncoder
+    keeps neither): rebuilt from the seed for the tiny preset, read from a fair-esm file."""
+    import argparse
+
+    import esm
+
+    source = info.get("source", "")
+    if info.get("name") == "tiny":
+        with torch.random.fork_rng():
+            torch.manual_seed(TINY_SEED)
+            full = esm.model.esm2.ESM2(*TINY, alphabet=esm.data.Alphabet.from_architecture("ESM-1b"))
+        return {k: v for k, v in full.state_dict().items() if k.startswith(("lm_head.", "contact_head."))}
+    path = Path(source)
+    regression = path.with_name(f"{path.stem}-contact-regression.pt")
+    if path.suffix != ".pt" or not path.is_file() or not regression.is_file():
+        raise UserError(f"exporting ESM-2 for fair-esm needs the source checkpoint's LM and contact heads: "
+                        f"{source} is not a fair-esm .pt file with its -contact-regression.pt beside it "
+                        f"(the merged run from `peftlab merge --out` works without them)")
+    heads = {}
+    for file in (path, regression):
+        with torch.serialization.safe_globals([argparse.Namespace]):
+            state = torch.load(file, map_location="cpu", weights_only=True)["model"]
+        for key, value in state.items():
+            key = key.removeprefix("encoder.")
+            if key.startswith(("lm_head.", "contact_head.")):
+                heads[key] = value
+    return heads
 
 
 CARD_TEMPLATES = {

@@ -10,6 +10,7 @@ recall = balanced accuracy). Accuracy is reported as the field's "weighted accur
 from __future__ import annotations
 
 import math
+import tempfile
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -17,7 +18,7 @@ from typing import Any
 
 import numpy as np
 import torch
-from peftlab.shared import io
+from peftlab.shared import io, requests
 from peftlab.shared.cards import Card
 from peftlab.shared.data import ratio_split
 from peftlab.shared.errors import UserError
@@ -308,6 +309,35 @@ class SpeechEmotionTask:
             return {**row, "score": float(scores), "prediction": labels[int(float(scores) >= 0.5)]}
         return {**row, "scores": {label: float(s) for label, s in zip(labels, scores)},
                 "prediction": labels[int(np.argmax(scores))]}
+
+    def rows_follow_examples(self, options) -> bool:
+        return True
+
+    def parse_request(self, payload: dict, options) -> list[dict]:
+        """{"audio": [BASE64, ...]} or {"audio": {ID: BASE64, ...}}: encoded audio files
+        (WAV, FLAC, OGG), checked and mixed down to mono as files are."""
+        requests.only_fields(payload, ("audio",))
+        examples = []
+        for key, value in requests.items(payload, "audio", "base64 audio files"):
+            raw = requests.base64_bytes(value, f"audio[{key}]")
+            with tempfile.NamedTemporaryFile(suffix=".audio") as file:  # the file reader's checks, unchanged
+                file.write(raw)
+                file.flush()
+                try:
+                    waveform, rate = data.decode(Path(file.name))
+                except data.BadAudio as error:
+                    raise UserError(f"audio[{key}]: {error}") from None
+            examples.append({"id": key, "audio": waveform, "sample_rate": rate, "samples": len(waveform)})
+        return examples
+
+    def export_backbone(self, model, directory: Path) -> str:
+        """The transformers encoder and its feature extractor (`save_pretrained`), which
+        `transformers.AutoModel.from_pretrained(DIR)` loads."""
+        encoder = model.backbone
+        encoder.network.save_pretrained(directory)
+        encoder.extractor.save_pretrained(directory)
+        return ("import transformers\nmodel = transformers.AutoModel.from_pretrained(EXPORT_DIR)\n"
+                "extractor = transformers.AutoFeatureExtractor.from_pretrained(EXPORT_DIR)")
 
     def write_report(self, split: str, examples, outputs, labels: list[str], directory: Path) -> None:
         """`<split>_confusion.json` (counts and per-class recall) and `<split>_confusion.png`."""

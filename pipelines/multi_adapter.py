@@ -1,0 +1,407 @@
+"""Many runs served on shared backbones: `peftlab.load([run_a, run_b, ...])`.
+
+Each distinct backbone (the same `meta.json` backbone record: name, source,
+architecture, weights hash) is held once in memory for the runs that can share it, and
+every run keeps its own head. Which path a run takes depends on its method:
+
+- `lora`: a named adapter on one peft model per backbone. A batch may mix adapters row
+  by row (peft's `adapter_names`) when the task's backbone sees one input row per example
+  (`task.rows_follow_examples(options)`); the backbone then runs once for the whole batch
+  and each run's head reads its own rows.
+- the other peft methods (`dora`, `ia3`, `loha`, `lokr`, `vera`, `ln_tuning`): named
+  adapters on one peft model per backbone and peft type, switched with `set_adapter`
+  under the backbone's lock (peft mixes batches for plain LoRA only; DoRA refuses).
+- methods that change the backbone itself (`bitfit`, `ssf`, bottleneck adapters,
+  `freeze_layers`, `full`, the domain methods, peft's prompt learning) and runs that saved
+  BatchNorm statistics: their own model each (a `Predictor`), correct at the cost of a
+  backbone each.
+
+Requests go through `submit(adapter, examples)`: one worker thread per backbone collects
+what arrives within `max_wait_ms` (up to `max_batch` examples), runs it, and resolves
+each request's future. Every output is what `Predictor.predict` gives for the same
+example: mixed batches differ from single-run batches only in which rows share a
+padded batch, so scores agree to float rounding (the tests allow 1e-5) and labels exactly.
+"""
+
+from __future__ import annotations
+
+import json
+import queue
+import threading
+import time
+from collections import defaultdict
+from concurrent.futures import Future
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import peft
+import torch
+from peftlab.pipelines import runner
+from peftlab.pipelines.predictor import Predictor
+from peftlab.shared import io, methods
+from peftlab.shared.errors import UserError
+from peftlab.shared.evaluation import predict_outputs, to_device
+from torch import nn
+
+MIXABLE_METHODS = ("lora",)
+"""peft implements mixed-adapter batches (`adapter_names`) for plain LoRA only."""
+SHARED_PEFT_METHODS = ("lora", "dora", "ia3", "loha", "lokr", "vera", "ln_tuning")
+"""peft methods whose adapters load by name into one peft model and switch with set_adapter."""
+
+
+@dataclass
+class Adapter:
+    """One served run: its predictor (config, task, labels, model with its own head)."""
+
+    name: str
+    predictor: Predictor
+    engine: Engine
+    peft_name: str | None = None
+    """Its adapter's name inside the shared peft model (None on a private model)."""
+
+    @property
+    def task(self):
+        return self.predictor.task
+
+    @property
+    def method(self) -> str:
+        return self.predictor.meta["method"]["name"]
+
+    @property
+    def mixable(self) -> bool:
+        rows_follow = getattr(self.task, "rows_follow_examples", None)
+        return (self.engine.shared and self.method in MIXABLE_METHODS
+                and rows_follow is not None and bool(rows_follow(self.predictor.options)))
+
+    def mixing_key(self) -> str:
+        """Runs whose batches are collated alike (same task, options, precision) can share one."""
+        p = self.predictor
+        return json.dumps([p.task.name, p.config.task_options, p.config.train.precision], sort_keys=True, default=str)
+
+    def describe(self) -> dict[str, Any]:
+        p = self.predictor
+        metrics_file = p.run_dir / "metrics.json"
+        metrics = io.read_json(metrics_file) if metrics_file.is_file() else {}
+        return {
+            "name": self.name,
+            "run_dir": str(p.run_dir),
+            "task": p.task.name,
+            "labels": p.labels,
+            "backbone": p.meta["backbone"].get("name"),
+            "backbone_sha256": p.meta["backbone"].get("weights_sha256"),
+            "method": self.method,
+            "serving": "mixed batches" if self.mixable else ("switched" if self.engine.shared else "own model"),
+            "metrics": {split: metrics[split] for split in ("validation", "test") if split in metrics},
+        }
+
+
+@dataclass
+class _Job:
+    adapter: Adapter
+    examples: list[dict]
+    future: Future = field(default_factory=Future)
+
+
+class Engine:
+    """One backbone in memory and the worker thread that runs every batch on it."""
+
+    def __init__(self, key: str, shared: bool, max_batch: int, max_wait_ms: float):
+        self.key = key
+        self.shared = shared
+        self.backbone: methods.AdaptedModel | None = None
+        """The shared adapted backbone (shared engines only)."""
+        self.adapters: list[Adapter] = []
+        self.max_batch = max_batch
+        self.max_wait = max_wait_ms / 1000
+        self.lock = threading.Lock()
+        self.stats = {"rounds": 0, "mixed_batches": 0, "most_adapters_in_a_batch": 0, "examples": 0}
+        """What the engine did: for the load test, and for tests that a batch really mixed."""
+        self._queue: queue.Queue[_Job | None] = queue.Queue()
+        self._worker: threading.Thread | None = None
+
+    # ----------------------------------------------------------------------- loading
+    def attach(self, adapter: Adapter, fresh_backbone: nn.Module, adapter_dir: Path) -> nn.Module:
+        """The backbone `adapter`'s model should use, with its adapter loaded."""
+        if not self.shared:
+            return methods.load_adapter(fresh_backbone, adapter_dir)
+        if self.backbone is None:
+            self.backbone = methods.load_adapter(fresh_backbone, adapter_dir)
+            adapter.peft_name = self.backbone.model.active_adapter
+            return self.backbone
+        # This run's freshly built backbone is dropped: the shared one takes its adapter.
+        adapter.peft_name = f"adapter_{len(self.adapters)}"
+        peft_model: peft.PeftModel = self.backbone.model
+        result = peft_model.load_adapter(str(adapter_dir), adapter_name=adapter.peft_name, is_trainable=False)
+        missing = [k for k in getattr(result, "missing_keys", []) if f".{adapter.peft_name}." in k]
+        if missing:
+            raise UserError(f"{adapter_dir}: adapter weights do not fit the shared backbone (missing {missing[:3]})")
+        return self.backbone
+
+    # ----------------------------------------------------------------------- serving
+    def submit(self, adapter: Adapter, examples: list[dict]) -> Future:
+        job = _Job(adapter, list(examples))
+        if not job.examples:
+            job.future.set_result([])
+            return job.future
+        self._start()
+        self._queue.put(job)
+        return job.future
+
+    def _start(self) -> None:
+        with self.lock:
+            if self._worker is None:
+                self._worker = threading.Thread(target=self._serve, name=f"peftlab-engine-{id(self)}", daemon=True)
+                self._worker.start()
+
+    def stop(self) -> None:
+        if self._worker is not None:
+            self._queue.put(None)
+            self._worker.join()
+            self._worker = None
+
+    def _serve(self) -> None:
+        while True:
+            job = self._queue.get()
+            if job is None:
+                return
+            jobs, count = [job], len(job.examples)
+            deadline = time.perf_counter() + self.max_wait
+            while count < self.max_batch:
+                try:
+                    more = self._queue.get(timeout=max(0.0, deadline - time.perf_counter()))
+                except queue.Empty:
+                    break
+                if more is None:
+                    self._queue.put(None)  # stop after this round
+                    break
+                jobs.append(more)
+                count += len(more.examples)
+            self._run_jobs(jobs)
+
+    def _run_jobs(self, jobs: list[_Job]) -> None:
+        try:
+            outputs = self.outputs([(job.adapter, e) for job in jobs for e in job.examples])
+        except Exception as error:  # a bad job must not fail the others: run each alone to find it
+            if len(jobs) > 1:
+                for job in jobs:
+                    self._run_jobs([job])
+            else:
+                jobs[0].future.set_exception(error)
+            return
+        start = 0
+        for job in jobs:
+            job.future.set_result(outputs[start:start + len(job.examples)])
+            start += len(job.examples)
+
+    def outputs(self, requests: list[tuple[Adapter, dict]]) -> list[Any]:
+        """Per-example outputs (as `Predictor.predict` computes them) for (adapter, example) pairs."""
+        results: list[Any] = [None] * len(requests)
+        mixed: dict[str, list[int]] = defaultdict(list)
+        alone: dict[str, list[int]] = defaultdict(list)
+        for index, (adapter, _) in enumerate(requests):
+            if adapter.mixable:
+                mixed[adapter.mixing_key()].append(index)
+            else:
+                alone[adapter.name].append(index)
+        with self.lock, torch.inference_mode():
+            self.stats["rounds"] += 1
+            self.stats["examples"] += len(requests)
+            for indices in mixed.values():
+                for chunk in self._length_sorted_chunks(requests, indices):
+                    for index, output in zip(chunk, self._mixed_batch([requests[i] for i in chunk])):
+                        results[index] = output
+            for indices in alone.values():
+                adapter = requests[indices[0]][0]
+                if adapter.peft_name is not None:
+                    self.backbone.model.set_adapter(adapter.peft_name)
+                p = adapter.predictor
+                rows = predict_outputs(p.model, [requests[i][1] for i in indices], p.batch_size, p.accelerator.autocast)
+                for index, output in zip(indices, rows):
+                    results[index] = output
+        return results
+
+    def _length_sorted_chunks(self, requests, indices: list[int]) -> list[list[int]]:
+        """Batches of at most `max_batch` rows, similar lengths together (less padding)."""
+        model = requests[indices[0]][0].predictor.model
+        ordered = sorted(indices, key=lambda i: model.example_length(requests[i][1]))
+        return [ordered[i:i + self.max_batch] for i in range(0, len(ordered), self.max_batch)]
+
+    def _mixed_batch(self, requests: list[tuple[Adapter, dict]]) -> list[Any]:
+        """One backbone pass with each row's own LoRA adapter, then each run's head on its rows."""
+        adapters = [a for a, _ in requests]
+        first = adapters[0].predictor
+        model = first.model
+        model.eval()
+        device = next(model.parameters()).device
+        batch = to_device(model.collate([e for _, e in requests], rng=None), device)
+        captured: list[Any] = []
+        handle = self.backbone.register_forward_hook(lambda module, args, output: captured.append(output))
+        lora_model = self.backbone.model.base_model
+        try:
+            # peft's own mechanism behind `model(..., adapter_names=[...])`: every LoRA layer
+            # applies row i's adapter to row i. Entered here because the task model, not
+            # peft, calls the backbone.
+            with lora_model._enable_peft_forward_hooks(adapter_names=[a.peft_name for a in adapters]), \
+                    first.accelerator.autocast():
+                first_logits = model(batch)
+        finally:
+            handle.remove()
+        if len(captured) != 1:
+            raise RuntimeError(f"{first.task.name}: the backbone ran {len(captured)} times in one forward; "
+                               f"rows_follow_examples must be False for this task")
+        distinct = {a.name: a for a in adapters}
+        self.stats["mixed_batches"] += 1
+        self.stats["most_adapters_in_a_batch"] = max(self.stats["most_adapters_in_a_batch"], len(distinct))
+        outputs: list[Any] = [None] * len(requests)
+        for adapter in distinct.values():
+            rows = [i for i, a in enumerate(adapters) if a is adapter]
+            own = adapter.predictor.model
+            if own is model:
+                logits = first_logits
+            else:
+                own.backbone = _Replay(self.backbone, captured[0])
+                try:
+                    with adapter.predictor.accelerator.autocast():
+                        logits = own(batch)
+                finally:
+                    own.backbone = self.backbone
+            scores = own.scores(logits).float().cpu().numpy()
+            for row in rows:
+                outputs[row] = scores[row]
+        return outputs
+
+
+class _Replay(nn.Module):
+    """Stands in for the shared backbone: returns the output it already computed for this
+    batch, so a second run's head reads the same backbone pass (attributes such as the
+    tokenizer's alphabet are looked up on the real backbone)."""
+
+    def __init__(self, backbone: nn.Module, output: Any):
+        super().__init__()
+        self.real = backbone
+        self.output = output
+
+    def forward(self, *args, **kwargs):
+        return self.output
+
+    @property
+    def base_model(self) -> nn.Module:
+        return self.real.base_model
+
+
+class MultiAdapter:
+    """Runs served together; names are the run folders' names unless given as NAME=RUN_DIR."""
+
+    def __init__(self, run_dirs, force: bool = False, max_batch: int = 32, max_wait_ms: float = 5.0):
+        named = parse_named_runs(run_dirs)
+        self.engines: dict[str, Engine] = {}
+        self.adapters: dict[str, Adapter] = {}
+        for name, run_dir in named.items():
+            self.adapters[name] = self._load(name, run_dir, force, max_batch, max_wait_ms)
+
+    def _load(self, name: str, run_dir: Path, force: bool, max_batch: int, max_wait_ms: float) -> Adapter:
+        holder: dict[str, Adapter] = {}
+
+        def attach(predictor: Predictor, fresh_backbone: nn.Module, adapter_dir: Path) -> nn.Module:
+            engine = self._engine_for(predictor, adapter_dir, max_batch, max_wait_ms)
+            adapter = Adapter(name, predictor, engine)
+            backbone = engine.attach(adapter, fresh_backbone, adapter_dir)
+            engine.adapters.append(adapter)
+            holder["adapter"] = adapter
+            return backbone
+
+        Predictor(run_dir, force=force, attach=attach)
+        return holder["adapter"]
+
+    def _engine_for(self, predictor: Predictor, adapter_dir: Path, max_batch: int, max_wait_ms: float) -> Engine:
+        method = predictor.meta["method"]["name"]
+        shareable = method in SHARED_PEFT_METHODS and not (adapter_dir / runner.BUFFERS_FILE).is_file()
+        if not shareable:
+            key = f"own:{predictor.run_dir}"
+        else:
+            peft_type = io.read_json(adapter_dir / "adapter_config.json")["peft_type"]
+            key = json.dumps([predictor.meta["backbone"], peft_type], sort_keys=True, default=str)
+        if key not in self.engines:
+            self.engines[key] = Engine(key, shareable, max_batch, max_wait_ms)
+        return self.engines[key]
+
+    # --------------------------------------------------------------------- the API
+    def names(self) -> list[str]:
+        return list(self.adapters)
+
+    def get(self, name: str) -> Adapter:
+        if name not in self.adapters:
+            raise UserError(f"no adapter named {name!r}; served: {', '.join(self.adapters)}")
+        return self.adapters[name]
+
+    def submit(self, name: str, examples: list[dict]) -> Future:
+        """Queue `examples` for adapter `name`; the future gives their outputs, in order."""
+        adapter = self.get(name)
+        return adapter.engine.submit(adapter, examples)
+
+    def predict(self, name: str, inputs) -> list[dict[str, Any]]:
+        """Like `Predictor.predict` for one adapter: files (paths) or example dicts -> rows."""
+        adapter = self.get(name)
+        p = adapter.predictor
+        if inputs and all(isinstance(i, str | Path) for i in inputs):
+            examples = p.task.read_inputs([Path(i) for i in inputs], p.options)
+        else:
+            examples = list(inputs)
+        outputs = self.submit(name, examples).result()
+        return [p.task.describe(e, o, p.labels) for e, o in zip(examples, outputs)]
+
+    def parse_request(self, name: str, payload: Any) -> list[dict]:
+        """A JSON request body in the task's natural form -> examples (UserError naming the field)."""
+        adapter = self.get(name)
+        task = adapter.task
+        if not isinstance(payload, dict):
+            raise UserError(f"the request body must be a JSON object, not {type(payload).__name__}")
+        if not hasattr(task, "parse_request"):
+            raise UserError(f"task {task.name!r} has no JSON input form; use `peftlab predict` with files")
+        return task.parse_request(payload, adapter.predictor.options)
+
+    def describe(self, name: str, examples: list[dict], outputs: list[Any]) -> list[dict]:
+        p = self.get(name).predictor
+        return [_plain(p.task.describe(e, o, p.labels)) for e, o in zip(examples, outputs)]
+
+    def summary(self) -> list[dict[str, Any]]:
+        return [adapter.describe() for adapter in self.adapters.values()]
+
+    def close(self) -> None:
+        for engine in self.engines.values():
+            engine.stop()
+
+
+def parse_named_runs(run_dirs) -> dict[str, Path]:
+    """RUN_DIR or NAME=RUN_DIR -> {name: path}; names must be unique."""
+    if isinstance(run_dirs, str | Path):
+        run_dirs = [run_dirs]
+    named: dict[str, Path] = {}
+    for item in run_dirs:
+        text = str(item)
+        name, sep, path = text.partition("=")
+        if not sep or "/" in name:
+            name, path = Path(text).resolve().name, text
+        if not name or any(c in name for c in "/?#% "):
+            raise UserError(f"{text}: an adapter name may not contain '/', '?', '#', '%' or spaces; pass NAME=RUN_DIR")
+        if name in named:
+            raise UserError(f"two runs would both be served as {name!r}; name them with NAME=RUN_DIR")
+        named[name] = Path(path)
+    if not named:
+        raise UserError("name at least one run directory to serve")
+    return named
+
+
+def _plain(value):
+    """numpy scalars and arrays -> JSON types."""
+    if isinstance(value, dict):
+        return {k: _plain(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_plain(v) for v in value]
+    if isinstance(value, np.generic):
+        return value.item()
+    if isinstance(value, np.ndarray):
+        return value.tolist()
+    return value

@@ -1,0 +1,100 @@
+"""`peftlab serve RUN_DIR...`: an HTTP JSON service over many runs' adapters (Starlette + uvicorn).
+
+    GET  /health              {"status": "ok", "adapters": N, "backbones": M}
+    GET  /adapters            name, task, labels, backbone, method, serving path, metrics
+    POST /predict/{adapter}   the task's JSON input form -> {"adapter", "task", "predictions"}
+
+Each backbone is loaded once (see `multi_adapter`); concurrent requests for adapters on
+it are batched together. A bad request never reaches the model: its body is parsed by
+the task's `parse_request`, and any mistake is a 4xx whose `error` names the field:
+400 for a body that is not JSON, 404 for an unknown adapter (listing the served ones),
+413 for a body over the size limit, 422 for a well-formed body with wrong content.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+from typing import Any
+
+from peftlab.pipelines.multi_adapter import MultiAdapter
+from peftlab.shared.errors import UserError
+from starlette.applications import Starlette
+from starlette.exceptions import HTTPException
+from starlette.requests import Request
+from starlette.responses import JSONResponse
+from starlette.routing import Route
+
+MAX_BODY_BYTES = 64 * 2**20
+"""Request bodies above this (64 MiB: a few hundred base64 images or clips) get 413."""
+
+
+def error(status: int, message: str) -> JSONResponse:
+    return JSONResponse({"error": message}, status_code=status)
+
+
+async def read_body(request: Request) -> bytes | None:
+    """The body, or None once it passes MAX_BODY_BYTES (read no further)."""
+    declared = request.headers.get("content-length", "")
+    if declared.isdigit() and int(declared) > MAX_BODY_BYTES:
+        return None
+    chunks, size = [], 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > MAX_BODY_BYTES:
+            return None
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+def create_app(multi: MultiAdapter) -> Starlette:
+    """The ASGI app over an already loaded `MultiAdapter` (tests drive it in-process)."""
+
+    async def health(request: Request) -> JSONResponse:
+        return JSONResponse({"status": "ok", "adapters": len(multi.adapters), "backbones": len(multi.engines)})
+
+    async def adapters(request: Request) -> JSONResponse:
+        return JSONResponse({"adapters": multi.summary()})
+
+    async def predict(request: Request) -> JSONResponse:
+        name = request.path_params["adapter"]
+        if name not in multi.adapters:
+            return error(404, f"no adapter named {name!r}; served: {', '.join(multi.names())}")
+        body = await read_body(request)
+        if body is None:
+            return error(413, f"the request body is over {MAX_BODY_BYTES} bytes; send fewer inputs per request")
+        try:
+            payload: Any = json.loads(body)
+        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+            return error(400, f"the request body is not JSON ({exc}); send a JSON object")
+        try:
+            examples = multi.parse_request(name, payload)
+            outputs = await asyncio.wrap_future(multi.submit(name, examples))
+        except UserError as exc:
+            return error(422, str(exc))
+        task = multi.get(name).task.name
+        return JSONResponse({"adapter": name, "task": task, "predictions": multi.describe(name, examples, outputs)})
+
+    async def http_error(request: Request, exc: HTTPException) -> JSONResponse:
+        return error(exc.status_code, exc.detail)  # e.g. 405 for GET /predict/NAME, as JSON
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app):
+        yield
+        multi.close()
+
+    return Starlette(routes=[
+        Route("/health", health, methods=["GET"]),
+        Route("/adapters", adapters, methods=["GET"]),
+        Route("/predict/{adapter}", predict, methods=["POST"]),
+    ], exception_handlers={HTTPException: http_error}, lifespan=lifespan)
+
+
+def serve(run_dirs, host: str = "127.0.0.1", port: int = 8000, force: bool = False, max_batch: int = 32,
+          max_wait_ms: float = 5.0) -> None:
+    """Load the runs and serve them until interrupted."""
+    import uvicorn
+
+    multi = MultiAdapter(run_dirs, force=force, max_batch=max_batch, max_wait_ms=max_wait_ms)
+    uvicorn.run(create_app(multi), host=host, port=port, log_level="info")
