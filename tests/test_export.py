@@ -1,0 +1,118 @@
+"""`peftlab merge RUN_DIR --export DIR`: the merged backbone in its own library's format.
+
+Each export is loaded in a separate Python process that imports only the third-party
+library (fair-esm, timm, transformers) and checks that peftlab was never imported; its
+backbone outputs must equal the unmerged adapted backbone's within 1e-5. The LoRA
+weights are scrambled to large values first, so merging changes the weights a lot.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from peftlab.pipelines.cli import main
+from peftlab.pipelines.predictor import Predictor
+from test_serve import make_run
+
+TOLERANCE = 1e-5
+
+LOADER = textwrap.dedent("""
+    import argparse, json, sys
+    import numpy as np, torch
+    exports, inputs = sys.argv[1], np.load(sys.argv[2])
+    outputs = {}
+    with torch.inference_mode():
+        import esm
+        with torch.serialization.safe_globals([argparse.Namespace]):
+            model, _ = esm.pretrained.load_model_and_alphabet_local(exports + "/protein/esm2_t2_64_merged.pt")
+        layers = model.num_layers
+        outputs["protein"] = model.eval()(torch.from_numpy(inputs["protein"]), repr_layers=[layers])["representations"][layers]
+
+        import timm
+        model = timm.create_model("local-dir:" + exports + "/medical", pretrained=True).eval()
+        outputs["medical"] = model(torch.from_numpy(inputs["medical"]))
+
+        import transformers
+        model = transformers.AutoModelForCausalLM.from_pretrained(exports + "/code").eval()
+        tokenizer = transformers.AutoTokenizer.from_pretrained(exports + "/code")
+        ids = tokenizer(["@@ -1 +1 @@\\n-a\\n+b"], return_tensors="pt")["input_ids"]
+        assert ids.tolist() == inputs["code"].tolist(), "the exported tokenizer encodes differently"
+        outputs["code"] = model(input_ids=ids).logits
+    assert not [m for m in sys.modules if m.split(".")[0] == "peftlab"], "peftlab was imported"
+    np.savez(sys.argv[3], **{k: v.numpy() for k, v in outputs.items()})
+""")
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("export-runs")
+    return {"protein": make_run(root, "protein", "protein-classify", "lora", 1),
+            "medical": make_run(root, "medical", "medical-classify", "lora", 2),
+            "code": make_run(root, "code", "code-review-necessity", "lora", 3)}
+
+
+def test_exports_load_without_peftlab_and_match_the_adapted_backbone(runs, tmp_path):
+    exports = tmp_path / "exports"
+    inputs, expected = {}, {}
+    with torch.inference_mode():
+        predictor = Predictor(runs["protein"])
+        inputs["protein"] = predictor.model.backbone.base_model.tokenize(["MKTAYIAKQRQISFVKSHF", "GAVLIW"]).numpy()
+        expected["protein"] = predictor.model.backbone(torch.from_numpy(inputs["protein"])).numpy()
+        # through the command line: --out (a merged run) and --export together
+        assert main(["merge", str(runs["protein"]), "--out", str(tmp_path / "merged"), "--export", str(exports / "protein")]) == 0
+        assert json.loads((tmp_path / "merged" / "meta.json").read_text())["method"]["name"] == "full"
+
+        predictor = Predictor(runs["medical"])
+        inputs["medical"] = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(0)).numpy()
+        expected["medical"] = predictor.model.backbone(torch.from_numpy(inputs["medical"])).numpy()
+        predictor.export(exports / "medical")
+
+        predictor = Predictor(runs["code"])
+        inputs["code"] = np.array([predictor.model.tokenizer("@@ -1 +1 @@\n-a\n+b")["input_ids"]])
+        expected["code"] = predictor.model.backbone(input_ids=torch.from_numpy(inputs["code"])).logits.numpy()
+        predictor.export(exports / "code")
+    usage = json.loads((exports / "medical" / "export.json").read_text())["load_without_peftlab"]
+    assert "timm.create_model('local-dir:' + EXPORT_DIR, pretrained=True)" in usage
+
+    np.savez(tmp_path / "inputs.npz", **inputs)
+    loaded = subprocess.run([sys.executable, "-c", LOADER, str(exports), str(tmp_path / "inputs.npz"), str(tmp_path / "out.npz")],
+                            capture_output=True, text=True, timeout=300)
+    assert loaded.returncode == 0, loaded.stderr[-3000:]
+    outputs = np.load(tmp_path / "out.npz")
+    for name in ("protein", "medical", "code"):
+        assert outputs[name].shape == expected[name].shape, name
+        assert np.abs(outputs[name] - expected[name]).max() <= TOLERANCE, name
+    # the adapter mattered: the merged weights are not the base weights
+    assert np.abs(outputs["medical"] - base_features(runs["medical"], inputs["medical"])).max() > 1e-3
+
+
+def base_features(run_dir: Path, pixels: np.ndarray) -> np.ndarray:
+    """The backbone's output with the adapter switched off."""
+    adapted = Predictor(run_dir).model.backbone
+    with torch.inference_mode(), adapted.model.disable_adapter():
+        return adapted(torch.from_numpy(pixels)).numpy()
+
+
+def test_a_method_that_cannot_merge_is_refused_naming_the_mergeable_ones(tmp_path, capsys):
+    run_dir = make_run(tmp_path, "bottleneck", "protein-classify", "adapter", 4)
+    assert main(["merge", str(run_dir), "--export", str(tmp_path / "out")]) == 2
+    error = capsys.readouterr().err
+    assert "method 'adapter' cannot be merged into the backbone weights; mergeable methods: bitfit, dora," in error
+    assert not (tmp_path / "out").exists()
+    assert main(["merge", str(run_dir)]) == 2
+    assert "merge needs --out DIR (a merged run), --export DIR (the merged backbone), or both" in capsys.readouterr().err
+
+
+def test_export_refuses_a_non_empty_folder(runs, tmp_path, capsys):
+    (tmp_path / "taken").mkdir()
+    (tmp_path / "taken" / "keep.txt").write_text("mine")
+    assert main(["merge", str(runs["protein"]), "--export", str(tmp_path / "taken")]) == 2
+    assert "exists and is not empty; choose another --export" in capsys.readouterr().err
+    assert [p.name for p in (tmp_path / "taken").iterdir()] == ["keep.txt"]
