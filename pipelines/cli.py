@@ -209,7 +209,10 @@ def main(argv=None) -> int:
         click.echo("aborted", err=True)
         return 130
     except click.ClickException as error:
-        error.show()
+        # one line, like every other mistake: the message and where the help is
+        context = getattr(error, "ctx", None)
+        hint = f" (see `{context.command_path} --help`)" if context is not None else ""
+        click.echo(f"error: {error.format_message()}{hint}", err=True)
         return 2
     except KeyboardInterrupt:
         click.echo("interrupted; resume with `peftlab run --resume RUN_DIR`", err=True)

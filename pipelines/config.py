@@ -17,7 +17,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any
 
 import peftlab
 import yaml
@@ -39,7 +39,7 @@ class BackboneConfig(_Strict):
 
 class DataConfig(_Strict):
     card: str = Field(description="path of the data card")
-    limit: dict[str, int] | None = Field(None, description="at most this many examples per split (seeded, stratified)")
+    limit: dict[str, Annotated[int, Field(ge=1)]] | None = Field(None, description="at most this many examples per split (seeded, stratified)")
 
 
 class EvalConfig(_Strict):

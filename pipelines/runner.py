@@ -136,6 +136,9 @@ def prepare(config: cfg.RunConfig) -> Prepared:
     for split in config.eval.splits:
         if split not in dataset.splits:
             raise UserError(f"eval.splits names {split!r}; the data has {', '.join(dataset.splits)}")
+        if not dataset.splits[split]:  # found now, not after training
+            raise UserError(f"{card.card_path}: split {split!r} is empty; give it examples (the card's `splits`) "
+                            f"or leave it out of eval.splits")
     seed_everything(config.train.seed)  # head and method initialisation
     model = task.build_model(config.backbone.name, dataset.labels, options)
     method_options = {**task.default_method_options(config.method_name, model), **config.method_options}
@@ -204,6 +207,9 @@ def resume(run_dir: str | Path) -> Path:
     if (run_dir / "metrics.json").is_file():
         raise UserError(f"{run_dir} is already finished (metrics.json exists); evaluate it with `peftlab eval {run_dir}`")
     config = cfg.validate(cfg.read_config_file(run_dir / "run.yaml"), where=str(run_dir / "run.yaml"))
+    checkpoints = run_dir / "checkpoints"
+    if checkpoint.has_checkpoint(checkpoints):
+        checkpoint.check_checkpoint(checkpoints)
     prepared = prepare(config)
     return _train_and_finish(run_dir, prepared, resume=True)
 

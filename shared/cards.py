@@ -129,10 +129,22 @@ def read_card(path) -> Card:
         if first["type"] == "missing":
             raise UserError(f"{path}: required field {field!r} is missing; add `{field}:` to the header") from None
         raise UserError(f"{path}: field {field!r}: {first['msg']}") from None
+    if card.labels is not None:
+        _check_labels(card.labels, path)
     card.card_path = path.resolve()
     card.body = body.strip()
     card.text = text
     return card
+
+
+def _check_labels(labels: list[str], path: Path) -> None:
+    if not labels:
+        raise UserError(f"{path}: `labels` is empty; name the classes in order, or remove the field")
+    seen = set()
+    for label in labels:
+        if label in seen:
+            raise UserError(f"{path}: `labels` names {label!r} twice; each class needs one distinct name")
+        seen.add(label)
 
 
 def _split_front_matter(text: str, path: Path) -> tuple[str, str]:

@@ -7,15 +7,17 @@ intact previous checkpoint to resume from.
 
 from __future__ import annotations
 
-import json
 import os
 import random
 import shutil
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 import torch
 from peftlab.shared import io
+from peftlab.shared.errors import UserError
+from safetensors import SafetensorError, safe_open
 from torch import nn
 
 
@@ -109,13 +111,40 @@ def has_checkpoint(directory: Path) -> bool:
     return (Path(directory) / "last" / "state.json").is_file()
 
 
+@contextmanager
+def _resumable(last: Path):
+    """Reading `last` fails as one UserError naming it. Checkpoints are swapped in
+    atomically, so a crash never leaves a damaged one: its files were changed by hand, or
+    the run's config no longer builds the same model."""
+    try:
+        yield
+    except (UserError, OSError, KeyError, ValueError, SafetensorError) as error:
+        where = "" if str(last) in str(error) else f"{last.resolve()}: "
+        raise UserError(f"{where}{str(error).splitlines()[0]}; this checkpoint cannot be resumed (damaged, "
+                        f"or from another model): start the run again without --resume") from None
+
+
+def check_checkpoint(directory: Path) -> None:
+    """Read the last checkpoint's state and tensor headers: a damaged one fails before any
+    model is built."""
+    last = Path(directory) / "last"
+    with _resumable(last):
+        saved = io.read_json(last / "state.json")
+        for key in ("train", "optimizer", "scheduler", "python_random"):
+            saved[key]  # noqa: B018 - a KeyError names the missing part
+        for name in ("trainable", "optimizer", "rng"):
+            with safe_open(str(last / f"{name}.safetensors"), "pt"):
+                pass
+
+
 def load_checkpoint(directory: Path, model, optimizer, scheduler) -> dict:
     last = Path(directory) / "last"
-    saved = json.loads((last / "state.json").read_text())
-    load_state(model, io.load_tensors(last / "trainable.safetensors"), str(last))
-    _optimizer_from_files(optimizer, io.load_tensors(last / "optimizer.safetensors"), saved["optimizer"])
-    scheduler.load_state_dict(saved["scheduler"])
-    rng = io.load_tensors(last / "rng.safetensors")
+    with _resumable(last):
+        saved = io.read_json(last / "state.json")
+        load_state(model, io.load_tensors(last / "trainable.safetensors"), str(last))
+        _optimizer_from_files(optimizer, io.load_tensors(last / "optimizer.safetensors"), saved["optimizer"])
+        scheduler.load_state_dict(saved["scheduler"])
+        rng = io.load_tensors(last / "rng.safetensors")
     torch.set_rng_state(rng["torch"])
     if torch.cuda.is_available():
         states = [rng[k] for k in sorted(k for k in rng if k.startswith("cuda"))]

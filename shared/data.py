@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import math
 from collections.abc import Callable, Sequence
 
 import numpy as np
@@ -35,8 +36,10 @@ def parse_label(value: str, labels: list[str] | None, where: str) -> int:
     try:
         number = float(value)
     except ValueError:
+        number = math.nan
+    if not math.isfinite(number):  # not a number at all, or NaN / inf
         known = f"one of {labels} or an index" if labels else "a class index (or set the card's `labels`)"
-        raise UserError(f"{where}: label {value!r} is not {known}; fix the cell or the card's `labels`") from None
+        raise UserError(f"{where}: label {value!r} is not {known}; fix the cell or the card's `labels`")
     if number != int(number) or number < 0 or (labels and int(number) >= len(labels)):
         raise UserError(f"{where}: label {value!r} is out of range for labels {labels}")
     return int(number)

@@ -16,6 +16,7 @@ from pathlib import Path
 
 import torch
 import yaml
+from peftlab.shared.errors import UserError
 from safetensors.torch import load_file, save_file
 
 
@@ -52,7 +53,14 @@ def write_yaml(path, obj) -> None:
 
 
 def read_json(path):
-    return json.loads(Path(path).read_text(encoding="utf-8"))
+    """A JSON file peftlab wrote; a damaged one (truncated, edited, not UTF-8) is a UserError naming it."""
+    try:
+        return json.loads(Path(path).read_text(encoding="utf-8"))
+    except json.JSONDecodeError as error:
+        raise UserError(f"{path}: not valid JSON ({error.msg}, line {error.lineno} column {error.colno}); "
+                        f"the file is damaged") from None
+    except UnicodeDecodeError as error:
+        raise UserError(f"{path}: not UTF-8 text (byte {error.start}); the file is damaged") from None
 
 
 def _json_default(value):

@@ -15,6 +15,7 @@ their own min and max.
 
 from __future__ import annotations
 
+import zipfile
 from pathlib import Path
 
 import numpy as np
@@ -180,7 +181,7 @@ def read_medmnist_npz(path: Path, labels: list[str] | None, multi_label: bool) -
     (N, K) multi-hot for multi-label sets such as ChestMNIST. `val` becomes `validation`."""
     try:
         archive = np.load(path, allow_pickle=False)
-    except (OSError, ValueError) as error:
+    except (OSError, ValueError, EOFError, zipfile.BadZipFile) as error:
         raise UserError(f"{path}: not a readable .npz archive ({error})") from None
     keys = set(archive.files)
     splits: dict[str, list[dict]] = {}
@@ -189,7 +190,17 @@ def read_medmnist_npz(path: Path, labels: list[str] | None, multi_label: bool) -
             continue
         if f"{prefix}_labels" not in keys:
             raise UserError(f"{path}: has {prefix}_images but no {prefix}_labels")
-        images, targets = archive[f"{prefix}_images"], archive[f"{prefix}_labels"]
+        try:
+            images, targets = archive[f"{prefix}_images"], archive[f"{prefix}_labels"]
+        except (OSError, ValueError, EOFError, zipfile.BadZipFile) as error:  # a truncated or pickled member
+            raise UserError(f"{path}: {prefix}_images / {prefix}_labels are unreadable ({error})") from None
+        if images.dtype.kind == "f" and not np.isfinite(images).all():
+            raise UserError(f"{path}: {prefix}_images holds NaN or infinite pixels (image "
+                            f"{int(np.flatnonzero(~np.isfinite(images.reshape(len(images), -1)).all(axis=1))[0])}); clean the array")
+        if images.dtype.kind not in "uif" or targets.dtype.kind not in "uifb":
+            raise UserError(f"{path}: {prefix}_images / {prefix}_labels must be numeric arrays, got {images.dtype} and {targets.dtype}")
+        if not np.isfinite(targets.astype(np.float64)).all():
+            raise UserError(f"{path}: {prefix}_labels holds NaN or infinite values")
         if len(images) != len(targets):
             raise UserError(f"{path}: {prefix}_images has {len(images)} images but {prefix}_labels has {len(targets)} rows")
         targets = targets.reshape(len(targets), -1)

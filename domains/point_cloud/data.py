@@ -16,6 +16,7 @@ indices out of range. Formats:
 from __future__ import annotations
 
 import re
+import zipfile
 from pathlib import Path
 
 import numpy as np
@@ -135,16 +136,23 @@ def read_ply(path: Path) -> np.ndarray:
         words = line.split()
         if not words or words[0] in ("comment", "obj_info"):
             continue
+        needed = {"format": 3, "element": 3, "property": 5 if words[1:2] == ["list"] else 3}.get(words[0], 0)
+        if len(words) < needed:
+            raise UserError(f"{path}: the PLY header line {line.strip()!r} is incomplete")
         if words[0] == "format":
             fmt = words[1]
         elif words[0] == "element":
+            if not words[2].isdigit():
+                raise UserError(f"{path}: {line.strip()!r}: the count must be a whole number")
             elements.append([words[1], int(words[2]), []])
         elif words[0] == "property" and elements:
+            types = words[2:4] if words[1] == "list" else words[1:2]
+            unknown = [t for t in types if t not in _PLY_TYPES]
+            if unknown:
+                raise UserError(f"{path}: unknown PLY property type {unknown[0]!r}")
             if words[1] == "list":
                 elements[-1][2].append((words[4], ("list", words[2], words[3])))
             else:
-                if words[1] not in _PLY_TYPES:
-                    raise UserError(f"{path}: unknown PLY property type {words[1]!r}")
                 elements[-1][2].append((words[2], words[1]))
     if fmt not in ("ascii", "binary_little_endian"):
         raise UserError(f"{path}: PLY format {fmt!r} is not supported; use ascii or binary_little_endian")
@@ -301,15 +309,21 @@ def read_points_npz(path: Path) -> tuple[dict[str, list[dict]], list[str]]:
     `class_names` (K,), optional `name` (N,)."""
     try:
         data = np.load(path, allow_pickle=False)
-    except (ValueError, OSError) as error:
+        missing = [k for k in ("points", "label", "split", "class_names") if k not in data]
+        if missing:
+            raise UserError(f"{path}: the .npz lacks {missing}; it needs points, label, split (0 train / 1 test), class_names")
+        points, label, split, class_names = data["points"], data["label"], data["split"], data["class_names"]
+        names = data["name"] if "name" in data else np.array([f"{path.stem}:{i}" for i in range(len(points))])
+    except (ValueError, OSError, EOFError, zipfile.BadZipFile) as error:  # not a zip, truncated, or pickled members
         raise UserError(f"{path}: not a readable .npz ({error})") from None
-    missing = [k for k in ("points", "label", "split", "class_names") if k not in data]
-    if missing:
-        raise UserError(f"{path}: the .npz lacks {missing}; it needs points, label, split (0 train / 1 test), class_names")
-    points, label, split, labels = data["points"], data["label"], data["split"], [str(c) for c in data["class_names"]]
-    names = data["name"] if "name" in data else np.array([f"{path.stem}:{i}" for i in range(len(points))])
-    if not len(points) == len(label) == len(split):
-        raise UserError(f"{path}: points, label and split have different lengths")
+    labels = [str(c) for c in np.atleast_1d(class_names)]
+    if label.ndim != 1 or split.ndim != 1 or not len(points) == len(label) == len(split) == len(names):
+        raise UserError(f"{path}: points, label, split (and name) need one entry per cloud; got lengths "
+                        f"{len(points)}, {label.shape}, {split.shape}")
+    if not len(points):
+        raise UserError(f"{path}: no clouds (points is empty)")
+    if label.dtype.kind not in "iu":
+        raise UserError(f"{path}: label must hold integer class indices, got {label.dtype}")
     if label.min() < 0 or label.max() >= len(labels):
         raise UserError(f"{path}: labels must lie in 0..{len(labels) - 1} (class_names has {len(labels)})")
     splits: dict[str, list[dict]] = {"train": [], "test": []}
