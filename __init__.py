@@ -1,17 +1,18 @@
 """peftlab: domain pipelines for parameter-efficient fine-tuning.
 
 `peftlab.run(...)` trains a pipeline and returns its run directory;
-`peftlab.load(run_dir)` returns a predictor over a finished run.
+`peftlab.load(run_dir)` returns a predictor over a finished run;
+`peftlab.bench(pipeline, methods)` compares methods on one pipeline.
 """
 
 __version__ = "0.1.0"
 
-__all__ = ["run", "load", "__version__"]
+__all__ = ["run", "load", "bench", "__version__"]
 
 
 def __getattr__(name):
     # Imported lazily so `import peftlab` stays cheap (no torch until needed).
-    if name in ("run", "load"):
+    if name in ("run", "load", "bench"):
         from peftlab.pipelines import api
 
         return getattr(api, name)

@@ -199,6 +199,29 @@ def card_new(domain, task_name, out):
         click.echo(task.card_template(), nl=False)
 
 
+@cli.command("bench")
+@click.argument("pipeline")
+@click.argument("overrides", nargs=-1)
+@click.option("--methods", required=True, help="Comma-separated PEFT methods, e.g. lora,dora,bitfit (see `peftlab list methods`).")
+@click.option("--seeds", default=1, show_default=True, type=click.IntRange(min=1), help="Seeds per method: train.seed = base seed + 0..N-1.")
+@click.option("--demo", is_flag=True, help="Use the pipeline's embedded demo data and tiny backbone.")
+@click.option("--backbone", help="Backbone name, local path, or tiny (the same for every method).")
+@click.option("--data", help="Data card path (the same for every method).")
+@click.option("--out", type=click.Path(file_okay=False), help="The sweep directory (default bench/<pipeline>/<time>/); an existing one is resumed.")
+@click.option("--no-full", is_flag=True, help="Leave out the full fine-tuning reference row.")
+@click.option("--columns", help="Metric columns of the table, in order (default: the primary metric, then every scalar metric the runs report).")
+@click.option("--in-process", is_flag=True, help="Run the cells in this process: no per-cell start-up, but no per-cell peak memory, and a crash ends the sweep.")
+def bench_command(pipeline, overrides, methods, seeds, demo, backbone, data, out, no_full, columns, in_process):
+    """Train and evaluate each method x seed on the same data, backbone and budget; writes results.jsonl, table.md/.csv and pareto.png."""
+    from peftlab.pipelines.bench import bench
+
+    out_dir = bench(pipeline, methods, seeds=seeds, demo=demo, data=data, backbone=backbone, out=out,
+                    full=not no_full, overrides=list(overrides), columns=columns, isolate=not in_process)
+    click.echo((out_dir / "table.md").read_text(encoding="utf-8"), err=True)
+    click.echo(json.dumps({"out": str(out_dir), "results": str(out_dir / "results.jsonl"),
+                           "table": str(out_dir / "table.md"), "pareto": str(out_dir / "pareto.png")}))
+
+
 def main(argv=None) -> int:
     try:
         cli.main(args=argv, prog_name="peftlab", standalone_mode=False)

@@ -1,0 +1,221 @@
+"""`peftlab bench`: a small sweep on the protein-classify demo, its results, table and plot,
+resuming, failing and skipped cells, up-front validation, and the aggregation helpers.
+
+The sweep runs its cells in this process (`isolate=False`): the default, a fresh process
+per cell, pays the package imports per cell, so one test runs a single cell that way.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import shutil
+import statistics
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+import yaml
+from peftlab.pipelines import bench
+from peftlab.pipelines.cli import main
+from peftlab.shared.methods.registry import Applied, MethodSpec
+
+PIPELINE = "protein-classify"
+BUDGET = ["train.epochs=1", "train.max_steps=2", "data.limit.train=32", "data.limit.validation=16", "data.limit.test=16"]
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+
+
+@dataclass
+class NoOptions:
+    pass
+
+
+def _explode(module, inputs):
+    raise RuntimeError("boom in the forward pass")
+
+
+def _apply_exploding(model, options):
+    model.register_forward_pre_hook(_explode)
+    return Applied(model, [])
+
+
+EXPLODING = MethodSpec("explode", NoOptions, _apply_exploding, "test method whose forward pass raises",
+                       mergeable=False, identity_at_init=True)
+
+
+def read_rows(out: Path) -> list[dict]:
+    return [json.loads(line) for line in (out / "results.jsonl").read_text().splitlines()]
+
+
+@pytest.fixture(scope="module")
+def exploding_method():
+    """A method that passes every up-front check and fails inside training; registered
+    only while this module runs, so other tests never see it."""
+    from peftlab.shared.methods import registry
+
+    registry.get_method("full")  # the built-ins first, so the patch only adds a name
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setitem(registry._METHODS, "explode", EXPLODING)
+        yield
+
+
+def run_sweep(out: Path) -> Path:
+    return bench.bench(PIPELINE, "bitfit,explode,vpt", seeds=2, demo=True, out=out, overrides=BUDGET, isolate=False)
+
+
+@pytest.fixture(scope="module")
+def sweep(tmp_path_factory, exploding_method) -> Path:
+    return run_sweep(tmp_path_factory.mktemp("bench") / "sweep")
+
+
+def test_every_cell_is_recorded_finished_failed_or_skipped(sweep):
+    rows = read_rows(sweep)
+    assert [(r["method"], r["seed"], r["status"]) for r in rows] == [
+        ("full", 0, "finished"), ("full", 1, "finished"), ("bitfit", 0, "finished"), ("bitfit", 1, "finished"),
+        ("explode", 0, "failed"), ("explode", 1, "failed"), ("vpt", 0, "skipped"), ("vpt", 1, "skipped")]
+    for row in rows[:4]:
+        assert row["primary_metric"] == "accuracy" and row["split"] == "test"
+        assert set(row["metrics"]) == {"accuracy", "macro_f1", "auroc"}
+        assert all(0.0 <= value <= 1.0 for value in row["metrics"].values())
+        saved = json.loads((sweep / row["run_dir"] / "metrics.json").read_text())
+        assert row["metrics"] == saved["test"] and row["params"]["trainable"] == saved["params"]["trainable"]
+        adapter = sweep / row["run_dir"] / "adapter"
+        assert row["adapter_bytes"] == sum(p.stat().st_size for p in adapter.rglob("*") if p.is_file()) > 0
+        assert row["train_seconds"] > 0 and row["samples_per_s"] > 0
+        assert row["peak_rss_mb"] is None  # in one process it cannot be told apart per cell
+    assert rows[0]["params"]["percent"] == 100.0 and 0 < rows[2]["params"]["percent"] < 100
+    # train.seed = base seed (the recipe's 0) + k
+    assert [yaml.safe_load((sweep / r["run_dir"] / "run.yaml").read_text())["train"]["seed"] for r in rows[:4]] == [0, 1, 0, 1]
+    assert rows[4]["error"] == "RuntimeError: boom in the forward pass"
+    assert "does not fit the ESMEncoder backbone" in rows[6]["error"]
+    assert not (sweep / "runs" / "vpt-seed0").exists()
+
+
+def test_table_holds_mean_and_std_recomputed_from_the_results(sweep):
+    rows = [r for r in read_rows(sweep) if r["status"] == "finished"]
+    table = (sweep / "table.md").read_text()
+    table_rows = [line for line in table.splitlines() if line.startswith("| ") and not line.startswith("| method")]
+    assert table_rows[0].startswith("| full (reference) | 2/2 |") and table_rows[1].startswith("| bitfit | 2/2 |")
+    with open(sweep / "table.csv", newline="") as handle:
+        by_method = {row["method"]: row for row in csv.DictReader(handle)}
+    means = {}
+    for method in ("full", "bitfit"):
+        for metric in ("accuracy", "macro_f1", "auroc"):
+            values = [r["metrics"][metric] for r in rows if r["method"] == method]
+            mean, std = statistics.fmean(values), statistics.stdev(values)
+            means[method, metric] = mean
+            assert float(by_method[method][f"{metric}_mean"]) == mean
+            assert float(by_method[method][f"{metric}_std"]) == std
+            assert f"{mean:.4f} ± {std:.4f}" in table_rows[0 if method == "full" else 1]
+    delta = means["bitfit", "accuracy"] - means["full", "accuracy"]
+    assert float(by_method["bitfit"]["delta_accuracy_vs_full"]) == delta
+    assert f"| {delta:+.4f} |" in table_rows[1]
+    assert by_method["explode"]["status"] == "failed" and "boom" in by_method["explode"]["error"]
+    assert by_method["vpt"]["status"] == "skipped"
+    assert "- explode: 2 of 2 cells failed: RuntimeError: boom in the forward pass" in table
+    header = next(line for line in table.splitlines() if line.startswith("| method"))
+    assert header.index("accuracy") < header.index("macro_f1") < header.index("auroc") < header.index("peak RSS MB")
+
+
+def test_pareto_plot_is_a_png(sweep):
+    assert (sweep / "pareto.png").read_bytes()[:8] == PNG_MAGIC
+
+
+def test_rerun_skips_finished_cells_resumes_killed_ones_and_retries_failures(sweep):
+    before = {r["cell"]: r for r in read_rows(sweep)}
+    finished = ["full-seed0", "bitfit-seed0"]
+    mtimes = {cell: (sweep / "runs" / cell / "metrics.json").stat().st_mtime_ns for cell in finished}
+    # full-seed1 killed after training but before its metrics; bitfit-seed1 killed before its run.yaml
+    (sweep / "runs" / "full-seed1" / "metrics.json").unlink()
+    bitfit_dir = sweep / "runs" / "bitfit-seed1"
+    shutil.rmtree(bitfit_dir)
+    bitfit_dir.mkdir()
+    (bitfit_dir / "partial.tmp").write_text("left by a killed process")
+    explode_log = (sweep / "logs" / "explode-seed0.log").stat().st_mtime_ns
+
+    run_sweep(sweep)
+
+    after = {r["cell"]: r for r in read_rows(sweep)}
+    assert {cell: (sweep / "runs" / cell / "metrics.json").stat().st_mtime_ns for cell in finished} == mtimes
+    assert "resumed from step 2" in (sweep / "logs" / "full-seed1.log").read_text()
+    assert not (bitfit_dir / "partial.tmp").exists()
+    for cell in ("full-seed1", "bitfit-seed1"):  # the same seed gives the same model, so the same metrics
+        assert after[cell]["metrics"] == before[cell]["metrics"]
+    assert after["explode-seed0"]["status"] == "failed"
+    assert (sweep / "logs" / "explode-seed0.log").stat().st_mtime_ns > explode_log
+
+
+def test_rerun_with_other_settings_is_refused(sweep, capsys):
+    files = sorted(p.relative_to(sweep) for p in sweep.rglob("*"))
+    code = main(["bench", PIPELINE, "--demo", "--methods", "bitfit", "--out", str(sweep), "--in-process", *BUDGET[1:]])
+    assert code == 2
+    assert "other settings (overrides)" in capsys.readouterr().err
+    assert sorted(p.relative_to(sweep) for p in sweep.rglob("*")) == files
+
+
+@pytest.mark.parametrize("arguments, message", [
+    (["no-such-pipeline", "--methods", "lora"], "unknown pipeline 'no-such-pipeline'"),
+    ([PIPELINE, "--demo", "--methods", "lora,nope"], "unknown PEFT method 'nope'"),
+    ([PIPELINE, "--demo", "--methods", "lora,bitfit", "method.r=4"], "method 'full' has no option 'r'"),
+    ([PIPELINE, "--demo", "--methods", "lora", "train.nope=1"], "unknown config key 'train.nope'"),
+])
+def test_mistakes_stop_before_any_training(tmp_path, capsys, arguments, message):
+    out = tmp_path / "sweep"
+    assert main(["bench", *arguments, "--out", str(out)]) == 2
+    error = capsys.readouterr().err.strip().splitlines()
+    assert len(error) == 1 and error[0].startswith("error: ") and message in error[0]
+    assert not out.exists()
+
+
+def test_a_cell_in_its_own_process_reports_its_own_peak_memory(tmp_path):
+    out = bench.bench(PIPELINE, ["bitfit"], demo=True, full=False, out=tmp_path / "sweep", overrides=BUDGET)
+    [row] = read_rows(out)
+    assert row["status"] == "finished", row
+    recorded = json.loads((out / "runs" / "bitfit-seed0" / bench.PEAK_FILE).read_text())
+    assert row["peak_rss_mb"] == recorded["peak_rss_mb"] > 100  # torch alone is more than 100 MB resident
+    assert f"| {row['peak_rss_mb']:.0f} |" in (out / "table.md").read_text()
+
+
+def test_pareto_front_on_hand_made_points():
+    points = [(1.0, 0.50), (2.0, 0.60), (3.0, 0.55), (0.5, 0.40), (2.0, 0.60), (0.5, 0.30), (100.0, 0.70)]
+    # (3, .55) is beaten by (2, .60); (.5, .30) by (.5, .40); the two equal points both stay
+    assert bench.pareto_front(points) == [0, 1, 3, 4, 6]
+    # lower is better (e.g. a rank): fewer parameters and a lower value win
+    assert bench.pareto_front([(1.0, 5.0), (2.0, 3.0), (3.0, 4.0), (10.0, 1.0)], higher_is_better=False) == [0, 1, 3]
+    assert bench.pareto_front([]) == []
+
+
+def row(method, seed, accuracy, status="finished", **extra):
+    if status != "finished":
+        return {"method": method, "seed": seed, "status": status, "error": f"{method} {status}"}
+    return {"method": method, "seed": seed, "status": "finished", "metrics": {"accuracy": accuracy, **extra},
+            "params": {"trainable": 10, "total": 100, "percent": 10.0}, "adapter_bytes": 2048,
+            "train_seconds": 1.0 + seed, "samples_per_s": 10.0 * (seed + 1), "peak_rss_mb": 500.0 + seed,
+            "peak_gpu_mb": None}
+
+
+def test_summaries_of_hand_made_rows():
+    rows = [row("lora", 0, 0.25, **{"acc/boolq": 0.5}), row("lora", 1, 0.5), row("lora", 2, 0.75),
+            row("full", 0, 0.5), row("full", 1, None, status="failed"), row("vpt", 0, None, status="skipped")]
+    lora, full, vpt = bench.summarise(rows)
+    assert lora.metrics == {"accuracy": (0.5, 0.25), "acc/boolq": (0.5, None)}
+    assert (lora.finished, lora.cells, lora.train_seconds, lora.samples_per_s, lora.peak_rss_mb) == (3, 3, 2.0, 20.0, 502.0)
+    assert full.metrics == {"accuracy": (0.5, None)} and full.errors == ["full failed"] and full.finished == 1
+    assert vpt.status == "skipped" and vpt.finished == 0 and vpt.errors == ["vpt skipped"]
+    assert [s.method for s in bench.order_reference_first([lora, full, vpt])] == ["full", "lora", "vpt"]
+    # every scalar metric the runs report becomes a column, the primary first
+    assert bench.metric_columns([lora, full], "accuracy") == ["accuracy", "acc/boolq"]
+    assert bench.metric_columns([lora, full], "accuracy", ["acc/boolq"]) == ["acc/boolq"]
+    with pytest.raises(bench.UserError, match="no run reports 'f1'"):
+        bench.metric_columns([lora], "accuracy", ["f1"])
+    assert bench.mean_std([1.0, 2.0, 3.0]) == (2.0, 1.0)
+
+
+def test_the_recipes_own_method_keeps_the_recipes_options():
+    sweep = bench.plan(PIPELINE, "lora,bitfit", seeds=2, demo=True, data=None, backbone=None, out=None, full=False,
+                       overrides=["train.seed=7"])
+    assert [(cell.name, cell.config.train.seed) for cell in sweep.cells] == [
+        ("lora-seed7", 7), ("lora-seed8", 8), ("bitfit-seed7", 7), ("bitfit-seed8", 8)]
+    recipe = yaml.safe_load((Path(bench.cfg.RECIPES) / f"{PIPELINE}.yaml").read_text())
+    assert sweep.cells[0].config.method == recipe["method"] and sweep.cells[2].config.method == {"name": "bitfit"}
+    assert not sweep.out.exists()
