@@ -14,6 +14,17 @@ calls them through `metrics.get_metric(name).fn`. Values are fractions in [0, 1]
 - `corpus_bleu4`: corpus-level BLEU-4 (sacrebleu defaults, unsmoothed), the WMT figure.
 - `exact_match`: whitespace-normalised string equality (runs of whitespace collapse to
   one space, ends stripped), the code-refinement convention.
+- `rouge_l`: ROUGE-L F1 (longest common subsequence; Google's `rouge-score`, Porter
+  stemming), averaged over examples. coco-caption weighs recall with beta = 1.2; this is
+  the plain F1, so expect values close to theirs, not equal.
+- `cider`: CIDEr-D (Vedantam et al. 2015) from `pycocoevalcap` (pure Python; its Java
+  PTB tokenizer is not used: texts are lower-cased and split on anything that is not a
+  letter, digit or apostrophe). Its idf comes from the evaluated split's references, as
+  in coco-caption. Reported as pycocoevalcap returns it (papers print it x100); it can
+  exceed 1.
+
+`rouge_l`, `cider` and `multi_reference_bleu4` also take several references per example
+(each reference a list of strings), as captioning data has (MSR-VTT: 20 per video).
 """
 
 from __future__ import annotations
@@ -23,7 +34,7 @@ from collections.abc import Sequence
 import sacrebleu
 from peftlab.shared.metrics import list_metrics, register_metric
 
-TEXT_METRICS = ("bleu4", "corpus_bleu4", "exact_match")
+TEXT_METRICS = ("bleu4", "corpus_bleu4", "exact_match", "rouge_l", "cider")
 
 
 def normalize_whitespace(text: str) -> str:
@@ -75,5 +86,63 @@ def compute_text_metrics(names: Sequence[str], references: Sequence[str], hypoth
 # in a notebook) finds them there and leaves them be.
 _FUNCTIONS = {"bleu4": sentence_bleu4, "corpus_bleu4": corpus_bleu4, "exact_match": exact_match}
 for _name, _fn in _FUNCTIONS.items():
+    if _name not in list_metrics():
+        register_metric(_name, _fn)
+
+
+# ----------------------------------------------------------------------------- captioning metrics
+
+
+def reference_lists(references: Sequence[str | Sequence[str]]) -> list[list[str]]:
+    """Each example's references as a list (a single string is one reference)."""
+    return [[r] if isinstance(r, str) else list(r) for r in references]
+
+
+def multi_reference_bleu4(references: Sequence[str | Sequence[str]], hypotheses: Sequence[str]) -> float | None:
+    """`bleu4` (same smoothing, tokenisation and brevity penalty) with any number of
+    references per example; equals `bleu4` when each example has one."""
+    _check(references, hypotheses)
+    if not references:
+        return None
+    total = 0.0
+    for refs, hypothesis in zip(reference_lists(references), hypotheses):
+        total += sacrebleu.sentence_bleu(hypothesis, refs, smooth_method="add-k", smooth_value=1).score
+    return total / len(references) / 100.0
+
+
+def rouge_l(references: Sequence[str | Sequence[str]], hypotheses: Sequence[str]) -> float | None:
+    """Mean ROUGE-L F1; with several references, the best one per example."""
+    from rouge_score import rouge_scorer
+
+    _check(references, hypotheses)
+    if not references:
+        return None
+    scorer = rouge_scorer.RougeScorer(["rougeL"], use_stemmer=True)
+    total = sum(scorer.score_multi(refs, hypothesis)["rougeL"].fmeasure
+                for refs, hypothesis in zip(reference_lists(references), hypotheses))
+    return total / len(references)
+
+
+def caption_tokens(text: str) -> str:
+    """Lower-cased words (letters, digits, apostrophes) joined by spaces, for CIDEr."""
+    import re
+
+    return " ".join(re.findall(r"[a-z0-9']+", text.lower()))
+
+
+def cider(references: Sequence[str | Sequence[str]], hypotheses: Sequence[str]) -> float | None:
+    """Corpus CIDEr-D over the examples (pycocoevalcap)."""
+    from pycocoevalcap.cider.cider import Cider
+
+    _check(references, hypotheses)
+    if not references:
+        return None
+    truth = {i: [caption_tokens(r) for r in refs] for i, refs in enumerate(reference_lists(references))}
+    produced = {i: [caption_tokens(h)] for i, h in enumerate(hypotheses)}
+    score, _ = Cider().compute_score(truth, produced)
+    return float(score)
+
+
+for _name, _fn in {"rouge_l": rouge_l, "cider": cider}.items():
     if _name not in list_metrics():
         register_metric(_name, _fn)

@@ -1,0 +1,523 @@
+"""Video-text tasks on CLIP (+ a LLaMA-family causal LM for captions).
+
+- `video-text-retrieval`: N frames sampled uniformly -> CLIP's image tower -> frame
+  embeddings -> `frame_pool` (mean, or the temporal adapter before it) -> video
+  embedding; caption -> CLIP's text tower -> text embedding. Trained with the
+  symmetric InfoNCE loss at CLIP's own (learned, capped at 100) logit scale; in-batch
+  pairs whose captions are the same text, or that share a video, count as positives
+  (multi-positive InfoNCE), so duplicated captions are not pushed apart. Evaluated on
+  the whole split's caption x video similarity matrix: t2v / v2t R@1, R@5, R@10, median
+  and mean rank (`peftlab.shared.retrieval_metrics`). Primary: t2v_r1.
+- `video-caption`: frozen CLIP frame features -> a trainable projector (the task head:
+  per-dimension standardisation, 2-layer MLP per frame, learned frame positions, pooled in time to K tokens)
+  -> K prefix embeddings for the causal LM, which the method (LoRA, the zero-init gated
+  `llama_adapter`, ...) tunes. The prefix takes the place of K placeholder tokens in the
+  prompt's input embeddings (as LLaVA splices its image tokens in), so training, greedy
+  and beam-search generation and peft's prompt-learning wrappers all run through the
+  usual token-id path. Loss on the caption's tokens only. Metrics: BLEU-4 (primary),
+  ROUGE-L, CIDEr-D, each against all of a video's reference captions.
+
+Frame features of a frozen image tower come from `features.FrameFeatureCache`; decoded
+frames from a bounded memory cache (`data.FrameStore`).
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from peftlab.shared import causal_lm as clm
+from peftlab.shared import io
+from peftlab.shared import metrics as metric_registry
+from peftlab.shared.cards import Card
+from peftlab.shared.data import ratio_split
+from peftlab.shared.errors import UserError
+from peftlab.shared.retrieval_metrics import RETRIEVAL_METRICS, text_to_video_ranks
+from peftlab.shared.tasks import Dataset, register_task
+from peftlab.shared.text_metrics import cider, multi_reference_bleu4, rouge_l
+from torch import nn
+from torch.nn import functional as F
+
+from . import data
+from .backbones import ClipBackbone, VideoCLIP, backbone_names, encode_frames, load_clip, unwrap
+from .features import FrameFeatureCache, cache_directory
+
+# ----------------------------------------------------------------------------- options
+
+
+@dataclass
+class VideoOptions:
+    frames: int = field(default=8, metadata={"help": "frames sampled uniformly per video (segment centres)"})
+    feature_cache: str = field(default="auto", metadata={"help": "frozen image-tower features on disk: auto (the peftlab cache folder, $PEFTLAB_CACHE or ~/.cache/peftlab), off, or a folder"})
+    frame_cache_mb: float = field(default=1024, metadata={"help": "memory for decoded, resized frames kept between epochs (least recently used evicted)"})
+
+    def __post_init__(self):
+        if isinstance(self.feature_cache, bool):  # YAML reads a bare off / on as a boolean
+            self.feature_cache = "auto" if self.feature_cache else "off"
+        if self.frames < 1:
+            raise ValueError(f"frames must be >= 1, got {self.frames}")
+        if self.frame_cache_mb < 0:
+            raise ValueError(f"frame_cache_mb must be >= 0, got {self.frame_cache_mb}")
+
+
+@dataclass
+class RetrievalOptions(VideoOptions):
+    pass
+
+
+@dataclass
+class CaptionOptions(VideoOptions):
+    vision_backbone: str | None = field(default=None, metadata={"help": "CLIP for the frames (MODEL:TAG, MODEL:/path, tiny); default: tiny with the tiny LM, else ViT-B-32:openai"})
+    prefix_length: int | None = field(default=None, metadata={"help": "visual prefix tokens K for the LM (default: one per frame)"})
+    prompt: str = field(default="Caption:", metadata={"help": "text after the visual prefix; the caption follows it"})
+    max_target_tokens: int = field(default=48, metadata={"help": "caption tokens trained on at most"})
+    max_new_tokens: int = field(default=32, metadata={"help": "tokens generated at most"})
+    num_beams: int = field(default=1, metadata={"help": "1 = greedy decoding, more = beam search"})
+
+    def __post_init__(self):
+        super().__post_init__()
+        for name in ("max_target_tokens", "max_new_tokens", "num_beams"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.prefix_length is not None and not 1 <= self.prefix_length <= self.frames:
+            raise ValueError(f"prefix_length must be in 1..frames ({self.frames}), got {self.prefix_length}")
+
+
+# ----------------------------------------------------------------------------- frames -> model inputs
+
+
+class _VideoInputs(nn.Module):
+    """Frames for a batch of videos: cached features when the image tower is frozen,
+    else normalised pixels (the tower then runs in the model's forward)."""
+
+    preprocess: dict
+    options: VideoOptions
+
+    def _init_video_inputs(self, clip: ClipBackbone, options: VideoOptions) -> None:
+        self.preprocess = clip.preprocess
+        self.options = options
+        self.frame_store = data.FrameStore(options.frame_cache_mb)
+        self.feature_cache = FrameFeatureCache(cache_directory(options.feature_cache), clip.info, options.frames,
+                                               clip.preprocess)
+
+    def visual_tower(self) -> nn.Module:
+        raise NotImplementedError
+
+    def vision_frozen(self) -> bool:
+        return not any(p.requires_grad for p in self.visual_tower().parameters())
+
+    def pixels(self, videos: list[str]) -> torch.Tensor:
+        frames = [self.frame_store.get(v, self.options.frames, self.preprocess) for v in videos]
+        return data.normalise(torch.stack(frames), self.preprocess)
+
+    @torch.no_grad()
+    def encode_videos(self, videos: list[str], chunk: int = 16) -> torch.Tensor:
+        """(videos, frames, dim) features of the frozen image tower, in evaluation mode."""
+        visual = self.visual_tower()
+        device = next(visual.parameters()).device
+        was_training = visual.training
+        visual.eval()
+        try:
+            parts = [encode_frames(visual, self.pixels(videos[i:i + chunk]).to(device)) for i in range(0, len(videos), chunk)]
+        finally:
+            visual.train(was_training)
+        return torch.cat(parts)
+
+    def video_inputs(self, videos: list[str]) -> dict[str, torch.Tensor]:
+        if self.vision_frozen():
+            return {"frame_features": self.feature_cache.features(videos, self.encode_videos)}
+        return {"pixels": self.pixels(videos)}
+
+    def example_length(self, example) -> int:
+        return 1  # every video is the same number of frames of the same size
+
+
+# ----------------------------------------------------------------------------- retrieval
+
+
+class RetrievalModel(_VideoInputs):
+    def __init__(self, clip: ClipBackbone, options: RetrievalOptions):
+        super().__init__()
+        self.backbone = VideoCLIP(clip, options.frames)
+        self.head = nn.Module()  # nothing beyond CLIP: the method adapts the towers or the pooling
+        self.backbone_info = clip.info
+        self.tokenizer = clip.tokenizer
+        self._init_video_inputs(clip, options)
+
+    def visual_tower(self) -> nn.Module:
+        return unwrap(self.backbone).clip.visual
+
+    def collate(self, examples, rng):
+        videos = list(dict.fromkeys(e["video"] for e in examples))
+        video_index = [videos.index(e["video"]) for e in examples]
+        captions = [e.get("caption") or "" for e in examples]
+        # Positives: the caption's own video, and any video in the batch paired with the same text.
+        positives = torch.zeros(len(examples), len(videos), dtype=torch.bool)
+        for i, caption in enumerate(captions):
+            for j, other in enumerate(captions):
+                if " ".join(other.lower().split()) == " ".join(caption.lower().split()):
+                    positives[i, video_index[j]] = True
+        batch = {"text": self.tokenizer(captions), "video_index": torch.tensor(video_index), "positives": positives}
+        batch.update(self.video_inputs(videos))
+        return batch
+
+    def _embed(self, batch):
+        return self.backbone(text=batch["text"], pixels=batch.get("pixels"), frame_features=batch.get("frame_features"))
+
+    def forward(self, batch) -> torch.Tensor:
+        """(captions, videos) similarity logits at CLIP's logit scale."""
+        videos, texts, scale = self._embed(batch)
+        return scale * texts @ videos.T
+
+    def loss(self, logits, batch):
+        logits = logits.float()
+        positives = batch["positives"].to(logits.device)
+        negative_infinity = torch.finfo(logits.dtype).min
+        text_to_video = torch.logsumexp(logits, 1) - torch.logsumexp(logits.masked_fill(~positives, negative_infinity), 1)
+        video_to_text = torch.logsumexp(logits, 0) - torch.logsumexp(logits.masked_fill(~positives, negative_infinity), 0)
+        return (text_to_video.mean() + video_to_text.mean()) / 2
+
+    def scores(self, logits):
+        return torch.softmax(logits.float(), dim=-1)
+
+    def predict(self, batch) -> list[dict[str, np.ndarray]]:
+        videos, texts, _ = self._embed(batch)
+        videos = videos.float().cpu().numpy()[batch["video_index"].cpu().numpy()]
+        return [{"video": v, "text": t} for v, t in zip(videos, texts.float().cpu().numpy())]
+
+
+def similarity_matrix(examples, outputs) -> tuple[list[str], np.ndarray, np.ndarray]:
+    """-> (videos, video index of each caption, (captions, videos) cosine similarities)."""
+    first: dict[str, int] = {}
+    for index, example in enumerate(examples):
+        first.setdefault(example["video"], index)
+    videos = list(first)
+    video_embeddings = np.stack([outputs[first[v]]["video"] for v in videos])
+    text_embeddings = np.stack([o["text"] for o in outputs])
+    item_of_query = np.array([videos.index(e["video"]) for e in examples])
+    return videos, item_of_query, text_embeddings @ video_embeddings.T
+
+
+# ----------------------------------------------------------------------------- captioning
+
+
+class VisualPrefix(nn.Module):
+    """(batch, frames, clip dim) frame features -> (batch, K, LM width) prefix embeddings.
+
+    The features are first standardised per dimension over the data (BatchNorm; its
+    running statistics are saved with the head): CLIP embeddings share a large common
+    component (the "cone"), and what tells videos apart is the small rest."""
+
+    def __init__(self, clip_dim: int, width: int, frames: int, length: int):
+        super().__init__()
+        self.length = length
+        self.standardise = nn.BatchNorm1d(clip_dim)
+        self.project = nn.Sequential(nn.Linear(clip_dim, width), nn.GELU(), nn.Linear(width, width))
+        self.position = nn.Parameter(torch.randn(frames, width) * 0.02)
+
+    def forward(self, features: torch.Tensor) -> torch.Tensor:
+        standardised = self.standardise(features.flatten(0, 1)).view_as(features)
+        tokens = self.project(standardised) + self.position[: features.shape[1]].to(features.dtype)
+        if tokens.shape[1] != self.length:  # average neighbouring frames down to K tokens
+            tokens = F.adaptive_avg_pool1d(tokens.transpose(1, 2), self.length).transpose(1, 2)
+        return tokens
+
+
+class CaptionModel(_VideoInputs):
+    def __init__(self, causal_lm: clm.CausalLM, clip: ClipBackbone, options: CaptionOptions):
+        super().__init__()
+        self.backbone = causal_lm.model
+        self.tokenizer = causal_lm.tokenizer
+        self.vision = clip.model.visual  # frozen: only its features are used
+        for param in self.vision.parameters():
+            param.requires_grad_(False)
+        clip_dim = int(encode_frames(self.vision, torch.zeros(1, 1, 3, clip.preprocess["size"], clip.preprocess["size"])).shape[-1])
+        length = options.prefix_length or options.frames
+        self.head = VisualPrefix(clip_dim, causal_lm.model.config.hidden_size, options.frames, length)
+        combined = hashlib.sha256((causal_lm.info["weights_sha256"] + clip.info["weights_sha256"]).encode()).hexdigest()
+        self.backbone_info = {**causal_lm.info, "language_model_sha256": causal_lm.info["weights_sha256"],
+                              "weights_sha256": combined, "vision": clip.info}
+        self._init_video_inputs(clip, options)
+        # The prompt: [bos] + K placeholders (their embeddings are replaced by the prefix) + the prompt text.
+        start = clm.prompt_ids(self.tokenizer, "")
+        self.prefix_start = len(start)
+        self.prompt_ids = start + [self.tokenizer.pad_token_id] * length + clm.encode(self.tokenizer, options.prompt)
+        self._prefix: torch.Tensor | None = None
+        causal_lm.model.get_input_embeddings().register_forward_hook(self._splice_prefix)
+
+    def visual_tower(self) -> nn.Module:
+        return self.vision
+
+    def _splice_prefix(self, module, args, output):
+        prefix = self._prefix
+        end = self.prefix_start + (0 if prefix is None else prefix.shape[1])
+        if prefix is None or output.shape[1] < end:  # not ours, or a one-token decoding step
+            return output
+        if output.shape[0] != prefix.shape[0]:  # beam search repeats each row num_beams times
+            prefix = prefix.repeat_interleave(output.shape[0] // prefix.shape[0], dim=0)
+        return torch.cat([output[:, :self.prefix_start], prefix.to(output.dtype), output[:, end:]], dim=1)
+
+    def collate(self, examples, rng):
+        prompts = [list(self.prompt_ids) for _ in examples]
+        batch: dict[str, Any] = {"prompts": prompts}
+        if all(isinstance(e.get("label"), str) for e in examples):
+            answers = [clm.answer_ids(self.tokenizer, e["label"], self.options.max_target_tokens) for e in examples]
+            batch.update(clm.training_batch(self.tokenizer, prompts, answers))
+        else:
+            batch.update(clm.prompt_batch(self.tokenizer, prompts))
+        videos = [e["video"] for e in examples]
+        batch["frame_features"] = self.feature_cache.features(videos, self.encode_videos)
+        return batch
+
+    def _with_prefix(self, batch, call):
+        self._prefix = self.head(batch["frame_features"].to(next(self.head.parameters()).device))
+        try:
+            return call()
+        finally:
+            self._prefix = None
+
+    def forward(self, batch) -> torch.Tensor:
+        return self._with_prefix(batch, lambda: clm.lm_forward(self.backbone, batch["input_ids"], batch["attention_mask"])[0])
+
+    def loss(self, logits, batch):
+        return clm.answer_loss(logits, batch["labels"].to(logits.device))
+
+    def scores(self, logits):
+        return torch.softmax(logits.float(), dim=-1)
+
+    def predict(self, batch) -> list[str]:
+        options = clm.GenerationOptions(max_new_tokens=self.options.max_new_tokens, num_beams=self.options.num_beams)
+        texts = self._with_prefix(batch, lambda: clm.generate(self.backbone, self.tokenizer, batch["prompts"], options))
+        return [t.strip() for t in texts]
+
+
+# ----------------------------------------------------------------------------- method defaults
+
+_TOWERS = r"clip\.(visual\.|text\.)?transformer\.resblocks\.\d+\."
+_CLIP_LINEARS = _TOWERS + r"(attn\.(q_proj|k_proj|v_proj|out_proj)|mlp\.(c_fc|c_proj))"
+_CLIP_ATTENTION = _TOWERS + r"attn\.(q_proj|k_proj|v_proj|out_proj)"
+RETRIEVAL_METHOD_DEFAULTS: dict[str, dict[str, Any]] = {
+    # Both towers: CLIP-LoRA and KAdaptation adapt the image and the text encoder alike.
+    "lora": {"target_modules": _CLIP_LINEARS},
+    "dora": {"target_modules": _CLIP_LINEARS},
+    "loha": {"target_modules": _CLIP_LINEARS},
+    # KAdaptation (He et al. 2023) puts its Kronecker-product update on the attention weights.
+    "lokr": {"target_modules": _CLIP_ATTENTION},
+    "vera": {"target_modules": _CLIP_LINEARS},
+    "ia3": {"target_modules": _TOWERS + r"(attn\.(k_proj|v_proj)|mlp\.c_proj)", "feedforward_modules": ["mlp.c_proj"]},
+    "ssf": {"target_modules": _CLIP_LINEARS},
+    # Houlsby: after the attention output and after the feed-forward block, in both towers.
+    "adapter": {"target_modules": _TOWERS + r"(attn\.out_proj|mlp\.c_proj)"},
+    "parallel_adapter": {"target_modules": _TOWERS + r"mlp\.c_proj", "scale": 4.0},
+    "ln_tuning": {"target_modules": _TOWERS + r"ln_[12]"},
+    # the last k blocks of the image tower (name the text tower's with blocks: clip.transformer.resblocks)
+    "freeze_layers": {"blocks": "clip.visual.transformer.resblocks"},
+}
+
+
+# ----------------------------------------------------------------------------- tasks
+
+DEMO_DEFAULTS = {"train": 480, "validation": 48, "test": 48, "seed": 0, "frames": 16, "size": 32}
+
+
+class _VideoTextTask:
+    domain = "video_text"
+    formats = ("msrvtt_json", "csv", "demo")
+    card_keys = ("demo", "video_root")
+
+    def _read_pairs(self, card: Card) -> dict[str, list[dict]]:
+        if card.format == "demo":
+            demo = {**DEMO_DEFAULTS, **(card.option("demo") or {})}
+            unknown = sorted(set(demo) - set(DEMO_DEFAULTS))
+            if unknown:
+                raise UserError(f"{card.card_path}: demo.{unknown[0]} is not a demo setting; valid: {', '.join(DEMO_DEFAULTS)}")
+            sizes = {s: int(demo[s]) for s in ("train", "validation", "test") if int(demo[s]) > 0}
+            return data.demo_splits(sizes, int(demo["seed"]), int(demo["frames"]), int(demo["size"]))
+        if card.format not in self.formats:
+            raise UserError(f"{card.card_path}: {self.name} reads formats {', '.join(self.formats)}, not {card.format!r}")
+        root = card.resolve(card.option("video_root"), "video_root") if card.option("video_root") else card.card_path.parent
+        if not root.is_dir():
+            raise UserError(f"{card.card_path}: video_root = {root} is not a folder; fix the path (relative to the card)")
+        fields = card.fields or {}
+        unknown = sorted(set(fields) - {"video", "caption"})
+        if unknown:
+            raise UserError(f"{card.card_path}: fields.{unknown[0]} is not a video-text field; use video and caption")
+
+        def read(path: Path) -> dict[str, list[dict]]:
+            if card.format == "msrvtt_json":
+                return data.read_msrvtt_json(path, root, fields)
+            return {"all": data.read_caption_csv(path, root, fields)}
+
+        per_split = card.split_files()
+        if per_split:
+            return {split: [e for examples in read(path).values() for e in examples] for split, path in per_split.items()}
+        found = read(self._data_file(card))
+        if set(found) != {"all"}:
+            return {split: examples for split, examples in found.items() if split != "all"}
+        spec = card.splits or {}
+        ratios = spec.get("ratios", {"train": 0.8, "validation": 0.1, "test": 0.1})
+        # whole videos go to one split, so no video is seen in training and in test
+        return ratio_split(found["all"], ratios, int(spec.get("seed", 0)), group_of=lambda e: e["video_id"],
+                           where=str(card.card_path))
+
+    def _data_file(self, card: Card) -> Path:
+        for key in ("annotations", "data"):
+            if card.files and key in card.files:
+                return card.file(key)
+        if card.path:
+            path = card.resolve(card.path, "path")
+            if not path.is_file():
+                raise UserError(f"{card.card_path}: path = {path} does not exist; fix the path (relative to the card)")
+            return path
+        raise UserError(f"{card.card_path}: set `files: {{annotations: captions.json}}` (or a CSV) or per-split `splits` files")
+
+    def _read_input_files(self, paths, labelled_pairs: bool) -> list[dict]:
+        examples = []
+        for path in map(Path, paths):
+            suffix = path.suffix.lower()
+            if suffix == ".json":
+                examples += [e for split in data.read_msrvtt_json(path, path.parent, {}).values() for e in split]
+            elif suffix == ".csv":
+                examples += data.read_caption_csv(path, path.parent, {}, labelled=labelled_pairs)
+            elif labelled_pairs:
+                raise UserError(f"{path}: video-text-retrieval predict reads caption files (MSR-VTT JSON or a "
+                                f"video,caption CSV), whose videos are relative to the file's folder")
+            else:
+                examples += data.video_inputs([path])
+        for example in examples:
+            example.pop("label", None)
+        return examples
+
+
+class RetrievalTask(_VideoTextTask):
+    name = "video-text-retrieval"
+    description = "caption <-> video retrieval with CLIP over uniformly sampled frames (CLIP4Clip / AGAdapter)"
+    metrics = ("t2v_r1", "t2v_r5", "t2v_r10", "v2t_r1", "v2t_r5", "v2t_r10", "median_rank", "mean_rank")
+    primary_metric = "t2v_r1"
+    options = RetrievalOptions
+
+    def backbones(self) -> list[str]:
+        return backbone_names()
+
+    def read(self, card: Card, options) -> Dataset:
+        return Dataset(self._read_pairs(card), [])
+
+    def build_model(self, backbone: str, labels, options) -> RetrievalModel:
+        return RetrievalModel(load_clip(backbone), options)
+
+    def default_method_options(self, method: str, model) -> dict[str, Any]:
+        return dict(RETRIEVAL_METHOD_DEFAULTS.get(method, {}))
+
+    def read_inputs(self, paths, options) -> list[dict]:
+        return self._read_input_files(paths, labelled_pairs=True)
+
+    def compute_metrics(self, metric_names, examples, outputs) -> dict:
+        not_retrieval = [n for n in metric_names if n not in RETRIEVAL_METRICS]
+        if not_retrieval:
+            raise UserError(f"{self.name}: metric {not_retrieval[0]!r} does not apply; use {', '.join(RETRIEVAL_METRICS)}")
+        _, item_of_query, similarity = similarity_matrix(examples, outputs)
+        return metric_registry.compute(metric_names, item_of_query, similarity)
+
+    def describe(self, example, output, labels) -> dict:
+        return {"id": example["id"], "video": example["video"], "caption": example.get("caption"),
+                "similarity": float(output["video"] @ output["text"]),
+                "video_embedding": [round(float(x), 6) for x in output["video"]],
+                "text_embedding": [round(float(x), 6) for x in output["text"]]}
+
+    def write_report(self, split, examples, outputs, labels, directory) -> None:
+        """retrieval-<split>.jsonl: per caption, the rank of its video and the top 5 videos."""
+        videos, item_of_query, similarity = similarity_matrix(examples, outputs)
+        ranks = text_to_video_ranks(item_of_query, similarity)
+        top = np.argsort(-similarity, axis=1, kind="stable")[:, :5]
+        rows = [{"id": e["id"], "caption": e.get("caption"), "rank": int(r), "top5": [videos[j] for j in t]}
+                for e, r, t in zip(examples, ranks, top)]
+        io.write_jsonl(Path(directory) / f"retrieval-{split}.jsonl", rows)
+
+    def card_template(self) -> str:
+        return CARD_TEMPLATE.format(task=self.name)
+
+
+CAPTION_METRICS = {"bleu4": multi_reference_bleu4, "rouge_l": rouge_l, "cider": cider}
+"""Caption metrics against all of a video's references (one-reference `bleu4` equals the core's)."""
+
+
+class CaptionTask(_VideoTextTask):
+    name = "video-caption"
+    description = "video -> caption: frozen CLIP frame features as a prefix for a LoRA/LLaMA-Adapter-tuned causal LM (AGAdapter)"
+    metrics = ("bleu4", "rouge_l", "cider")
+    primary_metric = "bleu4"
+    options = CaptionOptions
+
+    def backbones(self) -> list[str]:
+        return [*clm.TINY_PRESETS, "HuggingFaceTB/SmolLM2-135M", "HuggingFaceTB/SmolLM2-360M",
+                "TinyLlama/TinyLlama-1.1B-intermediate-step-1431k-3T", "meta-llama/Llama-2-7b-hf"]
+
+    def read(self, card: Card, options) -> Dataset:
+        splits = self._read_pairs(card)
+        # Training sees every (video, caption) pair; evaluation generates once per video and
+        # scores it against all of that video's captions.
+        return Dataset({split: examples if split == "train" else group_by_video(examples)
+                        for split, examples in splits.items()}, [])
+
+    def build_model(self, backbone: str, labels, options: CaptionOptions) -> CaptionModel:
+        vision = options.vision_backbone or ("tiny" if backbone in clm.TINY_PRESETS else "ViT-B-32:openai")
+        causal_lm = clm.load_causal_lm(backbone)
+        return CaptionModel(causal_lm, load_clip(vision), options)
+
+    def default_method_options(self, method: str, model) -> dict[str, Any]:
+        return clm.default_method_options(method, model.backbone)
+
+    def read_inputs(self, paths, options) -> list[dict]:
+        return self._read_input_files(paths, labelled_pairs=False)
+
+    def compute_metrics(self, metric_names, examples, outputs) -> dict:
+        unknown = [n for n in metric_names if n not in CAPTION_METRICS]
+        if unknown:
+            raise UserError(f"{self.name}: metric {unknown[0]!r} does not apply; use {', '.join(CAPTION_METRICS)}")
+        references = [e.get("references") or [e["label"]] for e in examples]
+        return {name: CAPTION_METRICS[name](references, list(outputs)) for name in metric_names}
+
+    def describe(self, example, output, labels) -> dict:
+        row = {"id": example["id"], "video": example["video"], "prediction": output}
+        if "references" in example:
+            row["references"] = example["references"]
+        return row
+
+    def card_template(self) -> str:
+        return CARD_TEMPLATE.format(task=self.name)
+
+
+def group_by_video(examples: list[dict]) -> list[dict]:
+    """One example per video, its captions as `references` (the first is its `label`)."""
+    grouped: dict[str, dict] = {}
+    for example in examples:
+        if example["video"] not in grouped:
+            grouped[example["video"]] = {"id": example["video_id"], "video_id": example["video_id"],
+                                         "video": example["video"], "label": example["label"], "references": []}
+        grouped[example["video"]]["references"].append(example["label"])
+    return list(grouped.values())
+
+
+CARD_TEMPLATE = """---
+name: my-video-text-data
+domain: video_text
+task: {task}
+format: msrvtt_json               # msrvtt_json | csv (header video,caption; one row per caption)
+files:
+  annotations: captions.json      # {{"videos": [{{"video_id": "video0", "split": "train"}}], "sentences": [{{"video_id": "video0", "caption": "..."}}]}}
+video_root: videos/               # video files <video_id>.mp4 (.avi, .webm, ...) or frame folders <video_id>/
+fields: {{video: video_id, caption: caption}}
+splits: {{ratios: {{train: 0.8, validation: 0.1, test: 0.1}}, seed: 0}}   # used when videos carry no `split`; whole videos per split
+license: ""
+source: ""
+---
+What the videos show, where they and their captions come from (who wrote the captions,
+how many per video), intended use, known biases.
+"""
+
+register_task(RetrievalTask())
+register_task(CaptionTask())

@@ -1,0 +1,306 @@
+"""Video-text: CLIP loading, video readers and sampling, the frame-feature cache,
+retrieval and caption metrics, the temporal adapter, and both demos learning."""
+
+from __future__ import annotations
+
+import json
+from collections import Counter
+
+import numpy as np
+import pytest
+import torch
+import yaml
+from peftlab.domains.video_text import data
+from peftlab.domains.video_text.backbones import TINY_CONFIG, TINY_SEED, VideoCLIP, load_clip
+from peftlab.pipelines import runner
+from peftlab.pipelines.cli import main
+from peftlab.shared import methods
+from peftlab.shared.cards import read_card
+from peftlab.shared.errors import UserError
+from peftlab.shared.metrics import compute
+from peftlab.shared.tasks import get_task
+from peftlab.shared.text_metrics import cider, multi_reference_bleu4, rouge_l, sentence_bleu4
+
+
+@pytest.fixture(scope="module")
+def tiny_clip():
+    return load_clip("tiny")
+
+
+def _solid_frames(count: int, size: int = 32) -> np.ndarray:
+    """Frame t is one flat colour that encodes t, so sampled indices can be read back."""
+    frames = np.zeros((count, size, size, 3), dtype=np.uint8)
+    for t in range(count):
+        frames[t] = (10 * t + 5, 200 - 10 * t, 128)
+    return frames
+
+
+def _write_card(folder, header: dict, body: str = "test data") -> str:
+    path = folder / "card.md"
+    path.write_text("---\n" + yaml.safe_dump(header) + "---\n" + body + "\n")
+    return str(path)
+
+
+# ----------------------------------------------------------------------------- backbones
+
+
+def test_tiny_clip_is_seeded_and_split_attention_equals_open_clip(tiny_clip):
+    from open_clip.model import CLIP
+
+    with torch.random.fork_rng():
+        torch.manual_seed(TINY_SEED)
+        reference = CLIP(**TINY_CONFIG).eval()
+    assert load_clip("tiny").info["weights_sha256"] == tiny_clip.info["weights_sha256"]
+    assert not any(isinstance(m, torch.nn.MultiheadAttention) for m in tiny_clip.model.modules())
+    images = torch.randn(3, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    tokens = tiny_clip.tokenizer(["a red square moves left", "a blue circle moves up", "x"])
+    with torch.no_grad():
+        torch.testing.assert_close(tiny_clip.model.encode_image(images), reference.encode_image(images), atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(tiny_clip.model.encode_text(tokens), reference.encode_text(tokens), atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("name, message", [
+    ("ViT-B-32", "name the weights as MODEL:TAG"),
+    ("ViT-B-32:nonsense-tag", "not a pretrained tag of ViT-B-32.*openai"),
+    ("NoSuchNet:openai", "not an open_clip architecture"),
+    ("ViT-B-32:/nowhere/model.bin", "does not exist"),
+])
+def test_clip_names_fail_clearly(name, message):
+    with pytest.raises(UserError, match=message):
+        load_clip(name)
+
+
+def test_uncached_clip_tag_offline_names_where_it_looked(monkeypatch):
+    from peftlab.domains.video_text import backbones
+
+    monkeypatch.setenv("PEFTLAB_OFFLINE", "1")
+    monkeypatch.setattr(backbones, "_cached_file", lambda config: (None, ["/hf-cache (timm/x)"]))
+    with pytest.raises(UserError, match=r"not available offline: no cached weights at /hf-cache"):
+        load_clip("ViT-B-32:openai")
+
+
+# ----------------------------------------------------------------------------- videos
+
+
+def test_uniform_sampling_takes_segment_centres():
+    assert data.uniform_indices(16, 4) == [2, 6, 10, 14]
+    assert data.uniform_indices(8, 8) == list(range(8))
+    assert data.uniform_indices(3, 5) == [0, 0, 1, 2, 2]  # shorter than asked: frames repeat in order
+
+
+def test_video_file_and_frame_folder_decode_to_the_sampled_frames(tmp_path):
+    from PIL import Image
+
+    frames = _solid_frames(12)
+    data.write_video(tmp_path / "clip.mp4", frames)
+    folder = tmp_path / "clip_frames"
+    folder.mkdir()
+    for t, frame in enumerate(frames):  # names sort numerically: 2 before 10
+        Image.fromarray(frame).save(folder / f"frame_{t}.png")
+    expected = frames[data.uniform_indices(12, 4)]
+    assert np.array_equal(data.decode_frames(folder, 4), expected)
+    decoded = data.decode_frames(tmp_path / "clip.mp4", 4).astype(int)
+    assert np.abs(decoded - expected).max() <= 6  # H.264 at crf 8 is near-lossless
+    resized = data.resize_frames(data.decode_frames(folder, 4), 16)
+    assert resized.shape == (4, 3, 16, 16) and resized.dtype == torch.uint8
+
+
+def test_demo_videos_are_deterministic_and_captioned():
+    first = data.demo_splits({"test": 48}, seed=0)
+    again = data.demo_splits({"test": 48}, seed=0)
+    assert first == again
+    captions = [e["caption"] for e in first["test"]]
+    assert len(set(captions)) == 48  # the test split holds every combination once
+    rng = np.random.default_rng(7)
+    video = data.render_demo_video(rng, ("red", "square", "left"), 16, 32)
+    red = (video[..., 0] > 150) & (video[..., 1] < 100)
+    columns = [np.nonzero(red[t])[1].mean() for t in (0, 15)]
+    assert columns[1] < columns[0] - 5  # it moves left
+
+
+def _video_folder(tmp_path):
+    videos = tmp_path / "videos"
+    videos.mkdir()
+    for name in ("video0", "video1", "video2"):
+        data.write_video(videos / f"{name}.mp4", _solid_frames(6))
+    return videos
+
+
+def test_msrvtt_json_and_csv_readers(tmp_path):
+    videos = _video_folder(tmp_path)
+    document = {"videos": [{"video_id": "video0", "split": "train"}, {"video_id": "video1", "split": "validate"},
+                           {"video_id": "video2", "split": "test"}],
+                "sentences": [{"video_id": "video0", "caption": "a cat"}, {"video_id": "video0", "caption": "a kitten"},
+                              {"video_id": "video1", "caption": "a dog"}, {"video_id": "video2", "caption": "a bird"}]}
+    (tmp_path / "msrvtt.json").write_text(json.dumps(document))
+    splits = data.read_msrvtt_json(tmp_path / "msrvtt.json", videos, {})
+    assert {s: [e["caption"] for e in examples] for s, examples in splits.items()} == {
+        "train": ["a cat", "a kitten"], "validation": ["a dog"], "test": ["a bird"]}
+    assert splits["train"][1]["id"] == "video0#1" and splits["train"][1]["video"] == str(videos / "video0.mp4")
+    (tmp_path / "pairs.csv").write_text('clip,text\nvideo0.mp4,"a cat, sitting"\nvideo1,a dog\n')
+    rows = data.read_caption_csv(tmp_path / "pairs.csv", videos, {"video": "clip", "caption": "text"})
+    assert [(e["video"], e["caption"]) for e in rows] == [(str(videos / "video0.mp4"), "a cat, sitting"),
+                                                          (str(videos / "video1.mp4"), "a dog")]
+    # A caption card splits whole videos; the caption task scores each video against all its captions.
+    card = _write_card(tmp_path, {"name": "t", "domain": "video_text", "task": "video-caption", "format": "msrvtt_json",
+                                  "files": {"annotations": "msrvtt.json"}, "video_root": "videos"})
+    dataset = get_task("video-caption").read(read_card(card), get_task("video-caption").options())
+    assert len(dataset.splits["train"]) == 2 and dataset.splits["test"][0]["references"] == ["a bird"]
+
+
+def test_missing_and_undecodable_videos_stop_with_their_name(tmp_path, capsys):
+    videos = _video_folder(tmp_path)
+    (videos / "broken.mp4").write_bytes(b"this is not a video" * 50)
+    (tmp_path / "missing.csv").write_text("video,caption\nvideo0,a cat\nnot_there,a ghost\n")
+    with pytest.raises(UserError, match=r"missing.csv:3: video 'not_there' not found"):
+        data.read_caption_csv(tmp_path / "missing.csv", videos, {})
+    with pytest.raises(UserError, match=r"broken.mp4: cannot be decoded as a video"):
+        data.decode_frames(videos / "broken.mp4", 4)
+    rows = "video,caption\n" + "".join(f"video{i % 3},caption {i}\n" for i in range(9)) + "broken,a broken one\n"
+    (tmp_path / "broken.csv").write_text(rows)
+    card = _write_card(tmp_path, {"name": "t", "domain": "video_text", "task": "video-text-retrieval", "format": "csv",
+                                  "files": {"data": "broken.csv"}, "video_root": "videos",
+                                  "splits": {"ratios": {"train": 1.0}}})
+    out = tmp_path / "run"
+    code = main(["run", "video-text-retrieval", "--demo", "--data", card, "--out", str(out),
+                 "eval.splits=[train]", "train.epochs=1", "train.batch_size=16", "task.feature_cache=off"])
+    # (the progress bar, cut short, shares the terminal line the error starts on)
+    errors = [line.split("\r")[-1] for line in capsys.readouterr().err.splitlines() if "error: " in line]
+    assert code == 2 and len(errors) == 1 and "broken.mp4: cannot be decoded" in errors[0], errors
+    assert not out.exists()  # nothing half-written
+
+
+# ----------------------------------------------------------------------------- feature cache
+
+
+def test_frame_feature_cache_equals_fresh_features_and_is_reused(tmp_path):
+    task = get_task("video-text-retrieval")
+    options = task.options(frames=4, feature_cache=str(tmp_path / "features"))
+    examples = data.demo_splits({"train": 12}, seed=0)["train"]
+    model = task.build_model("tiny", [], options)
+    model.backbone = methods.apply(model.backbone, "temporal_adapter")  # the image tower stays frozen
+    assert model.vision_frozen()
+    first = model.collate(examples, rng=None)["frame_features"]
+    with torch.no_grad():
+        fresh = model.backbone.base_model.encode_frames(model.pixels([e["video"] for e in examples]))
+    torch.testing.assert_close(first, fresh, atol=1e-6, rtol=1e-6)
+    assert model.feature_cache.stats["encoded"] == 12
+    decoded = model.frame_store.decoded
+    for _epoch in range(2):  # later epochs: no decoding, no encoding
+        for start in range(0, 12, 4):
+            model.collate(examples[start:start + 4], rng=None)
+    assert model.feature_cache.stats["encoded"] == 12 and model.frame_store.decoded == decoded
+    # Another run (or method) on the same backbone and frames reads the files back.
+    other = task.build_model("tiny", [], options)
+    other.backbone = methods.apply(other.backbone, "lora", target_modules=r"clip\.transformer\.resblocks\.\d+\.mlp\.c_fc")
+    assert other.vision_frozen()
+    assert torch.equal(other.collate(examples, rng=None)["frame_features"], first)
+    assert other.feature_cache.stats == {"encoded": 0, "from_disk": 12, "from_memory": 0}
+    # A method inside the image tower makes it trainable: pixels, no cache.
+    tuned = task.build_model("tiny", [], options)
+    tuned.backbone = methods.apply(tuned.backbone, "lora", **task.default_method_options("lora", tuned))
+    assert not tuned.vision_frozen() and "pixels" in tuned.collate(examples[:2], rng=None)
+    # Another frame count is another cache folder.
+    four, eight = (task.build_model("tiny", [], task.options(frames=f, feature_cache=str(tmp_path))) for f in (4, 8))
+    assert four.feature_cache.directory != eight.feature_cache.directory
+
+
+# ----------------------------------------------------------------------------- metrics
+
+
+def test_retrieval_metrics_on_a_hand_computed_matrix():
+    # captions 0, 1 -> video 0; caption 2 -> video 1; caption 3 -> video 2
+    video_of_caption = np.array([0, 0, 1, 2])
+    similarity = np.array([[0.9, 0.1, 0.2],    # rank 1
+                           [0.3, 0.8, 0.1],    # rank 2
+                           [0.5, 0.5, 0.1],    # tie with video 0: counts against, rank 2
+                           [0.7, 0.6, 0.2]])   # rank 3
+    names = ["t2v_r1", "t2v_r5", "median_rank", "mean_rank", "v2t_r1", "v2t_median_rank", "v2t_mean_rank"]
+    result = compute(names, video_of_caption, similarity)
+    # v2t, down each video's column: video 0's best caption (0, 0.9) ranks 1; video 1's
+    # caption 2 (0.5) is beaten by 0.8 and 0.6: rank 3; video 2's caption 3 (0.2) ties caption 0: rank 2.
+    assert result == {"t2v_r1": 0.25, "t2v_r5": 1.0, "median_rank": 2.0, "mean_rank": 2.0,
+                      "v2t_r1": 1 / 3, "v2t_median_rank": 2.0, "v2t_mean_rank": 2.0}
+    constant = compute(["t2v_r1", "median_rank"], video_of_caption, np.zeros((4, 3)))
+    assert constant == {"t2v_r1": 0.0, "median_rank": 3.0}  # a constant scorer is never rewarded by ties
+
+
+def test_caption_metrics():
+    assert multi_reference_bleu4(["a red square moves left"], ["a red circle moves left"]) == \
+        sentence_bleu4(["a red square moves left"], ["a red circle moves left"])
+    two_refs = multi_reference_bleu4([["a cat sits", "a red circle moves left"]], ["a red circle moves left"])
+    assert two_refs == pytest.approx(1.0)
+    assert rouge_l(["a b c d"], ["a b x d"]) == pytest.approx(0.75)  # LCS 3 of 4 both ways
+    assert rouge_l([["zzz", "a b c d"]], ["a b c d"]) == pytest.approx(1.0)
+    references = ["a red square moves left", "a blue circle moves up", "a green triangle moves down"]
+    perfect, constant = cider(references, references), cider(references, [references[0]] * 3)
+    assert perfect > constant > 0
+
+
+# ----------------------------------------------------------------------------- methods
+
+
+def test_temporal_adapter_starts_as_mean_pooling_and_learns_frame_order(tiny_clip):
+    torch.manual_seed(0)
+    base = VideoCLIP(tiny_clip, num_frames=4)
+    adapted = methods.apply(VideoCLIP(load_clip("tiny"), num_frames=4), "temporal_adapter")
+    frames = torch.randn(2, 4, base.embed_dim)
+    reversed_frames = frames.flip(1)
+    with torch.no_grad():
+        torch.testing.assert_close(adapted.base_model.encode_video(frames), base.encode_video(frames), atol=0, rtol=0)
+        torch.testing.assert_close(base.encode_video(reversed_frames), base.encode_video(frames))  # mean: order-blind
+        for param in adapted.method_parameters().values():
+            param.add_(torch.randn_like(param) * 0.1)
+        forward, backward = adapted.base_model.encode_video(frames), adapted.base_model.encode_video(reversed_frames)
+    assert (forward - backward).abs().max() > 1e-3  # the adapter sees the order of the frames
+
+
+def test_caption_prefix_is_spliced_into_greedy_and_beam_generation(tmp_path):
+    task = get_task("video-caption")
+    options = task.options(frames=4, feature_cache="off", max_new_tokens=6)
+    model = task.build_model("tiny", [], options)
+    model.eval()
+    examples = data.demo_splits({"validation": 3}, seed=0)["validation"]
+    batch = model.collate(examples, rng=None)
+    with torch.no_grad():
+        logits = model(batch)
+        shuffled = dict(batch, frame_features=batch["frame_features"].flip(0))
+        assert not torch.allclose(model(shuffled)[0], logits[0])  # the video changes what the LM sees
+        together = model.predict(batch)
+        one_by_one = [model.predict(model.collate([e], rng=None))[0] for e in examples]
+        model.options.num_beams = 2
+        beams = model.predict(batch)
+    assert together == one_by_one and len(beams) == 3 and all(isinstance(b, str) for b in beams)
+
+
+# ----------------------------------------------------------------------------- demos
+
+
+def _demo_run(pipeline, tmp_path, sizes, overrides):
+    card = read_card(runner.cfg.resolve_card_path(runner.cfg.read_recipe(pipeline)["demo"]["data"]["card"]))
+    header = {k: v for k, v in card.model_dump().items()
+              if v is not None and k not in ("card_path", "body", "text", "fields")}
+    header["demo"] = {**card.option("demo"), **sizes}
+    small = _write_card(tmp_path, header, "smaller demo for tests")
+    config = runner.build_config(pipeline, demo=True, data=small, overrides=["eval.splits=[test]", *overrides])
+    run_dir = runner.run(config, out=tmp_path / "run")
+    results = json.loads((run_dir / "metrics.json").read_text())["test"]
+    return results, get_task(pipeline).read(read_card(small), get_task(pipeline).options())
+
+
+def test_retrieval_demo_beats_chance(tmp_path):
+    # 48 test videos, one per caption: chance R@1 is 1/48 (about 0.02).
+    results, dataset = _demo_run("video-text-retrieval", tmp_path, {"train": 288, "validation": 24, "test": 48},
+                                 ["train.epochs=6"])
+    chance = 1 / len(dataset.splits["test"])
+    assert results["t2v_r1"] >= chance + 0.1 and results["v2t_r1"] >= chance + 0.1, results
+    assert results["median_rank"] <= 6, results
+
+
+def test_caption_demo_beats_the_best_constant_caption(tmp_path):
+    results, dataset = _demo_run("video-caption", tmp_path, {"train": 384, "validation": 24, "test": 48},
+                                 ["train.epochs=6", "task.frames=4"])
+    references = [e["references"] for e in dataset.splits["test"]]
+    train_captions = Counter(e["label"] for e in dataset.splits["train"])
+    baseline = max(multi_reference_bleu4(references, [caption] * len(references)) for caption in train_captions)
+    assert results["bleu4"] >= baseline + 0.1, (results, baseline)
