@@ -7,6 +7,7 @@ Progress and tables go to stderr; `run` and `eval` end with one JSON line on std
 from __future__ import annotations
 
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -65,18 +66,31 @@ def list_command(what):
 @click.option("--out", type=click.Path(file_okay=False), help="The run directory (default runs/<pipeline>/<time>-<method>/).")
 @click.option("--config", "config_file", type=click.Path(dir_okay=False), help="A run.yaml to repeat (key=value still apply).")
 @click.option("--resume", type=click.Path(file_okay=False), help="Continue an unfinished run directory from checkpoints/last.")
-def run(pipeline, overrides, demo, method, backbone, data, out, config_file, resume):
+@click.option("--num-processes", default=1, show_default=True, type=click.IntRange(min=1),
+              help="Train with DDP in this many processes on this machine (gloo on CPU, one GPU each); "
+                   "train.batch_size stays the global batch.")
+def run(pipeline, overrides, demo, method, backbone, data, out, config_file, resume, num_processes):
     """Train and evaluate PIPELINE; KEY=VALUE overrides any config key (e.g. train.max_steps=20)."""
-    from peftlab.pipelines import runner
-
     if pipeline and "=" in pipeline:
         overrides, pipeline = (pipeline, *overrides), None
+    if num_processes > 1 and "WORLD_SIZE" not in os.environ:  # not yet under a launcher: become one
+        from peftlab.pipelines.launch import launch
+
+        argv = ["run", *([pipeline] if pipeline else []), *overrides, *(["--demo"] if demo else [])]
+        for flag, value in (("--method", method), ("--backbone", backbone), ("--data", data), ("--out", out),
+                            ("--config", config_file), ("--resume", resume)):
+            argv += [flag, value] if value else []
+        raise click.exceptions.Exit(launch(argv, num_processes))
+    from peftlab.pipelines import runner
+
     if resume:
         run_dir = runner.resume(resume)
     else:
         config = runner.build_config(pipeline, config_file=config_file, demo=demo, method=method,
                                      backbone=backbone, data=data, overrides=list(overrides))
         run_dir = runner.run(config, out=out)
+    if runner.launcher_rank() != 0:  # the main process reports for the run
+        return
     from peftlab.shared import io
 
     results = io.read_json(run_dir / "metrics.json")
@@ -222,11 +236,21 @@ def bench_command(pipeline, overrides, methods, seeds, demo, backbone, data, out
                            "table": str(out_dir / "table.md"), "pareto": str(out_dir / "pareto.png")}))
 
 
+def _reports_errors() -> bool:
+    """Under a launcher, only the main process prints a mistake (every process meets it)."""
+    if "RANK" not in os.environ:
+        return True
+    from peftlab.shared.training import launcher_rank
+
+    return launcher_rank() == 0
+
+
 def main(argv=None) -> int:
     try:
-        cli.main(args=argv, prog_name="peftlab", standalone_mode=False)
+        code = cli.main(args=argv, prog_name="peftlab", standalone_mode=False)
     except UserError as error:
-        click.echo(f"error: {error}", err=True)
+        if _reports_errors():
+            click.echo(f"error: {error}", err=True)
         return 2
     except click.exceptions.Abort:
         click.echo("aborted", err=True)
@@ -240,7 +264,7 @@ def main(argv=None) -> int:
     except KeyboardInterrupt:
         click.echo("interrupted; resume with `peftlab run --resume RUN_DIR`", err=True)
         return 130
-    return 0
+    return code if isinstance(code, int) else 0  # a command's click.exceptions.Exit(code)
 
 
 if __name__ == "__main__":

@@ -5,6 +5,10 @@ creates the run directory, so a user mistake leaves nothing behind. The director
 holds run.yaml, card.md, adapter/, meta.json, metrics.json, predictions/ and
 checkpoints/ (ARCHITECTURE section 6); metrics.json is written last, so a run
 without it is unfinished and can be resumed.
+
+Under a launcher (`--num-processes N`, torchrun, `accelerate launch`) every process
+prepares the same run; the main process alone picks and writes the run directory and
+the others learn its path, so one run is one directory whoever started it.
 """
 
 from __future__ import annotations
@@ -30,8 +34,11 @@ from peftlab.shared.errors import UserError
 from peftlab.shared.evaluation import evaluate
 from peftlab.shared.tasks import Dataset, get_task
 from peftlab.shared.training import (
+    launcher_rank,
+    main_process_decides,
     make_accelerator,
     peak_rss_mb,
+    process_state,
     resolve_precision,
     seed_everything,
     train,
@@ -43,7 +50,8 @@ BUFFERS_FILE = "buffers.safetensors"
 
 
 def log(message: str) -> None:
-    print(message, file=sys.stderr, flush=True)
+    if launcher_rank() == 0:  # one voice for all processes of a run
+        print(message, file=sys.stderr, flush=True)
 
 
 def build_config(
@@ -183,20 +191,36 @@ def library_versions() -> dict[str, str]:
     return versions
 
 
-def run(config: cfg.RunConfig, out: str | Path | None = None) -> Path:
-    prepared = prepare(config)
+def _claim_run_dir(config: cfg.RunConfig, out: str | Path | None) -> Path:
     if out is not None:
         run_dir = Path(out)
         if run_dir.exists() and any(run_dir.iterdir()):
             raise UserError(f"{run_dir} exists and is not empty; choose another --out, or continue it with --resume {run_dir}")
         run_dir.mkdir(parents=True, exist_ok=True)
-    else:
-        run_dir = default_run_dir(config.pipeline, config.method_name)
+        return run_dir
+    return default_run_dir(config.pipeline, config.method_name)
+
+
+def run(config: cfg.RunConfig, out: str | Path | None = None) -> Path:
+    prepared = prepare(config)
+    main = process_state().is_main_process
+    claimed: tuple[str, str] | None = None
+    if main:
+        try:
+            claimed = ("dir", str(_claim_run_dir(config, out)))
+        except UserError as error:
+            claimed = ("error", str(error))
+    kind, value = main_process_decides(claimed)  # the other processes learn the main's choice
+    if kind == "error":
+        raise UserError(value)
+    run_dir = Path(value)
     try:
-        _write_start(run_dir, prepared)
+        if main:
+            _write_start(run_dir, prepared)
         return _train_and_finish(run_dir, prepared, resume=False)
     except UserError:
-        shutil.rmtree(run_dir, ignore_errors=True)
+        if main:
+            shutil.rmtree(run_dir, ignore_errors=True)
         raise
 
 

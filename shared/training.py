@@ -6,12 +6,22 @@ epoch, best checkpoint on the task's primary metric, early stopping, seeding, a
 progress bar, and resume from `checkpoints/last` that ends with the same weights as an
 uninterrupted run (batch order and training-time randomness are pure functions of
 seed, epoch and batch index; the global RNG is restored from the checkpoint).
+
+Several processes (`peftlab run --num-processes N`, `torchrun`, `accelerate launch`)
+train one model with DDP: every process walks the same global batches and trains on
+its contiguous share of each, DDP averages the gradients, and each share's loss is
+weighted by its size, so a step follows the gradient of the global batch mean, as one
+process would (exactly, for losses that are means over examples). The main process
+alone evaluates, decides (best epoch, early stopping; the others learn its decision)
+and writes; training randomness (augmentation, dropout) differs per process, so a
+multi-process run matches a single-process one statistically, not bit for bit.
 """
 
 from __future__ import annotations
 
 import contextlib
 import math
+import os
 import random
 import resource
 import sys
@@ -24,6 +34,7 @@ import numpy as np
 import torch
 from peftlab.shared import checkpoint, io, metrics
 from peftlab.shared.data import BucketBatchSampler
+from peftlab.shared.errors import UserError
 from peftlab.shared.evaluation import evaluate, to_device
 from peftlab.shared.tasks import Example, TaskModel
 from pydantic import BaseModel, ConfigDict, Field
@@ -74,15 +85,58 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
+def launcher_rank() -> int:
+    """This process's rank as a launcher (torchrun, accelerate launch, --num-processes)
+    set it in the environment; 0 for a lone process. Needs no process group, so it can
+    decide who prints even before one exists."""
+    return int(os.environ.get("RANK", "0"))
+
+
+def process_state():
+    """accelerate's process-wide state: joins the launcher's process group (gloo on CPU,
+    NCCL on GPUs) the first time, and says which process this is."""
+    from accelerate import PartialState
+
+    # accelerate only forms a CPU process group when told the device is the CPU
+    return PartialState(cpu=not torch.cuda.is_available())
+
+
+def main_process_decides(value, state=None):
+    """`value` as the main process has it, on every process (no-op for a lone process)."""
+    state = state or process_state()
+    if state.num_processes == 1:
+        return value
+    from accelerate.utils import broadcast_object_list
+
+    return broadcast_object_list([value], from_process=0)[0]
+
+
 def make_accelerator(precision: str):
-    from accelerate import Accelerator
+    from accelerate import Accelerator, DistributedDataParallelKwargs
     from accelerate.state import AcceleratorState
 
     mixed = {"bf16": "bf16", "fp16": "fp16", "fp32": "no"}[resolve_precision(precision)]
+    process_state()
     # accelerate keeps one process-wide state; runs in one Python process (the API,
     # `peftlab bench`) may differ in precision. The process group (PartialState) stays.
     AcceleratorState._reset_state(reset_partial_state=False)
-    return Accelerator(mixed_precision=mixed)
+    # Some methods leave trainable parameters out of a given forward (e.g. prompts
+    # on one input kind); DDP must then not wait for their gradients.
+    ddp = DistributedDataParallelKwargs(find_unused_parameters=True)
+    return Accelerator(mixed_precision=mixed, cpu=not torch.cuda.is_available(), kwargs_handlers=[ddp])
+
+
+def batch_share(indices: list[int], rank: int, processes: int) -> tuple[list[int], float]:
+    """This process's contiguous share of a global batch, and the weight of its mean loss
+    that makes DDP's average over processes the global batch mean: share size x
+    processes / batch size. With fewer examples than processes, a process gets one
+    stand-in example at weight 0 (it still joins the gradient all-reduce)."""
+    if processes == 1:
+        return indices, 1.0
+    share = np.array_split(np.asarray(indices), processes)[rank].tolist()
+    if not share:
+        return indices[:1], 0.0
+    return share, len(share) * processes / len(indices)
 
 
 def peak_rss_mb() -> float:
@@ -102,8 +156,15 @@ def train(
     resume: bool = False,
     log: Callable[[str], None] = lambda message: print(message, file=sys.stderr),
 ) -> dict:
-    """Train in place; on return `model` holds the best weights. Returns the train state."""
+    """Train in place; on return `model` holds the best weights (on the main process).
+    Returns the train state."""
     checkpoints = Path(run_dir) / "checkpoints"
+    processes, rank, main = accelerator.num_processes, accelerator.process_index, accelerator.is_main_process
+    if accelerator.distributed_type.name in ("FSDP", "DEEPSPEED", "MEGATRON_LM"):
+        raise UserError(f"peftlab's training loop runs one process or DDP, not {accelerator.distributed_type.name}; "
+                        f"launch with torchrun / `accelerate launch --multi_gpu` (see the README, multi-process training)")
+    if not main:
+        log = lambda message: None  # noqa: E731 - the main process speaks for all
     seed_everything(config.seed)
     params = [p for p in model.parameters() if p.requires_grad]
     decay = [p for p in params if p.ndim >= 2]
@@ -138,7 +199,7 @@ def train(
     best_file = checkpoints / "best" / "trainable.safetensors"
 
     progress = tqdm(total=total_steps, initial=state["global_step"], desc="train", unit="step",
-                    file=sys.stderr, dynamic_ncols=True, mininterval=0.5)
+                    file=sys.stderr, dynamic_ncols=True, mininterval=0.5, disable=not main)
     model.train()
     while state["epoch"] < config.epochs and not state["done"]:
         epoch = state["epoch"]
@@ -149,13 +210,18 @@ def train(
         running_loss = 0.0
         for index in range(start_batch, len(batches)):
             indices = batches[index]
-            batch = task_model.collate([train_examples[i] for i in indices], rng=np.random.default_rng([config.seed, epoch, index]))
+            share, weight = batch_share(indices, rank, processes)
+            # a pure function of (seed, epoch, batch[, process]): resumed runs draw the same
+            seed = [config.seed, epoch, index] if processes == 1 else [config.seed, epoch, index, rank]
+            batch = task_model.collate([train_examples[i] for i in share], rng=np.random.default_rng(seed))
             batch = to_device(batch, accelerator.device)
             last_micro = (index + 1) % config.grad_accum == 0 or index + 1 == len(batches)
             sync = contextlib.nullcontext() if last_micro else accelerator.no_sync(model)
             with sync, accelerator.autocast():
-                loss = task_model.loss(model(batch), batch)
+                loss = task_model.loss(model(batch), batch) * weight
             accelerator.backward(loss / config.grad_accum)
+            if processes > 1:  # the global batch's mean loss, for the log
+                loss = accelerator.reduce(loss.detach(), reduction="mean")
             running_loss += loss.item()
             state["samples"] += len(indices)
             if not last_micro:
@@ -183,12 +249,16 @@ def train(
         entry = {"epoch": epoch + 1, "step": state["global_step"],
                  "train_loss": running_loss / max(len(batches) - start_batch, 1)}
         if validation_examples:
-            scores, _ = evaluate(task, task_model, validation_examples, metric_names, eval_batch, accelerator.autocast)
+            scores = None
+            if main:
+                scores, _ = evaluate(task, task_model, validation_examples, metric_names, eval_batch, accelerator.autocast)
+            scores = main_process_decides(scores, accelerator.state)
             entry["validation"] = scores
             value = scores.get(primary_metric)
             if metrics.is_better(primary_metric, value, state["best_metric"]):
                 state.update(best_metric=value, best_epoch=epoch + 1, bad_epochs=0)
-                io.save_tensors(best_file, checkpoint.trainable_state(task_model))
+                if main:
+                    io.save_tensors(best_file, checkpoint.trainable_state(task_model))
             else:
                 state["bad_epochs"] += 1
             log(f"epoch {epoch + 1}: train loss {entry['train_loss']:.4f}, validation {primary_metric} "
@@ -202,7 +272,7 @@ def train(
         _save(checkpoints, accelerator, task_model, optimizer, scheduler, state)
     progress.close()
 
-    if best_file.is_file():
+    if main and best_file.is_file():
         checkpoint.load_state(task_model, io.load_tensors(best_file), str(best_file))
     task_model.eval()
     return state
