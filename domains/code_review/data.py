@@ -36,12 +36,19 @@ TASK_FIELDS = {
 }
 
 
+def text_lines(path: Path) -> list[str]:
+    """The file's lines, split at \n (and \r\n) only: JSON strings and code may hold \x85,
+    \u2028 or a form feed raw, which `str.splitlines` would also break at."""
+    with open(path, encoding="utf-8", newline="") as handle:
+        return [line.removesuffix("\n").removesuffix("\r") for line in handle]
+
+
 def read_jsonl(path: Path, kind: str, fields: dict, labelled: bool = True) -> list[dict]:
     """CodeReviewer JSONL -> examples with the task's fields (`label` = y, msg or new)."""
     keys = {**TASK_FIELDS[kind], **{k: v for k, v in fields.items() if k in TASK_FIELDS[kind] or k == "id"}}
     examples = []
     try:
-        lines = Path(path).read_text(encoding="utf-8").splitlines()
+        lines = text_lines(path)
     except UnicodeDecodeError as error:
         raise UserError(f"{path}: not UTF-8 text (byte {error.start}); save it as UTF-8 JSON lines") from None
     for number, line in enumerate(lines, start=1):
@@ -90,7 +97,7 @@ def read_tufano_tsv(path: Path, kind: str, labelled: bool = True) -> list[dict]:
         raise UserError(f"{path}: Tufano pairs have no review-necessity labels; use CodeReviewer JSONL (format: jsonl)")
     examples = []
     try:
-        lines = Path(path).read_text(encoding="utf-8").splitlines()
+        lines = text_lines(path)
     except UnicodeDecodeError as error:
         raise UserError(f"{path}: not UTF-8 text (byte {error.start})") from None
     for number, line in enumerate(lines, start=1):

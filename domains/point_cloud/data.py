@@ -201,8 +201,10 @@ def read_point_file(path: Path, off_points: int = 8192, seed: int = 0) -> np.nda
     if suffix == ".npy":
         try:
             array = np.load(path, allow_pickle=False)
-        except ValueError as error:
-            raise UserError(f"{path}: not a plain numeric .npy array ({error})") from None
+        except (ValueError, OSError, EOFError, zipfile.BadZipFile) as error:  # pickled, truncated, or not .npy at all
+            raise UserError(f"{path}: not a plain numeric .npy array ({str(error).splitlines()[0] if str(error) else type(error).__name__})") from None
+        if not isinstance(array, np.ndarray) or array.dtype.kind not in "iuf":
+            raise UserError(f"{path}: not a plain numeric .npy array (an .npz archive, or {getattr(array, 'dtype', '?')} values)")
         return check_points(array, str(path))
     if suffix == ".ply":
         return read_ply(path)
