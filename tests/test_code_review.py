@@ -11,12 +11,12 @@ from pathlib import Path
 import pytest
 import torch
 from peftlab.domains.code_review import data
-from peftlab.domains.code_review.backbones import PACKAGED_GGUF, packaged_gguf
 from peftlab.domains.code_review.tasks import render_prompt
 from peftlab.pipelines import runner
 from peftlab.shared import causal_lm as clm
 from peftlab.shared import methods
 from peftlab.shared.cards import read_card
+from peftlab.shared.causal_lm import PACKAGED_GGUF, packaged_gguf
 from peftlab.shared.errors import UserError
 from peftlab.shared.tasks import get_task
 from peftlab.shared.text_metrics import compute_text_metrics

@@ -133,13 +133,16 @@ def render_prompt(tokenizer, options: _PromptOptions, example: dict) -> list[int
 # ----------------------------------------------------------------------------- models
 
 
-class _PromptedLM(nn.Module):
-    def __init__(self, causal_lm: clm.CausalLM, options: _PromptOptions):
+class NecessityModel(nn.Module):
+    """A logit from the LM's last hidden state at the prompt's final token."""
+
+    def __init__(self, causal_lm: clm.CausalLM, options: NecessityOptions):
         super().__init__()
         self.backbone = causal_lm.model
         self.tokenizer = causal_lm.tokenizer
         self.backbone_info = causal_lm.info
         self.options = options
+        self.head = nn.Linear(causal_lm.model.config.hidden_size, 1)
 
     def prompt(self, example: dict) -> list[int]:
         return render_prompt(self.tokenizer, self.options, example)
@@ -147,19 +150,7 @@ class _PromptedLM(nn.Module):
     def example_length(self, example: dict) -> int:
         # Characters, capped by the prompt budget in tokens: a cheap proxy for
         # bucketing that does not tokenise every example up front.
-        text = sum(len(example[f]) for f in self.options.REQUIRED) + len(str(example.get("label", "")))
-        return min(text, 4 * self.options.max_prompt_tokens)
-
-    def _device(self) -> torch.device:
-        return next(self.backbone.parameters()).device
-
-
-class NecessityModel(_PromptedLM):
-    """A logit from the LM's last hidden state at the prompt's final token."""
-
-    def __init__(self, causal_lm: clm.CausalLM, options: NecessityOptions):
-        super().__init__(causal_lm, options)
-        self.head = nn.Linear(causal_lm.model.config.hidden_size, 1)
+        return min(len(example["patch"]), 4 * self.options.max_prompt_tokens)
 
     def collate(self, examples, rng):
         batch = clm.prompt_batch(self.tokenizer, [self.prompt(e) for e in examples], side="right")
@@ -180,40 +171,6 @@ class NecessityModel(_PromptedLM):
 
     def scores(self, logits):
         return torch.sigmoid(logits.float())
-
-
-class GenerationModel(_PromptedLM):
-    """Prompt -> answer text; trains on the answer tokens, decodes greedily or by beams."""
-
-    def __init__(self, causal_lm: clm.CausalLM, options: _GenerationOptions):
-        super().__init__(causal_lm, options)
-        # Nothing beyond the LM: its own output layer writes the answer. An empty module
-        # keeps the task-model interface (the head is saved with the adapter, here empty).
-        self.head = nn.Module()
-
-    def collate(self, examples, rng):
-        prompts = [self.prompt(e) for e in examples]
-        batch: dict[str, Any] = {"prompts": prompts}
-        if all(isinstance(e.get("label"), str) for e in examples):
-            answers = [clm.answer_ids(self.tokenizer, e["label"], self.options.max_target_tokens) for e in examples]
-            batch.update(clm.training_batch(self.tokenizer, prompts, answers))
-        return batch
-
-    def forward(self, batch) -> torch.Tensor:
-        logits, _ = clm.lm_forward(self.backbone, batch["input_ids"], batch["attention_mask"])
-        return logits
-
-    def loss(self, logits, batch):
-        return clm.answer_loss(logits, batch["labels"].to(logits.device))
-
-    def scores(self, logits):
-        """Next-token distributions (generation tasks evaluate `predict`'s text instead)."""
-        return torch.softmax(logits.float(), dim=-1)
-
-    def predict(self, batch) -> list[str]:
-        options = clm.GenerationOptions(max_new_tokens=self.options.max_new_tokens, num_beams=self.options.num_beams)
-        texts = clm.generate(self.backbone, self.tokenizer, batch["prompts"], options)
-        return [t.strip() for t in texts]
 
 
 # ----------------------------------------------------------------------------- tasks
@@ -268,7 +225,13 @@ class _CodeReviewTask:
 
     def build_model(self, backbone: str, labels: list[str], options):
         causal_lm = load_backbone(backbone)
-        return NecessityModel(causal_lm, options) if self.KIND == "necessity" else GenerationModel(causal_lm, options)
+        if self.KIND == "necessity":
+            return NecessityModel(causal_lm, options)
+        generation = clm.GenerationOptions(max_new_tokens=options.max_new_tokens, num_beams=options.num_beams)
+        return clm.PromptedGenerator(
+            causal_lm, lambda example: render_prompt(causal_lm.tokenizer, options, example),
+            max_target_tokens=options.max_target_tokens, generation=generation,
+            length_budget=options.max_prompt_tokens, fields=options.REQUIRED)
 
     def read_inputs(self, paths, options) -> list[dict]:
         examples = []

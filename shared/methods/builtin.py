@@ -6,5 +6,6 @@ from peftlab.shared.methods import (  # noqa: F401
     freeze_layers,
     full,
     peft_methods,
+    reft,
     ssf,
 )

@@ -1,0 +1,399 @@
+"""Reasoning data: the public commonsense and math shapes, answer extraction, demo data.
+
+Every record becomes one example: `id`, `dataset` (the record's `dataset` key, else the
+shape's name, else the file's stem), `question` (the text the prompt shows), `choices`
+(a list of option texts, or None), `answer` (the gold answer: an option letter,
+`true`/`false`, an LLM-Adapters token such as `answer2`, or a number as text) and
+`label` (the text the model is trained to write; for math it carries the rationale).
+
+Commonsense shapes read: BoolQ (`question`, `passage`, `answer`|`label`), PIQA (`goal`,
+`sol1`, `sol2`, `label`), SIQA (`context`, `question`, `answerA..C`, `label` 1-3),
+HellaSwag (`ctx`|`ctx_a`, `endings`, `label`), WinoGrande (`sentence`, `option1`,
+`option2`, `answer` 1-2), ARC and OBQA (`question.stem`, `question.choices`,
+`answerKey`; or the Hugging Face form `question`, `choices.text/label`, `answerKey`),
+LLM-Adapters' `commonsense_170k` (`instruction`, `answer`), and the unified form
+(`question`, `choices`, `answer` as letter, 0-based index or option text).
+
+Math shapes read: GSM8K (`question`, `answer` "... #### 72"), AQuA (`question`,
+`options` "A)21", `rationale`, `correct`), SVAMP (`Body`, `Question`, `Equation`,
+`Answer`), MAWPS (`sQuestion`, `lSolutions`), LLM-Adapters' math form (`instruction`,
+`output`, `answer`) and the unified form (`question`, `answer`, optional `rationale`,
+`choices`).
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import re
+import string
+from pathlib import Path
+from typing import Any
+
+from peftlab.shared.errors import UserError
+
+LETTERS = string.ascii_uppercase
+
+# ----------------------------------------------------------------------------- reading
+
+
+def read_jsonl(path: Path, kind: str, labelled: bool = True) -> list[dict]:
+    """JSON lines (or one JSON array) of a known shape -> examples; `kind` is commonsense or math."""
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as error:
+        raise UserError(f"{path}: not UTF-8 text ({error.reason} at byte {error.start}); save it as UTF-8") from None
+    records = _records(path, text)
+    parse = commonsense_example if kind == "commonsense" else math_example
+    examples = []
+    for line, record in records:
+        where = f"{path}:{line}"
+        if not isinstance(record, dict):
+            raise UserError(f"{where}: expected a JSON object, got {type(record).__name__}")
+        example = parse(record, where, labelled)
+        example.setdefault("dataset", record.get("dataset") or _shape_dataset(record) or path.stem)
+        example["dataset"] = str(example["dataset"]).lower()
+        example["id"] = str(record.get("id", record.get("ID", f"{path.stem}-{line}")))
+        examples.append(example)
+    if not examples:
+        raise UserError(f"{path}: no records; expected JSON lines of {kind} questions")
+    return examples
+
+
+def _records(path: Path, text: str) -> list[tuple[int, Any]]:
+    stripped = text.lstrip()
+    if stripped.startswith("["):  # a JSON array, as SVAMP, MAWPS and AQuA ship in some releases
+        try:
+            return list(enumerate(json.loads(text), start=1))
+        except json.JSONDecodeError as error:
+            raise UserError(f"{path}: invalid JSON at line {error.lineno} ({error.msg})") from None
+    records = []
+    for line_number, line in enumerate(text.splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            records.append((line_number, json.loads(line)))
+        except json.JSONDecodeError as error:
+            raise UserError(f"{path}:{line_number}: invalid JSON ({error.msg}); one JSON object per line") from None
+    return records
+
+
+_SHAPES = {  # distinguishing keys -> dataset name
+    ("passage",): "boolq", ("goal", "sol1"): "piqa", ("context", "answerA"): "siqa",
+    ("endings",): "hellaswag", ("option1", "option2"): "winogrande",
+    ("Body", "Question"): "svamp", ("sQuestion",): "mawps", ("options", "correct"): "aqua",
+}
+
+
+def _shape_dataset(record: dict) -> str | None:
+    for keys, name in _SHAPES.items():
+        if all(k in record for k in keys):
+            return name
+    if isinstance(record.get("answer"), str) and "####" in record["answer"]:
+        return "gsm8k"
+    return None
+
+
+def _need(record: dict, key: str, where: str):
+    if key not in record or record[key] is None:
+        raise UserError(f"{where}: missing field {key!r}; see `peftlab card new reasoning <task>` for the accepted shapes")
+    return record[key]
+
+
+def _letter(index: int, count: int, where: str) -> str:
+    if not 0 <= index < count:
+        raise UserError(f"{where}: answer index {index} is out of range for {count} choices")
+    return LETTERS[index]
+
+
+def commonsense_example(record: dict, where: str, labelled: bool) -> dict:
+    """One commonsense record of any supported shape -> an example."""
+    question, choices, answer = _commonsense_fields(record, where, labelled)
+    if choices is not None:
+        if len(choices) < 2 or len(choices) > len(LETTERS):
+            raise UserError(f"{where}: {len(choices)} choices; a multiple-choice question needs 2 to 26")
+        choices = [str(c).strip() for c in choices]
+    example: dict[str, Any] = {"question": str(question).strip(), "choices": choices}
+    if answer is not None:
+        example["answer"] = answer
+        example["label"] = answer
+    elif labelled:
+        raise UserError(f"{where}: no answer; labelled data needs the gold answer")
+    return example
+
+
+def _commonsense_fields(r: dict, where: str, labelled: bool) -> tuple[str, list | None, str | None]:
+    has = lambda *keys: all(k in r for k in keys)  # noqa: E731
+    if has("passage", "question"):  # BoolQ (original: answer bool; SuperGLUE: label 1 = true)
+        gold = r.get("answer", r.get("label"))
+        answer = None if gold is None else ("true" if _truthy(gold, where) else "false")
+        return f"{r['passage']}\nQuestion: {r['question']}?", None, answer
+    if has("goal", "sol1", "sol2"):  # PIQA
+        return r["goal"], [r["sol1"], r["sol2"]], _indexed(r.get("label"), 2, 0, where)
+    if has("context", "question", "answerA"):  # SIQA, labels 1..3
+        choices = [r["answerA"], r["answerB"], r["answerC"]]
+        return f"{r['context']} {r['question']}", choices, _indexed(r.get("label"), 3, 1, where)
+    if "endings" in r:  # HellaSwag
+        context = r.get("ctx") or f"{r.get('ctx_a', '')} {r.get('ctx_b', '')}".strip()
+        return f"How does it continue? {context}", list(r["endings"]), _indexed(r.get("label"), len(r["endings"]), 0, where)
+    if has("sentence", "option1", "option2"):  # WinoGrande, answer 1..2
+        return f"Fill in the blank: {r['sentence']}", [r["option1"], r["option2"]], _indexed(r.get("answer"), 2, 1, where)
+    if isinstance(r.get("question"), dict):  # ARC / OBQA official
+        stem = _need(r["question"], "stem", where)
+        options = _need(r["question"], "choices", where)
+        labels = [str(c.get("label")) for c in options]
+        return stem, [c.get("text", "") for c in options], _keyed(r.get("answerKey"), labels, where)
+    if isinstance(r.get("choices"), dict):  # ARC on the Hugging Face hub
+        labels = [str(label) for label in r["choices"].get("label", [])]
+        return _need(r, "question", where), list(r["choices"].get("text", [])), _keyed(r.get("answerKey"), labels, where)
+    if "instruction" in r:  # LLM-Adapters: the instruction already lists the options
+        answer = r.get("answer")
+        return r["instruction"] + (f"\n{r['input']}" if r.get("input") else ""), None, None if answer is None else str(answer).strip()
+    if "question" in r:  # unified
+        choices = r.get("choices")
+        if choices is not None and not isinstance(choices, list):
+            raise UserError(f"{where}: `choices` must be a list of option texts")
+        return r["question"], choices, _unified_answer(r.get("answer"), choices, where)
+    raise UserError(f"{where}: not a commonsense record peftlab knows (keys {sorted(r)[:6]}); "
+                    f"use the unified form {{\"question\", \"choices\", \"answer\"}}")
+
+
+def _truthy(value, where: str) -> bool:
+    if isinstance(value, bool):
+        return value
+    text = str(value).strip().lower()
+    if text in ("true", "yes", "1"):
+        return True
+    if text in ("false", "no", "0"):
+        return False
+    raise UserError(f"{where}: yes/no answer {value!r} is not true/false, yes/no or 1/0")
+
+
+def _indexed(value, count: int, base: int, where: str) -> str | None:
+    if value is None or value == "":
+        return None
+    try:
+        index = int(value) - base
+    except (TypeError, ValueError):
+        raise UserError(f"{where}: answer {value!r} is not a number") from None
+    return _letter(index, count, where)
+
+
+def _keyed(key, labels: list[str], where: str) -> str | None:
+    if key is None:
+        return None
+    if str(key) not in labels:
+        raise UserError(f"{where}: answerKey {key!r} is not one of the choice labels {labels}")
+    return _letter(labels.index(str(key)), len(labels), where)
+
+
+def _unified_answer(answer, choices: list | None, where: str) -> str | None:
+    if answer is None:
+        return None
+    if choices is None:
+        text = str(answer).strip()
+        return text.lower() if text.lower() in ("true", "false") else text
+    if isinstance(answer, bool):
+        raise UserError(f"{where}: answer {answer!r} for a multiple-choice question; give a letter, index or option text")
+    if isinstance(answer, int):
+        return _letter(answer, len(choices), where)
+    text = str(answer).strip()
+    if len(text) == 1 and text.upper() in LETTERS[:len(choices)]:
+        return text.upper()
+    if text in choices:
+        return LETTERS[choices.index(text)]
+    raise UserError(f"{where}: answer {answer!r} is neither a choice letter (A-{LETTERS[len(choices) - 1]}), "
+                    f"a 0-based index nor one of the choices")
+
+
+_NUMBER = re.compile(r"-?\d[\d,]*(?:\.\d+)?|-?\.\d+")
+_CALCULATOR = re.compile(r"<<[^>]*>>")
+
+
+def number_text(value, where: str) -> str:
+    """A gold numeric answer as canonical text ("72", "0.5"), commas removed."""
+    text = str(value).replace(",", "").strip()
+    try:
+        number = float(text)
+    except ValueError:
+        raise UserError(f"{where}: answer {value!r} is not a number") from None
+    if number != number or number in (float("inf"), float("-inf")):
+        raise UserError(f"{where}: answer {value!r} is not a finite number")
+    return str(int(number)) if number.is_integer() else repr(number)
+
+
+def math_example(record: dict, where: str, labelled: bool) -> dict:
+    """One math word problem of any supported shape -> an example."""
+    r = record
+    choices, rationale = None, ""
+    if isinstance(r.get("answer"), str) and "####" in r["answer"]:  # GSM8K
+        question = _need(r, "question", where)
+        rationale, _, final = r["answer"].rpartition("####")
+        rationale = _CALCULATOR.sub("", rationale).strip()
+        answer = number_text(final, where)
+    elif "options" in r and ("correct" in r or not labelled):  # AQuA
+        question = _need(r, "question", where)
+        choices = [re.sub(r"^[A-E]\)\s*", "", str(o)) for o in r["options"]]
+        rationale = str(r.get("rationale", "")).strip()
+        answer = None if r.get("correct") is None else _unified_answer(str(r["correct"]), choices, where)
+    elif "Body" in r:  # SVAMP
+        question = f"{r['Body'].strip()} {_need(r, 'Question', where).strip()}"
+        rationale = f"{r['Equation'].strip()} = {number_text(r['Answer'], where)}." if r.get("Equation") and "Answer" in r else ""
+        answer = number_text(r["Answer"], where) if "Answer" in r else None
+    elif "sQuestion" in r:  # MAWPS
+        question = r["sQuestion"]
+        solutions = r.get("lSolutions") or []
+        answer = number_text(solutions[0], where) if solutions else None
+    elif "instruction" in r:  # LLM-Adapters math
+        question = r["instruction"] + (f"\n{r['input']}" if r.get("input") else "")
+        rationale = str(r.get("output", "")).strip()
+        gold = r.get("answer")
+        answer = None if gold is None else (str(gold).strip().upper() if str(gold).strip().upper() in "ABCDE" and len(str(gold).strip()) == 1 else number_text(gold, where))
+    elif "question" in r:  # unified
+        question = r["question"]
+        choices = r.get("choices")
+        rationale = str(r.get("rationale", "")).strip()
+        gold = r.get("answer")
+        answer = None if gold is None else (_unified_answer(gold, choices, where) if choices else number_text(gold, where))
+    else:
+        raise UserError(f"{where}: not a math record peftlab knows (keys {sorted(r)[:6]}); "
+                        f"use the unified form {{\"question\", \"answer\"}} (+ optional \"rationale\")")
+    example: dict[str, Any] = {"question": str(question).strip(), "choices": choices}
+    if answer is None:
+        if labelled:
+            raise UserError(f"{where}: no answer; labelled data needs the gold answer")
+        return example
+    example["answer"] = answer
+    # The target: the rationale where the data has one, then the answer in one fixed
+    # phrase that extraction looks for first.
+    final = f"The answer is {answer}."
+    if rationale and final in rationale:  # LLM-Adapters' outputs end with the phrase already
+        example["label"] = rationale
+    else:
+        example["label"] = f"{rationale} {final}" if rationale else final
+    return example
+
+
+# ----------------------------------------------------------------------------- answer extraction
+
+
+def extract_choice(text: str, example: dict) -> str | None:
+    """The answer a commonsense generation gives, in the gold answer's vocabulary."""
+    choices = example.get("choices")
+    if choices:
+        valid = LETTERS[:len(choices)]
+        for match in re.finditer(r"(?<![A-Za-z])([A-Z])(?![A-Za-z])", text):
+            if match.group(1) in valid:
+                return match.group(1)
+        lowered = " ".join(text.lower().split())
+        for index, choice in enumerate(choices):
+            if choice and " ".join(choice.lower().split()) in lowered:
+                return LETTERS[index]
+        return None
+    gold = str(example.get("answer", "true")).lower()
+    if gold in ("true", "false"):
+        match = re.search(r"\b(true|false|yes|no)\b", text.lower())
+        return None if match is None else {"yes": "true", "no": "false"}.get(match.group(1), match.group(1))
+    family = re.sub(r"\d+$", "", gold)
+    if family != gold:  # LLM-Adapters tokens: answer1, solution2, option1, ending4
+        match = re.search(rf"\b{re.escape(family)}\d+\b", text.lower())
+        return None if match is None else match.group(0)
+    return " ".join(text.split()) or None
+
+
+def extract_number(text: str) -> str | None:
+    """The final number of a math answer: the first after "answer is", else the last one."""
+    parts = re.split(r"answer is", text, flags=re.IGNORECASE)
+    after = _NUMBER.findall(parts[-1]) if len(parts) > 1 else []
+    candidates = after[:1] or _NUMBER.findall(text)[-1:]
+    if not candidates:
+        return None
+    try:
+        return number_text(candidates[0], "generated text")
+    except UserError:
+        return None
+
+
+def extract_math(text: str, example: dict) -> str | None:
+    if example.get("choices"):
+        return extract_choice(text, example)
+    return extract_number(text)
+
+
+def same_answer(predicted: str | None, gold: str, numeric: bool) -> bool:
+    if predicted is None:
+        return False
+    if numeric:
+        try:
+            return abs(float(predicted) - float(gold)) < 1e-3  # LLM-Adapters' tolerance
+        except ValueError:
+            return False
+    return predicted.strip().lower() == gold.strip().lower()
+
+
+# ----------------------------------------------------------------------------- demo data
+
+_CATEGORIES = {
+    "animal": ["cat", "dog", "horse", "cow"],
+    "color": ["red", "blue", "green", "pink"],
+    "fruit": ["apple", "pear", "plum", "lemon"],
+    "tool": ["hammer", "saw", "drill", "wrench"],
+}
+
+
+def demo_commonsense(sizes: dict[str, int], seed: int) -> dict[str, list[dict]]:
+    """Category questions in three shapes (yes/no, 2 and 4 options), answerable by knowing
+    which word belongs to which category; every split draws from the same vocabulary."""
+    rng = random.Random(seed)
+    words = [(w, c) for c, ws in _CATEGORIES.items() for w in ws]
+    splits: dict[str, list[dict]] = {}
+    for split, size in sizes.items():
+        examples = []
+        for index in range(size):
+            shape = ("yesno", "two", "four")[index % 3]
+            category = rng.choice(list(_CATEGORIES))
+            if shape == "yesno":
+                word, word_category = rng.choice(words)
+                question = f"Is {word} a kind of {category}?"
+                example = {"dataset": "demo_boolq", "question": question, "choices": None,
+                           "answer": "true" if word_category == category else "false"}
+            else:
+                count = 2 if shape == "two" else 4
+                right = rng.choice(_CATEGORIES[category])
+                wrong = rng.sample([w for w, c in words if c != category], count - 1)
+                options = [right, *wrong]
+                rng.shuffle(options)
+                example = {"dataset": "demo_piqa" if count == 2 else "demo_arc",
+                           "question": f"Which one is a {category}?", "choices": options,
+                           "answer": LETTERS[options.index(right)]}
+            example["label"] = example["answer"]
+            example["id"] = f"{split}-{index}"
+            examples.append(example)
+        splits[split] = examples
+    return splits
+
+
+_PEOPLE = ["Ann", "Bob", "Cid", "Dee", "Eve", "Fay"]
+_ITEMS = ["apples", "books", "coins", "pens", "cards"]
+
+
+def demo_math(sizes: dict[str, int], seed: int) -> dict[str, list[dict]]:
+    """One-step word problems (add or take away, numbers 1-5) with an equation as rationale."""
+    rng = random.Random(seed)
+    splits: dict[str, list[dict]] = {}
+    for split, size in sizes.items():
+        examples = []
+        for index in range(size):
+            person, item = rng.choice(_PEOPLE), rng.choice(_ITEMS)
+            a, b = rng.randint(1, 5), rng.randint(1, 5)
+            if rng.random() < 0.5:
+                question = f"{person} has {a} {item} and gets {b} more. How many {item} does {person} have?"
+                equation, answer = f"{a} + {b} = {a + b}.", a + b
+            else:
+                a, b = max(a, b), min(a, b)
+                question = f"{person} has {a} {item} and gives away {b}. How many {item} does {person} have?"
+                equation, answer = f"{a} - {b} = {a - b}.", a - b
+            examples.append({"id": f"{split}-{index}", "dataset": "demo_math", "question": question, "choices": None,
+                             "answer": str(answer), "label": f"{equation} The answer is {answer}."})
+        splits[split] = examples
+    return splits

@@ -1,0 +1,190 @@
+"""The ReFT paper's reasoning tasks (Wu et al. 2024) on any transformers causal LM.
+
+- `reasoning-commonsense`: multiple-choice or yes/no questions (BoolQ, PIQA, SIQA,
+  HellaSwag, WinoGrande, ARC-e, ARC-c, OBQA, or the unified form). The model writes the
+  option letter (or true/false); the first valid answer in the generated text is taken
+  (`data.extract_choice`) and compared with the gold one.
+- `reasoning-arithmetic`: math word problems (GSM8K, AQuA, MAWPS, SVAMP). The model
+  writes a rationale ending in "The answer is N."; the number after "answer is" (else the
+  last number) is compared with the gold one within 1e-3, as LLM-Adapters does; AQuA's
+  option letters are extracted like commonsense answers.
+
+Both generate greedily (or with beams) from a prompt template in the recipe and train
+with the loss on the answer's tokens only (`causal_lm.PromptedGenerator`). Metrics:
+`accuracy` over all test questions (primary), `accuracy/<dataset>` for each dataset the
+split holds, and `accuracy_avg`, the mean of the per-dataset accuracies: the "Avg"
+column of the paper's tables.
+"""
+
+from __future__ import annotations
+
+import string
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, ClassVar
+
+from peftlab.shared import causal_lm as clm
+from peftlab.shared.cards import Card
+from peftlab.shared.data import ratio_split
+from peftlab.shared.errors import UserError
+from peftlab.shared.tasks import Dataset, register_task
+
+from . import data
+
+# ----------------------------------------------------------------------------- options
+
+
+@dataclass
+class ReasoningOptions:
+    prompt_template: str = field(
+        default="Question: {question}\n{choices}Answer: ",
+        metadata={"help": "prompt with {question} and {choices} (the options as '(A) text' lines, empty for yes/no)"})
+    max_prompt_tokens: int = field(default=512, metadata={"help": "prompt tokens at most; a longer question loses its middle"})
+    max_target_tokens: int = field(default=256, metadata={"help": "answer tokens trained on at most"})
+    max_new_tokens: int = field(default=32, metadata={"help": "tokens generated at most"})
+    num_beams: int = field(default=1, metadata={"help": "1 = greedy decoding, more = beam search"})
+
+    def __post_init__(self):
+        for name in ("max_target_tokens", "max_new_tokens", "num_beams"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.max_prompt_tokens < 16:
+            raise ValueError(f"max_prompt_tokens must be >= 16, got {self.max_prompt_tokens}")
+        try:
+            names = {n for _, n, _, _ in string.Formatter().parse(self.prompt_template) if n is not None}
+        except ValueError as error:
+            raise ValueError(f"prompt_template does not parse ({error}); write braces as {{{{ }}}}") from None
+        if names != {"question", "choices"}:
+            raise ValueError(f"prompt_template must use exactly {{question}} and {{choices}}, it uses {sorted(names)}")
+
+
+def render_prompt(tokenizer, options: ReasoningOptions, example: dict) -> list[int]:
+    choices = "".join(f"({data.LETTERS[i]}) {c}\n" for i, c in enumerate(example.get("choices") or []))
+    frame = clm.prompt_ids(tokenizer, options.prompt_template.format(question="", choices=choices))
+    question = clm.encode(tokenizer, example["question"])
+    budget = max(options.max_prompt_tokens - len(frame), 0)
+    text = example["question"] if len(question) <= budget else tokenizer.decode(clm.truncate_middle(question, budget))
+    ids = clm.prompt_ids(tokenizer, options.prompt_template.format(question=text, choices=choices))
+    return clm.truncate_middle(ids, options.max_prompt_tokens)
+
+
+# ----------------------------------------------------------------------------- tasks
+
+
+class _ReasoningTask:
+    domain = "reasoning"
+    metrics = ("accuracy",)
+    primary_metric = "accuracy"
+    formats = ("jsonl", "demo")
+    card_keys = ("demo",)
+    options = ReasoningOptions
+    KIND: ClassVar[str]
+    NUMERIC: ClassVar[bool]
+    DEMO_SIZES: ClassVar[dict[str, int]]
+
+    def backbones(self) -> list[str]:
+        return [*clm.TINY_PRESETS, *clm.PACKAGED_GGUF, "HuggingFaceTB/SmolLM2-135M", "meta-llama/Llama-2-7b-hf"]
+
+    def default_method_options(self, method: str, model) -> dict[str, Any]:
+        return clm.default_method_options(method, model.backbone)
+
+    def read(self, card: Card, options) -> Dataset:
+        if card.format == "demo":
+            demo = {**self.DEMO_SIZES, "seed": 0, **(card.option("demo") or {})}
+            sizes = {s: int(demo[s]) for s in ("train", "validation", "test")}
+            generate = data.demo_commonsense if self.KIND == "commonsense" else data.demo_math
+            return Dataset(generate(sizes, int(demo["seed"])), [])
+        per_split = card.split_files()
+        if per_split:
+            splits = {split: data.read_jsonl(path, self.KIND) for split, path in per_split.items()}
+        else:
+            spec = card.splits or {}
+            ratios = spec.get("ratios", {"train": 0.8, "validation": 0.1, "test": 0.1})
+            splits = ratio_split(data.read_jsonl(card.file("data"), self.KIND), ratios, int(spec.get("seed", 0)),
+                                 where=str(card.card_path))
+        return Dataset(splits, [])
+
+    def build_model(self, backbone: str, labels: list[str], options: ReasoningOptions):
+        causal_lm = clm.load_causal_lm(backbone)
+        generation = clm.GenerationOptions(max_new_tokens=options.max_new_tokens, num_beams=options.num_beams)
+        return clm.PromptedGenerator(
+            causal_lm, lambda example: render_prompt(causal_lm.tokenizer, options, example),
+            max_target_tokens=options.max_target_tokens, generation=generation,
+            length_budget=options.max_prompt_tokens, fields=("question",))
+
+    def extract(self, text: str, example: dict) -> str | None:
+        return data.extract_math(text, example) if self.NUMERIC else data.extract_choice(text, example)
+
+    def compute_metrics(self, metric_names, examples, outputs) -> dict:
+        unknown = [n for n in metric_names if n != "accuracy"]
+        if unknown:
+            raise UserError(f"{self.name} scores extracted answers; metric {unknown[0]!r} does not apply (use accuracy)")
+        correct: dict[str, list[bool]] = {}
+        for example, text in zip(examples, outputs):
+            numeric = self.NUMERIC and not example.get("choices")
+            right = data.same_answer(self.extract(text, example), example["answer"], numeric)
+            correct.setdefault(example["dataset"], []).append(right)
+        per_dataset = {name: sum(flags) / len(flags) for name, flags in sorted(correct.items())}
+        total = [flag for flags in correct.values() for flag in flags]
+        results: dict[str, Any] = {"accuracy": sum(total) / len(total) if total else None}
+        results.update({f"accuracy/{name}": value for name, value in per_dataset.items()})
+        results["accuracy_avg"] = sum(per_dataset.values()) / len(per_dataset) if per_dataset else None
+        return results
+
+    def read_inputs(self, paths, options) -> list[dict]:
+        examples = []
+        for path in map(Path, paths):
+            if path.suffix.lower() not in (".jsonl", ".json"):
+                raise UserError(f"{path}: {self.name} predict reads JSON lines of questions (.jsonl)")
+            examples += data.read_jsonl(path, self.KIND, labelled=False)
+        return examples
+
+    def describe(self, example, output, labels) -> dict:
+        return {"id": example["id"], "dataset": example["dataset"], "prediction": output,
+                "answer": self.extract(output, example)}
+
+    def card_template(self) -> str:
+        return CARD_TEMPLATE.format(task=self.name, shapes=SHAPES[self.KIND])
+
+
+class CommonsenseTask(_ReasoningTask):
+    name = "reasoning-commonsense"
+    description = "multiple-choice and yes/no commonsense questions -> answer (BoolQ, PIQA, SIQA, HellaSwag, WinoGrande, ARC, OBQA)"
+    KIND = "commonsense"
+    NUMERIC = False
+    DEMO_SIZES = {"train": 900, "validation": 90, "test": 240}
+
+
+class ArithmeticTask(_ReasoningTask):
+    name = "reasoning-arithmetic"
+    description = "math word problems -> rationale and final number (GSM8K, AQuA, MAWPS, SVAMP)"
+    KIND = "math"
+    NUMERIC = True
+    DEMO_SIZES = {"train": 900, "validation": 60, "test": 200}
+
+
+SHAPES = {
+    "commonsense": ('{"question": "Which one is a fruit?", "choices": ["hammer", "plum"], "answer": "B", "dataset": "mine"}\n'
+                    '# also read as published: BoolQ, PIQA, SIQA, HellaSwag, WinoGrande, ARC, OBQA, LLM-Adapters'),
+    "math": ('{"question": "Ann has 3 pens and gets 2 more. How many pens?", "answer": 5, "rationale": "3 + 2 = 5."}\n'
+             '# also read as published: GSM8K, AQuA, SVAMP, MAWPS, LLM-Adapters math'),
+}
+
+CARD_TEMPLATE = """---
+name: my-{task}-data
+domain: reasoning
+task: {task}
+format: jsonl                 # one JSON object per line (or a JSON array)
+splits: {{train: train.jsonl, validation: dev.jsonl, test: test.jsonl}}
+license: ""
+source: ""
+---
+One record per line, for example:
+{shapes}
+An optional "dataset" key names the benchmark a record belongs to; metrics come per
+dataset (accuracy/<dataset>) and averaged (accuracy_avg). Where the data comes from,
+intended use, known biases.
+"""
+
+register_task(CommonsenseTask())
+register_task(ArithmeticTask())

@@ -1,0 +1,304 @@
+"""LoReFT / DiReFT and the reasoning pipelines."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from peftlab.domains.reasoning import data
+from peftlab.pipelines import runner
+from peftlab.pipelines.cli import main
+from peftlab.pipelines.predictor import load
+from peftlab.shared import causal_lm as clm
+from peftlab.shared import io, methods
+from peftlab.shared.errors import UserError
+from peftlab.shared.methods.reft import LoReFTIntervention, intervention_count, prompt_lengths
+from peftlab.shared.tasks import get_task
+
+# ----------------------------------------------------------------------------- LoReFT / DiReFT
+
+
+def _batch(tokenizer):
+    prompts = [clm.prompt_ids(tokenizer, "Question: is a plum a fruit?\nAnswer: "), clm.prompt_ids(tokenizer, "Hi")]
+    answers = [clm.answer_ids(tokenizer, "true", 8), clm.answer_ids(tokenizer, "a longer answer", 32)]
+    return clm.training_batch(tokenizer, prompts, answers)
+
+
+def _logits(model, batch):
+    logits, _ = clm.lm_forward(model, batch["input_ids"], batch["attention_mask"], prompt_lengths=batch["prompt_lengths"])
+    return logits
+
+
+@pytest.mark.parametrize("tie_positions, tie_layers", [(True, False), (False, False), (True, True), (False, True)])
+def test_reft_parameter_count_matches_the_formula(tie_positions, tie_layers):
+    for method in ("loreft", "direft"):
+        lm = clm.tiny_causal_lm()
+        width, layers, rank = lm.model.config.hidden_size, lm.model.config.num_hidden_layers, 4
+        adapted = methods.apply(lm.model, method, rank=rank, tie_positions=tie_positions, tie_layers=tie_layers)
+        options = adapted.options
+        expected = intervention_count(options, layers) * (2 * rank * width + rank)
+        assert adapted.parameter_counts()["method"] == expected
+        assert intervention_count(options, layers) == (1 if tie_layers else layers) * (1 if tie_positions else 2)
+
+
+def test_loreft_rotation_keeps_orthonormal_rows_through_training():
+    lm = clm.tiny_causal_lm()
+    adapted = methods.apply(lm.model, "loreft", rank=4)
+    batch = _batch(lm.tokenizer)
+    optimizer = torch.optim.AdamW([p for p in adapted.parameters() if p.requires_grad], lr=0.05)
+    before = [m.rotate.weight.detach().clone() for m in adapted.modules() if isinstance(m, LoReFTIntervention)]
+    for _ in range(5):
+        loss = clm.answer_loss(_logits(adapted, batch), batch["labels"])
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    rotations = [m.rotate.weight.detach() for m in adapted.modules() if isinstance(m, LoReFTIntervention)]
+    assert any(not torch.allclose(a, b) for a, b in zip(before, rotations)), "R must learn"
+    for rotation in rotations:
+        torch.testing.assert_close(rotation @ rotation.T, torch.eye(4), atol=1e-5, rtol=0)
+
+
+def test_loreft_is_not_identity_at_init_but_is_when_w_equals_r():
+    lm = clm.tiny_causal_lm()
+    batch = _batch(lm.tokenizer)
+    base = _logits(lm.model, batch).detach()
+    adapted = methods.apply(lm.model, "loreft", rank=4)
+    assert not methods.get_method("loreft").identity_at_init
+    assert (_logits(adapted, batch) - base).abs().max() > 1e-3
+    for module in adapted.modules():
+        if isinstance(module, LoReFTIntervention):
+            module.make_identity()
+    torch.testing.assert_close(_logits(adapted, batch), base, atol=1e-5, rtol=0)
+
+
+def test_direft_starts_as_the_base_model():
+    lm = clm.tiny_causal_lm()
+    batch = _batch(lm.tokenizer)
+    base = _logits(lm.model, batch).detach()
+    adapted = methods.apply(lm.model, "direft", rank=4, tie_positions=False)
+    torch.testing.assert_close(_logits(adapted, batch), base, atol=0, rtol=0)
+
+
+def test_interventions_touch_only_the_chosen_prompt_positions():
+    """Layer 1 only, last position only: the states before that position must not change."""
+    lm = clm.tiny_causal_lm()
+    batch = _batch(lm.tokenizer)
+    base = lm.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], output_hidden_states=True)
+    adapted = methods.apply(lm.model, "loreft", rank=4, layers=[1], first_positions=0, last_positions=1)
+    with torch.no_grad(), prompt_lengths(adapted, batch["prompt_lengths"]):
+        edited = adapted(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], output_hidden_states=True)
+    changed = (edited.hidden_states[2] - base.hidden_states[2]).abs().amax(-1) > 1e-6  # output of layer 1
+    expected = torch.zeros_like(changed)
+    for row, length in enumerate(batch["prompt_lengths"].tolist()):
+        expected[row, length - 1] = True
+    assert torch.equal(changed, expected)
+    # layer 0's output is untouched everywhere
+    torch.testing.assert_close(edited.hidden_states[1], base.hidden_states[1], atol=0, rtol=0)
+
+
+def test_generation_edits_the_prompt_once_with_left_padding():
+    """Batched left-padded generation equals generating each prompt alone."""
+    lm = clm.tiny_causal_lm()
+    torch.manual_seed(0)
+    adapted = methods.apply(lm.model, "loreft", rank=4, first_positions=1, last_positions=2)
+    prompts = [clm.prompt_ids(lm.tokenizer, "Is a cat an animal? "), clm.prompt_ids(lm.tokenizer, "Hi ")]
+    options = clm.GenerationOptions(max_new_tokens=6)
+    together = clm.generate(adapted, lm.tokenizer, prompts, options)
+    alone = [clm.generate(adapted, lm.tokenizer, [p], options)[0] for p in prompts]
+    assert together == alone
+
+
+@pytest.mark.parametrize("method", ["loreft", "direft"])
+def test_reft_learns_to_answer_from_the_prompt_with_frozen_weights(method):
+    """The cue is the prompt's last token; the answer letter follows from it. Frozen
+    weights, edits at the last position only: chance is 1/4, the method must reach 1."""
+    lm = clm.tiny_causal_lm("tiny-steerable")
+    adapted = methods.apply(lm.model, method, rank=4, first_positions=0, last_positions=1)
+    tokenizer = lm.tokenizer
+    prompts = [clm.prompt_ids(tokenizer, f"Pick {digit}") for digit in range(4)]
+    answers = [clm.answer_ids(tokenizer, letter, 1) for letter in "ABCD"]
+    batch = clm.training_batch(tokenizer, prompts, answers)
+    torch.manual_seed(0)
+    optimizer = torch.optim.Adam([p for p in adapted.parameters() if p.requires_grad], lr=2e-2)
+    for _ in range(80):
+        loss = clm.answer_loss(_logits(adapted, batch), batch["labels"])
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    assert clm.generate(adapted, tokenizer, prompts, clm.GenerationOptions(max_new_tokens=1)) == list("ABCD")
+    assert all(not p.requires_grad for n, p in adapted.named_parameters() if "reft_interventions" not in n)
+
+
+def test_reft_options_are_checked():
+    lm = clm.tiny_causal_lm()
+    with pytest.raises(UserError, match="rank must be >= 1"):
+        methods.apply(lm.model, "loreft", rank=0)
+    with pytest.raises(UserError, match="no position would be edited"):
+        methods.apply(clm.tiny_causal_lm().model, "loreft", first_positions=0, last_positions=0)
+    with pytest.raises(UserError, match="exceeds the hidden width"):
+        methods.apply(clm.tiny_causal_lm().model, "loreft", rank=65)
+
+
+def test_reft_adapter_saves_and_reloads_exactly(tmp_path):
+    lm = clm.tiny_causal_lm()
+    batch = _batch(lm.tokenizer)
+    adapted = methods.apply(lm.model, "loreft", rank=4, tie_positions=False)
+    with torch.no_grad():
+        for param in adapted.method_parameters().values():
+            param.add_(0.01 * torch.randn_like(param))
+    expected = _logits(adapted, batch).detach()
+    adapted.save(tmp_path / "adapter")
+    reloaded = methods.load_adapter(clm.tiny_causal_lm().model, tmp_path / "adapter")
+    torch.testing.assert_close(_logits(reloaded, batch), expected, atol=0, rtol=0)
+
+
+# ----------------------------------------------------------------------------- readers
+
+
+def _write(path, records):
+    path.write_text("".join(json.dumps(r) + "\n" for r in records))
+    return path
+
+
+def test_commonsense_reader_normalises_every_public_shape(tmp_path):
+    records = [
+        {"question": "is the sky blue", "passage": "The sky is blue.", "answer": True},
+        {"goal": "open a jar", "sol1": "twist the lid", "sol2": "freeze it", "label": 0},
+        {"context": "Ann helped.", "question": "How does Ann feel?", "answerA": "bad", "answerB": "good", "answerC": "sad", "label": "2"},
+        {"ctx": "A man sits", "endings": ["a", "b", "c", "d"], "label": 3},
+        {"sentence": "The cup fell because _ was slippery.", "option1": "cup", "option2": "table", "answer": "1"},
+        {"id": "Mercury_1", "question": {"stem": "Which is a metal?", "choices": [{"label": "A", "text": "iron"}, {"label": "B", "text": "wood"}]}, "answerKey": "A"},
+        {"question": "Which is a gas?", "choices": {"text": ["air", "rock", "ice"], "label": ["1", "2", "3"]}, "answerKey": "1"},
+        {"instruction": "Please choose: ... Answer format: answer1/answer2", "answer": "answer2"},
+        {"question": "Which one is a fruit?", "choices": ["hammer", "plum"], "answer": "plum", "dataset": "mine"},
+    ]
+    examples = data.read_jsonl(_write(tmp_path / "arc_easy.jsonl", records), "commonsense")
+    answers = [e["answer"] for e in examples]
+    assert answers == ["true", "A", "B", "D", "A", "A", "A", "answer2", "B"]
+    assert [e["dataset"] for e in examples] == ["boolq", "piqa", "siqa", "hellaswag", "winogrande", "arc_easy",
+                                                "arc_easy", "arc_easy", "mine"]
+    assert examples[1]["choices"] == ["twist the lid", "freeze it"]
+    assert examples[5]["id"] == "Mercury_1"
+
+
+def test_math_reader_normalises_every_public_shape(tmp_path):
+    records = [
+        {"question": "Natalia sold 48 clips...", "answer": "She sold 48/2 = <<48/2=24>>24 in May.\n#### 1,072"},
+        {"question": "A car goes?", "options": ["A)21", "B)22", "C)23"], "rationale": "Because.", "correct": "B"},
+        {"Body": "Ann has 3 pens.", "Question": "How many pens?", "Equation": "( 3.0 + 0.0 )", "Answer": 3.0},
+        {"sQuestion": "Tom had 5 cats.", "lSolutions": [5.0]},
+        {"instruction": "Add 2 and 2.", "output": "2 + 2 = 4. The answer is 4.", "answer": "4"},
+        {"question": "1 + 1?", "answer": 2, "rationale": "1 + 1 = 2."},
+    ]
+    examples = data.read_jsonl(_write(tmp_path / "m.jsonl", records), "math")
+    assert [e["answer"] for e in examples] == ["1072", "B", "3", "5", "4", "2"]
+    assert [e["dataset"] for e in examples[:4]] == ["gsm8k", "aqua", "svamp", "mawps"]
+    assert examples[0]["label"] == "She sold 48/2 = 24 in May. The answer is 1072."
+    assert examples[1]["choices"] == ["21", "22", "23"]
+    assert examples[4]["label"] == "2 + 2 = 4. The answer is 4."
+
+
+@pytest.mark.parametrize("line, message", [
+    ('{"question": "q", "choices": ["a", "b"], "answer": "C"}', r"bad\.jsonl:1: answer 'C' is neither"),
+    ('{"goal": "g", "sol1": "a", "sol2": "b", "label": 5}', r"bad\.jsonl:1: answer index 5 is out of range"),
+    ('{"question": "q", "choices": ["a", "b"]}', r"bad\.jsonl:1: no answer"),
+    ('{"foo": 1}', r"bad\.jsonl:1: not a commonsense record"),
+    ('{"question": "q", "answer": "maybe", "passage": "p"}', r"bad\.jsonl:1: yes/no answer 'maybe'"),
+    ('not json', r"bad\.jsonl:1: invalid JSON"),
+])
+def test_commonsense_reader_names_the_line_and_the_fix(tmp_path, line, message):
+    path = tmp_path / "bad.jsonl"
+    path.write_text(line + "\n")
+    with pytest.raises(UserError, match=message):
+        data.read_jsonl(path, "commonsense")
+
+
+def test_math_reader_refuses_non_numbers(tmp_path):
+    path = _write(tmp_path / "bad.jsonl", [{"question": "q", "answer": "seven"}, ])
+    with pytest.raises(UserError, match=r"bad\.jsonl:1: answer 'seven' is not a number"):
+        data.read_jsonl(path, "math")
+    path = _write(tmp_path / "nan.jsonl", [{"question": "q", "answer": "nan"}])
+    with pytest.raises(UserError, match="not a finite number"):
+        data.read_jsonl(path, "math")
+
+
+@pytest.mark.parametrize("text, example, expected", [
+    ("B", {"choices": ["x", "y"]}, "B"),
+    ("The answer is (A) because", {"choices": ["x", "y"]}, "A"),
+    ("I think plum", {"choices": ["hammer", "plum"]}, "B"),
+    ("Z", {"choices": ["x", "y"]}, None),
+    ("yes, it is", {"choices": None, "answer": "true"}, "true"),
+    ("the correct answer is answer3", {"choices": None, "answer": "answer1"}, "answer3"),
+])
+def test_choice_extraction(text, example, expected):
+    assert data.extract_choice(text, example) == expected
+
+
+@pytest.mark.parametrize("text, expected", [
+    ("3 + 4 = 7. The answer is 7.", "7"),
+    ("so 1,200 apples", "1200"),
+    ("The answer is 2.50 dollars, not 3", "2.5"),
+    ("no number", None),
+])
+def test_number_extraction(text, expected):
+    assert data.extract_number(text) == expected
+
+
+def test_metrics_per_dataset_and_average():
+    task = get_task("reasoning-commonsense")
+    examples = [{"dataset": "a", "answer": "A", "choices": ["x", "y"]}, {"dataset": "a", "answer": "B", "choices": ["x", "y"]},
+                {"dataset": "b", "answer": "true", "choices": None}]
+    results = task.compute_metrics(["accuracy"], examples, ["A", "A", "yes"])
+    assert results == {"accuracy": 2 / 3, "accuracy/a": 0.5, "accuracy/b": 1.0, "accuracy_avg": 0.75}
+    math = get_task("reasoning-arithmetic")
+    results = math.compute_metrics(["accuracy"], [{"dataset": "g", "answer": "7", "choices": None}], ["The answer is 7.0"])
+    assert results["accuracy"] == 1.0
+
+
+def test_demo_generators_are_deterministic_and_answerable():
+    first = data.demo_commonsense({"train": 30, "test": 12}, seed=3)
+    assert first == data.demo_commonsense({"train": 30, "test": 12}, seed=3)
+    assert {e["dataset"] for e in first["train"]} == {"demo_boolq", "demo_piqa", "demo_arc"}
+    problems = data.demo_math({"train": 20}, seed=1)["train"]
+    for example in problems:
+        assert data.extract_number(example["label"]) == example["answer"]
+
+
+# ----------------------------------------------------------------------------- pipelines
+
+
+def _run(pipeline, tmp_path, *overrides):
+    config = runner.build_config(pipeline, demo=True, overrides=list(overrides))
+    return runner.run(config, out=tmp_path / "run")
+
+
+def test_commonsense_demo_with_loreft_beats_chance(tmp_path):
+    """Chance on the demo's mix (1/3 yes/no, 1/3 two options, 1/3 four options) is 0.417."""
+    run_dir = _run("reasoning-commonsense", tmp_path, "train.epochs=4", "data.limit.test=120", "eval.splits=[test]")
+    results = io.read_json(run_dir / "metrics.json")["test"]
+    assert results["accuracy"] > 0.417 + 0.15, results
+    assert set(results) >= {"accuracy/demo_boolq", "accuracy/demo_piqa", "accuracy/demo_arc", "accuracy_avg"}
+    assert io.read_json(run_dir / "meta.json")["method"]["name"] == "loreft"
+    # the saved adapter reproduces the metrics
+    assert load(run_dir).evaluate("test") == results
+
+
+def test_arithmetic_demo_beats_the_most_frequent_answer(tmp_path):
+    run_dir = _run("reasoning-arithmetic", tmp_path, "train.epochs=5", "data.limit.test=80", "eval.splits=[test]")
+    results = io.read_json(run_dir / "metrics.json")["test"]
+    examples = data.demo_math({"test": 200}, seed=0)["test"]
+    answers = [e["answer"] for e in examples]
+    majority = max(answers.count(a) for a in set(answers)) / len(answers)
+    assert results["accuracy"] > majority + 0.15, (results, majority)
+
+
+def test_cli_refuses_a_commonsense_card_with_a_bad_line(tmp_path, capsys):
+    (tmp_path / "train.jsonl").write_text('{"question": "q", "choices": ["a", "b"], "answer": "A"}\n{"question": 1\n')
+    card = tmp_path / "card.md"
+    card.write_text("---\nname: x\ndomain: reasoning\ntask: reasoning-commonsense\nformat: jsonl\n"
+                    "splits: {train: train.jsonl, test: train.jsonl}\n---\n")
+    code = main(["run", "reasoning-commonsense", "--data", str(card), "--backbone", "tiny", "--out", str(tmp_path / "out")])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1 and "train.jsonl:2: invalid JSON" in err[0]
+    assert not (tmp_path / "out").exists()
