@@ -155,14 +155,19 @@ def merge(run_dir, out, export_dir):
 @click.option("--port", default=8000, show_default=True, type=click.IntRange(0, 65535))
 @click.option("--max-batch", default=32, show_default=True, type=click.IntRange(min=1), help="Examples batched together at most.")
 @click.option("--max-wait-ms", default=5.0, show_default=True, type=click.FloatRange(min=0), help="How long a batch waits for more requests.")
+@click.option("--threads", type=click.IntRange(min=1), help="torch CPU threads (default: torch's choice; 1 is best on a busy machine).")
 @click.option("--force", is_flag=True, help="Use adapters even if the backbone weights differ from training.")
-def serve(run_dirs, host, port, max_batch, max_wait_ms, force):
+def serve(run_dirs, host, port, max_batch, max_wait_ms, threads, force):
     """Serve runs over HTTP/JSON; each backbone is loaded once. RUN_DIR or NAME=RUN_DIR.
 
     GET /health, GET /adapters, POST /predict/NAME with the task's JSON input form.
     """
     from peftlab.pipelines.serve import serve as serve_runs
 
+    if threads:
+        import torch
+
+        torch.set_num_threads(threads)
     serve_runs(list(run_dirs), host=host, port=port, force=force, max_batch=max_batch, max_wait_ms=max_wait_ms)
 
 

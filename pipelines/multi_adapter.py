@@ -178,7 +178,11 @@ class Engine:
                     break
                 jobs.append(more)
                 count += len(more.examples)
-            self._run_jobs(jobs)
+            # A request whose client went away was cancelled: skip it. The others are
+            # marked running, so they can no longer be cancelled under our feet.
+            jobs = [j for j in jobs if j.future.set_running_or_notify_cancel()]
+            if jobs:
+                self._run_jobs(jobs)
 
     def _run_jobs(self, jobs: list[_Job]) -> None:
         try:

@@ -119,6 +119,19 @@ def test_a_mixed_batch_gives_each_row_its_own_runs_answer(multi, expected):
         assert_same_rows([got], [want])
 
 
+def test_a_cancelled_request_is_skipped_and_the_worker_keeps_serving(runs, expected):
+    served = MultiAdapter([runs["lora_a"]], max_wait_ms=1000)  # a long window: both jobs wait in it
+    try:
+        gone = served.submit("lora_a", QUERIES[:2])
+        kept = served.submit("lora_a", QUERIES[2:4])
+        assert gone.cancel()  # as when a client disconnects
+        assert_same_rows(served.describe("lora_a", QUERIES[2:4], kept.result(timeout=60)), expected["lora_a"][2:4])
+        assert_same_rows(served.predict("lora_a", QUERIES[4:5]), expected["lora_a"][4:5])
+        assert served.engines[next(iter(served.engines))].stats["examples"] == 3
+    finally:
+        served.close()
+
+
 def free_socket() -> socket.socket:
     sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
