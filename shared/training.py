@@ -190,7 +190,7 @@ def train(
     state = {
         "epoch": 0, "step_in_epoch": 0, "global_step": 0, "total_steps": total_steps,
         "best_metric": None, "best_epoch": None, "bad_epochs": 0, "history": [],
-        "samples": 0, "seconds": 0.0, "done": False,
+        "samples": 0, "seconds": 0.0, "done": False, "epoch_loss_sum": 0.0,
     }
     if resume and checkpoint.has_checkpoint(checkpoints):
         state = checkpoint.load_checkpoint(checkpoints, task_model, optimizer, scheduler)
@@ -207,7 +207,10 @@ def train(
         batches = sampler.batches()
         start_batch = state["step_in_epoch"] * config.grad_accum
         epoch_start = time.perf_counter()
-        running_loss = 0.0
+        if start_batch == 0:
+            state["epoch_loss_sum"] = 0.0
+        # checkpointed with the state, so a resumed epoch reports the loss of all its batches
+        state.setdefault("epoch_loss_sum", 0.0)
         for index in range(start_batch, len(batches)):
             indices = batches[index]
             share, weight = batch_share(indices, rank, processes)
@@ -222,7 +225,7 @@ def train(
             accelerator.backward(loss / config.grad_accum)
             if processes > 1:  # the global batch's mean loss, for the log
                 loss = accelerator.reduce(loss.detach(), reduction="mean")
-            running_loss += loss.item()
+            state["epoch_loss_sum"] += loss.item()
             state["samples"] += len(indices)
             if not last_micro:
                 continue
@@ -247,7 +250,7 @@ def train(
         state["seconds"] += time.perf_counter() - epoch_start
 
         entry = {"epoch": epoch + 1, "step": state["global_step"],
-                 "train_loss": running_loss / max(len(batches) - start_batch, 1)}
+                 "train_loss": state["epoch_loss_sum"] / max(len(batches), 1)}
         if validation_examples:
             scores = None
             if main:
