@@ -298,13 +298,25 @@ def _demo_run(pipeline, tmp_path, sizes, overrides):
     return results, get_task(pipeline).read(read_card(small), get_task(pipeline).options())
 
 
-def test_retrieval_demo_beats_chance(tmp_path):
+def test_retrieval_demo_beats_chance_and_the_run_is_reusable(tmp_path, capsys):
     # 48 test videos, one per caption: chance R@1 is 1/48 (about 0.02).
     results, dataset = _demo_run("video-text-retrieval", tmp_path, {"train": 288, "validation": 24, "test": 48},
                                  ["train.epochs=6"])
     chance = 1 / len(dataset.splits["test"])
     assert results["t2v_r1"] >= chance + 0.1 and results["v2t_r1"] >= chance + 0.1, results
     assert results["median_rank"] <= 6, results
+    run_dir = tmp_path / "run"
+    capsys.readouterr()
+    assert main(["eval", str(run_dir), "--split", "test"]) == 0
+    assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["test"] == results  # exactly
+    pairs = tmp_path / "pairs.csv"
+    pairs.write_text("video,caption\n" + "".join(f"{e['video']},{e['caption']}\n" for e in dataset.splits["test"][:3]))
+    from peftlab.pipelines.predictor import load
+
+    rows = load(run_dir).predict([str(pairs)])
+    assert [r["caption"] for r in rows] == [e["caption"] for e in dataset.splits["test"][:3]]
+    for row in rows:
+        assert row["similarity"] == pytest.approx(np.dot(row["video_embedding"], row["text_embedding"]), abs=1e-4)
 
 
 def test_caption_demo_beats_the_best_constant_caption(tmp_path):
