@@ -389,21 +389,6 @@ def _cell_summary(row: dict, primary: str) -> str:
     return f"{primary} {_fmt_metric(value)}"
 
 
-def process_peak_rss_mb() -> float:
-    """This program image's own resident-memory high-water mark (Linux VmHWM).
-
-    `ru_maxrss` survives exec, so a child started from a large process reports at least
-    its parent's peak; VmHWM belongs to the memory map created at exec.
-    """
-    try:
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) / 1024.0
-    except OSError:
-        pass
-    from peftlab.shared.training import peak_rss_mb
-
-    return peak_rss_mb()
 
 
 # --------------------------------------------------------------------------- reporting
@@ -662,10 +647,11 @@ def _cell_main(argv: list[str]) -> int:
     """One cell in a fresh process: `peftlab run ARGS`, then this process's peak memory
     as a last stdout line for the sweep to record."""
     from peftlab.pipelines.cli import main
+    from peftlab.shared.training import peak_rss_mb
 
     code = main(["run", *argv])
     if code == 0:
-        print(json.dumps({PEAK_LINE_KEY: process_peak_rss_mb()}), flush=True)
+        print(json.dumps({PEAK_LINE_KEY: peak_rss_mb()}), flush=True)
     return code
 
 

@@ -76,6 +76,9 @@ def build_config(
     if demo:
         if not raw.get("demo"):
             raise UserError(f"pipeline {raw.get('pipeline')!r} has no demo settings")
+        demo_method = raw["demo"].get("method") or {}
+        if demo_method.get("name") not in (None, (raw.get("method") or {}).get("name")):
+            raw["method"] = {}  # another method: the recipe's method options do not apply to it
         raw = cfg.merge(raw, raw["demo"])
     raw.pop("demo", None)
     if method:

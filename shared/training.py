@@ -140,6 +140,17 @@ def batch_share(indices: list[int], rank: int, processes: int) -> tuple[list[int
 
 
 def peak_rss_mb() -> float:
+    """This process's resident-memory high-water mark, in MiB.
+
+    Linux's VmHWM first: `ru_maxrss` survives exec, so a run started from a large
+    process (a sweep, a notebook's subprocess) would report at least its parent's peak.
+    """
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024.0
+    except OSError:
+        pass
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
 
 
