@@ -258,10 +258,11 @@ def test_refine_demo_beats_copying_the_input(tmp_path):
     test = dataset.splits["test"]
     copy_input = compute_text_metrics(["bleu4", "exact_match"], [e["label"] for e in test], [e["old"] for e in test])
     assert copy_input["exact_match"] == 0.0
-    # Copying scores a high BLEU-4 (about 0.74) but never an exact match; the tiny model
-    # trained for about a minute gets some refinements exactly right (measured 0.07-0.08),
-    # while its BLEU-4 (about 0.65-0.67) is still below copying's.
-    assert results["exact_match"] >= 0.03 and results["bleu4"] >= 0.5, (results, copy_input)
+    # Copying the input scores a high BLEU-4 (0.76 here) but never an exact match. The
+    # demo model (tiny-wide, 8 epochs) copies the code and applies the fix, the constant's
+    # name taken from the comment: measured BLEU-4 0.97, exact match 0.60 (1 thread).
+    assert results["bleu4"] >= copy_input["bleu4"] + 0.1, (results, copy_input)
+    assert results["exact_match"] >= 0.3, (results, copy_input)
 
 
 # ----------------------------------------------------------------------------- real assets
@@ -295,3 +296,35 @@ def test_real_codereviewer_lora_on_smollm2(real_assets, tmp_path):
     assert meta["backbone"]["architecture"]["model_type"] == "llama" and meta["backbone"]["architecture"]["layers"] == 30
     predictions = [json.loads(line) for line in (run_dir / "predictions" / "test.jsonl").read_text().splitlines()]
     assert len(predictions) == 20 and all(0 <= p["score"] <= 1 for p in predictions)
+
+
+def _answer_loss(model, examples) -> float:
+    """Mean cross-entropy over the answers' tokens (teacher forcing), one batch."""
+    model.eval()
+    with torch.no_grad():
+        batch = model.collate(examples, rng=None)
+        return model.loss(model(batch), batch).item()
+
+
+def test_real_codereviewer_comment_lora_lowers_test_loss(real_assets, tmp_path):
+    """A short LoRA run on SmolLM2-135M (GGUF) over real CodeReviewer comments: the
+    fine-tuned model's loss on the held-out test comments is below the un-tuned model's."""
+    from peftlab.pipelines import predictor
+
+    gguf_file = _smollm2_gguf()
+    config = runner.build_config(
+        "code-review-comment", backbone=str(gguf_file), data=str(REPO / "data_cards/codereviewer-comment-sample.md"),
+        overrides=["task.max_prompt_tokens=128", "task.max_target_tokens=32", "task.max_new_tokens=24",
+                   "train.epochs=1", "train.max_steps=6", "train.batch_size=2", "train.lr=1e-3",
+                   "eval.splits=[test]", "data.limit={train: 12, validation: 2, test: 16}"])
+    untuned = runner.prepare(config)  # LoRA starts as the identity: this is the backbone as shipped
+    test = untuned.dataset.splits["test"]
+    assert len(test) == 16
+    untuned_loss = _answer_loss(untuned.model, test)
+    run_dir = runner.run(config, out=tmp_path / "comment")
+    results = json.loads((run_dir / "metrics.json").read_text())
+    assert all(0 <= results["test"][name] <= 1 for name in ("bleu4", "corpus_bleu4", "exact_match")), results
+    assert results["train"]["steps"] == 6
+    tuned_loss = _answer_loss(predictor.load(run_dir).model, test)
+    print(f"test answer loss: un-tuned {untuned_loss:.3f}, tuned {tuned_loss:.3f}; {results['test']}")
+    assert tuned_loss < untuned_loss, (tuned_loss, untuned_loss)

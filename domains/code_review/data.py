@@ -177,14 +177,16 @@ def _runs(removed: set[int], length: int) -> int:
 # hunks, so necessity depends on seeing the issue, not on the kind of code:
 #   unused variable      `b = a * 2` never read        -> remove the line
 #   missing None check   `return a.attr` after a lookup -> guard with `if a is None`
-#   magic number         `return a * 7`                -> `return a * SCALE`
-# Comments are templated with the names involved, so a model must read the hunk to
-# write them; refinements need the comment and the code.
+#   magic number         `return a * 7`                -> `return a * LIMIT`
+# Comments are short (a tiny model learns to copy short prompts far sooner) and
+# templated with the names involved, so a model must read the hunk to write them. Refinements need the code and the comment: the constant's name (SCALE,
+# LIMIT, RATE or STEP) is the reviewer's choice, written only in the comment.
 
 DEMO_NAMES = ("count", "total", "user", "item", "path", "size", "value", "token")
 DEMO_FUNCTIONS = ("load", "fetch", "parse", "find")
 DEMO_ATTRIBUTES = ("name", "size", "data")
 DEMO_NUMBERS = (3, 7, 12, 42, 60, 100)
+DEMO_CONSTANTS = ("SCALE", "LIMIT", "RATE", "STEP")
 DEMO_ISSUES = ("unused_variable", "missing_none_check", "magic_number")
 
 
@@ -195,19 +197,20 @@ def demo_case(rng: np.random.Generator, issue: str) -> dict:
     function = DEMO_FUNCTIONS[int(rng.integers(len(DEMO_FUNCTIONS)))]
     attribute = DEMO_ATTRIBUTES[int(rng.integers(len(DEMO_ATTRIBUTES)))]
     number = DEMO_NUMBERS[int(rng.integers(len(DEMO_NUMBERS)))]
+    constant = DEMO_CONSTANTS[int(rng.integers(len(DEMO_CONSTANTS)))]
     head = [f"def {function}_{a}(key):", f"    {a} = {function}(key)"]
     if issue == "unused_variable":
         old = [*head, f"    {b} = {a} * 2", f"    return {a}"]
         new = [*head, f"    return {a}"]
-        comment = f"`{b}` is assigned but never used; remove it."
+        comment = f"`{b}` is never used; remove it."
     elif issue == "missing_none_check":
         old = [*head, f"    return {a}.{attribute}"]
         new = [*head, f"    if {a} is None:", "        return None", f"    return {a}.{attribute}"]
-        comment = f"`{function}` may return None; check `{a}` first."
+        comment = f"`{a}` may be None; check it."
     elif issue == "magic_number":
         old = [*head, f"    return {a} * {number}"]
-        new = [*head, f"    return {a} * SCALE"]
-        comment = f"Name the magic number {number} as a constant, e.g. SCALE."
+        new = [*head, f"    return {a} * {constant}"]
+        comment = f"Name {number} as a constant, {constant}."
     else:
         raise ValueError(f"unknown demo issue {issue!r}")
     return {"issue": issue, "old": "\n".join(old), "new": "\n".join(new), "comment": comment}
