@@ -326,5 +326,5 @@ def test_real_codereviewer_comment_lora_lowers_test_loss(real_assets, tmp_path):
     assert all(0 <= results["test"][name] <= 1 for name in ("bleu4", "corpus_bleu4", "exact_match")), results
     assert results["train"]["steps"] == 6
     tuned_loss = _answer_loss(predictor.load(run_dir).model, test)
-    print(f"test answer loss: un-tuned {untuned_loss:.3f}, tuned {tuned_loss:.3f}; {results['test']}")
-    assert tuned_loss < untuned_loss, (tuned_loss, untuned_loss)
+    # Measured (1 thread): test answer loss un-tuned 4.750, tuned 4.541; test BLEU-4 0.04.
+    assert tuned_loss < untuned_loss - 0.1, (tuned_loss, untuned_loss)
