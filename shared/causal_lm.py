@@ -57,7 +57,7 @@ TINY_PRESETS: dict[str, dict[str, Any]] = {
     # has something to train; LLaMA proper has none, and BitFit then says so.
     "tiny": dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
                  num_key_value_heads=2, attention_bias=True, max_position_embeddings=2048),
-    # The same shape with weights drawn at std 0.2 instead of transformers' 0.02. With
+    # The same shape as `tiny` with weights drawn at std 0.2 instead of transformers' 0.02. With
     # 0.02 the tied output layer turns any (normalised) hidden state into a nearly
     # uniform next-token distribution, so a method that leaves the weights frozen and
     # edits hidden states (LoReFT, prompts, LoRA) cannot steer what the model says.
@@ -341,6 +341,15 @@ class GenerationOptions:
     max_new_tokens: int = 64
     num_beams: int = 1
     """1 = greedy decoding; more = beam search with that many beams."""
+
+    @classmethod
+    def checked(cls, task_options) -> GenerationOptions:
+        """From a generation task's options (`max_target_tokens`, `max_new_tokens`,
+        `num_beams`), each checked to be >= 1; call it in the options' `__post_init__`."""
+        for name in ("max_target_tokens", "max_new_tokens", "num_beams"):
+            if getattr(task_options, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(task_options, name)}")
+        return cls(max_new_tokens=task_options.max_new_tokens, num_beams=task_options.num_beams)
 
 
 @torch.inference_mode()

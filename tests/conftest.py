@@ -14,7 +14,10 @@ REPO = Path(__file__).resolve().parents[1]
 # Tests never reach for the network: backbones resolve locally or fail clearly.
 os.environ.setdefault("PEFTLAB_OFFLINE", "1")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
-torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+# Under pytest-xdist each worker gets its share of the cores, so workers do not fight
+# over them; a plain run uses up to two threads.
+_WORKERS = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+torch.set_num_threads(max(1, min(2, (os.cpu_count() or 1) // _WORKERS)))
 
 
 class Block(nn.Module):

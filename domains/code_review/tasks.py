@@ -85,9 +85,7 @@ class _GenerationOptions(_PromptOptions):
 
     def __post_init__(self):
         super().__post_init__()
-        for name in ("max_target_tokens", "max_new_tokens", "num_beams"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        clm.GenerationOptions.checked(self)
 
 
 @dataclass
@@ -227,7 +225,7 @@ class _CodeReviewTask:
         causal_lm = load_backbone(backbone)
         if self.KIND == "necessity":
             return NecessityModel(causal_lm, options)
-        generation = clm.GenerationOptions(max_new_tokens=options.max_new_tokens, num_beams=options.num_beams)
+        generation = clm.GenerationOptions.checked(options)
         return clm.PromptedGenerator(
             causal_lm, lambda example: render_prompt(causal_lm.tokenizer, options, example),
             max_target_tokens=options.max_target_tokens, generation=generation,

@@ -333,39 +333,31 @@ def same_answer(predicted: str | None, gold: str, numeric: bool) -> bool:
 
 # ----------------------------------------------------------------------------- demo data
 
-_CATEGORIES = {
-    "animal": ["cat", "dog", "horse", "cow"],
-    "color": ["red", "blue", "green", "pink"],
-    "fruit": ["apple", "pear", "plum", "lemon"],
-    "tool": ["hammer", "saw", "drill", "wrench"],
-}
+# The demos are learnable by a tiny model trained from scratch on bytes in a few hundred
+# steps: every template has a fixed length, so the numbers that decide the answer sit
+# at fixed offsets from the answer, and each number is one byte-level token.
+_UNITS = (("heavier", "kg"), ("longer", "cm"), ("older", "years"))
 
 
 def demo_commonsense(sizes: dict[str, int], seed: int) -> dict[str, list[dict]]:
-    """Category questions in three shapes (yes/no, 2 and 4 options), answerable by knowing
-    which word belongs to which category; every split draws from the same vocabulary."""
+    """Quantity comparisons in three shapes: yes/no (`demo_boolq`), two options
+    (`demo_piqa`) and four options (`demo_arc`); the larger quantity is the answer."""
     rng = random.Random(seed)
-    words = [(w, c) for c, ws in _CATEGORIES.items() for w in ws]
     splits: dict[str, list[dict]] = {}
     for split, size in sizes.items():
         examples = []
         for index in range(size):
             shape = ("yesno", "two", "four")[index % 3]
-            category = rng.choice(list(_CATEGORIES))
+            adjective, unit = rng.choice(_UNITS)
             if shape == "yesno":
-                word, word_category = rng.choice(words)
-                question = f"Is {word} a kind of {category}?"
-                example = {"dataset": "demo_boolq", "question": question, "choices": None,
-                           "answer": "true" if word_category == category else "false"}
+                a, b = rng.sample(range(1, 10), 2)
+                example = {"dataset": "demo_boolq", "question": f"Is {a} {unit} {adjective} than {b} {unit}?",
+                           "choices": None, "answer": "true" if a > b else "false"}
             else:
-                count = 2 if shape == "two" else 4
-                right = rng.choice(_CATEGORIES[category])
-                wrong = rng.sample([w for w, c in words if c != category], count - 1)
-                options = [right, *wrong]
-                rng.shuffle(options)
-                example = {"dataset": "demo_piqa" if count == 2 else "demo_arc",
-                           "question": f"Which one is a {category}?", "choices": options,
-                           "answer": LETTERS[options.index(right)]}
+                values = rng.sample(range(1, 10), 2 if shape == "two" else 4)
+                example = {"dataset": "demo_piqa" if shape == "two" else "demo_arc",
+                           "question": f"Which is {adjective}?", "choices": [f"{v} {unit}" for v in values],
+                           "answer": LETTERS[values.index(max(values))]}
             example["label"] = example["answer"]
             example["id"] = f"{split}-{index}"
             examples.append(example)
@@ -374,11 +366,11 @@ def demo_commonsense(sizes: dict[str, int], seed: int) -> dict[str, list[dict]]:
 
 
 _PEOPLE = ["Ann", "Bob", "Cid", "Dee", "Eve", "Fay"]
-_ITEMS = ["apples", "books", "coins", "pens", "cards"]
+_ITEMS = ["pens", "cups", "hats", "keys"]
 
 
 def demo_math(sizes: dict[str, int], seed: int) -> dict[str, list[dict]]:
-    """One-step word problems (add or take away, numbers 1-5) with an equation as rationale."""
+    """One-step word problems (add or take away, numbers 1-5) with the equation as rationale."""
     rng = random.Random(seed)
     splits: dict[str, list[dict]] = {}
     for split, size in sizes.items():
@@ -387,11 +379,11 @@ def demo_math(sizes: dict[str, int], seed: int) -> dict[str, list[dict]]:
             person, item = rng.choice(_PEOPLE), rng.choice(_ITEMS)
             a, b = rng.randint(1, 5), rng.randint(1, 5)
             if rng.random() < 0.5:
-                question = f"{person} has {a} {item} and gets {b} more. How many {item} does {person} have?"
+                question = f"{person} has {a} {item} and gets {b} more. How many {item} now?"
                 equation, answer = f"{a} + {b} = {a + b}.", a + b
             else:
                 a, b = max(a, b), min(a, b)
-                question = f"{person} has {a} {item} and gives away {b}. How many {item} does {person} have?"
+                question = f"{person} has {a} {item} and loses {b} of them. How many {item} now?"
                 equation, answer = f"{a} - {b} = {a - b}.", a - b
             examples.append({"id": f"{split}-{index}", "dataset": "demo_math", "question": question, "choices": None,
                              "answer": str(answer), "label": f"{equation} The answer is {answer}."})

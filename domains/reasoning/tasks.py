@@ -45,9 +45,7 @@ class ReasoningOptions:
     num_beams: int = field(default=1, metadata={"help": "1 = greedy decoding, more = beam search"})
 
     def __post_init__(self):
-        for name in ("max_target_tokens", "max_new_tokens", "num_beams"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        clm.GenerationOptions.checked(self)
         if self.max_prompt_tokens < 16:
             raise ValueError(f"max_prompt_tokens must be >= 16, got {self.max_prompt_tokens}")
         try:
@@ -106,7 +104,7 @@ class _ReasoningTask:
 
     def build_model(self, backbone: str, labels: list[str], options: ReasoningOptions):
         causal_lm = clm.load_causal_lm(backbone)
-        generation = clm.GenerationOptions(max_new_tokens=options.max_new_tokens, num_beams=options.num_beams)
+        generation = clm.GenerationOptions.checked(options)
         return clm.PromptedGenerator(
             causal_lm, lambda example: render_prompt(causal_lm.tokenizer, options, example),
             max_target_tokens=options.max_target_tokens, generation=generation,
@@ -140,8 +138,9 @@ class _ReasoningTask:
         return examples
 
     def describe(self, example, output, labels) -> dict:
+        # The gold answer joins as `label` where the split has one (runner.evaluate_split).
         return {"id": example["id"], "dataset": example["dataset"], "prediction": output,
-                "answer": self.extract(output, example)}
+                "extracted": self.extract(output, example)}
 
     def card_template(self) -> str:
         return CARD_TEMPLATE.format(task=self.name, shapes=SHAPES[self.KIND])

@@ -80,9 +80,7 @@ class CaptionOptions(VideoOptions):
 
     def __post_init__(self):
         super().__post_init__()
-        for name in ("max_target_tokens", "max_new_tokens", "num_beams"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        clm.GenerationOptions.checked(self)
         if self.prefix_length is not None and not 1 <= self.prefix_length <= self.frames:
             raise ValueError(f"prefix_length must be in 1..frames ({self.frames}), got {self.prefix_length}")
 
@@ -290,7 +288,7 @@ class CaptionModel(_VideoInputs):
         return torch.softmax(logits.float(), dim=-1)
 
     def predict(self, batch) -> list[str]:
-        options = clm.GenerationOptions(max_new_tokens=self.options.max_new_tokens, num_beams=self.options.num_beams)
+        options = clm.GenerationOptions.checked(self.options)
         texts = self._with_prefix(batch, lambda: clm.generate(self.backbone, self.tokenizer, batch["prompts"], options))
         return [t.strip() for t in texts]
 
