@@ -273,24 +273,29 @@ def _run(pipeline, tmp_path, *overrides):
     return runner.run(config, out=tmp_path / "run")
 
 
-def test_commonsense_demo_with_loreft_beats_chance(tmp_path):
-    """Chance on the demo's mix (1/3 yes/no, 1/3 two options, 1/3 four options) is 0.417."""
-    run_dir = _run("reasoning-commonsense", tmp_path, "train.epochs=4", "data.limit.test=120", "eval.splits=[test]")
+def test_commonsense_demo_beats_chance(tmp_path):
+    """Chance on the demo's mix (1/3 yes/no, 1/3 two options, 1/3 four options) is 0.417.
+    The recipe's demo settings (2,260 steps of `full` on `tiny`) measured 0.88 on 90 test
+    questions; the model sits at chance for its first ~1,000 steps, so this test cannot
+    be shortened by much."""
+    run_dir = _run("reasoning-commonsense", tmp_path, "data.limit.test=90", "data.limit.validation=30",
+                   "eval.splits=[test]")
     results = io.read_json(run_dir / "metrics.json")["test"]
-    assert results["accuracy"] > 0.417 + 0.15, results
+    assert results["accuracy"] > 0.417 + 0.2, results
     assert set(results) >= {"accuracy/demo_boolq", "accuracy/demo_piqa", "accuracy/demo_arc", "accuracy_avg"}
-    assert io.read_json(run_dir / "meta.json")["method"]["name"] == "loreft"
-    # the saved adapter reproduces the metrics
-    assert load(run_dir).evaluate("test") == results
+    assert load(run_dir).evaluate("test") == results  # the saved run reproduces its metrics
 
 
 def test_arithmetic_demo_beats_the_most_frequent_answer(tmp_path):
-    run_dir = _run("reasoning-arithmetic", tmp_path, "train.epochs=5", "data.limit.test=80", "eval.splits=[test]")
+    """Measured: 0.93 on 60 test problems after 570 steps on `tiny-wide`; the most
+    frequent answer scores 0.15-0.17."""
+    run_dir = _run("reasoning-arithmetic", tmp_path, "data.limit.train=450", "data.limit.test=60",
+                   "data.limit.validation=30", "eval.splits=[test]")
     results = io.read_json(run_dir / "metrics.json")["test"]
-    examples = data.demo_math({"test": 200}, seed=0)["test"]
+    examples = data.demo_math({"test": 200}, seed=0)["test"]  # the demo card's whole test split
     answers = [e["answer"] for e in examples]
     majority = max(answers.count(a) for a in set(answers)) / len(answers)
-    assert results["accuracy"] > majority + 0.15, (results, majority)
+    assert results["accuracy"] > majority + 0.4, (results, majority)
 
 
 def test_cli_refuses_a_commonsense_card_with_a_bad_line(tmp_path, capsys):
