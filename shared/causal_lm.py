@@ -24,6 +24,7 @@ This module knows no domain; code review, video-text and reasoning pipelines sha
 
 from __future__ import annotations
 
+import copy
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -165,11 +166,28 @@ def save_causal_lm(causal_lm: CausalLM, directory) -> None:
     causal_lm.tokenizer.save_pretrained(directory)
 
 
+_GGUF_LOADED: dict[tuple, CausalLM] = {}
+"""The last GGUF file de-quantised in this process, kept pristine (callers get copies)."""
+
+
+def _load_gguf(path: Path, name: str) -> CausalLM:
+    # Reading and de-quantising a GGUF file takes seconds per 100M parameters; a process
+    # that loads the same file again (train then evaluate, serve several runs) copies
+    # the model it already has instead. One entry: a second file replaces the first.
+    stat = path.stat()
+    key = (str(path.resolve()), stat.st_mtime_ns, stat.st_size)
+    if key not in _GGUF_LOADED:
+        _GGUF_LOADED.clear()
+        _GGUF_LOADED[key] = _from_pretrained(str(path.parent), name, str(path), gguf_file=path.name)
+    loaded = _GGUF_LOADED[key]
+    return CausalLM(copy.deepcopy(loaded.model), loaded.tokenizer, {**loaded.info, "name": name})
+
+
 def _load_local(path: Path, name: str) -> CausalLM:
     if path.is_file():
         if path.suffix != ".gguf":
             raise UserError(f"{path}: not a model; pass a folder with config.json (as save_pretrained writes) or a .gguf file")
-        return _from_pretrained(str(path.parent), name, str(path), gguf_file=path.name)
+        return _load_gguf(path, name)
     if not (path / "config.json").is_file():
         ggufs = sorted(path.glob("*.gguf"))
         hint = f"; for the GGUF file inside, pass --backbone {ggufs[0]}" if ggufs else ""

@@ -21,7 +21,7 @@ from peftlab.pipelines.cli import main
 from peftlab.pipelines.predictor import Predictor
 from test_serve import make_run
 
-TOLERANCE = 1e-5
+TOLERANCE = 5e-5  # float32 merge (W + BA) vs the unmerged sum: rounding of ~1e-5 on logits of size ~10
 
 LOADER = textwrap.dedent("""
     import argparse, json, sys
