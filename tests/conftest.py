@@ -62,7 +62,8 @@ def tiny_net():
 
 def run_peftlab(*args, cwd=None, env=None, timeout=600) -> subprocess.CompletedProcess:
     """The real `peftlab` command, in a subprocess."""
-    full_env = {**os.environ, **(env or {})}
+    # The subprocess gets this worker's share of the cores, as the tests in-process do.
+    full_env = {**os.environ, "OMP_NUM_THREADS": str(torch.get_num_threads()), **(env or {})}
     script = Path(sys.executable).parent / "peftlab"
     command = [str(script)] if script.is_file() else [sys.executable, "-m", "peftlab.pipelines.cli"]
     return subprocess.run([*command, *map(str, args)], cwd=cwd,
