@@ -25,6 +25,7 @@ def ppi_run(tmp_path_factory) -> Path:
     return run_dir
 
 
+@pytest.mark.xdist_group("ppi-demo-run")  # one worker trains the shared run once
 def test_demo_learns_and_writes_the_run_directory(ppi_run):
     metrics = json.loads((ppi_run / "metrics.json").read_text())
     # The demo must learn: chance AUROC is 0.5 and chance AUPR the positive rate (~0.35).
@@ -47,6 +48,7 @@ def test_demo_learns_and_writes_the_run_directory(ppi_run):
     assert len(lines) == 300 and {"protein_a", "protein_b", "score", "prediction", "label"} <= set(json.loads(lines[0]))
 
 
+@pytest.mark.xdist_group("ppi-demo-run")  # one worker trains the shared run once
 def test_eval_reproduces_the_saved_test_metrics_exactly(ppi_run):
     result = run_peftlab("eval", ppi_run, "--split", "test")
     assert result.returncode == 0, result.stderr[-2000:]
@@ -54,6 +56,7 @@ def test_eval_reproduces_the_saved_test_metrics_exactly(ppi_run):
     assert last_json(result.stdout)["test"] == saved
 
 
+@pytest.mark.xdist_group("ppi-demo-run")  # one worker trains the shared run once
 def test_predict_on_fasta_and_pairs(ppi_run, tmp_path):
     sequences, _ = demo_proteins(8, 12, 0)
     fasta = tmp_path / "proteins.fasta"
@@ -70,6 +73,7 @@ def test_predict_on_fasta_and_pairs(ppi_run, tmp_path):
     assert min(rows[0]["score"], rows[1]["score"]) > max(rows[2]["score"], rows[3]["score"])
 
 
+@pytest.mark.xdist_group("ppi-demo-run")  # one worker trains the shared run once
 def test_merge_gives_a_run_that_evaluates_like_the_original(ppi_run, tmp_path):
     merged = tmp_path / "merged"
     result = run_peftlab("merge", ppi_run, "--out", merged)
@@ -148,6 +152,7 @@ def test_python_api_mirrors_the_cli(tmp_path):
     assert repeated.returncode == 0, repeated.stderr[-2000:]
 
 
+@pytest.mark.xdist_group("ppi-demo-run")  # one worker trains the shared run once
 def test_adapter_on_other_backbone_weights_is_refused_unless_forced(ppi_run, tmp_path, capsys):
     import shutil
 
