@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 import torch
 from peftlab.shared.errors import UserError
 from peftlab.shared.methods import Applied, register_method
+from peftlab.shared.methods.prompt_tokens import PromptTokenOptions
 from peftlab.shared.methods.targeting import select_modules
 from torch import nn
 
@@ -158,17 +159,7 @@ def _vpt_remove(prompts: VisualPrompts):
     return hook
 
 
-@dataclass
-class VPTOptions:
-    num_tokens: int = field(default=8, metadata={"help": "prompt tokens per layer (Jia et al. use 1-200; 10-50 typical)"})
-    deep: bool = field(default=False, metadata={"help": "VPT-deep: new prompts at every block, not only at the input"})
-    dropout: float = field(default=0.0, metadata={"help": "dropout on the prompt tokens"})
-
-    def __post_init__(self):
-        if self.num_tokens < 1:
-            raise ValueError(f"num_tokens must be >= 1, got {self.num_tokens}")
-        if not 0 <= self.dropout < 1:
-            raise ValueError(f"dropout must be in [0, 1), got {self.dropout}")
+VPTOptions = PromptTokenOptions
 
 
 def apply_vpt(model: nn.Module, options: VPTOptions) -> Applied:

@@ -28,6 +28,7 @@ from dataclasses import dataclass, field
 
 import torch
 from peftlab.shared.methods import Applied, register_method
+from peftlab.shared.methods.prompt_tokens import PromptTokenOptions
 from torch import nn
 from torch.nn import functional as F
 
@@ -118,17 +119,7 @@ class VisionPrompts(nn.Module):
         return self.dropout(self.prompts[layer]).unsqueeze(0).expand(batch, -1, -1).to(dtype)
 
 
-@dataclass
-class ClipPromptOptions:
-    num_tokens: int = field(default=8, metadata={"help": "prompt tokens per layer"})
-    deep: bool = field(default=False, metadata={"help": "new prompts at every block (VPT-deep), not only at the input"})
-    dropout: float = field(default=0.0, metadata={"help": "dropout on the prompt tokens"})
-
-    def __post_init__(self):
-        if self.num_tokens < 1:
-            raise ValueError(f"num_tokens must be >= 1, got {self.num_tokens}")
-        if not 0 <= self.dropout < 1:
-            raise ValueError(f"dropout must be in [0, 1), got {self.dropout}")
+ClipPromptOptions = PromptTokenOptions
 
 
 def apply_clip_prompt(model: VideoCLIP, options: ClipPromptOptions) -> Applied:
