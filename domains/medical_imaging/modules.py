@@ -15,13 +15,12 @@
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, field
 
 import torch
 from peftlab.shared.errors import UserError
 from peftlab.shared.methods import Applied, register_method
-from peftlab.shared.methods.prompt_tokens import PromptTokenOptions
+from peftlab.shared.methods.prompt_tokens import PromptTokenOptions, PromptTokens
 from peftlab.shared.methods.targeting import select_modules
 from torch import nn
 
@@ -116,23 +115,7 @@ register_method(
 # ------------------------------------------------------------------------------------ VPT
 
 
-class VisualPrompts(nn.Module):
-    """Prompt tokens for a timm ViT: shallow (one set) or deep (one set per block)."""
-
-    def __init__(self, num_tokens: int, width: int, blocks: int, deep: bool, dropout: float, patch_area: int):
-        super().__init__()
-        self.num_tokens = num_tokens
-        # Jia et al.: uniform in +-sqrt(6 / (fan_in + fan_out)) of the patch projection.
-        bound = math.sqrt(6.0 / float(3 * patch_area + width))
-        self.prompts = nn.Parameter(torch.empty(blocks if deep else 1, num_tokens, width).uniform_(-bound, bound))
-        self.dropout = nn.Dropout(dropout)
-        self.prefix = 0  # set when applied: the model's CLS / register tokens come first
-
-    def tokens(self, layer: int, batch: int) -> torch.Tensor:
-        return self.dropout(self.prompts[layer]).unsqueeze(0).expand(batch, -1, -1)
-
-
-def _vpt_insert(prompts: VisualPrompts):
+def _vpt_insert(prompts: PromptTokens):
     def hook(module, args, output):
         p = prompts.prefix
         return torch.cat([output[:, :p], prompts.tokens(0, output.shape[0]).to(output.dtype), output[:, p:]], dim=1)
@@ -140,7 +123,7 @@ def _vpt_insert(prompts: VisualPrompts):
     return hook
 
 
-def _vpt_replace(prompts: VisualPrompts, layer: int):
+def _vpt_replace(prompts: PromptTokens, layer: int):
     def hook(module, args):
         x = args[0]
         p, n = prompts.prefix, prompts.num_tokens
@@ -150,7 +133,7 @@ def _vpt_replace(prompts: VisualPrompts, layer: int):
     return hook
 
 
-def _vpt_remove(prompts: VisualPrompts):
+def _vpt_remove(prompts: PromptTokens):
     def hook(module, args):
         x = args[0]
         p, n = prompts.prefix, prompts.num_tokens
@@ -159,13 +142,10 @@ def _vpt_remove(prompts: VisualPrompts):
     return hook
 
 
-VPTOptions = PromptTokenOptions
-
-
-def apply_vpt(model: nn.Module, options: VPTOptions) -> Applied:
+def apply_vpt(model: nn.Module, options: PromptTokenOptions) -> Applied:
     width = model.embed_dim if hasattr(model, "embed_dim") else model.num_features
     patch = getattr(model.patch_embed, "patch_size", (16, 16))
-    prompts = VisualPrompts(options.num_tokens, width, len(model.blocks), options.deep, options.dropout,
+    prompts = PromptTokens(options.num_tokens, width, len(model.blocks), options.deep, options.dropout,
                             int(patch[0] * patch[1]))
     prompts.prefix = int(model.num_prefix_tokens)
     prompts.to(next(model.parameters()).device)
@@ -181,7 +161,7 @@ def apply_vpt(model: nn.Module, options: VPTOptions) -> Applied:
 
 register_method(
     "vpt",
-    VPTOptions,
+    PromptTokenOptions,
     apply_vpt,
     description="visual prompt tuning (Jia et al. 2022): learned tokens after a ViT's CLS token (shallow or deep)",
     mergeable=False,

@@ -23,12 +23,11 @@ in CLIP's module names.
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, field
 
 import torch
 from peftlab.shared.methods import Applied, register_method
-from peftlab.shared.methods.prompt_tokens import PromptTokenOptions
+from peftlab.shared.methods.prompt_tokens import PromptTokenOptions, PromptTokens
 from torch import nn
 from torch.nn import functional as F
 
@@ -106,27 +105,11 @@ def _prompted_vit(model: nn.Module) -> bool:
         and getattr(visual, "attn_pool", None) is None
 
 
-class VisionPrompts(nn.Module):
-    def __init__(self, num_tokens: int, width: int, blocks: int, deep: bool, dropout: float, patch_area: int):
-        super().__init__()
-        self.num_tokens = num_tokens
-        # Jia et al.: uniform in +-sqrt(6 / (fan_in + fan_out)) of the patch projection
-        bound = math.sqrt(6.0 / float(3 * patch_area + width))
-        self.prompts = nn.Parameter(torch.empty(blocks if deep else 1, num_tokens, width).uniform_(-bound, bound))
-        self.dropout = nn.Dropout(dropout)
-
-    def tokens(self, layer: int, batch: int, dtype) -> torch.Tensor:
-        return self.dropout(self.prompts[layer]).unsqueeze(0).expand(batch, -1, -1).to(dtype)
-
-
-ClipPromptOptions = PromptTokenOptions
-
-
-def apply_clip_prompt(model: VideoCLIP, options: ClipPromptOptions) -> Applied:
+def apply_clip_prompt(model: VideoCLIP, options: PromptTokenOptions) -> Applied:
     visual = model.clip.visual
     blocks = visual.transformer.resblocks
     patch = visual.conv1.kernel_size
-    prompts = VisionPrompts(options.num_tokens, visual.class_embedding.shape[0], len(blocks), options.deep,
+    prompts = PromptTokens(options.num_tokens, visual.class_embedding.shape[0], len(blocks), options.deep,
                             options.dropout, int(patch[0] * patch[1])).to(visual.class_embedding.device)
     visual.prompts = prompts
     n = options.num_tokens
@@ -157,7 +140,7 @@ def apply_clip_prompt(model: VideoCLIP, options: ClipPromptOptions) -> Applied:
 
 register_method(
     "clip_prompt",
-    ClipPromptOptions,
+    PromptTokenOptions,
     apply_clip_prompt,
     description="visual prompt tokens in CLIP's image tower (VPT, Jia et al. 2022): learned tokens after the class "
                 "token, shallow or deep",

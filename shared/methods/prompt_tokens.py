@@ -3,7 +3,11 @@ video-text): learned tokens prepended to a vision transformer's sequence."""
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
+
+import torch
+from torch import nn
 
 
 @dataclass
@@ -17,3 +21,21 @@ class PromptTokenOptions:
             raise ValueError(f"num_tokens must be >= 1, got {self.num_tokens}")
         if not 0 <= self.dropout < 1:
             raise ValueError(f"dropout must be in [0, 1), got {self.dropout}")
+
+
+class PromptTokens(nn.Module):
+    """Learned prompt tokens for a vision transformer: one set (shallow) or one per block (deep)."""
+
+    def __init__(self, num_tokens: int, width: int, blocks: int, deep: bool, dropout: float, patch_area: int):
+        super().__init__()
+        self.num_tokens = num_tokens
+        # Jia et al.: uniform in +-sqrt(6 / (fan_in + fan_out)) of the patch projection.
+        bound = math.sqrt(6.0 / float(3 * patch_area + width))
+        self.prompts = nn.Parameter(torch.empty(blocks if deep else 1, num_tokens, width).uniform_(-bound, bound))
+        self.dropout = nn.Dropout(dropout)
+        self.prefix = 0
+        """Where the prompts go: after the model's CLS / register tokens (set when applied)."""
+
+    def tokens(self, layer: int, batch: int, dtype=None) -> torch.Tensor:
+        tokens = self.dropout(self.prompts[layer]).unsqueeze(0).expand(batch, -1, -1)
+        return tokens if dtype is None else tokens.to(dtype)
