@@ -41,6 +41,7 @@ import torch
 from peftlab.pipelines import runner
 from peftlab.pipelines.predictor import Predictor
 from peftlab.shared import io, methods
+from peftlab.shared.backbone_cache import shared_backbones
 from peftlab.shared.errors import UserError
 from peftlab.shared.evaluation import predict_outputs, to_device
 from torch import nn
@@ -302,8 +303,9 @@ class MultiAdapter:
         named = parse_named_runs(run_dirs)
         self.engines: dict[str, Engine] = {}
         self.adapters: dict[str, Adapter] = {}
-        for name, run_dir in named.items():
-            self.adapters[name] = self._load(name, run_dir, force, max_batch, max_wait_ms)
+        with shared_backbones():  # each distinct backbone is read once; the other runs copy it
+            for name, run_dir in named.items():
+                self.adapters[name] = self._load(name, run_dir, force, max_batch, max_wait_ms)
 
     def _load(self, name: str, run_dir: Path, force: bool, max_batch: int, max_wait_ms: float) -> Adapter:
         holder: dict[str, Adapter] = {}

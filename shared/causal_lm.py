@@ -36,6 +36,7 @@ from peftlab.shared import (
     io,
     text_metrics,  # noqa: F401  (registers bleu4, corpus_bleu4, exact_match)
 )
+from peftlab.shared.backbone_cache import load_once
 from peftlab.shared.errors import UserError
 from peftlab.shared.methods.registry import Applied, register_method
 from peftlab.shared.methods.targeting import find_blocks, resolve_layers
@@ -144,6 +145,7 @@ def offline() -> bool:
     return any(os.environ.get(v, "") not in ("", "0") for v in ("PEFTLAB_OFFLINE", "HF_HUB_OFFLINE"))
 
 
+@load_once
 def load_causal_lm(name: str) -> CausalLM:
     """A causal LM and its tokenizer by preset name, local folder, .gguf file or hub id."""
     if name in TINY_PRESETS:

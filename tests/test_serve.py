@@ -365,3 +365,44 @@ def test_serve_command_answers_on_loopback(runs, capsys):
         process.wait(timeout=30)
     assert main(["serve", "/nonexistent/run"]) == 2
     assert "is not a finished peftlab run directory" in capsys.readouterr().err
+
+
+def test_each_distinct_backbone_is_read_once_while_runs_load():
+    """`shared_backbones()` (what MultiAdapter loads under): one real load per distinct
+    argument set, equal but independent copies for the rest; nothing kept afterwards."""
+    from peftlab.shared import backbone_cache
+
+    calls = []
+
+    @backbone_cache.load_once
+    def load(name):
+        calls.append(name)
+        return torch.nn.Linear(2, 2)
+
+    with backbone_cache.shared_backbones():
+        first, second = load("a"), load("a")
+        load("b")
+    assert calls == ["a", "b"]
+    assert first is not second and torch.equal(first.weight, second.weight)
+    load("a")
+    assert calls == ["a", "b", "a"]  # outside the block nothing is cached
+
+
+def test_multi_adapter_reads_a_shared_backbone_once(runs, monkeypatch):
+    """Four runs on the tiny ESM-2: the encoder is built once, the other runs copy it."""
+    from peftlab.domains.protein import backbones
+
+    reads = []
+
+    class CountedEncoder(backbones.ESMEncoder):
+        def __init__(self, *args, **kwargs):
+            reads.append(1)
+            super().__init__(*args, **kwargs)
+
+    monkeypatch.setattr(backbones, "ESMEncoder", CountedEncoder)
+    served = MultiAdapter([str(p) for p in runs.values()])
+    try:
+        assert len(reads) == 1
+        assert sorted(served.names()) == sorted(runs)
+    finally:
+        served.close()

@@ -37,6 +37,7 @@ from urllib.parse import urlparse
 import timm
 import torch
 from peftlab.shared import io
+from peftlab.shared.backbone_cache import load_once
 from peftlab.shared.errors import UserError
 from timm.models.resnet import BasicBlock, ResNet
 from timm.models.vision_transformer import VisionTransformer
@@ -84,6 +85,7 @@ def offline() -> bool:
     return any(os.environ.get(v, "") not in ("", "0") for v in ("PEFTLAB_OFFLINE", "HF_HUB_OFFLINE"))
 
 
+@load_once
 def load_backbone(name: str, image_size: int | None = None) -> tuple[nn.Module, dict, dict]:
     """-> (model without classifier, info for meta.json, timm data config)."""
     preset = TINY_ALIASES.get(name, name)

@@ -32,6 +32,7 @@ from pathlib import Path
 
 import torch
 from peftlab.shared import io
+from peftlab.shared.backbone_cache import load_once
 from peftlab.shared.errors import UserError
 from timm.layers import DropPath
 from torch import nn
@@ -277,6 +278,7 @@ def backbone_names() -> list[str]:
     return ["tiny", "small", "point_bert"]
 
 
+@load_once
 def load_backbone(name: str, num_heads: int | None = None) -> tuple[PointBERT, dict]:
     """-> (backbone, info). `name`: tiny, small, point_bert (the hub cache), or a .pth path."""
     if name in RANDOM_INIT:

@@ -19,6 +19,7 @@ import esm
 import torch
 from esm.model.esm2 import ESM2
 from peftlab.shared import io
+from peftlab.shared.backbone_cache import load_once
 from peftlab.shared.errors import UserError
 from torch import nn
 from torch.nn import functional as F
@@ -134,6 +135,7 @@ def backbone_names() -> list[str]:
     return ["tiny", *ESM2_ARCHITECTURES]
 
 
+@load_once
 def load_backbone(name: str) -> tuple[ESMEncoder, dict]:
     """-> (encoder, info) where info records name, source and a weights hash."""
     if name == "tiny":

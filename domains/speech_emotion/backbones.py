@@ -29,6 +29,7 @@ import numpy as np
 import torch
 import transformers
 from peftlab.shared import io
+from peftlab.shared.backbone_cache import load_once
 from peftlab.shared.errors import UserError
 from torch import nn
 from torch.nn import functional as F
@@ -282,6 +283,7 @@ class SpeechEncoder(nn.Module):
 
 
 # --------------------------------------------------------------------------- loading
+@load_once
 def load_backbone(name: str) -> tuple[SpeechEncoder, dict]:
     """-> (encoder, info) where info records name, source, family and a weights hash."""
     if name == "tiny" or name in TINY_PRESETS:

@@ -37,6 +37,7 @@ from typing import Any
 
 import torch
 from peftlab.shared import io
+from peftlab.shared.backbone_cache import load_once
 from peftlab.shared.errors import UserError
 from torch import nn
 from torch.nn import functional as F
@@ -144,6 +145,7 @@ class ClipBackbone:
     """name, source, weights_sha256: recorded in meta.json and in the feature-cache key."""
 
 
+@load_once
 def load_clip(name: str) -> ClipBackbone:
     import open_clip
 
