@@ -24,8 +24,8 @@ This module knows no domain; code review, video-text and reasoning pipelines sha
 
 from __future__ import annotations
 
-import copy
 import os
+import string
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -168,28 +168,11 @@ def save_causal_lm(causal_lm: CausalLM, directory) -> None:
     causal_lm.tokenizer.save_pretrained(directory)
 
 
-_GGUF_LOADED: dict[tuple, CausalLM] = {}
-"""The last GGUF file de-quantised in this process, kept pristine (callers get copies)."""
-
-
-def _load_gguf(path: Path, name: str) -> CausalLM:
-    # Reading and de-quantising a GGUF file takes seconds per 100M parameters; a process
-    # that loads the same file again (train then evaluate, serve several runs) copies
-    # the model it already has instead. One entry: a second file replaces the first.
-    stat = path.stat()
-    key = (str(path.resolve()), stat.st_mtime_ns, stat.st_size)
-    if key not in _GGUF_LOADED:
-        _GGUF_LOADED.clear()
-        _GGUF_LOADED[key] = _from_pretrained(str(path.parent), name, str(path), gguf_file=path.name)
-    loaded = _GGUF_LOADED[key]
-    return CausalLM(copy.deepcopy(loaded.model), loaded.tokenizer, {**loaded.info, "name": name})
-
-
 def _load_local(path: Path, name: str) -> CausalLM:
     if path.is_file():
         if path.suffix != ".gguf":
             raise UserError(f"{path}: not a model; pass a folder with config.json (as save_pretrained writes) or a .gguf file")
-        return _load_gguf(path, name)
+        return _from_pretrained(str(path.parent), name, str(path), gguf_file=path.name)
     if not (path / "config.json").is_file():
         ggufs = sorted(path.glob("*.gguf"))
         hint = f"; for the GGUF file inside, pass --backbone {ggufs[0]}" if ggufs else ""
@@ -257,6 +240,23 @@ def _info(name: str, source: str, model: nn.Module) -> dict[str, Any]:
 
 
 # ----------------------------------------------------------------------------- 2. prompting
+
+
+def check_prompt_template(template: str, fields: tuple[str, ...], max_prompt_tokens: int) -> None:
+    """A task's prompt options: the template uses exactly `fields`, and the budget is usable.
+    Raises ValueError (options' `__post_init__` turn it into a one-line user error)."""
+    if max_prompt_tokens < 16:
+        raise ValueError(f"max_prompt_tokens must be >= 16, got {max_prompt_tokens}")
+    try:
+        names = {name for _, name, _, _ in string.Formatter().parse(template) if name is not None}
+    except ValueError as error:
+        raise ValueError(f"prompt_template does not parse ({error}); write fields as {{{fields[0]}}} "
+                         f"and braces as {{{{ }}}}") from None
+    missing = [f for f in fields if f not in names]
+    unknown = sorted(names - set(fields))
+    if missing or unknown:
+        raise ValueError(f"prompt_template must use exactly the fields {', '.join('{' + f + '}' for f in fields)}"
+                         + (f"; it lacks {{{missing[0]}}}" if missing else f"; {{{unknown[0]}}} is not one"))
 
 
 def encode(tokenizer, text: str, *, add_special_tokens: bool = False) -> list[int]:

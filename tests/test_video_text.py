@@ -21,15 +21,7 @@ from peftlab.shared.metrics import compute
 from peftlab.shared.tasks import get_task
 from peftlab.shared.text_metrics import cider, multi_reference_bleu4, rouge_l, sentence_bleu4
 
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    """These models are tiny: on a shared 2-core machine a second intra-op thread costs
-    more in synchronisation than it saves (measured: up to 20x slower under load)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

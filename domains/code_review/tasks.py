@@ -22,7 +22,6 @@ for `max_prompt_tokens` loses whole lines from its middle outward, hunk headers 
 
 from __future__ import annotations
 
-import string
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar
@@ -54,17 +53,7 @@ class _PromptOptions:
     max_prompt_tokens: int = field(default=512, metadata={"help": "prompt tokens at most; the diff/code loses lines from its middle outward (hunk headers kept)"})
 
     def __post_init__(self):
-        if self.max_prompt_tokens < 16:
-            raise ValueError(f"max_prompt_tokens must be >= 16, got {self.max_prompt_tokens}")
-        try:
-            names = {name for _, name, _, _ in string.Formatter().parse(self.prompt_template) if name is not None}
-        except ValueError as error:
-            raise ValueError(f"prompt_template does not parse ({error}); write fields as {{patch}} and braces as {{{{ }}}}") from None
-        missing = [f for f in self.REQUIRED if f not in names]
-        unknown = sorted(names - set(self.REQUIRED))
-        if missing or unknown:
-            raise ValueError(f"prompt_template must use exactly the fields {', '.join('{' + f + '}' for f in self.REQUIRED)}"
-                             + (f"; it lacks {{{missing[0]}}}" if missing else f"; {{{unknown[0]}}} is not one"))
+        clm.check_prompt_template(self.prompt_template, self.REQUIRED, self.max_prompt_tokens)
 
 
 @dataclass

@@ -18,7 +18,6 @@ column of the paper's tables.
 
 from __future__ import annotations
 
-import string
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar
@@ -46,14 +45,7 @@ class ReasoningOptions:
 
     def __post_init__(self):
         clm.GenerationOptions.checked(self)
-        if self.max_prompt_tokens < 16:
-            raise ValueError(f"max_prompt_tokens must be >= 16, got {self.max_prompt_tokens}")
-        try:
-            names = {n for _, n, _, _ in string.Formatter().parse(self.prompt_template) if n is not None}
-        except ValueError as error:
-            raise ValueError(f"prompt_template does not parse ({error}); write braces as {{{{ }}}}") from None
-        if names != {"question", "choices"}:
-            raise ValueError(f"prompt_template must use exactly {{question}} and {{choices}}, it uses {sorted(names)}")
+        clm.check_prompt_template(self.prompt_template, ("question", "choices"), self.max_prompt_tokens)
 
 
 def render_prompt(tokenizer, options: ReasoningOptions, example: dict) -> list[int]:

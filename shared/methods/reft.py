@@ -131,14 +131,18 @@ class Interventions(nn.Module):
 @contextmanager
 def prompt_lengths(model: nn.Module, lengths: torch.Tensor | None):
     """Within the block, position-based methods take each row's prompt to be `lengths` tokens."""
-    found = [m for m in model.modules() if isinstance(m, Interventions)] if lengths is not None else []
-    for interventions in found:
-        interventions.prompt_lengths = lengths
+    # A direct attribute lookup, not a module walk: this runs on every forward pass.
+    # `model` is the adapted network itself or an AdaptedModel holding it in `.model`.
+    holders = (model, getattr(model, "model", None))
+    interventions = next((h.reft_interventions for h in holders if hasattr(h, "reft_interventions")), None)
+    if interventions is None or lengths is None:
+        yield
+        return
+    interventions.prompt_lengths = lengths
     try:
         yield
     finally:
-        for interventions in found:
-            interventions.prompt_lengths = None
+        interventions.prompt_lengths = None
 
 
 @dataclass
