@@ -115,6 +115,7 @@ def make_accelerator(precision: str):
     from accelerate import Accelerator, DistributedDataParallelKwargs
     from accelerate.state import AcceleratorState
 
+    refuse_sharded_training()
     mixed = {"bf16": "bf16", "fp16": "fp16", "fp32": "no"}[resolve_precision(precision)]
     process_state()
     # accelerate keeps one process-wide state; runs in one Python process (the API,
@@ -124,6 +125,24 @@ def make_accelerator(precision: str):
     # on one input kind); DDP must then not wait for their gradients.
     ddp = DistributedDataParallelKwargs(find_unused_parameters=True)
     return Accelerator(mixed_precision=mixed, cpu=not torch.cuda.is_available(), kwargs_handlers=[ddp])
+
+
+def refuse_sharded_training(accelerator=None) -> None:
+    """UserError where accelerate runs FSDP, DeepSpeed or Megatron-LM, or the launcher
+    asked for one (`accelerate launch` with such a config sets ACCELERATE_USE_<NAME>=true).
+
+    peftlab's main process evaluates and saves from its own full copy of the model, which
+    sharded training does not keep. The launcher's request counts too, checked before an
+    Accelerator exists: on CPUs accelerate 1.15 ignores an FSDP or DeepSpeed config and
+    runs DDP (a config should not mean something else on another machine), and without
+    DeepSpeed installed, building the Accelerator would fail with an ImportError."""
+    sharded = ("FSDP", "DEEPSPEED", "MEGATRON_LM")
+    running = [accelerator.distributed_type.name] if accelerator is not None else []
+    requested = [name for name in sharded if os.environ.get(f"ACCELERATE_USE_{name}", "false").lower() == "true"]
+    sharding = next((name for name in running + requested if name in sharded), None)
+    if sharding:
+        raise UserError(f"peftlab's training loop runs one process or DDP, not {sharding}; "
+                        f"launch with torchrun / `accelerate launch --multi_gpu` (see the README, multi-process training)")
 
 
 def batch_share(indices: list[int], rank: int, processes: int) -> tuple[list[int], float]:
@@ -171,9 +190,7 @@ def train(
     Returns the train state."""
     checkpoints = Path(run_dir) / "checkpoints"
     processes, rank, main = accelerator.num_processes, accelerator.process_index, accelerator.is_main_process
-    if accelerator.distributed_type.name in ("FSDP", "DEEPSPEED", "MEGATRON_LM"):
-        raise UserError(f"peftlab's training loop runs one process or DDP, not {accelerator.distributed_type.name}; "
-                        f"launch with torchrun / `accelerate launch --multi_gpu` (see the README, multi-process training)")
+    refuse_sharded_training(accelerator)
     if not main:
         log = lambda message: None  # noqa: E731 - the main process speaks for all
     seed_everything(config.seed)

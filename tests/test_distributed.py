@@ -10,6 +10,9 @@ two), so the runs agree to float32 rounding: adapter weights within 1e-5 (observ
 metric within 1e-3 (observed: identical). Dropout or augmentation would draw
 different random numbers per process, and the runs would then agree only
 statistically.
+
+FSDP and DeepSpeed are refused (README): the main process evaluates and saves from its
+own full copy of the model, which they do not keep.
 """
 
 from __future__ import annotations
@@ -74,3 +77,14 @@ def test_batch_shares_cover_the_global_batch_with_weights_that_restore_its_mean(
     # fewer examples than processes: a stand-in example that weighs nothing
     assert batch_share([4], 1, 2) == ([4], 0.0)
     assert batch_share(batch, 0, 1) == (batch, 1.0)
+
+
+@pytest.mark.parametrize("sharding", ["FSDP", "DEEPSPEED"])
+def test_a_launch_asking_for_sharded_training_is_refused_with_nothing_written(sharding, tmp_path, monkeypatch, capsys):
+    # what `accelerate launch --config_file configs/accelerate/{fsdp,deepspeed_zero2}_multi_gpu.yaml`
+    # sets; on CPUs accelerate would otherwise run DDP under that config without a word
+    monkeypatch.setenv(f"ACCELERATE_USE_{sharding}", "true")
+    out = tmp_path / "run"
+    assert main(["run", "protein-classify", "--demo", "--out", str(out), "train.max_steps=1"]) == 2
+    assert f"runs one process or DDP, not {sharding}; launch with torchrun" in capsys.readouterr().err
+    assert not out.exists()
