@@ -287,6 +287,7 @@ def _train_and_finish(run_dir: Path, prepared: Prepared, resume: bool) -> Path:
     results["train"] = {
         "samples_per_s": state["samples"] / max(state["seconds"], 1e-9),
         "seconds": state["seconds"],
+        "epoch_seconds": state.get("epoch_seconds", []),
         "wall_seconds": time.perf_counter() - started,
         "steps": state["global_step"],
         "epochs": state["epoch"],

@@ -60,6 +60,9 @@ class TrainConfig(BaseModel):
     seed: int = 0
     checkpoint_every: int | None = Field(None, ge=1, description="also checkpoint every N steps (always at epoch end)")
     eval_batch_size: int | None = Field(None, ge=1)
+    feature_cache_gb: float = Field(
+        4.0, ge=0, description="memory for frozen-feature caching: the outputs of backbone stages the method leaves "
+        "frozen are computed once, not every epoch, when training inputs are fixed (0: off)")
 
 
 def resolve_precision(precision: str) -> str:
@@ -224,6 +227,9 @@ def train(
         state = checkpoint.load_checkpoint(checkpoints, task_model, optimizer, scheduler)
         log(f"resumed from step {state['global_step']} (epoch {state['epoch']}, step {state['step_in_epoch']} of it)")
     eval_batch = config.eval_batch_size or config.batch_size
+    plan_cache = getattr(task_model, "plan_feature_cache", None)
+    if plan_cache is not None and config.feature_cache_gb > 0:
+        log(plan_cache(train_examples, int(config.feature_cache_gb * 2**30)))
     best_file = checkpoints / "best" / "trainable.safetensors"
 
     progress = tqdm(total=total_steps, initial=state["global_step"], desc="train", unit="step",
@@ -235,6 +241,7 @@ def train(
         batches = sampler.batches()
         start_batch = state["step_in_epoch"] * config.grad_accum
         epoch_start = time.perf_counter()
+        seconds_before_epoch = state["seconds"]
         if start_batch == 0:
             state["epoch_loss_sum"] = 0.0
         # checkpointed with the state, so a resumed epoch reports the loss of all its batches
@@ -279,6 +286,8 @@ def train(
 
         entry = {"epoch": epoch + 1, "step": state["global_step"],
                  "train_loss": state["epoch_loss_sum"] / max(len(batches), 1)}
+        # kept beside the history, which stays a pure function of the run's settings
+        state.setdefault("epoch_seconds", []).append(state["seconds"] - seconds_before_epoch)
         if validation_examples:
             scores = None
             if main:
@@ -302,6 +311,8 @@ def train(
             state["done"] = True
         _save(checkpoints, accelerator, task_model, optimizer, scheduler, state)
     progress.close()
+    if plan_cache is not None:
+        task_model.feature_cache = None  # training's alone; frees its memory
 
     if main and best_file.is_file():
         checkpoint.load_state(task_model, io.load_tensors(best_file), str(best_file))

@@ -80,8 +80,33 @@ class ESMEncoder(nn.Module):
             tokens[row, : len(ids)] = torch.tensor(ids)
         return tokens
 
-    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+    def stages(self) -> list[nn.Module]:
+        """The encoder in order: embedding, each layer, final norm (`forward`'s
+        `start`/`stop` index this list; feature caching counts frozen stages in it)."""
+        return [self.embed_tokens, *self.layers, self.emb_layer_norm_after]
+
+    def forward(self, tokens: torch.Tensor, hidden: torch.Tensor | None = None, start: int = 0,
+                stop: int | None = None) -> torch.Tensor:
+        """Hidden states after stages [start, stop) of `stages()`; all of them by default.
+        From `start` > 0, `hidden` is the output of stage start - 1 for these tokens."""
+        stop = len(self.layers) + 2 if stop is None else stop
         padding_mask = tokens.eq(self.alphabet.padding_idx)
+        attention_mask = padding_mask if padding_mask.any() else None
+        x = self._embed(tokens, padding_mask) if start == 0 else hidden
+        layers = self.layers[max(start - 1, 0):max(stop - 1, 0)]
+        if self.attention == "sdpa":
+            for layer in layers:
+                x = _layer_sdpa(layer, x, attention_mask)
+        elif len(layers):
+            x = x.transpose(0, 1)  # fair-esm's own layers are sequence-first
+            for layer in layers:
+                x, _ = layer(x, self_attn_padding_mask=attention_mask, need_head_weights=False)
+            x = x.transpose(0, 1)
+        if start <= len(self.layers) + 1 < stop:
+            x = self.emb_layer_norm_after(x)
+        return x
+
+    def _embed(self, tokens: torch.Tensor, padding_mask: torch.Tensor) -> torch.Tensor:
         x = self.embed_tokens(tokens)
         if self.token_dropout:
             # ESM-2 was trained with masked tokens zeroed and the rest rescaled by the
@@ -92,17 +117,7 @@ class ESMEncoder(nn.Module):
             lengths = (~padding_mask).sum(-1)
             observed = masked.sum(-1).to(x.dtype) / lengths
             x = x * (1 - mask_ratio_train) / (1 - observed)[:, None, None]
-        x = x * (1 - padding_mask.unsqueeze(-1).type_as(x))
-        attention_mask = padding_mask if padding_mask.any() else None
-        if self.attention == "sdpa":
-            for layer in self.layers:
-                x = _layer_sdpa(layer, x, attention_mask)
-            return self.emb_layer_norm_after(x)
-        x = x.transpose(0, 1)  # fair-esm's own layers are sequence-first
-        for layer in self.layers:
-            x, _ = layer(x, self_attn_padding_mask=attention_mask, need_head_weights=False)
-        x = self.emb_layer_norm_after(x)
-        return x.transpose(0, 1)
+        return x * (1 - padding_mask.unsqueeze(-1).type_as(x))
 
 
 def _layer_sdpa(layer, x: torch.Tensor, padding_mask: torch.Tensor | None) -> torch.Tensor:
@@ -125,7 +140,11 @@ def _layer_sdpa(layer, x: torch.Tensor, padding_mask: torch.Tensor | None) -> to
     q, k = attention.rot_emb(q, k)
     mask = None if padding_mask is None else ~padding_mask[:, None, None, :]
     dropout = attention.dropout if attention.training else 0.0
-    h = F.scaled_dot_product_attention(q, k.to(q.dtype), v, attn_mask=mask, dropout_p=dropout)
+    if q.device.type == "cpu":
+        # ESM-2's heads are narrow (16-64 wide); on CPU the fused kernel runs them faster
+        # in fp32 than in bf16 (measured 1.4x on 16-wide heads), so bf16 stays in the matmuls.
+        q, k, v = q.float(), k.float(), v.float()
+    h = F.scaled_dot_product_attention(q, k.to(q.dtype), v.to(q.dtype), attn_mask=mask, dropout_p=dropout)
     x = x + attention.out_proj(h.transpose(1, 2).reshape(batch, length, width))
     h = layer.fc2(F.gelu(layer.fc1(layer.final_layer_norm(x))))
     return x + h

@@ -17,9 +17,11 @@ from peftlab.shared import io, requests
 from peftlab.shared.cards import Card
 from peftlab.shared.data import ratio_split
 from peftlab.shared.errors import UserError
+from peftlab.shared.feature_cache import FeatureCache, frozen_prefix_stages
 from peftlab.shared.tasks import Dataset, register_task
 from torch import nn
 from torch.nn import functional as F
+from torch.nn.utils.rnn import pad_sequence
 
 from . import data
 from .backbones import TINY, TINY_SEED, ESMEncoder, backbone_names, load_backbone
@@ -63,27 +65,66 @@ def mlp(width: int, hidden: int, outputs: int, dropout: float) -> nn.Sequential:
 
 
 class _ProteinModel(nn.Module):
-    """Shared by both tasks: tokenising, cropping, masked mean pooling."""
+    """Shared by both tasks: tokenising, cropping, masked mean pooling, and the
+    frozen-feature cache (see `shared/feature_cache.py`)."""
 
     def __init__(self, backbone: ESMEncoder, info: dict, options: ProteinOptions):
         super().__init__()
         self.backbone = backbone
         self.backbone_info = info
         self.options = options
+        self.feature_cache: FeatureCache | None = None
 
     def _encoder(self) -> ESMEncoder:
         return self.backbone.base_model if hasattr(self.backbone, "base_model") else self.backbone
 
-    def _tokens(self, sequences: list[str], rng) -> torch.Tensor:
+    def _token_batch(self, sequences: list[str], rng) -> dict[str, Any]:
+        """Tokens of the (cropped) sequences; in training with the cache on, the cropped
+        sequences too, as the cache's keys."""
         policy = self.options.crop_train if rng is not None else self.options.crop_eval
         cropped = [crop(s, self.options.max_length, policy, rng) for s in sequences]
-        return self._encoder().tokenize(cropped)
+        batch: dict[str, Any] = {"tokens": self._encoder().tokenize(cropped)}
+        if rng is not None and self.feature_cache is not None:
+            batch["cache_keys"] = cropped
+        return batch
 
-    def embed(self, tokens: torch.Tensor) -> torch.Tensor:
+    def plan_feature_cache(self, train_examples: list[dict], budget_bytes: int) -> str:
+        """Turn the cache on when the method leaves the encoder's first stages frozen and
+        training inputs do not vary between epochs; say what was decided and why."""
+        self.feature_cache = None
+        encoder = self._encoder()
+        stages = encoder.stages()
+        frozen = frozen_prefix_stages(stages)
+        if frozen == 0:
+            return "feature cache: off (the method trains the encoder from its first stage)"
+        sequences = {e[k] for e in train_examples for k in ("seq", "a_seq", "b_seq") if k in e}
+        if self.options.crop_train == "random" and any(len(s) > self.options.max_length for s in sequences):
+            return ("feature cache: off (sequences longer than task.max_length get a new random crop each epoch; "
+                    "task.crop_train=start or center makes them fixed)")
+        needed = sum(min(len(s), self.options.max_length) + 2 for s in sequences) * encoder.embed_dim * 4
+        if needed > budget_bytes:
+            return (f"feature cache: off (the frozen outputs need {needed / 2**30:.1f} GiB, over "
+                    f"train.feature_cache_gb={budget_bytes / 2**30:g}; raise it to cache them)")
+        self.feature_cache = FeatureCache(frozen, budget_bytes)
+        return (f"feature cache: on; the first {frozen} of {len(stages)} encoder stages are frozen and run once per "
+                f"sequence ({needed / 2**20:.0f} MiB), not every epoch")
+
+    def embed(self, tokens: torch.Tensor, cache_keys: list[str] | None = None) -> torch.Tensor:
         """Mean over residue positions (not <cls>, <eos> or padding)."""
         encoder = self._encoder()
-        hidden = self.backbone(tokens)
         alphabet = encoder.alphabet
+        cache = self.feature_cache
+        if cache is None or cache_keys is None or not self.training:
+            hidden = self.backbone(tokens)
+        else:
+            if cache.missing(cache_keys):
+                with torch.no_grad():  # nothing in the frozen prefix needs a gradient
+                    prefix = self.backbone(tokens, stop=cache.stages)
+                lengths = tokens.ne(alphabet.padding_idx).sum(1).tolist()
+                cache.store(cache_keys, [row[:n] for row, n in zip(prefix, lengths)])
+            else:
+                prefix = pad_sequence(cache.fetch(cache_keys), batch_first=True)
+            hidden = self.backbone(tokens, hidden=prefix, start=cache.stages)
         residue = (tokens != alphabet.padding_idx) & (tokens != alphabet.cls_idx) & (tokens != alphabet.eos_idx)
         weights = residue.unsqueeze(-1).to(hidden.dtype)
         return (hidden * weights).sum(1) / weights.sum(1).clamp(min=1)
@@ -105,7 +146,7 @@ class PPIModel(_ProteinModel):
             for key in ("a_seq", "b_seq"):
                 unique.setdefault(example[key], len(unique))
         batch = {
-            "tokens": self._tokens(list(unique), rng),
+            **self._token_batch(list(unique), rng),
             "a": torch.tensor([unique[e["a_seq"]] for e in examples]),
             "b": torch.tensor([unique[e["b_seq"]] for e in examples]),
         }
@@ -114,7 +155,7 @@ class PPIModel(_ProteinModel):
         return batch
 
     def forward(self, batch) -> torch.Tensor:
-        vectors = self.embed(batch["tokens"])
+        vectors = self.embed(batch["tokens"], batch.get("cache_keys"))
         a, b = vectors[batch["a"]], vectors[batch["b"]]
         pair = (a + b) / 2
         if self.options.combine == "mean_product":
@@ -138,13 +179,13 @@ class ClassifyModel(_ProteinModel):
         return min(len(example["seq"]), self.options.max_length)
 
     def collate(self, examples, rng):
-        batch = {"tokens": self._tokens([e["seq"] for e in examples], rng)}
+        batch = self._token_batch([e["seq"] for e in examples], rng)
         if all("label" in e for e in examples):
             batch["labels"] = torch.tensor([e["label"] for e in examples])
         return batch
 
     def forward(self, batch) -> torch.Tensor:
-        return self.head(self.embed(batch["tokens"]))
+        return self.head(self.embed(batch["tokens"], batch.get("cache_keys")))
 
     def loss(self, logits, batch):
         return F.cross_entropy(logits.float(), batch["labels"])

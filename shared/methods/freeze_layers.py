@@ -12,7 +12,8 @@ from torch import nn
 
 @dataclass
 class FreezeLayersOptions:
-    trainable_blocks: int = field(default=1, metadata={"help": "how many of the last blocks train"})
+    trainable_blocks: int = field(default=1, metadata={
+        "help": "how many of the last blocks train; 0 with train_after_blocks=false is a linear probe (the task head alone trains)"})
     blocks: str | None = field(default=None, metadata={"help": "path of the block list (default: the longest nn.ModuleList)"})
     train_after_blocks: bool = field(
         default=True,
@@ -22,8 +23,8 @@ class FreezeLayersOptions:
 
 def apply_freeze_layers(model: nn.Module, options: FreezeLayersOptions) -> Applied:
     path, blocks = find_blocks(model, options.blocks)
-    if not 1 <= options.trainable_blocks <= len(blocks):
-        raise UserError(f"freeze_layers: trainable_blocks must be in 1..{len(blocks)}, got {options.trainable_blocks}")
+    if not 0 <= options.trainable_blocks <= len(blocks):
+        raise UserError(f"freeze_layers: trainable_blocks must be in 0..{len(blocks)}, got {options.trainable_blocks}")
     first = len(blocks) - options.trainable_blocks
     trainable_prefixes = [f"{path}.{i}." for i in range(first, len(blocks))]
     if options.train_after_blocks:
