@@ -77,14 +77,14 @@ def make_sequences(count: int, seed: int) -> tuple[list[str], list[int]]:
     return sequences, labels
 
 
-def write_inputs(folder: Path, train, validation, test) -> tuple[Path, Path]:
+def write_inputs(folder: Path, train, validation, test, architecture: str = ARCHITECTURE) -> tuple[Path, Path]:
     """The backbone as an official-format fair-esm file and a data card over CSV splits."""
-    layers, width, heads = ESM2_ARCHITECTURES[ARCHITECTURE]
+    layers, width, heads = ESM2_ARCHITECTURES[architecture]
     torch.manual_seed(0)
     encoder = ESMEncoder(layers, width, heads)
     config = argparse.Namespace(encoder_layers=layers, encoder_embed_dim=width, encoder_attention_heads=heads,
                                 token_dropout=True)
-    backbone = folder / f"{ARCHITECTURE}.pt"
+    backbone = folder / f"{architecture}.pt"
     torch.save({"model": {f"encoder.sentence_encoder.{k}": v for k, v in encoder.state_dict().items()},
                 "cfg": {"model": config}}, backbone)
     for name, (sequences, labels) in {"train": train, "validation": validation, "test": test}.items():

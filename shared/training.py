@@ -20,6 +20,7 @@ multi-process run matches a single-process one statistically, not bit for bit.
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import math
 import os
 import random
@@ -60,6 +61,9 @@ class TrainConfig(BaseModel):
     seed: int = 0
     checkpoint_every: int | None = Field(None, ge=1, description="also checkpoint every N steps (always at epoch end)")
     eval_batch_size: int | None = Field(None, ge=1)
+    activation_checkpointing: bool = Field(
+        False, description="recompute each backbone block's activations in the backward pass instead of keeping "
+        "them: far less memory for about a third more compute")
     feature_cache_gb: float = Field(
         4.0, ge=0, description="memory for frozen-feature caching: the outputs of backbone stages the method leaves "
         "frozen are computed once, not every epoch, when training inputs are fixed (0: off)")
@@ -148,6 +152,45 @@ def refuse_sharded_training(accelerator=None) -> None:
                         f"launch with torchrun / `accelerate launch --multi_gpu` (see the README, multi-process training)")
 
 
+def return_freed_memory_to_the_os() -> None:
+    """Big tensors in their own memory mappings, unmapped when freed (glibc only).
+
+    glibc raises its mmap threshold to the largest block freed so far (up to 32 MiB),
+    after which activation tensors come from the heap, whose freed space fragments with
+    every new batch shape and stays with the process: LoRA training on ESM-2 35M peaked
+    at 3.7 GB RSS for 2.0 GB of live tensors (measured). A fixed 4 MiB threshold keeps
+    small allocations on the fast heap and returns the big ones at once.
+    """
+    if not sys.platform.startswith("linux"):
+        return
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+    except OSError:  # not glibc (e.g. musl): its allocator has no such threshold to fix
+        return
+    mmap_threshold = -3  # M_MMAP_THRESHOLD in <malloc.h>
+    libc.mallopt(mmap_threshold, 4 * 2**20)
+
+
+def enable_activation_checkpointing(task_model) -> None:
+    """The backbone's own switch, on the outermost module that has one: peftlab's
+    encoders (`activation_checkpointing`), timm and open_clip (`set_grad_checkpointing`),
+    transformers (`gradient_checkpointing_enable`)."""
+    backbone = task_model.backbone
+    base = backbone.base_model if hasattr(backbone, "base_model") else backbone  # unwrapped from the method
+    for module in base.modules():
+        if hasattr(module, "activation_checkpointing"):
+            module.activation_checkpointing = True
+            return
+        if hasattr(module, "set_grad_checkpointing"):
+            module.set_grad_checkpointing(True)
+            return
+        if getattr(module, "supports_gradient_checkpointing", False):
+            module.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            return
+    raise UserError(f"train.activation_checkpointing: the {type(base).__name__} backbone has no activation "
+                    f"checkpointing; set train.activation_checkpointing=false")
+
+
 def batch_share(indices: list[int], rank: int, processes: int) -> tuple[list[int], float]:
     """This process's contiguous share of a global batch, and the weight of its mean loss
     that makes DDP's average over processes the global batch mean: share size x
@@ -197,6 +240,9 @@ def train(
     if not main:
         log = lambda message: None  # noqa: E731 - the main process speaks for all
     seed_everything(config.seed)
+    return_freed_memory_to_the_os()
+    if config.activation_checkpointing:
+        enable_activation_checkpointing(model)
     params = [p for p in model.parameters() if p.requires_grad]
     decay = [p for p in params if p.ndim >= 2]
     no_decay = [p for p in params if p.ndim < 2]

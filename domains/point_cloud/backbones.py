@@ -31,6 +31,7 @@ from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import torch
+import torch.utils.checkpoint
 from peftlab.shared import io
 from peftlab.shared.backbone_cache import load_once
 from peftlab.shared.errors import UserError
@@ -178,10 +179,16 @@ class TransformerEncoder(nn.Module):
         super().__init__()
         rates = torch.linspace(0, drop_path_rate, depth).tolist()
         self.blocks = nn.ModuleList([Block(dim, num_heads, drop_path=rate) for rate in rates])
+        self.activation_checkpointing = False
+        """Recompute each block's activations in the backward pass instead of keeping them."""
 
     def forward(self, x: torch.Tensor, pos: torch.Tensor, centers: torch.Tensor) -> torch.Tensor:
+        recompute = self.activation_checkpointing and torch.is_grad_enabled()
         for block in self.blocks:
-            x = block(x + pos, centers)
+            if recompute:
+                x = torch.utils.checkpoint.checkpoint(block, x + pos, centers, use_reentrant=False)
+            else:
+                x = block(x + pos, centers)
         return x
 
 

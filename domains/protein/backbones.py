@@ -23,6 +23,7 @@ from peftlab.shared.backbone_cache import load_once
 from peftlab.shared.errors import UserError
 from torch import nn
 from torch.nn import functional as F
+from torch.utils.checkpoint import checkpoint
 
 # name -> (layers, width, heads), as released by Meta AI (Lin et al. 2023)
 ESM2_ARCHITECTURES = {
@@ -65,6 +66,8 @@ class ESMEncoder(nn.Module):
         self.embed_dim = embed_dim
         self.num_layers = num_layers
         self.attention_heads = attention_heads
+        self.activation_checkpointing = False
+        """Recompute each layer's activations in the backward pass instead of keeping them."""
 
     @property
     def padding_idx(self) -> int:
@@ -95,8 +98,12 @@ class ESMEncoder(nn.Module):
         x = self._embed(tokens, padding_mask) if start == 0 else hidden
         layers = self.layers[max(start - 1, 0):max(stop - 1, 0)]
         if self.attention == "sdpa":
+            recompute = self.activation_checkpointing and torch.is_grad_enabled()
             for layer in layers:
-                x = _layer_sdpa(layer, x, attention_mask)
+                if recompute:
+                    x = checkpoint(_layer_sdpa, layer, x, attention_mask, use_reentrant=False)
+                else:
+                    x = _layer_sdpa(layer, x, attention_mask)
         elif len(layers):
             x = x.transpose(0, 1)  # fair-esm's own layers are sequence-first
             for layer in layers:

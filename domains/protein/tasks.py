@@ -95,8 +95,8 @@ class _ProteinModel(nn.Module):
         encoder = self._encoder()
         stages = encoder.stages()
         frozen = frozen_prefix_stages(stages)
-        if frozen == 0:
-            return "feature cache: off (the method trains the encoder from its first stage)"
+        if frozen < 2:
+            return "feature cache: off (the method trains the encoder from its first layer on; nothing to reuse)"
         sequences = {e[k] for e in train_examples for k in ("seq", "a_seq", "b_seq") if k in e}
         if self.options.crop_train == "random" and any(len(s) > self.options.max_length for s in sequences):
             return ("feature cache: off (sequences longer than task.max_length get a new random crop each epoch; "

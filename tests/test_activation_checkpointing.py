@@ -1,0 +1,58 @@
+"""`train.activation_checkpointing` on every task's tiny backbone: recomputing block
+activations in the backward pass gives the gradients keeping them gives, or the backbone
+is refused with a one-line error naming the setting."""
+
+from __future__ import annotations
+
+import copy
+from collections import Counter
+
+import pytest
+import torch
+from conftest import demo_card_for
+from peftlab.shared import methods
+from peftlab.shared.cards import read_card
+from peftlab.shared.errors import UserError
+from peftlab.shared.tasks import get_task, list_tasks
+from peftlab.shared.training import enable_activation_checkpointing
+
+TASKS = [t.name for t in list_tasks()]
+
+
+def _gradients(model, batch) -> tuple[dict[str, torch.Tensor], Counter]:
+    """Gradients of one training step, and how often each leaf module of the backbone ran."""
+    calls = Counter()
+    hooks = [module.register_forward_hook(lambda module, args, output, name=name: calls.update([name]))
+             for name, module in model.backbone.named_modules() if not list(module.children())]
+    model.train()
+    torch.manual_seed(0)  # the same dropout draws in both runs
+    model.zero_grad(set_to_none=True)
+    model.loss(model(batch), batch).backward()
+    for hook in hooks:
+        hook.remove()
+    return {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}, calls
+
+
+@pytest.mark.parametrize("task_name", TASKS)
+def test_recomputed_activations_give_the_same_gradients(task_name, one_thread):
+    task = get_task(task_name)
+    options = task.options()
+    dataset = task.read(read_card(demo_card_for(task_name)), options)
+    torch.manual_seed(0)
+    model = task.build_model("tiny", dataset.labels, options)
+    method = "lora" if methods.get_method("lora").fits(model.backbone) else "full"
+    model.backbone = methods.apply(model.backbone, method, **task.default_method_options(method, model))
+    batch = model.collate(dataset.splits["train"][:4], rng=None)
+    kept, kept_calls = _gradients(model, batch)
+    recomputing = copy.deepcopy(model)
+    try:
+        enable_activation_checkpointing(recomputing)
+    except UserError as error:
+        assert "set train.activation_checkpointing=false" in str(error)
+        pytest.skip(f"{task_name}: {error}")
+    recomputed, recomputed_calls = _gradients(recomputing, batch)
+    # modules inside recomputed blocks run again in the backward pass
+    assert any(recomputed_calls[name] > kept_calls[name] for name in kept_calls), f"{task_name}: nothing was recomputed"
+    assert kept.keys() == recomputed.keys() and kept
+    for name in kept:
+        torch.testing.assert_close(recomputed[name], kept[name], atol=1e-6, rtol=1e-5, msg=name)
