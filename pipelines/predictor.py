@@ -44,7 +44,7 @@ class Predictor:
         if (adapter / runner.BUFFERS_FILE).is_file():
             checkpoint.load_state(self.model.backbone, io.load_tensors(adapter / runner.BUFFERS_FILE), str(adapter))
         self.model.eval()
-        self.accelerator = make_accelerator(self.config.train.precision)
+        self.accelerator = make_accelerator(self.config.train.precision, self.model)
         self.batch_size = self.config.train.eval_batch_size or self.config.train.batch_size
 
     def _check_backbone(self, force: bool) -> None:

@@ -261,7 +261,7 @@ def _meta(prepared: Prepared) -> dict:
         "metrics": prepared.metrics,
         "primary_metric": prepared.primary_metric,
         "params": parameter_summary(prepared.model),
-        "precision": resolve_precision(prepared.config.train.precision),
+        "precision": resolve_precision(prepared.config.train.precision, prepared.model),
         "versions": library_versions(),
         "created": datetime.now().isoformat(timespec="seconds"),
     }
@@ -272,7 +272,7 @@ def _train_and_finish(run_dir: Path, prepared: Prepared, resume: bool) -> Path:
     params = parameter_summary(model)
     log(f"{config.pipeline}: {config.method_name} on {config.backbone.name}: "
         f"{params['trainable']:,} of {params['total']:,} parameters train ({params['percent']:.3f}%)")
-    accelerator = make_accelerator(config.train.precision)
+    accelerator = make_accelerator(config.train.precision, model)
     started = time.perf_counter()
     state = train(prepared.task, model, prepared.dataset.splits["train"], prepared.dataset.splits.get("validation", []),
                   config.train, prepared.metrics, prepared.primary_metric, run_dir, accelerator, resume=resume, log=log)
@@ -293,7 +293,7 @@ def _train_and_finish(run_dir: Path, prepared: Prepared, resume: bool) -> Path:
         "epochs": state["epoch"],
         "best_epoch": state["best_epoch"],
         "peak_rss_mb": peak_rss_mb(),
-        "precision": resolve_precision(config.train.precision),
+        "precision": resolve_precision(config.train.precision, model),
     }
     if torch.cuda.is_available():
         results["train"]["peak_gpu_mb"] = torch.cuda.max_memory_allocated() / 2**20

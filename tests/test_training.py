@@ -99,3 +99,20 @@ def test_precision_setting_is_recorded(tmp_path, precision):
     run_dir = peftlab.run("protein-classify", demo=True, out=tmp_path / "run",
                           overrides={"train.max_steps": 2, "train.precision": precision})
     assert json.loads((run_dir / "metrics.json").read_text())["train"]["precision"] == precision
+
+
+def test_auto_precision_keeps_fp32_for_narrow_models_on_a_bf16_cpu(monkeypatch):
+    from peftlab.shared import training
+    from torch import nn
+
+    monkeypatch.setattr(training.torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(training, "cpu_has_bf16", lambda: True)
+    narrow = nn.Sequential(nn.Linear(64, 64), nn.Linear(64, 256), nn.Linear(256, 64))
+    wide = nn.Sequential(nn.Linear(320, 1280), nn.Linear(1280, 320), nn.Linear(320, 320))
+    assert training.typical_layer_width(narrow) == 64 and training.typical_layer_width(wide) == 320
+    assert training.resolve_precision("auto", narrow) == "fp32"
+    assert training.resolve_precision("auto", wide) == "bf16"
+    assert training.resolve_precision("auto") == "bf16"
+    assert training.resolve_precision("bf16", narrow) == "bf16"  # an explicit choice stands
+    monkeypatch.setattr(training, "cpu_has_bf16", lambda: False)
+    assert training.resolve_precision("auto", wide) == "fp32"
