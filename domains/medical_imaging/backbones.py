@@ -39,6 +39,8 @@ import torch
 from peftlab.shared import io
 from peftlab.shared.backbone_cache import load_once
 from peftlab.shared.errors import UserError
+from peftlab.shared.feature_cache import Stage
+from timm.models import checkpoint_seq
 from timm.models.resnet import BasicBlock, ResNet
 from timm.models.vision_transformer import VisionTransformer
 from torch import nn
@@ -337,3 +339,51 @@ def family(model: nn.Module) -> str:
 def feature_width(model: nn.Module) -> int:
     """Width of the pooled features a classifier-less timm model returns."""
     return int(getattr(model, "head_hidden_size", None) or model.num_features)
+
+
+# ------------------------------------------------------------------------ staged forward
+# Frozen-feature caching (shared/feature_cache.py) runs a backbone stage by stage: a ViT
+# as embedding (patches, CLS / register tokens, positions), each block, then the final
+# norm with pooling; a ResNet as stem, each residual block, then pooling. Only timm's
+# own two classes qualify: subclasses may change what their forward does between stages.
+
+def backbone_stages(model: nn.Module) -> list[nn.Module | Stage] | None:
+    """`model` in the order `staged_forward` runs it; None for other architectures."""
+    if type(model) is VisionTransformer:
+        loose = [p for p in (model.cls_token, model.reg_token, model.pos_embed) if p is not None]
+        embed = Stage(modules=[model.patch_embed, model.pos_drop, model.patch_drop, model.norm_pre], parameters=loose)
+        pooling = [m for m in (model.norm, model.attn_pool, model.fc_norm, model.head_drop, model.head) if m is not None]
+        return [embed, *model.blocks, Stage(modules=pooling)]
+    if type(model) is ResNet:
+        stem = Stage(modules=[model.conv1, model.bn1, model.act1, model.maxpool])
+        pooling = Stage(modules=[model.global_pool, model.fc], dropout=float(model.drop_rate or 0.0))
+        return [stem, *_residual_blocks(model), pooling]
+    return None
+
+
+def _residual_blocks(model: ResNet) -> list[nn.Module]:
+    return [block for layer in (model.layer1, model.layer2, model.layer3, model.layer4) for block in layer]
+
+
+def staged_forward(model: nn.Module, x: torch.Tensor, start: int = 0, stop: int | None = None) -> torch.Tensor:
+    """The output of stages [start, stop) of `backbone_stages(model)` (all of them by
+    default: the same pooled features as `model(x)`). From `start` > 0, `x` is the
+    output of stage start - 1."""
+    vit = type(model) is VisionTransformer
+    blocks = list(model.blocks) if vit else _residual_blocks(model)
+    last = len(blocks) + 1  # the pooling stage
+    stop = last + 1 if stop is None else stop
+    if start == 0 < stop:
+        if vit:
+            x = model.norm_pre(model.patch_drop(model._pos_embed(model.patch_embed(x))))
+        else:
+            x = model.maxpool(model.act1(model.bn1(model.conv1(x))))
+    chosen = blocks[max(start, 1) - 1:max(min(stop, last) - 1, 0)]
+    if chosen and model.grad_checkpointing and torch.is_grad_enabled():
+        x = checkpoint_seq(chosen, x)  # as timm's own forward does when it is switched on
+    else:
+        for block in chosen:
+            x = block(x)
+    if start <= last < stop:
+        x = model.forward_head(model.norm(x) if vit else x)
+    return x

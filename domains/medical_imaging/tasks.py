@@ -6,6 +6,10 @@ The backbone's pooled features go to one linear layer (softmax cross-entropy; wi
 augmentation for the backbone's data config (random resized crop, horizontal flip),
 seeded from the loop's per-batch `rng`, so a resumed run sees the same crops;
 evaluation images get timm's deterministic resize + centre crop.
+
+With `augment=false` (training on the evaluation transform) and a method that leaves a
+ViT's or ResNet's first stages frozen, those stages' outputs are computed once, not every
+epoch (frozen-feature caching, `shared/feature_cache.py`).
 """
 
 from __future__ import annotations
@@ -26,6 +30,15 @@ from peftlab.shared import requests
 from peftlab.shared.cards import Card
 from peftlab.shared.data import ratio_split
 from peftlab.shared.errors import UserError
+from peftlab.shared.feature_cache import (
+    FeatureCache,
+    in_training,
+    output_bytes,
+    plan,
+    split_rows,
+    stack_rows,
+    unique_ids,
+)
 from peftlab.shared.tasks import Dataset, register_task
 from PIL import Image, UnidentifiedImageError
 from sklearn import metrics as skm
@@ -33,7 +46,14 @@ from torch import nn
 from torch.nn import functional as F
 
 from . import data
-from .backbones import backbone_names, family, feature_width, load_backbone
+from .backbones import (
+    backbone_names,
+    backbone_stages,
+    family,
+    feature_width,
+    load_backbone,
+    staged_forward,
+)
 
 
 @dataclass
@@ -97,6 +117,35 @@ class ImageClassifier(nn.Module):
             **data_config, is_training=True, scale=tuple(options.crop_scale), hflip=options.hflip,
             vflip=options.vflip, color_jitter=options.color_jitter or None,
         ) if options.augment else self.eval_transform
+        self.feature_cache: FeatureCache | None = None
+
+    def network(self) -> nn.Module:
+        """The timm model itself, unwrapped from the method."""
+        return self.backbone.base_model if hasattr(self.backbone, "base_model") else self.backbone
+
+    def plan_feature_cache(self, train_examples: list[dict], budget_bytes: int) -> str:
+        """Turn the cache on when the method leaves the backbone's first stages frozen and
+        training images are the same every epoch; say what was decided and why."""
+        self.feature_cache = None
+        network = self.network()
+        if backbone_stages(network) is None:
+            return (f"feature cache: off (it runs timm's VisionTransformer and ResNet stage by stage; "
+                    f"this backbone is a {type(network).__name__})")
+        frozen, reason, total = in_training(self, lambda: backbone_stages(network))
+        varying = ("training images get a new random crop and flip each epoch: task.augment=true, the default; "
+                   "task.augment=false trains on the evaluation transform and lets the cache work"
+                   if self.options.augment else unique_ids(train_examples))
+        hint = ("task.batchnorm=frozen keeps the statistics fixed" if reason and "BatchNorm" in reason else "")
+        self.feature_cache, line = plan(frozen, reason, total, budget_bytes,
+                                        lambda stages: self._stage_bytes(stages) * len(train_examples),
+                                        worth_from=2, varying_inputs=varying, hint=hint)
+        return line
+
+    def _stage_bytes(self, stages: int) -> int:
+        """Bytes of one image's output of the first `stages` stages."""
+        network = self.network()
+        blank = torch.zeros(1, *self.data_config["input_size"])
+        return output_bytes(network, lambda: staged_forward(network, blank, stop=stages))
 
     def train(self, mode: bool = True):
         super().train(mode)
@@ -116,7 +165,9 @@ class ImageClassifier(nn.Module):
         else:
             with seeded_from(rng):
                 pixels = [self.train_transform(image) for image in images]
-        batch = {"pixels": torch.stack(pixels)}
+        batch: dict[str, Any] = {"pixels": torch.stack(pixels)}
+        if rng is not None and self.feature_cache is not None:
+            batch["cache_keys"] = [e["id"] for e in examples]
         if all("targets" in e for e in examples):
             batch["targets"] = torch.tensor([e["targets"] for e in examples], dtype=torch.float32)
         elif all(isinstance(e.get("label"), int | np.integer) for e in examples):
@@ -124,7 +175,13 @@ class ImageClassifier(nn.Module):
         return batch
 
     def forward(self, batch) -> torch.Tensor:
-        return self.head(self.backbone(batch["pixels"]))
+        cache, keys = self.feature_cache, batch.get("cache_keys")
+        if cache is None or keys is None or not self.training:
+            return self.head(self.backbone(batch["pixels"]))
+        network = self.network()
+        prefix = cache.prefix(keys, lambda: staged_forward(network, batch["pixels"], stop=cache.stages),
+                              split_rows, stack_rows)
+        return self.head(staged_forward(network, prefix, start=cache.stages))
 
     def loss(self, logits, batch):
         if self.options.multi_label:

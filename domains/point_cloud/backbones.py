@@ -35,6 +35,7 @@ import torch.utils.checkpoint
 from peftlab.shared import io
 from peftlab.shared.backbone_cache import load_once
 from peftlab.shared.errors import UserError
+from peftlab.shared.feature_cache import Stage
 from timm.layers import DropPath
 from torch import nn
 from torch.nn import functional as F
@@ -182,9 +183,11 @@ class TransformerEncoder(nn.Module):
         self.activation_checkpointing = False
         """Recompute each block's activations in the backward pass instead of keeping them."""
 
-    def forward(self, x: torch.Tensor, pos: torch.Tensor, centers: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, pos: torch.Tensor, centers: torch.Tensor, start: int = 0,
+                stop: int | None = None) -> torch.Tensor:
+        """Blocks [start, stop), all by default."""
         recompute = self.activation_checkpointing and torch.is_grad_enabled()
-        for block in self.blocks:
+        for block in self.blocks[start:stop]:
             if recompute:
                 x = torch.utils.checkpoint.checkpoint(block, x + pos, centers, use_reentrant=False)
             else:
@@ -237,17 +240,39 @@ class PointBERT(nn.Module):
                               group_size=group_size or self.config.group_size)
         self.group_divider = Group(self.config.num_group, self.config.group_size)
 
-    def forward(self, points: torch.Tensor) -> torch.Tensor:
-        patches, centers = self.group_divider(points)
-        tokens = self.reduce_dim(self.encoder(patches))
-        batch = tokens.shape[0]
-        x = torch.cat([self.cls_token.expand(batch, -1, -1), tokens], dim=1)
-        pos = torch.cat([self.cls_pos.expand(batch, -1, -1), self.pos_embed(centers)], dim=1)
-        inserted = 0
-        if self.prompt is not None:
+    def stages(self) -> list[nn.Module | Stage]:
+        """The encoder in order: patch embedding (grouping, mini-PointNet, positions, CLS),
+        the prompt slot (empty without a prompt), each block, the final norm (`forward`'s
+        `start`/`stop` index this list; feature caching counts frozen stages in it)."""
+        embed = Stage(modules=[self.group_divider, self.encoder, self.reduce_dim, self.pos_embed],
+                      parameters=[self.cls_token, self.cls_pos])
+        prompt = Stage(modules=[self.prompt] if self.prompt is not None else [])
+        return [embed, prompt, *self.blocks.blocks, self.norm]
+
+    def forward(self, points: torch.Tensor, hidden: tuple[torch.Tensor, ...] | torch.Tensor | None = None,
+                start: int = 0, stop: int | None = None):
+        """Tokens after stages [start, stop) of `stages()`; all of them by default. Between
+        stages the state is (tokens, positions, patch centres); after the final norm, the
+        tokens without prompts. From `start` > 0, `hidden` is stage start - 1's output."""
+        last = len(self.blocks.blocks) + 2  # the final norm's index
+        stop = last + 1 if stop is None else stop
+        if start > last:
+            return hidden
+        if start == 0:
+            patches, centers = self.group_divider(points)
+            tokens = self.reduce_dim(self.encoder(patches))
+            batch = tokens.shape[0]
+            x = torch.cat([self.cls_token.expand(batch, -1, -1), tokens], dim=1)
+            pos = torch.cat([self.cls_pos.expand(batch, -1, -1), self.pos_embed(centers)], dim=1)
+        else:
+            x, pos, centers = hidden
+        if start <= 1 < stop and self.prompt is not None:
             x, pos = self.prompt(x, pos)
-            inserted = x.shape[1] - 1 - centers.shape[1]
-        x = self.norm(self.blocks(x, pos, centers))
+        x = self.blocks(x, pos, centers, start=max(start - 2, 0), stop=max(min(stop, last) - 2, 0))
+        if stop <= last:
+            return x, pos, centers
+        x = self.norm(x)
+        inserted = x.shape[1] - 1 - centers.shape[1]
         return torch.cat([x[:, :1], x[:, 1 + inserted:]], dim=1) if inserted else x
 
 

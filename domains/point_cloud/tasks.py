@@ -8,6 +8,10 @@ all drawn from the `rng` the training loop passes to `collate`. The head follows
 Point-BERT's fine-tuning head: [CLS, max over patch tokens] -> MLP -> classes.
 With `votes` > 1, evaluation averages the class probabilities over that many scaled
 copies of each cloud (test-time voting, as Point-BERT reports on ModelNet40).
+
+With `augment=false` (training on the fixed evaluation subset) and a method that leaves
+the encoder's first stages frozen, those stages' outputs are computed once, not every
+epoch (frozen-feature caching, `shared/feature_cache.py`).
 """
 
 from __future__ import annotations
@@ -23,6 +27,15 @@ from peftlab.shared import io, requests
 from peftlab.shared.cards import Card
 from peftlab.shared.data import ratio_split
 from peftlab.shared.errors import UserError
+from peftlab.shared.feature_cache import (
+    FeatureCache,
+    in_training,
+    output_bytes,
+    plan,
+    split_rows,
+    stack_rows,
+    unique_ids,
+)
 from peftlab.shared.tasks import Dataset, register_task
 from torch import nn
 from torch.nn import functional as F
@@ -40,6 +53,8 @@ class PointCloudOptions:
     num_group: int | None = field(default=None, metadata={"help": "patches per cloud (default: the backbone's, 64 for Point-BERT)"})
     group_size: int | None = field(default=None, metadata={"help": "points per patch (default: the backbone's, 32 for Point-BERT)"})
     num_heads: int | None = field(default=None, metadata={"help": "attention heads of a loaded checkpoint (not stored in the weights; default 6)"})
+    augment: bool = field(default=True, metadata={"help": "training augmentation: a new random subset of points and random scale / shift (rotate_up: rotation) each epoch; "
+                                                          "false: the fixed evaluation subset in training too (frozen-feature caching needs fixed inputs)"})
     rotate_up: bool = field(default=False, metadata={"help": "training augmentation: random rotation about the up axis"})
     up_axis: str = field(default="y", metadata={"help": "up axis for rotate_up: x, y (ModelNet40 resampled, ScanObjectNN) or z (raw ModelNet meshes)"})
     scale_low: float = field(default=2 / 3, metadata={"help": "training augmentation: smallest per-axis scale"})
@@ -80,6 +95,28 @@ class PointCloudClassifier(nn.Module):
         self.head = nn.Sequential(nn.Linear(2 * width, options.head_hidden), nn.ReLU(inplace=True),
                                   nn.Dropout(options.head_dropout), nn.Linear(options.head_hidden, num_labels))
 
+        self.feature_cache: FeatureCache | None = None
+
+    def encoder(self) -> PointBERT:
+        return self.backbone.base_model if hasattr(self.backbone, "base_model") else self.backbone
+
+    def plan_feature_cache(self, train_examples: list[dict], budget_bytes: int) -> str:
+        """Turn the cache on when the method leaves the encoder's first stages frozen and
+        training clouds are the same every epoch; say what was decided and why."""
+        self.feature_cache = None
+        encoder = self.encoder()
+        frozen, reason, total = in_training(self, encoder.stages)
+        varying = ("training clouds get a new random subset of points and a random scale and shift each epoch: "
+                   "task.augment=true, the default; task.augment=false trains on the fixed evaluation subset and "
+                   "lets the cache work" if self.options.augment else unique_ids(train_examples))
+        hint = "task.freeze_bn_stats=true keeps the statistics fixed" if reason and "BatchNorm" in reason else ""
+        blank = torch.zeros(1, self.options.num_points, 3)
+        self.feature_cache, line = plan(
+            frozen, reason, total, budget_bytes,
+            lambda stages: output_bytes(encoder, lambda: encoder(blank, stop=stages)) * len(train_examples),
+            varying_inputs=varying, hint=hint)  # the patch embedding alone (FPS, kNN, mini-PointNet) is worth it
+        return line
+
     def train(self, mode: bool = True):
         super().train(mode)
         if mode and self.options.freeze_bn_stats:
@@ -96,26 +133,34 @@ class PointCloudClassifier(nn.Module):
 
     def collate(self, examples, rng):
         o = self.options
-        if rng is not None:  # training: random subset + augmentation
+        votes = 1
+        if rng is not None and o.augment:  # training: random subset + augmentation
             clouds = [data.augment(self._cloud(e["points"], rng), rng, o.rotate_up, o.up_axis, (o.scale_low, o.scale_high), o.translate)
                       for e in examples]
-            votes = 1
-        else:  # evaluation: a fixed subset per example; voting adds scaled copies
+        else:  # evaluation (and training without augmentation): a fixed subset per example
             clouds = [self._cloud(e["points"], np.random.default_rng(0)) for e in examples]
-            votes = o.votes
-            if votes > 1:
+            if rng is None and o.votes > 1:  # voting adds scaled copies
+                votes = o.votes
                 vote_rng = np.random.default_rng(VOTE_SEED)
                 copies = [data.augment(c, vote_rng, False, o.up_axis, (o.scale_low, o.scale_high), 0.0)
                           for _ in range(votes - 1) for c in clouds]
                 clouds = clouds + copies
-        batch = {"points": torch.from_numpy(np.stack(clouds)), "votes": votes}
+        batch: dict[str, Any] = {"points": torch.from_numpy(np.stack(clouds)), "votes": votes}
+        if rng is not None and self.feature_cache is not None:
+            batch["cache_keys"] = [e["id"] for e in examples]
         if all("label" in e for e in examples):
             batch["labels"] = torch.tensor([int(e["label"]) for e in examples])
         return batch
 
     def forward(self, batch) -> torch.Tensor:
         # the core leaves batches on the CPU; follow the head wherever accelerate put the model
-        tokens = self.backbone(batch["points"].to(self.head[0].weight.device))
+        points = batch["points"].to(self.head[0].weight.device)
+        cache, keys = self.feature_cache, batch.get("cache_keys")
+        if cache is None or keys is None or not self.training:
+            tokens = self.backbone(points)
+        else:
+            prefix = cache.prefix(keys, lambda: self.backbone(points, stop=cache.stages), split_rows, stack_rows)
+            tokens = self.backbone(points, hidden=prefix, start=cache.stages)
         features = torch.cat([tokens[:, 0], tokens[:, 1:].max(dim=1).values], dim=-1)
         logits = self.head(features)
         votes = batch.get("votes", 1)

@@ -16,6 +16,11 @@ hidden states of all layers plus a mask of the valid frames, in two stages:
     encode: the transformer layers                           -> states (L + 1, B, T, D)
 
 Between them sits the slot where the `speech_prompt` method prepends learned vectors.
+
+`SpeechEncoder.stages()` lists the same computation as stages (embedding, the encoder's
+entry: prompt slot, positional convolution and norm; each layer; the final norm), and
+`forward` can run any range of them, so frozen-feature caching
+(`shared/feature_cache.py`) can keep the frozen first stages' outputs between epochs.
 """
 
 from __future__ import annotations
@@ -31,6 +36,7 @@ import transformers
 from peftlab.shared import io
 from peftlab.shared.backbone_cache import load_once
 from peftlab.shared.errors import UserError
+from peftlab.shared.feature_cache import Stage
 from torch import nn
 from torch.nn import functional as F
 from transformers.masking_utils import create_bidirectional_mask
@@ -212,23 +218,128 @@ class SpeechEncoder(nn.Module):
             return (lengths - 1) // 2 + 1  # conv2: kernel 3, stride 2, padding 1
         return self.network._get_feat_extract_output_lengths(lengths)
 
-    def forward(self, inputs: torch.Tensor, lengths: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """-> (states (L + 1, B, T, D), frame mask (B, T) of valid frames)."""
+    @property
+    def padding_free(self) -> bool:
+        """Whether a clip's valid frames come out the same however far its batch pads it.
+
+        True with an attention mask and per-frame CNN norms (WavLM / wav2vec 2.0 Large,
+        the tiny presets); not for Whisper (the padded log-mel frames and its convolutions
+        reach into the last valid frames), group-normalised CNNs (statistics over the
+        padded clip: wav2vec2-base, HuBERT Base) or encoders run without a mask."""
+        return (self.family != "whisper" and self.pass_attention_mask
+                and getattr(self.network.config, "feat_extract_norm", "layer") == "layer")
+
+    def _stable_layer_norm(self) -> bool:
+        """Pre-norm variants (the Large models): the encoder's norm comes after the layers."""
+        return self.family != "whisper" and bool(getattr(self.network.config, "do_stable_layer_norm", False))
+
+    def stages(self) -> list[nn.Module | Stage]:
+        """The encoder in order: embedding, the entry to the layers (prompt slot,
+        positional convolution, norm), each layer, the final norm (`forward`'s
+        `start`/`stop` index this list; feature caching counts frozen stages in it)."""
+        network = self.network
+        prompt = [self.speech_prompt] if getattr(self, "speech_prompt", None) is not None else []
         if self.family == "whisper":
-            frames = self._embed_whisper(inputs)
-        else:
-            features = self.network.feature_extractor(inputs).transpose(1, 2)
-            projected = self.network.feature_projection(features)  # HuBERT returns a tensor, the others a pair
-            frames = projected[0] if isinstance(projected, tuple) else projected
-        valid = self.frame_lengths(lengths.to(frames.device))
-        mask = torch.arange(frames.shape[1], device=frames.device)[None, :] < valid[:, None]
+            embed = Stage(modules=[network.conv1, network.conv2, network.embed_positions], dropout=network.config.dropout)
+            return [embed, Stage(modules=prompt), *network.layers, network.layer_norm]
+        encoder = network.encoder
+        stable = self._stable_layer_norm()
+        embed = Stage(modules=[network.feature_extractor, network.feature_projection])
+        entry = [*prompt, encoder.pos_conv_embed, encoder.dropout, *([] if stable else [encoder.layer_norm])]
+        return [embed, Stage(modules=entry), *encoder.layers, Stage(modules=[encoder.layer_norm] if stable else [])]
+
+    def stage_frames(self, lengths: torch.Tensor, stages: int) -> torch.Tensor:
+        """Valid frames per example in the output of the first `stages` stages (prompt
+        positions included between the entry and the final stage, which drops them)."""
         prompt = getattr(self, "speech_prompt", None)
-        if prompt is not None:
-            frames, mask = prompt(frames, mask)
-        states = self._encode_whisper(frames, mask) if self.family == "whisper" else self._encode_wav2vec2(frames, mask)
-        if prompt is not None:
-            states, mask = states[:, :, prompt.length:], mask[:, prompt.length:]
+        inside = prompt is not None and 2 <= stages <= self.num_layers + 2
+        return self.frame_lengths(lengths) + (prompt.length if inside else 0)
+
+    def forward(self, inputs: torch.Tensor, lengths: torch.Tensor, hidden: torch.Tensor | None = None,
+                start: int = 0, stop: int | None = None):
+        """-> (states (L + 1, B, T, D), frame mask (B, T) of valid frames), after stages
+        [start, stop) of `stages()`, all of them by default. Stopping earlier returns the
+        states so far, stacked (the embedding's frames as one state); from `start` > 0,
+        `hidden` is that output of stage start - 1 for these inputs."""
+        last = self.num_layers + 2  # the final norm's index
+        stop = last + 1 if stop is None else stop
+        if start == 0:
+            frames = self._embed_whisper(inputs) if self.family == "whisper" else self._embed_wav2vec2(inputs)
+            states = frames.unsqueeze(0)
+        else:
+            states = hidden
+        prompt = getattr(self, "speech_prompt", None)
+        prompted = prompt is not None and 2 <= start <= last  # the entry stage prepended its positions
+        frames = states.shape[2] - (prompt.length if prompted else 0)
+        valid = self.frame_lengths(lengths.to(states.device))
+        mask = torch.arange(frames, device=states.device)[None, :] < valid[:, None]
+        if prompted:
+            mask = torch.cat([torch.ones(mask.shape[0], prompt.length, dtype=mask.dtype, device=mask.device), mask], 1)
+        if start <= 1 < stop:
+            frames = states[0]
+            if prompt is not None:
+                frames, mask = prompt(frames, mask)
+            states = self._enter(frames, mask).unsqueeze(0)
+        chosen = range(max(start, 2) - 2, max(min(stop, last) - 2, 0))
+        if len(chosen):
+            states = torch.cat([states, self._layers(states[-1], mask, chosen)])
+        if stop <= last:
+            return states
+        if start <= last:
+            final_norm = self.network.layer_norm if self.family == "whisper" else self.network.encoder.layer_norm
+            if self.family == "whisper" or self._stable_layer_norm():  # as transformers reports the last state
+                states = torch.cat([states[:-1], final_norm(states[-1:])])
+            if prompt is not None:
+                states, mask = states[:, :, prompt.length:], mask[:, prompt.length:]
         return states, mask
+
+    def _embed_wav2vec2(self, inputs: torch.Tensor) -> torch.Tensor:
+        features = self.network.feature_extractor(inputs).transpose(1, 2)
+        projected = self.network.feature_projection(features)  # HuBERT returns a tensor, the others a pair
+        return projected[0] if isinstance(projected, tuple) else projected
+
+    def _enter(self, frames: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """The transformer's input: for the wav2vec 2.0 family, transformers' encoder
+        steps before its layers (padding zeroed, positional convolution, norm, dropout)."""
+        if self.family == "whisper":
+            return frames
+        encoder = self.network.encoder
+        if self.pass_attention_mask:
+            frames = frames.masked_fill(~mask.unsqueeze(-1), 0.0)
+        frames = frames + encoder.pos_conv_embed(frames)
+        if not self._stable_layer_norm():
+            frames = encoder.layer_norm(frames)
+        return encoder.dropout(frames)
+
+    def _layers(self, hidden: torch.Tensor, mask: torch.Tensor, chosen: range) -> torch.Tensor:
+        """The outputs of layers `chosen`, stacked, called as transformers' encoders call
+        them (masks in the form each expects; WavLM's relative position bias, which its
+        first layer computes from positions alone, made afresh when starting later)."""
+        attention_mask = mask if self.pass_attention_mask or self.family == "whisper" else None
+        wavlm = self.family == "wavlm"
+        if self.family == "whisper" or not wavlm:
+            config = self.network.config
+            attention_mask = create_bidirectional_mask(config=config, inputs_embeds=hidden, attention_mask=attention_mask)
+        layers = self.network.layers if self.family == "whisper" else self.network.encoder.layers
+        position_bias = None
+        if wavlm and chosen.start > 0:
+            first = layers[0].attention
+            length = hidden.shape[1]
+            position_bias = first.compute_bias(length, length).unsqueeze(0).repeat(hidden.shape[0], 1, 1, 1)
+            position_bias = position_bias.view(hidden.shape[0] * first.num_heads, length, length)
+        outputs = []
+        for index in chosen:
+            layer = layers[index]
+            if self.family == "whisper":
+                hidden = layer(hidden, attention_mask)
+            elif wavlm:
+                extra = {} if self._stable_layer_norm() else {"index": index}
+                hidden, position_bias = layer(hidden, attention_mask=attention_mask, position_bias=position_bias, **extra)
+            else:
+                hidden = layer(hidden, attention_mask=attention_mask)
+            hidden = hidden[0] if isinstance(hidden, tuple) else hidden
+            outputs.append(hidden)
+        return torch.stack(outputs)
 
     def _embed_whisper(self, features: torch.Tensor) -> torch.Tensor:
         """Whisper's convolutions and positions on the actual length, not 30 s of padding.
@@ -244,42 +355,6 @@ class SpeechEncoder(nn.Module):
         x = F.gelu(encoder.conv2(x)).permute(0, 2, 1)
         x = x + encoder.embed_positions.weight[: x.shape[1]]
         return F.dropout(x, p=encoder.config.dropout, training=self.training)
-
-    def _encode_whisper(self, frames: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        encoder = self.network
-        attention = create_bidirectional_mask(config=encoder.config, inputs_embeds=frames, attention_mask=mask)
-        states = [frames]
-        hidden = frames
-        for layer in encoder.layers:
-            hidden = layer(hidden, attention)
-            hidden = hidden[0] if isinstance(hidden, tuple) else hidden
-            states.append(hidden)
-        states[-1] = encoder.layer_norm(hidden)  # as transformers reports the last state
-        return torch.stack(states)
-
-    def _encode_wav2vec2(self, frames: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        # transformers' encoder runs the positional convolution, norm and layers; forward
-        # hooks collect each layer's input and output on the way (removed afterwards, so
-        # copies of the model carry no hooks).
-        layers = self.network.encoder.layers
-        collected: list[torch.Tensor] = []
-
-        def first_input(module, args, kwargs):
-            collected.append(args[0] if args else kwargs["hidden_states"])
-
-        def output(module, args, result):
-            collected.append(result[0] if isinstance(result, tuple) else result)
-
-        handles = [layers[0].register_forward_pre_hook(first_input, with_kwargs=True)]
-        handles += [layer.register_forward_hook(output) for layer in layers]
-        try:
-            result = self.network.encoder(frames, attention_mask=mask if self.pass_attention_mask else None)
-        finally:
-            for handle in handles:
-                handle.remove()
-        # the last state is the encoder's output (after the final norm in pre-norm variants)
-        collected[-1] = result.last_hidden_state
-        return torch.stack(collected)
 
 
 # --------------------------------------------------------------------------- loading

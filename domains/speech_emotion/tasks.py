@@ -5,6 +5,11 @@ layer are mixed by learned softmax weights, mean-pooled over the valid (unpadded
 frames, and a small MLP gives the class logits; the loss is cross-entropy, weighted by
 inverse class frequency by default, and models are selected on UAR (unweighted average
 recall = balanced accuracy). Accuracy is reported as the field's "weighted accuracy".
+
+When a method leaves the encoder's first stages frozen (the CNN feature encoder always
+is, apart from `full`), their outputs are computed once, not every epoch, as long as
+training clips are not cropped at random and padding cannot change them (frozen-feature
+caching, `shared/feature_cache.py`).
 """
 
 from __future__ import annotations
@@ -22,9 +27,11 @@ from peftlab.shared import io, requests
 from peftlab.shared.cards import Card
 from peftlab.shared.data import ratio_split
 from peftlab.shared.errors import UserError
+from peftlab.shared.feature_cache import FeatureCache, in_training, plan, unique_ids
 from peftlab.shared.tasks import Dataset, register_task
 from torch import nn
 from torch.nn import functional as F
+from torch.nn.utils.rnn import pad_sequence
 
 from . import data
 from .backbones import SpeechEncoder, backbone_names, load_backbone
@@ -94,6 +101,37 @@ class SpeechEmotionModel(nn.Module):
         limit = options.max_seconds if backbone.max_seconds is None else min(options.max_seconds, backbone.max_seconds)
         self.max_seconds = limit
         self.eval_seconds = limit if options.eval_crop == "center" else (backbone.max_seconds or math.inf)
+        self.feature_cache: FeatureCache | None = None
+
+    def plan_feature_cache(self, train_examples: list[dict], budget_bytes: int) -> str:
+        """Turn the cache on when the method leaves the encoder's first stages frozen and
+        each training clip reaches them the same way every epoch; say what was decided and why."""
+        self.feature_cache = None
+        encoder = self.encoder()
+        frozen, reason, total = in_training(self, encoder.stages)
+        lengths = [self.example_length(e) for e in train_examples]
+        if any(e["samples"] / e["sample_rate"] > self.max_seconds for e in train_examples):
+            varying = (f"clips longer than task.max_seconds={self.max_seconds:g} get a new random window each epoch; "
+                       f"a task.max_seconds above the longest clip keeps them whole")
+        elif not encoder.padding_free and len(set(lengths)) > 1:
+            varying = (f"the {encoder.family} encoder's features of a clip change with the padding its batch adds "
+                       f"(Whisper's log-mel frames, a group-normalised CNN, or no attention mask), and the clips differ in length")
+        else:
+            varying = unique_ids(train_examples)
+
+        def needed(stages: int) -> int:  # states kept: the frames, then the entry's and each frozen layer's output
+            states = max(1, min(stages, encoder.num_layers + 2) - 1)
+            frames = encoder.stage_frames(torch.tensor(self._encoder_input_lengths(lengths)), stages).sum().item()
+            return int(frames) * states * encoder.width * 4
+
+        # the CNN feature encoder alone is most of a frozen encoder's cost at these lengths
+        self.feature_cache, line = plan(frozen, reason, total, budget_bytes, needed, varying_inputs=varying)
+        return line
+
+    def _encoder_input_lengths(self, samples: list[int]) -> list[int]:
+        """Samples -> what `featurize` reports as lengths (mel frames for Whisper)."""
+        encoder = self.encoder()
+        return [n // encoder.extractor.hop_length for n in samples] if encoder.family == "whisper" else samples
 
     def encoder(self) -> SpeechEncoder:
         return self.backbone.base_model if hasattr(self.backbone, "base_model") else self.backbone
@@ -116,14 +154,34 @@ class SpeechEmotionModel(nn.Module):
 
     def collate(self, examples, rng):
         featurized = self.encoder().featurize([self.waveform(e, rng) for e in examples])
-        batch = {"inputs": featurized.inputs, "lengths": featurized.lengths}
+        batch: dict[str, Any] = {"inputs": featurized.inputs, "lengths": featurized.lengths}
+        if rng is not None and self.feature_cache is not None:
+            batch["cache_keys"] = [e["id"] for e in examples]
         if all(isinstance(e.get("label"), int) for e in examples):
             batch["labels"] = torch.tensor([e["label"] for e in examples])
         return batch
 
     def forward(self, batch) -> torch.Tensor:
         device = self.head.layer_logits.device
-        states, mask = self.backbone(batch["inputs"].to(device), batch["lengths"].to(device))
+        inputs, lengths = batch["inputs"].to(device), batch["lengths"].to(device)
+        cache, keys = self.feature_cache, batch.get("cache_keys")
+        if cache is None or keys is None or not self.training:
+            states, mask = self.backbone(inputs, lengths)
+            return self.head(states, mask)
+        frames = self.encoder().stage_frames(lengths, cache.stages).tolist()
+
+        def compute() -> torch.Tensor:
+            output = self.backbone(inputs, lengths, stop=cache.stages)
+            return output[0] if isinstance(output, tuple) else output  # every stage frozen: the states
+
+        def split(states: torch.Tensor) -> list[torch.Tensor]:  # each clip's valid frames, (states, T, D)
+            return [states[:, row, :count] for row, count in enumerate(frames)]
+
+        def join(rows: list[torch.Tensor]) -> torch.Tensor:  # zero-padded to the longest, as computed
+            return pad_sequence([r.transpose(0, 1) for r in rows], batch_first=True).permute(2, 0, 1, 3)
+
+        prefix = cache.prefix(keys, compute, split, join)
+        states, mask = self.backbone(inputs, lengths, hidden=prefix, start=cache.stages)
         return self.head(states, mask)
 
     def loss(self, logits, batch):
