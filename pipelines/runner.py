@@ -42,6 +42,7 @@ from peftlab.shared.training import (
     resolve_precision,
     seed_everything,
     train,
+    trained_state_file,
 )
 
 ADAPTER = "adapter"
@@ -150,11 +151,17 @@ def prepare(config: cfg.RunConfig) -> Prepared:
         if not dataset.splits[split]:  # found now, not after training
             raise UserError(f"{card.card_path}: split {split!r} is empty; give it examples (the card's `splits`) "
                             f"or leave it out of eval.splits")
+    model = build_model(config, task, options, dataset.labels)
+    return Prepared(config, task, options, card, dataset, model, metric_names, primary)
+
+
+def build_model(config: cfg.RunConfig, task, options, labels):
+    """The backbone with the method applied and the task's head, as training starts."""
     seed_everything(config.train.seed)  # head and method initialisation
-    model = task.build_model(config.backbone.name, dataset.labels, options)
+    model = task.build_model(config.backbone.name, labels, options)
     method_options = {**task.default_method_options(config.method_name, model), **config.method_options}
     model.backbone = methods.apply(model.backbone, config.method_name, **method_options)
-    return Prepared(config, task, options, card, dataset, model, metric_names, primary)
+    return model
 
 
 def default_run_dir(pipeline: str, method: str) -> Path:
@@ -278,6 +285,12 @@ def _train_and_finish(run_dir: Path, prepared: Prepared, resume: bool) -> Path:
                   config.train, prepared.metrics, prepared.primary_metric, run_dir, accelerator, resume=resume, log=log)
     if not accelerator.is_main_process:
         return run_dir
+    if config.train.sharding != "none" and accelerator.num_processes > 1:
+        # training's model is in shards across the processes: this one is whole
+        model = build_model(config, prepared.task, prepared.options, prepared.dataset.labels)
+        trained = trained_state_file(run_dir)
+        checkpoint.load_state(model, io.load_tensors(trained), str(trained))
+        model.eval()
     save_adapter(model, run_dir / ADAPTER)
     results = {}
     batch = config.train.eval_batch_size or config.train.batch_size

@@ -386,6 +386,9 @@ def generate(backbone: nn.Module, tokenizer, prompts: list[list[int]], options: 
         do_sample=False,
         pad_token_id=tokenizer.pad_token_id,
         eos_token_id=tokenizer.eos_token_id,
+        # one process generates alone (a sharded model is gathered first, shared/sharding.py);
+        # under FSDP transformers would otherwise wait for the others at every token
+        synced_gpus=False,
     )
     # generate returns prompt + continuation (peft's wrappers too); keep the continuation
     new_tokens = outputs[:, batch["input_ids"].shape[1]:]

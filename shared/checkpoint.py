@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from peftlab.shared import io
+from peftlab.shared import io, sharding
 from peftlab.shared.errors import UserError
 from safetensors import SafetensorError, safe_open
 from torch import nn
@@ -51,13 +51,15 @@ def load_state(model: nn.Module, tensors: dict[str, torch.Tensor], source: str) 
     missing = [k for k in tensors if k not in own]
     if missing:
         raise ValueError(f"{source}: tensors {missing[:3]} do not exist in the model")
+    if sharding.is_sharded(model):
+        sharding.load_model_tensors(model, tensors)
+        return
     with torch.no_grad():
         for name, value in tensors.items():
             own[name].copy_(value)
 
 
-def _optimizer_to_files(optimizer: torch.optim.Optimizer) -> tuple[dict[str, torch.Tensor], dict]:
-    state_dict = optimizer.state_dict()
+def _optimizer_to_files(state_dict: dict) -> tuple[dict[str, torch.Tensor], dict]:
     tensors, scalars = {}, {}
     for index, slots in state_dict["state"].items():
         for key, value in slots.items():
@@ -68,22 +70,30 @@ def _optimizer_to_files(optimizer: torch.optim.Optimizer) -> tuple[dict[str, tor
     return tensors, {"param_groups": state_dict["param_groups"], "scalars": scalars}
 
 
-def _optimizer_from_files(optimizer, tensors: dict[str, torch.Tensor], meta: dict) -> None:
+def _optimizer_from_files(model, optimizer, tensors: dict[str, torch.Tensor], meta: dict) -> None:
     state: dict[int, dict[str, Any]] = {}
     for flat, value in list(tensors.items()) + list(meta["scalars"].items()):
         index, key = flat.split(".", 1)
         state.setdefault(int(index), {})[key] = value
-    optimizer.load_state_dict({"state": state, "param_groups": meta["param_groups"]})
+    sharding.load_optimizer_state_dict(model, optimizer, {"state": state, "param_groups": meta["param_groups"]})
 
 
-def save_checkpoint(directory: Path, model, optimizer, scheduler, train_state: dict) -> None:
+def save_checkpoint(directory: Path, model, optimizer, scheduler, train_state: dict, write: bool = True) -> None:
+    """Every process of a run calls this (a sharded model's state is gathered from all of
+    them); the one with `write` (the main process) writes."""
+    optimizer_state = sharding.optimizer_state_dict(model, optimizer)
+    with sharding.gathered(model):  # copies: a gathered parameter's memory is freed on leaving
+        trainable = {name: tensor.clone() if sharding.is_sharded(model) else tensor
+                     for name, tensor in trainable_state(model).items()}
+    if not write:
+        return
     directory = Path(directory)
     step_dir = directory / f"step-{train_state['global_step']:08d}"
     if step_dir.exists():
         shutil.rmtree(step_dir)
     step_dir.mkdir(parents=True)
-    io.save_tensors(step_dir / "trainable.safetensors", trainable_state(model))
-    optimizer_tensors, optimizer_meta = _optimizer_to_files(optimizer)
+    io.save_tensors(step_dir / "trainable.safetensors", trainable)
+    optimizer_tensors, optimizer_meta = _optimizer_to_files(optimizer_state)
     io.save_tensors(step_dir / "optimizer.safetensors", optimizer_tensors)
     rng = {"torch": torch.get_rng_state()}
     if torch.cuda.is_available():
@@ -142,7 +152,7 @@ def load_checkpoint(directory: Path, model, optimizer, scheduler) -> dict:
     with _resumable(last):
         saved = io.read_json(last / "state.json")
         load_state(model, io.load_tensors(last / "trainable.safetensors"), str(last))
-        _optimizer_from_files(optimizer, io.load_tensors(last / "optimizer.safetensors"), saved["optimizer"])
+        _optimizer_from_files(model, optimizer, io.load_tensors(last / "optimizer.safetensors"), saved["optimizer"])
         scheduler.load_state_dict(saved["scheduler"])
         rng = io.load_tensors(last / "rng.safetensors")
     torch.set_rng_state(rng["torch"])

@@ -15,6 +15,9 @@ process would (exactly, for losses that are means over examples). The main proce
 alone evaluates, decides (best epoch, early stopping; the others learn its decision)
 and writes; training randomness (augmentation, dropout) differs per process, so a
 multi-process run matches a single-process one statistically, not bit for bit.
+With `train.sharding` the processes shard the model instead of copying it (FSDP,
+`shared/sharding.py`); the loop is the same, with evaluation and checkpoints on the
+gathered model.
 """
 
 from __future__ import annotations
@@ -33,7 +36,7 @@ from typing import Literal
 
 import numpy as np
 import torch
-from peftlab.shared import checkpoint, io, metrics
+from peftlab.shared import checkpoint, io, metrics, sharding
 from peftlab.shared.data import BucketBatchSampler
 from peftlab.shared.errors import UserError
 from peftlab.shared.evaluation import evaluate, to_device
@@ -64,6 +67,11 @@ class TrainConfig(BaseModel):
     activation_checkpointing: bool = Field(
         False, description="recompute each backbone block's activations in the backward pass instead of keeping "
         "them: far less memory for about a third more compute")
+    sharding: Literal["none", "fsdp", "fsdp_grad_op"] = Field(
+        "none", description="with several processes: `fsdp` shards parameters, gradients and optimizer state "
+        "over them (each keeps 1/N, like ZeRO-3) instead of DDP's full copy in each, for models whose training "
+        "state does not fit one device; `fsdp_grad_op` keeps each block's gathered parameters from its forward "
+        "to its backward (like ZeRO-2: fewer gathers, more memory)")
     feature_cache_gb: float = Field(
         4.0, ge=0, description="memory for frozen-feature caching: the outputs of backbone stages the method leaves "
         "frozen are computed once, not every epoch, when training inputs are fixed (0: off)")
@@ -164,8 +172,8 @@ def refuse_sharded_training(accelerator=None) -> None:
     requested = [name for name in sharded if os.environ.get(f"ACCELERATE_USE_{name}", "false").lower() == "true"]
     sharding = next((name for name in running + requested if name in sharded), None)
     if sharding:
-        raise UserError(f"peftlab's training loop runs one process or DDP, not {sharding}; "
-                        f"launch with torchrun / `accelerate launch --multi_gpu` (see the README, multi-process training)")
+        raise UserError(f"peftlab does not run accelerate's {sharding}; launch with torchrun or `accelerate launch "
+                        f"--multi_gpu`, adding train.sharding=fsdp to shard the model (README, multi-process training)")
 
 
 def return_freed_memory_to_the_os() -> None:
@@ -259,6 +267,13 @@ def train(
     return_freed_memory_to_the_os()
     if config.activation_checkpointing:
         enable_activation_checkpointing(model)
+    sharded = config.sharding != "none" and processes > 1
+    if sharded:  # before the optimizer: sharding replaces the parameters
+        units = sharding.shard(model, accelerator.device, keep_gathered_for_backward=config.sharding == "fsdp_grad_op")
+        log(f"{config.sharding}: parameters, gradients and optimizer state sharded over {processes} processes "
+            f"({units} units)")
+    elif config.sharding != "none":
+        log(f"{config.sharding}: one process, nothing to shard")
     params = [p for p in model.parameters() if p.requires_grad]
     decay = [p for p in params if p.ndim >= 2]
     no_decay = [p for p in params if p.ndim < 2]
@@ -279,7 +294,10 @@ def train(
         num_training_steps=total_steps,
     )
     task_model = model  # the task's own object: collate, loss and scores live here
-    model, optimizer = accelerator.prepare(model, optimizer)
+    if sharded:  # already distributed; DDP must not wrap it
+        optimizer = accelerator.prepare(optimizer)
+    else:
+        model, optimizer = accelerator.prepare(model, optimizer)
     state = {
         "epoch": 0, "step_in_epoch": 0, "global_step": 0, "total_steps": total_steps,
         "best_metric": None, "best_epoch": None, "bad_epochs": 0, "history": [],
@@ -291,7 +309,10 @@ def train(
     eval_batch = config.eval_batch_size or config.batch_size
     plan_cache = getattr(task_model, "plan_feature_cache", None)
     if plan_cache is not None and config.feature_cache_gb > 0:
-        log(plan_cache(train_examples, int(config.feature_cache_gb * 2**30)))
+        if sharded:  # a process that skipped a cached stage would leave the others waiting in its gather
+            log(f"feature cache: off (train.sharding={config.sharding}: every process must run every stage)")
+        else:
+            log(plan_cache(train_examples, int(config.feature_cache_gb * 2**30)))
     best_file = checkpoints / "best" / "trainable.safetensors"
 
     progress = tqdm(total=total_steps, initial=state["global_step"], desc="train", unit="step",
@@ -326,7 +347,12 @@ def train(
             state["samples"] += len(indices)
             if not last_micro:
                 continue
-            if config.max_grad_norm:
+            if sharded:
+                sharding.average_replicated_gradients(task_model)
+            if config.max_grad_norm and sharded:
+                accelerator.unscale_gradients()
+                sharding.clip_grad_norm_(params, config.max_grad_norm)
+            elif config.max_grad_norm:
                 accelerator.clip_grad_norm_(params, config.max_grad_norm)
             optimizer.step()
             scheduler.step()
@@ -351,18 +377,20 @@ def train(
         # kept beside the history, which stays a pure function of the run's settings
         state.setdefault("epoch_seconds", []).append(state["seconds"] - seconds_before_epoch)
         if validation_examples:
-            scores = None
-            if main:
-                scores, _ = evaluate(task, task_model, validation_examples, metric_names, eval_batch, accelerator.autocast)
-            scores = main_process_decides(scores, accelerator.state)
-            entry["validation"] = scores
-            value = scores.get(primary_metric)
-            if metrics.is_better(primary_metric, value, state["best_metric"]):
-                state.update(best_metric=value, best_epoch=epoch + 1, bad_epochs=0)
+            with sharding.gathered(task_model):  # the main process evaluates alone
+                scores = None
                 if main:
-                    io.save_tensors(best_file, checkpoint.trainable_state(task_model))
-            else:
-                state["bad_epochs"] += 1
+                    scores, _ = evaluate(task, task_model, validation_examples, metric_names, eval_batch,
+                                         accelerator.autocast)
+                scores = main_process_decides(scores, accelerator.state)
+                entry["validation"] = scores
+                value = scores.get(primary_metric)
+                if metrics.is_better(primary_metric, value, state["best_metric"]):
+                    state.update(best_metric=value, best_epoch=epoch + 1, bad_epochs=0)
+                    if main:
+                        io.save_tensors(best_file, checkpoint.trainable_state(task_model))
+                else:
+                    state["bad_epochs"] += 1
             log(f"epoch {epoch + 1}: train loss {entry['train_loss']:.4f}, validation {primary_metric} "
                 f"{_fmt(value)} (best {_fmt(state['best_metric'])} at epoch {state['best_epoch']})")
         state["history"].append(entry)
@@ -376,15 +404,23 @@ def train(
     if plan_cache is not None:
         task_model.feature_cache = None  # training's alone; frees its memory
 
+    if sharded:  # the caller builds an unsharded model from `trained_state_file`
+        return state
     if main and best_file.is_file():
         checkpoint.load_state(task_model, io.load_tensors(best_file), str(best_file))
     task_model.eval()
     return state
 
 
+def trained_state_file(run_dir: Path) -> Path:
+    """The trained model's trainable state as training left it on disk: the best epoch's,
+    or the last checkpoint's where nothing was validated."""
+    best = Path(run_dir) / "checkpoints" / "best" / "trainable.safetensors"
+    return best if best.is_file() else Path(run_dir) / "checkpoints" / "last" / "trainable.safetensors"
+
+
 def _save(checkpoints, accelerator, model, optimizer, scheduler, state) -> None:
-    if accelerator.is_main_process:
-        checkpoint.save_checkpoint(checkpoints, model, optimizer, scheduler, state)
+    checkpoint.save_checkpoint(checkpoints, model, optimizer, scheduler, state, write=accelerator.is_main_process)
 
 
 def _fmt(value) -> str:

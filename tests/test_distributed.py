@@ -11,8 +11,11 @@ metric within 1e-3 (observed: identical). Dropout or augmentation would draw
 different random numbers per process, and the runs would then agree only
 statistically.
 
-FSDP and DeepSpeed are refused (README): the main process evaluates and saves from its
-own full copy of the model, which they do not keep.
+With `train.sharding=fsdp` each process keeps half of every parameter, gradient and
+optimizer slot instead; the sums run in the same two halves, so the same tolerances
+hold, and the checkpoint it writes (gathered from the shards) has the single-process
+run's files and layout. accelerate's own FSDP and DeepSpeed launches are refused: on
+CPUs accelerate runs DDP under them.
 """
 
 from __future__ import annotations
@@ -37,12 +40,21 @@ def _adapter(run_dir: Path) -> dict[str, torch.Tensor]:
     return tensors
 
 
-def test_two_processes_match_one_with_the_same_global_batch(tmp_path, monkeypatch):
-    single = tmp_path / "single"
-    assert main(["run", "protein-classify", "--demo", "--out", str(single), *SETTINGS]) == 0
+pytestmark = pytest.mark.xdist_group("one-process-reference")  # computed once, for both comparisons
 
+
+@pytest.fixture(scope="module")
+def single(tmp_path_factory) -> Path:
+    run_dir = tmp_path_factory.mktemp("single") / "run"
+    assert main(["run", "protein-classify", "--demo", "--out", str(run_dir), *SETTINGS]) == 0
+    return run_dir
+
+
+@pytest.mark.parametrize("sharding", ["none", "fsdp"])
+def test_two_processes_match_one_with_the_same_global_batch(sharding, single, tmp_path):
     # no --out: the main process picks the run directory and the other one learns it
-    result = run_peftlab("run", "protein-classify", "--demo", "--num-processes", "2", *SETTINGS, cwd=tmp_path)
+    result = run_peftlab("run", "protein-classify", "--demo", "--num-processes", "2", *SETTINGS,
+                         f"train.sharding={sharding}", cwd=tmp_path)
     assert result.returncode == 0, result.stderr[-3000:]
     made = list((tmp_path / "runs" / "protein-classify").iterdir())
     assert len(made) == 1, made
@@ -62,6 +74,14 @@ def test_two_processes_match_one_with_the_same_global_batch(tmp_path, monkeypatc
     for split in ("validation", "test"):
         for name, value in single_metrics[split].items():
             assert multi_metrics[split][name] == pytest.approx(value, abs=1e-3), (split, name)
+    # the checkpoint, sharded or not, is the single-process one: same files, same layout
+    ours, theirs = (io.load_tensors(d / "checkpoints" / "last" / "optimizer.safetensors") for d in (multi, single))
+    assert ours.keys() == theirs.keys()
+    assert max((ours[k] - theirs[k]).abs().max().item() for k in ours) < 1e-5
+    layout = [json.loads((d / "checkpoints" / "last" / "state.json").read_text())["optimizer"] for d in (multi, single)]
+    assert layout[0] == layout[1]
+    assert ("fsdp: parameters, gradients and optimizer state sharded over 2 processes" in result.stderr) == (
+        sharding == "fsdp")
 
 
 def test_batch_shares_cover_the_global_batch_with_weights_that_restore_its_mean():
@@ -81,10 +101,10 @@ def test_batch_shares_cover_the_global_batch_with_weights_that_restore_its_mean(
 
 @pytest.mark.parametrize("sharding", ["FSDP", "DEEPSPEED"])
 def test_a_launch_asking_for_sharded_training_is_refused_with_nothing_written(sharding, tmp_path, monkeypatch, capsys):
-    # what `accelerate launch --config_file configs/accelerate/{fsdp,deepspeed_zero2}_multi_gpu.yaml`
-    # sets; on CPUs accelerate would otherwise run DDP under that config without a word
+    # what `accelerate launch` with an FSDP or DeepSpeed distributed_type sets; on CPUs accelerate
+    # would otherwise run DDP under that config without a word (peftlab shards with train.sharding)
     monkeypatch.setenv(f"ACCELERATE_USE_{sharding}", "true")
     out = tmp_path / "run"
     assert main(["run", "protein-classify", "--demo", "--out", str(out), "train.max_steps=1"]) == 2
-    assert f"runs one process or DDP, not {sharding}; launch with torchrun" in capsys.readouterr().err
+    assert f"peftlab does not run accelerate's {sharding}; launch with torchrun" in capsys.readouterr().err
     assert not out.exists()

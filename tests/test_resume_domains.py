@@ -67,8 +67,8 @@ def test_a_run_stopped_after_a_checkpoint_resumes_to_the_same_result(pipeline, t
 
     original = checkpoint.save_checkpoint
 
-    def save_then_stop(directory, model, optimizer, scheduler, state):
-        original(directory, model, optimizer, scheduler, state)
+    def save_then_stop(directory, model, optimizer, scheduler, state, **options):
+        original(directory, model, optimizer, scheduler, state, **options)
         if state["global_step"] == STOP_AFTER_STEP:
             raise Stop
 

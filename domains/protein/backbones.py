@@ -61,6 +61,8 @@ class ESMEncoder(nn.Module):
                     alphabet=self.alphabet, token_dropout=token_dropout)
         self.embed_tokens = full.embed_tokens
         self.layers = full.layers
+        for layer in self.layers:
+            layer.__class__ = FusedAttentionLayer  # same modules and keys, one more way to run
         self.emb_layer_norm_after = full.emb_layer_norm_after
         self.token_dropout = token_dropout
         self.embed_dim = embed_dim
@@ -101,9 +103,9 @@ class ESMEncoder(nn.Module):
             recompute = self.activation_checkpointing and torch.is_grad_enabled()
             for layer in layers:
                 if recompute:
-                    x = checkpoint(_layer_sdpa, layer, x, attention_mask, use_reentrant=False)
+                    x = checkpoint(layer, x, self_attn_padding_mask=attention_mask, fused=True, use_reentrant=False)
                 else:
-                    x = _layer_sdpa(layer, x, attention_mask)
+                    x = layer(x, self_attn_padding_mask=attention_mask, fused=True)
         elif len(layers):
             x = x.transpose(0, 1)  # fair-esm's own layers are sequence-first
             for layer in layers:
@@ -125,6 +127,18 @@ class ESMEncoder(nn.Module):
             observed = masked.sum(-1).to(x.dtype) / lengths
             x = x * (1 - mask_ratio_train) / (1 - observed)[:, None, None]
         return x * (1 - padding_mask.unsqueeze(-1).type_as(x))
+
+
+class FusedAttentionLayer(esm.modules.TransformerLayer):
+    """fair-esm's TransformerLayer that also runs batch-first with fused attention
+    (`fused=True`), through the module call, so that hooks on the layer see that path
+    too (FSDP gathers a layer's parameters in its forward pre-hook)."""
+
+    def forward(self, x, self_attn_mask=None, self_attn_padding_mask=None, need_head_weights=False, fused=False):
+        if fused:
+            return _layer_sdpa(self, x, self_attn_padding_mask)
+        return super().forward(x, self_attn_mask=self_attn_mask, self_attn_padding_mask=self_attn_padding_mask,
+                               need_head_weights=need_head_weights)
 
 
 def _layer_sdpa(layer, x: torch.Tensor, padding_mask: torch.Tensor | None) -> torch.Tensor:
