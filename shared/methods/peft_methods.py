@@ -12,6 +12,7 @@ import re
 from dataclasses import dataclass, field
 
 import peft
+import torch
 from peftlab.shared.methods.registry import Applied, register_method
 from peftlab.shared.methods.targeting import find_blocks, select_modules
 from torch import nn
@@ -37,8 +38,24 @@ def target_names(model: nn.Module, targets, layers, blocks, method: str, types=_
     return "(" + "|".join(re.escape(name) for name, _ in chosen) + ")"
 
 
+class UniformMaskDropout(nn.Dropout):
+    """nn.Dropout with its keep-mask drawn as `uniform >= p`: the same Bernoulli(1 - p)
+    mask, 1.8x faster forward + backward on CPUs, where torch draws it with bernoulli_
+    (measured on a 8 x 320 x 320 input: 9.2 vs 5.2 ms). LoRA draws one such mask per
+    adapted module and step, 7 % of an ESM-2 8M training step."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.training or self.p == 0 or x.device.type != "cpu":
+            return super().forward(x)
+        scale = 1.0 / (1.0 - self.p)
+        return x * ((torch.rand_like(x) >= self.p).to(x.dtype) * scale)
+
+
 def _wrap(model: nn.Module, config: peft.PeftConfig) -> Applied:
     peft_model = peft.get_peft_model(model, config)
+    for name, module in peft_model.named_modules():
+        if ".lora_dropout." in f".{name}." and type(module) is nn.Dropout:
+            module.__class__ = UniformMaskDropout
     names = [n for n, p in peft_model.named_parameters() if p.requires_grad]
     return Applied(peft_model, names)
 
