@@ -2,8 +2,10 @@
 
 ESM-2 8M architecture (random weights), LoRA r=8 on attention k/v of every layer with
 non-zero B (as after training), one batch of 8 sequences of 300 residues, no gradients,
-the precision `peftlab predict` uses here. The three models run in interleaved rounds
-(so drift in the machine's speed hits all three alike) and the median is reported.
+the precision `peftlab predict` uses here. The models run in interleaved rounds, each
+taking each place in a round equally often (so drift in the machine's speed hits all
+alike), and the median is reported. A copy of the base runs too: the spread between
+two identical models is the noise floor the other differences must exceed.
 
     python benchmarks/merged_latency.py [--rounds 30] [--length 300] [--precision auto]
 """
@@ -40,7 +42,8 @@ def main() -> None:
     residues = "ACDEFGHIKLMNPQRSTVWY"
     tokens = base.tokenize(["".join(residues[(i * 7 + j) % 20] for j in range(args.length)) for i in range(8)])
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(resolve_precision(args.precision))
-    models = {"base": base, "merged": merged, "unmerged LoRA": unmerged}
+    # the same model twice: the spread between identical models is this machine's noise floor
+    models = {"base": base, "base again (a copy)": copy.deepcopy(base), "merged": merged, "unmerged LoRA": unmerged}
 
     def forward(model):
         with torch.no_grad(), torch.autocast("cpu", dtype=dtype or torch.bfloat16, enabled=dtype is not None):
@@ -52,8 +55,11 @@ def main() -> None:
         for _ in range(3):
             forward(model)
     times = {name: [] for name in models}
-    for _ in range(args.rounds):
-        for name, model in models.items():
+    names = list(models)
+    for round_index in range(args.rounds):
+        # each model takes each place in a round equally often: the first of a round ran slower
+        for name in names[round_index % len(names):] + names[:round_index % len(names)]:
+            model = models[name]
             start = time.perf_counter()
             forward(model)
             times[name].append(time.perf_counter() - start)
