@@ -82,9 +82,9 @@ def save_checkpoint(directory: Path, model, optimizer, scheduler, train_state: d
     """Every process of a run calls this (a sharded model's state is gathered from all of
     them); the one with `write` (the main process) writes."""
     optimizer_state = sharding.optimizer_state_dict(model, optimizer)
+    sharded = sharding.is_sharded(model)
     with sharding.gathered(model):  # copies: a gathered parameter's memory is freed on leaving
-        trainable = {name: tensor.clone() if sharding.is_sharded(model) else tensor
-                     for name, tensor in trainable_state(model).items()}
+        trainable = {name: tensor.clone() if sharded else tensor for name, tensor in trainable_state(model).items()}
     if not write:
         return
     directory = Path(directory)
