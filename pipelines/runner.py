@@ -27,7 +27,7 @@ import numpy as np
 import peftlab
 import torch
 from peftlab.pipelines import config as cfg
-from peftlab.shared import checkpoint, io, methods
+from peftlab.shared import checkpoint, io, methods, sharding
 from peftlab.shared.cards import Card, read_card
 from peftlab.shared.data import subsample
 from peftlab.shared.errors import UserError
@@ -285,8 +285,7 @@ def _train_and_finish(run_dir: Path, prepared: Prepared, resume: bool) -> Path:
                   config.train, prepared.metrics, prepared.primary_metric, run_dir, accelerator, resume=resume, log=log)
     if not accelerator.is_main_process:
         return run_dir
-    if config.train.sharding != "none" and accelerator.num_processes > 1:
-        # training's model is in shards across the processes: this one is whole
+    if sharding.is_sharded(model):  # in shards across the processes: evaluate and save a whole one
         model = build_model(config, prepared.task, prepared.options, prepared.dataset.labels)
         trained = trained_state_file(run_dir)
         checkpoint.load_state(model, io.load_tensors(trained), str(trained))

@@ -44,6 +44,9 @@ from pydantic import BaseModel, ConfigDict, Field
 from tqdm.auto import tqdm
 from transformers import get_scheduler
 
+BEST_STATE = Path("checkpoints") / "best" / "trainable.safetensors"
+"""In a run directory: the trainable state of the best validated epoch."""
+
 
 class TrainConfig(BaseModel):
     # NaN passes no range check and inf passes `gt=0`: both are refused outright.
@@ -293,7 +296,7 @@ def train(
             log(f"feature cache: off (train.sharding={config.sharding}: every process must run every stage)")
         else:
             log(plan_cache(train_examples, int(config.feature_cache_gb * 2**30)))
-    best_file = checkpoints / "best" / "trainable.safetensors"
+    best_file = Path(run_dir) / BEST_STATE
 
     progress = tqdm(total=total_steps, initial=state["global_step"], desc="train", unit="step",
                     file=sys.stderr, dynamic_ncols=True, mininterval=0.5, disable=not main)
@@ -395,7 +398,7 @@ def train(
 def trained_state_file(run_dir: Path) -> Path:
     """The trained model's trainable state as training left it on disk: the best epoch's,
     or the last checkpoint's where nothing was validated."""
-    best = Path(run_dir) / "checkpoints" / "best" / "trainable.safetensors"
+    best = Path(run_dir) / BEST_STATE
     return best if best.is_file() else Path(run_dir) / "checkpoints" / "last" / "trainable.safetensors"
 
 
