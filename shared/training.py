@@ -35,7 +35,7 @@ from typing import Literal
 
 import numpy as np
 import torch
-from peftlab.shared import checkpoint, io, memory, metrics, sharding
+from peftlab.shared import checkpoint, io, memory, methods, metrics, sharding
 from peftlab.shared.data import BucketBatchSampler
 from peftlab.shared.errors import UserError
 from peftlab.shared.evaluation import evaluate, to_device
@@ -183,7 +183,7 @@ def enable_activation_checkpointing(task_model) -> None:
     encoders (`activation_checkpointing`), timm and open_clip (`set_grad_checkpointing`),
     transformers (`gradient_checkpointing_enable`)."""
     backbone = task_model.backbone
-    base = backbone.base_model if hasattr(backbone, "base_model") else backbone  # unwrapped from the method
+    base = methods.network_of(backbone)
     for module in base.modules():
         if hasattr(module, "activation_checkpointing"):
             module.activation_checkpointing = True

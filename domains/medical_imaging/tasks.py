@@ -25,8 +25,8 @@ import numpy as np
 import timm.data
 import timm.models
 import torch
+from peftlab.shared import methods, requests
 from peftlab.shared import metrics as metric_registry
-from peftlab.shared import requests
 from peftlab.shared.cards import Card
 from peftlab.shared.data import ratio_split
 from peftlab.shared.errors import UserError
@@ -121,7 +121,7 @@ class ImageClassifier(nn.Module):
 
     def network(self) -> nn.Module:
         """The timm model itself, unwrapped from the method."""
-        return self.backbone.base_model if hasattr(self.backbone, "base_model") else self.backbone
+        return methods.network_of(self.backbone)
 
     def plan_feature_cache(self, train_examples: list[dict], budget_bytes: int) -> str:
         """Turn the cache on when the method leaves the backbone's first stages frozen and
@@ -360,7 +360,7 @@ class MedicalClassifyTask:
         return ImageClassifier(model, info, data_config, options, len(labels))
 
     def default_method_options(self, method: str, model) -> dict[str, Any]:
-        backbone = model.backbone.base_model if hasattr(model.backbone, "base_model") else model.backbone
+        backbone = methods.network_of(model.backbone)
         kind = family(backbone)
         if kind == "vit":
             return dict(_VIT_DEFAULTS.get(method, {}))

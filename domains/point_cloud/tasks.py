@@ -23,7 +23,7 @@ from typing import Any
 
 import numpy as np
 import torch
-from peftlab.shared import io, requests
+from peftlab.shared import io, methods, requests
 from peftlab.shared.cards import Card
 from peftlab.shared.data import ratio_split
 from peftlab.shared.errors import UserError
@@ -98,7 +98,7 @@ class PointCloudClassifier(nn.Module):
         self.feature_cache: FeatureCache | None = None
 
     def encoder(self) -> PointBERT:
-        return self.backbone.base_model if hasattr(self.backbone, "base_model") else self.backbone
+        return methods.network_of(self.backbone)
 
     def plan_feature_cache(self, train_examples: list[dict], budget_bytes: int) -> str:
         """Turn the cache on when the method leaves the encoder's first stages frozen and

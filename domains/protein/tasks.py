@@ -13,7 +13,7 @@ from typing import Any
 
 import numpy as np
 import torch
-from peftlab.shared import io, requests
+from peftlab.shared import io, methods, requests
 from peftlab.shared.cards import Card
 from peftlab.shared.data import ratio_split
 from peftlab.shared.errors import UserError
@@ -76,7 +76,7 @@ class _ProteinModel(nn.Module):
         self.feature_cache: FeatureCache | None = None
 
     def _encoder(self) -> ESMEncoder:
-        return self.backbone.base_model if hasattr(self.backbone, "base_model") else self.backbone
+        return methods.network_of(self.backbone)
 
     def _token_batch(self, sequences: list[str], rng) -> dict[str, Any]:
         """Tokens of the (cropped) sequences; in training with the cache on, the cropped

@@ -23,7 +23,7 @@ from typing import Any
 
 import numpy as np
 import torch
-from peftlab.shared import io, requests
+from peftlab.shared import io, methods, requests
 from peftlab.shared.cards import Card
 from peftlab.shared.data import ratio_split
 from peftlab.shared.errors import UserError
@@ -134,7 +134,7 @@ class SpeechEmotionModel(nn.Module):
         return [n // encoder.extractor.hop_length for n in samples] if encoder.family == "whisper" else samples
 
     def encoder(self) -> SpeechEncoder:
-        return self.backbone.base_model if hasattr(self.backbone, "base_model") else self.backbone
+        return methods.network_of(self.backbone)
 
     def example_length(self, example) -> int:
         """Samples at the backbone's rate after cropping: the cost that batches are bucketed by."""

@@ -6,7 +6,7 @@
     adapted.parameter_counts(); adapted.save("adapter/"); merged = adapted.merge()
 """
 
-from peftlab.shared.methods.adapted import AdaptedModel, apply, load_adapter
+from peftlab.shared.methods.adapted import AdaptedModel, apply, load_adapter, network_of
 from peftlab.shared.methods.registry import (
     Applied,
     MethodSpec,
@@ -24,6 +24,7 @@ __all__ = [
     "get_method",
     "list_methods",
     "load_adapter",
+    "network_of",
     "options_help",
     "register_method",
 ]

@@ -140,3 +140,9 @@ def load_adapter(model: nn.Module, directory) -> AdaptedModel:
     adapted = apply(model, saved["method"], **saved["options"])
     adapted.load_method_state_dict(io.load_tensors(directory / WEIGHTS_FILE), source=str(directory))
     return adapted
+
+
+def network_of(backbone: nn.Module) -> nn.Module:
+    """The network itself: unwrapped from the method's `AdaptedModel` (and peft's
+    wrapper), or `backbone` where no method wraps it."""
+    return backbone.base_model if isinstance(backbone, AdaptedModel) else backbone
