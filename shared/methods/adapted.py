@@ -144,5 +144,6 @@ def load_adapter(model: nn.Module, directory) -> AdaptedModel:
 
 def network_of(backbone: nn.Module) -> nn.Module:
     """The network itself: unwrapped from the method's `AdaptedModel` (and peft's
-    wrapper), or `backbone` where no method wraps it."""
-    return backbone.base_model if isinstance(backbone, AdaptedModel) else backbone
+    wrapper), or from what stands in for one (serving's replayed backbone), by its
+    `base_model`; `backbone` where nothing wraps it."""
+    return backbone.base_model if hasattr(backbone, "base_model") else backbone
