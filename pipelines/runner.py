@@ -82,9 +82,10 @@ def build_config(
             raw["method"] = {}  # another method: the recipe's method options do not apply to it
         raw = cfg.merge(raw, raw["demo"])
     raw.pop("demo", None)
-    if method:
+    # Naming the recipe's own method or backbone keeps the recipe's options for it.
+    if method and method != (raw.get("method") or {}).get("name"):
         raw["method"] = {"name": method}
-    if backbone:
+    if backbone and backbone != (raw.get("backbone") or {}).get("name"):
         raw["backbone"] = {"name": backbone}
     if data:
         raw.setdefault("data", {})

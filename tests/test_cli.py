@@ -164,3 +164,13 @@ def test_adapter_on_other_backbone_weights_is_refused_unless_forced(ppi_run, tmp
     assert main(["eval", str(copy)]) == 2
     assert "pass --force to use it anyway" in capsys.readouterr().err
     assert main(["eval", str(copy), "--force"]) == 0
+
+
+def test_naming_the_recipes_own_method_keeps_its_options_and_another_method_drops_them():
+    from peftlab.pipelines import runner
+
+    own = runner.build_config("protein-classify", method="lora")
+    other = runner.build_config("protein-classify", method="dora")
+    recipe = runner.build_config("protein-classify")
+    assert own.method == recipe.method  # alpha 32, dropout 0.1 from the recipe
+    assert other.method == {"name": "dora"}
