@@ -175,3 +175,29 @@ def test_fused_attention_matches_fair_esm_eager_layers_with_padding_and_lora():
         encoder.attention = "sdpa"
         fused = adapted(tokens)
     assert (fused - eager).abs()[residues].max() < 1e-5
+
+
+def test_bf16_attention_computes_in_fp32_and_keeps_half_the_bytes_for_backward():
+    torch.manual_seed(0)
+    q, k, v = (torch.randn(2, 4, 37, 16).to(torch.bfloat16).requires_grad_() for _ in range(3))
+    keep = torch.ones(2, 1, 1, 37, dtype=torch.bool)
+    keep[1, ..., 30:] = False  # the second sequence is padded
+    grad = torch.randn(2, 4, 37, 16).to(torch.bfloat16)
+
+    def saved_bytes(run):
+        sizes = []
+        with torch.autograd.graph.saved_tensors_hooks(lambda t: sizes.append(t.nbytes) or t, lambda t: t):
+            out = run()
+        return out, sum(sizes)
+
+    out, kept = saved_bytes(lambda: backbones.BF16KeptFP32Attention.apply(q, k, v, keep))
+    reference_inputs = [t.detach().float().requires_grad_() for t in (q, k, v)]
+    reference, reference_kept = saved_bytes(
+        lambda: torch.nn.functional.scaled_dot_product_attention(*(t * 1 for t in reference_inputs), attn_mask=keep))
+    assert out.dtype == torch.bfloat16 and torch.equal(out, reference.to(torch.bfloat16))
+    out.backward(grad)
+    reference.backward(grad.float())
+    for mine, theirs in zip((q, k, v), reference_inputs):
+        assert mine.grad.dtype == torch.bfloat16
+        torch.testing.assert_close(mine.grad.float(), theirs.grad, rtol=2e-2, atol=2e-2)
+    assert kept < 0.6 * reference_kept

@@ -158,20 +158,50 @@ def _layer_sdpa(layer, x: torch.Tensor, padding_mask: torch.Tensor | None) -> to
         return t.view(batch, length, heads, width // heads).transpose(1, 2)
 
     q, k, v = split(attention.q_proj(h)), split(attention.k_proj(h)), split(attention.v_proj(h))
-    q, k = attention.rot_emb(q, k)
+    projected = v.dtype
+    q, k = attention.rot_emb(q, k)  # fair-esm rotates in fp32 (its cos/sin tables are fp32)
     mask = None if padding_mask is None else ~padding_mask[:, None, None, :]
     dropout = attention.dropout if attention.training else 0.0
-    if q.device.type == "cpu":
-        # ESM-2's heads are narrow (16-64 wide); on CPU the fused kernel runs them 2x faster
-        # in fp32 than in bf16 (forward + backward, 16-wide heads), so bf16 stays in the
-        # matmuls. Autocast would cast fp32 inputs back to bf16: it is off for this call.
-        with torch.autocast("cpu", enabled=False):
+    if q.device.type == "cpu" and projected == torch.bfloat16 and dropout == 0.0:
+        h = BF16KeptFP32Attention.apply(q.to(projected), k.to(projected), v, mask)
+    elif q.device.type == "cpu":
+        with torch.autocast("cpu", enabled=False):  # see BF16KeptFP32Attention: fp32 is faster here
             h = F.scaled_dot_product_attention(q.float(), k.float(), v.float(), attn_mask=mask, dropout_p=dropout)
     else:
         h = F.scaled_dot_product_attention(q, k.to(q.dtype), v.to(q.dtype), attn_mask=mask, dropout_p=dropout)
     x = x + attention.out_proj(h.transpose(1, 2).reshape(batch, length, width))
     h = layer.fc2(F.gelu(layer.fc1(layer.final_layer_norm(x))))
     return x + h
+
+
+class BF16KeptFP32Attention(torch.autograd.Function):
+    """Fused attention on CPU for bf16 inputs: computed in fp32, kept for backward in bf16.
+
+    ESM-2's heads are narrow (16-64 wide); on CPU the fused kernel runs them 2x faster in
+    fp32 than in bf16 (forward + backward, 16-wide heads), so bf16 stays in the matmuls
+    around it. Keeping fp32 copies of q, k, v and the output for backward would double
+    attention's share of training memory, so the bf16 tensors are kept and widened again
+    in backward (exactly the values forward used; only the output is the bf16-rounded one,
+    which the next projection consumes anyway under autocast). Output and gradients come
+    back in bf16, as the projections around it use them.
+    """
+
+    @staticmethod
+    def forward(ctx, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, keep: torch.Tensor | None):
+        additive = None if keep is None else torch.zeros(keep.shape, dtype=torch.float32).masked_fill(~keep, -torch.inf)
+        with torch.autocast("cpu", enabled=False):
+            out, logsumexp = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
+                q.float(), k.float(), v.float(), attn_mask=additive)
+        out = out.to(q.dtype)
+        ctx.save_for_backward(q, k, v, out, logsumexp, additive)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out: torch.Tensor):
+        q, k, v, out, logsumexp, additive = ctx.saved_tensors
+        grads = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward(
+            grad_out.float(), q.float(), k.float(), v.float(), out.float(), logsumexp, 0.0, False, attn_mask=additive)
+        return *(grad.to(q.dtype) for grad in grads), None
 
 
 def backbone_names() -> list[str]:

@@ -39,16 +39,39 @@ def target_names(model: nn.Module, targets, layers, blocks, method: str, types=_
 
 
 class UniformMaskDropout(nn.Dropout):
-    """nn.Dropout with its keep-mask drawn as `uniform >= p`: the same Bernoulli(1 - p)
-    mask, 1.8x faster forward + backward on CPUs, where torch draws it with bernoulli_
-    (measured on a 8 x 320 x 320 input: 9.2 vs 5.2 ms). LoRA draws one such mask per
-    adapted module and step, 7 % of an ESM-2 8M training step."""
+    """nn.Dropout with its keep-mask drawn from 16-bit uniform integers: a Bernoulli
+    mask whose drop rate is p rounded to a multiple of 1/65536 (0.1 -> 0.100006), scaled
+    by that rate so the output stays unbiased. On CPUs torch draws nn.Dropout's mask with
+    bernoulli_, a 32-bit draw per element; four 16-bit draws out of each 64-bit one make
+    forward + backward 2.3x faster (8 x 322 x 320 fp32: 6.0 ms -> 2.6 ms; a float
+    `rand_like(x) >= p` mask takes 3.7 ms). LoRA draws one such mask per adapted module
+    and step, 5-7 % of an ESM-2 8M training step with bernoulli_. The mask is kept for
+    backward as bools (see `_ScaledMask`)."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not self.training or self.p == 0 or x.device.type != "cpu":
             return super().forward(x)
-        scale = 1.0 / (1.0 - self.p)
-        return x * ((torch.rand_like(x) >= self.p).to(x.dtype) * scale)
+        dropped_levels = round(self.p * 2**16)  # of the 2**16 values an int16 takes
+        words = torch.empty((x.numel() + 3) // 4, dtype=torch.int64).random_(-2**63, None)
+        levels = words.view(torch.int16)[: x.numel()].view(x.shape)
+        keep = levels >= dropped_levels - 2**15
+        return _ScaledMask.apply(x, keep, 2**16 / (2**16 - dropped_levels))
+
+
+class _ScaledMask(torch.autograd.Function):
+    """x * keep * scale, keeping the bool mask for backward (1 byte an element, where
+    `x * keep.to(x.dtype)` would keep the mask in x's dtype: 4 bytes in fp32)."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, keep: torch.Tensor, scale: float) -> torch.Tensor:
+        ctx.save_for_backward(keep)
+        ctx.scale = scale
+        return torch.where(keep, x, 0.0).mul_(scale)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        (keep,) = ctx.saved_tensors
+        return torch.where(keep, grad, 0.0).mul_(ctx.scale), None, None
 
 
 def _wrap(model: nn.Module, config: peft.PeftConfig) -> Applied:
