@@ -18,7 +18,7 @@ peak is measured in the same run, and each loop's achieved model FLOP/s is print
 a share of it. Also printed: the mean train loss of the last epoch (equal or lower is
 better) and held-out accuracy.
 
-    python benchmarks/protein_training_speed.py [--epochs 3] [--steps-per-epoch 10]
+    python benchmarks/protein_training_speed.py [--epochs 3] [--steps-per-epoch 10] [--rounds 3]
 """
 
 from __future__ import annotations
@@ -254,6 +254,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--epochs", type=int, default=3)
     parser.add_argument("--steps-per-epoch", type=int, default=10)
+    parser.add_argument("--rounds", type=int, default=1, help="run every loop this many times; medians are reported")
     parser.add_argument("--skip-hand-written", action="store_true", help="it is the slow one (~10 s a step)")
     parser.add_argument("--peftlab", action="append", default=[], metavar="KEY=VALUE",
                         help="extra peftlab override, e.g. train.precision=fp32 (repeatable)")
@@ -275,15 +276,30 @@ def main() -> None:
                  "knowledgeable": lambda: knowledgeable_loop(train, test, args.epochs)}
         if not args.skip_hand_written:
             loops["hand-written"] = lambda: hand_written_loop(train, test, args.epochs)
-        for name, loop in loops.items():
-            print(f"{name}:", flush=True)
-            results[name] = loop()
+        names = list(loops)
+        rounds = []
+        for round_index in range(args.rounds):
+            # the machine's speed drifts between minutes: each round runs every loop, in a
+            # rotated order, and the ratios are taken within a round
+            order = names[round_index % len(names):] + names[:round_index % len(names)]
+            rounds.append({})
+            for name in order:
+                print(f"{name} (round {round_index + 1} of {args.rounds}):", flush=True)
+                rounds[-1][name] = loops[name]()
+    results = {name: dict(rounds[-1][name]) for name in names}
+    for name in names:
+        results[name]["samples_per_s"] = float(np.median([r[name]["samples_per_s"] for r in rounds]))
+        results[name]["gflop_per_s"] = float(np.median([r[name]["gflop_per_s"] for r in rounds]))
+        results[name]["vs_knowledgeable"] = float(np.median(
+            [r[name]["samples_per_s"] / r["knowledgeable"]["samples_per_s"] for r in rounds]))
+        results[name]["rounds_samples_per_s"] = [r[name]["samples_per_s"] for r in rounds]
     print()
+    if args.rounds > 1:
+        print(f"medians over {args.rounds} rounds; ratios are medians of each round's ratio")
     print("| loop | samples/s | vs knowledgeable | model GFLOP/s | share of bf16 peak | last-epoch loss | test accuracy |")
     print("|---|---|---|---|---|---|---|")
     for name, result in results.items():
-        print(f"| {name} | {result['samples_per_s']:.2f} | "
-              f"{result['samples_per_s'] / results['knowledgeable']['samples_per_s']:.2f}x | "
+        print(f"| {name} | {result['samples_per_s']:.2f} | {result['vs_knowledgeable']:.2f}x | "
               f"{result['gflop_per_s']:.0f} | {result['gflop_per_s'] / peak:.0%} | "
               f"{result['last_epoch_loss']:.4f} | {result['test_accuracy']:.3f} |")
     print(json.dumps({"bf16_peak_gflop_per_s": round(peak), **results}, default=lambda v: round(v, 4)))
