@@ -51,7 +51,7 @@ class UniformMaskDropout(nn.Dropout):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not self.training or self.p == 0 or x.device.type != "cpu":
             return super().forward(x)
-        dropped_levels = round(self.p * 2**16)  # of the 2**16 values an int16 takes
+        dropped_levels = min(round(self.p * 2**16), 2**16 - 1)  # of the 2**16 values an int16 takes
         words = torch.empty((x.numel() + 3) // 4, dtype=torch.int64).random_(-2**63, None)
         levels = words.view(torch.int16)[: x.numel()].view(x.shape)
         keep = levels >= dropped_levels - 2**15
