@@ -177,27 +177,56 @@ def test_fused_attention_matches_fair_esm_eager_layers_with_padding_and_lora():
     assert (fused - eager).abs()[residues].max() < 1e-5
 
 
-def test_bf16_attention_computes_in_fp32_and_keeps_half_the_bytes_for_backward():
+def _saved_bytes(run):
+    sizes = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: sizes.append(t.nbytes) or t, lambda t: t):
+        out = run()
+    return out, sum(sizes)
+
+
+def test_bf16_attention_runs_each_sequence_in_fp32_and_keeps_half_the_bytes_for_backward():
     torch.manual_seed(0)
     q, k, v = (torch.randn(2, 4, 37, 16).to(torch.bfloat16).requires_grad_() for _ in range(3))
     keep = torch.ones(2, 1, 1, 37, dtype=torch.bool)
     keep[1, ..., 30:] = False  # the second sequence is padded
+    lengths = backbones.right_padded_lengths(~keep[:, 0, 0])
+    assert lengths == (37, 30)
     grad = torch.randn(2, 4, 37, 16).to(torch.bfloat16)
+    grad[1, :, 30:] = 0  # nothing downstream reads padded positions
 
-    def saved_bytes(run):
-        sizes = []
-        with torch.autograd.graph.saved_tensors_hooks(lambda t: sizes.append(t.nbytes) or t, lambda t: t):
-            out = run()
-        return out, sum(sizes)
-
-    out, kept = saved_bytes(lambda: backbones.BF16KeptFP32Attention.apply(q, k, v, keep))
+    out, kept = _saved_bytes(lambda: backbones.CPUFlashAttention.apply(q, k, v, lengths, None))
     reference_inputs = [t.detach().float().requires_grad_() for t in (q, k, v)]
-    reference, reference_kept = saved_bytes(
+    reference, reference_kept = _saved_bytes(
         lambda: torch.nn.functional.scaled_dot_product_attention(*(t * 1 for t in reference_inputs), attn_mask=keep))
-    assert out.dtype == torch.bfloat16 and torch.equal(out, reference.to(torch.bfloat16))
+    real = keep[:, 0, 0, :, None].expand(2, 37, 4).transpose(1, 2)  # (batch, heads, tokens)
+    assert out.dtype == torch.bfloat16 and torch.equal(out[real], reference.to(torch.bfloat16)[real])
+    assert not out[1, :, 30:].any()  # padded query rows: zeros
     out.backward(grad)
     reference.backward(grad.float())
     for mine, theirs in zip((q, k, v), reference_inputs):
         assert mine.grad.dtype == torch.bfloat16
         torch.testing.assert_close(mine.grad.float(), theirs.grad, rtol=2e-2, atol=2e-2)
     assert kept < 0.6 * reference_kept
+
+
+def test_attention_with_a_mask_that_is_not_right_padding_runs_batched_with_the_mask():
+    torch.manual_seed(0)
+    padding = torch.zeros(2, 9, dtype=torch.bool)
+    padding[1, :3] = True  # left padding
+    assert backbones.right_padded_lengths(padding) is None
+    q, k, v = (torch.randn(2, 2, 9, 8, requires_grad=True) for _ in range(3))
+    keep = ~padding[:, None, None, :]
+    out = backbones.CPUFlashAttention.apply(q, k, v, None, keep)
+    reference = torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=keep)
+    torch.testing.assert_close(out, reference)
+    grads = torch.autograd.grad(out.sum(), (q, k, v))
+    for mine, theirs in zip(grads, torch.autograd.grad(reference.sum(), (q, k, v))):
+        torch.testing.assert_close(mine, theirs)
+
+
+def test_short_sequences_on_many_threads_run_batched(monkeypatch):
+    padding = torch.arange(40) >= torch.tensor([40, 12])[:, None]
+    assert backbones.per_sequence_lengths(padding, heads=20) == (40, 12)
+    monkeypatch.setattr(torch, "get_num_threads", lambda: 64)  # 20 heads x 1 query block each: threads idle
+    assert backbones.per_sequence_lengths(padding, heads=20) is None
+    assert backbones.per_sequence_lengths(padding, heads=64) == (40, 12)
