@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import copy
 import datetime
 
 import numpy as np
@@ -194,7 +195,8 @@ def test_bf16_attention_runs_each_sequence_in_fp32_and_keeps_half_the_bytes_for_
     grad = torch.randn(2, 4, 37, 16).to(torch.bfloat16)
     grad[1, :, 30:] = 0  # nothing downstream reads padded positions
 
-    out, kept = _saved_bytes(lambda: backbones.CPUFlashAttention.apply(q, k, v, lengths, None))
+    spans = ((0, 0, 37), (1, 0, 30))  # (batch row, first token, end token)
+    out, kept = _saved_bytes(lambda: backbones.CPUFlashAttention.apply(q, k, v, spans, None))
     reference_inputs = [t.detach().float().requires_grad_() for t in (q, k, v)]
     reference, reference_kept = _saved_bytes(
         lambda: torch.nn.functional.scaled_dot_product_attention(*(t * 1 for t in reference_inputs), attn_mask=keep))
@@ -222,6 +224,46 @@ def test_attention_with_a_mask_that_is_not_right_padding_runs_batched_with_the_m
     grads = torch.autograd.grad(out.sum(), (q, k, v))
     for mine, theirs in zip(grads, torch.autograd.grad(reference.sum(), (q, k, v))):
         torch.testing.assert_close(mine, theirs)
+
+
+@pytest.mark.parametrize("precision", [torch.float32, torch.bfloat16])
+def test_packed_layers_match_the_padded_batch_in_outputs_and_gradients(precision, monkeypatch):
+    """On CPUs a right-padded batch runs its layers on packed tokens (no padding through
+    projections, feed-forward or attention); real positions and LoRA gradients are the
+    padded layout's."""
+    from peftlab.shared import methods
+
+    encoder, _ = backbones.load_backbone("tiny")
+    adapted = methods.apply(copy.deepcopy(encoder), "lora", target_modules=["k_proj", "v_proj"])
+    with torch.no_grad():
+        for param in adapted.method_parameters().values():
+            param.add_(0.1 * torch.randn_like(param, generator=torch.Generator().manual_seed(0)))
+    tokens = encoder.tokenize(["MKTAYIAKQRQISFVKSHFSRQLEERLGLIEVQ", "MLLAVLY", "GIWDTIKSMGKVFAGKLLAV"])
+    residues = tokens != encoder.padding_idx
+    packs = []
+    original = backbones.ESMEncoder._packs
+    monkeypatch.setattr(backbones.ESMEncoder, "_packs", lambda *a: packs.append(original(*a)) or packs[-1])
+
+    def run():
+        adapted.zero_grad()
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision == torch.bfloat16):
+            out = adapted(tokens)
+        (out.float()[residues] ** 2).mean().backward()
+        return out.detach(), {n: p.grad.clone() for n, p in adapted.method_parameters().items()}
+
+    packed, packed_grads = run()
+    with torch.no_grad():  # inference keeps rows as inputs (peft's mixed-adapter batches need them)
+        adapted(tokens)
+    monkeypatch.setattr(backbones, "per_sequence_lengths", lambda mask, heads: None)
+    padded, padded_grads = run()
+    assert packs == [True, False, False]
+    assert not packed[~residues].any()  # padding comes back as zeros
+    if precision == torch.float32:
+        torch.testing.assert_close(packed[residues], padded[residues], rtol=0, atol=2e-6)
+    else:  # the projections' bf16 GEMMs sum in another order over fewer rows
+        torch.testing.assert_close(packed[residues].float(), padded[residues].float(), rtol=0.02, atol=0.02)
+    for name in padded_grads:
+        torch.testing.assert_close(packed_grads[name], padded_grads[name], rtol=0.05, atol=1e-3 if precision == torch.bfloat16 else 1e-5)
 
 
 def test_short_sequences_on_many_threads_run_batched(monkeypatch):

@@ -19,6 +19,7 @@ from pathlib import Path
 import esm
 import torch
 from esm.model.esm2 import ESM2
+from esm.rotary_embedding import apply_rotary_pos_emb
 from peftlab.shared import io
 from peftlab.shared.backbone_cache import load_once
 from peftlab.shared.errors import UserError
@@ -94,7 +95,9 @@ class ESMEncoder(nn.Module):
     def forward(self, tokens: torch.Tensor, hidden: torch.Tensor | None = None, start: int = 0,
                 stop: int | None = None) -> torch.Tensor:
         """Hidden states after stages [start, stop) of `stages()`; all of them by default.
-        From `start` > 0, `hidden` is the output of stage start - 1 for these tokens."""
+        From `start` > 0, `hidden` is the output of stage start - 1 for these tokens.
+        Padding positions carry no meaning (zeros where the layers ran packed): read
+        the positions of real tokens only."""
         stop = len(self.layers) + 2 if stop is None else stop
         padding_mask = tokens.eq(self.alphabet.padding_idx)
         attention_mask = padding_mask if padding_mask.any() else None
@@ -102,11 +105,19 @@ class ESMEncoder(nn.Module):
         layers = self.layers[max(start - 1, 0):max(stop - 1, 0)]
         if self.attention == "sdpa":
             recompute = self.activation_checkpointing and torch.is_grad_enabled()
+            packed = self._packs(x, attention_mask, layers)
+            if packed:
+                real = ~attention_mask
+                x = x[real]  # (tokens, width): the sequences one after another, no padding
             for layer in layers:
                 if recompute:
                     x = checkpoint(layer, x, self_attn_padding_mask=attention_mask, fused=True, use_reentrant=False)
                 else:
                     x = layer(x, self_attn_padding_mask=attention_mask, fused=True)
+            if packed:
+                padded = x.new_zeros((*real.shape, x.shape[-1]))
+                padded[real] = x
+                x = padded
         elif len(layers):
             x = x.transpose(0, 1)  # fair-esm's own layers are sequence-first
             for layer in layers:
@@ -115,6 +126,18 @@ class ESMEncoder(nn.Module):
         if start <= len(self.layers) + 1 < stop:
             x = self.emb_layer_norm_after(x)
         return x
+
+    def _packs(self, x: torch.Tensor, padding_mask: torch.Tensor | None, layers) -> bool:
+        """Whether the layers run on packed tokens: when training on a CPU, for
+        right-padded batches that `per_sequence_lengths` runs one sequence at a time
+        (the projections and feed-forward then skip the padding too). Inference keeps
+        the padded layout, where a row is an input: peft's mixed-adapter batches
+        (`peftlab serve`) pick each row's adapter by it. Attention dropout needs it too."""
+        if padding_mask is None or x.device.type != "cpu" or not len(layers) or not torch.is_grad_enabled():
+            return False
+        if self.training and any(layer.self_attn.dropout for layer in layers):
+            return False
+        return per_sequence_lengths(padding_mask, self.attention_heads) is not None
 
     def _embed(self, tokens: torch.Tensor, padding_mask: torch.Tensor) -> torch.Tensor:
         x = self.embed_tokens(tokens)
@@ -143,7 +166,9 @@ class FusedAttentionLayer(esm.modules.TransformerLayer):
 
 
 def _layer_sdpa(layer, x: torch.Tensor, padding_mask: torch.Tensor | None) -> torch.Tensor:
-    """fair-esm's TransformerLayer with fused attention (torch SDPA), batch-first.
+    """fair-esm's TransformerLayer with fused attention (torch SDPA), batch-first, on a
+    padded batch (batch, tokens, width) or on packed tokens (tokens, width: the
+    sequences of the right-padded `padding_mask` one after another).
 
     The same modules (q/k/v/out projections, rotary embedding, norms, fc1/fc2) are
     called, so PEFT methods that wrap or hook them apply unchanged; only the attention
@@ -151,29 +176,48 @@ def _layer_sdpa(layer, x: torch.Tensor, padding_mask: torch.Tensor | None) -> to
     becomes one fused kernel. Numerically checked against the eager layer in the tests.
     """
     attention = layer.self_attn
-    batch, length, width = x.shape
+    packed = x.dim() == 2
+    width = x.shape[-1]
     heads = attention.num_heads
     h = layer.self_attn_layer_norm(x)
 
-    def split(t: torch.Tensor) -> torch.Tensor:
-        return t.view(batch, length, heads, width // heads).transpose(1, 2)
+    def split(t: torch.Tensor) -> torch.Tensor:  # -> (batch, heads, tokens, head width); packed: batch 1
+        return t.view(-1, x.shape[-2], heads, width // heads).transpose(1, 2)
 
     q, k, v = split(attention.q_proj(h)), split(attention.k_proj(h)), split(attention.v_proj(h))
     projected = v.dtype
-    q, k = attention.rot_emb(q, k)  # fair-esm rotates in fp32 (its cos/sin tables are fp32)
-    mask = None if padding_mask is None else ~padding_mask[:, None, None, :]
+    if packed:
+        lengths = tuple((~padding_mask).sum(-1).tolist())
+        q, k = _rotate_packed(attention.rot_emb, q, k, lengths)
+    else:
+        q, k = attention.rot_emb(q, k)  # fair-esm rotates in fp32 (its cos/sin tables are fp32)
+    mask = None if padding_mask is None or packed else ~padding_mask[:, None, None, :]
     dropout = attention.dropout if attention.training else 0.0
     if q.device.type == "cpu" and dropout == 0.0:
-        lengths = None if padding_mask is None else per_sequence_lengths(padding_mask, heads)
-        h = CPUFlashAttention.apply(q.to(projected), k.to(projected), v, lengths, None if lengths else mask)
+        if packed:
+            spans = _packed_spans(lengths)
+        else:
+            lengths = None if padding_mask is None else per_sequence_lengths(padding_mask, heads)
+            spans = None if lengths is None else _padded_spans(lengths)
+        h = CPUFlashAttention.apply(q.to(projected), k.to(projected), v, spans, None if spans else mask)
     elif q.device.type == "cpu":
         with torch.autocast("cpu", enabled=False):  # see CPUFlashAttention: fp32 is faster here
             h = F.scaled_dot_product_attention(q.float(), k.float(), v.float(), attn_mask=mask, dropout_p=dropout)
     else:
         h = F.scaled_dot_product_attention(q, k.to(q.dtype), v.to(q.dtype), attn_mask=mask, dropout_p=dropout)
-    x = x + attention.out_proj(h.transpose(1, 2).reshape(batch, length, width))
+    x = x + attention.out_proj(h.transpose(1, 2).reshape(x.shape))
     h = layer.fc2(F.gelu(layer.fc1(layer.final_layer_norm(x))))
     return x + h
+
+
+def _rotate_packed(rot_emb, q: torch.Tensor, k: torch.Tensor, lengths: tuple[int, ...]):
+    """fair-esm's rotary embedding on packed sequences: each token turned by its
+    position in its own sequence, with fair-esm's own cos/sin tables (so the values
+    are those the padded layout gets)."""
+    cos, sin = rot_emb._update_cos_sin_tables(q.new_empty(max(lengths), 0), seq_dimension=0)
+    positions = torch.cat([torch.arange(n, device=q.device) for n in lengths])
+    cos, sin = cos[:, positions], sin[:, positions]
+    return apply_rotary_pos_emb(q, cos, sin), apply_rotary_pos_emb(k, cos, sin)
 
 
 _flash = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu
@@ -182,7 +226,7 @@ _flash_backward = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_bac
 
 class CPUFlashAttention(torch.autograd.Function):
     """Fused attention on CPU: computed in fp32, kept for backward in the inputs' dtype,
-    one kernel call per sequence of a right-padded batch.
+    one kernel call per sequence.
 
     - fp32 compute: ESM-2's heads are narrow (16-64 wide); on CPU the fused kernel runs
       them 2x faster in fp32 than in bf16 (forward + backward, 16-wide heads), so bf16
@@ -191,21 +235,23 @@ class CPUFlashAttention(torch.autograd.Function):
       attention's share of training memory, so the bf16 tensors are kept and widened
       again in backward (exactly the values forward used; only the output is the
       bf16-rounded one, which the next projection consumes anyway under autocast).
-    - per sequence (`lengths`): a padded batch in one call costs B·T² where its
-      sequences need the sum of their squared lengths (20 % less on length-bucketed
-      ESM-2 batches), plus about 10 % for applying the mask; the kernels parallelise
-      over heads and query blocks, so one sequence still keeps the cores busy. Padded
-      query rows come out as zeros: they were masked as keys, so no real position sees them.
+    - per sequence (`spans`: (batch row, first token, end token) of each sequence in
+      q, k, v of shape (batch, heads, tokens, head width)): a padded batch in one call
+      costs B·T² where its sequences need the sum of their squared lengths (20 % less
+      on length-bucketed ESM-2 batches), plus about 10 % for applying the mask; the
+      kernels parallelise over heads and query blocks, so one sequence still keeps the
+      cores busy. Rows outside every span (padding) come out as zeros: they were masked
+      as keys, so no real position sees them.
     - `mask` (a boolean keep-mask, batched in one call) serves masks that are not right
       padding.
     """
 
     @staticmethod
-    def forward(ctx, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, lengths: tuple[int, ...] | None,
+    def forward(ctx, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, spans: tuple[tuple[int, int, int], ...] | None,
                 mask: torch.Tensor | None):
-        ctx.lengths = lengths
+        ctx.spans = spans
         with torch.autocast("cpu", enabled=False):
-            if lengths is None:
+            if spans is None:
                 ctx.additive = None if mask is None else torch.zeros(mask.shape).masked_fill(~mask, -torch.inf)
                 out, logsumexp = _flash(q.float(), k.float(), v.float(), attn_mask=ctx.additive)
                 out = out.to(q.dtype)
@@ -213,7 +259,7 @@ class CPUFlashAttention(torch.autograd.Function):
                 return out
             out = q.new_zeros(q.shape)
             logsumexps = []
-            for rows in _sequence_rows(lengths):
+            for rows in _span_index(spans):
                 part, logsumexp = _flash(q[rows].float(), k[rows].float(), v[rows].float())
                 out[rows] = part
                 logsumexps.append(logsumexp)
@@ -223,12 +269,12 @@ class CPUFlashAttention(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_out: torch.Tensor):
         q, k, v, out, *logsumexps = ctx.saved_tensors
-        if ctx.lengths is None:
+        if ctx.spans is None:
             grads = _flash_backward(grad_out.float(), q.float(), k.float(), v.float(), out.float(), logsumexps[0],
                                     0.0, False, attn_mask=ctx.additive)
             return *(grad.to(q.dtype) for grad in grads), None, None
         grads = [torch.zeros_like(t) for t in (q, k, v)]
-        for rows, logsumexp in zip(_sequence_rows(ctx.lengths), logsumexps):
+        for rows, logsumexp in zip(_span_index(ctx.spans), logsumexps):
             parts = _flash_backward(grad_out[rows].float(), q[rows].float(), k[rows].float(), v[rows].float(),
                                     out[rows].float(), logsumexp, 0.0, False)
             for grad, part in zip(grads, parts):
@@ -236,9 +282,18 @@ class CPUFlashAttention(torch.autograd.Function):
         return *grads, None, None
 
 
-def _sequence_rows(lengths: tuple[int, ...]) -> list[tuple[slice, slice, slice]]:
-    """The index of each sequence's real positions in a (batch, heads, tokens, width) tensor."""
-    return [(slice(row, row + 1), slice(None), slice(0, length)) for row, length in enumerate(lengths)]
+def _padded_spans(lengths: tuple[int, ...]) -> tuple[tuple[int, int, int], ...]:
+    return tuple((row, 0, length) for row, length in enumerate(lengths))
+
+
+def _packed_spans(lengths: tuple[int, ...]) -> tuple[tuple[int, int, int], ...]:
+    ends = torch.tensor(lengths).cumsum(0).tolist()
+    return tuple((0, end - length, end) for length, end in zip(lengths, ends))
+
+
+def _span_index(spans: tuple[tuple[int, int, int], ...]) -> list[tuple[slice, slice, slice]]:
+    """Each span's index into a (batch, heads, tokens, head width) tensor."""
+    return [(slice(row, row + 1), slice(None), slice(start, end)) for row, start, end in spans]
 
 
 def right_padded_lengths(padding_mask: torch.Tensor) -> tuple[int, ...] | None:
