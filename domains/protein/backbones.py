@@ -10,6 +10,7 @@ and how to pass a local path. Only `tiny` is random-init.
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import math
 import os
@@ -132,7 +133,8 @@ class ESMEncoder(nn.Module):
         right-padded batches that `per_sequence_lengths` runs one sequence at a time
         (the projections and feed-forward then skip the padding too). Inference keeps
         the padded layout, where a row is an input: peft's mixed-adapter batches
-        (`peftlab serve`) pick each row's adapter by it. Attention dropout needs it too."""
+        (`peftlab serve`) pick each row's adapter by it. Attention dropout also needs
+        the padded layout (torch's SDPA with a mask)."""
         if padding_mask is None or x.device.type != "cpu" or not len(layers) or not torch.is_grad_enabled():
             return False
         if self.training and any(layer.self_attn.dropout for layer in layers):
@@ -287,8 +289,7 @@ def _padded_spans(lengths: tuple[int, ...]) -> tuple[tuple[int, int, int], ...]:
 
 
 def _packed_spans(lengths: tuple[int, ...]) -> tuple[tuple[int, int, int], ...]:
-    ends = torch.tensor(lengths).cumsum(0).tolist()
-    return tuple((0, end - length, end) for length, end in zip(lengths, ends))
+    return tuple((0, end - length, end) for length, end in zip(lengths, itertools.accumulate(lengths)))
 
 
 def _span_index(spans: tuple[tuple[int, int, int], ...]) -> list[tuple[slice, slice, slice]]:
