@@ -106,15 +106,19 @@ class ESMEncoder(nn.Module):
         layers = self.layers[max(start - 1, 0):max(stop - 1, 0)]
         if self.attention == "sdpa":
             recompute = self.activation_checkpointing and torch.is_grad_enabled()
-            packed = self._packs(x, attention_mask, layers)
+            lengths = None  # per-sequence attention on CPUs: see CPUFlashAttention
+            if attention_mask is not None and x.device.type == "cpu":
+                lengths = per_sequence_lengths(attention_mask, self.attention_heads)
+            packed = lengths is not None and self._packs(layers)
             if packed:
                 real = ~attention_mask
                 x = x[real]  # (tokens, width): the sequences one after another, no padding
             for layer in layers:
                 if recompute:
-                    x = checkpoint(layer, x, self_attn_padding_mask=attention_mask, fused=True, use_reentrant=False)
+                    x = checkpoint(layer, x, self_attn_padding_mask=attention_mask, fused=True, lengths=lengths,
+                                   use_reentrant=False)
                 else:
-                    x = layer(x, self_attn_padding_mask=attention_mask, fused=True)
+                    x = layer(x, self_attn_padding_mask=attention_mask, fused=True, lengths=lengths)
             if packed:
                 padded = x.new_zeros((*real.shape, x.shape[-1]))
                 padded[real] = x
@@ -128,18 +132,15 @@ class ESMEncoder(nn.Module):
             x = self.emb_layer_norm_after(x)
         return x
 
-    def _packs(self, x: torch.Tensor, padding_mask: torch.Tensor | None, layers) -> bool:
-        """Whether the layers run on packed tokens: when training on a CPU, for
-        right-padded batches that `per_sequence_lengths` runs one sequence at a time
-        (the projections and feed-forward then skip the padding too). Inference keeps
-        the padded layout, where a row is an input: peft's mixed-adapter batches
-        (`peftlab serve`) pick each row's adapter by it. Attention dropout also needs
-        the padded layout (torch's SDPA with a mask)."""
-        if padding_mask is None or x.device.type != "cpu" or not len(layers) or not torch.is_grad_enabled():
+    def _packs(self, layers) -> bool:
+        """Whether a batch whose attention runs per sequence also runs its layers on
+        packed tokens (the projections and feed-forward then skip the padding too): in
+        training only. Inference keeps the padded layout, where a row is an input: peft's
+        mixed-adapter batches (`peftlab serve`) pick each row's adapter by it. Attention
+        dropout also needs the padded layout (torch's SDPA with a mask)."""
+        if not len(layers) or not torch.is_grad_enabled():
             return False
-        if self.training and any(layer.self_attn.dropout for layer in layers):
-            return False
-        return per_sequence_lengths(padding_mask, self.attention_heads) is not None
+        return not (self.training and any(layer.self_attn.dropout for layer in layers))
 
     def _embed(self, tokens: torch.Tensor, padding_mask: torch.Tensor) -> torch.Tensor:
         x = self.embed_tokens(tokens)
@@ -160,17 +161,21 @@ class FusedAttentionLayer(esm.modules.TransformerLayer):
     (`fused=True`), through the module call, so that hooks on the layer see that path
     too (FSDP gathers a layer's parameters in its forward pre-hook)."""
 
-    def forward(self, x, self_attn_mask=None, self_attn_padding_mask=None, need_head_weights=False, fused=False):
+    def forward(self, x, self_attn_mask=None, self_attn_padding_mask=None, need_head_weights=False, fused=False,
+                lengths=None):
         if fused:
-            return _layer_sdpa(self, x, self_attn_padding_mask)
+            return _layer_sdpa(self, x, self_attn_padding_mask, lengths)
         return super().forward(x, self_attn_mask=self_attn_mask, self_attn_padding_mask=self_attn_padding_mask,
                                need_head_weights=need_head_weights)
 
 
-def _layer_sdpa(layer, x: torch.Tensor, padding_mask: torch.Tensor | None) -> torch.Tensor:
+def _layer_sdpa(layer, x: torch.Tensor, padding_mask: torch.Tensor | None,
+                lengths: tuple[int, ...] | None) -> torch.Tensor:
     """fair-esm's TransformerLayer with fused attention (torch SDPA), batch-first, on a
     padded batch (batch, tokens, width) or on packed tokens (tokens, width: the
-    sequences of the right-padded `padding_mask` one after another).
+    sequences of the right-padded `padding_mask` one after another). `lengths`, the
+    sequences' lengths where attention runs per sequence (`per_sequence_lengths`), is
+    required for packed tokens.
 
     The same modules (q/k/v/out projections, rotary embedding, norms, fc1/fc2) are
     called, so PEFT methods that wrap or hook them apply unchanged; only the attention
@@ -189,18 +194,13 @@ def _layer_sdpa(layer, x: torch.Tensor, padding_mask: torch.Tensor | None) -> to
     q, k, v = split(attention.q_proj(h)), split(attention.k_proj(h)), split(attention.v_proj(h))
     projected = v.dtype
     if packed:
-        lengths = tuple((~padding_mask).sum(-1).tolist())
         q, k = _rotate_packed(attention.rot_emb, q, k, lengths)
     else:
         q, k = attention.rot_emb(q, k)  # fair-esm rotates in fp32 (its cos/sin tables are fp32)
     mask = None if padding_mask is None or packed else ~padding_mask[:, None, None, :]
     dropout = attention.dropout if attention.training else 0.0
     if q.device.type == "cpu" and dropout == 0.0:
-        if packed:
-            spans = _packed_spans(lengths)
-        else:
-            lengths = None if padding_mask is None else per_sequence_lengths(padding_mask, heads)
-            spans = None if lengths is None else _padded_spans(lengths)
+        spans = None if lengths is None else (_packed_spans if packed else _padded_spans)(lengths)
         h = CPUFlashAttention.apply(q.to(projected), k.to(projected), v, spans, None if spans else mask)
     elif q.device.type == "cpu":
         with torch.autocast("cpu", enabled=False):  # see CPUFlashAttention: fp32 is faster here
