@@ -264,8 +264,7 @@ def train(
         [{"params": decay, "weight_decay": config.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
         lr=config.lr,
     )
-    lengths = [model.example_length(e) for e in train_examples]
-    sampler = BucketBatchSampler(lengths, config.batch_size, config.seed)
+    sampler = BucketBatchSampler([model.example_length(e) for e in train_examples], config.batch_size, config.seed)
     heap = memory.HeapTrimmer()
     micro_batches = len(sampler)
     steps_per_epoch = math.ceil(micro_batches / config.grad_accum)
@@ -316,7 +315,7 @@ def train(
         state.setdefault("epoch_loss_sum", 0.0)
         for index in range(start_batch, len(batches)):
             indices = batches[index]
-            heap.before_batch(len(indices) * max(lengths[i] for i in indices))
+            heap.before_batch(len(indices) * int(sampler.lengths[indices].max()))
             share, weight = batch_share(indices, rank, processes)
             # a pure function of (seed, epoch, batch[, process]): resumed runs draw the same
             seed = [config.seed, epoch, index] if processes == 1 else [config.seed, epoch, index, rank]
