@@ -1,4 +1,4 @@
-// Attention for narrow heads (16-128 wide) on CPU, forward and backward, computed in
+// Attention for narrow heads (16-32 wide) on CPU, forward and backward, computed in
 // fp32 one (sequence, head) at a time. Built at first use by narrow_attention.py.
 //
 // Why not torch's fused CPU kernel: with heads 16 wide its block matmuls are too thin to
@@ -22,7 +22,13 @@
 #include <cmath>
 #include <cstdint>
 #include <cstring>
+#include <type_traits>
 #include <vector>
+
+#if defined(__AVX512BF16__) && defined(__AVX512VL__)
+#include <immintrin.h>
+#define PEFTLAB_BF16_PAIRS 1
+#endif
 
 namespace {
 
@@ -102,6 +108,100 @@ void row_block_products(const float* a, const float* bt, int64_t padded_length, 
   }
 }
 
+#ifdef PEFTLAB_BF16_PAIRS
+// bf16 rows as their bit patterns (rows x D, zero beyond length)
+template <int D>
+void load_bf16_rows(const at::BFloat16* base, int64_t token_stride, int64_t length, uint16_t* out) {
+  for (int64_t i = 0; i < length; ++i)
+    for (int c = 0; c < D; ++c) out[i * D + c] = base[i * token_stride + c].x;
+}
+
+// bf16 rows transposed in pairs of columns: out[c / 2][i][c % 2], (D / 2) x padded_length x 2
+template <int D>
+void load_bf16_pairs(const at::BFloat16* base, int64_t token_stride, int64_t length, int64_t padded_length,
+                     uint16_t* out) {
+  for (int64_t i = 0; i < length; ++i)
+    for (int c = 0; c < D; ++c) out[((c / 2) * padded_length + i) * 2 + c % 2] = base[i * token_stride + c].x;
+}
+
+// row_block_products on bf16 operands: one instruction multiplies 8 pairs and adds them
+// into 8 fp32 sums (AVX512-BF16), twice the products of an fp32 FMA; products of bf16
+// values are exact in fp32
+template <int D>
+void row_block_products_bf16(const uint16_t* a, const uint16_t* b_pairs, int64_t padded_length, float scale,
+                             float* out) {
+  for (int64_t j = 0; j < padded_length; j += kCols) {
+    __m256 acc[kRows][2];
+    for (int r = 0; r < kRows; ++r) acc[r][0] = acc[r][1] = _mm256_setzero_ps();
+    for (int c2 = 0; c2 < D / 2; ++c2) {
+      const uint16_t* b = b_pairs + (c2 * padded_length + j) * 2;
+      const __m256bh b0 = (__m256bh)_mm256_loadu_si256(reinterpret_cast<const __m256i*>(b));
+      const __m256bh b1 = (__m256bh)_mm256_loadu_si256(reinterpret_cast<const __m256i*>(b + 2 * kLanes));
+      for (int r = 0; r < kRows; ++r) {
+        int32_t pair;
+        std::memcpy(&pair, a + r * D + 2 * c2, sizeof pair);
+        const __m256bh a_pair = (__m256bh)_mm256_set1_epi32(pair);
+        acc[r][0] = _mm256_dpbf16_ps(acc[r][0], a_pair, b0);
+        acc[r][1] = _mm256_dpbf16_ps(acc[r][1], a_pair, b1);
+      }
+    }
+    const __m256 s = _mm256_set1_ps(scale);
+    for (int r = 0; r < kRows; ++r) {
+      _mm256_storeu_ps(out + r * padded_length + j, _mm256_mul_ps(acc[r][0], s));
+      _mm256_storeu_ps(out + r * padded_length + j + kLanes, _mm256_mul_ps(acc[r][1], s));
+    }
+  }
+}
+#endif
+
+// scale * (rows . columns) for one head of a sequence, kRows rows at a time: in fp32, or
+// from bf16 inputs on bf16 pairs where the CPU has them
+template <int D, typename T>
+class BlockProducts {
+ public:
+#ifdef PEFTLAB_BF16_PAIRS
+  static constexpr bool kPairs = std::is_same_v<T, at::BFloat16>;
+#else
+  static constexpr bool kPairs = false;
+#endif
+
+  BlockProducts(const T* rows_base, int64_t rows_stride, const T* columns_base, int64_t columns_stride,
+                int64_t length, float scale)
+      : padded_(round_up(length, kCols)), scale_(scale) {
+    const int64_t rows = round_up(length, kRows);
+    if constexpr (kPairs) {
+#ifdef PEFTLAB_BF16_PAIRS
+      rows_bf16_.assign(rows * D, 0);
+      columns_bf16_.assign(D * padded_, 0);
+      load_bf16_rows<D>(rows_base, rows_stride, length, rows_bf16_.data());
+      load_bf16_pairs<D>(columns_base, columns_stride, length, padded_, columns_bf16_.data());
+#endif
+    } else {
+      rows_.assign(rows * D, 0.0f);
+      columns_t_.assign(D * padded_, 0.0f);
+      load_rows<D>(rows_base, rows_stride, length, scale, rows_.data());
+      load_transposed<D>(columns_base, columns_stride, length, padded_, columns_t_.data());
+    }
+  }
+
+  // out (kRows x padded) for rows [i0, i0 + kRows)
+  void block(int64_t i0, float* out) const {
+    if constexpr (kPairs) {
+#ifdef PEFTLAB_BF16_PAIRS
+      row_block_products_bf16<D>(rows_bf16_.data() + i0 * D, columns_bf16_.data(), padded_, scale_, out);
+#endif
+    } else {
+      row_block_products<D>(rows_.data() + i0 * D, columns_t_.data(), padded_, out);  // rows_ pre-scaled
+    }
+  }
+
+ private:
+  int64_t padded_;
+  float scale_;
+  std::vector<float> rows_, columns_t_;
+  std::vector<uint16_t> rows_bf16_, columns_bf16_;
+};
+
 struct Task {
   int64_t row, start, length, head;
 };
@@ -119,17 +219,16 @@ void forward_task(const Task& task, const T* q, const T* k, const T* v, View qv,
                   View ov, float* lse, View lv) {
   const int64_t length = task.length, rows = round_up(length, kRows), padded = round_up(length, kCols);
   const float scale = 1.0f / std::sqrt(static_cast<float>(D));
-  std::vector<float> queries(rows * D, 0.0f), keys_t(D * padded, 0.0f), values(length * D), probs(kRows * padded);
+  std::vector<float> values(length * D), probs(kRows * padded);
   auto at = [&](const T* base, View w) { return base + task.row * w.batch_stride + task.head * w.head_stride
                                                  + task.start * w.token_stride; };
-  load_rows<D>(at(q, qv), qv.token_stride, length, scale, queries.data());
-  load_transposed<D>(at(k, kv), kv.token_stride, length, padded, keys_t.data());
+  const BlockProducts<D, T> scores(at(q, qv), qv.token_stride, at(k, kv), kv.token_stride, length, scale);
   load_rows<D>(at(v, vv), vv.token_stride, length, 1.0f, values.data());
   T* out_base = out + task.row * ov.batch_stride + task.head * ov.head_stride + task.start * ov.token_stride;
   float* lse_base = lse + task.row * lv.batch_stride + task.head * lv.head_stride + task.start * lv.token_stride;
 
   for (int64_t i0 = 0; i0 < rows; i0 += kRows) {
-    row_block_products<D>(queries.data() + i0 * D, keys_t.data(), padded, probs.data());
+    scores.block(i0, probs.data());
     float inverse_sum[kRows];
     for (int r = 0; r < kRows; ++r) {
       float* p = probs.data() + r * padded;
@@ -176,15 +275,15 @@ void backward_task(const Task& task, const T* grad_out, const T* q, const T* k, 
   const float scale = 1.0f / std::sqrt(static_cast<float>(D));
   auto at = [&](const auto* base, View w) { return base + task.row * w.batch_stride + task.head * w.head_stride
                                                   + task.start * w.token_stride; };
-  // queries pre-scaled: the scores are queries . keys and dK = sum_i dS_i queries_i
-  std::vector<float> queries(rows * D, 0.0f), grads(rows * D, 0.0f), keys(length * D), keys_t(D * padded, 0.0f),
-      values_t(D * padded, 0.0f), row_lse(rows, 0.0f), row_delta(rows, 0.0f), probs(kRows * padded),
-      dscores(kRows * padded), grad_keys(length * D, 0.0f), grad_values(length * D, 0.0f);
+  // queries pre-scaled: the scores are scale * queries . keys and dK = sum_i dS_i scale * queries_i
+  std::vector<float> queries(rows * D, 0.0f), grads(rows * D, 0.0f), keys(length * D), row_lse(rows, 0.0f),
+      row_delta(rows, 0.0f), probs(kRows * padded), dscores(kRows * padded), grad_keys(length * D, 0.0f),
+      grad_values(length * D, 0.0f);
+  const BlockProducts<D, T> scores(at(q, qv), qv.token_stride, at(k, kv), kv.token_stride, length, scale);
+  const BlockProducts<D, T> grad_probs(at(grad_out, gv), gv.token_stride, at(v, vv), vv.token_stride, length, 1.0f);
   load_rows<D>(at(q, qv), qv.token_stride, length, scale, queries.data());
   load_rows<D>(at(grad_out, gv), gv.token_stride, length, 1.0f, grads.data());
   load_rows<D>(at(k, kv), kv.token_stride, length, 1.0f, keys.data());
-  load_transposed<D>(at(k, kv), kv.token_stride, length, padded, keys_t.data());
-  load_transposed<D>(at(v, vv), vv.token_stride, length, padded, values_t.data());
   const T* out_base = at(out, ov);
   const float* lse_base = at(lse, lv);
   for (int64_t i = 0; i < length; ++i) {  // delta_i = dO_i . O_i, the softmax backward's row term
@@ -196,8 +295,8 @@ void backward_task(const Task& task, const T* grad_out, const T* q, const T* k, 
   T* grad_q_base = grad_q + task.row * dv.batch_stride + task.head * dv.head_stride + task.start * dv.token_stride;
 
   for (int64_t i0 = 0; i0 < rows; i0 += kRows) {
-    row_block_products<D>(queries.data() + i0 * D, keys_t.data(), padded, probs.data());
-    row_block_products<D>(grads.data() + i0 * D, values_t.data(), padded, dscores.data());
+    scores.block(i0, probs.data());
+    grad_probs.block(i0, dscores.data());
     for (int r = 0; r < kRows; ++r) {
       float* p = probs.data() + r * padded;
       float* ds = dscores.data() + r * padded;
@@ -274,9 +373,7 @@ void dispatch_width(int64_t width, Fn&& fn) {
     case 16: fn(std::integral_constant<int, 16>{}); break;
     case 24: fn(std::integral_constant<int, 24>{}); break;
     case 32: fn(std::integral_constant<int, 32>{}); break;
-    case 64: fn(std::integral_constant<int, 64>{}); break;
-    case 128: fn(std::integral_constant<int, 128>{}); break;
-    default: TORCH_CHECK(false, "narrow_attention: head width ", width, " is not one of 16, 24, 32, 64, 128");
+    default: TORCH_CHECK(false, "narrow_attention: head width ", width, " is not one of 16, 24, 32");
   }
 }
 

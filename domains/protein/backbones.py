@@ -232,13 +232,13 @@ class CPUFlashAttention(torch.autograd.Function):
     """Fused attention on CPU: computed in fp32, kept for backward in the inputs' dtype,
     each sequence attending only within itself.
 
-    - Kernel: for head widths `narrow_attention` is built for (ESM-2 8M to 3B: 16-64),
-      its kernel, which runs all sequences and heads in one call and 1.2-1.8x faster
-      than torch's fused kernel on 16-wide heads; otherwise, and for a `mask`, torch's
+    - Kernel: for head widths `narrow_attention` is built for (ESM-2 8M to 150M: 16-32),
+      its kernel, which runs all sequences and heads in one call and 1.1-2.4x faster
+      than torch's fused kernel (16-32-wide heads); otherwise, and for a `mask`, torch's
       fused kernel (`_flash`), one call per sequence.
     - fp32 compute: ESM-2's heads are narrow; on CPU torch's fused kernel runs them 2x
-      faster in fp32 than in bf16 (forward + backward, 16-wide heads), and the narrow
-      kernel reads bf16 and computes in fp32, so bf16 stays in the matmuls around it.
+      faster in fp32 than in bf16 (forward + backward, 16-wide heads); the narrow
+      kernel reads bf16, multiplies bf16 pairs exactly and sums and normalises in fp32.
     - kept in the inputs' dtype: fp32 copies of bf16 q, k, v and the output would double
       attention's share of training memory, so the bf16 tensors are kept and widened
       again in backward (exactly the values forward used; only the output is the
