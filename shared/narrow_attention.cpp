@@ -424,7 +424,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> narrow_attention_backward(
 }  // namespace
 
 TORCH_LIBRARY(peftlab_narrow_attention, m) {
-  m.def("forward(Tensor q, Tensor k, Tensor v, Tensor spans) -> (Tensor, Tensor)", &narrow_attention_forward);
+  m.def("forward(Tensor q, Tensor k, Tensor v, Tensor spans) -> (Tensor, Tensor)");
   m.def("backward(Tensor grad_out, Tensor q, Tensor k, Tensor v, Tensor out, Tensor lse, Tensor spans)"
-        " -> (Tensor, Tensor, Tensor)", &narrow_attention_backward);
+        " -> (Tensor, Tensor, Tensor)");
+}
+
+TORCH_LIBRARY_IMPL(peftlab_narrow_attention, CPU, m) {
+  m.impl("forward", &narrow_attention_forward);
+  m.impl("backward", &narrow_attention_backward);
 }

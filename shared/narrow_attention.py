@@ -32,7 +32,6 @@ kernel (same results, slower).
 
 from __future__ import annotations
 
-import functools
 import hashlib
 import os
 import sys
@@ -62,10 +61,20 @@ def _cpu_flags() -> str:
     return os.uname().machine
 
 
-@functools.cache
+_built: bool | None = None
+"""Whether this process has the kernel; None before the first `load()`."""
+
+
 def load() -> bool:
-    """Build (first time on this machine) and load the kernel; False, with one line on
-    stderr saying why, where it cannot be built."""
+    """Build (first time on this machine) and load the kernel, once per process; False,
+    with one line on stderr saying why, where it cannot be built."""
+    global _built
+    if _built is None:
+        _built = _build()
+    return _built
+
+
+def _build() -> bool:
     key = hashlib.sha256("\n".join([SOURCE.read_text(), torch.__version__, " ".join(_FLAGS), _cpu_flags()])
                          .encode()).hexdigest()[:16]
     folder = cache_folder() / f"narrow_attention-{key}"
@@ -84,13 +93,32 @@ def load() -> bool:
               "attention runs through torch's fused kernel instead (same results, slower on narrow heads)",
               file=sys.stderr)
         return False
+    _register_shapes()
     return True
+
+
+def _register_shapes() -> None:
+    """Output shapes and layouts without running the kernel (FakeTensor: torch.compile,
+    the meta device)."""
+
+    @torch.library.register_fake("peftlab_narrow_attention::forward")
+    def _forward(q, k, v, spans):
+        return _token_major_like(q), q.new_empty(q.shape[:3], dtype=torch.float32)
+
+    @torch.library.register_fake("peftlab_narrow_attention::backward")
+    def _backward(grad_out, q, k, v, out, logsumexp, spans):
+        return _token_major_like(q), _token_major_like(q), _token_major_like(q)
+
+
+def _token_major_like(q: torch.Tensor) -> torch.Tensor:
+    """(batch, heads, tokens, width) laid out as (batch, tokens, heads, width), as the kernel writes it."""
+    return q.new_empty(q.shape[0], q.shape[2], q.shape[1], q.shape[3]).transpose(1, 2)
 
 
 def supports(q: torch.Tensor) -> bool:
     """Whether the kernel takes this (batch, heads, tokens, width) query tensor."""
     return (q.device.type == "cpu" and q.dtype in (torch.float32, torch.bfloat16) and q.shape[-1] in HEAD_WIDTHS
-            and load())
+            and (load() if _built is None else _built))  # torch.compile reads the flag, not the build
 
 
 def forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, spans: torch.Tensor):

@@ -98,8 +98,25 @@ def test_a_build_that_fails_says_why_and_leaves_attention_to_torch(monkeypatch, 
 
     monkeypatch.setattr(torch.utils.cpp_extension, "load", no_compiler)
     monkeypatch.setenv("PEFTLAB_KERNEL_CACHE", str(tmp_path))
-    monkeypatch.setattr(narrow_attention, "load", narrow_attention.load.__wrapped__)
+    monkeypatch.setattr(narrow_attention, "_built", None)  # this process has not loaded it yet
     assert not narrow_attention.supports(torch.zeros(1, 2, 3, 16))
     message = capsys.readouterr().err
     assert "narrow-head attention kernel could not be built" in message and "No such file" in message
     assert str(tmp_path) in message
+
+
+def test_torch_compile_traces_through_the_kernel_with_the_same_results():
+    from peftlab.domains.protein.backbones import CPUFlashAttention
+
+    generator = torch.Generator().manual_seed(0)
+    q, k, v = (_token_major(2, 4, 30, 16, torch.float32, generator).requires_grad_() for _ in range(3))
+    spans = ((0, 0, 30), (1, 0, 21))
+
+    def attention(q, k, v):
+        return CPUFlashAttention.apply(q, k, v, spans, None).sum(-1)
+
+    eager = attention(q, k, v)
+    eager_grads = torch.autograd.grad(eager.sum(), (q, k, v))
+    compiled = torch.compile(attention, backend="aot_eager", fullgraph=True)(q, k, v)
+    assert torch.equal(compiled, eager)
+    assert all(torch.equal(a, b) for a, b in zip(torch.autograd.grad(compiled.sum(), (q, k, v)), eager_grads))
