@@ -377,23 +377,30 @@ void dispatch_width(int64_t width, Fn&& fn) {
   }
 }
 
+// fn(task, head width as a constant, scalar_t* tag) for every (sequence, head), in parallel
+template <typename Fn>
+void for_each_task(const at::Tensor& q, const at::Tensor& spans, const char* name, Fn&& fn) {
+  const std::vector<Task> tasks = tasks_of(spans, q.size(1));
+  AT_DISPATCH_FLOATING_TYPES_AND(at::kBFloat16, q.scalar_type(), name, [&] {
+    dispatch_width(q.size(3), [&](auto width) {
+      at::parallel_for(0, static_cast<int64_t>(tasks.size()), 1, [&](int64_t begin, int64_t end) {
+        for (int64_t t = begin; t < end; ++t) fn(tasks[t], width, static_cast<scalar_t*>(nullptr));
+      });
+    });
+  });
+}
+
 std::tuple<at::Tensor, at::Tensor> narrow_attention_forward(const at::Tensor& q, const at::Tensor& k,
                                                             const at::Tensor& v, const at::Tensor& spans) {
   check_inputs({q, k, v}, spans);
   at::Tensor out = token_major_zeros(q);
   at::Tensor lse = at::zeros({q.size(0), q.size(1), q.size(2)}, q.options().dtype(at::kFloat));
-  const std::vector<Task> tasks = tasks_of(spans, q.size(1));
   const View lv{lse.stride(0), lse.stride(1), lse.stride(2)};
-  AT_DISPATCH_FLOATING_TYPES_AND(at::kBFloat16, q.scalar_type(), "narrow_attention_forward", [&] {
-    dispatch_width(q.size(3), [&](auto width) {
-      at::parallel_for(0, static_cast<int64_t>(tasks.size()), 1, [&](int64_t begin, int64_t end) {
-        for (int64_t t = begin; t < end; ++t)
-          forward_task<decltype(width)::value, scalar_t>(
-              tasks[t], q.const_data_ptr<scalar_t>(), k.const_data_ptr<scalar_t>(), v.const_data_ptr<scalar_t>(),
-              view_of(q), view_of(k), view_of(v), out.mutable_data_ptr<scalar_t>(), view_of(out),
-              lse.mutable_data_ptr<float>(), lv);
-      });
-    });
+  for_each_task(q, spans, "narrow_attention_forward", [&](const Task& task, auto width, auto* tag) {
+    using T = std::remove_pointer_t<decltype(tag)>;
+    forward_task<decltype(width)::value, T>(task, q.const_data_ptr<T>(), k.const_data_ptr<T>(), v.const_data_ptr<T>(),
+                                            view_of(q), view_of(k), view_of(v), out.mutable_data_ptr<T>(),
+                                            view_of(out), lse.mutable_data_ptr<float>(), lv);
   });
   return {out, lse};
 }
@@ -403,20 +410,14 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> narrow_attention_backward(
     const at::Tensor& out, const at::Tensor& lse, const at::Tensor& spans) {
   check_inputs({grad_out, q, k, v, out}, spans);
   at::Tensor grad_q = token_major_zeros(q), grad_k = token_major_zeros(q), grad_v = token_major_zeros(q);
-  const std::vector<Task> tasks = tasks_of(spans, q.size(1));
   const View lv{lse.stride(0), lse.stride(1), lse.stride(2)};
-  AT_DISPATCH_FLOATING_TYPES_AND(at::kBFloat16, q.scalar_type(), "narrow_attention_backward", [&] {
-    dispatch_width(q.size(3), [&](auto width) {
-      at::parallel_for(0, static_cast<int64_t>(tasks.size()), 1, [&](int64_t begin, int64_t end) {
-        for (int64_t t = begin; t < end; ++t)
-          backward_task<decltype(width)::value, scalar_t>(
-              tasks[t], grad_out.const_data_ptr<scalar_t>(), q.const_data_ptr<scalar_t>(),
-              k.const_data_ptr<scalar_t>(), v.const_data_ptr<scalar_t>(), out.const_data_ptr<scalar_t>(),
-              lse.const_data_ptr<float>(), view_of(grad_out), view_of(q), view_of(k), view_of(v), view_of(out), lv,
-              grad_q.mutable_data_ptr<scalar_t>(), grad_k.mutable_data_ptr<scalar_t>(),
-              grad_v.mutable_data_ptr<scalar_t>(), view_of(grad_q));
-      });
-    });
+  for_each_task(q, spans, "narrow_attention_backward", [&](const Task& task, auto width, auto* tag) {
+    using T = std::remove_pointer_t<decltype(tag)>;
+    backward_task<decltype(width)::value, T>(
+        task, grad_out.const_data_ptr<T>(), q.const_data_ptr<T>(), k.const_data_ptr<T>(), v.const_data_ptr<T>(),
+        out.const_data_ptr<T>(), lse.const_data_ptr<float>(), view_of(grad_out), view_of(q), view_of(k),
+        view_of(v), view_of(out), lv, grad_q.mutable_data_ptr<T>(), grad_k.mutable_data_ptr<T>(),
+        grad_v.mutable_data_ptr<T>(), view_of(grad_q));
   });
   return {grad_q, grad_k, grad_v};
 }
