@@ -73,8 +73,11 @@ class ESMEncoder(nn.Module):
         self.attention_heads = attention_heads
         self.activation_checkpointing = False
         """Recompute each layer's activations in the backward pass instead of keeping them."""
-        if attention == "sdpa" and embed_dim // attention_heads in narrow_attention.HEAD_WIDTHS:
-            narrow_attention.load()  # built (first use on a machine) now rather than inside the first step
+        if (attention == "sdpa" and embed_dim // attention_heads in narrow_attention.HEAD_WIDTHS
+                and not torch.cuda.is_available()):
+            # built (first use on a machine) now rather than inside the first step; with a
+            # GPU, only if a forward pass runs on the CPU
+            narrow_attention.load()
 
     @property
     def padding_idx(self) -> int:
