@@ -379,9 +379,9 @@ void dispatch_width(int64_t width, Fn&& fn) {
 
 // fn(task, head width as a constant, scalar_t* tag) for every (sequence, head), in parallel
 template <typename Fn>
-void for_each_task(const at::Tensor& q, const at::Tensor& spans, const char* name, Fn&& fn) {
+void for_each_task(const at::Tensor& q, const at::Tensor& spans, Fn&& fn) {
   const std::vector<Task> tasks = tasks_of(spans, q.size(1));
-  AT_DISPATCH_FLOATING_TYPES_AND(at::kBFloat16, q.scalar_type(), name, [&] {
+  AT_DISPATCH_FLOATING_TYPES_AND(at::kBFloat16, q.scalar_type(), "narrow_attention", [&] {
     dispatch_width(q.size(3), [&](auto width) {
       at::parallel_for(0, static_cast<int64_t>(tasks.size()), 1, [&](int64_t begin, int64_t end) {
         for (int64_t t = begin; t < end; ++t) fn(tasks[t], width, static_cast<scalar_t*>(nullptr));
@@ -396,7 +396,7 @@ std::tuple<at::Tensor, at::Tensor> narrow_attention_forward(const at::Tensor& q,
   at::Tensor out = token_major_zeros(q);
   at::Tensor lse = at::zeros({q.size(0), q.size(1), q.size(2)}, q.options().dtype(at::kFloat));
   const View lv{lse.stride(0), lse.stride(1), lse.stride(2)};
-  for_each_task(q, spans, "narrow_attention_forward", [&](const Task& task, auto width, auto* tag) {
+  for_each_task(q, spans, [&](const Task& task, auto width, auto* tag) {
     using T = std::remove_pointer_t<decltype(tag)>;
     forward_task<decltype(width)::value, T>(task, q.const_data_ptr<T>(), k.const_data_ptr<T>(), v.const_data_ptr<T>(),
                                             view_of(q), view_of(k), view_of(v), out.mutable_data_ptr<T>(),
@@ -411,7 +411,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> narrow_attention_backward(
   check_inputs({grad_out, q, k, v, out}, spans);
   at::Tensor grad_q = token_major_zeros(q), grad_k = token_major_zeros(q), grad_v = token_major_zeros(q);
   const View lv{lse.stride(0), lse.stride(1), lse.stride(2)};
-  for_each_task(q, spans, "narrow_attention_backward", [&](const Task& task, auto width, auto* tag) {
+  for_each_task(q, spans, [&](const Task& task, auto width, auto* tag) {
     using T = std::remove_pointer_t<decltype(tag)>;
     backward_task<decltype(width)::value, T>(
         task, grad_out.const_data_ptr<T>(), q.const_data_ptr<T>(), k.const_data_ptr<T>(), v.const_data_ptr<T>(),

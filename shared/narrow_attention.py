@@ -63,6 +63,8 @@ def _cpu_flags() -> str:
 
 _built: bool | None = None
 """Whether this process has the kernel; None before the first `load()`."""
+build_error: str | None = None
+"""Why the build failed, where it did (the compiler's first error line)."""
 
 
 def load() -> bool:
@@ -75,6 +77,7 @@ def load() -> bool:
 
 
 def _build() -> bool:
+    global build_error
     key = hashlib.sha256("\n".join([SOURCE.read_text(), torch.__version__, " ".join(_FLAGS), _cpu_flags()])
                          .encode()).hexdigest()[:16]
     folder = cache_folder() / f"narrow_attention-{key}"
@@ -88,7 +91,9 @@ def _build() -> bool:
         build("peftlab_narrow_attention", [str(SOURCE)], extra_cflags=_FLAGS, extra_ldflags=["-fopenmp"],
               build_directory=str(folder), is_python_module=False, verbose=False)
     except Exception as error:  # noqa: BLE001 - any build failure means: use torch's kernel
-        reason = str(error).strip().splitlines()[-1] if str(error).strip() else type(error).__name__
+        lines = str(error).strip().splitlines() or [type(error).__name__]
+        reason = next((line.strip() for line in lines if "error:" in line), lines[-1])  # the compiler's first error
+        build_error = reason
         print(f"peftlab: the narrow-head attention kernel could not be built in {folder} ({reason}); "
               "attention runs through torch's fused kernel instead (same results, slower on narrow heads)",
               file=sys.stderr)

@@ -17,7 +17,7 @@ pytestmark = pytest.mark.skipif(shutil.which("c++") is None and shutil.which("g+
 
 
 def test_the_kernel_builds_and_loads_on_this_machine():
-    assert narrow_attention.load()
+    assert narrow_attention.load(), narrow_attention.build_error
     assert narrow_attention.supports(torch.zeros(1, 2, 3, 16))
     assert not narrow_attention.supports(torch.zeros(1, 2, 3, 20))  # width it is not built for
     assert not narrow_attention.supports(torch.zeros(1, 2, 3, 16, dtype=torch.float16))
@@ -99,10 +99,12 @@ def test_a_build_that_fails_says_why_and_leaves_attention_to_torch(monkeypatch, 
     monkeypatch.setattr(torch.utils.cpp_extension, "load", no_compiler)
     monkeypatch.setenv("PEFTLAB_KERNEL_CACHE", str(tmp_path))
     monkeypatch.setattr(narrow_attention, "_built", None)  # this process has not loaded it yet
+    monkeypatch.setattr(narrow_attention, "build_error", None)
     assert not narrow_attention.supports(torch.zeros(1, 2, 3, 16))
     message = capsys.readouterr().err
     assert "narrow-head attention kernel could not be built" in message and "No such file" in message
     assert str(tmp_path) in message
+    assert narrow_attention.build_error == "error: command 'c++' failed: No such file or directory"
 
 
 def test_torch_compile_traces_through_the_kernel_with_the_same_results():
