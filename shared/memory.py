@@ -1,5 +1,9 @@
 """Keep a training process's resident memory close to what its tensors need (glibc).
 
+During training on a CPU, tensors of 128 KiB and more come from `cpu_allocator`'s
+cache, which `HeapTrimmer` empties between batches; what follows is about the rest,
+which the C library serves (and about all of it where that allocator is not built).
+
 PyTorch takes CPU tensor memory from the C allocator. glibc serves a request below its
 mmap threshold from its heap, and heap space freed in the middle of the heap stays with
 the process: it still counts in the resident set, and later requests of other sizes
@@ -29,6 +33,8 @@ from __future__ import annotations
 
 import ctypes
 import sys
+
+from peftlab.shared import cpu_allocator
 
 MMAP_THRESHOLD_BYTES = 4 * 2**20
 """Requests at least this large get their own memory mapping, returned when freed."""
@@ -77,7 +83,10 @@ class HeapTrimmer:
         self._libc = _glibc()
 
     def before_batch(self, size: int) -> bool:
-        """`size`: the batch's padded size (examples x longest). True where it trimmed."""
+        """`size`: the batch's padded size (examples x longest). True where it trimmed.
+        Also empties `cpu_allocator`'s cache (where training uses it), every batch: its
+        blocks serve the layers of one batch, and the next batch's shapes differ."""
+        cpu_allocator.release_cached()
         larger_than_all = size > self.largest
         near_largest = size >= self.near_largest * self.largest
         self.largest = max(self.largest, size)

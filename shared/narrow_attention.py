@@ -32,12 +32,11 @@ kernel (same results, slower).
 
 from __future__ import annotations
 
-import hashlib
-import os
 import sys
 from pathlib import Path
 
 import torch
+from peftlab.shared import native
 
 SOURCE = Path(__file__).with_name("narrow_attention.cpp")
 HEAD_WIDTHS = (16, 24, 32)
@@ -45,21 +44,6 @@ HEAD_WIDTHS = (16, 24, 32)
 torch's kernel is as fast (`benchmarks/narrow_attention_speed.py`)."""
 
 _FLAGS = ["-O3", "-march=native", "-fno-math-errno", "-fopenmp"]  # OpenMP: at::parallel_for's threads
-
-
-def cache_folder() -> Path:
-    return Path(os.environ.get("PEFTLAB_KERNEL_CACHE", Path.home() / ".cache" / "peftlab" / "kernels"))
-
-
-def _cpu_flags() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("flags"):
-                return line
-    except OSError:
-        pass
-    return os.uname().machine
-
 
 _built: bool | None = None
 """Whether this process has the kernel; None before the first `load()`."""
@@ -78,23 +62,9 @@ def load() -> bool:
 
 def _build() -> bool:
     global build_error
-    key = hashlib.sha256("\n".join([SOURCE.read_text(), torch.__version__, " ".join(_FLAGS), _cpu_flags()])
-                         .encode()).hexdigest()[:16]
-    folder = cache_folder() / f"narrow_attention-{key}"
-    try:
-        from torch.utils.cpp_extension import load as build
-
-        folder.mkdir(parents=True, exist_ok=True)
-        if not (folder / "peftlab_narrow_attention.so").exists():
-            print(f"peftlab: building the narrow-head attention kernel for this CPU in {folder} "
-                  "(once per machine, about 20 s)", file=sys.stderr, flush=True)
-        build("peftlab_narrow_attention", [str(SOURCE)], extra_cflags=_FLAGS, extra_ldflags=["-fopenmp"],
-              build_directory=str(folder), is_python_module=False, verbose=False)
-    except Exception as error:  # noqa: BLE001 - any build failure means: use torch's kernel
-        lines = str(error).strip().splitlines() or [type(error).__name__]
-        reason = next((line.strip() for line in lines if "error:" in line), lines[-1])  # the compiler's first error
-        build_error = reason
-        print(f"peftlab: the narrow-head attention kernel could not be built in {folder} ({reason}); "
+    folder, build_error = native.build("narrow_attention", SOURCE, _FLAGS, "the narrow-head attention kernel", 20)
+    if build_error is not None:
+        print(f"peftlab: the narrow-head attention kernel could not be built in {folder} ({build_error}); "
               "attention runs through torch's fused kernel instead (same results, slower on narrow heads)",
               file=sys.stderr)
         return False
