@@ -31,10 +31,14 @@ largest ones), where they would count on top of the batch's own activations.
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import sys
+from collections import Counter
 
+import torch
 from peftlab.shared import cpu_allocator
+from torch import nn
 
 MMAP_THRESHOLD_BYTES = 4 * 2**20
 """Requests at least this large get their own memory mapping, returned when freed."""
@@ -97,3 +101,33 @@ class HeapTrimmer:
         self._libc.malloc_trim(0)
         self.batches_since_trim = 0
         return True
+
+
+@contextlib.contextmanager
+def frozen_linears_in(model: nn.Module, dtype: torch.dtype):
+    """Frozen linear layers hold their weights and biases in `dtype` inside the block;
+    yields how many layers that is.
+
+    For training under autocast to `dtype`: autocast casts every linear layer's weight
+    to it for each matmul anyway, so the products are bit for bit the same, while the
+    fp32 copy of a frozen weight, and autocast's cast of it in every forward pass, is
+    memory the step never reads (about 100 MiB of ESM-2 35M's 134 with LoRA on k/v).
+    Left as they are: layers with a trainable parameter, layers a PEFT method wraps
+    (peft's `base_layer`: DoRA, for one, reads the base weight itself), and weights
+    shared with another module (tied embeddings, whose lookups autocast does not cast).
+    On leaving, the weights are back in their own dtype, with the values rounded to
+    `dtype` (which is what the matmuls computed with)."""
+    wrapped = {id(m.base_layer) for m in model.modules() if isinstance(getattr(m, "base_layer", None), nn.Module)}
+    uses = Counter(id(p) for _, p in model.named_parameters(remove_duplicate=False))
+    lowered = []
+    for module in model.modules():
+        own = list(module.parameters(recurse=False))
+        if (type(module) is nn.Linear and id(module) not in wrapped and module.weight.dtype != dtype
+                and not any(p.requires_grad or uses[id(p)] > 1 for p in own)):
+            lowered.append((module, module.weight.dtype))
+            module.to(dtype)
+    try:
+        yield len(lowered)
+    finally:
+        for module, original in lowered:
+            module.to(original)

@@ -241,9 +241,14 @@ def train(
 ) -> dict:
     """Train in place; on return `model` holds the best weights (on the main process).
     Returns the train state. On a CPU, the tensors of training come from
-    `cpu_allocator`'s cache (faster, less memory; same results)."""
+    `cpu_allocator`'s cache (faster, less memory; same results). In bf16 training, frozen
+    linear layers hold bf16 weights while it runs (`memory.frozen_linears_in`: the
+    matmuls are the same, the fp32 copies were memory they never read)."""
     on_cpu = accelerator.device.type == "cpu"
-    with cpu_allocator.caching() if on_cpu else contextlib.nullcontext():
+    sharded = config.sharding != "none" and accelerator.num_processes > 1  # FSDP owns the parameters' storage
+    lower = accelerator.mixed_precision == "bf16" and not sharded
+    with (cpu_allocator.caching() if on_cpu else contextlib.nullcontext(),
+          memory.frozen_linears_in(model, torch.bfloat16) if lower else contextlib.nullcontext()):
         return _train(task, model, train_examples, validation_examples, config, metric_names, primary_metric,
                       run_dir, accelerator, resume, log)
 
