@@ -96,3 +96,35 @@ def demo_card_for(task_name: str) -> Path:
         if card.task == task_name and card.format == "demo":
             return path
     raise AssertionError(f"task {task_name} has no demo card in data_cards/")
+
+
+def tiny_model_with_default_method(task_name: str):
+    """Task `task_name`'s tiny model with LoRA (or `full` where LoRA does not fit), at
+    its default options, and a training batch of its first 4 demo examples. Returns
+    (model, batch, method)."""
+    from peftlab.shared import methods
+    from peftlab.shared.cards import read_card
+    from peftlab.shared.tasks import get_task
+
+    task = get_task(task_name)
+    options = task.options()
+    dataset = task.read(read_card(demo_card_for(task_name)), options)
+    torch.manual_seed(0)
+    model = task.build_model("tiny", dataset.labels, options)
+    method = "lora" if methods.get_method("lora").fits(model.backbone) else "full"
+    model.backbone = methods.apply(model.backbone, method, **task.default_method_options(method, model))
+    return model, model.collate(dataset.splits["train"][:4], rng=None), method
+
+
+@pytest.fixture
+def failing_compiler(monkeypatch, tmp_path):
+    """C++ extensions fail to build as without a compiler, into an empty kernel cache
+    (`tmp_path`): reset the module's `_built` and `build_error` so it tries again."""
+    import torch.utils.cpp_extension
+
+    def no_compiler(*args, **kwargs):
+        raise RuntimeError("error: command 'c++' failed: No such file or directory")
+
+    monkeypatch.setattr(torch.utils.cpp_extension, "load", no_compiler)
+    monkeypatch.setenv("PEFTLAB_KERNEL_CACHE", str(tmp_path))
+    return tmp_path

@@ -9,11 +9,9 @@ from collections import Counter
 
 import pytest
 import torch
-from conftest import demo_card_for
-from peftlab.shared import methods
-from peftlab.shared.cards import read_card
+from conftest import tiny_model_with_default_method
 from peftlab.shared.errors import UserError
-from peftlab.shared.tasks import get_task, list_tasks
+from peftlab.shared.tasks import list_tasks
 from peftlab.shared.training import enable_activation_checkpointing
 
 TASKS = [t.name for t in list_tasks()]
@@ -35,14 +33,7 @@ def _gradients(model, batch) -> tuple[dict[str, torch.Tensor], Counter]:
 
 @pytest.mark.parametrize("task_name", TASKS)
 def test_recomputed_activations_give_the_same_gradients(task_name, one_thread):
-    task = get_task(task_name)
-    options = task.options()
-    dataset = task.read(read_card(demo_card_for(task_name)), options)
-    torch.manual_seed(0)
-    model = task.build_model("tiny", dataset.labels, options)
-    method = "lora" if methods.get_method("lora").fits(model.backbone) else "full"
-    model.backbone = methods.apply(model.backbone, method, **task.default_method_options(method, model))
-    batch = model.collate(dataset.splits["train"][:4], rng=None)
+    model, batch, _ = tiny_model_with_default_method(task_name)
     kept, kept_calls = _gradients(model, batch)
     recomputing = copy.deepcopy(model)
     enable_activation_checkpointing(recomputing)  # every task's backbone has a switch

@@ -124,19 +124,12 @@ def test_a_training_run_gives_the_results_of_torchs_allocator(tmp_path):
     assert our_metrics["test"] == their_metrics["test"]
 
 
-def test_a_build_that_fails_says_why_and_leaves_torchs_allocator(monkeypatch, tmp_path, capsys):
-    import torch.utils.cpp_extension
-
-    def no_compiler(*args, **kwargs):
-        raise RuntimeError("error: command 'c++' failed: No such file or directory")
-
-    monkeypatch.setattr(torch.utils.cpp_extension, "load", no_compiler)
-    monkeypatch.setenv("PEFTLAB_KERNEL_CACHE", str(tmp_path))
+def test_a_build_that_fails_says_why_and_leaves_torchs_allocator(failing_compiler, monkeypatch, capsys):
     monkeypatch.setattr(cpu_allocator, "_built", None)  # this process has not loaded it yet
     monkeypatch.setattr(cpu_allocator, "build_error", None)
     with cpu_allocator.caching():
         assert not cpu_allocator.active()
     message = capsys.readouterr().err
     assert "caching CPU allocator could not be built" in message and "No such file" in message
-    assert str(tmp_path) in message
+    assert str(failing_compiler) in message
     assert cpu_allocator.stats()["maps"] == 0 and cpu_allocator.release_cached() == 0

@@ -8,11 +8,9 @@ from __future__ import annotations
 import peft
 import pytest
 import torch
-from conftest import demo_card_for
-from peftlab.shared import methods
-from peftlab.shared.cards import read_card
+from conftest import tiny_model_with_default_method
 from peftlab.shared.memory import frozen_linears_in
-from peftlab.shared.tasks import get_task, list_tasks
+from peftlab.shared.tasks import list_tasks
 from torch import nn
 
 TASKS = [t.name for t in list_tasks()]
@@ -30,14 +28,7 @@ def _bf16_step(model, batch) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
 
 @pytest.mark.parametrize("task_name", TASKS)
 def test_a_bf16_step_is_bit_identical_with_frozen_linears_in_bf16(task_name, one_thread):
-    task = get_task(task_name)
-    options = task.options()
-    dataset = task.read(read_card(demo_card_for(task_name)), options)
-    torch.manual_seed(0)
-    model = task.build_model("tiny", dataset.labels, options)
-    method = "lora" if methods.get_method("lora").fits(model.backbone) else "full"
-    model.backbone = methods.apply(model.backbone, method, **task.default_method_options(method, model))
-    batch = model.collate(dataset.splits["train"][:4], rng=None)
+    model, batch, _ = tiny_model_with_default_method(task_name)
     dtypes = {n: p.dtype for n, p in model.named_parameters()}
     loss, gradients = _bf16_step(model, batch)
     with frozen_linears_in(model, torch.bfloat16) as lowered:

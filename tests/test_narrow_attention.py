@@ -90,20 +90,13 @@ def test_strides_do_not_change_the_results():
     assert token_major[0].transpose(1, 2).is_contiguous()
 
 
-def test_a_build_that_fails_says_why_and_leaves_attention_to_torch(monkeypatch, tmp_path, capsys):
-    import torch.utils.cpp_extension
-
-    def no_compiler(*args, **kwargs):
-        raise RuntimeError("error: command 'c++' failed: No such file or directory")
-
-    monkeypatch.setattr(torch.utils.cpp_extension, "load", no_compiler)
-    monkeypatch.setenv("PEFTLAB_KERNEL_CACHE", str(tmp_path))
+def test_a_build_that_fails_says_why_and_leaves_attention_to_torch(failing_compiler, monkeypatch, capsys):
     monkeypatch.setattr(narrow_attention, "_built", None)  # this process has not loaded it yet
     monkeypatch.setattr(narrow_attention, "build_error", None)
     assert not narrow_attention.supports(torch.zeros(1, 2, 3, 16))
     message = capsys.readouterr().err
     assert "narrow-head attention kernel could not be built" in message and "No such file" in message
-    assert str(tmp_path) in message
+    assert str(failing_compiler) in message
     assert narrow_attention.build_error == "error: command 'c++' failed: No such file or directory"
 
 
