@@ -19,9 +19,9 @@
 #include <pthread.h>
 #include <sys/mman.h>
 
+#include <algorithm>
 #include <cstdint>
 #include <mutex>
-#include <new>
 #include <unordered_map>
 #include <vector>
 
@@ -46,12 +46,8 @@ struct Pool {
   // block freed beyond that is unmapped.
   int64_t cache_floor = int64_t(256) << 20;
   double cache_share = 0.25;
-  int64_t in_use = 0, cached = 0, peak_mapped = 0, peak_in_use = 0, maps = 0, reuses = 0;
+  int64_t in_use = 0, cached = 0, maps = 0, reuses = 0;
 
-  void note_peak() {
-    peak_mapped = std::max(peak_mapped, in_use + cached);
-    peak_in_use = std::max(peak_in_use, in_use);
-  }
   void unmap(void* ptr, size_t bytes) {
     munmap(ptr, bytes);
     blocks.erase(ptr);
@@ -76,7 +72,6 @@ void* take(size_t request) {
       p.cached -= bytes;
       p.in_use += bytes;
       p.reuses += 1;
-      p.note_peak();
       return ptr;
     }
   }
@@ -90,7 +85,6 @@ void* take(size_t request) {
   p.blocks.emplace(ptr, bytes);
   p.in_use += bytes;
   p.maps += 1;
-  p.note_peak();
   return ptr;
 }
 
@@ -99,9 +93,10 @@ void give_back(void* ptr) {
     return;
   }
   Pool& p = pool();
-  std::lock_guard<std::mutex> guard(p.mutex);
+  std::unique_lock<std::mutex> guard(p.mutex);
   auto found = p.blocks.find(ptr);
   if (found == p.blocks.end()) {  // a small block
+    guard.unlock();
     c10::free_cpu(ptr);
     return;
   }
@@ -179,20 +174,13 @@ void uninstall() {
 std::vector<int64_t> stats() {
   Pool& p = pool();
   std::lock_guard<std::mutex> guard(p.mutex);
-  return {p.in_use, p.cached, p.peak_mapped, p.peak_in_use, p.maps, p.reuses};
+  return {p.in_use, p.cached, p.maps, p.reuses};
 }
 
 bool active() {
   Pool& p = pool();
   std::lock_guard<std::mutex> guard(p.mutex);
   return p.caching;
-}
-
-void reset_peak() {
-  Pool& p = pool();
-  std::lock_guard<std::mutex> guard(p.mutex);
-  p.peak_mapped = p.in_use + p.cached;
-  p.peak_in_use = p.in_use;
 }
 
 void set_cache_limit(int64_t floor_bytes, double share_of_in_use) {
@@ -214,7 +202,6 @@ TORCH_LIBRARY(peftlab_cpu_allocator, m) {
   m.def("uninstall() -> ()", &uninstall);
   m.def("release_cached() -> int", &release_cached);
   m.def("stats() -> int[]", &stats);
-  m.def("reset_peak() -> ()", &reset_peak);
   m.def("active() -> bool", &active);
   m.def("set_cache_limit(int floor_bytes, float share_of_in_use) -> ()", &set_cache_limit);
 }

@@ -77,15 +77,8 @@ def release_cached() -> int:
 
 
 def stats() -> dict[str, int]:
-    """Bytes in tensors, bytes cached free, the largest mapped total since `reset_peak`,
-    mappings made and requests served from the cache."""
+    """Bytes in tensors, bytes cached free, mappings made, and requests served from the cache."""
     if not _built:
-        return {"in_use": 0, "cached": 0, "peak_mapped": 0, "peak_in_use": 0, "maps": 0, "reuses": 0}
-    in_use, cached, peak, peak_in_use, maps, reuses = torch.ops.peftlab_cpu_allocator.stats()
-    return {"in_use": in_use, "cached": cached, "peak_mapped": peak, "peak_in_use": peak_in_use, "maps": maps,
-            "reuses": reuses}
-
-
-def reset_peak() -> None:
-    if _built:
-        torch.ops.peftlab_cpu_allocator.reset_peak()
+        return {"in_use": 0, "cached": 0, "maps": 0, "reuses": 0}
+    in_use, cached, maps, reuses = torch.ops.peftlab_cpu_allocator.stats()
+    return {"in_use": in_use, "cached": cached, "maps": maps, "reuses": reuses}
