@@ -16,7 +16,7 @@ whose shapes differ. Smaller requests still go to the C library.
 
 Built at first use like the narrow-attention kernel (`native.build`); without a
 compiler, training runs on torch's own allocator with one line on stderr saying so.
-`PEFTLAB_NO_CPU_CACHING=1` turns it off (torch's allocator, the same results).
+`PEFTLAB_NO_CPU_CACHING=1` (or `true`, `yes`) turns it off (torch's allocator, the same results).
 """
 
 from __future__ import annotations
@@ -56,7 +56,7 @@ def caching():
     leaving it the cache is emptied and torch's allocator is back. Does nothing where
     the allocator cannot be built, when already inside such a block, or with
     `PEFTLAB_NO_CPU_CACHING=1`."""
-    if os.environ.get("PEFTLAB_NO_CPU_CACHING") == "1" or not load() or active():
+    if os.environ.get("PEFTLAB_NO_CPU_CACHING", "").lower() in ("1", "true", "yes") or not load() or active():
         yield
         return
     torch.ops.peftlab_cpu_allocator.install()

@@ -245,12 +245,16 @@ def train(
     linear layers hold bf16 weights while it runs (`memory.frozen_linears_in`: the
     matmuls are the same, the fp32 copies were memory they never read)."""
     on_cpu = accelerator.device.type == "cpu"
-    sharded = config.sharding != "none" and accelerator.num_processes > 1  # FSDP owns the parameters' storage
-    lower = accelerator.mixed_precision == "bf16" and not sharded
+    lower = accelerator.mixed_precision == "bf16" and not shards_the_model(config, accelerator)  # FSDP owns storage
     with (cpu_allocator.caching() if on_cpu else contextlib.nullcontext(),
           memory.frozen_linears_in(model, torch.bfloat16) if lower else contextlib.nullcontext()):
         return _train(task, model, train_examples, validation_examples, config, metric_names, primary_metric,
                       run_dir, accelerator, resume, log)
+
+
+def shards_the_model(config: TrainConfig, accelerator) -> bool:
+    """Whether `train.sharding` applies: it needs more than one process."""
+    return config.sharding != "none" and accelerator.num_processes > 1
 
 
 def _train(task, model: TaskModel, train_examples: list[Example], validation_examples: list[Example],
@@ -265,7 +269,7 @@ def _train(task, model: TaskModel, train_examples: list[Example], validation_exa
     memory.compact_heap_for_training()
     if config.activation_checkpointing:
         enable_activation_checkpointing(model)
-    sharded = config.sharding != "none" and processes > 1
+    sharded = shards_the_model(config, accelerator)
     if sharded:  # before the optimizer: sharding replaces the parameters
         units = sharding.shard(model, accelerator.device, keep_gathered_for_backward=config.sharding == "fsdp_grad_op")
         log(f"{config.sharding}: parameters, gradients and optimizer state sharded over {processes} processes "
