@@ -8,7 +8,7 @@ runs as it is and with `train.activation_checkpointing=true`. Printed: each run'
 trainable parameters and samples/s, and the peak ratios LoRA / full (the issue's figure:
 default settings, target <= 0.5) and with checkpointing.
 
-Measured on this project's 2-core CPU (torch 2.11 CUDA wheel, 6 steps) - see the README's
+Measured on this project's 2-core CPU (torch 2.11 CUDA wheel, 12 steps) - see the README's
 "Speed and memory" section for the figures and where LoRA's peak goes.
 
     python benchmarks/lora_vs_full_memory.py [--steps 12] [--architecture esm2_t12_35M_UR50D]

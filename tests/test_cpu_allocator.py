@@ -98,6 +98,7 @@ def test_a_forked_child_allocates_and_frees():
         held = torch.ones(MIB)
         pid = os.fork()
         if pid == 0:  # the child: its own copy of the pool, lock released
+            torch.set_num_threads(1)  # GNU OpenMP's thread pool does not survive a fork
             code = 0 if torch.equal(torch.ones(2 * MIB).sum(), torch.tensor(2.0 * MIB)) and held.sum() == MIB else 1
             os._exit(code)
         _, status = os.waitpid(pid, 0)
