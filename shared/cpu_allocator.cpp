@@ -7,9 +7,11 @@
 // pages that are already resident, with no page faults and no zeroing. Smaller requests
 // go to c10's own CPU allocation functions.
 //
-// The cache holds at most the larger of 256 MiB and a quarter of the bytes in use (a
-// block freed beyond that is unmapped at once), and `release_cached` empties it: the
-// training loop calls it between batches, whose shapes differ.
+// The cache holds at most the larger of 256 MiB and a quarter of the bytes in use; past
+// that, the blocks freed longest ago are unmapped first, so the cache follows the shapes
+// in use now (a cache full of an earlier batch's sizes would serve nothing and make every
+// request a fresh mapping). `release_cached` empties it: the training loop calls it
+// between batches, whose shapes differ.
 
 #include <c10/core/Allocator.h>
 #include <c10/core/CPUAllocator.h>
@@ -21,6 +23,8 @@
 
 #include <algorithm>
 #include <cstdint>
+#include <deque>
+#include <list>
 #include <mutex>
 #include <unordered_map>
 #include <vector>
@@ -38,12 +42,14 @@ size_t size_class(size_t bytes) {
 }
 
 struct Pool {
+  using FreeOrder = std::list<std::pair<void*, size_t>>;  // free blocks and their bytes, oldest first
   std::mutex mutex;
-  std::unordered_map<void*, size_t> blocks;                  // every mapped block, in use or free -> bytes
-  std::unordered_map<size_t, std::vector<void*>> free_lists;  // by size class, most recently freed last
+  std::unordered_map<void*, size_t> blocks;  // every mapped block, in use or free -> bytes
+  FreeOrder free_order;
+  std::unordered_map<size_t, std::deque<FreeOrder::iterator>> free_lists;  // by size class, oldest first
   bool caching = false;
-  // Free bytes kept at most: the larger of a floor and a share of the bytes in use; a
-  // block freed beyond that is unmapped.
+  // Free bytes kept at most: the larger of a floor and a share of the bytes in use;
+  // beyond that the oldest free blocks are unmapped.
   int64_t cache_floor = int64_t(256) << 20;
   double cache_share = 0.25;
   int64_t in_use = 0, cached = 0, maps = 0, reuses = 0;
@@ -51,6 +57,14 @@ struct Pool {
   void unmap(void* ptr, size_t bytes) {
     munmap(ptr, bytes);
     blocks.erase(ptr);
+  }
+
+  void unmap_oldest_free() {
+    auto [ptr, bytes] = free_order.front();
+    free_lists[bytes].pop_front();  // the class's oldest is the oldest overall of its class
+    free_order.pop_front();
+    cached -= bytes;
+    unmap(ptr, bytes);
   }
 };
 
@@ -67,7 +81,8 @@ void* take(size_t request) {
     std::lock_guard<std::mutex> guard(p.mutex);
     auto list = p.free_lists.find(bytes);
     if (list != p.free_lists.end() && !list->second.empty()) {
-      void* ptr = list->second.back();
+      void* ptr = list->second.back()->first;  // the most recently freed: likeliest still in the CPU's caches
+      p.free_order.erase(list->second.back());
       list->second.pop_back();
       p.cached -= bytes;
       p.in_use += bytes;
@@ -102,12 +117,16 @@ void give_back(void* ptr) {
   }
   const size_t bytes = found->second;
   p.in_use -= bytes;
-  if (!p.caching || p.cached + int64_t(bytes) > std::max(p.cache_floor, int64_t(p.cache_share * p.in_use))) {
+  if (!p.caching) {
     p.unmap(ptr, bytes);
     return;
   }
   p.cached += bytes;
-  p.free_lists[bytes].push_back(ptr);
+  p.free_order.emplace_back(ptr, bytes);
+  p.free_lists[bytes].push_back(std::prev(p.free_order.end()));
+  while (p.cached > std::max(p.cache_floor, int64_t(p.cache_share * p.in_use))) {
+    p.unmap_oldest_free();
+  }
 }
 
 struct CachingCPUAllocator final : c10::Allocator {
@@ -131,15 +150,10 @@ constexpr uint8_t kPriority = 1;  // above c10's default (0), so SetCPUAllocator
 int64_t release_cached() {
   Pool& p = pool();
   std::lock_guard<std::mutex> guard(p.mutex);
-  int64_t released = 0;
-  for (auto& [bytes, list] : p.free_lists) {
-    for (void* ptr : list) {
-      p.unmap(ptr, bytes);
-      released += bytes;
-    }
-    list.clear();
+  const int64_t released = p.cached;
+  while (!p.free_order.empty()) {
+    p.unmap_oldest_free();
   }
-  p.cached -= released;
   return released;
 }
 

@@ -11,8 +11,10 @@ at the peak of the same run.
 Here blocks of 128 KiB and more come from size classes (four per power of two) and a
 freed block waits for the next request of its class, so layer after layer reuses
 resident pages. The cache holds at most the larger of 256 MiB and a quarter of the
-bytes in tensors, and the training loop empties it between batches (`release_cached`),
-whose shapes differ. Smaller requests still go to the C library.
+bytes in tensors; past that the blocks freed longest ago are unmapped first, so the
+cache follows the sizes in use now (evaluation's batches change shape without it being
+emptied). The training loop empties it between batches (`release_cached`), whose
+shapes differ. Smaller requests still go to the C library.
 
 Built at first use like the narrow-attention kernel (`native.build`); without a
 compiler, training runs on torch's own allocator with one line on stderr saying so.

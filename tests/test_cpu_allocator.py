@@ -68,6 +68,33 @@ def test_the_cache_keeps_within_its_limit_and_empties_on_leaving():
         ops.set_cache_limit(256 * MIB, 0.25)
 
 
+def test_a_full_cache_gives_way_to_the_sizes_in_use_now():
+    """Evaluation batches change shape without the cache being emptied between them: the
+    blocks freed longest ago make room, so the new size is mapped once and then reused
+    (were the newly freed block unmapped instead, every request would map afresh)."""
+    assert cpu_allocator.load(), cpu_allocator.build_error
+    ops = torch.ops.peftlab_cpu_allocator
+    ops.set_cache_limit(2 * MIB, 0.0)
+    try:
+        with cpu_allocator.caching():
+            earlier = [torch.empty(MIB // 4) for _ in range(2)]  # 1 MiB each: an earlier batch's size
+            del earlier
+            assert cpu_allocator.stats()["cached"] == 2 * MIB
+            before = cpu_allocator.stats()
+            for step in range(5):
+                block = torch.full((int(0.3 * MIB),), float(step))  # 1.2 MiB: another size class
+                assert block[0].item() == block[-1].item() == step
+                del block
+            after = cpu_allocator.stats()
+            assert after["maps"] - before["maps"] == 1 and after["reuses"] - before["reuses"] == 4
+            assert after["cached"] <= 2 * MIB
+            again = torch.empty(MIB // 4)  # its class was given up for the newer one
+            assert cpu_allocator.stats()["maps"] == after["maps"] + 1
+            del again
+    finally:
+        ops.set_cache_limit(256 * MIB, 0.25)
+
+
 def _one_step_gradients(model: torch.nn.Module, tokens: torch.Tensor) -> dict[str, torch.Tensor]:
     torch.manual_seed(0)
     model.zero_grad(set_to_none=True)
