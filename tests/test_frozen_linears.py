@@ -131,18 +131,16 @@ def test_training_turns_peft_input_casts_off_under_autocast_only(tmp_path, monke
     from peft.tuners.tuners_utils import BaseTunerLayer
     from peftlab.shared import training
 
-    seen = []
+    during, trained = [], []
     original = training._train
 
     def recording(task, model, *args, **kwargs):
-        seen.extend(m.cast_input_dtype_enabled for m in model.modules() if isinstance(m, BaseTunerLayer))
-        state = original(task, model, *args, **kwargs)
-        seen.append(model)
-        return state
+        during.extend(m.cast_input_dtype_enabled for m in model.modules() if isinstance(m, BaseTunerLayer))
+        trained.append(model)
+        return original(task, model, *args, **kwargs)
 
     monkeypatch.setattr(training, "_train", recording)
     peftlab.run("protein-classify", demo=True, out=tmp_path / "run",
                 overrides={"train.max_steps": 1, "train.epochs": 1, "train.precision": precision})
-    model = seen.pop()
-    assert seen and set(seen) == {not casts_off}
-    assert all(m.cast_input_dtype_enabled for m in model.modules() if isinstance(m, BaseTunerLayer))
+    assert during and set(during) == {not casts_off}
+    assert all(m.cast_input_dtype_enabled for m in trained[0].modules() if isinstance(m, BaseTunerLayer))
