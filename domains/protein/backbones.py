@@ -21,7 +21,7 @@ import esm
 import torch
 from esm.model.esm2 import ESM2
 from esm.rotary_embedding import apply_rotary_pos_emb
-from peftlab.shared import io, narrow_attention
+from peftlab.shared import io, narrow_attention, rotary
 from peftlab.shared.backbone_cache import load_once
 from peftlab.shared.errors import UserError
 from torch import nn
@@ -198,12 +198,13 @@ def _layer_sdpa(layer, x: torch.Tensor, padding_mask: torch.Tensor | None,
 
     q, k, v = split(attention.q_proj(h)), split(attention.k_proj(h)), split(attention.v_proj(h))
     projected = v.dtype
-    if packed:
-        q, k = _rotate_packed(attention.rot_emb, q, k, lengths)
-    else:
-        q, k = attention.rot_emb(q, k)  # fair-esm rotates in fp32 (its cos/sin tables are fp32)
-    mask = None if padding_mask is None or packed else ~padding_mask[:, None, None, :]
     dropout = attention.dropout if attention.training else 0.0
+    cos, sin = _rotary_tables(attention.rot_emb, q, lengths if packed else None)
+    if dropout == 0.0 and rotary.supports(q, cos):  # the values CPUFlashAttention rounds to bf16, in one pass
+        q, k = rotary.rotate(q, cos, sin), rotary.rotate(k, cos, sin)
+    else:  # fair-esm rotates in fp32 (its cos/sin tables are fp32)
+        q, k = apply_rotary_pos_emb(q, cos, sin), apply_rotary_pos_emb(k, cos, sin)
+    mask = None if padding_mask is None or packed else ~padding_mask[:, None, None, :]
     if q.device.type == "cpu" and dropout == 0.0:
         spans = None if lengths is None else (_packed_spans if packed else _padded_spans)(lengths)
         h = CPUFlashAttention.apply(q.to(projected), k.to(projected), v, spans, None if spans else mask)
@@ -217,14 +218,16 @@ def _layer_sdpa(layer, x: torch.Tensor, padding_mask: torch.Tensor | None,
     return x + h
 
 
-def _rotate_packed(rot_emb, q: torch.Tensor, k: torch.Tensor, lengths: tuple[int, ...]):
-    """fair-esm's rotary embedding on packed sequences: each token turned by its
-    position in its own sequence, with fair-esm's own cos/sin tables (so the values
-    are those the padded layout gets)."""
-    cos, sin = rot_emb._update_cos_sin_tables(q.new_empty(max(lengths), 0), seq_dimension=0)
+def _rotary_tables(rot_emb, q: torch.Tensor, lengths: tuple[int, ...] | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """fair-esm's cos/sin rows for each token of q (batch, heads, tokens, width): by
+    position in the padded rows, or, for packed sequences of `lengths`, by each token's
+    position in its own sequence (so the values are those the padded layout gets)."""
+    tokens = max(lengths) if lengths else q.shape[-2]
+    cos, sin = rot_emb._update_cos_sin_tables(q.new_empty(tokens, 0), seq_dimension=0)
+    if not lengths:
+        return cos[:, :tokens], sin[:, :tokens]
     positions = torch.cat([torch.arange(n, device=q.device) for n in lengths])
-    cos, sin = cos[:, positions], sin[:, positions]
-    return apply_rotary_pos_emb(q, cos, sin), apply_rotary_pos_emb(k, cos, sin)
+    return cos[:, positions], sin[:, positions]
 
 
 _flash = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu
