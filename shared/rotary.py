@@ -49,10 +49,14 @@ def _register_shapes() -> None:
         torch.library.register_fake(f"peftlab_rotary::{op}")(lambda x, cos, sin: torch.empty_like(x))
 
 
+MAX_HEAD_WIDTH = 64
+"""ESM-2 8M to 3B (16-64); wider heads (15B: 128) rotate through fair-esm."""
+
+
 def supports(x: torch.Tensor, cos: torch.Tensor) -> bool:
     """Whether the kernel takes this (batch, heads, tokens, width) tensor and table."""
     return (x.device.type == "cpu" and x.dtype == torch.bfloat16 and x.dim() == 4 and cos.dtype == torch.float32
-            and load())
+            and x.shape[-1] % 2 == 0 and x.shape[-1] <= MAX_HEAD_WIDTH and load())
 
 
 def rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:

@@ -62,10 +62,11 @@ def test_a_bf16_esm_step_is_bit_identical_with_the_kernel_and_without(monkeypatc
     assert all(torch.equal(fused_gradients[n], gradients[n]) for n in gradients)
 
 
-def test_fp32_and_tables_in_other_dtypes_stay_with_fair_esm():
+def test_fp32_other_tables_and_wide_heads_stay_with_fair_esm():
     cos = torch.zeros(1, 4, 16)
     assert not rotary.supports(torch.zeros(1, 2, 4, 16), cos)
     assert not rotary.supports(torch.zeros(1, 2, 4, 16, dtype=torch.bfloat16), cos.to(torch.bfloat16))
+    assert not rotary.supports(torch.zeros(1, 2, 4, 128, dtype=torch.bfloat16), torch.zeros(1, 4, 128))  # ESM-2 15B
 
 
 def test_a_build_that_fails_says_why_and_leaves_rotation_to_fair_esm(failing_compiler, monkeypatch, capsys):
