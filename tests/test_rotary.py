@@ -1,7 +1,8 @@
 """The fused rotary embedding (shared/rotary.cpp): bit for bit fair-esm's rotation of bf16
 queries and keys rounded to bf16, forward and backward, at every head width and on the
-model's strided views; an ESM-2 training step is bit-identical with it and without it;
-a failed build says why and leaves the rotation to fair-esm."""
+model's strided views; an ESM-2 training step (packed) and inference (padded) are
+bit-identical with it and without it; a failed build says why and leaves the rotation
+to fair-esm."""
 
 from __future__ import annotations
 
@@ -36,7 +37,7 @@ def test_forward_and_backward_are_fair_esms_bit_for_bit(width):
     assert torch.equal(ours_input.grad, theirs_input.grad)
 
 
-def test_a_bf16_esm_step_is_bit_identical_with_the_kernel_and_without(monkeypatch, one_thread):
+def test_a_bf16_esm_step_and_inference_are_bit_identical_with_the_kernel_and_without(monkeypatch, one_thread):
     from conftest import tiny_model_with_default_method
 
     model, batch, _ = tiny_model_with_default_method("protein-classify")
@@ -52,11 +53,21 @@ def test_a_bf16_esm_step_is_bit_identical_with_the_kernel_and_without(monkeypatc
         loss.backward()
         return loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
 
+    def infer():  # inference keeps the padded layout
+        with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+            return model(batch)
+
     model.train()
     fused_loss, fused_gradients = step()
-    assert calls  # q and k of every layer went through the kernel
+    trained_calls = len(calls)
+    model.eval()
+    fused_inference = infer()
+    model.train()
+    assert trained_calls and len(calls) > trained_calls  # q and k of every layer went through the kernel
     monkeypatch.setattr(rotary, "supports", lambda x, cos: False)
     loss, gradients = step()
+    model.eval()
+    assert torch.equal(fused_inference, infer())
     assert torch.equal(fused_loss, loss)
     assert fused_gradients.keys() == gradients.keys() and gradients
     assert all(torch.equal(fused_gradients[n], gradients[n]) for n in gradients)
