@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import contextlib
 import os
-import sys
 from pathlib import Path
 
 import torch
@@ -44,10 +43,9 @@ def load() -> bool:
     False, with one line on stderr saying why, where it cannot be built."""
     global _built, build_error
     if _built is None:
-        folder, build_error = native.build("cpu_allocator", SOURCE, _FLAGS, "the caching CPU allocator", 15)
-        if build_error is not None:
-            print(f"peftlab: the caching CPU allocator could not be built in {folder} ({build_error}); "
-                  "training uses torch's own CPU allocator (same results, slower and more memory)", file=sys.stderr)
+        build_error = native.build("cpu_allocator", SOURCE, _FLAGS, "the caching CPU allocator", 15,
+                                   instead="training uses torch's own CPU allocator (same results, slower and more "
+                                           "memory)")
         _built = build_error is None
     return _built
 

@@ -32,7 +32,6 @@ kernel (same results, slower).
 
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 
 import torch
@@ -62,11 +61,10 @@ def load() -> bool:
 
 def _build() -> bool:
     global build_error
-    folder, build_error = native.build("narrow_attention", SOURCE, _FLAGS, "the narrow-head attention kernel", 20)
+    build_error = native.build("narrow_attention", SOURCE, _FLAGS, "the narrow-head attention kernel", 20,
+                               instead="attention runs through torch's fused kernel instead (same results, slower "
+                                       "on narrow heads)")
     if build_error is not None:
-        print(f"peftlab: the narrow-head attention kernel could not be built in {folder} ({build_error}); "
-              "attention runs through torch's fused kernel instead (same results, slower on narrow heads)",
-              file=sys.stderr)
         return False
     _register_shapes()
     return True

@@ -30,11 +30,12 @@ def _cpu_flags() -> str:
     return os.uname().machine
 
 
-def build(name: str, source: Path, flags: list[str], what: str, seconds: int) -> tuple[Path, str | None]:
+def build(name: str, source: Path, flags: list[str], what: str, seconds: int, instead: str) -> str | None:
     """Build (first time on this machine) and load `source` as the library `peftlab_<name>`,
-    whose TORCH_LIBRARY ops then live in `torch.ops`. Returns the build folder and, where
-    the build failed, the reason (the compiler's first error line), else None. `what`
-    and `seconds` tell the user what is being built and for how long."""
+    whose TORCH_LIBRARY ops then live in `torch.ops`. Returns None, or where the build
+    failed the reason (the compiler's first error line), which it also prints on stderr
+    with `instead` (what runs without it). `what` and `seconds` tell the user what is
+    being built and for how long."""
     key = hashlib.sha256("\n".join([source.read_text(), torch.__version__, " ".join(flags), _cpu_flags()])
                          .encode()).hexdigest()[:16]
     folder = cache_folder() / f"{name}-{key}"
@@ -50,5 +51,7 @@ def build(name: str, source: Path, flags: list[str], what: str, seconds: int) ->
              build_directory=str(folder), is_python_module=False, verbose=False)
     except Exception as error:  # noqa: BLE001 - any build failure means: run without it
         lines = str(error).strip().splitlines() or [type(error).__name__]
-        return folder, next((line.strip() for line in lines if "error:" in line), lines[-1])
-    return folder, None
+        reason = next((line.strip() for line in lines if "error:" in line), lines[-1])
+        print(f"peftlab: {what} could not be built in {folder} ({reason}); {instead}", file=sys.stderr)
+        return reason
+    return None

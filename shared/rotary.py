@@ -14,7 +14,6 @@ Built at first use like the attention kernel (`native.build`); without a compile
 
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 
 import torch
@@ -33,10 +32,8 @@ def load() -> bool:
     with one line on stderr saying why, where it cannot be built."""
     global _built, build_error
     if _built is None:
-        folder, build_error = native.build("rotary", SOURCE, _FLAGS, "the fused rotary embedding", 15)
-        if build_error is not None:
-            print(f"peftlab: the fused rotary embedding could not be built in {folder} ({build_error}); "
-                  "fair-esm's own rotation runs instead (same results, slower)", file=sys.stderr)
+        build_error = native.build("rotary", SOURCE, _FLAGS, "the fused rotary embedding", 15,
+                                   instead="fair-esm's own rotation runs instead (same results, slower)")
         _built = build_error is None
         if _built:
             _register_shapes()
