@@ -26,7 +26,7 @@ namespace {
 void check(const at::Tensor& x, const at::Tensor& cos, const at::Tensor& sin) {
   TORCH_CHECK(x.dim() == 4 && x.scalar_type() == at::kBFloat16 && x.stride(3) == 1,
               "rotary: x must be a bf16 (batch, heads, tokens, width) tensor with unit stride in width");
-  TORCH_CHECK(x.size(3) % 2 == 0, "rotary: the head width must be even");
+  TORCH_CHECK(x.size(3) % 2 == 0 && x.size(3) <= 64, "rotary: the head width must be even and at most 64");
   for (const at::Tensor& table : {cos, sin}) {
     TORCH_CHECK(table.scalar_type() == at::kFloat && table.is_contiguous() && table.numel() == x.size(2) * x.size(3),
                 "rotary: cos and sin must be contiguous fp32 with one row of the head width per token");
@@ -80,7 +80,6 @@ inline void rotate_row(const uint16_t* in, uint16_t* out, const float* c, const 
 template <bool Backward>
 at::Tensor rotate(const at::Tensor& x, const at::Tensor& cos, const at::Tensor& sin) {
   check(x, cos, sin);
-  TORCH_CHECK(x.size(3) <= 64, "rotary: head widths up to 64");
   at::Tensor out = at::empty_like(x);
   const int64_t batch = x.size(0), heads = x.size(1), tokens = x.size(2);
   const int width = int(x.size(3));
