@@ -79,6 +79,9 @@ class Predictor:
     def predict(self, inputs) -> list[dict[str, Any]]:
         """`inputs`: the task's natural files (paths), or example dicts as the task reads them."""
         if inputs and all(isinstance(i, str | Path) for i in inputs):
+            missing = [str(i) for i in inputs if not Path(i).exists()]
+            if missing:
+                raise UserError(f"{missing[0]}: no such file or folder")
             examples = self.task.read_inputs([Path(i) for i in inputs], self.options)
         else:
             examples = list(inputs)

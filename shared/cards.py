@@ -14,7 +14,7 @@ from typing import Any
 
 import yaml
 from peftlab.shared.errors import UserError
-from pydantic import BaseModel, ConfigDict, ValidationError
+from pydantic import BaseModel, ConfigDict, ValidationError, field_validator
 
 CORE_KEYS = (
     "name", "domain", "task", "format", "path", "files", "fields", "labels", "splits",
@@ -46,6 +46,14 @@ class Card(BaseModel):
     card_path: Path | None = None
     body: str = ""
     text: str = ""
+
+    @field_validator("splits")
+    @classmethod
+    def _split_seed(cls, splits: dict[str, Any] | None) -> dict[str, Any] | None:
+        seed = (splits or {}).get("seed", 0)
+        if isinstance(seed, bool) or not isinstance(seed, int):
+            raise ValueError(f"splits.seed must be a whole number, got {seed!r}")
+        return splits
 
     @property
     def extras(self) -> dict[str, Any]:

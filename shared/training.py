@@ -39,7 +39,7 @@ import torch
 from peftlab.shared import checkpoint, cpu_allocator, io, memory, methods, metrics, sharding
 from peftlab.shared.data import BucketBatchSampler
 from peftlab.shared.errors import UserError
-from peftlab.shared.evaluation import evaluate, to_device
+from peftlab.shared.evaluation import attention_kernels, evaluate, to_device
 from peftlab.shared.tasks import Example, TaskModel
 from pydantic import BaseModel, ConfigDict, Field
 from tqdm.auto import tqdm
@@ -81,21 +81,23 @@ class TrainConfig(BaseModel):
 
 
 def resolve_precision(precision: str, model: torch.nn.Module | None = None) -> str:
-    """`auto` -> bf16 where the device computes it natively, else fp32; on a CPU, fp32
-    also for narrow models.
+    """`auto` -> bf16 where the device computes it natively, else fp32; fp32 on every
+    device for narrow models (the typical layer narrower than 256).
 
     CPU autocast casts every matmul's inputs to bf16; for narrow layers the casts cost
     more than bf16 matmuls save (measured on this project's 2-core CPU: width-64 demo
-    models trained 1.4-3x slower in bf16, ESM-2 8M at width 320 1.4x faster), so `auto`
-    keeps fp32 on a CPU when the model's typical layer is narrower than 256.
+    models trained 1.4-3x slower in bf16, ESM-2 8M at width 320 1.4x faster). On a GPU
+    they learned less in bf16 (on an H100 the commonsense and point-cloud demos missed
+    their tests' bars in bf16 and met them in fp32: README, "On a GPU"), and layers that
+    narrow are too little work for bf16's faster matmuls to matter.
     """
     if precision != "auto":
         return precision
+    if model is not None and typical_layer_width(model) < 256:
+        return "fp32"
     if torch.cuda.is_available():
         return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
-    if not cpu_has_bf16():
-        return "fp32"
-    return "fp32" if model is not None and typical_layer_width(model) < 256 else "bf16"
+    return "bf16" if cpu_has_bf16() else "fp32"
 
 
 def typical_layer_width(model: torch.nn.Module) -> float:
@@ -131,6 +133,12 @@ def process_state():
     NCCL on GPUs) the first time, and says which process this is."""
     from accelerate import PartialState
 
+    local_processes = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+    if torch.cuda.is_available() and local_processes > torch.cuda.device_count():
+        # NCCL refuses two processes on one GPU, with a traceback from deep inside
+        raise UserError(f"{local_processes} processes on this machine but {torch.cuda.device_count()} GPU(s) "
+                        f"visible: each process needs a GPU of its own; start at most "
+                        f"{torch.cuda.device_count()}, or train on the CPU with CUDA_VISIBLE_DEVICES=''")
     # accelerate only forms a CPU process group when told the device is the CPU
     return PartialState(cpu=not torch.cuda.is_available())
 
@@ -252,7 +260,7 @@ def train(
     bytes kept for backward where LoRA reads such inputs."""
     on_cpu = accelerator.device.type == "cpu"
     lower = accelerator.mixed_precision == "bf16" and not shards_the_model(config, accelerator)  # FSDP owns storage
-    with (cpu_allocator.caching() if on_cpu else contextlib.nullcontext(),
+    with (cpu_allocator.caching() if on_cpu else contextlib.nullcontext(), attention_kernels(),
           memory.frozen_linears_in(model, torch.bfloat16) if lower else contextlib.nullcontext(),
           peft.helpers.disable_input_dtype_casting(model, active=accelerator.mixed_precision != "no")):
         return _train(task, model, train_examples, validation_examples, config, metric_names, primary_metric,
@@ -339,6 +347,7 @@ def _train(task, model: TaskModel, train_examples: list[Example], validation_exa
             state["epoch_loss_sum"] = 0.0
         # checkpointed with the state, so a resumed epoch reports the loss of all its batches
         state.setdefault("epoch_loss_sum", 0.0)
+        batches_run = len(batches)  # fewer where train.max_steps ends the epoch early
         for index in range(start_batch, len(batches)):
             indices = batches[index]
             heap.before_batch(len(indices) * int(sampler.lengths[indices].max()))
@@ -376,6 +385,7 @@ def _train(task, model: TaskModel, train_examples: list[Example], validation_exa
                                  samples_s=f"{state['samples'] / max(elapsed, 1e-9):.1f}", refresh=False)
             if state["global_step"] >= total_steps:
                 state["done"] = True
+                batches_run = index + 1
                 break
             if config.checkpoint_every and state["global_step"] % config.checkpoint_every == 0:
                 state["seconds"] += time.perf_counter() - epoch_start
@@ -384,7 +394,7 @@ def _train(task, model: TaskModel, train_examples: list[Example], validation_exa
         state["seconds"] += time.perf_counter() - epoch_start
 
         entry = {"epoch": epoch + 1, "step": state["global_step"],
-                 "train_loss": state["epoch_loss_sum"] / max(len(batches), 1)}
+                 "train_loss": state["epoch_loss_sum"] / max(batches_run, 1)}
         # kept beside the history, which stays a pure function of the run's settings
         state.setdefault("epoch_seconds", []).append(state["seconds"] - seconds_before_epoch)
         if validation_examples:

@@ -71,6 +71,9 @@ def test_predict_on_fasta_and_pairs(ppi_run, tmp_path):
     assert all(0 <= r["score"] <= 1 for r in rows)
     # planted partners (0-1, 2-3) should outscore non-partners
     assert min(rows[0]["score"], rows[1]["score"]) > max(rows[2]["score"], rows[3]["score"])
+    missing = run_peftlab("predict", ppi_run, fasta, tmp_path / "nothere.tsv")
+    assert missing.returncode == 2 and "nothere.tsv: no such file or folder" in missing.stderr
+    assert "Traceback" not in missing.stderr
 
 
 @pytest.mark.xdist_group("ppi-demo-run")  # one worker trains the shared run once

@@ -50,6 +50,8 @@ def single(tmp_path_factory) -> Path:
     return run_dir
 
 
+@pytest.mark.skipif(torch.cuda.is_available() and torch.cuda.device_count() < 2,
+                    reason="NCCL needs a GPU per process and this machine has one")
 @pytest.mark.parametrize("sharding", ["none", "fsdp"])
 def test_two_processes_match_one_with_the_same_global_batch(sharding, single, tmp_path):
     # no --out: the main process picks the run directory and the other one learns it
@@ -108,3 +110,15 @@ def test_a_launch_asking_for_sharded_training_is_refused_with_nothing_written(sh
     assert main(["run", "protein-classify", "--demo", "--out", str(out), "train.max_steps=1"]) == 2
     assert f"peftlab does not run accelerate's {sharding}; launch with torchrun" in capsys.readouterr().err
     assert not out.exists()
+
+
+def test_more_processes_than_gpus_stop_with_a_clear_error(monkeypatch):
+    # NCCL would fail deep inside the first collective ("Duplicate GPU detected")
+    from peftlab.shared import training
+    from peftlab.shared.errors import UserError
+
+    monkeypatch.setattr(training.torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(training.torch.cuda, "device_count", lambda: 1)
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")
+    with pytest.raises(UserError, match="2 processes on this machine but 1 GPU.*start at most 1"):
+        training.process_state()

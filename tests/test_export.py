@@ -119,3 +119,22 @@ def test_export_refuses_a_non_empty_folder(runs, tmp_path, capsys):
     assert main(["merge", str(runs["protein"]), "--export", str(tmp_path / "taken")]) == 2
     assert "exists and is not empty; choose another --export" in capsys.readouterr().err
     assert [p.name for p in (tmp_path / "taken").iterdir()] == ["keep.txt"]
+
+
+@pytest.mark.parametrize("backbone", ["tiny_whisper", "tiny_wavlm"])
+def test_a_speech_export_loads_every_weight_with_the_code_it_prints(tmp_path, backbone):
+    """Whisper's export is encoder-only: `AutoModel` built the whole encoder-decoder and
+    left every weight random, so the printed loader names the encoder's class."""
+    import peftlab
+    from safetensors.torch import load_file
+
+    run_dir = peftlab.run("speech-emotion", demo=True, backbone=backbone, out=tmp_path / "run",
+                          overrides={"train.max_steps": 1, "eval.splits": []})
+    export = Predictor(run_dir).export(tmp_path / "export")
+    namespace = {"EXPORT_DIR": str(export)}
+    exec(json.loads((export / "export.json").read_text())["load_without_peftlab"], namespace)
+    loaded = namespace["model"].state_dict()
+    saved = load_file(str(export / "model.safetensors"))
+    assert saved.keys() <= loaded.keys()
+    for key, tensor in saved.items():
+        assert torch.equal(loaded[key], tensor), key

@@ -11,6 +11,7 @@ run as the real command in a subprocess, to show it behaves identically.
 
 from __future__ import annotations
 
+import io
 import json
 import re
 import struct
@@ -142,6 +143,12 @@ def a_started_run(*broken: str) -> Callable[[Path], Path]:
     return make
 
 
+def npy_bytes(array: np.ndarray) -> bytes:
+    buffer = io.BytesIO()
+    np.save(buffer, array)
+    return buffer.getvalue()
+
+
 FASTA = ">a\nMKTAYIAK\n>b\nMKVLAAGIV\n>c\nMSTNPKPQR\n"
 TONE = 0.3 * np.sin(np.linspace(0, 200 * np.pi, 8000)).astype(np.float32)
 PLY_HEAD = "ply\nformat ascii 1.0\nelement vertex {count}\nproperty float x\nproperty float y\nproperty float z\nend_header\n"
@@ -193,6 +200,15 @@ CASES = [
                                         files={"sequences": "s.fasta", "pairs": "p.tsv"}), r"s\.fasta:7: duplicate FASTA id 'a'"),
     Case("fasta-empty", card_run(PROTEIN, "fasta+pairs_tsv", {"s.fasta": "", "p.tsv": "a\tb\t1\n"},
                                  files={"sequences": "s.fasta", "pairs": "p.tsv"}), r"s\.fasta: no FASTA records"),
+    Case("splits-misspelt-key", card_run(PROTEIN, "fasta+pairs_tsv", {"s.fasta": FASTA, "p.tsv": "a\tb\t1\n"},
+                                         files={"sequences": "s.fasta", "pairs": "p.tsv"}, splits={"group_by_protien": True}),
+         r"card\.md: splits\.group_by_protien is not understood by protein-ppi; its split keys: .*group_by_protein"),
+    Case("splits-group-a-string", card_run(PROTEIN, "fasta+pairs_tsv", {"s.fasta": FASTA, "p.tsv": "a\tb\t1\n"},
+                                           files={"sequences": "s.fasta", "pairs": "p.tsv"}, splits={"group_by_protein": "false"}),
+         r"card\.md: splits\.group_by_protein must be true or false, got 'false'"),
+    Case("splits-seed-a-word", card_run(PROTEIN, "fasta+pairs_tsv", {"s.fasta": FASTA, "p.tsv": "a\tb\t1\n"},
+                                        files={"sequences": "s.fasta", "pairs": "p.tsv"}, splits={"seed": "zero"}),
+         r"card\.md: field 'splits': .*splits\.seed must be a whole number, got 'zero'"),
     Case("pairs-unknown-protein", card_run(PROTEIN, "fasta+pairs_tsv", {"s.fasta": FASTA, "p.tsv": "a\tb\t1\na\tzz\t0\n"},
                                            files={"sequences": "s.fasta", "pairs": "p.tsv"}), r"p\.tsv:2: protein 'zz' is not in the FASTA"),
     Case("pairs-unknown-label", card_run(PROTEIN, "fasta+pairs_tsv", {"s.fasta": FASTA, "p.tsv": "a\tb\tmaybe\n"},
@@ -281,6 +297,9 @@ CASES = [
                                          files={"root": "r"}), r"a\.txt: all 5 points coincide"),
     Case("npy-object-array", card_run(POINTS, "point_folder", {"r/chair/a.npy": b"\x93NUMPY\x01\x00v\x00{'descr': '|O', 'fortran_order': False, 'shape': (2,), }" + b" " * 50 + b"\n",
                                                                "r/table/b.txt": POINT_LINES}, files={"root": "r"}), r"a\.npy: not a plain numeric \.npy array"),
+    Case("npy-channels-first", card_run(POINTS, "point_folder", {"r/chair/a.npy": npy_bytes(np.random.default_rng(0).random((3, 20))),
+                                                                 "r/table/b.txt": POINT_LINES}, files={"root": "r"}),
+         r"a\.npy: 3 points of 20 values each; this looks like channels-first \(C, N\): store the transpose"),
     Case("h5-garbage", card_run(POINTS, "scanobjectnn_h5", {"t.h5": b"not hdf5 at all"}, files={"train": "t.h5"}), r"t\.h5: not a readable HDF5 file"),
     Case("pointcloud-num-points-too-few", demo_run("pointcloud-classify", "task.num_points=4"), r"task\.num_points=4 is fewer than"),
     # ------------------------------------------------------------------ code review
@@ -316,6 +335,8 @@ CASES = [
     Case("config-negative-limit", demo_run("protein-ppi", "data.limit.validation=-5"), r"data\.limit\.validation: .*greater than or equal to 1"),
     Case("config-eval-unknown-split", demo_run("protein-ppi", "eval.splits=[dev]"), r"eval\.splits names 'dev'"),
     Case("config-unknown-metric", demo_run("protein-ppi", "eval.primary_metric=goodness"), r"unknown metric 'goodness'"),
+    Case("method-rank-not-whole", demo_run("speech-emotion", "method.r=2.5"), r"method 'lora': option 'r' must be a whole number, got 2\.5"),
+    Case("method-rank-a-word", demo_run("protein-ppi", "method.r=abc"), r"method 'lora': option 'r' must be a whole number, got 'abc'"),
     Case("config-file-not-yaml", lambda f: (f.joinpath("run.yaml").write_text("pipeline: [\n"), ["run", "--config", str(f / "run.yaml")])[1],
          r"run\.yaml: not valid YAML"),
     Case("config-file-a-list", lambda f: (f.joinpath("run.yaml").write_text("- a\n"), ["run", "--config", str(f / "run.yaml")])[1],

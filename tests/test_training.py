@@ -92,6 +92,19 @@ def test_early_stopping_stops_when_validation_stalls(tmp_path):
     assert metrics["train"]["best_epoch"] <= metrics["train"]["epochs"] - 2
 
 
+def test_an_epoch_cut_short_by_max_steps_reports_the_mean_loss_of_its_steps(tmp_path):
+    import peftlab
+
+    def first_epoch_loss(name, steps):
+        # lr so small the weights stay put: every batch's loss is the untrained model's
+        overrides = {"train.epochs": 1, "train.lr": 1e-9, "eval.splits": [], **({"train.max_steps": steps} if steps else {})}
+        run_dir = peftlab.run("protein-classify", demo=True, out=tmp_path / name, overrides=overrides)
+        return json.loads((run_dir / "metrics.json").read_text())["history"][0]["train_loss"]
+
+    whole, cut = first_epoch_loss("whole", None), first_epoch_loss("cut", 3)
+    assert 0.5 < cut / whole < 2, (cut, whole)  # was 3 batches' losses over the epoch's ~50
+
+
 @pytest.mark.parametrize("precision", ["fp32", "bf16"])
 def test_precision_setting_is_recorded(tmp_path, precision):
     import peftlab
@@ -101,7 +114,7 @@ def test_precision_setting_is_recorded(tmp_path, precision):
     assert json.loads((run_dir / "metrics.json").read_text())["train"]["precision"] == precision
 
 
-def test_auto_precision_keeps_fp32_for_narrow_models_on_a_bf16_cpu(monkeypatch):
+def test_auto_precision_keeps_fp32_for_narrow_models_on_every_device(monkeypatch):
     from peftlab.shared import training
     from torch import nn
 
@@ -116,3 +129,22 @@ def test_auto_precision_keeps_fp32_for_narrow_models_on_a_bf16_cpu(monkeypatch):
     assert training.resolve_precision("bf16", narrow) == "bf16"  # an explicit choice stands
     monkeypatch.setattr(training, "cpu_has_bf16", lambda: False)
     assert training.resolve_precision("auto", wide) == "fp32"
+    # on a GPU too, narrow models stay fp32 (launch-bound: bf16 would only cost accuracy)
+    monkeypatch.setattr(training.torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(training.torch.cuda, "is_bf16_supported", lambda: True)
+    assert training.resolve_precision("auto", narrow) == "fp32"
+    assert training.resolve_precision("auto", wide) == "bf16"
+
+
+def test_attention_kernels_leave_out_cudnn_and_restore_the_setting():
+    """cuDNN's fused attention builds a plan per sequence length (29 ms of CPU per
+    backward call on an H100, profiled); training and inference switch it off while
+    they run, and leave the process's setting as it was."""
+    from peftlab.shared.evaluation import attention_kernels
+
+    before = torch.backends.cuda.cudnn_sdp_enabled()
+    with attention_kernels():
+        assert not torch.backends.cuda.cudnn_sdp_enabled()
+        assert torch.backends.cuda.flash_sdp_enabled() and torch.backends.cuda.mem_efficient_sdp_enabled()
+        assert torch.backends.cuda.math_sdp_enabled()
+    assert torch.backends.cuda.cudnn_sdp_enabled() == before

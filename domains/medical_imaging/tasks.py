@@ -144,7 +144,7 @@ class ImageClassifier(nn.Module):
     def _stage_bytes(self, stages: int) -> int:
         """Bytes of one image's output of the first `stages` stages."""
         network = self.network()
-        blank = torch.zeros(1, *self.data_config["input_size"])
+        blank = torch.zeros(1, *self.data_config["input_size"], device=next(network.parameters()).device)
         return output_bytes(network, lambda: staged_forward(network, blank, stop=stages))
 
     def train(self, mode: bool = True):

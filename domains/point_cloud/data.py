@@ -29,6 +29,9 @@ def check_points(points: np.ndarray, where: str) -> np.ndarray:
     points = np.asarray(points)
     if points.ndim != 2 or points.shape[1] < 3:
         raise UserError(f"{where}: expected points of shape (N, 3+) (x, y, z first), got {points.shape}")
+    if points.shape[0] in (3, 4, 6) and points.shape[1] > 16:  # (xyz[, w | normals], N): no point has 17+ values
+        raise UserError(f"{where}: {points.shape[0]} points of {points.shape[1]} values each; this looks like "
+                        f"channels-first (C, N): store the transpose, shape (N, 3+)")
     points = points[:, :3].astype(np.float32)
     if len(points) == 0:
         raise UserError(f"{where}: no points")

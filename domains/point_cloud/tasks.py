@@ -110,7 +110,7 @@ class PointCloudClassifier(nn.Module):
                    "task.augment=true, the default; task.augment=false trains on the fixed evaluation subset and "
                    "lets the cache work" if self.options.augment else unique_ids(train_examples))
         hint = "task.freeze_bn_stats=true keeps the statistics fixed" if reason and "BatchNorm" in reason else ""
-        blank = torch.zeros(1, self.options.num_points, 3)
+        blank = torch.zeros(1, self.options.num_points, 3, device=next(encoder.parameters()).device)
         self.feature_cache, line = plan(
             frozen, reason, total, budget_bytes,
             lambda stages: output_bytes(encoder, lambda: encoder(blank, stop=stages)) * len(train_examples),

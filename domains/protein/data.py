@@ -82,7 +82,7 @@ def read_pairs(path: Path, sequences: dict[str, str], fields: dict, labels: list
     """D-SCRIPT pair TSV: `protein_a<TAB>protein_b<TAB>label`, no header (or a named header)."""
     rows = table_rows(path, "\t")
     header = None
-    if rows and not _looks_like_data(rows[0][1], sequences):
+    if rows and _is_header(rows[0][1], fields, sequences, labels, labelled):
         header, rows = rows[0][1], rows[1:]
     a_col = _column(fields, "protein_a", 0, header, path)
     b_col = _column(fields, "protein_b", 1, header, path)
@@ -128,8 +128,25 @@ def read_sequence_csv(path: Path, fields: dict, labels: list[str] | None, labell
     return examples
 
 
-def _looks_like_data(cells: list[str], sequences: dict[str, str]) -> bool:
-    return bool(cells) and cells[0].strip() in sequences
+def _is_header(cells: list[str], fields: dict, sequences: dict[str, str], labels: list[str] | None,
+               labelled: bool) -> bool:
+    """Whether a pairs file's first row names its columns: always where the card names a
+    column, else where neither protein cell is a FASTA id and the label cell is no label.
+    A first pair with an unknown protein is then data, and stops with the usual error
+    instead of being taken for a header and dropped."""
+    specs = {key: fields.get(key, default) for key, default in (("protein_a", 0), ("protein_b", 1), ("label", 2))}
+    if any(isinstance(spec, str) for spec in specs.values()):
+        return True
+    proteins = [cells[specs[key]].strip() for key in ("protein_a", "protein_b") if specs[key] < len(cells)]
+    if any(protein in sequences for protein in proteins):
+        return False
+    if labelled and specs["label"] < len(cells):
+        try:
+            parse_label(cells[specs["label"]], labels, "")
+            return False
+        except UserError:
+            pass
+    return True
 
 
 # ----------------------------------------------------------------------------- demo data

@@ -60,8 +60,18 @@ def crop(sequence: str, max_length: int, policy: str, rng: np.random.Generator |
     return sequence[start:start + max_length]
 
 
-def mlp(width: int, hidden: int, outputs: int, dropout: float) -> nn.Sequential:
-    return nn.Sequential(nn.Linear(width, hidden), nn.GELU(), nn.Dropout(dropout), nn.Linear(hidden, outputs))
+class FP32Head(nn.Sequential):
+    """The task head, in fp32 whatever autocast says: its bf16 logits had 8 bits of
+    mantissa, so different pairs got the same score (86 distinct scores for 200 pairs),
+    tying the rankings that AUPR and AUROC measure. The head is tiny next to the encoder."""
+
+    def forward(self, features: torch.Tensor) -> torch.Tensor:
+        with torch.autocast(features.device.type, enabled=False):
+            return super().forward(features.float())
+
+
+def mlp(width: int, hidden: int, outputs: int, dropout: float) -> FP32Head:
+    return FP32Head(nn.Linear(width, hidden), nn.GELU(), nn.Dropout(dropout), nn.Linear(hidden, outputs))
 
 
 class _ProteinModel(nn.Module):
@@ -222,8 +232,23 @@ class _ProteinTask:
     def default_method_options(self, method: str, model) -> dict[str, Any]:
         return dict(_ESM_METHOD_DEFAULTS.get(method, {}))
 
+    split_keys = ("ratios", "seed", "train", "validation", "test")
+
+    def _split_spec(self, card: Card) -> dict[str, Any]:
+        """The card's `splits`, with a misspelt key an error: it fell back to a default
+        split without a word (a random one, where `group_by_protein` was meant)."""
+        spec = dict(card.splits or {})
+        unknown = sorted(set(spec) - set(self.split_keys))
+        if unknown:
+            raise UserError(f"{card.card_path}: splits.{unknown[0]} is not understood by {self.name}; "
+                            f"its split keys: {', '.join(self.split_keys)}")
+        if not isinstance(spec.get("group_by_protein", False), bool):
+            raise UserError(f"{card.card_path}: splits.group_by_protein must be true or false, "
+                            f"got {spec['group_by_protein']!r}")
+        return spec
+
     def _splits(self, card: Card, examples: list[dict], group_of=None) -> dict[str, list[dict]]:
-        spec = card.splits or {}
+        spec = self._split_spec(card)
         ratios = spec.get("ratios", {"train": 0.8, "validation": 0.1, "test": 0.1})
         return ratio_split(examples, ratios, int(spec.get("seed", 0)), group_of, where=str(card.card_path))
 
@@ -260,12 +285,31 @@ class _ProteinTask:
         return {"scores": {label: float(s) for label, s in zip(labels, scores)}, "prediction": labels[int(np.argmax(scores))]}
 
 
+def keep_proteins_apart(splits: dict[str, list[dict]]) -> str:
+    """Make the splits protein-disjoint (C3 pairs, Park & Marcotte 2012): test keeps
+    every pair, validation drops pairs with a test protein, train drops pairs with a
+    test or validation protein. Pairs were split by their first protein, so most pairs
+    stay; the rest are counted in the note returned."""
+    seen_later: set[str] = set()
+    dropped = {}
+    for name in ("test", "validation", "train"):
+        pairs = splits.get(name, [])
+        kept = [e for e in pairs if e["a"] not in seen_later and e["b"] not in seen_later]
+        if name in splits:
+            splits[name] = kept
+        dropped[name] = len(pairs) - len(kept)
+        seen_later |= {protein for e in kept for protein in (e["a"], e["b"])}
+    return (f"group_by_protein: no protein is in two splits; dropped {dropped['train']} training and "
+            f"{dropped['validation']} validation pairs that shared a protein with a later split")
+
+
 class PPITask(_ProteinTask):
     name = "protein-ppi"
     description = "protein-protein interaction: two sequences -> interact yes/no (ESM-2, Sledzieski et al. 2023)"
     metrics = ("aupr", "auroc", "f1", "precision", "recall", "accuracy")
     primary_metric = "aupr"
     formats = ("fasta+pairs_tsv", "demo")
+    split_keys = (*_ProteinTask.split_keys, "group_by_protein")
 
     def read(self, card: Card, options: ProteinOptions) -> Dataset:
         labels = card.labels or ["no_interaction", "interaction"]
@@ -281,19 +325,13 @@ class PPITask(_ProteinTask):
             raise UserError(f"{card.card_path}: protein-ppi reads formats {', '.join(self.formats)}, not {card.format!r}")
         sequences = data.read_fasta(card.file("sequences"))
         per_split = card.split_files()
+        group = not per_split and self._split_spec(card).get("group_by_protein", False)
         if per_split:
             splits = {s: data.read_pairs(p, sequences, card.fields, labels) for s, p in per_split.items()}
         else:
             pairs = data.read_pairs(card.file("pairs"), sequences, card.fields, labels)
-            group = (card.splits or {}).get("group_by_protein", False)
-            # Grouping keeps every protein of a split out of the others: pairs are
-            # assigned by their first protein, and cross-split pairs dropped.
             splits = self._splits(card, pairs, (lambda e: e["a"]) if group else None)
-            if group:
-                test_proteins = {e["a"] for e in splits.get("test", [])}
-                for name in ("train", "validation"):
-                    splits[name] = [e for e in splits.get(name, []) if e["b"] not in test_proteins]
-        notes = []
+        notes = [keep_proteins_apart(splits)] if group else []
         long = sum(1 for s in sequences.values() if len(s) > options.max_length)
         if long:
             notes.append(f"{long} sequences longer than {options.max_length} residues are cropped ({options.crop_train} in training, {options.crop_eval} at evaluation)")

@@ -389,12 +389,15 @@ class SpeechEmotionTask:
         return examples
 
     def export_backbone(self, model, directory: Path) -> str:
-        """The transformers encoder and its feature extractor (`save_pretrained`), which
-        `transformers.AutoModel.from_pretrained(DIR)` loads."""
+        """The transformers encoder and its feature extractor (`save_pretrained`), loaded
+        by the encoder's own class: `AutoModel` would build Whisper's whole encoder-decoder
+        and leave every weight of this encoder-only file random."""
         encoder = model.backbone
         encoder.network.save_pretrained(directory)
         encoder.extractor.save_pretrained(directory)
-        return ("import transformers\nmodel = transformers.AutoModel.from_pretrained(EXPORT_DIR)\n"
+        network = type(encoder.network)
+        return (f"import transformers\nfrom {network.__module__} import {network.__name__}\n"
+                f"model = {network.__name__}.from_pretrained(EXPORT_DIR)\n"
                 "extractor = transformers.AutoFeatureExtractor.from_pretrained(EXPORT_DIR)")
 
     def write_report(self, split: str, examples, outputs, labels: list[str], directory: Path) -> None:

@@ -59,8 +59,15 @@ class LoReFTIntervention(nn.Module):
         self.learned_source = nn.Linear(width, rank)
 
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:
-        rotation = self.rotate.weight.to(hidden.dtype)
-        return (self.learned_source(hidden) - hidden @ rotation.T) @ rotation
+        # In fp32 whatever autocast says: W h + b and R h are close (equal at identity
+        # init), and their difference in bf16 is mostly rounding error. The edit is
+        # rank x width work, nothing next to the layer it edits.
+        with torch.autocast(hidden.device.type, enabled=False):
+            source = hidden.float()
+            rotation = self.rotate.weight.float()
+            source_weight, source_bias = self.learned_source.weight.float(), self.learned_source.bias.float()
+            edit = (nn.functional.linear(source, source_weight, source_bias) - source @ rotation.T) @ rotation
+        return edit.to(hidden.dtype)
 
     @torch.no_grad()
     def make_identity(self) -> None:

@@ -7,6 +7,7 @@ method, duplicates fail at import, unknown names fail with the list of known one
 from __future__ import annotations
 
 import dataclasses
+import typing
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -94,10 +95,27 @@ def build_options(spec: MethodSpec, options: dict[str, Any]):
             f"method {spec.name!r} has no option {unknown[0]!r}; "
             f"valid options: {', '.join(sorted(fields))}"
         )
+    hints = typing.get_type_hints(spec.options)
+    for key, value in options.items():
+        expected = _PLAIN_TYPES.get(hints.get(key))
+        if expected and not _is_instance(value, hints[key]):
+            raise UserError(f"method {spec.name!r}: option {key!r} must be {expected}, got {value!r} "
+                            f"(method.{key}=...)")
     try:
         return spec.options(**options)
     except (TypeError, ValueError) as error:
         raise UserError(f"method {spec.name!r}: {error}") from None
+
+
+_PLAIN_TYPES = {int: "a whole number", float: "a number", bool: "true or false", str: "a string"}
+"""Option types checked up front: a wrong one otherwise surfaced deep inside the method
+(a float rank as torch's TypeError, a string rank as a failed `<` against an int)."""
+
+
+def _is_instance(value, expected: type) -> bool:
+    if isinstance(value, bool) and expected is not bool:
+        return False
+    return isinstance(value, int | float) if expected is float else isinstance(value, expected)
 
 
 def options_help(spec: MethodSpec) -> list[tuple[str, Any, str]]:
