@@ -137,7 +137,10 @@ def plan(pipeline, methods, *, seeds, demo, data, backbone, out, full, overrides
 
     base = runner.build_config(pipeline, demo=demo, backbone=backbone, data=data, overrides=overrides)
     task = get_task(base.task_name)
-    runner.load_card(base.data.card, task)  # the card header, checked once for every cell
+    # the data, read once up front: a card or file error stops the sweep with exit 2
+    # before anything is written, not as the same error recorded in every cell
+    card = runner.load_card(base.data.card, task)
+    runner.read_dataset(base, task, cfg.build_task_options(task, base.task_options), card)
     specs = {name: get_method(name) for name in names}
     seed_values = [base.train.seed + k for k in range(seeds)]
     cells = []

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import sys
 from pathlib import Path
 
@@ -143,10 +144,16 @@ def merge(run_dir, out, export_dir):
     if not out and not export_dir:
         raise UserError("merge needs --out DIR (a merged run), --export DIR (the merged backbone), or both")
     predictor = load(run_dir)
-    if out:
-        click.echo(str(predictor.merge(out)))
+    written = [predictor.merge(out)] if out else []
     if export_dir:
-        click.echo(str(predictor.export(export_dir)))
+        try:
+            written.append(predictor.export(export_dir))
+        except BaseException:  # all or nothing: a failed export takes the merged run with it
+            for directory in written:
+                shutil.rmtree(directory, ignore_errors=True)
+            raise
+    for directory in written:
+        click.echo(str(directory))
 
 
 @cli.command()
@@ -185,17 +192,16 @@ def card_validate(path):
     from peftlab.shared.cards import read_card
     from peftlab.shared.tasks import get_task
 
-    header = read_card(path)
+    header = read_card(cfg.resolve_card_path(path))  # a shipped card by its listed path, from anywhere
     task = get_task(header.task)
     loaded = runner.load_card(path, task)
     options = task.options()
     dataset = task.read(loaded, options)
-    counts = {split: len(examples) for split, examples in dataset.splits.items()}
-    del cfg
-    click.echo(json.dumps({"card": str(loaded.card_path), "task": task.name, "labels": dataset.labels, "splits": counts}))
     for split, examples in dataset.splits.items():
         if not examples:
-            raise UserError(f"{path}: split {split!r} is empty")
+            raise UserError(f"{loaded.card_path}: split {split!r} is empty")
+    counts = {split: len(examples) for split, examples in dataset.splits.items()}
+    click.echo(json.dumps({"card": str(loaded.card_path), "task": task.name, "labels": dataset.labels, "splits": counts}))
 
 
 @card.command("new")

@@ -148,7 +148,9 @@ def prepare(config: cfg.RunConfig) -> Prepared:
         get_metric(name)
     for split in config.eval.splits:
         if split not in dataset.splits:
-            raise UserError(f"eval.splits names {split!r}; the data has {', '.join(dataset.splits)}")
+            held_out = [present for present in dataset.splits if present != "train"]
+            raise UserError(f"eval.splits names {split!r}; the data has {', '.join(dataset.splits)}: set "
+                            f"eval.splits=[{', '.join(held_out)}] or add a {split} split to the card")
         if not dataset.splits[split]:  # found now, not after training
             raise UserError(f"{card.card_path}: split {split!r} is empty; give it examples (the card's `splits`) "
                             f"or leave it out of eval.splits")

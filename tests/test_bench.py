@@ -158,6 +158,8 @@ def test_rerun_with_other_settings_is_refused(sweep, capsys):
     ([PIPELINE, "--demo", "--methods", "lora,nope"], "unknown PEFT method 'nope'"),
     ([PIPELINE, "--demo", "--methods", "lora,bitfit", "method.r=4"], "method 'full' has no option 'r'"),
     ([PIPELINE, "--demo", "--methods", "lora", "train.nope=1"], "unknown config key 'train.nope'"),
+    # found only on reading the data: once up front, not as a failure in every cell
+    ([PIPELINE, "--demo", "--methods", "lora", "data.limit.dev=3"], "data.limit names split 'dev'"),
 ])
 def test_mistakes_stop_before_any_training(tmp_path, capsys, arguments, message):
     out = tmp_path / "sweep"

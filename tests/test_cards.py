@@ -84,6 +84,11 @@ def test_cli_card_validate_and_new(tmp_path, capsys):
     summary = json.loads(result.stdout)
     assert summary["task"] == "protein-ppi" and sum(summary["splits"].values()) == 8
 
+    # a shipped card by the path `peftlab list cards` prints, from any working directory
+    shipped = run_peftlab("card", "validate", "data_cards/protein-classify-demo.md", cwd=tmp_path)
+    assert shipped.returncode == 0, shipped.stderr
+    assert json.loads(shipped.stdout)["task"] == "protein-classify"
+
     # the same commands in-process (a subprocess above already covers the entry point)
     new = tmp_path / "new.md"
     assert main(["card", "new", "protein", "protein-classify", "--out", str(new)]) == 0

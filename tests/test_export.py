@@ -138,3 +138,16 @@ def test_a_speech_export_loads_every_weight_with_the_code_it_prints(tmp_path, ba
     assert saved.keys() <= loaded.keys()
     for key, tensor in saved.items():
         assert torch.equal(loaded[key], tensor), key
+
+
+def test_a_failed_export_takes_the_merged_run_with_it(runs, tmp_path, monkeypatch, capsys):
+    from peftlab.shared.errors import UserError
+
+    def cannot_export(self, directory):
+        raise UserError("this backbone has no export format")
+
+    monkeypatch.setattr(Predictor, "export", cannot_export)
+    merged = tmp_path / "merged"
+    assert main(["merge", str(runs["protein"]), "--out", str(merged), "--export", str(tmp_path / "export")]) == 2
+    assert "this backbone has no export format" in capsys.readouterr().err
+    assert not merged.exists()  # a re-run is not refused with "merged exists"

@@ -43,6 +43,9 @@ def test_groups_and_gap():
     result = metrics.compute_by_group(["accuracy"], y, scores, ["a", "a", "b", "b"])
     assert result["groups"] == {"a": {"accuracy": 1.0}, "b": {"accuracy": 0.0}}
     assert result["worst_group_gap"] == {"accuracy": 1.0}
+    # one group present (a small test split held one speaker): no gap, not a perfect 0.0
+    alone = metrics.compute_by_group(["accuracy"], y[:2], scores[:2], ["a", "a"])
+    assert alone["worst_group_gap"] == {"accuracy": None}
 
 
 def test_unknown_metric_and_direction():

@@ -72,6 +72,24 @@ def test_loreft_is_not_identity_at_init_but_is_when_w_equals_r():
     torch.testing.assert_close(_logits(adapted, batch), base, atol=1e-5, rtol=0)
 
 
+def test_loreft_edit_keeps_fp32_precision_under_bf16_autocast():
+    """W h + b and R h nearly cancel once W is near R; in bf16 their difference was
+    mostly rounding error (the edit, not the model, decides what LoReFT learns)."""
+    torch.manual_seed(0)
+    intervention = LoReFTIntervention(width=256, rank=4)
+    intervention.make_identity()
+    with torch.no_grad():
+        intervention.learned_source.weight.add_(1e-3 * torch.randn(4, 256))
+    hidden = 10 * torch.randn(32, 256)
+    with torch.no_grad():
+        exact = intervention.double()(hidden.double())
+        intervention.float()
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            edit = intervention(hidden)
+    assert edit.dtype == torch.float32
+    assert ((edit.double() - exact).norm() / exact.norm()).item() < 1e-4
+
+
 def test_direft_starts_as_the_base_model():
     lm = clm.tiny_causal_lm()
     batch = _batch(lm.tokenizer)

@@ -369,6 +369,8 @@ def load_backbone(name: str) -> tuple[SpeechEncoder, dict]:
     path = Path(os.path.expanduser(name))
     if path.exists():
         return _load_folder(path, name, str(path))
+    if name.startswith(("/", "./", "../", "~")):  # a path, not a hub id: no hub advice
+        raise UserError(f"speech backbone folder {path} does not exist; fix the path")
     if "/" not in name:
         raise UserError(f"unknown speech backbone {name!r}: not a local folder, and not one of {', '.join(backbone_names())}")
     try:
