@@ -43,7 +43,7 @@ from peftlab.pipelines.predictor import Predictor
 from peftlab.shared import io, methods
 from peftlab.shared.backbone_cache import shared_backbones
 from peftlab.shared.errors import UserError
-from peftlab.shared.evaluation import predict_outputs, to_device
+from peftlab.shared.evaluation import attention_kernels, predict_outputs, to_device
 from torch import nn
 
 MIXABLE_METHODS = ("lora",)
@@ -249,7 +249,7 @@ class Engine:
             # applies row i's adapter to row i. Entered here because the task model, not
             # peft, calls the backbone.
             with lora_model._enable_peft_forward_hooks(adapter_names=[a.peft_name for a in adapters]), \
-                    first.accelerator.autocast():
+                    first.accelerator.autocast(), attention_kernels():
                 first_logits = model(batch)
         finally:
             handle.remove()
