@@ -60,7 +60,8 @@ def list_command(what):
 @cli.command(context_settings={"ignore_unknown_options": False})
 @click.argument("pipeline", required=False)
 @click.argument("overrides", nargs=-1)
-@click.option("--demo", is_flag=True, help="Use the pipeline's embedded demo data and tiny backbone.")
+@click.option("--demo", is_flag=True, help="Use the pipeline's embedded demo data and tiny backbone (with --data: the "
+                                           "random-init tiny backbone on that card's data; add --backbone for a real one).")
 @click.option("--method", help="PEFT method (see `peftlab list methods`).")
 @click.option("--backbone", help="Backbone name, local path, or tiny.")
 @click.option("--data", help="Data card path.")
@@ -229,7 +230,8 @@ def card_new(domain, task_name, out):
 @click.argument("overrides", nargs=-1)
 @click.option("--methods", required=True, help="Comma-separated PEFT methods, e.g. lora,dora,bitfit (see `peftlab list methods`).")
 @click.option("--seeds", default=1, show_default=True, type=click.IntRange(min=1), help="Seeds per method: train.seed = base seed + 0..N-1.")
-@click.option("--demo", is_flag=True, help="Use the pipeline's embedded demo data and tiny backbone.")
+@click.option("--demo", is_flag=True, help="Use the pipeline's embedded demo data and tiny backbone (with --data: the "
+                                           "random-init tiny backbone on that card's data; add --backbone for a real one).")
 @click.option("--backbone", help="Backbone name, local path, or tiny (the same for every method).")
 @click.option("--data", help="Data card path (the same for every method).")
 @click.option("--out", type=click.Path(file_okay=False), help="The sweep directory (default bench/<pipeline>/<time>/); an existing one is resumed.")
