@@ -58,3 +58,20 @@ def test_peptide_classification_with_lora_beats_the_majority_class(real_assets, 
     majority = max(sum(r["label"] == c for r in rows) for c in ("non_amp", "amp")) / len(rows)
     assert metrics["test"]["accuracy"] > majority + 0.05, (metrics["test"], majority)
     assert metrics["test"]["auroc"] > 0.7
+
+
+def test_group_by_protein_keeps_ecoli_proteins_apart(real_assets, tmp_path, monkeypatch):
+    from pathlib import Path
+
+    from peftlab.domains.protein.tasks import PPITask
+    from peftlab.shared.cards import read_card
+
+    monkeypatch.setenv("PEFTLAB_REAL_ASSETS", str(real_assets))
+    shipped = (Path(peftlab.__file__).parent / "data_cards" / "dscript-ecoli.md").read_text()
+    card = tmp_path / "dscript-ecoli-grouped.md"
+    card.write_text(shipped.replace("group_by_protein: false", "group_by_protein: true"))
+    dataset = PPITask().read(read_card(str(card)), PPITask().options())
+    proteins = {name: {p for e in split for p in (e["a"], e["b"])} for name, split in dataset.splits.items()}
+    assert not proteins["train"] & proteins["test"] and not proteins["validation"] & (proteins["train"] | proteins["test"])
+    sizes = {name: len(split) for name, split in dataset.splits.items()}
+    assert sizes == {"train": 4842, "validation": 1116, "test": 2053}  # the figures the README quotes
