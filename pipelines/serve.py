@@ -16,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import socket
 from typing import Any
 
 from peftlab.pipelines.multi_adapter import MultiAdapter
@@ -96,5 +97,21 @@ def serve(run_dirs, host: str = "127.0.0.1", port: int = 8000, force: bool = Fal
     """Load the runs and serve them until interrupted."""
     import uvicorn
 
+    check_port_free(host, port)  # before loading: a busy port otherwise fails after minutes of it
     multi = MultiAdapter(run_dirs, force=force, max_batch=max_batch, max_wait_ms=max_wait_ms)
     uvicorn.run(create_app(multi), host=host, port=port, log_level="info")
+
+
+def check_port_free(host: str, port: int) -> None:
+    """UserError where nothing could listen on host:port (taken, or not this machine's).
+    Binds as uvicorn does (SO_REUSEADDR), so a port only in TIME_WAIT counts as free."""
+    if port == 0:
+        return  # the OS picks a free one
+    try:
+        family, kind, protocol, _, address = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0]
+        with socket.socket(family, kind, protocol) as probe:
+            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            probe.bind(address)
+    except OSError as error:
+        raise UserError(f"{host}:{port}: cannot listen there ({error.strerror or error}); "
+                        f"pick another --port or --host") from None

@@ -406,3 +406,14 @@ def test_multi_adapter_reads_a_shared_backbone_once(runs, monkeypatch):
         assert sorted(served.names()) == sorted(runs)
     finally:
         served.close()
+
+
+def test_a_busy_port_stops_serve_before_any_model_loads(tmp_path, capsys):
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        # the run directory does not exist: reaching the models would fail differently
+        assert main(["serve", str(tmp_path / "no-run"), "--port", str(port)]) == 2
+    error = capsys.readouterr().err.strip().splitlines()
+    assert error == [f"error: 127.0.0.1:{port}: cannot listen there (Address already in use); pick another --port or --host"]
