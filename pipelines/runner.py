@@ -109,6 +109,7 @@ class Prepared:
 def load_card(card_path: str, task) -> Card:
     card = read_card(cfg.resolve_card_path(card_path))
     card.check_keys(task.card_keys)
+    card.check_split_keys(task.split_keys, task.name)
     if card.task != task.name:
         raise UserError(f"{card.card_path}: the card is for task {card.task!r}, this pipeline runs {task.name!r}; pass a {task.name} card")
     if card.domain != task.domain:

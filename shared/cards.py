@@ -91,6 +91,14 @@ class Card(BaseModel):
             resolved[split] = path
         return resolved or None
 
+    def check_split_keys(self, allowed, task_name: str) -> None:
+        """A misspelt `splits:` key is an error: read as absent, it would fall back to a
+        default split without a word."""
+        unknown = sorted(set(self.splits or {}) - set(allowed))
+        if unknown:
+            raise UserError(f"{self.card_path}: splits.{unknown[0]} is not understood by {task_name}; "
+                            f"its split keys: {', '.join(allowed)}")
+
     def check_keys(self, allowed_extra) -> None:
         unknown = sorted(set(self.extras) - set(allowed_extra))
         if unknown:

@@ -17,6 +17,9 @@ from peftlab.shared.cards import Card
 from peftlab.shared.errors import UserError, did_you_mean
 from torch import nn
 
+SPLIT_KEYS = ("ratios", "seed", "train", "validation", "test")
+"""What every task reads from a card's `splits:`: ratios and seed, or one file per split."""
+
 Example = dict[str, Any]
 """One record: task-specific fields, plus `label` (class index) where labelled and `id`."""
 
@@ -64,6 +67,8 @@ class Task(Protocol):
     formats: tuple[str, ...]
     card_keys: tuple[str, ...]
     """Extra card header fields this task reads, besides the core ones."""
+    split_keys: tuple[str, ...]
+    """The keys of the card's `splits:` this task reads (usually `SPLIT_KEYS`)."""
     options: type
     """Dataclass of the recipe's `task:` section (with help text)."""
 
@@ -91,7 +96,7 @@ _TASKS: dict[str, Task] = {}
 def register_task(task: Task) -> Task:
     if task.name in _TASKS:
         raise ValueError(f"task {task.name!r} is registered twice")
-    missing = [m for m in ("read", "build_model", "read_inputs", "describe", "card_template") if not hasattr(task, m)]
+    missing = [m for m in ("split_keys", "read", "build_model", "read_inputs", "describe", "card_template") if not hasattr(task, m)]
     if missing:
         raise TypeError(f"task {task.name!r} lacks {', '.join(missing)}")
     _TASKS[task.name] = task

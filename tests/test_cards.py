@@ -11,7 +11,7 @@ from peftlab.pipelines import runner
 from peftlab.pipelines.cli import main
 from peftlab.shared.cards import read_card
 from peftlab.shared.errors import UserError
-from peftlab.shared.tasks import get_task
+from peftlab.shared.tasks import get_task, list_tasks
 
 GOOD = """---
 name: tiny-ppi
@@ -106,3 +106,19 @@ def test_every_shipped_card_parses():
         assert card.format in task.formats, path
         card.check_keys(task.card_keys)
         assert card.body, f"{path}: the card body should say what the data is"
+
+
+@pytest.mark.parametrize("task_name", [task.name for task in list_tasks()])
+def test_every_task_refuses_a_misspelt_split_key(tmp_path, task_name):
+    # Read as absent, `splits: {ratio: ...}` would give the default split without a word.
+    task = get_task(task_name)
+    card = tmp_path / "card.md"
+    card.write_text(f"---\nname: x\ndomain: {task.domain}\ntask: {task.name}\nformat: {task.formats[0]}\n"
+                    "splits: {ratio: {train: 0.5, test: 0.5}, seed: 3}\n---\n")
+    with pytest.raises(UserError, match=rf"card\.md: splits\.ratio is not understood by {task.name}; "
+                                        r"its split keys: ratios, seed, train, validation, test"):
+        runner.load_card(str(card), task)
+    for key in task.split_keys:  # each documented key passes the check
+        card.write_text(f"---\nname: x\ndomain: {task.domain}\ntask: {task.name}\nformat: {task.formats[0]}\n"
+                        f"splits: {{{key}: 1}}\n---\n")
+        runner.load_card(str(card), task)

@@ -32,7 +32,7 @@ from peftlab.shared import requests
 from peftlab.shared.cards import Card
 from peftlab.shared.data import ratio_split
 from peftlab.shared.errors import UserError
-from peftlab.shared.tasks import Dataset, register_task
+from peftlab.shared.tasks import SPLIT_KEYS, Dataset, register_task
 from peftlab.shared.text_metrics import TEXT_METRICS, compute_text_metrics
 from torch import nn
 from torch.nn import functional as F
@@ -166,6 +166,7 @@ class NecessityModel(nn.Module):
 class _CodeReviewTask:
     domain = "code_review"
     card_keys = ("demo",)
+    split_keys = SPLIT_KEYS
     KIND: ClassVar[str]
     DEMO_SIZES: ClassVar[dict[str, int]]
 

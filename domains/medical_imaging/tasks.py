@@ -39,7 +39,7 @@ from peftlab.shared.feature_cache import (
     stack_rows,
     unique_ids,
 )
-from peftlab.shared.tasks import Dataset, register_task
+from peftlab.shared.tasks import SPLIT_KEYS, Dataset, register_task
 from PIL import Image, UnidentifiedImageError
 from sklearn import metrics as skm
 from torch import nn
@@ -254,6 +254,7 @@ class MedicalClassifyTask:
     primary_metric = "auroc"
     formats = ("imagefolder", "medmnist_npz", "csv", "demo")
     card_keys = ("demo", "on_bad_file", "image_root")
+    split_keys = SPLIT_KEYS
     options = MedicalImageOptions
 
     def backbones(self) -> list[str]:

@@ -36,7 +36,7 @@ from peftlab.shared.feature_cache import (
     stack_rows,
     unique_ids,
 )
-from peftlab.shared.tasks import Dataset, register_task
+from peftlab.shared.tasks import SPLIT_KEYS, Dataset, register_task
 from torch import nn
 from torch.nn import functional as F
 
@@ -198,6 +198,7 @@ class PointCloudClassifyTask:
     primary_metric = "accuracy"
     formats = ("modelnet_off", "modelnet_txt", "scanobjectnn_h5", "point_folder", "points_npz", "demo")
     card_keys = ("demo",)
+    split_keys = (*SPLIT_KEYS, "shape_names", "validation_fraction")
     options = PointCloudOptions
 
     def backbones(self) -> list[str]:

@@ -18,7 +18,7 @@ from peftlab.shared.cards import Card
 from peftlab.shared.data import ratio_split
 from peftlab.shared.errors import UserError
 from peftlab.shared.feature_cache import FeatureCache, frozen_prefix_stages
-from peftlab.shared.tasks import Dataset, register_task
+from peftlab.shared.tasks import SPLIT_KEYS, Dataset, register_task
 from torch import nn
 from torch.nn import functional as F
 from torch.nn.utils.rnn import pad_sequence
@@ -232,16 +232,10 @@ class _ProteinTask:
     def default_method_options(self, method: str, model) -> dict[str, Any]:
         return dict(_ESM_METHOD_DEFAULTS.get(method, {}))
 
-    split_keys = ("ratios", "seed", "train", "validation", "test")
+    split_keys = SPLIT_KEYS
 
     def _split_spec(self, card: Card) -> dict[str, Any]:
-        """The card's `splits`, with a misspelt key an error: it fell back to a default
-        split without a word (a random one, where `group_by_protein` was meant)."""
         spec = dict(card.splits or {})
-        unknown = sorted(set(spec) - set(self.split_keys))
-        if unknown:
-            raise UserError(f"{card.card_path}: splits.{unknown[0]} is not understood by {self.name}; "
-                            f"its split keys: {', '.join(self.split_keys)}")
         if not isinstance(spec.get("group_by_protein", False), bool):
             raise UserError(f"{card.card_path}: splits.group_by_protein must be true or false, "
                             f"got {spec['group_by_protein']!r}")

@@ -26,7 +26,7 @@ from peftlab.shared import causal_lm as clm
 from peftlab.shared.cards import Card
 from peftlab.shared.data import ratio_split
 from peftlab.shared.errors import UserError
-from peftlab.shared.tasks import Dataset, register_task
+from peftlab.shared.tasks import SPLIT_KEYS, Dataset, register_task
 
 from . import data
 
@@ -67,6 +67,7 @@ class _ReasoningTask:
     primary_metric = "accuracy"
     formats = ("jsonl", "demo")
     card_keys = ("demo",)
+    split_keys = SPLIT_KEYS
     options = ReasoningOptions
     KIND: ClassVar[str]
     NUMERIC: ClassVar[bool]

@@ -28,7 +28,7 @@ from peftlab.shared.cards import Card
 from peftlab.shared.data import ratio_split
 from peftlab.shared.errors import UserError
 from peftlab.shared.feature_cache import FeatureCache, in_training, plan, unique_ids
-from peftlab.shared.tasks import Dataset, register_task
+from peftlab.shared.tasks import SPLIT_KEYS, Dataset, register_task
 from torch import nn
 from torch.nn import functional as F
 from torch.nn.utils.rnn import pad_sequence
@@ -231,7 +231,6 @@ def _method_defaults(family: str, blocks: str, num_layers: int) -> dict[str, dic
 
 # --------------------------------------------------------------------------- the task
 DEMO_DEFAULTS = {"speakers": 16, "per_speaker": 24, "validation_speakers": 2, "test_speakers": 4, "seconds": 1.0, "seed": 0}
-SPLIT_KEYS = {"ratios", "seed", "fold_by", "test", "validation", "validation_ratio", "train"}
 
 
 class SpeechEmotionTask:
@@ -242,6 +241,7 @@ class SpeechEmotionTask:
     primary_metric = "uar"
     formats = ("audio_csv", "demo")
     card_keys = ("demo", "on_bad_file", "label_map")
+    split_keys = (*SPLIT_KEYS, "fold_by", "validation_ratio")
     options = SpeechEmotionOptions
 
     def backbones(self) -> list[str]:
@@ -298,10 +298,6 @@ class SpeechEmotionTask:
             raise UserError(f"{card.card_path}: label_map maps label cells to class names, e.g. {{exc: happy, oth: null}}")
         audio_root = card.resolve(card.path, "path") if card.path else card.card_path.parent
         spec = dict(card.splits or {})
-        unknown = sorted(set(spec) - SPLIT_KEYS)
-        if unknown:
-            raise UserError(f"{card.card_path}: splits.{unknown[0]} is not understood; use ratios+seed, "
-                            f"fold_by+test[+validation], or train/validation/test files")
         read = lambda path: data.read_table(path, audio_root, card.fields, card.labels, label_map,  # noqa: E731
                                             card.group_by, on_bad_file)
         notes, skipped = [], []

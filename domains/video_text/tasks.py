@@ -37,7 +37,7 @@ from peftlab.shared.cards import Card
 from peftlab.shared.data import ratio_split
 from peftlab.shared.errors import UserError
 from peftlab.shared.retrieval_metrics import RETRIEVAL_METRICS, text_to_video_ranks
-from peftlab.shared.tasks import Dataset, register_task
+from peftlab.shared.tasks import SPLIT_KEYS, Dataset, register_task
 from peftlab.shared.text_metrics import cider, multi_reference_bleu4, rouge_l
 from torch import nn
 from torch.nn import functional as F
@@ -326,6 +326,7 @@ class _VideoTextTask:
     domain = "video_text"
     formats = ("msrvtt_json", "csv", "demo")
     card_keys = ("demo", "video_root")
+    split_keys = SPLIT_KEYS
 
     def _read_pairs(self, card: Card) -> dict[str, list[dict]]:
         if card.format == "demo":
