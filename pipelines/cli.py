@@ -104,13 +104,15 @@ def run(pipeline, overrides, demo, method, backbone, data, out, config_file, res
 @click.argument("run_dir", type=click.Path())
 @click.option("--data", help="Evaluate on another card (same task and labels).")
 @click.option("--split", default="test", show_default=True)
+@click.option("--predictions", type=click.Path(dir_okay=False, path_type=Path),
+              help="Also write each example's prediction and true label (JSONL), as training does in predictions/.")
 @click.option("--force", is_flag=True, help="Use the adapter even if the backbone weights differ from training.")
-def eval_command(run_dir, data, split, force):
+def eval_command(run_dir, data, split, predictions, force):
     """Evaluate a finished run on a split; prints the metrics as one JSON line."""
     from peftlab.pipelines.predictor import load
 
     predictor = load(run_dir, force=force)
-    results = predictor.evaluate(split=split, card=data)
+    results = predictor.evaluate(split=split, card=data, predictions_file=predictions)
     click.echo(json.dumps({"run_dir": str(run_dir), split: results}))
 
 

@@ -352,7 +352,7 @@ class MultiAdapter:
         adapter = self.get(name)
         p = adapter.predictor
         if inputs and all(isinstance(i, str | Path) for i in inputs):
-            examples = p.task.read_inputs([Path(i) for i in inputs], p.options)
+            examples = p.task.read_inputs([Path(i) for i in inputs], p.options, p.card_fields)
         else:
             examples = list(inputs)
         outputs = self.submit(name, examples).result()

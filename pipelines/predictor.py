@@ -9,6 +9,7 @@ from typing import Any
 from peftlab.pipelines import config as cfg
 from peftlab.pipelines import runner
 from peftlab.shared import checkpoint, io, methods
+from peftlab.shared.cards import read_card
 from peftlab.shared.errors import UserError
 from peftlab.shared.evaluation import predict_outputs
 from peftlab.shared.tasks import get_task
@@ -25,7 +26,7 @@ class Predictor:
 
     def __init__(self, run_dir, force: bool = False, attach=None):
         self.run_dir = Path(run_dir)
-        for required in ("run.yaml", "meta.json", runner.ADAPTER):
+        for required in ("run.yaml", "meta.json", "card.md", runner.ADAPTER):
             if not (self.run_dir / required).exists():
                 raise UserError(f"{self.run_dir} is not a finished peftlab run directory (no {required})")
         self.config = cfg.validate(cfg.read_config_file(self.run_dir / "run.yaml"), where=str(self.run_dir / "run.yaml"))
@@ -33,6 +34,8 @@ class Predictor:
         self.task = get_task(self.config.task_name)
         self.options = cfg.build_task_options(self.task, self.config.task_options)
         self.labels: list[str] = self.meta["labels"]
+        # Input tables are read with the columns the run was trained on.
+        self.card_fields = read_card(self.run_dir / "card.md").fields
         self.model = self.task.build_model(self.config.backbone.name, self.labels, self.options)
         self._check_backbone(force)
         adapter = self.run_dir / runner.ADAPTER
@@ -82,7 +85,7 @@ class Predictor:
             missing = [str(i) for i in inputs if not Path(i).exists()]
             if missing:
                 raise UserError(f"{missing[0]}: no such file or folder")
-            examples = self.task.read_inputs([Path(i) for i in inputs], self.options)
+            examples = self.task.read_inputs([Path(i) for i in inputs], self.options, self.card_fields)
         else:
             examples = list(inputs)
         outputs = predict_outputs(self.model, examples, self.batch_size, self.accelerator.autocast)

@@ -45,6 +45,34 @@ def parse_label(value: str, labels: list[str] | None, where: str) -> int:
     return int(number)
 
 
+def hold_out_validation(splits: dict[str, list[Example]], card, what: str) -> tuple[dict[str, list[Example]], str | None]:
+    """Where the data comes with train and test but no validation split, hold out
+    `splits.validation_fraction` (default 0.1) of train for checkpoint selection,
+    stratified by class for single-label data, drawn with `splits.seed`. Test is never
+    touched. Returns the splits and a note saying what was held out (None if nothing)."""
+    if "validation" in splits or "train" not in splits:
+        return splits, None
+    spec = card.splits or {}
+    fraction = spec.get("validation_fraction", 0.1)
+    if isinstance(fraction, bool) or not isinstance(fraction, int | float) or not 0 <= fraction < 1:
+        raise UserError(f"{card.card_path}: splits.validation_fraction must be a number in [0, 1), got {fraction!r}")
+    if fraction == 0:
+        return splits, None
+    train = splits["train"]
+    rng = np.random.default_rng(int(spec.get("seed", 0)))
+    strata: dict[object, list[int]] = {}
+    for index, example in enumerate(train):
+        strata.setdefault(example.get("label") if "targets" not in example else None, []).append(index)
+    chosen = set()
+    for key in sorted(strata, key=lambda label: -1 if label is None else label):
+        members = strata[key]
+        chosen |= set(rng.choice(members, size=int(round(fraction * len(members))), replace=False).tolist())
+    held = {**splits, "train": [e for i, e in enumerate(train) if i not in chosen],
+            "validation": [e for i, e in enumerate(train) if i in chosen]}
+    return held, (f"validation: {len(chosen)} training {what} held out "
+                  f"(splits.validation_fraction={fraction}, seed {int(spec.get('seed', 0))}); test is untouched")
+
+
 def ratio_split(
     examples: Sequence[Example],
     ratios: dict[str, float],

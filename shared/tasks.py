@@ -24,6 +24,26 @@ Example = dict[str, Any]
 """One record: task-specific fields, plus `label` (class index) where labelled and `id`."""
 
 
+class FP32Head(nn.Sequential):
+    """A task head that computes in fp32 whatever autocast says. Under bf16 autocast its
+    logits had 8 bits of mantissa: different inputs got the same score (86 distinct
+    scores for 200 protein pairs), tying the rankings AUROC and AUPR measure. A head is
+    tiny next to the backbone, so fp32 costs nothing measurable."""
+
+    def forward(self, features: torch.Tensor) -> torch.Tensor:
+        with torch.autocast(features.device.type, enabled=False):
+            return super().forward(features.float())
+
+
+def describe_scores(scores: np.ndarray, labels: list[str]) -> dict[str, Any]:
+    """A single-label prediction as one JSON line's fields. Binary tasks score one
+    probability, that of `labels[1]`, which the line names as `positive_class`."""
+    if np.ndim(scores) == 0:
+        probability = float(scores)
+        return {"score": probability, "positive_class": labels[1], "prediction": labels[int(probability >= 0.5)]}
+    return {"scores": {label: float(s) for label, s in zip(labels, scores)}, "prediction": labels[int(np.argmax(scores))]}
+
+
 @dataclass
 class Dataset:
     splits: dict[str, list[Example]]
@@ -81,8 +101,9 @@ class Task(Protocol):
     def default_method_options(self, method: str, model: TaskModel) -> dict[str, Any]:
         """Method options that suit this backbone (e.g. LoRA targets), overridable by the user."""
 
-    def read_inputs(self, paths: Sequence[Path], options: Any) -> list[Example]:
-        """The task's natural input files -> unlabelled examples, for `peftlab predict`."""
+    def read_inputs(self, paths: Sequence[Path], options: Any, fields: dict[str, int | str]) -> list[Example]:
+        """The task's natural input files -> unlabelled examples, for `peftlab predict`.
+        `fields`: the training card's, so tables keep the columns the run was trained on."""
 
     def describe(self, example: Example, scores: np.ndarray, labels: list[str]) -> dict[str, Any]:
         """One JSONL prediction line: the example's identity, scores and predicted label."""

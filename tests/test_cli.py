@@ -46,6 +46,7 @@ def test_demo_learns_and_writes_the_run_directory(ppi_run):
     assert metrics["validation"]["aupr"] == pytest.approx(best["validation"]["aupr"])
     lines = (ppi_run / "predictions" / "test.jsonl").read_text().splitlines()
     assert len(lines) == 300 and {"protein_a", "protein_b", "score", "prediction", "label"} <= set(json.loads(lines[0]))
+    assert json.loads(lines[0])["positive_class"] == "interaction"  # the class `score` is the probability of
 
 
 @pytest.mark.xdist_group("ppi-demo-run")  # one worker trains the shared run once
@@ -54,6 +55,14 @@ def test_eval_reproduces_the_saved_test_metrics_exactly(ppi_run):
     assert result.returncode == 0, result.stderr[-2000:]
     saved = json.loads((ppi_run / "metrics.json").read_text())["test"]
     assert last_json(result.stdout)["test"] == saved
+
+
+@pytest.mark.xdist_group("ppi-demo-run")  # one worker trains the shared run once
+def test_eval_writes_the_predictions_training_wrote(ppi_run, tmp_path):
+    out = tmp_path / "eval" / "test.jsonl"
+    result = run_peftlab("eval", ppi_run, "--split", "test", "--predictions", out)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert out.read_text() == (ppi_run / "predictions" / "test.jsonl").read_text()
 
 
 @pytest.mark.xdist_group("ppi-demo-run")  # one worker trains the shared run once

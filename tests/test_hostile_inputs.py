@@ -133,6 +133,7 @@ def a_started_run(*broken: str) -> Callable[[Path], Path]:
         config = cfg.to_yaml_dict(runner.build_config("protein-classify", demo=True))
         (run / "run.yaml").write_text(yaml.safe_dump(config))
         (run / "meta.json").write_text(json.dumps({"labels": ["a", "b"]}))
+        (run / "card.md").write_text("---\nname: demo\ndomain: protein\ntask: protein-classify\nformat: demo\n---\n")
         (run / "adapter").mkdir()
         (step / "state.json").write_text(json.dumps({"train": {}}))
         (run / "checkpoints" / "last").symlink_to(step.name)
@@ -351,7 +352,7 @@ CASES = [
     Case("predict-not-a-run", lambda f: ["predict", str(a_run_dir()(f)), "x.fasta"], r"fake-run is not a finished peftlab run directory"),
     Case("merge-not-a-run", lambda f: ["merge", str(a_run_dir()(f)), "--out", str(f / "merged")], r"fake-run is not a finished peftlab run directory"),
     Case("eval-a-file", lambda f: (f.joinpath("x").write_text("x"), ["eval", str(f / "x")])[1], r"x is not a finished peftlab run directory"),
-    Case("eval-corrupt-run-yaml", lambda f: ["eval", str(a_run_dir("run.yaml", "meta.json", "adapter")(f))], r"run\.yaml: not valid YAML"),
+    Case("eval-corrupt-run-yaml", lambda f: ["eval", str(a_run_dir("run.yaml", "meta.json", "card.md", "adapter")(f))], r"run\.yaml: not valid YAML"),
     Case("resume-not-a-run", lambda f: ["run", "--resume", str(a_run_dir()(f))], r"fake-run is not a peftlab run directory \(no run\.yaml\)"),
     Case("resume-truncated-checkpoint", lambda f: ["run", "--resume", str(a_started_run("checkpoints/last/state.json")(f))],
          r"state\.json: not valid JSON .*; this checkpoint cannot be resumed"),

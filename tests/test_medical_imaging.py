@@ -154,6 +154,29 @@ def test_imagefolder_grayscale_rgba_and_split_folders(tmp_path):
     assert np.asarray(data.to_rgb(transparent)).max() == 0
 
 
+@pytest.mark.parametrize("fraction", [None, 0.25, 0])
+def test_imagefolder_without_a_validation_folder_holds_out_training_images(tmp_path, fraction):
+    """train/ and test/ only (a common layout): validation is carved out of train,
+    stratified by class, so checkpoint selection never sees test images."""
+    root = tmp_path / "images"
+    for split, count in (("train", 20), ("test", 4)):
+        for label in ("normal", "tumour"):
+            (root / split / label).mkdir(parents=True)
+            for i in range(count):
+                Image.new("L", (8, 8), i).save(root / split / label / f"{i}.png")
+    header = "format: imagefolder\npath: images" + ("" if fraction is None else f"\nsplits: {{validation_fraction: {fraction}, seed: 1}}")
+    dataset = TASK.read(read_card(_write_card(tmp_path, header)), TASK.options())
+    held = {0.25: 5, None: 2, 0: 0}[fraction]  # per class, of 20
+    sizes = {k: len(v) for k, v in dataset.splits.items()}
+    assert sizes == ({"train": 40, "test": 8} if held == 0 else {"train": 40 - 2 * held, "validation": 2 * held, "test": 8})
+    if held:
+        validation = dataset.splits["validation"]
+        assert sorted(e["label"] for e in validation) == [0] * held + [1] * held
+        assert not {e["path"] for e in validation} & {e["path"] for e in dataset.splits["train"]}
+        assert all("/train/" in e["path"] for e in validation)
+        assert any(f"validation: {2 * held} training images held out" in note for note in dataset.notes)
+
+
 def test_csv_with_groups_and_bad_files(tmp_path):
     (tmp_path / "img").mkdir()
     rows = ["path,label,sex"]

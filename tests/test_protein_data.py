@@ -322,17 +322,20 @@ def test_a_pairs_file_never_loses_its_first_pair_to_header_detection(tmp_path):
     assert [(e["a"], e["b"]) for e in named] == [("P2", "P1")]
 
 
-@pytest.mark.parametrize("task_name", ["protein-ppi", "protein-classify"])
-def test_the_head_scores_in_fp32_under_bf16_autocast(task_name):
-    """bf16 logits gave different inputs the same score: ties in the rankings AUPR and
-    AUROC measure. The head runs in fp32, the encoder in bf16 as before."""
-    from conftest import tiny_model_with_default_method
+def test_predict_reads_tables_with_the_training_cards_columns(tmp_path):
+    """A run trained on a CSV whose card maps `sequence` and `label` to other columns
+    predicts on a file with those same columns; it looked for `sequence` and stopped."""
+    import peftlab
 
-    model, batch, _ = tiny_model_with_default_method(task_name)
-    model.eval()
-    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
-        logits = model(batch)
-        features = model.head[0].in_features
-        fine = model.head(torch.linspace(0, 1e-3, 16 * features).view(16, features))
-    assert logits.dtype == fine.dtype == torch.float32
-    assert len(set(fine[:, 0].tolist())) == 16  # 1e-3 apart in the input: 16 distinct scores
+    rng = np.random.default_rng(0)
+    rows = ["peptide,activity"] + [f"{''.join(rng.choice(list('ACDEFGHIKLMNPQRSTVWY'), 12))},{i % 2}" for i in range(24)]
+    (tmp_path / "train.csv").write_text("\n".join(rows) + "\n")
+    card = tmp_path / "card.md"
+    card.write_text("---\nname: renamed\ndomain: protein\ntask: protein-classify\nformat: csv\nfiles: {data: train.csv}\n"
+                    "fields: {sequence: peptide, label: activity}\nlabels: [inactive, active]\n---\n")
+    run_dir = peftlab.run("protein-classify", data=str(card), backbone="tiny", out=tmp_path / "run",
+                          overrides={"train.epochs": 1})
+    (tmp_path / "new.csv").write_text("peptide\nMKTAYIAKQR\nGGGWWWKKKL\n")
+    rows = peftlab.load(run_dir).predict([str(tmp_path / "new.csv")])
+    assert [r["prediction"] in ("inactive", "active") for r in rows] == [True, True]
+    assert rows[0]["positive_class"] == "active" and rows[0]["score"] != rows[1]["score"]

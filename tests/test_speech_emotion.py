@@ -266,10 +266,10 @@ def test_crops_random_in_training_centre_or_full_at_evaluation():
 def test_read_inputs_and_confusion_report(tmp_path):
     soundfile.write(tmp_path / "a.wav", tone(0.5, 16000), 16000)
     soundfile.write(tmp_path / "b.ogg", tone(0.5, 16000, 300), 16000)
-    examples = TASK.read_inputs([tmp_path], SpeechEmotionOptions())
-    assert [e["id"] for e in examples] == ["a.wav", "b.ogg"] and all("label" not in e for e in examples)
+    examples = TASK.read_inputs([tmp_path], SpeechEmotionOptions(), {})
+    assert [e["id"] for e in examples] == [str(tmp_path / "a.wav"), str(tmp_path / "b.ogg")] and all("label" not in e for e in examples)
     with pytest.raises(UserError, match="not an audio file"):
-        TASK.read_inputs([tmp_path / "labels.txt"], SpeechEmotionOptions())
+        TASK.read_inputs([tmp_path / "labels.txt"], SpeechEmotionOptions(), {})
     truth = [{"label": i} for i in (0, 0, 1, 2, 3, 3)]
     outputs = [np.eye(4)[i] for i in (0, 1, 1, 2, 3, 0)]
     TASK.write_report("test", truth, outputs, LABELS, tmp_path)

@@ -148,3 +148,22 @@ def test_attention_kernels_leave_out_cudnn_and_restore_the_setting():
         assert torch.backends.cuda.flash_sdp_enabled() and torch.backends.cuda.mem_efficient_sdp_enabled()
         assert torch.backends.cuda.math_sdp_enabled()
     assert torch.backends.cuda.cudnn_sdp_enabled() == before
+
+
+@pytest.mark.parametrize("task_name", ["protein-ppi", "protein-classify", "medical-classify", "pointcloud-classify",
+                                       "speech-emotion", "code-review-necessity"])
+def test_classifier_heads_score_in_fp32_under_bf16_autocast(task_name):
+    """bf16 logits gave different inputs the same score: ties in the rankings AUROC and
+    AUPR measure. The head runs in fp32, the backbone in bf16 as before."""
+    from conftest import tiny_model_with_default_method
+    from peftlab.shared.tasks import FP32Head
+
+    model, batch, _ = tiny_model_with_default_method(task_name)
+    model.eval()
+    head = next(m for m in model.head.modules() if isinstance(m, FP32Head))
+    features = next(m for m in head if isinstance(m, torch.nn.Linear)).in_features
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        logits = model(batch)
+        fine = head(torch.linspace(0, 1e-3, 16 * features).view(16, features))
+    assert logits.dtype == fine.dtype == torch.float32
+    assert len(set(fine[:, 0].tolist())) == 16  # 1e-3 apart in the input: 16 distinct scores

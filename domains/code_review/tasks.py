@@ -32,7 +32,7 @@ from peftlab.shared import requests
 from peftlab.shared.cards import Card
 from peftlab.shared.data import ratio_split
 from peftlab.shared.errors import UserError
-from peftlab.shared.tasks import SPLIT_KEYS, Dataset, register_task
+from peftlab.shared.tasks import SPLIT_KEYS, Dataset, FP32Head, describe_scores, register_task
 from peftlab.shared.text_metrics import TEXT_METRICS, compute_text_metrics
 from torch import nn
 from torch.nn import functional as F
@@ -129,7 +129,7 @@ class NecessityModel(nn.Module):
         self.tokenizer = causal_lm.tokenizer
         self.backbone_info = causal_lm.info
         self.options = options
-        self.head = nn.Linear(causal_lm.model.config.hidden_size, 1)
+        self.head = FP32Head(nn.Linear(causal_lm.model.config.hidden_size, 1))
 
     def prompt(self, example: dict) -> list[int]:
         return render_prompt(self.tokenizer, self.options, example)
@@ -221,11 +221,11 @@ class _CodeReviewTask:
             max_target_tokens=options.max_target_tokens, generation=generation,
             length_budget=options.max_prompt_tokens, fields=options.REQUIRED)
 
-    def read_inputs(self, paths, options) -> list[dict]:
+    def read_inputs(self, paths, options, fields) -> list[dict]:
         examples = []
         for path in map(Path, paths):
             if path.suffix.lower() in (".jsonl", ".json"):
-                examples += data.read_jsonl(path, self.KIND, {}, labelled=False)
+                examples += data.read_jsonl(path, self.KIND, fields, labelled=False)
             elif path.suffix.lower() == ".tsv":
                 examples += data.read_tufano_tsv(path, self.KIND, labelled=False)
             else:
@@ -280,8 +280,7 @@ class NecessityTask(_CodeReviewTask):
         return labels
 
     def describe(self, example, score, labels) -> dict:
-        probability = float(score)
-        return {"id": example["id"], "score": probability, "prediction": labels[int(probability >= 0.5)]}
+        return {"id": example["id"], **describe_scores(score, labels)}
 
 
 class _GenerationTask(_CodeReviewTask):

@@ -28,7 +28,7 @@ import torch
 from peftlab.shared import methods, requests
 from peftlab.shared import metrics as metric_registry
 from peftlab.shared.cards import Card
-from peftlab.shared.data import ratio_split
+from peftlab.shared.data import hold_out_validation, ratio_split
 from peftlab.shared.errors import UserError
 from peftlab.shared.feature_cache import (
     FeatureCache,
@@ -39,7 +39,7 @@ from peftlab.shared.feature_cache import (
     stack_rows,
     unique_ids,
 )
-from peftlab.shared.tasks import SPLIT_KEYS, Dataset, register_task
+from peftlab.shared.tasks import SPLIT_KEYS, Dataset, FP32Head, describe_scores, register_task
 from PIL import Image, UnidentifiedImageError
 from sklearn import metrics as skm
 from torch import nn
@@ -111,7 +111,7 @@ class ImageClassifier(nn.Module):
         self.backbone_info = info
         self.options = options
         self.data_config = data_config
-        self.head = nn.Sequential(nn.Dropout(options.head_dropout), nn.Linear(feature_width(backbone), num_labels))
+        self.head = FP32Head(nn.Dropout(options.head_dropout), nn.Linear(feature_width(backbone), num_labels))
         self.eval_transform = timm.data.create_transform(**data_config, is_training=False)
         self.train_transform = timm.data.create_transform(
             **data_config, is_training=True, scale=tuple(options.crop_scale), hflip=options.hflip,
@@ -254,7 +254,7 @@ class MedicalClassifyTask:
     primary_metric = "auroc"
     formats = ("imagefolder", "medmnist_npz", "csv", "demo")
     card_keys = ("demo", "on_bad_file", "image_root")
-    split_keys = SPLIT_KEYS
+    split_keys = (*SPLIT_KEYS, "validation_fraction")
     options = MedicalImageOptions
 
     def backbones(self) -> list[str]:
@@ -290,7 +290,8 @@ class MedicalClassifyTask:
         for split in list(splits):
             splits[split], skipped = data.keep_readable(splits[split], on_bad_file, f"{card.card_path} ({split})")
             notes += skipped
-        return Dataset(splits, labels, notes)
+        splits, note = hold_out_validation(splits, card, "images")
+        return Dataset(splits, labels, notes + ([note] if note else []))
 
     def _read_demo(self, card: Card, options: MedicalImageOptions) -> Dataset:
         demo = {"image_size": 32, "seed": 0, "train": 600, "validation": 150, "test": 300, **(card.option("demo") or {})}
@@ -374,7 +375,7 @@ class MedicalClassifyTask:
 
     # --------------------------------------------------------------------- predictions
 
-    def read_inputs(self, paths, options: MedicalImageOptions) -> list[dict]:
+    def read_inputs(self, paths, options: MedicalImageOptions, fields) -> list[dict]:
         files: list[Path] = []
         for path in map(Path, paths):
             if path.is_dir():
@@ -397,12 +398,7 @@ class MedicalClassifyTask:
             row["scores"] = {label: float(s) for label, s in zip(labels, scores)}
             row["predicted_labels"] = [label for label, s in zip(labels, scores) if s >= 0.5]
             return row
-        if np.ndim(scores) == 0:
-            row.update(score=float(scores), prediction=labels[int(float(scores) >= 0.5)])
-            return row
-        row["scores"] = {label: float(s) for label, s in zip(labels, scores)}
-        row["prediction"] = labels[int(np.argmax(scores))]
-        return row
+        return {**row, **describe_scores(scores, labels)}
 
     # ------------------------------------------------------------- serving and export
 

@@ -25,7 +25,7 @@ import numpy as np
 import torch
 from peftlab.shared import io, methods, requests
 from peftlab.shared.cards import Card
-from peftlab.shared.data import ratio_split
+from peftlab.shared.data import hold_out_validation, ratio_split
 from peftlab.shared.errors import UserError
 from peftlab.shared.feature_cache import (
     FeatureCache,
@@ -36,7 +36,7 @@ from peftlab.shared.feature_cache import (
     stack_rows,
     unique_ids,
 )
-from peftlab.shared.tasks import SPLIT_KEYS, Dataset, register_task
+from peftlab.shared.tasks import SPLIT_KEYS, Dataset, FP32Head, describe_scores, register_task
 from torch import nn
 from torch.nn import functional as F
 
@@ -92,7 +92,7 @@ class PointCloudClassifier(nn.Module):
         self.backbone_info = info
         self.options = options
         width = backbone.embed_dim
-        self.head = nn.Sequential(nn.Linear(2 * width, options.head_hidden), nn.ReLU(inplace=True),
+        self.head = FP32Head(nn.Linear(2 * width, options.head_hidden), nn.ReLU(inplace=True),
                                   nn.Dropout(options.head_dropout), nn.Linear(options.head_hidden, num_labels))
 
         self.feature_cache: FeatureCache | None = None
@@ -274,20 +274,8 @@ class PointCloudClassifyTask:
         if "all" in splits:
             ratios = spec.get("ratios", {"train": 0.8, "validation": 0.1, "test": 0.1})
             return ratio_split(splits["all"], ratios, seed, where=str(card.card_path))
-        if "validation" not in splits:
-            fraction = float(spec.get("validation_fraction", 0.1))
-            if not 0 <= fraction < 1:
-                raise UserError(f"{card.card_path}: splits.validation_fraction must be in [0, 1), got {fraction}")
-            if fraction > 0:
-                train = splits["train"]
-                rng = np.random.default_rng(seed)
-                chosen = set()
-                for label in sorted({e["label"] for e in train}):
-                    members = [i for i, e in enumerate(train) if e["label"] == label]
-                    chosen |= set(rng.choice(members, size=int(round(fraction * len(members))), replace=False).tolist())
-                splits = {**splits, "train": [e for i, e in enumerate(train) if i not in chosen],
-                          "validation": [e for i, e in enumerate(train) if i in chosen]}
-                notes.append(f"validation: {len(chosen)} training clouds held out (splits.validation_fraction={fraction}, seed {seed})")
+        splits, note = hold_out_validation(splits, card, "clouds")
+        notes += [note] if note else []
         return splits
 
     # --------------------------------------------------------------------------- model
@@ -299,12 +287,11 @@ class PointCloudClassifyTask:
             info["architecture"].update(num_group=encoder.config.num_group, group_size=encoder.config.group_size)
         return PointCloudClassifier(encoder, info, options, len(labels))
 
-    def read_inputs(self, paths, options: PointCloudOptions) -> list[dict]:
+    def read_inputs(self, paths, options: PointCloudOptions, fields) -> list[dict]:
         return [{"id": str(p), "points": data.read_point_file(Path(p), options.off_points)} for p in paths]
 
     def describe(self, example, scores, labels) -> dict:
-        return {"id": example["id"], "scores": {label: float(s) for label, s in zip(labels, scores)},
-                "prediction": labels[int(np.argmax(scores))]}
+        return {"id": example["id"], **describe_scores(scores, labels)}
 
     def rows_follow_examples(self, options: PointCloudOptions) -> bool:
         return options.votes == 1  # with votes, each example is several rows (scaled copies)

@@ -18,7 +18,7 @@ from peftlab.shared.cards import Card
 from peftlab.shared.data import ratio_split
 from peftlab.shared.errors import UserError
 from peftlab.shared.feature_cache import FeatureCache, frozen_prefix_stages
-from peftlab.shared.tasks import SPLIT_KEYS, Dataset, register_task
+from peftlab.shared.tasks import SPLIT_KEYS, Dataset, FP32Head, describe_scores, register_task
 from torch import nn
 from torch.nn import functional as F
 from torch.nn.utils.rnn import pad_sequence
@@ -58,16 +58,6 @@ def crop(sequence: str, max_length: int, policy: str, rng: np.random.Generator |
     else:
         start = 0
     return sequence[start:start + max_length]
-
-
-class FP32Head(nn.Sequential):
-    """The task head, in fp32 whatever autocast says: its bf16 logits had 8 bits of
-    mantissa, so different pairs got the same score (86 distinct scores for 200 pairs),
-    tying the rankings that AUPR and AUROC measure. The head is tiny next to the encoder."""
-
-    def forward(self, features: torch.Tensor) -> torch.Tensor:
-        with torch.autocast(features.device.type, enabled=False):
-            return super().forward(features.float())
 
 
 def mlp(width: int, hidden: int, outputs: int, dropout: float) -> FP32Head:
@@ -272,11 +262,6 @@ class _ProteinTask:
                 "with torch.serialization.safe_globals([argparse.Namespace]):\n"
                 f"    model, alphabet = esm.pretrained.load_model_and_alphabet_local('{files[0].name}')")
 
-    def describe_base(self, scores: np.ndarray, labels: list[str]) -> dict:
-        if np.ndim(scores) == 0:
-            probability = float(scores)
-            return {"score": probability, "prediction": labels[int(probability >= 0.5)]}
-        return {"scores": {label: float(s) for label, s in zip(labels, scores)}, "prediction": labels[int(np.argmax(scores))]}
 
 
 def keep_proteins_apart(splits: dict[str, list[dict]]) -> str:
@@ -335,16 +320,16 @@ class PPITask(_ProteinTask):
         encoder, info = load_backbone(backbone)
         return PPIModel(encoder, info, options)
 
-    def read_inputs(self, paths, options) -> list[dict]:
+    def read_inputs(self, paths, options, fields) -> list[dict]:
         fasta = [p for p in paths if Path(p).suffix.lower() in (".fasta", ".fa", ".faa")]
         tables = [p for p in paths if Path(p).suffix.lower() in (".tsv", ".txt")]
         if len(fasta) != 1 or len(tables) != 1:
             raise UserError("protein-ppi predict takes one FASTA file (.fasta/.fa/.faa) and one pairs TSV (.tsv)")
         sequences = data.read_fasta(Path(fasta[0]))
-        return data.read_pairs(Path(tables[0]), sequences, {}, None, labelled=False)
+        return data.read_pairs(Path(tables[0]), sequences, fields, None, labelled=False)
 
     def describe(self, example, scores, labels) -> dict:
-        return {"protein_a": example["a"], "protein_b": example["b"], **self.describe_base(scores, labels)}
+        return {"protein_a": example["a"], "protein_b": example["b"], **describe_scores(scores, labels)}
 
     def rows_follow_examples(self, options) -> bool:
         return False  # a batch encodes each distinct protein once, shared by its pairs
@@ -406,19 +391,19 @@ class ClassifyTask(_ProteinTask):
         encoder, info = load_backbone(backbone)
         return ClassifyModel(encoder, info, options, len(labels))
 
-    def read_inputs(self, paths, options) -> list[dict]:
+    def read_inputs(self, paths, options, fields) -> list[dict]:
         examples = []
         for path in map(Path, paths):
             if path.suffix.lower() in (".fasta", ".fa", ".faa"):
                 examples += [{"id": k, "seq": v} for k, v in data.read_fasta(path).items()]
             elif path.suffix.lower() == ".csv":
-                examples += data.read_sequence_csv(path, {}, None, labelled=False)
+                examples += data.read_sequence_csv(path, fields, None, labelled=False)
             else:
                 raise UserError(f"{path}: protein-classify predict reads FASTA (.fasta/.fa/.faa) or CSV with a `sequence` column")
         return examples
 
     def describe(self, example, scores, labels) -> dict:
-        return {"id": example["id"], **self.describe_base(scores, labels)}
+        return {"id": example["id"], **describe_scores(scores, labels)}
 
     def rows_follow_examples(self, options) -> bool:
         return True

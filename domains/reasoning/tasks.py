@@ -122,7 +122,7 @@ class _ReasoningTask:
         results["accuracy_avg"] = sum(per_dataset.values()) / len(per_dataset) if per_dataset else None
         return results
 
-    def read_inputs(self, paths, options) -> list[dict]:
+    def read_inputs(self, paths, options, fields) -> list[dict]:
         examples = []
         for path in map(Path, paths):
             if path.suffix.lower() not in (".jsonl", ".json"):

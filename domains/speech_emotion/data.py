@@ -116,7 +116,7 @@ def audio_example(path: Path, on_bad_file: str = "error") -> dict | None:
             return None
         raise UserError(f"{path}: {error}; fix or remove the file (or set `on_bad_file: skip` in the card)") from None
     CACHE.put(str(path), (waveform, rate))
-    return {"id": path.name, "path": str(path), "samples": len(waveform), "sample_rate": rate}
+    return {"id": str(path), "path": str(path), "samples": len(waveform), "sample_rate": rate}
 
 
 def audio_files(paths: list[Path]) -> list[Path]:

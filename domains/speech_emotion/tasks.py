@@ -28,7 +28,7 @@ from peftlab.shared.cards import Card
 from peftlab.shared.data import ratio_split
 from peftlab.shared.errors import UserError
 from peftlab.shared.feature_cache import FeatureCache, in_training, plan, unique_ids
-from peftlab.shared.tasks import SPLIT_KEYS, Dataset, register_task
+from peftlab.shared.tasks import SPLIT_KEYS, Dataset, FP32Head, describe_scores, register_task
 from torch import nn
 from torch.nn import functional as F
 from torch.nn.utils.rnn import pad_sequence
@@ -74,7 +74,7 @@ class EmotionHead(nn.Module):
     def __init__(self, num_states: int, width: int, hidden: int, classes: int, dropout: float):
         super().__init__()
         self.layer_logits = nn.Parameter(torch.zeros(num_states))
-        self.mlp = nn.Sequential(nn.Linear(width, hidden), nn.ReLU(), nn.Dropout(dropout), nn.Linear(hidden, classes))
+        self.mlp = FP32Head(nn.Linear(width, hidden), nn.ReLU(), nn.Dropout(dropout), nn.Linear(hidden, classes))
 
     def layer_weights(self) -> torch.Tensor:
         return torch.softmax(self.layer_logits, dim=0)
@@ -352,17 +352,14 @@ class SpeechEmotionTask:
                             f"({encoder.max_seconds:.0f} s); set task.max_seconds to at most that")
         return SpeechEmotionModel(encoder, info, labels, options)
 
-    def read_inputs(self, paths, options) -> list[dict]:
+    def read_inputs(self, paths, options, fields) -> list[dict]:
         return [data.audio_example(path) for path in data.audio_files([Path(p) for p in paths])]
 
     def describe(self, example, scores, labels) -> dict:
         row = {"id": example["id"]}
         if "path" in example:
             row["path"] = example["path"]
-        if np.ndim(scores) == 0:
-            return {**row, "score": float(scores), "prediction": labels[int(float(scores) >= 0.5)]}
-        return {**row, "scores": {label: float(s) for label, s in zip(labels, scores)},
-                "prediction": labels[int(np.argmax(scores))]}
+        return {**row, **describe_scores(scores, labels)}
 
     def rows_follow_examples(self, options) -> bool:
         return True

@@ -411,7 +411,7 @@ class RetrievalTask(_VideoTextTask):
     def default_method_options(self, method: str, model) -> dict[str, Any]:
         return dict(RETRIEVAL_METHOD_DEFAULTS.get(method, {}))
 
-    def read_inputs(self, paths, options) -> list[dict]:
+    def read_inputs(self, paths, options, fields) -> list[dict]:
         return self._read_input_files(paths, labelled_pairs=True)
 
     def compute_metrics(self, metric_names, examples, outputs) -> dict:
@@ -470,7 +470,7 @@ class CaptionTask(_VideoTextTask):
     def default_method_options(self, method: str, model) -> dict[str, Any]:
         return clm.default_method_options(method, model.backbone)
 
-    def read_inputs(self, paths, options) -> list[dict]:
+    def read_inputs(self, paths, options, fields) -> list[dict]:
         return self._read_input_files(paths, labelled_pairs=False)
 
     def compute_metrics(self, metric_names, examples, outputs) -> dict:
