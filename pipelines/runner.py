@@ -131,6 +131,9 @@ def read_dataset(config: cfg.RunConfig, task, options, card: Card) -> Dataset:
         raise UserError(f"{card.card_path}: the train split is empty; check `splits`")
     for note in dataset.notes:
         log(f"note: {note}")
+    if not dataset.splits.get("validation"):
+        log("note: no validation split, so no checkpoint selection or early stopping: the last epoch's model "
+            "is kept (give the card a validation split or ratio)")
     return dataset
 
 

@@ -122,3 +122,14 @@ def test_every_task_refuses_a_misspelt_split_key(tmp_path, task_name):
         card.write_text(f"---\nname: x\ndomain: {task.domain}\ntask: {task.name}\nformat: {task.formats[0]}\n"
                         f"splits: {{{key}: 1}}\n---\n")
         runner.load_card(str(card), task)
+
+
+def test_a_card_without_validation_says_the_last_epoch_is_kept(tmp_path, capsys):
+    card = write_card(tmp_path, GOOD.replace("validation: 0.25, test: 0.25", "test: 0.5"))
+    config = runner.build_config("protein-ppi", data=str(card), backbone="tiny")
+    task = get_task("protein-ppi")
+    dataset = runner.read_dataset(config, task, task.options(), runner.load_card(str(card), task))
+    assert "validation" not in dataset.splits
+    assert "no validation split, so no checkpoint selection or early stopping" in capsys.readouterr().err
+    runner.read_dataset(config, task, task.options(), runner.load_card(str(write_card(tmp_path)), task))
+    assert "no validation split" not in capsys.readouterr().err
