@@ -260,13 +260,23 @@ def fold_split(examples: list[dict], key: str, test: list, validation: list | No
         validation_values = {str(v) for v in validation}
         return {"train": [e for e in rest if str(e[key]) not in validation_values],
                 "validation": [e for e in rest if str(e[key]) in validation_values], "test": held_out}
-    if all("speaker" in e for e in rest):
-        inner = speaker_split(rest, {"train": 1 - validation_ratio, "validation": validation_ratio}, seed, where)
-    else:
-        order = np.random.default_rng(seed).permutation(len(rest))
-        cut = int(round(validation_ratio * len(rest)))
-        inner = {"validation": [rest[i] for i in order[:cut]], "train": [rest[i] for i in order[cut:]]}
-    return {"train": inner["train"], "validation": inner["validation"], "test": held_out}
+    return {**hold_out_validation(rest, validation_ratio, seed, where), "test": held_out}
+
+
+def hold_out_validation(train: list[dict], validation_ratio: float, seed: int, where: str) -> dict[str, list[dict]]:
+    """Train -> {train, validation}: a `validation_ratio` share held out for model
+    selection, whole speakers at a time where every row names its speaker."""
+    if not 0 <= validation_ratio < 1:
+        raise UserError(f"{where}: splits.validation_ratio must be in [0, 1), got {validation_ratio}")
+    if all("speaker" in e for e in train):
+        if validation_ratio > 0 and len({e["speaker"] for e in train}) < 2:
+            raise UserError(f"{where}: the training data has one speaker, too few to hold out whole speakers for "
+                            f"validation; give a validation split or set splits.validation_ratio: 0")
+        split = speaker_split(train, {"train": 1 - validation_ratio, "validation": validation_ratio}, seed, where)
+        return {"train": split["train"], "validation": split["validation"]}
+    order = np.random.default_rng(seed).permutation(len(train))
+    cut = int(round(validation_ratio * len(train)))
+    return {"validation": [train[i] for i in order[:cut]], "train": [train[i] for i in order[cut:]]}
 
 
 # --------------------------------------------------------------------------- demo

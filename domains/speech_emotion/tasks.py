@@ -310,7 +310,11 @@ class SpeechEmotionTask:
                     raise UserError(f"{card.card_path}: splits.{split} = {path} does not exist")
                 rows = read(path)
                 splits[split], skipped = rows.examples, skipped + rows.skipped
-            splits.setdefault("validation", [])
+            if "validation" not in splits:  # carved out of train, for model selection
+                ratio = float(spec.get("validation_ratio", 0.1))
+                splits.update(data.hold_out_validation(splits["train"], ratio, int(spec.get("seed", 0)), str(card.card_path)))
+                notes.append(f"validation: {len(splits['validation'])} training clips held out "
+                             f"(splits.validation_ratio={ratio}, whole speakers where the table names them)")
             overlap = _shared_speakers(splits)
             if overlap:
                 notes.append(f"speakers {sorted(overlap)[:5]} appear in more than one split file: results are not speaker-independent")
