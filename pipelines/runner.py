@@ -110,6 +110,7 @@ def load_card(card_path: str, task) -> Card:
     card = read_card(cfg.resolve_card_path(card_path))
     card.check_keys(task.card_keys)
     card.check_split_keys(task.split_keys, task.name)
+    card.check_field_keys(task.field_keys, task.name)
     if card.task != task.name:
         raise UserError(f"{card.card_path}: the card is for task {card.task!r}, this pipeline runs {task.name!r}; pass a {task.name} card")
     if card.domain != task.domain:
@@ -131,7 +132,7 @@ def read_dataset(config: cfg.RunConfig, task, options, card: Card) -> Dataset:
         raise UserError(f"{card.card_path}: the train split is empty; check `splits`")
     for note in dataset.notes:
         log(f"note: {note}")
-    if not dataset.splits.get("validation"):
+    if "validation" not in dataset.splits:
         log("note: no validation split, so no checkpoint selection or early stopping: the last epoch's model "
             "is kept (give the card a validation split or ratio)")
     return dataset

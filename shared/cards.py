@@ -99,6 +99,14 @@ class Card(BaseModel):
             raise UserError(f"{self.card_path}: splits.{unknown[0]} is not understood by {task_name}; "
                             f"its split keys: {', '.join(allowed)}")
 
+    def check_field_keys(self, allowed, task_name: str) -> None:
+        """A misspelt `fields:` key is an error: read as absent, the default column was
+        looked for instead, and the error named the data file, not the card."""
+        unknown = sorted(set(self.fields) - set(allowed))
+        if unknown:
+            reads = f"its fields: {', '.join(allowed)}" if allowed else "it reads no `fields`; remove the field"
+            raise UserError(f"{self.card_path}: fields.{unknown[0]} is not a field {task_name} reads; {reads}")
+
     def check_keys(self, allowed_extra) -> None:
         unknown = sorted(set(self.extras) - set(allowed_extra))
         if unknown:

@@ -89,6 +89,8 @@ class Task(Protocol):
     """Extra card header fields this task reads, besides the core ones."""
     split_keys: tuple[str, ...]
     """The keys of the card's `splits:` this task reads (usually `SPLIT_KEYS`)."""
+    field_keys: tuple[str, ...]
+    """The keys of the card's `fields:` (column renames) this task reads; () for none."""
     options: type
     """Dataclass of the recipe's `task:` section (with help text)."""
 
@@ -117,7 +119,7 @@ _TASKS: dict[str, Task] = {}
 def register_task(task: Task) -> Task:
     if task.name in _TASKS:
         raise ValueError(f"task {task.name!r} is registered twice")
-    missing = [m for m in ("split_keys", "read", "build_model", "read_inputs", "describe", "card_template") if not hasattr(task, m)]
+    missing = [m for m in ("split_keys", "field_keys", "read", "build_model", "read_inputs", "describe", "card_template") if not hasattr(task, m)]
     if missing:
         raise TypeError(f"task {task.name!r} lacks {', '.join(missing)}")
     _TASKS[task.name] = task

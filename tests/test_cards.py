@@ -133,3 +133,19 @@ def test_a_card_without_validation_says_the_last_epoch_is_kept(tmp_path, capsys)
     assert "no validation split, so no checkpoint selection or early stopping" in capsys.readouterr().err
     runner.read_dataset(config, task, task.options(), runner.load_card(str(write_card(tmp_path)), task))
     assert "no validation split" not in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("task_name", [task.name for task in list_tasks()])
+def test_every_task_refuses_a_fields_key_it_does_not_read(tmp_path, task_name):
+    # Read as absent, `fields: {lable: ...}` made the reader look for the default column
+    # and blame the data file.
+    task = get_task(task_name)
+    card = tmp_path / "card.md"
+    header = f"---\nname: x\ndomain: {task.domain}\ntask: {task.name}\nformat: {task.formats[0]}\n"
+    card.write_text(header + "fields: {lable: y}\n---\n")
+    with pytest.raises(UserError, match=rf"card\.md: fields\.lable is not a field {task.name} reads; "
+                                        rf"({'its fields: ' + ', '.join(task.field_keys) if task.field_keys else 'it reads no'})"):
+        runner.load_card(str(card), task)
+    for key in task.field_keys:
+        card.write_text(header + f"fields: {{{key}: y}}\n---\n")
+        runner.load_card(str(card), task)

@@ -266,7 +266,7 @@ CASES = [
     Case("audio-unknown-label", card_run(SPEECH, "audio_csv", {"t.csv": "path,label\nx.wav,bored\n", "x.wav": wav_bytes(TONE)},
                                          files={"data": "t.csv"}, labels=["happy", "sad"]), r"t\.csv:2: label 'bored' is not one of"),
     Case("audio-unknown-field", card_run(SPEECH, "audio_csv", {"t.csv": "path,label\n"}, files={"data": "t.csv"}, fields={"mood": "label"}),
-         r"t\.csv: fields\.mood is not a field speech-emotion reads"),
+         r"card\.md: fields\.mood is not a field speech-emotion reads; its fields: path, label, speaker"),
     Case("audio-fold-without-test", card_run(SPEECH, "audio_csv", {"t.csv": "path,label,session\nx.wav,happy,1\n", "x.wav": wav_bytes(TONE)},
                                              files={"data": "t.csv"}, fields={"session": "session"}, splits={"fold_by": "session"}),
          r"card\.md: splits\.fold_by needs `test: \[values\]`"),

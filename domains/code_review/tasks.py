@@ -170,6 +170,10 @@ class _CodeReviewTask:
     KIND: ClassVar[str]
     DEMO_SIZES: ClassVar[dict[str, int]]
 
+    @property
+    def field_keys(self) -> tuple[str, ...]:
+        return (*data.TASK_FIELDS[self.KIND], "id")
+
     def backbones(self) -> list[str]:
         return backbone_names()
 

@@ -255,6 +255,7 @@ class MedicalClassifyTask:
     formats = ("imagefolder", "medmnist_npz", "csv", "demo")
     card_keys = ("demo", "on_bad_file", "image_root")
     split_keys = (*SPLIT_KEYS, "validation_fraction")
+    field_keys = ("image", "label", "group")
     options = MedicalImageOptions
 
     def backbones(self) -> list[str]:

@@ -199,6 +199,7 @@ class PointCloudClassifyTask:
     formats = ("modelnet_off", "modelnet_txt", "scanobjectnn_h5", "point_folder", "points_npz", "demo")
     card_keys = ("demo",)
     split_keys = (*SPLIT_KEYS, "shape_names", "validation_fraction")
+    field_keys = ()
     options = PointCloudOptions
 
     def backbones(self) -> list[str]:

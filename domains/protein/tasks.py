@@ -289,6 +289,7 @@ class PPITask(_ProteinTask):
     primary_metric = "aupr"
     formats = ("fasta+pairs_tsv", "demo")
     split_keys = (*_ProteinTask.split_keys, "group_by_protein")
+    field_keys = ("protein_a", "protein_b", "label")
 
     def read(self, card: Card, options: ProteinOptions) -> Dataset:
         labels = card.labels or ["no_interaction", "interaction"]
@@ -367,6 +368,7 @@ class ClassifyTask(_ProteinTask):
     metrics = ("accuracy", "macro_f1", "auroc")
     primary_metric = "accuracy"
     formats = ("csv", "fasta", "demo")
+    field_keys = ("sequence", "label", "id")
 
     def read(self, card: Card, options: ProteinOptions) -> Dataset:
         if card.format == "demo":

@@ -68,6 +68,7 @@ class _ReasoningTask:
     formats = ("jsonl", "demo")
     card_keys = ("demo",)
     split_keys = SPLIT_KEYS
+    field_keys = ()
     options = ReasoningOptions
     KIND: ClassVar[str]
     NUMERIC: ClassVar[bool]

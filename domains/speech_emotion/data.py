@@ -155,9 +155,6 @@ def read_table(path: Path, audio_root: Path, fields: dict, labels: list[str] | N
     if not rows:
         raise UserError(f"{path}: empty table; it needs a header row (e.g. path,label,speaker) and one row per clip")
     header = [h.strip() for h in rows[0][1]]
-    unknown = sorted(set(fields) - set(TABLE_FIELDS))
-    if unknown:
-        raise UserError(f"{path}: fields.{unknown[0]} is not a field speech-emotion reads; use {', '.join(TABLE_FIELDS)}")
     columns = {}
     for key in TABLE_FIELDS:
         spec = fields.get(key, key)

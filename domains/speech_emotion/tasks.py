@@ -242,6 +242,7 @@ class SpeechEmotionTask:
     formats = ("audio_csv", "demo")
     card_keys = ("demo", "on_bad_file", "label_map")
     split_keys = (*SPLIT_KEYS, "fold_by", "validation_ratio")
+    field_keys = data.TABLE_FIELDS
     options = SpeechEmotionOptions
 
     def backbones(self) -> list[str]:

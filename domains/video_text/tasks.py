@@ -327,6 +327,7 @@ class _VideoTextTask:
     formats = ("msrvtt_json", "csv", "demo")
     card_keys = ("demo", "video_root")
     split_keys = SPLIT_KEYS
+    field_keys = ("video", "caption")
 
     def _read_pairs(self, card: Card) -> dict[str, list[dict]]:
         if card.format == "demo":
@@ -342,9 +343,6 @@ class _VideoTextTask:
         if not root.is_dir():
             raise UserError(f"{card.card_path}: video_root = {root} is not a folder; fix the path (relative to the card)")
         fields = card.fields or {}
-        unknown = sorted(set(fields) - {"video", "caption"})
-        if unknown:
-            raise UserError(f"{card.card_path}: fields.{unknown[0]} is not a video-text field; use video and caption")
 
         def read(path: Path) -> dict[str, list[dict]]:
             if card.format == "msrvtt_json":
