@@ -10,6 +10,7 @@ import json
 import os
 import shutil
 import sys
+import warnings
 from pathlib import Path
 
 import click
@@ -142,10 +143,13 @@ def predict(run_dir, inputs, out, force):
               help="Also write the merged backbone in its own library's format (fair-esm, timm, transformers), loadable without peftlab.")
 def merge(run_dir, out, export_dir):
     """Fold a mergeable adapter into the backbone weights; writes a run directory with method `full`."""
-    from peftlab.pipelines.predictor import load
+    from peftlab.pipelines.predictor import check_mergeable, load
+    from peftlab.shared import io
 
     if not out and not export_dir:
         raise UserError("merge needs --out DIR (a merged run), --export DIR (the merged backbone), or both")
+    if (Path(run_dir) / "meta.json").is_file():  # a method that cannot merge stops before the backbone loads
+        check_mergeable(Path(run_dir), io.read_json(Path(run_dir) / "meta.json"))
     predictor = load(run_dir)
     written = [predictor.merge(out)] if out else []
     if export_dir:
@@ -157,6 +161,10 @@ def merge(run_dir, out, export_dir):
             raise
     for directory in written:
         click.echo(str(directory))
+    if predictor.meta.get("precision") == "bf16" and predictor.meta["method"]["name"] != "full":
+        click.echo("note: the run computes in bf16, which rounds the merged weights as one: scores can move by "
+                   "about 1e-2 against the adapter's (README: merge); `peftlab eval` the merged run for its figures",
+                   err=True)
 
 
 @cli.command()
@@ -260,7 +268,18 @@ def _reports_errors() -> bool:
     return launcher_rank() == 0
 
 
+# Library notices that say nothing to a peftlab user: peft reads a deprecated transformers
+# property on every model it wraps, and looks for a config.json that a GGUF backbone's
+# folder (a pip package) does not have; neither changes what runs.
+QUIET_WARNINGS = (
+    (FutureWarning, r"`is_gradient_checkpointing` is deprecated"),
+    (UserWarning, r"Could not find a config file in "),
+)
+
+
 def main(argv=None) -> int:
+    for category, message in QUIET_WARNINGS:
+        warnings.filterwarnings("ignore", message=message, category=category)
     try:
         code = cli.main(args=argv, prog_name="peftlab", standalone_mode=False)
     except UserError as error:

@@ -175,6 +175,12 @@ def build_task_options(task, options: dict):
     unknown = sorted(set(options) - fields)
     if unknown:
         raise UserError(f"task {task.name!r} has no option {unknown[0]!r}; valid task options: {', '.join(sorted(fields))}")
+    for option in dataclasses.fields(task.options):
+        value = options.get(option.name)
+        if option.type in ("str", str) and isinstance(value, dict | list):
+            # YAML reads an unquoted `{diff}` or `[x]` as a mapping or list
+            raise UserError(f"task.{option.name} is text, but the value was read as a YAML {type(value).__name__}; "
+                            f"quote it: task.{option.name}='...' (in a shell: \"task.{option.name}='{{diff}} ...'\")")
     try:
         return task.options(**options)
     except (TypeError, ValueError) as error:

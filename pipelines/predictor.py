@@ -85,7 +85,13 @@ class Predictor:
             missing = [str(i) for i in inputs if not Path(i).exists()]
             if missing:
                 raise UserError(f"{missing[0]}: no such file or folder")
-            examples = self.task.read_inputs([Path(i) for i in inputs], self.options, self.card_fields)
+            try:
+                examples = self.task.read_inputs([Path(i) for i in inputs], self.options, self.card_fields)
+            except UserError as error:
+                if self.card_fields and "fields" in str(error):  # the card meant is the run's, not one predict takes
+                    raise UserError(f"{error} [predict reads the columns named by the run's card, "
+                                    f"{self.run_dir / 'card.md'}: fields {self.card_fields}; name them so in the input]") from None
+                raise
         else:
             examples = list(inputs)
         outputs = predict_outputs(self.model, examples, self.batch_size, self.accelerator.autocast)
@@ -93,6 +99,7 @@ class Predictor:
 
     def merge(self, out) -> Path:
         """Write a run directory whose adapter is the merged backbone (method `full`)."""
+        check_mergeable(self.run_dir, self.meta)
         out = Path(out)
         if out.exists() and any(out.iterdir()):
             raise UserError(f"{out} exists and is not empty; choose another --out")
@@ -125,10 +132,7 @@ class Predictor:
             raise UserError(f"task {self.task.name!r} has no export format; `peftlab merge --out` writes a merged run")
         adapted = self.model.backbone
         method = self.meta["method"]["name"]
-        if not adapted.spec.mergeable and method != "full":
-            mergeable = [m for m in methods.list_methods() if methods.get_method(m).mergeable]
-            raise UserError(f"{self.run_dir}: method {method!r} cannot be merged into the backbone weights; "
-                            f"mergeable methods: {', '.join(mergeable)}")
+        check_mergeable(self.run_dir, self.meta)
         self.model.backbone = adapted.base_model if method == "full" else adapted.merge()
         tmp = directory.with_name(f".{directory.name}.tmp")
         shutil.rmtree(tmp, ignore_errors=True)
@@ -157,3 +161,12 @@ def load(run_dir, force: bool = False):
 
         return MultiAdapter(run_dir, force=force)
     return Predictor(run_dir, force=force)
+
+
+def check_mergeable(run_dir: Path, meta: dict) -> None:
+    """Refuse a method that adds modules (adapters, prompts, LoReFT) before any backbone loads."""
+    method = meta["method"]["name"]
+    if method != "full" and not methods.get_method(method).mergeable:
+        mergeable = [m for m in methods.list_methods() if methods.get_method(m).mergeable]
+        raise UserError(f"{run_dir}: method {method!r} cannot be merged into the backbone weights; "
+                        f"mergeable methods: {', '.join(mergeable)}")

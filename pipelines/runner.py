@@ -343,6 +343,10 @@ def evaluate_split(task, model, dataset: Dataset, split: str, metric_names, batc
     if any("label" not in e for e in examples):
         raise UserError(f"split {split!r} has unlabelled examples; it cannot be evaluated")
     results, outputs = evaluate(task, model, examples, metric_names, batch_size, autocast)
+    empty = sum(1 for output in outputs if isinstance(output, str) and not output.strip())
+    if empty:  # a score of 0 then says "nothing generated", not "a metric is broken"
+        log(f"note: {empty} of {len(outputs)} generated outputs on split {split!r} are empty "
+            f"(the model ends at once: too little training, or a prompt it has not learned to answer)")
     if predictions_file is not None:
         rows = []
         for example, output in zip(examples, outputs):

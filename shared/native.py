@@ -9,6 +9,7 @@ compiler, say) returns the compiler's first error line; the caller says what run
 from __future__ import annotations
 
 import hashlib
+import logging
 import os
 import sys
 from pathlib import Path
@@ -41,7 +42,13 @@ def build(name: str, source: Path, flags: list[str], what: str, seconds: int, in
     folder = cache_folder() / f"{name}-{key}"
     library = f"peftlab_{name}"
     try:
-        from torch.utils.cpp_extension import load
+        cpp_extension_log = logging.getLogger("torch.utils.cpp_extension")
+        level = cpp_extension_log.level
+        cpp_extension_log.setLevel(logging.ERROR)  # "No CUDA runtime is found": these kernels are CPU-only
+        try:
+            from torch.utils.cpp_extension import load
+        finally:
+            cpp_extension_log.setLevel(level)
 
         folder.mkdir(parents=True, exist_ok=True)
         if not (folder / f"{library}.so").exists():

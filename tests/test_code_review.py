@@ -327,3 +327,16 @@ def test_real_codereviewer_comment_lora_lowers_test_loss(real_assets, tmp_path):
         untuned_loss = _answer_loss(tuned.model, test)
     # Measured (1 thread, 16 test comments): answer loss un-tuned 4.750, tuned 4.541.
     assert tuned_loss < untuned_loss - 0.1, (tuned_loss, untuned_loss)
+
+
+def test_evaluation_says_how_many_generated_outputs_are_empty(monkeypatch, capsys):
+    from peftlab.pipelines import runner
+    from peftlab.shared.tasks import Dataset
+
+    examples = [{"id": str(i), "label": "fix it"} for i in range(3)]
+    monkeypatch.setattr(runner, "evaluate", lambda *args: ({"bleu4": 0.0}, ["", "use a constant", "  \n"]))
+    runner.evaluate_split(None, None, Dataset({"test": examples}, []), "test", ["bleu4"], 2, None)
+    assert "note: 2 of 3 generated outputs on split 'test' are empty" in capsys.readouterr().err
+    monkeypatch.setattr(runner, "evaluate", lambda *args: ({"bleu4": 0.3}, ["a", "b", "c"]))
+    runner.evaluate_split(None, None, Dataset({"test": examples}, []), "test", ["bleu4"], 2, None)
+    assert "generated outputs" not in capsys.readouterr().err

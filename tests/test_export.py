@@ -113,6 +113,18 @@ def test_a_method_that_cannot_merge_is_refused_naming_the_mergeable_ones(tmp_pat
     assert "merge needs --out DIR (a merged run), --export DIR (the merged backbone), or both" in capsys.readouterr().err
 
 
+def test_an_unmergeable_method_is_refused_before_the_backbone_loads(tmp_path, capsys, monkeypatch):
+    run_dir = make_run(tmp_path, "bottleneck", "protein-classify", "adapter", 4)
+
+    def no_loading(*args, **kwargs):
+        raise AssertionError("the backbone was loaded")
+
+    monkeypatch.setattr(Predictor, "__init__", no_loading)
+    assert main(["merge", str(run_dir), "--out", str(tmp_path / "merged")]) == 2
+    assert "method 'adapter' cannot be merged into the backbone weights" in capsys.readouterr().err
+    assert not (tmp_path / "merged").exists()
+
+
 def test_export_refuses_a_non_empty_folder(runs, tmp_path, capsys):
     (tmp_path / "taken").mkdir()
     (tmp_path / "taken" / "keep.txt").write_text("mine")
@@ -151,3 +163,13 @@ def test_a_failed_export_takes_the_merged_run_with_it(runs, tmp_path, monkeypatc
     assert main(["merge", str(runs["protein"]), "--out", str(merged), "--export", str(tmp_path / "export")]) == 2
     assert "this backbone has no export format" in capsys.readouterr().err
     assert not merged.exists()  # a re-run is not refused with "merged exists"
+
+
+@pytest.mark.parametrize("precision", ["bf16", "fp32"])
+def test_merge_says_when_bf16_rounds_the_merged_weights(tmp_path, capsys, precision):
+    run_dir = make_run(tmp_path, "lora", "protein-classify", "lora", 4)
+    meta = json.loads((run_dir / "meta.json").read_text())
+    (run_dir / "meta.json").write_text(json.dumps({**meta, "precision": precision}))
+    assert main(["merge", str(run_dir), "--out", str(tmp_path / "merged")]) == 0
+    said = "note: the run computes in bf16, which rounds the merged weights as one" in capsys.readouterr().err
+    assert said == (precision == "bf16")

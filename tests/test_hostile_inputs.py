@@ -348,6 +348,8 @@ CASES = [
          r"Invalid value for '--out': Directory '\S*taken' is a file"),
     Case("cli-unknown-option", lambda f: ["run", "protein-ppi", "--demoo"], r"No such option '--demoo'\. Did you mean '--demo'\? \(see `peftlab run --help`\)"),
     # ------------------------------------------------------------------ run directories
+    Case("override-template-read-as-mapping", lambda f: ["run", "code-review-comment", "--demo", "task.prompt_template={patch}"],
+         r"task\.prompt_template is text, but the value was read as a YAML dict; quote it"),
     Case("eval-not-a-run", lambda f: ["eval", str(a_run_dir()(f))], r"fake-run is not a finished peftlab run directory \(no run\.yaml\)"),
     Case("predict-not-a-run", lambda f: ["predict", str(a_run_dir()(f)), "x.fasta"], r"fake-run is not a finished peftlab run directory"),
     Case("merge-not-a-run", lambda f: ["merge", str(a_run_dir()(f)), "--out", str(f / "merged")], r"fake-run is not a finished peftlab run directory"),

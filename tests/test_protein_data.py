@@ -339,3 +339,7 @@ def test_predict_reads_tables_with_the_training_cards_columns(tmp_path):
     rows = peftlab.load(run_dir).predict([str(tmp_path / "new.csv")])
     assert [r["prediction"] in ("inactive", "active") for r in rows] == [True, True]
     assert rows[0]["positive_class"] == "active" and rows[0]["score"] != rows[1]["score"]
+    (tmp_path / "other.csv").write_text("sequence\nMKTAYIAKQR\n")
+    with pytest.raises(UserError, match=r"column 'peptide' for fields\.sequence not found.*predict reads the columns "
+                                        r"named by the run's card, \S*card\.md: fields"):
+        peftlab.load(run_dir).predict([str(tmp_path / "other.csv")])
