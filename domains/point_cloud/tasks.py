@@ -93,7 +93,7 @@ class PointCloudClassifier(nn.Module):
         self.options = options
         width = backbone.embed_dim
         self.head = FP32Head(nn.Linear(2 * width, options.head_hidden), nn.ReLU(inplace=True),
-                                  nn.Dropout(options.head_dropout), nn.Linear(options.head_hidden, num_labels))
+                               nn.Dropout(options.head_dropout), nn.Linear(options.head_hidden, num_labels))
 
         self.feature_cache: FeatureCache | None = None
 

@@ -257,10 +257,10 @@ def fold_split(examples: list[dict], key: str, test: list, validation: list | No
         validation_values = {str(v) for v in validation}
         return {"train": [e for e in rest if str(e[key]) not in validation_values],
                 "validation": [e for e in rest if str(e[key]) in validation_values], "test": held_out}
-    return {**hold_out_validation(rest, validation_ratio, seed, where), "test": held_out}
+    return {**hold_out_speakers(rest, validation_ratio, seed, where), "test": held_out}
 
 
-def hold_out_validation(train: list[dict], validation_ratio: float, seed: int, where: str) -> dict[str, list[dict]]:
+def hold_out_speakers(train: list[dict], validation_ratio: float, seed: int, where: str) -> dict[str, list[dict]]:
     """Train -> {train, validation}: a `validation_ratio` share held out for model
     selection, whole speakers at a time where every row names its speaker."""
     if not 0 <= validation_ratio < 1:

@@ -313,7 +313,7 @@ class SpeechEmotionTask:
                 splits[split], skipped = rows.examples, skipped + rows.skipped
             if "validation" not in splits:  # carved out of train, for model selection
                 ratio = float(spec.get("validation_ratio", 0.1))
-                splits.update(data.hold_out_validation(splits["train"], ratio, int(spec.get("seed", 0)), str(card.card_path)))
+                splits.update(data.hold_out_speakers(splits["train"], ratio, int(spec.get("seed", 0)), str(card.card_path)))
                 notes.append(f"validation: {len(splits['validation'])} training clips held out "
                              f"(splits.validation_ratio={ratio}, whole speakers where the table names them)")
             overlap = _shared_speakers(splits)
