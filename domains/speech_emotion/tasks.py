@@ -362,7 +362,7 @@ class SpeechEmotionTask:
 
     def describe(self, example, scores, labels) -> dict:
         row = {"id": example["id"]}
-        if "path" in example:
+        if example.get("path", example["id"]) != example["id"]:  # table rows: id is the cell, path the file
             row["path"] = example["path"]
         return {**row, **describe_scores(scores, labels)}
 
