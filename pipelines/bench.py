@@ -140,7 +140,7 @@ def plan(pipeline, methods, *, seeds, demo, data, backbone, out, full, overrides
     # the data, read once up front: a card or file error stops the sweep with exit 2
     # before anything is written, not as the same error recorded in every cell
     card = runner.load_card(base.data.card, task)
-    runner.read_dataset(base, task, cfg.build_task_options(task, base.task_options), card)
+    runner.log_notes(runner.read_dataset(base, task, cfg.build_task_options(task, base.task_options), card), training=True)
     specs = {name: get_method(name) for name in names}
     seed_values = [base.train.seed + k for k in range(seeds)]
     cells = []

@@ -212,7 +212,8 @@ def card_validate(path):
         if not examples:
             raise UserError(f"{loaded.card_path}: split {split!r} is empty")
     counts = {split: len(examples) for split, examples in dataset.splits.items()}
-    click.echo(json.dumps({"card": str(loaded.card_path), "task": task.name, "labels": dataset.labels, "splits": counts}))
+    click.echo(json.dumps({"card": str(loaded.card_path), "task": task.name, "labels": dataset.labels, "splits": counts,
+                           "notes": dataset.notes}))
 
 
 @card.command("new")

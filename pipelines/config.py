@@ -163,7 +163,9 @@ def validate(config: dict, where: str = "config") -> RunConfig:
             raise UserError(f"{where}: unknown key {field!r}; valid keys: {', '.join(valid)}") from None
         if first["type"] == "missing":
             raise UserError(f"{where}: {field!r} is required") from None
-        raise UserError(f"{where}: {field}: {first['msg']} (got {first.get('input')!r})") from None
+        hint = "; give a number per split: data.limit.train=N (or data.limit={train: N, test: M})" \
+            if field == "data.limit" else ""
+        raise UserError(f"{where}: {field}: {first['msg']} (got {first.get('input')!r}){hint}") from None
     for section in ("task", "method"):
         if "name" not in getattr(run_config, section):
             raise UserError(f"{where}: {section}.name is required")

@@ -71,6 +71,7 @@ class Predictor:
             dataset.labels = self._check_labels(dataset.labels, loaded)
         if split not in dataset.splits:
             raise UserError(f"split {split!r} is not in {loaded.card_path}; it has {', '.join(dataset.splits)}")
+        runner.log_notes(dataset, training=False)
         return runner.evaluate_split(self.task, self.model, dataset, split, self.meta["metrics"],
                                      self.batch_size, self.accelerator.autocast, predictions_file)
 

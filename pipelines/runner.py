@@ -130,12 +130,17 @@ def read_dataset(config: cfg.RunConfig, task, options, card: Card) -> Dataset:
         dataset.splits[split] = subsample(examples, limit.get(split), config.train.seed)
     if not dataset.splits.get("train"):
         raise UserError(f"{card.card_path}: the train split is empty; check `splits`")
+    return dataset
+
+
+def log_notes(dataset: Dataset, training: bool) -> None:
+    """What the reader did that a user should know; called once the request is known
+    to be valid, so a note never comes before an error."""
     for note in dataset.notes:
         log(f"note: {note}")
-    if "validation" not in dataset.splits:
+    if training and "validation" not in dataset.splits:
         log("note: no validation split, so no checkpoint selection or early stopping: the last epoch's model "
             "is kept (give the card a validation split or ratio)")
-    return dataset
 
 
 def prepare(config: cfg.RunConfig) -> Prepared:
@@ -159,6 +164,7 @@ def prepare(config: cfg.RunConfig) -> Prepared:
         if not dataset.splits[split]:  # found now, not after training
             raise UserError(f"{card.card_path}: split {split!r} is empty; give it examples (the card's `splits`) "
                             f"or leave it out of eval.splits")
+    log_notes(dataset, training=True)
     model = build_model(config, task, options, dataset.labels)
     return Prepared(config, task, options, card, dataset, model, metric_names, primary)
 

@@ -33,6 +33,7 @@ from typing import Any
 import peft
 import torch
 from peftlab.shared import (
+    hub,
     io,
     text_metrics,  # noqa: F401  (registers bleu4, corpus_bleu4, exact_match)
 )
@@ -141,8 +142,6 @@ def packaged_gguf(alias: str) -> Path:
     raise UserError(f"backbone {alias!r}: package {distribution!r} is installed but holds no {file_name}")
 
 
-def offline() -> bool:
-    return any(os.environ.get(v, "") not in ("", "0") for v in ("PEFTLAB_OFFLINE", "HF_HUB_OFFLINE"))
 
 
 @load_once
@@ -188,9 +187,9 @@ def _load_hub(name: str) -> CausalLM:
         pass
     from huggingface_hub.constants import HF_HUB_CACHE
 
-    if offline():
+    if reason := hub.offline():
         raise UserError(
-            f"backbone {name!r} is not available offline: it is not one of the presets "
+            f"backbone {name!r} is not available offline ({reason}): it is not one of the presets "
             f"({', '.join(TINY_PRESETS)}), not a local path, and not in the Hugging Face cache {HF_HUB_CACHE}; "
             f"download it where you have internet (huggingface-cli download {name}) or pass --backbone /path/to/model"
         )

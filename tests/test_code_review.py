@@ -166,12 +166,27 @@ def test_codereviewer_jsonl_and_tufano_pairs(tmp_path):
     ('{"patch": "x", "y": 2}\n', "necessity", r"bad\.jsonl:1: field 'y' is 2"),
     ('{"patch": "x", "msg": 3}\n', "comment", r"bad\.jsonl:1: field 'msg' is a int"),
     ('[1, 2]\n', "comment", r"bad\.jsonl:1: a list, not a JSON object"),
+    ('{"patch": "x", "y": 1}\n{"patch": " \\n ", "y": 0}\n', "necessity", r"bad\.jsonl:2: field 'patch' is empty"),
+    ('{"old": "", "comment": "c", "new": "n"}\n', "refine", r"bad\.jsonl:1: field 'old' is empty"),
 ])
 def test_malformed_jsonl_names_file_and_line(tmp_path, content, kind, message):
     path = tmp_path / "bad.jsonl"
     path.write_text(content)
     with pytest.raises(UserError, match=message):
         data.read_jsonl(path, kind, {})
+
+
+def test_repeated_record_ids_are_told_apart_by_line(tmp_path):
+    # CodeReviewer's own ids repeat across projects (its classification file has such a pair)
+    path = tmp_path / "cls.jsonl"
+    path.write_text("".join(json.dumps({"patch": f"+{i}", "y": i % 2, "id": record_id}) + "\n"
+                            for i, record_id in enumerate([5, 6, 5, 7])))
+    notes = []
+    assert [e["id"] for e in data.read_jsonl(path, "necessity", {}, notes=notes)] == ["5@1", "6", "5@3", "7"]
+    assert notes == ["cls.jsonl: several records share an id (1 such id, e.g. '5' at lines 1, 3); those records are named ID@LINE"]
+    unique = tmp_path / "unique.jsonl"
+    unique.write_text(json.dumps({"patch": "+a", "y": 1, "id": 5}) + "\n")
+    assert [e["id"] for e in data.read_jsonl(unique, "necessity", {}, notes=notes)] == ["5"] and len(notes) == 1
 
 
 def test_malformed_tufano_line_names_file_and_line(tmp_path):
@@ -181,6 +196,9 @@ def test_malformed_tufano_line_names_file_and_line(tmp_path):
         data.read_tufano_tsv(path, "comment")
     with pytest.raises(UserError, match=r"bad\.tsv:1: the source must read <code>"):
         data.read_tufano_tsv(path, "refine")
+    path.write_text(" \tthe comment\n")
+    with pytest.raises(UserError, match=r"bad\.tsv:1: the source \(code to review\) is empty"):
+        data.read_tufano_tsv(path, "comment")
 
 
 def test_demo_data_is_deterministic_and_planted():

@@ -333,6 +333,7 @@ CASES = [
     Case("config-seed-not-a-number", demo_run("protein-ppi", "train.seed=abc"), r"train\.seed: Input should be a valid integer"),
     Case("config-unknown-section", demo_run("protein-ppi", "optimizer.lr=1"), r"unknown config key 'optimizer\.lr'; valid sections"),
     Case("config-unknown-eval-key", demo_run("protein-ppi", "eval.splitz=[test]"), r"unknown config key 'eval\.splitz'; valid eval keys"),
+    Case("config-limit-one-number", demo_run("protein-ppi", "data.limit=5"), r"data\.limit: .*give a number per split: data\.limit\.train=N"),
     Case("config-negative-limit", demo_run("protein-ppi", "data.limit.validation=-5"), r"data\.limit\.validation: .*greater than or equal to 1"),
     Case("speech-backbone-missing-folder", demo_run("speech-emotion", "--backbone", "/nonexistent/whisper"),
          r"speech backbone folder /nonexistent/whisper does not exist; fix the path"),

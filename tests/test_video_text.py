@@ -77,7 +77,7 @@ def test_uncached_clip_tag_offline_names_where_it_looked(monkeypatch):
 
     monkeypatch.setenv("PEFTLAB_OFFLINE", "1")
     monkeypatch.setattr(backbones, "_cached_file", lambda config: (None, ["/hf-cache (timm/x)"]))
-    with pytest.raises(UserError, match=r"not available offline: no cached weights at /hf-cache"):
+    with pytest.raises(UserError, match=r"not available offline \(PEFTLAB_OFFLINE is set\): no cached weights at /hf-cache"):
         load_clip("ViT-B-32:openai")
 
 

@@ -36,6 +36,10 @@ TASK_FIELDS = {
 }
 
 
+# The fields holding the code under review: a record with one empty has nothing to review.
+REVIEWED_FIELDS = ("patch", "old")
+
+
 def text_lines(path: Path) -> list[str]:
     """The file's lines, split at \n (and \r\n) only: JSON strings and code may hold \x85,
     \u2028 or a form feed raw, which `str.splitlines` would also break at."""
@@ -43,10 +47,13 @@ def text_lines(path: Path) -> list[str]:
         return [line.removesuffix("\n").removesuffix("\r") for line in handle]
 
 
-def read_jsonl(path: Path, kind: str, fields: dict, labelled: bool = True) -> list[dict]:
-    """CodeReviewer JSONL -> examples with the task's fields (`label` = y, msg or new)."""
+def read_jsonl(path: Path, kind: str, fields: dict, labelled: bool = True, notes: list[str] | None = None) -> list[dict]:
+    """CodeReviewer JSONL -> examples with the task's fields (`label` = y, msg or new).
+    Ids come from the records' `id` (else FILE:LINE). CodeReviewer's ids repeat (two
+    projects' hunks share one): a repeated id gets `@LINE` so that each prediction line
+    names one record, and `notes` (where given) says so."""
     keys = {**TASK_FIELDS[kind], **{k: v for k, v in fields.items() if k in TASK_FIELDS[kind] or k == "id"}}
-    examples = []
+    examples, line_numbers = [], []
     try:
         lines = text_lines(path)
     except UnicodeDecodeError as error:
@@ -70,9 +77,23 @@ def read_jsonl(path: Path, kind: str, fields: dict, labelled: bool = True) -> li
             value = record[key]
             example[name] = _necessity_label(value, where, key) if (name == "label" and kind == "necessity") \
                 else _text(value, where, key)
+            if name in REVIEWED_FIELDS and not example[name].strip():
+                raise UserError(f"{where}: field {key!r} is empty; a record needs the code to review (drop the line or fill it)")
         examples.append(example)
+        line_numbers.append(number)
     if not examples:
         raise UserError(f"{path}: no records (expected one JSON object per line)")
+    lines_of = {}
+    for example, number in zip(examples, line_numbers):
+        lines_of.setdefault(example["id"], []).append(number)
+    repeated = {record_id: numbers for record_id, numbers in lines_of.items() if len(numbers) > 1}
+    for example, number in zip(examples, line_numbers):
+        if example["id"] in repeated:
+            example["id"] = f"{example['id']}@{number}"
+    if repeated and notes is not None:
+        first, numbers = next(iter(repeated.items()))
+        notes.append(f"{path.name}: several records share an id ({len(repeated)} such id{'s' * (len(repeated) != 1)}, e.g. "
+                     f"{first!r} at lines {', '.join(map(str, numbers))}); those records are named ID@LINE")
     return examples
 
 
@@ -109,6 +130,8 @@ def read_tufano_tsv(path: Path, kind: str, labelled: bool = True) -> list[dict]:
             raise UserError(f"{where}: expected 2 tab-separated columns (source, target), found {len(cells)}")
         example = {"id": f"{Path(path).name}:{number}"}
         if kind == "comment":
+            if not cells[0].strip():
+                raise UserError(f"{where}: the source (code to review) is empty; drop the line or fill it")
             example["patch"] = cells[0]
         else:
             match = _TUFANO_REFINE.fullmatch(cells[0])

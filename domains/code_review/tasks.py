@@ -189,22 +189,23 @@ class _CodeReviewTask:
         if card.format not in self.formats:
             raise UserError(f"{card.card_path}: {self.name} reads formats {', '.join(self.formats)}, not {card.format!r}")
         per_split = card.split_files()
+        notes: list[str] = []
         if per_split:
-            splits = {split: self._read_file(card, path) for split, path in per_split.items()}
+            splits = {split: self._read_file(card, path, notes) for split, path in per_split.items()}
         else:
             spec = card.splits or {}
             ratios = spec.get("ratios", {"train": 0.8, "validation": 0.1, "test": 0.1})
-            splits = ratio_split(self._read_file(card, card.file("data")), ratios, int(spec.get("seed", 0)),
+            splits = ratio_split(self._read_file(card, card.file("data"), notes), ratios, int(spec.get("seed", 0)),
                                  where=str(card.card_path))
-        return Dataset(splits, labels, self._notes(splits, options))
+        return Dataset(splits, labels, notes + self._notes(splits, options))
 
     def _labels(self, card: Card) -> list[str]:
         return []
 
-    def _read_file(self, card: Card, path: Path, labelled: bool = True) -> list[dict]:
+    def _read_file(self, card: Card, path: Path, notes: list[str]) -> list[dict]:
         if card.format == "jsonl":
-            return data.read_jsonl(path, self.KIND, card.fields or {}, labelled)
-        return data.read_tufano_tsv(path, self.KIND, labelled)
+            return data.read_jsonl(path, self.KIND, card.fields or {}, notes=notes)
+        return data.read_tufano_tsv(path, self.KIND)
 
     def _notes(self, splits, options) -> list[str]:
         # Characters / 3 is a generous token estimate for code; the exact cut happens per batch.

@@ -36,7 +36,7 @@ from urllib.parse import urlparse
 
 import timm
 import torch
-from peftlab.shared import io
+from peftlab.shared import hub, io
 from peftlab.shared.backbone_cache import load_once
 from peftlab.shared.errors import UserError
 from peftlab.shared.feature_cache import Stage
@@ -81,10 +81,6 @@ TINY_ALIASES = {"tiny": "tiny_vit"}
 
 def backbone_names() -> list[str]:
     return ["tiny", *TINY_PRESETS, *RECOMMENDED, "ARCH:/path/to/weights.pth", f"{RANDOM_INIT_PREFIX}ARCH"]
-
-
-def offline() -> bool:
-    return any(os.environ.get(v, "") not in ("", "0") for v in ("PEFTLAB_OFFLINE", "HF_HUB_OFFLINE"))
 
 
 @load_once
@@ -203,8 +199,8 @@ def _load_named(arch: str, name: str, image_size: int | None):
         return _finish(model, name, str(cached), arch, image_size)
     where = "; ".join(["no local path " + repr(name), *looked])
     how = f"pass --backbone {arch}:/path/to/weights.pth (a timm or torchvision state dict)"
-    if offline():
-        raise UserError(f"backbone {name!r} is not available offline: {where}; download it where you have "
+    if reason := hub.offline():
+        raise UserError(f"backbone {name!r} is not available offline ({reason}): {where}; download it where you have "
                         f"internet (timm.create_model({arch!r}, pretrained=True)) or {how}")
     try:
         model = _create(arch, image_size, pretrained=True)

@@ -21,7 +21,7 @@ import esm
 import torch
 from esm.model.esm2 import ESM2
 from esm.rotary_embedding import apply_rotary_pos_emb
-from peftlab.shared import io, narrow_attention, rotary
+from peftlab.shared import hub, io, narrow_attention, rotary
 from peftlab.shared.backbone_cache import load_once
 from peftlab.shared.errors import UserError
 from torch import nn
@@ -29,6 +29,9 @@ from torch.nn import functional as F
 from torch.utils.checkpoint import checkpoint
 
 # name -> (layers, width, heads), as released by Meta AI (Lin et al. 2023)
+FAIR_ESM_HOST = "dl.fbaipublicfiles.com"
+"""Where fair-esm downloads its checkpoints from."""
+
 ESM2_ARCHITECTURES = {
     "esm2_t6_8M_UR50D": (6, 320, 20),
     "esm2_t12_35M_UR50D": (12, 480, 20),
@@ -362,9 +365,9 @@ def load_backbone(name: str) -> tuple[ESMEncoder, dict]:
     cached = Path(torch.hub.get_dir()) / "checkpoints" / f"{name}.pt"
     if cached.is_file():
         return _load_official(cached, name)
-    if _offline():
+    if reason := hub.offline(FAIR_ESM_HOST):
         raise UserError(
-            f"ESM-2 backbone {name!r} is not available offline: no local path {name!r} and no "
+            f"ESM-2 backbone {name!r} is not available offline ({reason}): no local path {name!r} and no "
             f"cached file {cached}; download it where you have internet "
             f"(fair-esm: esm.pretrained.{name}()) or pass --backbone /path/to/{name}.pt"
         )
@@ -378,8 +381,6 @@ def load_backbone(name: str) -> tuple[ESMEncoder, dict]:
     return _load_official(cached, name)
 
 
-def _offline() -> bool:
-    return any(os.environ.get(v, "") not in ("", "0") for v in ("PEFTLAB_OFFLINE", "HF_HUB_OFFLINE"))
 
 
 def _load_local(path: Path, name: str) -> tuple[ESMEncoder, dict]:

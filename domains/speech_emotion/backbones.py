@@ -33,7 +33,7 @@ from pathlib import Path
 import numpy as np
 import torch
 import transformers
-from peftlab.shared import io
+from peftlab.shared import hub, io
 from peftlab.shared.backbone_cache import load_once
 from peftlab.shared.errors import UserError
 from peftlab.shared.feature_cache import Stage
@@ -377,9 +377,9 @@ def load_backbone(name: str) -> tuple[SpeechEncoder, dict]:
         return _load_folder(name, name, f"Hugging Face cache ({name})", local_files_only=True)
     except OSError:
         pass
-    if _offline():
+    if reason := hub.offline():
         raise UserError(
-            f"speech backbone {name!r} is not available offline: no local folder {name!r} and nothing in the "
+            f"speech backbone {name!r} is not available offline ({reason}): no local folder {name!r} and nothing in the "
             f"Hugging Face cache ({_hub_cache()}); download it where you have internet "
             f"(huggingface-cli download {name}) or pass --backbone /path/to/folder with config.json and weights"
         )
@@ -392,8 +392,6 @@ def load_backbone(name: str) -> tuple[SpeechEncoder, dict]:
         ) from None
 
 
-def _offline() -> bool:
-    return any(os.environ.get(v, "") not in ("", "0") for v in ("PEFTLAB_OFFLINE", "HF_HUB_OFFLINE"))
 
 
 def _hub_cache() -> str:

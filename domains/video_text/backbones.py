@@ -36,7 +36,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from peftlab.shared import io
+from peftlab.shared import hub, io
 from peftlab.shared.backbone_cache import load_once
 from peftlab.shared.errors import UserError
 from torch import nn
@@ -58,10 +58,6 @@ KNOWN_BACKBONES = ("ViT-B-32:openai", "ViT-B-16:openai", "ViT-B-32:laion2b_s34b_
 
 def backbone_names() -> list[str]:
     return ["tiny", *KNOWN_BACKBONES]
-
-
-def offline() -> bool:
-    return any(os.environ.get(v, "") not in ("", "0") for v in ("PEFTLAB_OFFLINE", "HF_HUB_OFFLINE"))
 
 
 # ----------------------------------------------------------------------------- attention
@@ -155,9 +151,9 @@ def load_clip(name: str) -> ClipBackbone:
     kwargs: dict[str, Any] = {}
     if model_name.startswith(("hf-hub:", "local-dir:")):
         source = model_name
-        if model_name.startswith("hf-hub:") and offline():
+        if model_name.startswith("hf-hub:") and (reason := hub.offline()):
             raise UserError(f"CLIP backbone {name!r}: open_clip's hf-hub scheme needs the network, and peftlab is "
-                            f"offline; download the repo where you have internet and pass local-dir:/path/to/it")
+                            f"offline ({reason}); download the repo where you have internet and pass local-dir:/path/to/it")
     else:
         if open_clip.get_model_config(model_name) is None:
             raise UserError(f"CLIP backbone {name!r}: {model_name!r} is not an open_clip architecture "
@@ -204,8 +200,8 @@ def _resolve_weights(name: str, model_name: str, pretrained: str) -> tuple[str, 
     cached, looked = _cached_file(config)
     if cached is not None:
         return str(cached), f"{cached} (cached {model_name}:{pretrained})", kwargs
-    if offline():
-        raise UserError(f"CLIP backbone {name!r} is not available offline: no cached weights at {' or '.join(looked)}; "
+    if reason := hub.offline():
+        raise UserError(f"CLIP backbone {name!r} is not available offline ({reason}): no cached weights at {' or '.join(looked)}; "
                         f"download it where you have internet (open_clip.create_model({model_name!r}, "
                         f"pretrained={pretrained!r})) or pass MODEL:/path/to/checkpoint")
     return pretrained, f"open_clip download ({model_name}:{pretrained})", {}
