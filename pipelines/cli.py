@@ -121,13 +121,15 @@ def eval_command(run_dir, data, split, predictions, force):
 @click.argument("run_dir", type=click.Path())
 @click.argument("inputs", nargs=-1, required=True)
 @click.option("--out", type=click.Path(dir_okay=False), help="JSONL file (default: stdout).")
+@click.option("--split", help="With a data card: predict this split only (default: every split, each line naming its own).")
 @click.option("--force", is_flag=True, help="Use the adapter even if the backbone weights differ from training.")
-def predict(run_dir, inputs, out, force):
-    """Predict with a finished run on the task's natural files (PPI: a FASTA and a pairs TSV)."""
+def predict(run_dir, inputs, out, split, force):
+    """Predict with a finished run on the task's natural files (PPI: a FASTA and a pairs
+    TSV; tables read with the run card's column names) or on a data card of the task."""
     from peftlab.pipelines.predictor import load
     from peftlab.shared import io
 
-    rows = load(run_dir, force=force).predict(list(inputs))
+    rows = load(run_dir, force=force).predict(list(inputs), split=split)
     if out:
         io.write_jsonl(out, rows)
         click.echo(f"{len(rows)} predictions -> {out}", err=True)

@@ -80,8 +80,16 @@ class Predictor:
             raise UserError(f"{card.card_path}: labels {labels} differ from the run's {self.labels}")
         return labels
 
-    def predict(self, inputs) -> list[dict[str, Any]]:
-        """`inputs`: the task's natural files (paths), or example dicts as the task reads them."""
+    def predict(self, inputs, split: str | None = None) -> list[dict[str, Any]]:
+        """`inputs`: the task's natural files (paths), one data card (a `.md` path), or
+        example dicts as the task reads them. `split` picks one of a card's splits."""
+        cards = [i for i in inputs if isinstance(i, str | Path) and Path(i).suffix.lower() == ".md"]
+        if cards:
+            if len(inputs) > 1:
+                raise UserError(f"{cards[0]}: a data card is predicted on its own; pass the card alone, or files without it")
+            return self._predict_card(cards[0], split)
+        if split is not None:
+            raise UserError(f"--split {split} picks a split of a data card; files are predicted whole")
         if inputs and all(isinstance(i, str | Path) for i in inputs):
             missing = [str(i) for i in inputs if not Path(i).exists()]
             if missing:
@@ -97,6 +105,23 @@ class Predictor:
             examples = list(inputs)
         outputs = predict_outputs(self.model, examples, self.batch_size, self.accelerator.autocast)
         return [self.task.describe(e, o, self.labels) for e, o in zip(examples, outputs)]
+
+    def _predict_card(self, card_path, split: str | None) -> list[dict[str, Any]]:
+        """Every example of the card's splits (or of `split`), read by the task's reader as
+        training reads a card, each line naming its split. Labels in the data are read, not used."""
+        card = runner.load_card(str(card_path), self.task)
+        dataset = self.task.read(card, self.options)
+        if split is not None and split not in dataset.splits:
+            raise UserError(f"split {split!r} is not in {card.card_path}; it has {', '.join(dataset.splits)}")
+        if dataset.labels and dataset.labels != self.labels:
+            runner.log(f"note: {card.card_path} names the classes {dataset.labels}; predictions name the run's, {self.labels}")
+        runner.log_notes(dataset, training=False)
+        rows = []
+        for name in [split] if split is not None else list(dataset.splits):
+            examples = dataset.splits[name]
+            outputs = predict_outputs(self.model, examples, self.batch_size, self.accelerator.autocast)
+            rows += [{"split": name, **self.task.describe(e, o, self.labels)} for e, o in zip(examples, outputs)]
+        return rows
 
     def merge(self, out) -> Path:
         """Write a run directory whose adapter is the merged backbone (method `full`)."""

@@ -4,6 +4,7 @@ eval reproducing the saved metrics, predict, merge, and one-line errors for mist
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -83,6 +84,35 @@ def test_predict_on_fasta_and_pairs(ppi_run, tmp_path):
     missing = run_peftlab("predict", ppi_run, fasta, tmp_path / "nothere.tsv")
     assert missing.returncode == 2 and "nothere.tsv: no such file or folder" in missing.stderr
     assert "Traceback" not in missing.stderr
+
+
+@pytest.mark.xdist_group("ppi-demo-run")  # one worker trains the shared run once
+def test_predict_on_a_card_equals_predict_on_its_files(ppi_run, tmp_path):
+    sequences, _ = demo_proteins(8, 12, 0)
+    fasta = tmp_path / "proteins.fasta"
+    fasta.write_text("".join(f">{k}\n{v}\n" for k, v in sequences.items()))
+    pairs = tmp_path / "pairs.tsv"  # labelled (a card's data is), columns in the card's own order
+    pairs.write_text("0\tfam0_p0\tfam1_p3\n1\tfam2_p1\tfam3_p5\n0\tfam0_p0\tfam4_p2\n")
+    card = tmp_path / "new-pairs.md"
+    card.write_text("---\nname: new\ndomain: protein\ntask: protein-ppi\nformat: fasta+pairs_tsv\n"
+                    "files: {sequences: proteins.fasta}\nfields: {label: 0, protein_a: 1, protein_b: 2}\n"
+                    "labels: [no_interaction, interaction]\nsplits: {test: pairs.tsv, validation: pairs.tsv}\n---\n")
+    result = run_peftlab("predict", ppi_run, card, "--split", "test")
+    assert result.returncode == 0, result.stderr[-2000:]
+    by_card = [json.loads(line) for line in result.stdout.splitlines()]
+    assert {row.pop("split") for row in by_card} == {"test"}
+    unlabelled = tmp_path / "unlabelled.tsv"
+    unlabelled.write_text("".join("\t".join(line.split("\t")[1:]) for line in pairs.read_text().splitlines(True)))
+    by_files = run_peftlab("predict", ppi_run, fasta, unlabelled)  # read with the run card's columns: a, b
+    assert by_files.returncode == 0, by_files.stderr[-2000:]
+    assert by_card == [json.loads(line) for line in by_files.stdout.splitlines()]
+    both = run_peftlab("predict", ppi_run, card)  # no --split: every split, each line naming its own
+    assert [json.loads(line)["split"] for line in both.stdout.splitlines()] == ["test"] * 3 + ["validation"] * 3
+    for arguments, message in [((card, "--split", "train"), "split 'train' is not in .*new-pairs.md; it has test, validation"),
+                               ((card, fasta), "a data card is predicted on its own"),
+                               ((fasta, unlabelled, "--split", "test"), "--split test picks a split of a data card")]:
+        refused = run_peftlab("predict", ppi_run, *arguments)
+        assert refused.returncode == 2 and re.search(message, refused.stderr), refused.stderr[-2000:]
 
 
 @pytest.mark.xdist_group("ppi-demo-run")  # one worker trains the shared run once

@@ -1,0 +1,31 @@
+"""`peftlab predict RUN CARD`, in every pipeline: a card of the run's task is read by the
+task's own reader and each example of the chosen split gets one line, in the card's order,
+naming its split, with the same fields as a prediction on files."""
+
+from __future__ import annotations
+
+import pytest
+from peftlab.pipelines import runner
+from peftlab.pipelines.predictor import load
+from peftlab.shared.evaluation import predict_outputs
+from peftlab.shared.tasks import list_tasks
+
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models: see conftest
+
+PIPELINES = sorted(task.name for task in list_tasks())
+ONE_STEP = ["train.epochs=1", "train.max_steps=1", "train.batch_size=4", "data.limit.train=4",
+            "data.limit.validation=4", "data.limit.test=4", "train.precision=fp32"]
+
+
+@pytest.mark.parametrize("pipeline", PIPELINES)
+def test_predict_on_a_card_gives_a_line_per_example_of_the_split(pipeline, tmp_path):
+    config = runner.build_config(pipeline, demo=True, overrides=ONE_STEP)
+    predictor = load(runner.run(config, out=tmp_path / "run"))
+    card = runner.load_card(config.data.card, predictor.task)
+    examples = predictor.task.read(card, predictor.options).splits["validation"]
+
+    rows = predictor.predict([config.data.card], split="validation")
+
+    assert [row.pop("split") for row in rows] == ["validation"] * len(examples)
+    outputs = predict_outputs(predictor.model, examples, predictor.batch_size, predictor.accelerator.autocast)
+    assert rows == [predictor.task.describe(e, o, predictor.labels) for e, o in zip(examples, outputs)]
