@@ -45,11 +45,13 @@ def parse_label(value: str, labels: list[str] | None, where: str) -> int:
     return int(number)
 
 
-def hold_out_validation(splits: dict[str, list[Example]], card, what: str) -> tuple[dict[str, list[Example]], str | None]:
+def hold_out_validation(splits: dict[str, list[Example]], card, what: str,
+                        group_of: Callable[[Example], object] | None = None) -> tuple[dict[str, list[Example]], str | None]:
     """Where the data comes with train and test but no validation split, hold out
-    `splits.validation_fraction` (default 0.1) of train for checkpoint selection,
-    stratified by class for single-label data, drawn with `splits.seed`. Test is never
-    touched. Returns the splits and a note saying what was held out (None if nothing)."""
+    `splits.validation_fraction` (default 0.1) of train for checkpoint selection, drawn
+    with `splits.seed`: stratified by class for single-label data, or with `group_of`
+    whole groups (e.g. every caption of one video). Test is never touched. Returns the
+    splits and a note saying what was held out (None if nothing)."""
     if "validation" in splits or "train" not in splits:
         return splits, None
     spec = card.splits or {}
@@ -60,13 +62,22 @@ def hold_out_validation(splits: dict[str, list[Example]], card, what: str) -> tu
         return splits, None
     train = splits["train"]
     rng = np.random.default_rng(int(spec.get("seed", 0)))
-    strata: dict[object, list[int]] = {}
-    for index, example in enumerate(train):
-        strata.setdefault(example.get("label") if "targets" not in example else None, []).append(index)
-    chosen = set()
-    for key in sorted(strata, key=lambda label: -1 if label is None else label):
-        members = strata[key]
-        chosen |= set(rng.choice(members, size=int(round(fraction * len(members))), replace=False).tolist())
+    if group_of is not None:
+        groups: dict[object, list[int]] = {}
+        for index, example in enumerate(train):
+            groups.setdefault(group_of(example), []).append(index)
+        keys = list(groups)
+        picked = rng.choice(len(keys), size=int(round(fraction * len(keys))), replace=False)
+        chosen = {index for k in picked.tolist() for index in groups[keys[k]]}
+    else:
+        strata: dict[int, list[int]] = {}
+        for index, example in enumerate(train):
+            label = example.get("label")  # a class index; generated targets (text) and multi-label are one stratum
+            strata.setdefault(int(label) if isinstance(label, int | np.integer) and "targets" not in example else -1, []).append(index)
+        chosen = set()
+        for key in sorted(strata):
+            members = strata[key]
+            chosen |= set(rng.choice(members, size=int(round(fraction * len(members))), replace=False).tolist())
     held = {**splits, "train": [e for i, e in enumerate(train) if i not in chosen],
             "validation": [e for i, e in enumerate(train) if i in chosen]}
     return held, (f"validation: {len(chosen)} training {what} held out "

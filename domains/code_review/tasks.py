@@ -30,7 +30,7 @@ import torch
 from peftlab.shared import causal_lm as clm
 from peftlab.shared import requests
 from peftlab.shared.cards import Card
-from peftlab.shared.data import ratio_split
+from peftlab.shared.data import hold_out_validation, ratio_split
 from peftlab.shared.errors import UserError
 from peftlab.shared.tasks import SPLIT_KEYS, Dataset, FP32Head, describe_scores, register_task
 from peftlab.shared.text_metrics import TEXT_METRICS, compute_text_metrics
@@ -166,7 +166,7 @@ class NecessityModel(nn.Module):
 class _CodeReviewTask:
     domain = "code_review"
     card_keys = ("demo",)
-    split_keys = SPLIT_KEYS
+    split_keys = (*SPLIT_KEYS, "validation_fraction")
     KIND: ClassVar[str]
     DEMO_SIZES: ClassVar[dict[str, int]]
 
@@ -192,6 +192,8 @@ class _CodeReviewTask:
         notes: list[str] = []
         if per_split:
             splits = {split: self._read_file(card, path, notes) for split, path in per_split.items()}
+            splits, note = hold_out_validation(splits, card, "records")
+            notes += [note] if note else []
         else:
             spec = card.splits or {}
             ratios = spec.get("ratios", {"train": 0.8, "validation": 0.1, "test": 0.1})

@@ -15,7 +15,7 @@ import numpy as np
 import torch
 from peftlab.shared import io, methods, requests
 from peftlab.shared.cards import Card
-from peftlab.shared.data import ratio_split
+from peftlab.shared.data import hold_out_validation, ratio_split
 from peftlab.shared.errors import UserError
 from peftlab.shared.feature_cache import FeatureCache, frozen_prefix_stages
 from peftlab.shared.tasks import SPLIT_KEYS, Dataset, FP32Head, describe_scores, register_task
@@ -222,7 +222,7 @@ class _ProteinTask:
     def default_method_options(self, method: str, model) -> dict[str, Any]:
         return dict(_ESM_METHOD_DEFAULTS.get(method, {}))
 
-    split_keys = SPLIT_KEYS
+    split_keys = (*SPLIT_KEYS, "validation_fraction")
 
     def _split_spec(self, card: Card) -> dict[str, Any]:
         spec = dict(card.splits or {})
@@ -306,12 +306,15 @@ class PPITask(_ProteinTask):
         sequences = data.read_fasta(card.file("sequences"))
         per_split = card.split_files()
         group = not per_split and self._split_spec(card).get("group_by_protein", False)
+        notes = []
         if per_split:
             splits = {s: data.read_pairs(p, sequences, card.fields, labels) for s, p in per_split.items()}
+            splits, note = hold_out_validation(splits, card, "pairs")
+            notes += [note] if note else []
         else:
             pairs = data.read_pairs(card.file("pairs"), sequences, card.fields, labels)
             splits = self._splits(card, pairs, (lambda e: e["a"]) if group else None)
-        notes = [keep_proteins_apart(splits)] if group else []
+            notes += [keep_proteins_apart(splits)] if group else []
         long = sum(1 for s in sequences.values() if len(s) > options.max_length)
         if long:
             notes.append(f"{long} sequences longer than {options.max_length} residues are cropped ({options.crop_train} in training, {options.crop_eval} at evaluation)")
@@ -380,14 +383,16 @@ class ClassifyTask(_ProteinTask):
             raise UserError(f"{card.card_path}: protein-classify reads formats csv and demo, not {card.format!r}")
         labels = card.labels
         per_split = card.split_files()
+        note = None
         if per_split:
             splits = {s: data.read_sequence_csv(p, card.fields, labels) for s, p in per_split.items()}
+            splits, note = hold_out_validation(splits, card, "sequences")
         else:
             splits = self._splits(card, data.read_sequence_csv(card.file("data"), card.fields, labels))
         if labels is None:
             count = 1 + max(e["label"] for split in splits.values() for e in split)
             labels = [str(i) for i in range(count)]
-        return Dataset(splits, labels)
+        return Dataset(splits, labels, [note] if note else [])
 
     def build_model(self, backbone: str, labels: list[str], options: ProteinOptions) -> ClassifyModel:
         encoder, info = load_backbone(backbone)

@@ -24,7 +24,7 @@ from typing import Any, ClassVar
 
 from peftlab.shared import causal_lm as clm
 from peftlab.shared.cards import Card
-from peftlab.shared.data import ratio_split
+from peftlab.shared.data import hold_out_validation, ratio_split
 from peftlab.shared.errors import UserError
 from peftlab.shared.tasks import SPLIT_KEYS, Dataset, register_task
 
@@ -67,7 +67,7 @@ class _ReasoningTask:
     primary_metric = "accuracy"
     formats = ("jsonl", "demo")
     card_keys = ("demo",)
-    split_keys = SPLIT_KEYS
+    split_keys = (*SPLIT_KEYS, "validation_fraction")
     field_keys = ()
     options = ReasoningOptions
     KIND: ClassVar[str]
@@ -87,14 +87,16 @@ class _ReasoningTask:
             generate = data.demo_commonsense if self.KIND == "commonsense" else data.demo_math
             return Dataset(generate(sizes, int(demo["seed"])), [])
         per_split = card.split_files()
+        note = None
         if per_split:
             splits = {split: data.read_jsonl(path, self.KIND) for split, path in per_split.items()}
+            splits, note = hold_out_validation(splits, card, "problems")
         else:
             spec = card.splits or {}
             ratios = spec.get("ratios", {"train": 0.8, "validation": 0.1, "test": 0.1})
             splits = ratio_split(data.read_jsonl(card.file("data"), self.KIND), ratios, int(spec.get("seed", 0)),
                                  where=str(card.card_path))
-        return Dataset(splits, [])
+        return Dataset(splits, [], [note] if note else [])
 
     def build_model(self, backbone: str, labels: list[str], options: ReasoningOptions):
         causal_lm = clm.load_causal_lm(backbone)

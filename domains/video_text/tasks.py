@@ -34,7 +34,7 @@ from peftlab.shared import causal_lm as clm
 from peftlab.shared import io
 from peftlab.shared import metrics as metric_registry
 from peftlab.shared.cards import Card
-from peftlab.shared.data import ratio_split
+from peftlab.shared.data import hold_out_validation, ratio_split
 from peftlab.shared.errors import UserError
 from peftlab.shared.retrieval_metrics import RETRIEVAL_METRICS, text_to_video_ranks
 from peftlab.shared.tasks import SPLIT_KEYS, Dataset, register_task
@@ -326,17 +326,18 @@ class _VideoTextTask:
     domain = "video_text"
     formats = ("msrvtt_json", "csv", "demo")
     card_keys = ("demo", "video_root")
-    split_keys = SPLIT_KEYS
+    split_keys = (*SPLIT_KEYS, "validation_fraction")
     field_keys = ("video", "caption")
 
-    def _read_pairs(self, card: Card) -> dict[str, list[dict]]:
+    def _read_pairs(self, card: Card) -> tuple[dict[str, list[dict]], list[str]]:
+        """(video, caption) pairs per split, and notes on what was held out."""
         if card.format == "demo":
             demo = {**DEMO_DEFAULTS, **(card.option("demo") or {})}
             unknown = sorted(set(demo) - set(DEMO_DEFAULTS))
             if unknown:
                 raise UserError(f"{card.card_path}: demo.{unknown[0]} is not a demo setting; valid: {', '.join(DEMO_DEFAULTS)}")
             sizes = {s: int(demo[s]) for s in ("train", "validation", "test") if int(demo[s]) > 0}
-            return data.demo_splits(sizes, int(demo["seed"]), int(demo["frames"]), int(demo["size"]))
+            return data.demo_splits(sizes, int(demo["seed"]), int(demo["frames"]), int(demo["size"])), []
         if card.format not in self.formats:
             raise UserError(f"{card.card_path}: {self.name} reads formats {', '.join(self.formats)}, not {card.format!r}")
         root = card.resolve(card.option("video_root"), "video_root") if card.option("video_root") else card.card_path.parent
@@ -351,15 +352,17 @@ class _VideoTextTask:
 
         per_split = card.split_files()
         if per_split:
-            return {split: [e for examples in read(path).values() for e in examples] for split, path in per_split.items()}
+            splits = {split: [e for examples in read(path).values() for e in examples] for split, path in per_split.items()}
+            splits, note = hold_out_validation(splits, card, "captions (whole videos)", group_of=lambda e: e["video_id"])
+            return splits, [note] if note else []
         found = read(self._data_file(card))
         if set(found) != {"all"}:
-            return {split: examples for split, examples in found.items() if split != "all"}
+            return {split: examples for split, examples in found.items() if split != "all"}, []
         spec = card.splits or {}
         ratios = spec.get("ratios", {"train": 0.8, "validation": 0.1, "test": 0.1})
         # whole videos go to one split, so no video is seen in training and in test
         return ratio_split(found["all"], ratios, int(spec.get("seed", 0)), group_of=lambda e: e["video_id"],
-                           where=str(card.card_path))
+                           where=str(card.card_path)), []
 
     def _data_file(self, card: Card) -> Path:
         for key in ("annotations", "data"):
@@ -401,7 +404,8 @@ class RetrievalTask(_VideoTextTask):
         return backbone_names()
 
     def read(self, card: Card, options) -> Dataset:
-        return Dataset(self._read_pairs(card), [])
+        splits, notes = self._read_pairs(card)
+        return Dataset(splits, [], notes)
 
     def build_model(self, backbone: str, labels, options) -> RetrievalModel:
         return RetrievalModel(load_clip(backbone), options)
@@ -454,11 +458,11 @@ class CaptionTask(_VideoTextTask):
                 "TinyLlama/TinyLlama-1.1B-intermediate-step-1431k-3T", "meta-llama/Llama-2-7b-hf"]
 
     def read(self, card: Card, options) -> Dataset:
-        splits = self._read_pairs(card)
+        splits, notes = self._read_pairs(card)
         # Training sees every (video, caption) pair; evaluation generates once per video and
         # scores it against all of that video's captions.
         return Dataset({split: examples if split == "train" else group_by_video(examples)
-                        for split, examples in splits.items()}, [])
+                        for split, examples in splits.items()}, [], notes)
 
     def build_model(self, backbone: str, labels, options: CaptionOptions) -> CaptionModel:
         vision = options.vision_backbone or ("tiny" if backbone in clm.TINY_PRESETS else "ViT-B-32:openai")
