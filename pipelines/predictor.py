@@ -103,7 +103,7 @@ class Predictor:
                 raise
         else:
             examples = list(inputs)
-        outputs = predict_outputs(self.model, examples, self.batch_size, self.accelerator.autocast)
+        outputs = predict_outputs(self.model, examples, self.batch_size, self.accelerator.autocast, progress="predict")
         return [self.task.describe(e, o, self.labels) for e, o in zip(examples, outputs)]
 
     def _predict_card(self, card_path, split: str | None) -> list[dict[str, Any]]:
@@ -119,7 +119,8 @@ class Predictor:
         rows = []
         for name in [split] if split is not None else list(dataset.splits):
             examples = dataset.splits[name]
-            outputs = predict_outputs(self.model, examples, self.batch_size, self.accelerator.autocast)
+            outputs = predict_outputs(self.model, examples, self.batch_size, self.accelerator.autocast,
+                                      progress=f"predict {name}")
             rows += [{"split": name, **self.task.describe(e, o, self.labels)} for e, o in zip(examples, outputs)]
         return rows
 

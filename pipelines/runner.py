@@ -108,13 +108,15 @@ class Prepared:
 
 def load_card(card_path: str, task) -> Card:
     card = read_card(cfg.resolve_card_path(card_path))
-    card.check_keys(task.card_keys)
-    card.check_split_keys(task.split_keys, task.name)
-    card.check_field_keys(task.field_keys, task.name)
+    # Which task the card is for first: another task's card fails on that, not on a key
+    # that task reads and this one does not.
     if card.task != task.name:
         raise UserError(f"{card.card_path}: the card is for task {card.task!r}, this pipeline runs {task.name!r}; pass a {task.name} card")
     if card.domain != task.domain:
         raise UserError(f"{card.card_path}: domain {card.domain!r} does not match task {task.name!r} (domain {task.domain!r})")
+    card.check_keys(task.card_keys)
+    card.check_split_keys(task.split_keys, task.name)
+    card.check_field_keys(task.field_keys, task.name)
     if card.format not in task.formats:
         raise UserError(f"{card.card_path}: format {card.format!r} is not one {task.name} reads ({', '.join(task.formats)}); set `loader:` for another format")
     return card
@@ -138,9 +140,21 @@ def log_notes(dataset: Dataset, training: bool) -> None:
     to be valid, so a note never comes before an error."""
     for note in dataset.notes:
         log(f"note: {note}")
+    if training and (absent := untrained_classes(dataset)):
+        log(f"note: no training examples of {', '.join(absent)}: the model cannot learn "
+            f"{'it' if len(absent) == 1 else 'them'} (check the card's labels and splits)")
     if training and "validation" not in dataset.splits:
         log("note: no validation split, so no checkpoint selection or early stopping: the last epoch's model "
             "is kept (give the card a validation split or ratio)")
+
+
+def untrained_classes(dataset: Dataset) -> list[str]:
+    """The classes of a single-label task that no training example has."""
+    train = dataset.splits.get("train", [])
+    if not dataset.labels or not train or any("targets" in e or not isinstance(e.get("label"), int | np.integer) for e in train):
+        return []
+    seen = {e["label"] for e in train}
+    return [label for index, label in enumerate(dataset.labels) if index not in seen]
 
 
 def prepare(config: cfg.RunConfig) -> Prepared:
@@ -348,7 +362,7 @@ def evaluate_split(task, model, dataset: Dataset, split: str, metric_names, batc
         raise UserError(f"split {split!r} is empty")
     if any("label" not in e for e in examples):
         raise UserError(f"split {split!r} has unlabelled examples; it cannot be evaluated")
-    results, outputs = evaluate(task, model, examples, metric_names, batch_size, autocast)
+    results, outputs = evaluate(task, model, examples, metric_names, batch_size, autocast, progress=f"evaluate {split}")
     empty = sum(1 for output in outputs if isinstance(output, str) and not output.strip())
     if empty:  # a score of 0 then says "nothing generated", not "a metric is broken"
         log(f"note: {empty} of {len(outputs)} generated outputs on split {split!r} are empty "

@@ -9,6 +9,7 @@ carry a `group` also get each metric per group and the worst-group gap.
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Sequence
 from typing import Any
 
@@ -32,21 +33,26 @@ def attention_kernels():
 
 
 @torch.inference_mode()
-def predict_outputs(model, examples: Sequence[Example], batch_size: int, autocast) -> list[Any]:
-    """Outputs for `examples` in their order; batches are length-sorted, deterministically."""
+def predict_outputs(model, examples: Sequence[Example], batch_size: int, autocast, progress: str | None = None) -> list[Any]:
+    """Outputs for `examples` in their order; batches are length-sorted, deterministically.
+    `progress` names a progress bar on stderr (none when not given: a server, validation)."""
     if not examples:
         return []
     with attention_kernels():
-        return _predict_outputs(model, examples, batch_size, autocast)
+        return _predict_outputs(model, examples, batch_size, autocast, progress)
 
 
-def _predict_outputs(model, examples: Sequence[Example], batch_size: int, autocast) -> list[Any]:
+def _predict_outputs(model, examples: Sequence[Example], batch_size: int, autocast, progress: str | None) -> list[Any]:
+    from tqdm.auto import tqdm
+
     was_training = model.training
     model.eval()
     sampler = BucketBatchSampler([model.example_length(e) for e in examples], batch_size, seed=0, shuffle=False)
     device = next(model.parameters()).device
     outputs: dict[int, Any] = {}
-    for indices in sampler:
+    batches = tqdm(sampler, desc=progress, unit="batch", file=sys.stderr, dynamic_ncols=True, mininterval=0.5,
+                   leave=False, disable=progress is None)
+    for indices in batches:
         batch = to_device(model.collate([examples[i] for i in indices], rng=None), device)
         with autocast():
             if hasattr(model, "predict"):
@@ -74,6 +80,6 @@ def compute_metrics(task, metric_names: Sequence[str], examples: Sequence[Exampl
     return result
 
 
-def evaluate(task, model, examples, metric_names, batch_size, autocast) -> tuple[dict, list[Any]]:
-    outputs = predict_outputs(model, examples, batch_size, autocast)
+def evaluate(task, model, examples, metric_names, batch_size, autocast, progress: str | None = None) -> tuple[dict, list[Any]]:
+    outputs = predict_outputs(model, examples, batch_size, autocast, progress)
     return compute_metrics(task, metric_names, examples, outputs), outputs

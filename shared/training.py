@@ -272,6 +272,17 @@ def shards_the_model(config: TrainConfig, accelerator) -> bool:
     return config.sharding != "none" and accelerator.num_processes > 1
 
 
+def _above(progress, log: Callable[[str], None]) -> Callable[[str], None]:
+    """`log` with the progress bar cleared first and redrawn after, so a message starts
+    its own line (into a file the bar's last state and the message were one line)."""
+
+    def log_above(message: str) -> None:
+        with progress.external_write_mode(file=sys.stderr):
+            log(message)
+
+    return log_above
+
+
 def _train(task, model: TaskModel, train_examples: list[Example], validation_examples: list[Example],
            config: TrainConfig, metric_names: Sequence[str], primary_metric: str, run_dir: Path, accelerator,
            resume: bool, log: Callable[[str], None]) -> dict:
@@ -335,6 +346,7 @@ def _train(task, model: TaskModel, train_examples: list[Example], validation_exa
 
     progress = tqdm(total=total_steps, initial=state["global_step"], desc="train", unit="step",
                     file=sys.stderr, dynamic_ncols=True, mininterval=0.5, disable=not main)
+    log = _above(progress, log)
     model.train()
     while state["epoch"] < config.epochs and not state["done"]:
         epoch = state["epoch"]

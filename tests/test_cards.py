@@ -151,3 +151,17 @@ def test_every_task_refuses_a_fields_key_it_does_not_read(tmp_path, task_name):
     for key in task.field_keys:
         card.write_text(header + f"fields: {{{key}: y}}\n---\n")
         runner.load_card(str(card), task)
+
+
+def test_a_class_missing_from_train_is_said_before_training(tmp_path, capsys):
+    (tmp_path / "train.csv").write_text("sequence,label\n" + "".join(f"MKV{'A' * i}L,pneumonia\n" for i in range(12)))
+    (tmp_path / "test.csv").write_text("sequence,label\nMKVL,normal\nMKVAL,pneumonia\n")
+    card = tmp_path / "card.md"
+    card.write_text("---\nname: one-class\ndomain: protein\ntask: protein-classify\nformat: csv\nlabels: [normal, pneumonia]\n"
+                    "splits: {train: train.csv, test: test.csv}\n---\n")
+    runner.prepare(runner.build_config("protein-classify", data=str(card), backbone="tiny"))
+    assert "note: no training examples of normal: the model cannot learn it" in capsys.readouterr().err
+    both = card.read_text().replace("train.csv", "test.csv", 1)  # train on the two-class file
+    card.write_text(both)
+    runner.prepare(runner.build_config("protein-classify", data=str(card), backbone="tiny", overrides=["eval.splits=[test]"]))
+    assert "no training examples" not in capsys.readouterr().err

@@ -147,6 +147,9 @@ ERRORS = [
     (["run", "protein-ppi", "--demo", "task.crop_train=sideways"], "crop_train must be random, start or center"),
     (["run", "protein-ppi", "--demo", "--data", "missing-card.md"], "data card missing-card.md does not exist"),
     (["run", "protein-ppi", "--demo", "--data", "data_cards/protein-classify-demo.md"], "the card is for task 'protein-classify'"),
+    # another task's card names fields or split keys this task does not read: the task mismatch is what to say
+    (["run", "medical-classify", "--demo", "--data", "data_cards/peptides-amp.md"], "the card is for task 'protein-classify'"),
+    (["run", "medical-classify", "--demo", "--data", "data_cards/emodb-subset.md"], "the card is for task 'speech-emotion'"),
     (["run", "protein-ppi", "--demo", "train.lr"], "is not key=value"),
     (["eval", "not-a-run"], "not a finished peftlab run directory"),
     (["card", "validate", "nowhere.md"], "does not exist"),

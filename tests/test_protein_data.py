@@ -52,6 +52,10 @@ def test_csv_reader(tmp_path):
     path.write_text("Name,sequence,target\nx1,MK T,1\n")
     with pytest.raises(UserError, match=r"s.csv:2: ' ' is not an amino-acid letter"):
         data.read_sequence_csv(path, {"label": "target"}, None)
+    path.write_text("Name,sequence,target\nx1,MKT,1\n")
+    # a misspelt id column stopped nothing: the ids fell back to FILE:LINE
+    with pytest.raises(UserError, match=r"s\.csv: column 'Nmae' for fields\.id not found; the header has \['Name'"):
+        data.read_sequence_csv(path, {"label": "target", "id": "Nmae"}, None)
 
 
 def test_crop_policies():

@@ -167,3 +167,15 @@ def test_classifier_heads_score_in_fp32_under_bf16_autocast(task_name):
         fine = head(torch.linspace(0, 1e-3, 16 * features).view(16, features))
     assert logits.dtype == fine.dtype == torch.float32
     assert len(set(fine[:, 0].tolist())) == 16  # 1e-3 apart in the input: 16 distinct scores
+
+
+def test_log_lines_during_training_start_their_own_line(tmp_path, capsys):
+    """Into a file the progress bar's last state and an epoch's line were one line."""
+    from peftlab.pipelines import runner
+
+    config = runner.build_config("protein-ppi", demo=True, overrides=["train.epochs=2", "data.limit.train=32",
+                                                                      "data.limit.validation=16", "data.limit.test=16"])
+    runner.run(config, out=tmp_path / "run")
+    err = capsys.readouterr().err
+    assert "epoch 1: train loss" in err and "epoch 2: train loss" in err
+    assert all(err[err.index(line) - 1] in "\r\n" for line in ("epoch 1: train loss", "epoch 2: train loss"))

@@ -110,3 +110,16 @@ def test_train_and_test_files_get_a_validation_split_from_train(task_name, tmp_p
     no_holdout = task.read(_write_card(tmp_path, task_name, header.replace("validation_fraction: 0.25", "validation_fraction: 0")),
                            task.options())
     assert "validation" not in no_holdout.splits and len(no_holdout.splits["train"]) == train_size
+
+
+def test_protein_pairs_given_per_split_are_kept_protein_disjoint_on_request(tmp_path):
+    header, _, _ = _protein_ppi(tmp_path)
+    task = get_task("protein-ppi")
+    grouped = header.replace("validation_fraction: 0.25}", "validation_fraction: 0.25, group_by_protein: true}")
+    dataset = task.read(_write_card(tmp_path, "protein-ppi", grouped), task.options())
+    proteins = {split: {p for e in examples for p in (e["a"], e["b"])} for split, examples in dataset.splits.items()}
+    assert dataset.splits["test"] and dataset.splits["train"]
+    # Ignored before: train kept pairs with test proteins, silently
+    assert not proteins["train"] & proteins["test"] and not proteins["validation"] & proteins["test"]
+    assert not proteins["train"] & proteins["validation"]
+    assert any(note.startswith("group_by_protein: no protein is in two splits") for note in dataset.notes)

@@ -113,7 +113,7 @@ def read_sequence_csv(path: Path, fields: dict, labels: list[str] | None, labell
     header = [h.strip() for h in rows[0][1]]
     seq_col = _column(fields, "sequence", "sequence", header, path)
     label_col = _column(fields, "label", "label", header, path) if labelled else None
-    id_col = header.index(fields["id"]) if "id" in fields and fields["id"] in header else None
+    id_col = _column(fields, "id", None, header, path) if "id" in fields else None
     examples = []
     for number, cells in rows[1:]:
         if len(cells) != len(header):

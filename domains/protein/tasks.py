@@ -305,16 +305,18 @@ class PPITask(_ProteinTask):
             raise UserError(f"{card.card_path}: protein-ppi reads formats {', '.join(self.formats)}, not {card.format!r}")
         sequences = data.read_fasta(card.file("sequences"))
         per_split = card.split_files()
-        group = not per_split and self._split_spec(card).get("group_by_protein", False)
+        group = self._split_spec(card).get("group_by_protein", False)
+        by_first_protein = (lambda e: e["a"]) if group else None
         notes = []
         if per_split:
             splits = {s: data.read_pairs(p, sequences, card.fields, labels) for s, p in per_split.items()}
-            splits, note = hold_out_validation(splits, card, "pairs")
+            splits, note = hold_out_validation(splits, card, "pairs", group_of=by_first_protein)
             notes += [note] if note else []
         else:
             pairs = data.read_pairs(card.file("pairs"), sequences, card.fields, labels)
-            splits = self._splits(card, pairs, (lambda e: e["a"]) if group else None)
-            notes += [keep_proteins_apart(splits)] if group else []
+            splits = self._splits(card, pairs, by_first_protein)
+        if group:  # given files too: pairs of train (and validation) sharing a protein with a later split go
+            notes.append(keep_proteins_apart(splits))
         long = sum(1 for s in sequences.values() if len(s) > options.max_length)
         if long:
             notes.append(f"{long} sequences longer than {options.max_length} residues are cropped ({options.crop_train} in training, {options.crop_eval} at evaluation)")

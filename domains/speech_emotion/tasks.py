@@ -266,9 +266,6 @@ class SpeechEmotionTask:
             raise UserError(f"{card.card_path}: speech-emotion reads formats {', '.join(self.formats)}, not {card.format!r}")
         counts = Counter(e["label"] for e in splits["train"])
         options.class_counts = [counts.get(i, 0) for i in range(len(labels))]
-        absent = [labels[i] for i, n in enumerate(options.class_counts) if n == 0]
-        if absent:
-            notes.append(f"no training examples of {', '.join(absent)}: the model cannot learn them")
         long = sum(1 for split in splits.values() for e in split if e["samples"] > options.max_seconds * e["sample_rate"])
         if long:
             notes.append(f"{long} clips longer than max_seconds={options.max_seconds} are cropped "
