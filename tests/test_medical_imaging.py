@@ -325,6 +325,9 @@ def test_demo_learns_reports_groups_and_predicts_files(tmp_path):
     single = predictor.predict([str(folder / "lesion1.png")])[0]  # alone, not batched: same up to float rounding
     assert single["prediction"] == rows[1]["prediction"]
     assert single["scores"] == pytest.approx(rows[1]["scores"], abs=1e-5)
+    (folder / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\nnope")
+    with pytest.raises(UserError, match=r"broken\.png: unreadable or truncated image .*replace the file$"):
+        predictor.predict([str(folder / "broken.png")])  # predict takes no card: no card setting to suggest
 
 
 def test_resnet_batchnorm_statistics_travel_with_the_adapter(tmp_path):

@@ -219,6 +219,11 @@ def test_modelnet_txt_and_scanobjectnn_h5_cards(tmp_path):
     assert dataset.labels == ["chair", "lamp"]
     assert [len(dataset.splits[s]) for s in ("train", "validation", "test")] == [2, 2, 2]
     assert dataset.splits["test"][1]["points"].shape == (30, 3) and dataset.splits["test"][1]["label"] == 1
+    for labels, message in [("[lamp, chair]", r"are the data's classes in another order; class indices follow the "
+                                               r"data's, \['chair', 'lamp'\]"),
+                            ("[chair, sofa]", r"differ from the data's classes \['chair', 'lamp'\]")]:
+        with pytest.raises(UserError, match=message):
+            task.read(_card(tmp_path, f"format: modelnet_txt\nfiles: {{root: {root}}}\nlabels: {labels}"), options)
 
     clouds = rng.normal(size=(6, 50, 3)).astype(np.float32)
     for split in ("train", "test"):

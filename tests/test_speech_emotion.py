@@ -227,7 +227,9 @@ def test_split_files_without_validation_hold_out_whole_training_speakers(tmp_pat
     assert speakers["test"] == {"s4", "s5"} and len(dataset.splits["test"]) == 8  # test untouched
     assert len(speakers["validation"]) == 1 and speakers["validation"] | speakers["train"] == {"s0", "s1", "s2", "s3"}
     assert not speakers["validation"] & speakers["train"]
-    assert any("validation: 4 training clips held out" in note for note in dataset.notes)
+    (held,) = speakers["validation"]
+    assert f"validation: 4 training clips held out (speakers {held}; splits.validation_ratio=0.25); test is untouched" \
+        in dataset.notes
     one_speaker = write_card(tmp_path, "splits: {train: train.csv, test: test.csv}").model_copy()
     (tmp_path / "train.csv").write_text("\n".join([header] + [r for r in rows if r.split(",")[2] == "s0"]) + "\n")
     with pytest.raises(UserError, match=r"card\.md: the training data has one speaker.*validation_ratio: 0"):
@@ -244,8 +246,10 @@ def test_bad_audio_names_the_file_or_is_skipped_and_counted(tmp_path, problem):
         soundfile.write(bad, np.zeros(0, dtype=np.float32), 16000)
     else:
         soundfile.write(bad, np.zeros(16000, dtype=np.float32), 16000)
-    with pytest.raises(UserError, match=r"s0_1\.wav: .*(readable|empty|silent).*on_bad_file: skip"):
-        TASK.read(write_card(tmp_path), SpeechEmotionOptions())
+    with pytest.raises(UserError, match=r"\.csv:\d+: \S*s0_1\.wav: .*(readable|empty|silent).*on_bad_file: skip"):
+        TASK.read(write_card(tmp_path), SpeechEmotionOptions())  # the table's line too, not only the file
+    with pytest.raises(UserError, match=r"^\S*s0_1\.wav: .*(readable|empty|silent)[^`]*fix or remove the file$"):
+        TASK.read_inputs([bad], SpeechEmotionOptions(), {})  # predict takes no card: no card setting to suggest
     dataset = TASK.read(write_card(tmp_path, "on_bad_file: skip"), SpeechEmotionOptions())
     assert sum(len(rows) for rows in dataset.splits.values()) == len(toy_rows()) - 1
     assert any("skipped 1 bad audio file" in note for note in dataset.notes)

@@ -95,8 +95,7 @@ def load_image(path: Path) -> Image.Image:
     except FileNotFoundError:
         raise UserError(f"{path}: image file not found; fix the path (relative paths are relative to the card)") from None
     except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as error:
-        raise UserError(f"{path}: unreadable or truncated image ({error}); replace the file, or set "
-                        f"`on_bad_file: skip` in the card to leave bad files out") from None
+        raise UserError(f"{path}: unreadable or truncated image ({error}); replace the file") from None
     except Exception as error:  # pydicom raises its own error types for malformed files
         raise UserError(f"{path}: unreadable image ({type(error).__name__}: {error})") from None
 
@@ -107,9 +106,10 @@ def example_image(example: dict) -> Image.Image:
     return load_image(Path(example["path"]))
 
 
-def keep_readable(examples: list[dict], on_bad_file: str, where: str) -> tuple[list[dict], list[str]]:
+def keep_readable(examples: list[dict], on_bad_file: str | None, where: str) -> tuple[list[dict], list[str]]:
     """Decode every file once, before training: a bad file fails now (naming it), or is
-    skipped and counted when the card says `on_bad_file: skip`."""
+    skipped and counted when the card says `on_bad_file: skip` (None: files given to
+    predict, with no card to say it)."""
     kept, bad = [], []
     for example in examples:
         if "path" not in example:
@@ -118,8 +118,10 @@ def keep_readable(examples: list[dict], on_bad_file: str, where: str) -> tuple[l
         try:
             load_image(Path(example["path"]))
         except UserError as error:
-            if on_bad_file != "skip" or "needs pydicom" in str(error):
+            if on_bad_file is None or "needs pydicom" in str(error):
                 raise
+            if on_bad_file != "skip":
+                raise UserError(f"{error}, or set `on_bad_file: skip` in the card to leave bad files out") from None
             bad.append(example["path"])
             continue
         kept.append(example)

@@ -130,7 +130,7 @@ class ImageClassifier(nn.Module):
         network = self.network()
         if backbone_stages(network) is None:
             return (f"feature cache: off (it runs timm's VisionTransformer and ResNet stage by stage; "
-                    f"this backbone is a {type(network).__name__})")
+                    f"this backbone is {type(network).__name__})")
         frozen, reason, total = in_training(self, lambda: backbone_stages(network))
         varying = ("training images get a new random crop and flip each epoch: task.augment=true, the default; "
                    "task.augment=false trains on the evaluation transform and lets the cache work"
@@ -310,7 +310,8 @@ class MedicalClassifyTask:
         if card.files and "data" in card.files:
             return card.file("data")
         if not card.path:
-            raise UserError(f"{card.card_path}: set `path:` (or `files: {{data: ...}}`) to the {card.format} data")
+            raise UserError(f"{card.card_path}: set `path:` (or `files: {{data: ...}}`) to the {card.format} data, "
+                            f"or give one file per split as `splits: {{train: ..., test: ...}}`")
         path = card.resolve(card.path, "path")
         if not path.exists():
             raise UserError(f"{card.card_path}: path = {path} does not exist; fix the path (relative paths are relative to the card)")
@@ -391,7 +392,7 @@ class MedicalClassifyTask:
             else:
                 raise UserError(f"{path}: no such file or folder")
         examples = [{"id": str(p), "path": str(p), "multi_label": options.multi_label} for p in files]
-        return data.keep_readable(examples, "error", "predict inputs")[0]
+        return data.keep_readable(examples, None, "predict inputs")[0]
 
     def describe(self, example, scores, labels) -> dict:
         row = {"id": example["id"]}

@@ -264,8 +264,11 @@ class PointCloudClassifyTask:
         if card.format in ("scanobjectnn_h5",):
             return card.labels
         if list(card.labels) != list(labels):
-            raise UserError(f"{card.card_path}: `labels` {card.labels} differ from the data's classes {labels}; "
-                            f"remove `labels` or list the data's classes in order")
+            same = sorted(card.labels) == sorted(labels)
+            raise UserError(f"{card.card_path}: `labels` {card.labels} " + (
+                f"are the data's classes in another order; class indices follow the data's, {labels}: list them "
+                f"so, or remove `labels`" if same else
+                f"differ from the data's classes {labels}; remove `labels` or list the data's classes in order"))
         return labels
 
     def _arrange_splits(self, card: Card, splits: dict[str, list[dict]], seed: int, notes: list[str]) -> dict[str, list[dict]]:

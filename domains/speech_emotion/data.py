@@ -107,14 +107,17 @@ def crop(waveform: np.ndarray, max_samples: int, rng: np.random.Generator | None
     return waveform[start:start + max_samples]
 
 
-def audio_example(path: Path, on_bad_file: str = "error") -> dict | None:
-    """An unlabelled example for one audio file (decoded once to check it, then cached)."""
+def audio_example(path: Path, on_bad_file: str | None = None, where: str | None = None) -> dict | None:
+    """An unlabelled example for one audio file (decoded once to check it, then cached).
+    `on_bad_file` is the card's setting (None: files given to predict, no card); `where`
+    the table line that names the file."""
     try:
         waveform, rate = decode(path)
     except BadAudio as error:
         if on_bad_file == "skip":
             return None
-        raise UserError(f"{path}: {error}; fix or remove the file (or set `on_bad_file: skip` in the card)") from None
+        card_hint = " (or set `on_bad_file: skip` in the card)" if on_bad_file is not None else ""
+        raise UserError(f"{where + ': ' if where else ''}{path}: {error}; fix or remove the file{card_hint}") from None
     CACHE.put(str(path), (waveform, rate))
     return {"id": str(path), "path": str(path), "samples": len(waveform), "sample_rate": rate}
 
@@ -180,7 +183,7 @@ def read_table(path: Path, audio_root: Path, fields: dict, labels: list[str] | N
         audio = Path(cells[columns["path"]].strip()).expanduser()
         if not audio.is_absolute():
             audio = audio_root / audio
-        example = audio_example(audio, on_bad_file)
+        example = audio_example(audio, on_bad_file, where)
         if example is None:
             skipped.append(str(audio))
             continue

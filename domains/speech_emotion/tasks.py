@@ -311,8 +311,10 @@ class SpeechEmotionTask:
             if "validation" not in splits:  # carved out of train, for model selection
                 ratio = float(spec.get("validation_ratio", 0.1))
                 splits.update(data.hold_out_speakers(splits["train"], ratio, int(spec.get("seed", 0)), str(card.card_path)))
-                notes.append(f"validation: {len(splits['validation'])} training clips held out "
-                             f"(splits.validation_ratio={ratio}, whole speakers where the table names them)")
+                speakers = sorted({str(e["speaker"]) for e in splits["validation"] if "speaker" in e})
+                whose = f"speakers {', '.join(speakers)}" if speakers else "no speakers named in the table"
+                notes.append(f"validation: {len(splits['validation'])} training clips held out ({whose}; "
+                             f"splits.validation_ratio={ratio}); test is untouched")
             overlap = _shared_speakers(splits)
             if overlap:
                 notes.append(f"speakers {sorted(overlap)[:5]} appear in more than one split file: results are not speaker-independent")
