@@ -102,7 +102,8 @@ class Predictor:
                                     f"{self.run_dir / 'card.md'}: fields {self.card_fields}; name them so in the input]") from None
                 raise
         else:
-            examples = list(inputs)
+            # dicts made by hand may carry no id; a line names its input by position then
+            examples = [example if "id" in example else {"id": str(index), **example} for index, example in enumerate(inputs)]
         outputs = predict_outputs(self.model, examples, self.batch_size, self.accelerator.autocast, progress="predict")
         return [self.task.describe(e, o, self.labels) for e, o in zip(examples, outputs)]
 

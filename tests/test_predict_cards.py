@@ -29,3 +29,14 @@ def test_predict_on_a_card_gives_a_line_per_example_of_the_split(pipeline, tmp_p
     assert [row.pop("split") for row in rows] == ["validation"] * len(examples)
     outputs = predict_outputs(predictor.model, examples, predictor.batch_size, predictor.accelerator.autocast)
     assert rows == [predictor.task.describe(e, o, predictor.labels) for e, o in zip(examples, outputs)]
+
+
+@pytest.mark.parametrize("pipeline", PIPELINES)
+def test_predict_on_example_dicts_without_ids_names_them_by_position(pipeline, tmp_path):
+    config = runner.build_config(pipeline, demo=True, overrides=ONE_STEP)
+    predictor = load(runner.run(config, out=tmp_path / "run"))
+    examples = predictor.task.read(runner.load_card(config.data.card, predictor.task), predictor.options).splits["test"][:3]
+    # hand-made dicts need no id (describe read it: KeyError 'id' in the reasoning tasks)
+    rows = predictor.predict([{key: value for key, value in e.items() if key != "id"} for e in examples])
+    assert len(rows) == len(examples)
+    assert all(row["id"] == str(index) for index, row in enumerate(rows) if "id" in row)
