@@ -352,9 +352,9 @@ def test_evaluation_says_how_many_generated_outputs_are_empty(monkeypatch, capsy
     from peftlab.shared.tasks import Dataset
 
     examples = [{"id": str(i), "label": "fix it"} for i in range(3)]
-    monkeypatch.setattr(runner, "evaluate", lambda *args: ({"bleu4": 0.0}, ["", "use a constant", "  \n"]))
+    monkeypatch.setattr(runner, "evaluate", lambda *args, **kwargs: ({"bleu4": 0.0}, ["", "use a constant", "  \n"]))
     runner.evaluate_split(None, None, Dataset({"test": examples}, []), "test", ["bleu4"], 2, None)
     assert "note: 2 of 3 generated outputs on split 'test' are empty" in capsys.readouterr().err
-    monkeypatch.setattr(runner, "evaluate", lambda *args: ({"bleu4": 0.3}, ["a", "b", "c"]))
+    monkeypatch.setattr(runner, "evaluate", lambda *args, **kwargs: ({"bleu4": 0.3}, ["a", "b", "c"]))
     runner.evaluate_split(None, None, Dataset({"test": examples}, []), "test", ["bleu4"], 2, None)
     assert "generated outputs" not in capsys.readouterr().err
