@@ -110,9 +110,9 @@ def run(pipeline, overrides, demo, method, backbone, data, out, config_file, res
 @click.option("--force", is_flag=True, help="Use the adapter even if the backbone weights differ from training.")
 def eval_command(run_dir, data, split, predictions, force):
     """Evaluate a finished run on a split; prints the metrics as one JSON line."""
-    from peftlab.pipelines.predictor import load
+    from peftlab.pipelines.predictor import Predictor
 
-    predictor = load(run_dir, force=force)
+    predictor = Predictor(run_dir, force=force)  # the backbone loads once the split and data are known good
     results = predictor.evaluate(split=split, card=data, predictions_file=predictions)
     click.echo(json.dumps({"run_dir": str(run_dir), split: results}))
 
@@ -126,10 +126,10 @@ def eval_command(run_dir, data, split, predictions, force):
 def predict(run_dir, inputs, out, split, force):
     """Predict with a finished run on the task's natural files (PPI: a FASTA and a pairs
     TSV; tables read with the run card's column names) or on a data card of the task."""
-    from peftlab.pipelines.predictor import load
+    from peftlab.pipelines.predictor import Predictor
     from peftlab.shared import io
 
-    rows = load(run_dir, force=force).predict(list(inputs), split=split)
+    rows = Predictor(run_dir, force=force).predict(list(inputs), split=split)  # inputs are read before the backbone loads
     if out:
         io.write_jsonl(out, rows)
         click.echo(f"{len(rows)} predictions -> {out}", err=True)

@@ -318,7 +318,7 @@ class MultiAdapter:
             holder["adapter"] = adapter
             return backbone
 
-        Predictor(run_dir, force=force, attach=attach)
+        Predictor(run_dir, force=force, attach=attach).model  # noqa: B018 - building it attaches the adapter
         return holder["adapter"]
 
     def _engine_for(self, predictor: Predictor, adapter_dir: Path, max_batch: int, max_wait_ms: float) -> Engine:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import shutil
 from pathlib import Path
 from typing import Any
@@ -10,7 +11,7 @@ from peftlab.pipelines import config as cfg
 from peftlab.pipelines import runner
 from peftlab.shared import checkpoint, io, methods
 from peftlab.shared.cards import read_card
-from peftlab.shared.errors import UserError
+from peftlab.shared.errors import MissingField, UserError
 from peftlab.shared.evaluation import predict_outputs
 from peftlab.shared.tasks import get_task
 from peftlab.shared.training import make_accelerator
@@ -19,9 +20,11 @@ from peftlab.shared.training import make_accelerator
 class Predictor:
     """A run's model rebuilt from its directory: backbone + saved adapter + head.
 
-    `attach(predictor, backbone, adapter_dir) -> backbone` replaces the default adapter
-    loading (`methods.load_adapter`): the multi-adapter server uses it to put the run's
-    adapter on a backbone it shares with other runs.
+    The model is built on first use, so a request that fails on its data (an unknown
+    split, a missing column) says so before a large backbone loads; `load` builds it at
+    once. `attach(predictor, backbone, adapter_dir) -> backbone` replaces the default
+    adapter loading (`methods.load_adapter`): the multi-adapter server uses it to put the
+    run's adapter on a backbone it shares with other runs.
     """
 
     def __init__(self, run_dir, force: bool = False, attach=None):
@@ -36,23 +39,30 @@ class Predictor:
         self.labels: list[str] = self.meta["labels"]
         # Input tables are read with the columns the run was trained on.
         self.card_fields = read_card(self.run_dir / "card.md").fields
-        self.model = self.task.build_model(self.config.backbone.name, self.labels, self.options)
-        self._check_backbone(force)
-        adapter = self.run_dir / runner.ADAPTER
-        if attach is None:
-            self.model.backbone = methods.load_adapter(self.model.backbone, adapter)
-        else:
-            self.model.backbone = attach(self, self.model.backbone, adapter)
-        checkpoint.load_state(self.model.head, io.load_tensors(adapter / runner.HEAD_FILE), str(adapter))
-        if (adapter / runner.BUFFERS_FILE).is_file():
-            checkpoint.load_state(self.model.backbone, io.load_tensors(adapter / runner.BUFFERS_FILE), str(adapter))
-        self.model.eval()
-        self.accelerator = make_accelerator(self.config.train.precision, self.model)
         self.batch_size = self.config.train.eval_batch_size or self.config.train.batch_size
+        self._force, self._attach = force, attach
 
-    def _check_backbone(self, force: bool) -> None:
+    @functools.cached_property
+    def model(self):
+        model = self.task.build_model(self.config.backbone.name, self.labels, self.options)
+        self._check_backbone(model, self._force)
+        adapter = self.run_dir / runner.ADAPTER
+        if self._attach is None:
+            model.backbone = methods.load_adapter(model.backbone, adapter)
+        else:
+            model.backbone = self._attach(self, model.backbone, adapter)
+        checkpoint.load_state(model.head, io.load_tensors(adapter / runner.HEAD_FILE), str(adapter))
+        if (adapter / runner.BUFFERS_FILE).is_file():
+            checkpoint.load_state(model.backbone, io.load_tensors(adapter / runner.BUFFERS_FILE), str(adapter))
+        return model.eval()
+
+    @functools.cached_property
+    def accelerator(self):
+        return make_accelerator(self.config.train.precision, self.model)
+
+    def _check_backbone(self, model, force: bool) -> None:
         saved = self.meta["backbone"].get("weights_sha256")
-        actual = self.model.backbone_info.get("weights_sha256")
+        actual = model.backbone_info.get("weights_sha256")
         if saved and actual and saved != actual and self.meta["method"]["name"] != "full" and not force:
             raise UserError(
                 f"{self.run_dir}: the adapter was trained on backbone {self.meta['backbone']['name']!r} with weights "
@@ -96,11 +106,10 @@ class Predictor:
                 raise UserError(f"{missing[0]}: no such file or folder")
             try:
                 examples = self.task.read_inputs([Path(i) for i in inputs], self.options, self.card_fields)
-            except UserError as error:
-                if self.card_fields and "fields" in str(error):  # the card meant is the run's, not one predict takes
-                    raise UserError(f"{error} [predict reads the columns named by the run's card, "
-                                    f"{self.run_dir / 'card.md'}: fields {self.card_fields}; name them so in the input]") from None
-                raise
+            except MissingField as error:  # the card whose fields name the columns is the run's; predict takes none
+                names = f"fields {self.card_fields}" if self.card_fields else "the default field names"
+                raise UserError(f"{error.where}: {error.what}; predict reads inputs with the run's card, "
+                                f"{self.run_dir / 'card.md'} ({names}): name the columns so in the input") from None
         else:
             # dicts made by hand may carry no id; a line names its input by position then
             examples = [example if "id" in example else {"id": str(index), **example} for index, example in enumerate(inputs)]
@@ -188,7 +197,9 @@ def load(run_dir, force: bool = False):
         from peftlab.pipelines.multi_adapter import MultiAdapter
 
         return MultiAdapter(run_dir, force=force)
-    return Predictor(run_dir, force=force)
+    predictor = Predictor(run_dir, force=force)
+    predictor.model  # noqa: B018 - built now: `load` is where a Python user expects the wait and its errors
+    return predictor
 
 
 def check_mergeable(run_dir: Path, meta: dict) -> None:

@@ -128,8 +128,13 @@ def read_dataset(config: cfg.RunConfig, task, options, card: Card) -> Dataset:
     unknown = sorted(set(limit) - set(dataset.splits))
     if unknown:
         raise UserError(f"data.limit names split {unknown[0]!r}; the card has {', '.join(dataset.splits)}")
+    cut = []
     for split, examples in dataset.splits.items():
         dataset.splits[split] = subsample(examples, limit.get(split), config.train.seed)
+        if len(dataset.splits[split]) < len(examples):
+            cut.append(f"{split} {len(dataset.splits[split])} of {len(examples)}")
+    if cut:
+        dataset.notes.append(f"data.limit keeps {', '.join(cut)} examples (a seeded sample, in class proportions where there are classes)")
     if not dataset.splits.get("train"):
         raise UserError(f"{card.card_path}: the train split is empty; check `splits`")
     return dataset

@@ -117,6 +117,13 @@ def ratio_split(
     return result
 
 
+def count_by_split(splits: dict[str, list[Example]], holds: Callable[[Example], bool]) -> tuple[int, str]:
+    """How many examples `holds` is true of: the total, and by split ("train 8, test 4"),
+    so a note read at evaluation says how many of them the evaluated split has."""
+    counts = {split: sum(1 for e in examples if holds(e)) for split, examples in splits.items()}
+    return sum(counts.values()), ", ".join(f"{split} {n}" for split, n in counts.items() if n)
+
+
 def subsample(examples: list[Example], limit: int | None, seed: int) -> list[Example]:
     """At most `limit` examples, stratified by label where there is one (seeded)."""
     if limit is None or len(examples) <= limit:

@@ -12,6 +12,16 @@ class UserError(Exception):
     exit_code = 2
 
 
+class MissingField(UserError):
+    """A data file lacks the column or key a field is read from (the card's `fields`, or
+    the default name). Its own type so `predict`, which takes no card, can say the names
+    come from the run's card and keep the reader's `where` and `what`."""
+
+    def __init__(self, where: str, what: str, fix: str):
+        super().__init__(f"{where}: {what}; {fix}")
+        self.where, self.what = where, what
+
+
 def did_you_mean(name: str, known) -> str:
     """`known: a, b, c` with a close match first where there is one."""
     import difflib

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -137,6 +138,21 @@ def test_a_card_without_validation_says_the_last_epoch_is_kept(tmp_path, capsys)
     assert "no validation split" not in capsys.readouterr().err
 
 
+def test_data_limit_is_said_with_what_it_kept(tmp_path):
+    card = write_card(tmp_path)
+    task = get_task("protein-ppi")
+    whole = runner.read_dataset(runner.build_config("protein-ppi", data=str(card), backbone="tiny"), task,
+                                task.options(), runner.load_card(str(card), task))
+    assert not any("data.limit" in note for note in whole.notes)
+    config = runner.build_config("protein-ppi", data=str(card), backbone="tiny",
+                                 overrides=["data.limit.train=2", f"data.limit.test={len(whole.splits['test']) + 10}"])
+    limited = runner.read_dataset(config, task, task.options(), runner.load_card(str(card), task))
+    assert len(limited.splits["train"]) <= 2 < len(whole.splits["train"]) and len(limited.splits["test"]) == len(whole.splits["test"])
+    assert [n for n in limited.notes if "data.limit" in n] == [
+        f"data.limit keeps train {len(limited.splits['train'])} of {len(whole.splits['train'])} examples "
+        "(a seeded sample, in class proportions where there are classes)"]
+
+
 @pytest.mark.parametrize("task_name", [task.name for task in list_tasks()])
 def test_every_task_refuses_a_fields_key_it_does_not_read(tmp_path, task_name):
     # Read as absent, `fields: {lable: ...}` made the reader look for the default column
@@ -165,3 +181,30 @@ def test_a_class_missing_from_train_is_said_before_training(tmp_path, capsys):
     card.write_text(both)
     runner.prepare(runner.build_config("protein-classify", data=str(card), backbone="tiny", overrides=["eval.splits=[test]"]))
     assert "no training examples" not in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("task_name", [task.name for task in list_tasks()])
+def test_every_card_template_with_ratios_offers_per_split_files_that_load(tmp_path, task_name):
+    """`card new` shows the per-split form beside the ratios; uncommented, it passes the
+    card checks (the readers of each form are tested in test_validation_holdout.py)."""
+    task = get_task(task_name)
+    template = task.card_template()
+    card = tmp_path / "card.md"
+    card.write_text(template)
+    runner.load_card(str(card), task)
+    alternative = re.search(r"^# or one .* per split(?: \(format: (\w+)\))?, (?:without|keeping) files\.(\w+): "
+                            r"(splits: \{[^}]*\})", template, re.MULTILINE)
+    if not re.search(r"^splits: \{ratios:", template, re.MULTILINE):
+        assert alternative is None
+        return
+    assert alternative, "a template that splits by ratios should show the per-split files form too"
+    fmt, files_key, splits = alternative.groups()
+    lines = [splits if line.startswith("splits:") else line for line in template.splitlines() if not line.startswith("#")]
+    if "without" in alternative.group(0):
+        lines = [line for line in lines if not line.strip().startswith(f"{files_key}:")]
+    if fmt:
+        lines = [f"format: {fmt}" if line.startswith("format:") else line for line in lines]
+    card.write_text("\n".join(lines) + "\n")
+    loaded = runner.load_card(str(card), task)
+    assert {"train", "validation", "test"} <= set(loaded.splits)
+    assert "ratios" not in loaded.splits

@@ -211,6 +211,25 @@ def test_adapter_on_other_backbone_weights_is_refused_unless_forced(ppi_run, tmp
     assert main(["eval", str(copy), "--force"]) == 0
 
 
+@pytest.mark.xdist_group("ppi-demo-run")  # one worker trains the shared run once
+def test_eval_and_predict_refuse_a_bad_request_before_the_backbone_loads(ppi_run, tmp_path, capsys, monkeypatch):
+    """A wrong split or a missing file costs no backbone load (seconds to minutes for a
+    large model) and still ends in one line with exit code 2."""
+    from peftlab.shared.tasks import get_task
+
+    def no_backbone(*args, **kwargs):
+        raise AssertionError("the backbone was loaded")
+
+    monkeypatch.setattr(type(get_task("protein-ppi")), "build_model", no_backbone)
+    assert main(["eval", str(ppi_run), "--split", "dev"]) == 2
+    assert re.search(r"split 'dev' is not in \S+; it has train, validation, test", capsys.readouterr().err)
+    assert main(["predict", str(ppi_run), str(tmp_path / "absent.fasta"), str(tmp_path / "absent.tsv")]) == 2
+    assert "absent.fasta: no such file or folder" in capsys.readouterr().err
+    card = ppi_run / "card.md"
+    assert main(["predict", str(ppi_run), str(card), "--split", "dev"]) == 2
+    assert "split 'dev' is not in" in capsys.readouterr().err
+
+
 def test_naming_the_recipes_own_method_keeps_its_options_and_another_method_drops_them():
     from peftlab.pipelines import runner
 

@@ -344,6 +344,36 @@ def test_predict_reads_tables_with_the_training_cards_columns(tmp_path):
     assert [r["prediction"] in ("inactive", "active") for r in rows] == [True, True]
     assert rows[0]["positive_class"] == "active" and rows[0]["score"] != rows[1]["score"]
     (tmp_path / "other.csv").write_text("sequence\nMKTAYIAKQR\n")
-    with pytest.raises(UserError, match=r"column 'peptide' for fields\.sequence not found.*predict reads the columns "
-                                        r"named by the run's card, \S*card\.md: fields"):
+    with pytest.raises(UserError, match=r"other\.csv: column 'peptide' for fields\.sequence not found; predict reads "
+                                        r"inputs with the run's card, \S*card\.md \(fields \{'sequence': 'peptide', "
+                                        r"'label': 'activity'\}\): name the columns so in the input$"):
         peftlab.load(run_dir).predict([str(tmp_path / "other.csv")])
+
+
+def test_predict_names_the_default_columns_when_the_run_card_maps_none(tmp_path):
+    """The reader's own advice ("fix `fields` in the card") would point at a card predict
+    does not take; predict says the run's card reads the default names instead."""
+    import peftlab
+
+    run_dir = peftlab.run("protein-classify", demo=True, out=tmp_path / "run", overrides={"train.epochs": 1})
+    (tmp_path / "new.csv").write_text("peptide\nMKTAYIAKQR\n")
+    with pytest.raises(UserError, match=r"new\.csv: column 'sequence' for fields\.sequence not found; predict reads "
+                                        r"inputs with the run's card, \S*card\.md \(the default field names\)"):
+        peftlab.load(run_dir).predict([str(tmp_path / "new.csv")])
+
+
+def test_crop_notes_say_which_splits_hold_the_long_sequences(tmp_path):
+    """Read at evaluation, "3 sequences are cropped" left open whether the test split had any."""
+    from peftlab.pipelines import runner
+    from peftlab.shared.tasks import get_task
+
+    (tmp_path / "train.csv").write_text("sequence,label\n" + "".join(f"MKV{'A' * (i % 5)},{i % 2}\n" for i in range(20)))
+    (tmp_path / "test.csv").write_text("sequence,label\nMKVAAAAAAAAAAAA,0\nMKV,1\nMKVLLLLLLLLLLLLLL,1\n")
+    card = tmp_path / "card.md"
+    card.write_text("---\nname: c\ndomain: protein\ntask: protein-classify\nformat: csv\nlabels: [a, b]\n"
+                    "splits: {train: train.csv, test: test.csv, validation_fraction: 0}\n---\n")
+    task = get_task("protein-classify")
+    options = runner.cfg.build_task_options(task, {"max_length": 10})
+    notes = task.read(runner.load_card(str(card), task), options).notes
+    assert notes == ["2 sequences (test 2) are longer than 10 residues, cropped (random in training, start at evaluation)"]
+    assert task.read(runner.load_card(str(card), task), runner.cfg.build_task_options(task, {})).notes == []

@@ -30,7 +30,7 @@ import torch
 from peftlab.shared import causal_lm as clm
 from peftlab.shared import requests
 from peftlab.shared.cards import Card
-from peftlab.shared.data import hold_out_validation, ratio_split
+from peftlab.shared.data import count_by_split, hold_out_validation, ratio_split
 from peftlab.shared.errors import UserError
 from peftlab.shared.tasks import SPLIT_KEYS, Dataset, FP32Head, describe_scores, register_task
 from peftlab.shared.text_metrics import TEXT_METRICS, compute_text_metrics
@@ -212,10 +212,10 @@ class _CodeReviewTask:
     def _notes(self, splits, options) -> list[str]:
         # Characters / 3 is a generous token estimate for code; the exact cut happens per batch.
         long_field = options.LONG_FIELD
-        long = sum(1 for examples in splits.values() for e in examples if len(e[long_field]) > 3 * options.max_prompt_tokens)
+        long, where = count_by_split(splits, lambda e: len(e[long_field]) > 3 * options.max_prompt_tokens)
         if not long:
             return []
-        return [f"about {long} examples have a {long_field} longer than max_prompt_tokens={options.max_prompt_tokens}; "
+        return [f"about {long} examples ({where}) have a {long_field} longer than max_prompt_tokens={options.max_prompt_tokens}; "
                 f"their middle lines are cut (hunk headers kept)"]
 
     def build_model(self, backbone: str, labels: list[str], options):
@@ -332,6 +332,7 @@ files:
 fields: {patch: patch, label: y}  # which JSON key is what
 labels: [no_comment, needs_comment]
 splits: {ratios: {train: 0.8, validation: 0.1, test: 0.1}, seed: 0}
+# or one file per split, without files.data: splits: {train: train.jsonl, validation: valid.jsonl, test: test.jsonl}; without validation, validation_fraction (0.1) of train is held out
 license: ""
 source: ""
 ---
@@ -346,6 +347,7 @@ files:
   data: comments.jsonl            # one {"patch": "@@ ... @@ ...", "msg": "review comment"} per line
 fields: {patch: patch, label: msg}
 splits: {ratios: {train: 0.8, validation: 0.1, test: 0.1}, seed: 0}
+# or one file per split, without files.data: splits: {train: train.jsonl, validation: valid.jsonl, test: test.jsonl}; without validation, validation_fraction (0.1) of train is held out
 license: ""
 source: ""
 ---
@@ -360,6 +362,7 @@ files:
   data: refinements.jsonl         # one {"old": code, "comment": review, "new": revised code} per line
 fields: {old: old, comment: comment, label: new}
 splits: {ratios: {train: 0.8, validation: 0.1, test: 0.1}, seed: 0}
+# or one file per split, without files.data: splits: {train: train.jsonl, validation: valid.jsonl, test: test.jsonl}; without validation, validation_fraction (0.1) of train is held out
 license: ""
 source: ""
 ---

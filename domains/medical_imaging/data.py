@@ -20,7 +20,7 @@ from pathlib import Path
 
 import numpy as np
 from peftlab.shared.data import parse_label, table_rows
-from peftlab.shared.errors import UserError
+from peftlab.shared.errors import MissingField, UserError
 from PIL import Image, UnidentifiedImageError
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".gif", ".webp", ".ppm", ".pgm")
@@ -246,7 +246,7 @@ def read_image_csv(path: Path, image_root: Path, fields: dict, labels: list[str]
         if isinstance(name, int):
             return name
         if name not in header:
-            raise UserError(f"{path}: column {name!r} for fields.{key} not found; the header has {header}")
+            raise MissingField(str(path), f"column {name!r} for fields.{key} not found", f"the header has {header}")
         return header.index(name)
 
     image_col = column("image", "path")

@@ -516,6 +516,7 @@ image_root: images/               # image paths are relative to this (default: t
 labels: [benign, malignant]       # label cells hold these names or their indices
 group_by: sex                     # optional: per-group metrics and the worst-group gap
 splits: {ratios: {train: 0.7, validation: 0.1, test: 0.2}, seed: 0}
+# or one table per split, without files.data: splits: {train: train.csv, validation: valid.csv, test: test.csv}; without validation, validation_fraction (0.1) of train is held out
 on_bad_file: error                # or skip: leave unreadable images out (counted in the run log)
 license: ""
 source: ""

@@ -25,7 +25,7 @@ import numpy as np
 import torch
 from peftlab.shared import io, methods, requests
 from peftlab.shared.cards import Card
-from peftlab.shared.data import hold_out_validation, ratio_split
+from peftlab.shared.data import count_by_split, hold_out_validation, ratio_split
 from peftlab.shared.errors import UserError
 from peftlab.shared.feature_cache import (
     FeatureCache,
@@ -242,9 +242,9 @@ class PointCloudClassifyTask:
             raise UserError(f"{card.card_path}: pointcloud-classify reads formats {', '.join(self.formats)}, not {card.format!r}")
         labels = self._check_labels(card, labels, splits)
         splits = self._arrange_splits(card, splits, seed, notes)
-        small = sum(1 for split in splits.values() for e in split if len(e["points"]) < options.num_points)
+        small, where = count_by_split(splits, lambda e: len(e["points"]) < options.num_points)
         if small:
-            notes.append(f"{small} clouds have fewer than num_points={options.num_points} points; points are repeated to fill them")
+            notes.append(f"{small} clouds ({where}) have fewer than num_points={options.num_points} points; points are repeated to fill them")
         return Dataset(splits, labels, notes)
 
     def _read_h5(self, card: Card):

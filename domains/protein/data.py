@@ -11,7 +11,7 @@ from pathlib import Path
 
 import numpy as np
 from peftlab.shared.data import parse_label, table_rows
-from peftlab.shared.errors import UserError
+from peftlab.shared.errors import MissingField, UserError
 
 from .backbones import AMINO_ACIDS
 
@@ -73,7 +73,7 @@ def _column(fields: dict, key: str, default, header: list[str] | None, path: Pat
     if isinstance(spec, int):
         return spec
     if header is None or spec not in header:
-        raise UserError(f"{path}: column {spec!r} for fields.{key} not found; the header has {header}")
+        raise MissingField(str(path), f"column {spec!r} for fields.{key} not found", f"the header has {header}")
     return header.index(spec)
 
 

@@ -15,7 +15,7 @@ import numpy as np
 import torch
 from peftlab.shared import io, methods, requests
 from peftlab.shared.cards import Card
-from peftlab.shared.data import hold_out_validation, ratio_split
+from peftlab.shared.data import count_by_split, hold_out_validation, ratio_split
 from peftlab.shared.errors import UserError
 from peftlab.shared.feature_cache import FeatureCache, frozen_prefix_stages
 from peftlab.shared.tasks import SPLIT_KEYS, Dataset, FP32Head, describe_scores, register_task
@@ -317,9 +317,10 @@ class PPITask(_ProteinTask):
             splits = self._splits(card, pairs, by_first_protein)
         if group:  # given files too: pairs of train (and validation) sharing a protein with a later split go
             notes.append(keep_proteins_apart(splits))
-        long = sum(1 for s in sequences.values() if len(s) > options.max_length)
+        long, where = count_by_split(splits, lambda e: max(len(e["a_seq"]), len(e["b_seq"])) > options.max_length)
         if long:
-            notes.append(f"{long} sequences longer than {options.max_length} residues are cropped ({options.crop_train} in training, {options.crop_eval} at evaluation)")
+            notes.append(f"{long} pairs ({where}) have a sequence longer than {options.max_length} residues, cropped "
+                         f"({options.crop_train} in training, {options.crop_eval} at evaluation)")
         return Dataset(splits, labels, notes)
 
     def build_model(self, backbone: str, labels: list[str], options: ProteinOptions) -> PPIModel:
@@ -394,7 +395,12 @@ class ClassifyTask(_ProteinTask):
         if labels is None:
             count = 1 + max(e["label"] for split in splits.values() for e in split)
             labels = [str(i) for i in range(count)]
-        return Dataset(splits, labels, [note] if note else [])
+        notes = [note] if note else []
+        long, where = count_by_split(splits, lambda e: len(e["seq"]) > options.max_length)
+        if long:
+            notes.append(f"{long} sequences ({where}) are longer than {options.max_length} residues, cropped "
+                         f"({options.crop_train} in training, {options.crop_eval} at evaluation)")
+        return Dataset(splits, labels, notes)
 
     def build_model(self, backbone: str, labels: list[str], options: ProteinOptions) -> ClassifyModel:
         encoder, info = load_backbone(backbone)
@@ -469,6 +475,7 @@ files:
 fields: {protein_a: 0, protein_b: 1, label: 2}
 labels: [no_interaction, interaction]
 splits: {ratios: {train: 0.8, validation: 0.1, test: 0.1}, seed: 0, group_by_protein: false}
+# or one pairs file per split, keeping files.sequences: splits: {train: train.tsv, validation: valid.tsv, test: test.tsv}; without validation, validation_fraction (0.1) of train is held out
 license: ""
 source: ""
 ---
@@ -484,6 +491,7 @@ files:
 fields: {sequence: sequence, label: label}
 labels: [negative, positive]      # label cells hold these names or their indices
 splits: {ratios: {train: 0.8, validation: 0.1, test: 0.1}, seed: 0}
+# or one file per split, without files.data: splits: {train: train.csv, validation: valid.csv, test: test.csv}; without validation, validation_fraction (0.1) of train is held out
 license: ""
 source: ""
 ---

@@ -30,7 +30,7 @@ import string
 from pathlib import Path
 from typing import Any
 
-from peftlab.shared.errors import UserError
+from peftlab.shared.errors import MissingField, UserError
 
 LETTERS = string.ascii_uppercase
 
@@ -96,7 +96,7 @@ def _shape_dataset(record: dict) -> str | None:
 
 def _need(record: dict, key: str, where: str):
     if key not in record or record[key] is None:
-        raise UserError(f"{where}: missing field {key!r}; see `peftlab card new reasoning <task>` for the accepted shapes")
+        raise MissingField(where, f"missing field {key!r}", "see `peftlab card new reasoning <task>` for the accepted shapes")
     return record[key]
 
 

@@ -19,7 +19,7 @@ import soundfile
 import torch
 import torchaudio
 from peftlab.shared.data import table_rows
-from peftlab.shared.errors import UserError
+from peftlab.shared.errors import MissingField, UserError
 from scipy import signal
 
 AUDIO_SUFFIXES = (".wav", ".flac", ".ogg")
@@ -166,7 +166,7 @@ def read_table(path: Path, audio_root: Path, fields: dict, labels: list[str] | N
         elif spec in header:
             columns[key] = header.index(spec)
         elif key in fields or key in ("path", "label"):
-            raise UserError(f"{path}: column {spec!r} for fields.{key} is not in the header {header}; fix `fields` in the card")
+            raise MissingField(str(path), f"column {spec!r} for fields.{key} is not in the header {header}", "fix `fields` in the card")
     if group_by is not None and group_by not in columns and group_by not in header:
         raise UserError(f"{path}: group_by {group_by!r} is neither a field ({', '.join(columns)}) nor a column of {header}")
     group_column = columns.get(group_by, header.index(group_by) if group_by in header else None)

@@ -25,7 +25,7 @@ import numpy as np
 import torch
 from peftlab.shared import io, methods, requests
 from peftlab.shared.cards import Card
-from peftlab.shared.data import ratio_split
+from peftlab.shared.data import count_by_split, ratio_split
 from peftlab.shared.errors import UserError
 from peftlab.shared.feature_cache import FeatureCache, in_training, plan, unique_ids
 from peftlab.shared.tasks import SPLIT_KEYS, Dataset, FP32Head, describe_scores, register_task
@@ -266,9 +266,9 @@ class SpeechEmotionTask:
             raise UserError(f"{card.card_path}: speech-emotion reads formats {', '.join(self.formats)}, not {card.format!r}")
         counts = Counter(e["label"] for e in splits["train"])
         options.class_counts = [counts.get(i, 0) for i in range(len(labels))]
-        long = sum(1 for split in splits.values() for e in split if e["samples"] > options.max_seconds * e["sample_rate"])
+        long, where = count_by_split(splits, lambda e: e["samples"] > options.max_seconds * e["sample_rate"])
         if long:
-            notes.append(f"{long} clips longer than max_seconds={options.max_seconds} are cropped "
+            notes.append(f"{long} clips ({where}) longer than max_seconds={options.max_seconds} are cropped "
                          f"(random window in training, {options.eval_crop} at evaluation)")
         return Dataset(splits, labels, notes)
 
@@ -453,6 +453,7 @@ labels: [neutral, happy, angry, sad]
 # label_map: {excited: happy, frustrated: null}   # rename cells; null drops the row
 splits: {ratios: {train: 0.8, validation: 0.1, test: 0.1}, seed: 0}  # by speaker when a speaker field is given
 # splits: {fold_by: session, test: [5]}           # IEMOCAP-style session fold (needs fields.session)
+# or one table per split, without files.data: splits: {train: train.csv, validation: valid.csv, test: test.csv}; without validation, validation_ratio (0.1) of train's speakers are held out
 group_by: gender                # per-group metrics and the recall gap between groups
 on_bad_file: error              # or skip: corrupt/empty/silent files are counted and left out
 license: ""

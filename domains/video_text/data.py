@@ -32,7 +32,7 @@ import numpy as np
 import torch
 from peftlab.shared import io
 from peftlab.shared.data import table_rows
-from peftlab.shared.errors import UserError
+from peftlab.shared.errors import MissingField, UserError
 from torchvision.transforms.v2 import functional as TF
 
 VIDEO_SUFFIXES = (".mp4", ".avi", ".webm", ".mkv", ".mov", ".m4v", ".mpg", ".mpeg", ".gif")
@@ -236,8 +236,8 @@ def read_caption_csv(path: Path, video_root: Path, fields: dict, labelled: bool 
     needed = [video_column] + ([caption_column] if labelled else [])
     missing = [c for c in needed if c not in header]
     if missing:
-        raise UserError(f"{path}:1: no column {missing[0]!r} in the header {header}; name it, or map it with "
-                        f"the card's `fields: {{video: ..., caption: ...}}`")
+        raise MissingField(f"{path}:1", f"no column {missing[0]!r} in the header {header}",
+                           "name it, or map it with the card's `fields: {video: ..., caption: ...}`")
     examples, counts, found = [], {}, {}
     for number, cells in rows[1:]:
         where = f"{path}:{number}"

@@ -513,6 +513,7 @@ files:
 video_root: videos/               # video files <video_id>.mp4 (.avi, .webm, ...) or frame folders <video_id>/
 fields: {{video: video_id, caption: caption}}
 splits: {{ratios: {{train: 0.8, validation: 0.1, test: 0.1}}, seed: 0}}   # used when videos carry no `split`; whole videos per split
+# or one caption table per split (format: csv), without files.annotations: splits: {{train: train.csv, validation: valid.csv, test: test.csv}}; without validation, validation_fraction (0.1) of train's videos is held out
 license: ""
 source: ""
 ---
