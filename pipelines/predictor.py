@@ -120,7 +120,13 @@ class Predictor:
         """Every example of the card's splits (or of `split`), read by the task's reader as
         training reads a card, each line naming its split. Labels in the data are read, not used."""
         card = runner.load_card(str(card_path), self.task)
-        dataset = self.task.read(card, self.options)
+        try:
+            dataset = self.task.read(card, self.options)
+        except MissingField as error:
+            if error.field not in ("label", "caption"):  # the targets a card's data carries
+                raise
+            raise UserError(f"{error.where}: {error.what}; predict reads a card's data as training does, targets "
+                            f"included: give unlabelled data as files instead (peftlab predict RUN FILE ...)") from None
         if split is not None and split not in dataset.splits:
             raise UserError(f"split {split!r} is not in {card.card_path}; it has {', '.join(dataset.splits)}")
         if dataset.labels and dataset.labels != self.labels:

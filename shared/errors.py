@@ -15,11 +15,12 @@ class UserError(Exception):
 class MissingField(UserError):
     """A data file lacks the column or key a field is read from (the card's `fields`, or
     the default name). Its own type so `predict`, which takes no card, can say the names
-    come from the run's card and keep the reader's `where` and `what`."""
+    come from the run's card and keep the reader's `where` and `what`; `field` is the
+    field it was read as (`label`, `sequence`, ...) where the reader knows it."""
 
-    def __init__(self, where: str, what: str, fix: str):
+    def __init__(self, where: str, what: str, fix: str, field: str | None = None):
         super().__init__(f"{where}: {what}; {fix}")
-        self.where, self.what = where, what
+        self.where, self.what, self.field = where, what, field
 
 
 def did_you_mean(name: str, known) -> str:

@@ -360,6 +360,14 @@ def test_predict_names_the_default_columns_when_the_run_card_maps_none(tmp_path)
     with pytest.raises(UserError, match=r"new\.csv: column 'sequence' for fields\.sequence not found; predict reads "
                                         r"inputs with the run's card, \S*card\.md \(the default field names\)"):
         peftlab.load(run_dir).predict([str(tmp_path / "new.csv")])
+    # a card is read with its targets, as in training; unlabelled data goes as files
+    (tmp_path / "unlabelled.md").write_text("---\nname: u\ndomain: protein\ntask: protein-classify\nformat: csv\n"
+                                            "splits: {test: new.csv}\n---\n")
+    (tmp_path / "new.csv").write_text("sequence\nMKTAYIAKQR\n")
+    with pytest.raises(UserError, match=r"new\.csv: column 'label' for fields\.label not found; predict reads a card's "
+                                        r"data as training does, targets included: give unlabelled data as files"):
+        peftlab.load(run_dir).predict([str(tmp_path / "unlabelled.md")])
+    assert len(peftlab.load(run_dir).predict([str(tmp_path / "new.csv")])) == 1
 
 
 def test_crop_notes_say_which_splits_hold_the_long_sequences(tmp_path):

@@ -73,7 +73,7 @@ def read_jsonl(path: Path, kind: str, fields: dict, labelled: bool = True, notes
             if name == "id" or (name == "label" and not labelled):
                 continue
             if key not in record:
-                raise MissingField(where, f"no field {key!r} (needed as `{name}`)", f"add it, or map it with the card's `fields: {{{name}: KEY}}`")
+                raise MissingField(where, f"no field {key!r} (needed as `{name}`)", f"add it, or map it with the card's `fields: {{{name}: KEY}}`", field=name)
             value = record[key]
             example[name] = _necessity_label(value, where, key) if (name == "label" and kind == "necessity") \
                 else _text(value, where, key)

@@ -246,7 +246,7 @@ def read_image_csv(path: Path, image_root: Path, fields: dict, labels: list[str]
         if isinstance(name, int):
             return name
         if name not in header:
-            raise MissingField(str(path), f"column {name!r} for fields.{key} not found", f"the header has {header}")
+            raise MissingField(str(path), f"column {name!r} for fields.{key} not found", f"the header has {header}", field=key)
         return header.index(name)
 
     image_col = column("image", "path")

@@ -73,7 +73,7 @@ def _column(fields: dict, key: str, default, header: list[str] | None, path: Pat
     if isinstance(spec, int):
         return spec
     if header is None or spec not in header:
-        raise MissingField(str(path), f"column {spec!r} for fields.{key} not found", f"the header has {header}")
+        raise MissingField(str(path), f"column {spec!r} for fields.{key} not found", f"the header has {header}", field=key)
     return header.index(spec)
 
 

@@ -237,7 +237,8 @@ def read_caption_csv(path: Path, video_root: Path, fields: dict, labelled: bool 
     missing = [c for c in needed if c not in header]
     if missing:
         raise MissingField(f"{path}:1", f"no column {missing[0]!r} in the header {header}",
-                           "name it, or map it with the card's `fields: {video: ..., caption: ...}`")
+                           "name it, or map it with the card's `fields: {video: ..., caption: ...}`",
+                           field="video" if missing[0] == video_column else "caption")
     examples, counts, found = [], {}, {}
     for number, cells in rows[1:]:
         where = f"{path}:{number}"
