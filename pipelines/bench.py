@@ -30,10 +30,15 @@ from __future__ import annotations
 
 import contextlib
 import csv
+import ctypes
+import dataclasses
+import fcntl
 import io as text_io
 import json
 import math
+import os
 import shutil
+import signal
 import statistics
 import subprocess
 import sys
@@ -50,6 +55,8 @@ from peftlab.shared.errors import UserError
 
 REFERENCE = "full"
 SETTINGS_FILE = "bench.json"
+LOCK_FILE = ".bench.lock"
+"""Held (flock) by the sweep's process and its cell processes: one sweep per directory."""
 RESULTS_FILE = "results.jsonl"
 PEAK_FILE = "bench_cell.json"
 """Written into a finished cell's run directory: the cell process's own peak memory."""
@@ -84,6 +91,10 @@ class Sweep:
     settings: dict[str, Any]
     primary_metric: str
     higher_is_better: bool
+    metric_names: list[str] = field(default_factory=list)
+    """The metrics every cell computes (a task may report more, e.g. `accuracy/<dataset>`)."""
+    lock_fd: int | None = None
+    """OUT's lock while the sweep runs, passed on to the cell processes."""
 
 
 # --------------------------------------------------------------------------- planning
@@ -107,14 +118,21 @@ def bench(
     sweep = plan(pipeline, methods, seeds=seeds, demo=demo, data=data, backbone=backbone, out=out,
                  full=full, overrides=overrides)
     columns = _split_names(columns) if isinstance(columns, str) else columns
-    _claim_out_dir(sweep)
-    runner.log(f"bench {pipeline}: {len(sweep.methods)} methods x {len(sweep.seeds)} seeds -> {sweep.out} "
-               f"(re-run with --out {sweep.out} to resume)")
-    for method, reason in sweep.skipped.items():
-        runner.log(f"skipped {method}: {reason}")
-    rows = run_cells(sweep, isolate=isolate)
-    write_reports(sweep, rows, columns)
+    check_columns(columns or [], sweep.metric_names)
+    _check_out_dir(sweep)
+    with _exclusive(sweep.out) as sweep.lock_fd:
+        _claim_out_dir(sweep)
+        runner.log(f"bench {pipeline}: {_count(len(sweep.methods), 'method')} x {_count(len(sweep.seeds), 'seed')} "
+                   f"-> {sweep.out} (cell logs in {sweep.out / 'logs'}; re-run with --out {sweep.out} to resume)")
+        for method, reason in sweep.skipped.items():
+            runner.log(f"skipped {method}: {reason}")
+        rows = run_cells(sweep, isolate=isolate)
+        write_reports(sweep, rows, columns)
     return sweep.out
+
+
+def _count(number: int, noun: str) -> str:
+    return f"{number} {noun}{'' if number == 1 else 's'}"
 
 
 def plan(pipeline, methods, *, seeds, demo, data, backbone, out, full, overrides) -> Sweep:
@@ -134,14 +152,22 @@ def plan(pipeline, methods, *, seeds, demo, data, backbone, out, full, overrides
     if full and REFERENCE not in names:
         names.insert(0, REFERENCE)
     names = list(dict.fromkeys(names))  # a method named twice runs once
-
-    base = runner.build_config(pipeline, demo=demo, backbone=backbone, data=data, overrides=overrides)
-    task = get_task(base.task_name)
-    # the data, read once up front: a card or file error stops the sweep with exit 2
-    # before anything is written, not as the same error recorded in every cell
-    card = runner.load_card(base.data.card, task)
-    runner.log_notes(runner.read_dataset(base, task, cfg.build_task_options(task, base.task_options), card), training=True)
     specs = {name: get_method(name) for name in names}
+    general = [item for item in overrides if not item.startswith("method.")]
+    option_overrides = _method_option_overrides(specs, [item for item in overrides if item.startswith("method.")])
+
+    base = runner.build_config(pipeline, demo=demo, backbone=backbone, data=data, overrides=general)
+    task = get_task(base.task_name)
+    options = cfg.build_task_options(task, base.task_options)
+    # the data and the backbone, checked once up front: a card, file or backbone error
+    # stops the sweep with exit 2 before anything is written, not as the same error
+    # recorded in every cell
+    card = runner.load_card(base.data.card, task)
+    dataset = runner.read_dataset(base, task, options, card)
+    runner.log_notes(dataset, training=True)
+    metric_names, primary = runner.run_metrics(base, task, card)
+    skipped = _methods_that_do_not_fit(task.build_model(base.backbone.name, dataset.labels, options).backbone,
+                                       [specs[name] for name in names])
     seed_values = [base.train.seed + k for k in range(seeds)]
     cells = []
     for name in names:
@@ -149,39 +175,56 @@ def plan(pipeline, methods, *, seeds, demo, data, backbone, out, full, overrides
         # other starts from its defaults, as `peftlab run --method` does.
         method_argument = None if name == base.method_name else name
         for seed in seed_values:
-            cell_overrides = [*overrides, f"train.seed={seed}"]
+            cell_overrides = [*general, *option_overrides[name], f"train.seed={seed}"]
             config = runner.build_config(pipeline, demo=demo, method=method_argument, backbone=backbone, data=data,
                                          overrides=cell_overrides)
             build_options(specs[name], config.method_options)
             cells.append(Cell(name, seed, config, method_argument, cell_overrides))
-    skipped = _methods_that_do_not_fit(base, task, [specs[name] for name in names])
     cells = [cell for cell in cells if cell.method not in skipped]
-    primary = base.eval.primary_metric or task.primary_metric
     settings = {"pipeline": pipeline, "demo": demo, "data": data, "backbone": backbone, "overrides": overrides}
     out_dir = Path(out) if out is not None else _default_out_dir(pipeline)
     return Sweep(pipeline, out_dir, cells, skipped, names, seed_values, settings, primary,
-                 get_metric(primary).higher_is_better)
+                 get_metric(primary).higher_is_better, metric_names)
+
+
+def _method_option_overrides(specs: dict, overrides: list[str]) -> dict[str, list[str]]:
+    """method -> the `method.KEY=VALUE` overrides it takes. An option goes to the methods
+    that have it (`method.r=4` sets LoRA's rank and leaves full fine-tuning and BitFit
+    alone); one that no method of the sweep has is a mistake."""
+    takes = {name: {option.name for option in dataclasses.fields(spec.options)} for name, spec in specs.items()}
+    chosen: dict[str, list[str]] = {name: [] for name in specs}
+    for item in overrides:
+        key = item.partition("=")[0].removeprefix("method.").split(".")[0]
+        users = [name for name in specs if key in takes[name]]
+        if not users:
+            raise UserError(f"{item}: no method of the sweep ({', '.join(specs)}) has option {key!r}; "
+                            f"see `peftlab list methods`")
+        if len(users) < len(specs):
+            others = [name for name in specs if name not in users]
+            runner.log(f"note: {item} applies to {', '.join(users)}; {', '.join(others)} "
+                       f"{'has' if len(others) == 1 else 'have'} no option {key!r}")
+        for name in users:
+            chosen[name].append(item)
+    return chosen
+
+
+def check_columns(requested: list[str], metric_names: list[str]) -> None:
+    """--columns checked before training: each must be a metric the cells compute, or one
+    a task derives from it (`accuracy/<dataset>`, `accuracy_avg`)."""
+    for name in requested:
+        if not any(name == known or name.startswith((f"{known}/", f"{known}_")) for known in metric_names):
+            raise UserError(f"--columns: {name!r} is not a metric of this sweep; its metrics: {', '.join(metric_names)} "
+                            f"(set others with eval.metrics=[...])")
 
 
 def _split_names(text: str) -> list[str]:
     return [part.strip() for part in text.split(",") if part.strip()]
 
 
-def _methods_that_do_not_fit(config: cfg.RunConfig, task, specs) -> dict[str, str]:
-    """Architecture-specific methods (`applies_to`) checked on the backbone, built once.
-
-    Only when such a method is asked for: building the backbone costs a model load in
-    this process, which is still cheaper than a cell process per seed failing late.
-    """
-    specific = [spec for spec in specs if spec.applies_to is not None]
-    if not specific:
-        return {}
-    options = cfg.build_task_options(task, config.task_options)
-    card = runner.load_card(config.data.card, task)
-    labels = runner.read_dataset(config, task, options, card).labels
-    backbone = task.build_model(config.backbone.name, labels, options).backbone
+def _methods_that_do_not_fit(backbone, specs) -> dict[str, str]:
+    """Architecture-specific methods (`applies_to`) checked on the sweep's backbone."""
     return {spec.name: f"method {spec.name!r} does not fit the {type(backbone).__name__} backbone ({spec.description})"
-            for spec in specific if not spec.fits(backbone)}
+            for spec in specs if not spec.fits(backbone)}
 
 
 def _default_out_dir(pipeline: str) -> Path:
@@ -193,19 +236,58 @@ def _default_out_dir(pipeline: str) -> Path:
     return candidate
 
 
-def _claim_out_dir(sweep: Sweep) -> None:
-    """A new OUT gets bench.json; an existing one must hold a sweep with the same settings."""
+def _check_out_dir(sweep: Sweep) -> None:
+    """OUT is new, empty, or a sweep with the same settings; checked before writing anything."""
     settings_file = sweep.out / SETTINGS_FILE
     if settings_file.is_file():
-        previous = io.read_json(settings_file)
-        if previous != sweep.settings:
-            changed = sorted(k for k in sweep.settings if previous.get(k) != sweep.settings[k])
+        previous, current = _comparable(io.read_json(settings_file)), _comparable(sweep.settings)
+        if previous != current:
+            changed = sorted(k for k in current if previous.get(k) != current[k])
             raise UserError(f"{sweep.out}: this bench directory was run with other settings ({', '.join(changed)}); "
                             f"choose another --out, or repeat them to resume it")
-    elif sweep.out.exists() and any(sweep.out.iterdir()):
+    elif sweep.out.exists() and any(path.name != LOCK_FILE for path in sweep.out.iterdir()):
         raise UserError(f"{sweep.out} exists and is not a bench directory (no {SETTINGS_FILE}); choose another --out")
-    else:
-        io.write_json(settings_file, sweep.settings)
+
+
+def _comparable(settings: dict) -> dict:
+    """Settings as they act: overrides as the config they make (their order is free),
+    paths absolute (a resume may start from another folder)."""
+    data = settings.get("data")
+    return {**settings,
+            "overrides": cfg.apply_overrides({}, list(settings.get("overrides") or [])),
+            "data": str(Path(data).expanduser().resolve()) if data and Path(data).expanduser().exists() else data,
+            "backbone": runner.absolute_backbone(settings["backbone"]) if settings.get("backbone") else None}
+
+
+@contextlib.contextmanager
+def _exclusive(out: Path):
+    """Hold OUT's lock for the sweep. The cell processes inherit it, so a cell left
+    running by a killed sweep still keeps a new sweep out of its directory."""
+    out.mkdir(parents=True, exist_ok=True)
+    handle = open(out / LOCK_FILE, "a+", encoding="utf-8")
+    try:
+        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        handle.seek(0)
+        holder = handle.read().strip() or "?"
+        handle.close()
+        raise UserError(f"{out}: another peftlab bench (process {holder}) is running this sweep; "
+                        f"wait for it to end, or choose another --out") from None
+    handle.seek(0)
+    handle.truncate()
+    handle.write(str(os.getpid()))
+    handle.flush()
+    try:
+        yield handle.fileno()
+    finally:
+        handle.close()
+
+
+def _claim_out_dir(sweep: Sweep) -> None:
+    """Under the lock: a new OUT gets bench.json; an existing one is checked again."""
+    _check_out_dir(sweep)
+    if not (sweep.out / SETTINGS_FILE).is_file():
+        io.write_json(sweep.out / SETTINGS_FILE, sweep.settings)
 
 
 # --------------------------------------------------------------------------- running
@@ -225,9 +307,10 @@ def run_cells(sweep: Sweep, isolate: bool = True) -> list[dict]:
             pending.append(cell)
     if len(pending) < len(sweep.cells):
         runner.log(f"{len(sweep.cells) - len(pending)} of {len(sweep.cells)} cells already finished; skipping them")
+    earlier = _earlier_rows(sweep)
 
     def save() -> None:
-        io.write_jsonl(sweep.out / RESULTS_FILE, _ordered_rows(sweep, rows))
+        io.write_jsonl(sweep.out / RESULTS_FILE, _ordered_rows(sweep, rows) + earlier)
 
     save()
     progress = tqdm(total=len(pending), desc="bench", unit="cell", file=sys.stderr, dynamic_ncols=True)
@@ -247,7 +330,21 @@ def run_cells(sweep: Sweep, isolate: bool = True) -> list[dict]:
         raise
     finally:
         progress.close()
-    return _ordered_rows(sweep, rows)
+    return _ordered_rows(sweep, rows) + earlier
+
+
+def _earlier_rows(sweep: Sweep) -> list[dict]:
+    """Rows an earlier run into OUT recorded for cells this one does not plan (another
+    --methods or --seeds): kept, so a sweep can grow by a method without losing the others."""
+    results = sweep.out / RESULTS_FILE
+    if not results.is_file():
+        return []
+    planned = {f"{method}-seed{seed}" for method in sweep.methods for seed in sweep.seeds}
+    kept = [row for row in io.read_jsonl(results) if row.get("cell") not in planned]
+    if kept:
+        runner.log(f"keeping {_count(len(kept), 'earlier cell')} this run does not name: "
+                   f"{', '.join(row['cell'] for row in kept)}")
+    return kept
 
 
 def _run_dir(sweep: Sweep, cell: Cell) -> Path:
@@ -278,6 +375,8 @@ def run_cell(sweep: Sweep, cell: Cell, isolate: bool) -> dict:
         shutil.rmtree(run_dir)  # killed before its run.yaml: nothing there to resume
     log_file = _log_file(sweep, cell)
     log_file.parent.mkdir(parents=True, exist_ok=True)
+    if not resume:
+        log_file.unlink(missing_ok=True)  # a resumed cell's log goes on; a restarted one starts afresh
     if isolate:
         error, peak = _run_cell_in_subprocess(sweep, cell, run_dir, resume, log_file)
     else:
@@ -291,7 +390,7 @@ def run_cell(sweep: Sweep, cell: Cell, isolate: bool) -> dict:
 
 
 def _run_cell_in_process(cell: Cell, run_dir: Path, resume: bool, log_file: Path) -> str | None:
-    with open(log_file, "w", encoding="utf-8") as log, contextlib.redirect_stderr(log):
+    with open(log_file, "a", encoding="utf-8") as log, contextlib.redirect_stderr(log):
         try:
             if resume:
                 runner.resume(run_dir)
@@ -314,8 +413,10 @@ def _run_cell_in_subprocess(sweep: Sweep, cell: Cell, run_dir: Path, resume: boo
             if settings[option]:
                 arguments += [f"--{option}", settings[option]]
     command = [sys.executable, "-m", "peftlab.pipelines.bench", *arguments]
-    with open(log_file, "w", encoding="utf-8") as log:
-        completed = subprocess.run(command, stdout=subprocess.PIPE, stderr=log, text=True)
+    with open(log_file, "a", encoding="utf-8") as log:
+        completed = subprocess.run(command, stdout=subprocess.PIPE, stderr=log, text=True,
+                                   pass_fds=() if sweep.lock_fd is None else (sweep.lock_fd,),
+                                   preexec_fn=_die_with_parent if sys.platform == "linux" else None)
     if completed.returncode != 0:
         return _error_from_log(log_file, completed.returncode), None
     peak = None
@@ -324,6 +425,17 @@ def _run_cell_in_subprocess(sweep: Sweep, cell: Cell, run_dir: Path, resume: boo
             peak = json.loads(line)[PEAK_LINE_KEY]
             break
     return None, peak
+
+
+def _die_with_parent() -> None:
+    """In the cell process before it starts: end it (SIGTERM) when the sweep's process
+    dies, even by SIGKILL, rather than train on as an orphan beside a resumed sweep."""
+    _LIBC.prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
+
+
+_PR_SET_PDEATHSIG = 1
+_LIBC = ctypes.CDLL(None, use_errno=True) if sys.platform == "linux" else None
+"""Loaded before any fork: the child between fork and exec only makes the call."""
 
 
 def one_line_error(error: BaseException) -> str:
@@ -525,13 +637,14 @@ def table_markdown(sweep: Sweep, summaries: list[MethodSummary], names: list[str
             header.append(f"Δ {primary} vs full")
     header += ["train s", "samples/s", "peak RSS MB"] + (["peak GPU MB"] if has_gpu else [])
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    formats = {name: _column_format(summaries, name) for name in names}
     for s in summaries:
         if not s.finished:
             continue
         cells = [f"{s.method} (reference)" if s is reference else s.method, f"{s.finished}/{s.cells}",
                  f"{s.trainable:,}", f"{s.percent:.4g}", _fmt_bytes(s.adapter_bytes)]
         for name in names:
-            cells.append(_fmt_mean_std(s.metrics.get(name)))
+            cells.append(_fmt_mean_std(s.metrics.get(name), formats[name]))
             if name == primary and reference is not None:
                 delta = _delta(s, reference, primary)
                 cells.append("—" if delta is None else f"{delta:+.4f}")
@@ -549,8 +662,9 @@ def table_markdown(sweep: Sweep, summaries: list[MethodSummary], names: list[str
         f"Backbone: {backbone}. Data: {data}. Overrides: {' '.join(settings['overrides']) or 'none'}. "
         f"Seeds: {seeds}. Primary metric: {primary} ({direction}), on the {split} split.",
         "",
-        "Metrics: mean ± sample standard deviation (n − 1) over the finished seeds (`seeds` column); "
-        "Δ is the difference of means to full fine-tuning. Trainable params: the method's and the task head's; "
+        "Metrics: mean ± sample standard deviation (n − 1) over the finished seeds (`seeds` column)"
+        + ("; Δ is the difference of means to full fine-tuning. " if reference is not None else ". ")
+        + "Trainable params: the method's and the task head's; "
         "% of all parameters. Adapter size: bytes of the run's adapter/ folder. Train s and samples/s: the "
         "training loop without evaluation, mean over seeds. Peak RSS: the largest, over seeds, of the cell "
         "process's own resident-memory high-water mark (model, data, training and evaluation; blank when the "
@@ -593,43 +707,93 @@ def plot_pareto(path: Path, summaries: list[MethodSummary], primary: str, higher
     Pareto front drawn as a line through its circled points."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
-    from matplotlib.ticker import FuncFormatter
 
     done = [s for s in summaries if s.finished and primary in s.metrics and s.percent]
     figure = Figure(figsize=(7, 4.5), layout="constrained")
     FigureCanvasAgg(figure)  # no pyplot: the library never touches the user's backend
     axes = figure.add_subplot()
+    axes.set_title(title, fontsize=10)
+    if not done:  # the file exists whatever happened, and says why it is empty
+        axes.text(0.5, 0.5, "no method finished: see table.md for the errors", ha="center", va="center",
+                  transform=axes.transAxes)
+        axes.set_axis_off()
+        with io.atomic_path(path) as tmp:
+            figure.savefig(tmp, format="png", dpi=120)
+        return
     xs = [s.percent for s in done]
     ys = [s.metrics[primary][0] for s in done]
     errors = [s.metrics[primary][1] or 0.0 for s in done]
     axes.errorbar(xs, ys, yerr=errors, fmt="o", color="tab:blue", ecolor="gray", capsize=3, label="method (mean ± std)")
-    for s, x, y in zip(done, xs, ys):
-        axes.annotate(s.method, (x, y), textcoords="offset points", xytext=(5, 5), fontsize=8)
     front = sorted(pareto_front(list(zip(xs, ys)), higher_is_better), key=lambda i: xs[i])
     if front:
         axes.plot([xs[i] for i in front], [ys[i] for i in front], "-", color="tab:red", linewidth=1, zorder=0)
         axes.scatter([xs[i] for i in front], [ys[i] for i in front], s=140, facecolors="none",
                      edgecolors="tab:red", label="Pareto front")
     axes.set_xscale("log")
-    axes.xaxis.set_major_formatter(FuncFormatter(lambda value, _: f"{value:g}"))  # 0.1, 1, 10 rather than 10^-1
+    axes.set_xlim(min(xs) / 2, max(xs) * 2)  # room on either side for the outermost labels
+    bottom, top = min(y - e for y, e in zip(ys, errors)), max(y + e for y, e in zip(ys, errors))
+    margin = 0.15 * ((top - bottom) or abs(top) or 1.0)
+    axes.set_ylim(bottom - margin, top + margin)
+    _label_points(axes, [s.method for s in done], xs, ys)
+    # plain numbers (0.1, 2, 100) on major and, over a short range, minor ticks: never 2×10^0
+    plain = _plain_log_formatter()
+    axes.xaxis.set_major_formatter(plain(labelOnlyBase=False))
+    axes.xaxis.set_minor_formatter(plain(labelOnlyBase=False, minor_thresholds=(1.5, 0.5)))
     axes.set_xlabel("trainable parameters (% of all, log scale)")
     axes.set_ylabel(f"{primary} ({'higher' if higher_is_better else 'lower'} is better)")
-    axes.set_title(title, fontsize=10)
     axes.grid(True, which="both", alpha=0.3)
-    axes.legend(fontsize=8)
+    axes.legend(fontsize=8, loc="best")
     with io.atomic_path(path) as tmp:
         figure.savefig(tmp, format="png", dpi=120)
+
+
+def _label_points(axes, names: list[str], xs: list[float], ys: list[float], fontsize: int = 8) -> None:
+    """Name each point beside it, moving a label up or down until it clears the labels
+    already placed (methods of similar size and score otherwise print over each other)."""
+    placed: list[tuple[float, float, float, float]] = []
+    points_to_pixels = axes.figure.dpi / 72
+    height = 1.3 * fontsize * points_to_pixels
+    for index in sorted(range(len(names)), key=lambda i: (xs[i], ys[i])):
+        x, y = axes.transData.transform((xs[index], ys[index]))
+        width = 0.62 * fontsize * points_to_pixels * len(names[index])
+        for shift in (0, 1, -1, 2, -2, 3, -3, 4, -4):
+            left, bottom = x + 5 * points_to_pixels, y + 2 * points_to_pixels + shift * height
+            box = (left, bottom, left + width, bottom + height)
+            if not any(box[0] < other[2] and other[0] < box[2] and box[1] < other[3] and other[1] < box[3]
+                       for other in placed):
+                break
+        placed.append(box)
+        axes.annotate(names[index], (xs[index], ys[index]), textcoords="offset pixels", fontsize=fontsize,
+                      xytext=(box[0] - x, box[1] - y), va="bottom", ha="left")
+
+
+def _plain_log_formatter():
+    from matplotlib.ticker import LogFormatter
+
+    class PlainLogFormatter(LogFormatter):
+        def _num_to_string(self, x, vmin, vmax):
+            return f"{x:g}"
+
+    return PlainLogFormatter
 
 
 def _fmt_metric(value) -> str:
     return "n/a" if value is None else f"{value:.4f}"
 
 
-def _fmt_mean_std(mean_and_std) -> str:
+def _fmt_mean_std(mean_and_std, spec: str = ".4f") -> str:
     if mean_and_std is None:
         return "—"
     mean, std = mean_and_std
-    return f"{mean:.4f}" if std is None else f"{mean:.4f} ± {std:.4f}"
+    return format(mean, spec) if std is None else f"{format(mean, spec)} ± {format(std, spec)}"
+
+
+def _column_format(summaries: list[MethodSummary], name: str) -> str:
+    """Four decimals, or none for a column of counts (a median rank on which the seeds
+    agree reads 5, not 5.0000); scores within [0, 1] keep their decimals even when whole."""
+    values = [v for s in summaries if name in s.metrics for v in s.metrics[name] if v is not None]
+    counts = values and all(float(v).is_integer() for v in values) and max(values) > 1
+    return ".0f" if counts else ".4f"
 
 
 def _fmt_number(value, spec: str) -> str:

@@ -257,9 +257,17 @@ def bench_command(pipeline, overrides, methods, seeds, demo, backbone, data, out
 
     out_dir = bench(pipeline, methods, seeds=seeds, demo=demo, data=data, backbone=backbone, out=out,
                     full=not no_full, overrides=list(overrides), columns=columns, isolate=not in_process)
+    from peftlab.shared import io
+
     click.echo((out_dir / "table.md").read_text(encoding="utf-8"), err=True)
     click.echo(json.dumps({"out": str(out_dir), "results": str(out_dir / "results.jsonl"),
                            "table": str(out_dir / "table.md"), "pareto": str(out_dir / "pareto.png")}))
+    rows = io.read_jsonl(out_dir / "results.jsonl")
+    failed = [row["cell"] for row in rows if row["status"] == "failed"]
+    if failed:  # a script sees an incomplete comparison; the reports of the other cells stand
+        click.echo(f"error: {len(failed)} of {len(rows)} cells failed ({', '.join(failed)}); their errors are in "
+                   f"{out_dir / 'table.md'} and {out_dir / 'logs'}; the same command retries them", err=True)
+        raise click.exceptions.Exit(1)
 
 
 def _reports_errors() -> bool:

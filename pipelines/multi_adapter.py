@@ -299,27 +299,36 @@ class _Replay(nn.Module):
 class MultiAdapter:
     """Runs served together; names are the run folders' names unless given as NAME=RUN_DIR."""
 
-    def __init__(self, run_dirs, force: bool = False, max_batch: int = 32, max_wait_ms: float = 5.0):
+    def __init__(self, run_dirs, force: bool = False, max_batch: int = 32, max_wait_ms: float = 5.0,
+                 json_requests: bool = False):
+        """`json_requests`: every run must answer JSON request bodies (`peftlab serve`); a
+        run whose task has no JSON input form is refused before any backbone loads."""
         named = parse_named_runs(run_dirs)
         self.engines: dict[str, Engine] = {}
         self.adapters: dict[str, Adapter] = {}
+        # Every run's directory, config and task are read before any backbone loads: a
+        # mistake in the last run named then stops at once, not after loading the others.
+        predictors = [Predictor(run_dir, force=force, attach=self._attacher(name, max_batch, max_wait_ms))
+                      for name, run_dir in named.items()]
+        if json_requests:
+            for predictor in predictors:
+                check_json_requests(predictor)
         with shared_backbones():  # each distinct backbone is read once; the other runs copy it
-            for name, run_dir in named.items():
-                self.adapters[name] = self._load(name, run_dir, force, max_batch, max_wait_ms)
+            for predictor in predictors:
+                predictor.build()  # building attaches the adapter (see `_attacher`)
 
-    def _load(self, name: str, run_dir: Path, force: bool, max_batch: int, max_wait_ms: float) -> Adapter:
-        holder: dict[str, Adapter] = {}
+    def _attacher(self, name: str, max_batch: int, max_wait_ms: float):
+        """The `attach` for run `name`'s Predictor: puts its adapter on an engine and serves it as `name`."""
 
         def attach(predictor: Predictor, fresh_backbone: nn.Module, adapter_dir: Path) -> nn.Module:
             engine = self._engine_for(predictor, adapter_dir, max_batch, max_wait_ms)
             adapter = Adapter(name, predictor, engine)
             backbone = engine.attach(adapter, fresh_backbone, adapter_dir)
             engine.adapters.append(adapter)
-            holder["adapter"] = adapter
+            self.adapters[name] = adapter  # models build in the order named, so names() keeps it
             return backbone
 
-        Predictor(run_dir, force=force, attach=attach).model  # noqa: B018 - building it attaches the adapter
-        return holder["adapter"]
+        return attach
 
     def _engine_for(self, predictor: Predictor, adapter_dir: Path, max_batch: int, max_wait_ms: float) -> Engine:
         method = predictor.meta["method"]["name"]
@@ -336,6 +345,13 @@ class MultiAdapter:
     # --------------------------------------------------------------------- the API
     def names(self) -> list[str]:
         return list(self.adapters)
+
+    def backbone_count(self) -> int:
+        """Distinct backbones served (by `meta.json` backbone record: name, source, weights hash).
+        Not `len(self.engines)`: that counts backbone copies in memory, one per shared
+        (backbone, peft type) and one per run on its own model."""
+        return len({json.dumps(a.predictor.meta["backbone"], sort_keys=True, default=str)
+                    for a in self.adapters.values()})
 
     def get(self, name: str) -> Adapter:
         if name not in self.adapters:
@@ -364,7 +380,7 @@ class MultiAdapter:
         task = adapter.task
         if not isinstance(payload, dict):
             raise UserError(f"the request body must be a JSON object, not {type(payload).__name__}")
-        if not hasattr(task, "parse_request"):
+        if not takes_json_requests(task):
             raise UserError(f"task {task.name!r} has no JSON input form; use `peftlab predict` with files")
         return task.parse_request(payload, adapter.predictor.options)
 
@@ -380,6 +396,20 @@ class MultiAdapter:
             engine.stop()
 
 
+def takes_json_requests(task) -> bool:
+    """Whether a task has a JSON input form (`parse_request`), so that `peftlab serve` can
+    answer it; the others (video-text: clips are folders of frames) predict on files only."""
+    return callable(getattr(task, "parse_request", None))
+
+
+def check_json_requests(predictor: Predictor) -> None:
+    """UserError where `predictor`'s run could be loaded but never answer an HTTP request."""
+    if not takes_json_requests(predictor.task):
+        raise UserError(f"{predictor.run_dir}: task {predictor.task.name!r} cannot be served: it has no JSON "
+                        f"request form, so every request would fail; predict on its files with "
+                        f"`peftlab predict {predictor.run_dir} INPUT...` instead")
+
+
 def parse_named_runs(run_dirs) -> dict[str, Path]:
     """RUN_DIR or NAME=RUN_DIR -> {name: path}; names must be unique."""
     if isinstance(run_dirs, str | Path):
@@ -389,7 +419,11 @@ def parse_named_runs(run_dirs) -> dict[str, Path]:
         text = str(item)
         name, sep, path = text.partition("=")
         if not sep or "/" in name:
-            name, path = Path(text).resolve().name, text
+            name, path = Path(text).resolve().name, text  # a '=' inside a path names nothing
+        elif not name:
+            raise UserError(f"{text}: the adapter name before '=' is empty; pass NAME=RUN_DIR or RUN_DIR alone")
+        elif not path:
+            raise UserError(f"{text}: no run directory after '='; pass NAME=RUN_DIR or RUN_DIR alone")
         if not name or any(c in name for c in "/?#% "):
             raise UserError(f"{text}: an adapter name may not contain '/', '?', '#', '%' or spaces; pass NAME=RUN_DIR")
         if name in named:

@@ -29,6 +29,11 @@ class Predictor:
 
     def __init__(self, run_dir, force: bool = False, attach=None):
         self.run_dir = Path(run_dir)
+        if (self.run_dir / "bench.json").is_file():  # `peftlab bench` OUT: its cells are the runs
+            cells = sorted(path.name for path in (self.run_dir / "runs").glob("*") if (path / "metrics.json").is_file())
+            example = f" (finished: {', '.join(cells)})" if cells else ""
+            raise UserError(f"{self.run_dir} is a bench directory; each of its cells is a run: pass "
+                            f"{self.run_dir / 'runs' / '<method>-seed<N>'}{example}")
         for required in ("run.yaml", "meta.json", "card.md", runner.ADAPTER):
             if not (self.run_dir / required).exists():
                 raise UserError(f"{self.run_dir} is not a finished peftlab run directory (no {required})")
@@ -56,6 +61,11 @@ class Predictor:
             checkpoint.load_state(model.backbone, io.load_tensors(adapter / runner.BUFFERS_FILE), str(adapter))
         return model.eval()
 
+    def build(self) -> Predictor:
+        """Load the backbone and put the adapter on it now, rather than on first use."""
+        self.model  # noqa: B018 - the cached property does the work
+        return self
+
     @functools.cached_property
     def accelerator(self):
         return make_accelerator(self.config.train.precision, self.model)
@@ -71,8 +81,8 @@ class Predictor:
             )
 
     def evaluate(self, split: str = "test", card: str | None = None, predictions_file=None) -> dict[str, Any]:
-        card_path = card or self.config.data.card
-        loaded = runner.load_card(card_path, self.task)
+        loaded = runner.load_run_card(self.run_dir, self.config, self.task) if card is None else \
+            runner.load_card(card, self.task)
         # The run's own card is read as in training (same subsample); another card whole.
         config = self.config if card is None else self.config.model_copy(
             update={"data": self.config.data.model_copy(update={"limit": None})})
@@ -203,9 +213,7 @@ def load(run_dir, force: bool = False):
         from peftlab.pipelines.multi_adapter import MultiAdapter
 
         return MultiAdapter(run_dir, force=force)
-    predictor = Predictor(run_dir, force=force)
-    predictor.model  # noqa: B018 - built now: `load` is where a Python user expects the wait and its errors
-    return predictor
+    return Predictor(run_dir, force=force).build()  # now: `load` is where a Python user expects the wait and its errors
 
 
 def check_mergeable(run_dir: Path, meta: dict) -> None:

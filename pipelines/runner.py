@@ -106,8 +106,8 @@ class Prepared:
     primary_metric: str
 
 
-def load_card(card_path: str, task) -> Card:
-    card = read_card(cfg.resolve_card_path(card_path))
+def load_card(card_path: str | Path, task, root: Path | None = None) -> Card:
+    card = read_card(cfg.resolve_card_path(str(card_path)), root=root)
     # Which task the card is for first: another task's card fails on that, not on a key
     # that task reads and this one does not.
     if card.task != task.name:
@@ -119,6 +119,18 @@ def load_card(card_path: str, task) -> Card:
     card.check_field_keys(task.field_keys, task.name)
     if card.format not in task.formats:
         raise UserError(f"{card.card_path}: format {card.format!r} is not one {task.name} reads ({', '.join(task.formats)}); set `loader:` for another format")
+    return card
+
+
+def load_run_card(run_dir: Path, config: cfg.RunConfig, task) -> Card:
+    """The card a run trained on: its copy, RUN/card.md, with relative paths starting at
+    the original card's folder. Evaluating or resuming with the copy reads the data
+    training read, even after the original card was edited or moved."""
+    original = Path(config.data.card)
+    card = load_card(run_dir / "card.md", task, root=original.parent)
+    if original.is_file() and original.read_text(encoding="utf-8", errors="replace") != card.text:
+        log(f"note: {original} has changed since training; reading the run's copy, {card.card_path} "
+            f"(pass --data {original} to use the edited card)")
     return card
 
 
@@ -162,19 +174,27 @@ def untrained_classes(dataset: Dataset) -> list[str]:
     return [label for index, label in enumerate(dataset.labels) if index not in seen]
 
 
-def prepare(config: cfg.RunConfig) -> Prepared:
-    task = get_task(config.task_name)
-    options = cfg.build_task_options(task, config.task_options)
-    card = load_card(config.data.card, task)
-    dataset = read_dataset(config, task, options, card)
+def run_metrics(config: cfg.RunConfig, task, card: Card) -> tuple[list[str], str]:
+    """The metrics a run computes (config, else card, else the task's) and its primary one,
+    each checked to exist."""
+    from peftlab.shared.metrics import get_metric
+
     metric_names = config.eval.metrics or card.metrics or list(task.metrics)
     primary = config.eval.primary_metric or task.primary_metric
     if primary not in metric_names:
         metric_names = [primary, *metric_names]
-    from peftlab.shared.metrics import get_metric
-
     for name in metric_names:
         get_metric(name)
+    return metric_names, primary
+
+
+def prepare(config: cfg.RunConfig, run_dir: Path | None = None) -> Prepared:
+    """`run_dir`: a run being resumed, whose own copy of the card is read."""
+    task = get_task(config.task_name)
+    options = cfg.build_task_options(task, config.task_options)
+    card = load_card(config.data.card, task) if run_dir is None else load_run_card(run_dir, config, task)
+    dataset = read_dataset(config, task, options, card)
+    metric_names, primary = run_metrics(config, task, card)
     for split in config.eval.splits:
         if split not in dataset.splits:
             held_out = [present for present in dataset.splits if present != "train"]
@@ -277,17 +297,31 @@ def resume(run_dir: str | Path) -> Path:
     checkpoints = run_dir / "checkpoints"
     if checkpoint.has_checkpoint(checkpoints):
         checkpoint.check_checkpoint(checkpoints)
-    prepared = prepare(config)
+    prepared = prepare(config, run_dir=run_dir if (run_dir / "card.md").is_file() else None)
     return _train_and_finish(run_dir, prepared, resume=True)
 
 
 def _write_start(run_dir: Path, prepared: Prepared) -> None:
     config = cfg.to_yaml_dict(prepared.config)
     config["data"]["card"] = str(prepared.card.card_path)
+    if prepared.config.backbone.name not in prepared.task.backbones():  # a preset or hub name stays a name
+        config["backbone"]["name"] = absolute_backbone(prepared.config.backbone.name)
     config["method"] = {"name": prepared.config.method_name, **prepared.model.backbone.options.__dict__}
     io.write_yaml(run_dir / "run.yaml", config)
     io.write_text(run_dir / "card.md", prepared.card.text)
     io.write_json(run_dir / "meta.json", _meta(prepared))
+
+
+def absolute_backbone(name: str) -> str:
+    """A backbone named by a relative path, alone or after `ARCH:` (`resnet50:w.pth`,
+    `ViT-B-32:ckpt.pt`), made absolute, so the run loads from any folder; other names as given."""
+    path = Path(name).expanduser()
+    if path.exists():
+        return str(path.resolve())
+    prefix, sep, rest = name.partition(":")
+    if sep and rest and Path(rest).expanduser().exists():
+        return f"{prefix}:{Path(rest).expanduser().resolve()}"
+    return name
 
 
 def _meta(prepared: Prepared) -> dict:

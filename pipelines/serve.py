@@ -1,14 +1,18 @@
 """`peftlab serve RUN_DIR...`: an HTTP JSON service over many runs' adapters (Starlette + uvicorn).
 
-    GET  /health              {"status": "ok", "adapters": N, "backbones": M}
+    GET  /health              {"status": "ok", "adapters": N, "backbones": M, "backbone_copies": C}
     GET  /adapters            name, task, labels, backbone, method, serving path, metrics
     POST /predict/{adapter}   the task's JSON input form -> {"adapter", "task", "predictions"}
 
 Each backbone is loaded once (see `multi_adapter`); concurrent requests for adapters on
-it are batched together. A bad request never reaches the model: its body is parsed by
+it are batched together. /health counts distinct backbones (`backbones`) and the copies
+held in memory (`backbone_copies`: one per shared backbone and peft type, one per run on
+its own model). A bad request never reaches the model: its body is parsed by
 the task's `parse_request`, and any mistake is a 4xx whose `error` names the field:
 400 for a body that is not JSON, 404 for an unknown adapter (listing the served ones),
 413 for a body over the size limit, 422 for a well-formed body with wrong content.
+A run whose task has no JSON input form (video-text) is refused at start-up, before any
+backbone loads: no request could ever reach it.
 """
 
 from __future__ import annotations
@@ -53,7 +57,8 @@ def create_app(multi: MultiAdapter) -> Starlette:
     """The ASGI app over an already loaded `MultiAdapter` (tests drive it in-process)."""
 
     async def health(request: Request) -> JSONResponse:
-        return JSONResponse({"status": "ok", "adapters": len(multi.adapters), "backbones": len(multi.engines)})
+        return JSONResponse({"status": "ok", "adapters": len(multi.adapters), "backbones": multi.backbone_count(),
+                             "backbone_copies": len(multi.engines)})  # each engine holds one backbone copy
 
     async def adapters(request: Request) -> JSONResponse:
         return JSONResponse({"adapters": multi.summary()})
@@ -98,7 +103,8 @@ def serve(run_dirs, host: str = "127.0.0.1", port: int = 8000, force: bool = Fal
     import uvicorn
 
     check_port_free(host, port)  # before loading: a busy port otherwise fails after minutes of it
-    multi = MultiAdapter(run_dirs, force=force, max_batch=max_batch, max_wait_ms=max_wait_ms)
+    # json_requests: a run no request could reach (no JSON input form) stops here, before any backbone loads
+    multi = MultiAdapter(run_dirs, force=force, max_batch=max_batch, max_wait_ms=max_wait_ms, json_requests=True)
     uvicorn.run(create_app(multi), host=host, port=port, log_level="info")
 
 

@@ -2,7 +2,9 @@
 
 A card says what a dataset is (name, domain, task, format, files, fields, labels,
 splits, licence, source) so a supported format plugs in with no code. Paths are
-relative to the card unless absolute; `${VAR}` expands from the environment.
+relative to the card unless absolute; `${VAR}` expands from the environment. A run keeps
+a copy of its card (RUN/card.md) that is read with the original card's folder as the
+base of its relative paths, so the copy reads the same files as training did.
 """
 
 from __future__ import annotations
@@ -44,6 +46,9 @@ class Card(BaseModel):
 
     # Set by `read_card`, not by the header.
     card_path: Path | None = None
+    root: Path | None = None
+    """The folder relative paths start from: the card's own, or for a run's copy of a
+    card, the original's."""
     body: str = ""
     text: str = ""
 
@@ -66,9 +71,13 @@ class Card(BaseModel):
         """Expand `${VAR}` and make relative paths relative to the card's folder."""
         expanded = expand_vars(value, f"{self.card_path}: {what}")
         path = Path(expanded).expanduser()
-        if not path.is_absolute() and self.card_path is not None:
-            path = self.card_path.parent / path
+        if not path.is_absolute() and self.folder is not None:
+            path = self.folder / path
         return path
+
+    @property
+    def folder(self) -> Path | None:
+        return self.root or (self.card_path.parent if self.card_path is not None else None)
 
     def file(self, key: str) -> Path:
         """`files.<key>` resolved and checked to exist."""
@@ -76,7 +85,7 @@ class Card(BaseModel):
             raise UserError(f"{self.card_path}: field 'files.{key}' is missing; add `files: {{{key}: PATH}}`")
         path = self.resolve(self.files[key], f"files.{key}")
         if not path.exists():
-            raise UserError(f"{self.card_path}: files.{key} = {path} does not exist; fix the path (relative paths are relative to the card)")
+            raise UserError(f"{self.card_path}: files.{key} = {path} does not exist; fix the path (relative paths start at {self.folder})")
         return path
 
     def split_files(self) -> dict[str, Path] | None:
@@ -127,7 +136,8 @@ def expand_vars(value: str, where: str) -> str:
     return _VAR.sub(substitute, value)
 
 
-def read_card(path) -> Card:
+def read_card(path, root=None) -> Card:
+    """`root`: the folder relative paths start from, when not the card's own."""
     path = Path(path)
     if not path.is_file():
         raise UserError(f"data card {path} does not exist; pass the path of a card (see `peftlab list cards`)")
@@ -156,6 +166,7 @@ def read_card(path) -> Card:
     if card.labels is not None:
         _check_labels(card.labels, path)
     card.card_path = path.resolve()
+    card.root = Path(root).resolve() if root is not None else None
     card.body = body.strip()
     card.text = text
     return card

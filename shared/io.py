@@ -72,6 +72,22 @@ def read_json(path):
         raise UserError(f"{path}: not UTF-8 text (byte {error.start}); the file is damaged") from None
 
 
+def read_jsonl(path) -> list:
+    """A JSON-lines file peftlab wrote; a damaged line is a UserError naming file and line."""
+    rows = []
+    try:
+        lines = Path(path).read_text(encoding="utf-8").splitlines()
+    except UnicodeDecodeError as error:
+        raise UserError(f"{path}: not UTF-8 text (byte {error.start}); the file is damaged") from None
+    for number, line in enumerate(lines, start=1):
+        if line.strip():
+            try:
+                rows.append(json.loads(line))
+            except json.JSONDecodeError as error:
+                raise UserError(f"{path}:{number}: not valid JSON ({error.msg}); the file is damaged") from None
+    return rows
+
+
 def _json_default(value):
     if hasattr(value, "item"):
         return value.item()

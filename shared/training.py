@@ -375,7 +375,13 @@ def _train(task, model: TaskModel, train_examples: list[Example], validation_exa
             accelerator.backward(loss / config.grad_accum)
             if processes > 1:  # the global batch's mean loss, for the log
                 loss = accelerator.reduce(loss.detach(), reduction="mean")
-            state["epoch_loss_sum"] += loss.item()
+            step_loss = loss.item()
+            if not math.isfinite(step_loss):  # else NaN weights surface later as a metric library's error
+                progress.close()
+                raise UserError(f"the training loss became {step_loss} at step {state['global_step'] + 1} "
+                                f"(epoch {epoch + 1}): training diverged; lower train.lr (now {config.lr:g})"
+                                + (" or train in fp32 (train.precision=fp32)" if accelerator.mixed_precision != "no" else ""))
+            state["epoch_loss_sum"] += step_loss
             state["samples"] += len(indices)
             if not last_micro:
                 continue
@@ -393,7 +399,7 @@ def _train(task, model: TaskModel, train_examples: list[Example], validation_exa
             state["step_in_epoch"] += 1
             progress.update(1)
             elapsed = state["seconds"] + time.perf_counter() - epoch_start
-            progress.set_postfix(epoch=epoch + 1, loss=f"{loss.item():.4f}",
+            progress.set_postfix(epoch=epoch + 1, loss=f"{step_loss:.4f}",
                                  samples_s=f"{state['samples'] / max(elapsed, 1e-9):.1f}", refresh=False)
             if state["global_step"] >= total_steps:
                 state["done"] = True

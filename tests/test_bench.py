@@ -9,8 +9,12 @@ from __future__ import annotations
 
 import csv
 import json
+import os
 import shutil
 import statistics
+import subprocess
+import sys
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -132,12 +136,14 @@ def test_rerun_skips_finished_cells_resumes_killed_ones_and_retries_failures(swe
     bitfit_dir.mkdir()
     (bitfit_dir / "partial.tmp").write_text("left by a killed process")
     explode_log = (sweep / "logs" / "explode-seed0.log").stat().st_mtime_ns
+    full_log = (sweep / "logs" / "full-seed1.log").read_text()
 
     run_sweep(sweep)
 
     after = {r["cell"]: r for r in read_rows(sweep)}
     assert {cell: (sweep / "runs" / cell / "metrics.json").stat().st_mtime_ns for cell in finished} == mtimes
-    assert "resumed from step 2" in (sweep / "logs" / "full-seed1.log").read_text()
+    resumed_log = (sweep / "logs" / "full-seed1.log").read_text()
+    assert resumed_log.startswith(full_log) and "resumed from step 2" in resumed_log.removeprefix(full_log)
     assert not (bitfit_dir / "partial.tmp").exists()
     for cell in ("full-seed1", "bitfit-seed1"):  # the same seed gives the same model, so the same metrics
         assert after[cell]["metrics"] == before[cell]["metrics"]
@@ -156,7 +162,11 @@ def test_rerun_with_other_settings_is_refused(sweep, capsys):
 @pytest.mark.parametrize("arguments, message", [
     (["no-such-pipeline", "--methods", "lora"], "unknown pipeline 'no-such-pipeline'"),
     ([PIPELINE, "--demo", "--methods", "lora,nope"], "unknown PEFT method 'nope'"),
-    ([PIPELINE, "--demo", "--methods", "lora,bitfit", "method.r=4"], "method 'full' has no option 'r'"),
+    ([PIPELINE, "--demo", "--methods", "lora,bitfit", "method.rank=4"],
+     "method.rank=4: no method of the sweep (full, lora, bitfit) has option 'rank'"),
+    ([PIPELINE, "--demo", "--methods", "lora", "--backbone", "no/such/esm.pt"], "unknown ESM-2 backbone 'no/such/esm.pt'"),
+    ([PIPELINE, "--demo", "--methods", "lora", "--columns", "accuracy,acuracy"],
+     "--columns: 'acuracy' is not a metric of this sweep; its metrics: accuracy, macro_f1, auroc"),
     ([PIPELINE, "--demo", "--methods", "lora", "train.nope=1"], "unknown config key 'train.nope'"),
     # found only on reading the data: once up front, not as a failure in every cell
     ([PIPELINE, "--demo", "--methods", "lora", "data.limit.dev=3"], "data.limit names split 'dev'"),
@@ -221,3 +231,93 @@ def test_the_recipes_own_method_keeps_the_recipes_options():
     recipe = yaml.safe_load((Path(bench.cfg.RECIPES) / f"{PIPELINE}.yaml").read_text())
     assert sweep.cells[0].config.method == recipe["method"] and sweep.cells[2].config.method == {"name": "bitfit"}
     assert not sweep.out.exists()
+
+
+def test_method_options_go_to_the_methods_that_have_them(capsys):
+    sweep = bench.plan(PIPELINE, "lora,bitfit", seeds=1, demo=True, data=None, backbone=None, out=None, full=True,
+                       overrides=["method.r=4", "train.max_steps=2"])
+    by_method = {cell.method: cell for cell in sweep.cells}
+    assert by_method["lora"].config.method["r"] == 4 and "method.r=4" in by_method["lora"].overrides
+    assert by_method["full"].config.method == {"name": "full"} and by_method["bitfit"].config.method == {"name": "bitfit"}
+    assert all(cell.config.train.max_steps == 2 for cell in sweep.cells)
+    assert "note: method.r=4 applies to lora; full, bitfit have no option 'r'" in capsys.readouterr().err
+
+
+def test_resume_settings_compare_what_they_do_not_how_they_were_typed(tmp_path, monkeypatch):
+    card = bench.cfg.PACKAGE_ROOT / "data_cards" / "protein-classify-demo.md"
+    monkeypatch.chdir(card.parent)
+    typed = {"pipeline": PIPELINE, "demo": True, "data": card.name, "backbone": None,
+             "overrides": ["train.max_steps=2", "train.epochs=1"]}
+    again = {**typed, "data": str(card), "overrides": ["train.epochs=1", "train.max_steps=2"]}
+    assert bench._comparable(typed) == bench._comparable(again)
+    assert bench._comparable(typed) != bench._comparable({**again, "overrides": ["train.epochs=2"]})
+
+
+def test_a_second_sweep_into_a_running_sweeps_directory_is_refused(tmp_path, capsys):
+    out = tmp_path / "sweep"
+    with bench._exclusive(out):
+        assert main(["bench", PIPELINE, "--demo", "--methods", "bitfit", "--out", str(out), "--in-process", *BUDGET]) == 2
+    error = capsys.readouterr().err.strip().splitlines()[-1]
+    assert error.startswith(f"error: {out}: another peftlab bench (process {os.getpid()}) is running this sweep")
+    assert not (out / bench.SETTINGS_FILE).exists()
+
+
+def test_a_cell_process_ends_with_the_sweeps_process(tmp_path):
+    """kill -9 of `peftlab bench` leaves no cell training on as an orphan beside a resumed sweep."""
+    script = (
+        "import subprocess, sys, time\n"
+        "from peftlab.pipelines import bench\n"
+        "child = subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(120)'], preexec_fn=bench._die_with_parent)\n"
+        "print(child.pid, flush=True)\n"
+        "time.sleep(120)\n")
+    parent = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True)
+    child = int(parent.stdout.readline())
+    parent.kill()
+    parent.wait()
+    deadline = time.monotonic() + 20
+    while time.monotonic() < deadline and _alive(child):
+        time.sleep(0.1)
+    assert not _alive(child)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().split(")")[-1].split()[0]
+    except FileNotFoundError:
+        return False
+    return state != "Z"  # a zombie has ended; only its parent (init, here) has yet to reap it
+
+
+def test_a_sweep_with_failed_cells_exits_1_after_writing_its_reports(tmp_path, capsys, exploding_method):
+    out = tmp_path / "sweep"
+    code = main(["bench", PIPELINE, "--demo", "--methods", "explode", "--no-full", "--out", str(out), "--in-process",
+                 *BUDGET])
+    assert code == 1
+    assert capsys.readouterr().err.strip().splitlines()[-1] == (
+        f"error: 1 of 1 cells failed (explode-seed0); their errors are in {out / 'table.md'} and {out / 'logs'}; "
+        f"the same command retries them")
+    assert (out / "pareto.png").read_bytes()[:8] == PNG_MAGIC and "Δ" not in (out / "table.md").read_text()
+
+
+def test_a_sweep_grown_by_a_method_keeps_the_earlier_rows(tmp_path):
+    out = tmp_path / "sweep"
+    bench.bench(PIPELINE, "bitfit", demo=True, full=False, out=out, overrides=BUDGET, isolate=False)
+    bench.bench(PIPELINE, "ia3", demo=True, full=False, out=out, overrides=BUDGET, isolate=False)
+    assert [(row["cell"], row["status"]) for row in read_rows(out)] == [("ia3-seed0", "finished"), ("bitfit-seed0", "finished")]
+    table = (out / "table.md").read_text()
+    assert "| ia3 | 1/1 |" in table and "| bitfit | 1/1 |" in table
+
+
+def test_eval_on_a_bench_directory_points_to_its_runs(sweep, capsys):
+    assert main(["eval", str(sweep)]) == 2
+    error = capsys.readouterr().err.strip()
+    assert error.startswith(f"error: {sweep} is a bench directory; each of its cells is a run: pass {sweep / 'runs'}/")
+    assert "full-seed0" in error
+
+
+def test_counts_print_without_decimals_and_scores_with_them():
+    summaries = [bench.MethodSummary("lora", 2, 2, metrics={"median_rank": (5.0, 0.0), "accuracy": (1.0, 0.0)}),
+                 bench.MethodSummary("ia3", 2, 2, metrics={"median_rank": (7.0, 2.0), "accuracy": (0.5, 0.1)})]
+    assert bench._column_format(summaries, "median_rank") == ".0f"
+    assert bench._column_format(summaries, "accuracy") == ".4f"
+    assert bench._fmt_mean_std((5.0, 0.0), ".0f") == "5 ± 0"

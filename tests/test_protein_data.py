@@ -56,6 +56,11 @@ def test_csv_reader(tmp_path):
     # a misspelt id column stopped nothing: the ids fell back to FILE:LINE
     with pytest.raises(UserError, match=r"s\.csv: column 'Nmae' for fields\.id not found; the header has \['Name'"):
         data.read_sequence_csv(path, {"label": "target", "id": "Nmae"}, None)
+    # without fields.id, a column named `id` names the rows (else FILE:LINE does)
+    path.write_text("sequence,id\nMKT,P12345\nGGW,Q99999\n")
+    assert [e["id"] for e in data.read_sequence_csv(path, {}, None, labelled=False)] == ["P12345", "Q99999"]
+    path.write_text("sequence\nMKT\n")
+    assert [e["id"] for e in data.read_sequence_csv(path, {}, None, labelled=False)] == ["s.csv:2"]
 
 
 def test_crop_policies():

@@ -187,7 +187,7 @@ def test_concurrent_http_requests_give_the_predictors_answers(server, expected, 
         assert status == 200, body
         assert body["adapter"] == name and body["task"] == "protein-classify"
         assert_same_rows(body["predictions"], [expected[name][i] for i in indices])
-    assert get(f"{server}/health") == {"status": "ok", "adapters": 4, "backbones": 3}
+    assert get(f"{server}/health") == {"status": "ok", "adapters": 4, "backbones": 1, "backbone_copies": 3}
     listed = {a["name"]: a for a in get(f"{server}/adapters")["adapters"]}
     assert set(listed) == {"lora_a", "lora_b", "ia3", "bitfit"}
     assert listed["lora_a"]["labels"] == ["family_0", "family_1", "family_2", "family_3"]
@@ -235,6 +235,85 @@ def test_python_api_load_of_a_list_serves_every_run(runs, expected):
         served.close()
     with pytest.raises(UserError, match="both be served as 'lora_a'; name them with NAME=RUN_DIR"):
         MultiAdapter([runs["lora_a"], runs["lora_a"]])
+
+
+def test_health_counts_distinct_backbones_and_the_copies_in_memory(multi):
+    """Four runs on the one tiny ESM-2: one backbone, held as three copies (the LoRA runs'
+    shared model, the IA3 model beside it, BitFit's own). It once said "backbones": 3."""
+    from peftlab.pipelines import serve
+    from starlette.testclient import TestClient
+
+    health = TestClient(serve.create_app(multi)).get("/health").json()
+    assert health == {"status": "ok", "adapters": 4, "backbones": 1, "backbone_copies": 3}
+
+
+@pytest.mark.parametrize("argument, message", [
+    ("=runs/a", "=runs/a: the adapter name before '=' is empty; pass NAME=RUN_DIR or RUN_DIR alone"),
+    ("a=", "a=: no run directory after '='; pass NAME=RUN_DIR or RUN_DIR alone"),
+    ("a b=runs/a", "a b=runs/a: an adapter name may not contain '/', '?', '#', '%' or spaces; pass NAME=RUN_DIR"),
+])
+def test_a_bad_adapter_name_says_what_is_wrong_with_it(argument, message, capsys):
+    with pytest.raises(UserError) as raised:
+        MultiAdapter([argument])
+    assert str(raised.value) == message
+    assert main(["serve", argument, "--port", "0"]) == 2  # stops before the port and any run is touched
+    assert capsys.readouterr().err.strip().splitlines() == [f"error: {message}"]
+
+
+def relabelled_run(run_dir: Path, task_name: str, out: Path) -> Path:
+    """A copy of `run_dir` whose run.yaml names `task_name`: what serve's start-up check
+    reads, without training a run of that task (a video-text demo run takes ~15 s)."""
+    import shutil
+
+    import yaml
+
+    copy = Path(shutil.copytree(run_dir, out / task_name))
+    config = yaml.safe_load((copy / "run.yaml").read_text())
+    config.update(pipeline=task_name, task={"name": task_name})
+    (copy / "run.yaml").write_text(yaml.safe_dump(config))
+    return copy
+
+
+def test_serve_refuses_a_task_with_no_json_form_before_any_backbone_loads(runs, tmp_path, monkeypatch, capsys):
+    """Video-text runs (clips are folders of frames) have no JSON request form: served, every
+    request got 422. `peftlab serve` now refuses them at start-up, naming the run and task."""
+    from peftlab.shared.tasks import list_tasks
+
+    unservable = [task for task in list_tasks() if not hasattr(task, "parse_request")]  # what serve parses with
+    assert {"video-text-retrieval", "video-caption"} <= {task.name for task in unservable}
+
+    def no_backbone(*args, **kwargs):
+        raise AssertionError("a backbone loaded before the run was refused")
+
+    for task in [*unservable, get_task("protein-classify")]:
+        monkeypatch.setattr(task, "build_model", no_backbone)
+    import uvicorn
+
+    monkeypatch.setattr(uvicorn, "run", no_backbone)
+    for task in unservable:
+        run_dir = relabelled_run(runs["lora_a"], task.name, tmp_path)
+        message = (f"{run_dir}: task {task.name!r} cannot be served: it has no JSON request form, so every request "
+                   f"would fail; predict on its files with `peftlab predict {run_dir} INPUT...` instead")
+        # named after a servable run: that run's backbone must not load first
+        assert main(["serve", str(runs["lora_a"]), f"x={run_dir}", "--port", "0"]) == 2
+        assert capsys.readouterr().err.strip().splitlines() == [f"error: {message}"]
+        with pytest.raises(UserError, match="cannot be served"):
+            MultiAdapter([run_dir], json_requests=True)
+
+
+def test_unreadable_media_in_a_request_say_what_is_wrong_in_words():
+    """Pillow's message named its in-memory buffer ("cannot identify image file
+    <_io.BytesIO object at 0x...>"), the audio reader a temporary file of the server's."""
+    medical = get_task("medical-classify")
+    with pytest.raises(UserError) as raised:
+        medical.parse_request({"images": {"scan": b64(b"not an image")}}, medical.options(image_size=32))
+    assert str(raised.value) == ("images[scan]: not a readable image file: the decoded bytes are in no image format "
+                                 "Pillow reads (PNG, JPEG, TIFF, BMP, GIF, WebP, ...); send a whole image file, "
+                                 "base64-encoded")
+    speech = get_task("speech-emotion")
+    with pytest.raises(UserError) as raised:
+        speech.parse_request({"audio": [b64(b"not audio at all")]}, speech.options())
+    assert str(raised.value) == "audio[0]: not a readable WAV/FLAC/OGG file (Format not recognised.)"
 
 
 # ------------------------------------------------------------- the natural JSON forms
@@ -357,7 +436,7 @@ def test_serve_command_answers_on_loopback(runs, capsys):
                 assert process.poll() is None, process.stderr.read()[-2000:]
                 assert time.time() < deadline, "peftlab serve did not come up"
                 time.sleep(0.3)
-        assert health == {"status": "ok", "adapters": 2, "backbones": 1}
+        assert health == {"status": "ok", "adapters": 2, "backbones": 1, "backbone_copies": 1}
         status, body = post(f"http://127.0.0.1:{port}/predict/b", {"sequences": ["MKTAYIAK"]})
         assert status == 200 and body["predictions"][0]["id"] == "0"
     finally:

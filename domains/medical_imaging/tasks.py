@@ -314,7 +314,7 @@ class MedicalClassifyTask:
                             f"or give one file per split as `splits: {{train: ..., test: ...}}`")
         path = card.resolve(card.path, "path")
         if not path.exists():
-            raise UserError(f"{card.card_path}: path = {path} does not exist; fix the path (relative paths are relative to the card)")
+            raise UserError(f"{card.card_path}: path = {path} does not exist; fix the path (relative paths start at {card.folder})")
         return path
 
     def _ratio_split(self, card: Card, examples: list[dict]) -> dict[str, list[dict]]:
@@ -336,7 +336,7 @@ class MedicalClassifyTask:
         return self._ratio_split(card, examples), labels
 
     def _read_csv(self, card: Card, labels, options: MedicalImageOptions) -> dict[str, list[dict]]:
-        image_root = card.resolve(card.option("image_root"), "image_root") if card.option("image_root") else card.card_path.parent
+        image_root = card.resolve(card.option("image_root"), "image_root") if card.option("image_root") else card.folder
 
         def read(path: Path) -> list[dict]:
             return data.read_image_csv(path, image_root, card.fields, labels, card.group_by, options.multi_label)
@@ -420,7 +420,10 @@ class MedicalClassifyTask:
                     rgb = data.to_rgb(image)
             except UserError:
                 raise
-            except (UnidentifiedImageError, OSError, ValueError, SyntaxError, Image.DecompressionBombError) as error:
+            except UnidentifiedImageError:  # Pillow's message names only its buffer: "<_io.BytesIO object at 0x...>"
+                raise UserError(f"{where}: not a readable image file: the decoded bytes are in no image format Pillow "
+                                f"reads (PNG, JPEG, TIFF, BMP, GIF, WebP, ...); send a whole image file, base64-encoded") from None
+            except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as error:
                 raise UserError(f"{where}: not a readable image file ({error})") from None
             examples.append({"id": key, "image": np.asarray(rgb), "multi_label": options.multi_label})
         return examples

@@ -113,7 +113,8 @@ def read_sequence_csv(path: Path, fields: dict, labels: list[str] | None, labell
     header = [h.strip() for h in rows[0][1]]
     seq_col = _column(fields, "sequence", "sequence", header, path)
     label_col = _column(fields, "label", "label", header, path) if labelled else None
-    id_col = _column(fields, "id", None, header, path) if "id" in fields else None
+    # ids from `fields.id`, else from a column named `id`, else file:line
+    id_col = _column(fields, "id", None, header, path) if "id" in fields else header.index("id") if "id" in header else None
     examples = []
     for number, cells in rows[1:]:
         if len(cells) != len(header):

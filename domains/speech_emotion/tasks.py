@@ -294,7 +294,7 @@ class SpeechEmotionTask:
         label_map = card.option("label_map")
         if label_map is not None and not isinstance(label_map, dict):
             raise UserError(f"{card.card_path}: label_map maps label cells to class names, e.g. {{exc: happy, oth: null}}")
-        audio_root = card.resolve(card.path, "path") if card.path else card.card_path.parent
+        audio_root = card.resolve(card.path, "path") if card.path else card.folder
         spec = dict(card.splits or {})
         read = lambda path: data.read_table(path, audio_root, card.fields, card.labels, label_map,  # noqa: E731
                                             card.group_by, on_bad_file)
@@ -380,8 +380,9 @@ class SpeechEmotionTask:
                 file.flush()
                 try:
                     waveform, rate = data.decode(Path(file.name))
-                except data.BadAudio as error:
-                    raise UserError(f"audio[{key}]: {error}") from None
+                except data.BadAudio as error:  # its message names our temporary file, which means nothing to the client
+                    reason = str(error).replace(f"Error opening {file.name!r}: ", "")
+                    raise UserError(f"audio[{key}]: {reason}") from None
             examples.append({"id": key, "audio": waveform, "sample_rate": rate, "samples": len(waveform)})
         return examples
 

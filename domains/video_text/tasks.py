@@ -340,9 +340,9 @@ class _VideoTextTask:
             return data.demo_splits(sizes, int(demo["seed"]), int(demo["frames"]), int(demo["size"])), []
         if card.format not in self.formats:
             raise UserError(f"{card.card_path}: {self.name} reads formats {', '.join(self.formats)}, not {card.format!r}")
-        root = card.resolve(card.option("video_root"), "video_root") if card.option("video_root") else card.card_path.parent
+        root = card.resolve(card.option("video_root"), "video_root") if card.option("video_root") else card.folder
         if not root.is_dir():
-            raise UserError(f"{card.card_path}: video_root = {root} is not a folder; fix the path (relative to the card)")
+            raise UserError(f"{card.card_path}: video_root = {root} is not a folder; fix the path (relative paths start at {card.folder})")
         fields = card.fields or {}
 
         def read(path: Path) -> dict[str, list[dict]]:
@@ -371,7 +371,7 @@ class _VideoTextTask:
         if card.path:
             path = card.resolve(card.path, "path")
             if not path.is_file():
-                raise UserError(f"{card.card_path}: path = {path} does not exist; fix the path (relative to the card)")
+                raise UserError(f"{card.card_path}: path = {path} does not exist; fix the path (relative paths start at {card.folder})")
             return path
         raise UserError(f"{card.card_path}: set `files: {{annotations: captions.json}}` (or a CSV) or per-split `splits` files")
 

@@ -130,6 +130,9 @@ def options_help(spec: MethodSpec) -> list[tuple[str, Any, str]]:
 
 
 def _load_builtin_methods() -> None:
-    # The built-in methods register themselves on import; domain methods register
-    # when their domain package is imported.
+    # The built-in methods register themselves on import; a domain's methods (visual
+    # prompts, Point-PEFT, ...) when its package is imported, which loading the tasks does.
     from peftlab.shared.methods import builtin  # noqa: F401
+    from peftlab.shared.tasks import list_tasks
+
+    list_tasks()
