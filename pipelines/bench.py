@@ -48,6 +48,7 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 from peftlab.pipelines import config as cfg
 from peftlab.pipelines import runner
 from peftlab.shared import io
@@ -95,6 +96,8 @@ class Sweep:
     """The metrics every cell computes (a task may report more, e.g. `accuracy/<dataset>`)."""
     lock_fd: int | None = None
     """OUT's lock while the sweep runs, passed on to the cell processes."""
+    chance: dict[str, float] = field(default_factory=dict)
+    """Metric -> the score of a constant answer (see `chance_levels`); empty where unknown."""
 
 
 # --------------------------------------------------------------------------- planning
@@ -183,8 +186,29 @@ def plan(pipeline, methods, *, seeds, demo, data, backbone, out, full, overrides
     cells = [cell for cell in cells if cell.method not in skipped]
     settings = {"pipeline": pipeline, "demo": demo, "data": data, "backbone": backbone, "overrides": overrides}
     out_dir = Path(out) if out is not None else _default_out_dir(pipeline)
+    reported = "test" if "test" in base.eval.splits else base.eval.splits[-1]
     return Sweep(pipeline, out_dir, cells, skipped, names, seed_values, settings, primary,
-                 get_metric(primary).higher_is_better, metric_names)
+                 get_metric(primary).higher_is_better, metric_names,
+                 chance=chance_levels(dataset, reported, metric_names))
+
+
+def chance_levels(dataset, split: str, metric_names: list[str]) -> dict[str, float]:
+    """What each metric gives a model that ignores its input and answers the training
+    split's class frequencies, on `split`: majority-class accuracy, AUROC 0.5, AUPR the
+    positive rate, and so on, from the same metric code the runs use. Single-label
+    classification only; empty for generated text, retrieval or multi-label targets."""
+    from peftlab.shared import metrics
+
+    train, scored = dataset.splits.get("train", []), dataset.splits.get(split, [])
+    examples = [*train, *scored]
+    if not dataset.labels or not scored or any(not isinstance(e.get("label"), int | np.integer) or "targets" in e for e in examples):
+        return {}
+    counts = np.bincount([e["label"] for e in train], minlength=len(dataset.labels))
+    prior = counts / counts.sum()
+    constant = np.full(len(scored), prior[1]) if len(prior) == 2 else np.tile(prior, (len(scored), 1))
+    names = [name for name in metric_names if name in metrics.list_metrics()]
+    values = metrics.compute(names, [e["label"] for e in scored], constant)
+    return {name: value for name, value in values.items() if value is not None}
 
 
 def _method_option_overrides(specs: dict, overrides: list[str]) -> dict[str, list[str]]:
@@ -588,6 +612,17 @@ def pareto_front(points: list[tuple[float, float]], higher_is_better: bool = Tru
     return front
 
 
+def pareto_front_above_chance(points: list[tuple[float, float]], higher_is_better: bool,
+                              chance: float | None) -> list[int]:
+    """The Pareto front of the points that beat `chance` (all of them when it is None):
+    the fewest parameters for nothing learnt is not a trade-off worth drawing."""
+    def learnt(y: float) -> bool:
+        return chance is None or (y > chance + 1e-9 if higher_is_better else y < chance - 1e-9)
+
+    candidates = [i for i, (_, y) in enumerate(points) if learnt(y)]
+    return [candidates[j] for j in pareto_front([points[i] for i in candidates], higher_is_better)]
+
+
 def metric_columns(summaries: list[MethodSummary], primary: str, requested: list[str] | None = None) -> list[str]:
     """The primary metric, then every other scalar metric in the order the runs report
     them; or exactly the requested ones."""
@@ -605,15 +640,25 @@ def write_reports(sweep: Sweep, rows: list[dict], columns: list[str] | None = No
     names = metric_columns(summaries, sweep.primary_metric, columns)
     split = next((row["split"] for row in rows if row["status"] == "finished"), "test")
     io.write_text(sweep.out / "table.md", table_markdown(sweep, summaries, names, split))
-    io.write_text(sweep.out / "table.csv", table_csv(summaries, names, sweep.primary_metric))
+    chance_methods = {s.method for s in summaries if at_chance(s, sweep)}
+    io.write_text(sweep.out / "table.csv", table_csv(summaries, names, sweep.primary_metric, chance_methods))
     plot_pareto(sweep.out / "pareto.png", summaries, sweep.primary_metric, sweep.higher_is_better,
-                title=f"{sweep.pipeline}: {sweep.primary_metric} ({split}) vs trainable parameters")
+                title=f"{sweep.pipeline}: {sweep.primary_metric} ({split}) vs trainable parameters",
+                chance=sweep.chance.get(sweep.primary_metric))
     counts = {status: sum(row["status"] == status for row in rows) for status in ("finished", "failed", "skipped")}
     runner.log(", ".join(f"{n} {status}" for status, n in counts.items()) + f" cells; table: {sweep.out / 'table.md'}")
 
 
 def order_reference_first(summaries: list[MethodSummary]) -> list[MethodSummary]:
     return sorted(summaries, key=lambda s: s.method != REFERENCE)  # stable: the others keep their order
+
+
+def at_chance(summary: MethodSummary, sweep: Sweep) -> bool:
+    """The method's mean primary metric is no better than a constant answer's."""
+    chance, mean = sweep.chance.get(sweep.primary_metric), summary.metrics.get(sweep.primary_metric, (None,))[0]
+    if chance is None or mean is None:
+        return False
+    return mean <= chance + 1e-9 if sweep.higher_is_better else mean >= chance - 1e-9
 
 
 def _delta(summary: MethodSummary, reference: MethodSummary | None, metric: str) -> float | None:
@@ -641,7 +686,8 @@ def table_markdown(sweep: Sweep, summaries: list[MethodSummary], names: list[str
     for s in summaries:
         if not s.finished:
             continue
-        cells = [f"{s.method} (reference)" if s is reference else s.method, f"{s.finished}/{s.cells}",
+        name = f"{s.method} (reference)" if s is reference else s.method
+        cells = [f"{name} (at chance)" if at_chance(s, sweep) else name, f"{s.finished}/{s.cells}",
                  f"{s.trainable:,}", f"{s.percent:.4g}", _fmt_bytes(s.adapter_bytes)]
         for name in names:
             cells.append(_fmt_mean_std(s.metrics.get(name), formats[name]))
@@ -672,6 +718,10 @@ def table_markdown(sweep: Sweep, summaries: list[MethodSummary], names: list[str
         "",
         *lines,
     ]
+    if sweep.chance:
+        levels = ", ".join(f"{name} {sweep.chance[name]:.4f}" for name in names if name in sweep.chance)
+        text += ["", f"Chance, the scores of a constant answer (the training split's class frequencies) on the {split} "
+                     f"split: {levels}. A method marked (at chance) scores no better on {primary}: it has not learnt."]
     left_out = [s for s in summaries if s.errors]
     if left_out:
         text += ["", "Not finished:", ""]
@@ -681,9 +731,11 @@ def table_markdown(sweep: Sweep, summaries: list[MethodSummary], names: list[str
     return "\n".join(text) + "\n"
 
 
-def table_csv(summaries: list[MethodSummary], names: list[str], primary: str) -> str:
+def table_csv(summaries: list[MethodSummary], names: list[str], primary: str, chance_methods=frozenset()) -> str:
+    """`chance_methods`: those whose primary metric is no better than chance (`at_chance`)."""
     reference = _reference(summaries)
-    header = ["method", "status", "seeds_finished", "seeds", "trainable_params", "trainable_percent", "adapter_bytes"]
+    header = ["method", "status", "seeds_finished", "seeds", "at_chance", "trainable_params", "trainable_percent",
+              "adapter_bytes"]
     for name in names:
         header += [f"{name}_mean", f"{name}_std"]
     header += [f"delta_{primary}_vs_full", "train_seconds", "samples_per_s", "peak_rss_mb", "peak_gpu_mb", "error"]
@@ -691,8 +743,8 @@ def table_csv(summaries: list[MethodSummary], names: list[str], primary: str) ->
     writer = csv.writer(buffer, lineterminator="\n")
     writer.writerow(header)
     for s in summaries:
-        row = [s.method, s.status if not s.finished else "finished", s.finished, s.cells, s.trainable, s.percent,
-               s.adapter_bytes]
+        row = [s.method, s.status if not s.finished else "finished", s.finished, s.cells,
+               s.method in chance_methods if s.finished else None, s.trainable, s.percent, s.adapter_bytes]
         for name in names:
             mean, std = s.metrics.get(name, (None, None))
             row += [mean, std]
@@ -702,9 +754,12 @@ def table_csv(summaries: list[MethodSummary], names: list[str], primary: str) ->
     return buffer.getvalue()
 
 
-def plot_pareto(path: Path, summaries: list[MethodSummary], primary: str, higher_is_better: bool, title: str) -> None:
+def plot_pareto(path: Path, summaries: list[MethodSummary], primary: str, higher_is_better: bool, title: str,
+                chance: float | None = None) -> None:
     """Primary metric (mean, std error bars) against trainable % on a log axis; the
-    Pareto front drawn as a line through its circled points."""
+    Pareto front drawn as a line through its circled points. With `chance` (a constant
+    answer's score) a dashed line marks it, and a method no better than it is left off
+    the front: fewest parameters for nothing learnt is not a trade-off."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
@@ -724,7 +779,9 @@ def plot_pareto(path: Path, summaries: list[MethodSummary], primary: str, higher
     ys = [s.metrics[primary][0] for s in done]
     errors = [s.metrics[primary][1] or 0.0 for s in done]
     axes.errorbar(xs, ys, yerr=errors, fmt="o", color="tab:blue", ecolor="gray", capsize=3, label="method (mean ± std)")
-    front = sorted(pareto_front(list(zip(xs, ys)), higher_is_better), key=lambda i: xs[i])
+    front = sorted(pareto_front_above_chance(list(zip(xs, ys)), higher_is_better, chance), key=lambda i: xs[i])
+    if chance is not None:
+        axes.axhline(chance, color="gray", linestyle="--", linewidth=1, label="chance (constant answer)")
     if front:
         axes.plot([xs[i] for i in front], [ys[i] for i in front], "-", color="tab:red", linewidth=1, zorder=0)
         axes.scatter([xs[i] for i in front], [ys[i] for i in front], s=140, facecolors="none",
@@ -732,6 +789,8 @@ def plot_pareto(path: Path, summaries: list[MethodSummary], primary: str, higher
     axes.set_xscale("log")
     axes.set_xlim(min(xs) / 2, max(xs) * 2)  # room on either side for the outermost labels
     bottom, top = min(y - e for y, e in zip(ys, errors)), max(y + e for y, e in zip(ys, errors))
+    if chance is not None:
+        bottom, top = min(bottom, chance), max(top, chance)
     margin = 0.15 * ((top - bottom) or abs(top) or 1.0)
     axes.set_ylim(bottom - margin, top + margin)
     _label_points(axes, [s.method for s in done], xs, ys)

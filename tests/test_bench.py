@@ -10,6 +10,7 @@ from __future__ import annotations
 import csv
 import json
 import os
+import re
 import shutil
 import statistics
 import subprocess
@@ -305,7 +306,8 @@ def test_a_sweep_grown_by_a_method_keeps_the_earlier_rows(tmp_path):
     bench.bench(PIPELINE, "ia3", demo=True, full=False, out=out, overrides=BUDGET, isolate=False)
     assert [(row["cell"], row["status"]) for row in read_rows(out)] == [("ia3-seed0", "finished"), ("bitfit-seed0", "finished")]
     table = (out / "table.md").read_text()
-    assert "| ia3 | 1/1 |" in table and "| bitfit | 1/1 |" in table
+    for method in ("ia3", "bitfit"):  # two steps may leave a method at chance, which the table then says
+        assert re.search(rf"\| {method}( \(at chance\))? \| 1/1 \|", table), table
 
 
 def test_eval_on_a_bench_directory_points_to_its_runs(sweep, capsys):
@@ -321,3 +323,34 @@ def test_counts_print_without_decimals_and_scores_with_them():
     assert bench._column_format(summaries, "median_rank") == ".0f"
     assert bench._column_format(summaries, "accuracy") == ".4f"
     assert bench._fmt_mean_std((5.0, 0.0), ".0f") == "5 ± 0"
+
+
+def test_chance_is_what_a_constant_answer_of_the_training_class_frequencies_scores(tmp_path):
+    from peftlab.shared.tasks import Dataset
+
+    dataset = Dataset({"train": [{"label": label} for label in (0, 0, 0, 1, 2)],
+                       "test": [{"label": label} for label in (0, 1, 2, 2)]}, ["a", "b", "c"])
+    chance = bench.chance_levels(dataset, "test", ["accuracy", "macro_f1", "auroc"])
+    # always class a (the training majority): right once in four; F1 of a = 2·(1/4·1)/(1/4 + 1) = 0.4, b and c 0
+    assert chance == pytest.approx({"accuracy": 0.25, "macro_f1": 0.4 / 3, "auroc": 0.5})
+    binary = Dataset({"train": [{"label": label} for label in (0, 1, 1)], "test": [{"label": label} for label in (0, 0, 1, 1)]},
+                     ["no", "yes"])
+    assert bench.chance_levels(binary, "test", ["accuracy", "aupr"]) == {"accuracy": 0.5, "aupr": 0.5}
+    text = Dataset({"train": [{"label": "a sum"}], "test": [{"label": "a sum"}]}, [])
+    assert bench.chance_levels(text, "test", ["bleu"]) == {}
+
+    sweep = bench.Sweep(PIPELINE, tmp_path, [], {}, ["lora", "ia3"], [0], {"backbone": None, "data": None, "demo": True,
+                        "overrides": []}, "accuracy", True, ["accuracy"], chance={"accuracy": 0.25})
+    learnt = bench.MethodSummary("lora", 1, 1, trainable=10, percent=1.0, adapter_bytes=1, metrics={"accuracy": (0.9, None)})
+    stuck = bench.MethodSummary("ia3", 1, 1, trainable=2, percent=0.1, adapter_bytes=1, metrics={"accuracy": (0.25, None)})
+    assert not bench.at_chance(learnt, sweep) and bench.at_chance(stuck, sweep)
+    table = bench.table_markdown(sweep, [learnt, stuck], ["accuracy"], "test")
+    assert "| ia3 (at chance) | 1/1 |" in table and "| lora | 1/1 |" in table
+    assert "on the test split: accuracy 0.2500." in table
+    csv_rows = list(csv.DictReader(bench.table_csv([learnt, stuck], ["accuracy"], "accuracy", {"ia3"}).splitlines()))
+    assert [(row["method"], row["at_chance"]) for row in csv_rows] == [("lora", "False"), ("ia3", "True")]
+    points = [(1.0, 0.9), (0.1, 0.25)]
+    assert bench.pareto_front_above_chance(points, True, None) == [0, 1]
+    assert bench.pareto_front_above_chance(points, True, 0.25) == [0]  # the stuck method is off the front
+    bench.plot_pareto(tmp_path / "pareto.png", [learnt, stuck], "accuracy", True, "t", chance=0.25)
+    assert (tmp_path / "pareto.png").read_bytes()[:8] == PNG_MAGIC
