@@ -127,20 +127,21 @@ def register_task(task: Task) -> Task:
 
 
 def get_task(name: str) -> Task:
-    _load_domains()
+    load_domains()
     if name not in _TASKS:
         raise UserError(f"unknown task {name!r}{did_you_mean(name, _TASKS)}")
     return _TASKS[name]
 
 
 def list_tasks() -> list[Task]:
-    _load_domains()
+    load_domains()
     return [_TASKS[name] for name in sorted(_TASKS)]
 
 
-def _load_domains() -> None:
-    # The registry lives in shared; the domains fill it. Imported by name at run time so
-    # that `shared` has no import-time dependency on any domain.
+def load_domains() -> None:
+    # The registries (tasks, and the methods of a field) live in shared; the domains fill
+    # them. Imported by name at run time so that `shared` has no import-time dependency
+    # on any domain.
     import importlib
 
     importlib.import_module("peftlab.domains").load_all()

@@ -75,14 +75,14 @@ def register_method(
 
 
 def get_method(name: str) -> MethodSpec:
-    _load_builtin_methods()
+    _load_methods()
     if name not in _METHODS:
         raise UserError(f"unknown PEFT method {name!r}{did_you_mean(name, _METHODS)}")
     return _METHODS[name]
 
 
 def list_methods() -> list[str]:
-    _load_builtin_methods()
+    _load_methods()
     return sorted(_METHODS)
 
 
@@ -129,10 +129,10 @@ def options_help(spec: MethodSpec) -> list[tuple[str, Any, str]]:
     return rows
 
 
-def _load_builtin_methods() -> None:
+def _load_methods() -> None:
     # The built-in methods register themselves on import; a domain's methods (visual
-    # prompts, Point-PEFT, ...) when its package is imported, which loading the tasks does.
+    # prompts, Point-PEFT, ...) when its package is imported.
     from peftlab.shared.methods import builtin  # noqa: F401
-    from peftlab.shared.tasks import list_tasks
+    from peftlab.shared.tasks import load_domains
 
-    list_tasks()
+    load_domains()
