@@ -189,26 +189,31 @@ def plan(pipeline, methods, *, seeds, demo, data, backbone, out, full, overrides
     reported = "test" if "test" in base.eval.splits else base.eval.splits[-1]
     return Sweep(pipeline, out_dir, cells, skipped, names, seed_values, settings, primary,
                  get_metric(primary).higher_is_better, metric_names,
-                 chance=chance_levels(dataset, reported, metric_names))
+                 chance=chance_levels(task, dataset, reported, metric_names))
 
 
-def chance_levels(dataset, split: str, metric_names: list[str]) -> dict[str, float]:
+def chance_levels(task, dataset, split: str, metric_names: list[str]) -> dict[str, float]:
     """What each metric gives a model that ignores its input and answers the training
-    split's class frequencies, on `split`: majority-class accuracy, AUROC 0.5, AUPR the
-    positive rate, and so on, from the same metric code the runs use. Single-label
-    classification only; empty for generated text, retrieval or multi-label targets."""
-    from peftlab.shared import metrics
+    split's frequencies, on `split`, through the task's own metric code: for single-label
+    classification the class frequencies (majority-class accuracy, AUROC 0.5, AUPR the
+    positive rate), for multi-label data each finding's rate (per-finding AUROC 0.5, AP
+    the finding's prevalence). Empty for generated text and retrieval, which have no
+    constant answer to compare with."""
+    from peftlab.shared import evaluation
 
     train, scored = dataset.splits.get("train", []), dataset.splits.get(split, [])
-    examples = [*train, *scored]
-    if not dataset.labels or not scored or any(not isinstance(e.get("label"), int | np.integer) or "targets" in e for e in examples):
+    if not dataset.labels or not train or not scored:
         return {}
-    counts = np.bincount([e["label"] for e in train], minlength=len(dataset.labels))
-    prior = counts / counts.sum()
-    constant = np.full(len(scored), prior[1]) if len(prior) == 2 else np.tile(prior, (len(scored), 1))
-    names = [name for name in metric_names if name in metrics.list_metrics()]
-    values = metrics.compute(names, [e["label"] for e in scored], constant)
-    return {name: value for name, value in values.items() if value is not None}
+    if all("targets" in e for e in [*train, *scored]):
+        constant = np.mean([e["targets"] for e in train], axis=0)
+    elif all(isinstance(e.get("label"), int | np.integer) and "targets" not in e for e in [*train, *scored]):
+        counts = np.bincount([e["label"] for e in train], minlength=len(dataset.labels))
+        prior = counts / counts.sum()
+        constant = prior[1] if len(prior) == 2 else prior  # binary tasks score P(class 1)
+    else:
+        return {}
+    values = evaluation.compute_metrics(task, metric_names, scored, [np.array(constant)] * len(scored))
+    return {name: float(values[name]) for name in metric_names if isinstance(values.get(name), int | float)}
 
 
 def _method_option_overrides(specs: dict, overrides: list[str]) -> dict[str, list[str]]:
@@ -720,7 +725,7 @@ def table_markdown(sweep: Sweep, summaries: list[MethodSummary], names: list[str
     ]
     if sweep.chance:
         levels = ", ".join(f"{name} {sweep.chance[name]:.4f}" for name in names if name in sweep.chance)
-        text += ["", f"Chance, the scores of a constant answer (the training split's class frequencies) on the {split} "
+        text += ["", f"Chance, the scores of a constant answer (the training split's class or finding frequencies) on the {split} "
                      f"split: {levels}. A method marked (at chance) scores no better on {primary}: it has not learnt."]
     left_out = [s for s in summaries if s.errors]
     if left_out:

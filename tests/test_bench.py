@@ -326,18 +326,19 @@ def test_counts_print_without_decimals_and_scores_with_them():
 
 
 def test_chance_is_what_a_constant_answer_of_the_training_class_frequencies_scores(tmp_path):
-    from peftlab.shared.tasks import Dataset
+    from peftlab.shared.tasks import Dataset, get_task
 
+    task = get_task("protein-classify")
     dataset = Dataset({"train": [{"label": label} for label in (0, 0, 0, 1, 2)],
                        "test": [{"label": label} for label in (0, 1, 2, 2)]}, ["a", "b", "c"])
-    chance = bench.chance_levels(dataset, "test", ["accuracy", "macro_f1", "auroc"])
+    chance = bench.chance_levels(task, dataset, "test", ["accuracy", "macro_f1", "auroc"])
     # always class a (the training majority): right once in four; F1 of a = 2·(1/4·1)/(1/4 + 1) = 0.4, b and c 0
     assert chance == pytest.approx({"accuracy": 0.25, "macro_f1": 0.4 / 3, "auroc": 0.5})
     binary = Dataset({"train": [{"label": label} for label in (0, 1, 1)], "test": [{"label": label} for label in (0, 0, 1, 1)]},
                      ["no", "yes"])
-    assert bench.chance_levels(binary, "test", ["accuracy", "aupr"]) == {"accuracy": 0.5, "aupr": 0.5}
+    assert bench.chance_levels(task, binary, "test", ["accuracy", "aupr"]) == {"accuracy": 0.5, "aupr": 0.5}
     text = Dataset({"train": [{"label": "a sum"}], "test": [{"label": "a sum"}]}, [])
-    assert bench.chance_levels(text, "test", ["bleu"]) == {}
+    assert bench.chance_levels(get_task("code-review-comment"), text, "test", ["bleu4"]) == {}
 
     sweep = bench.Sweep(PIPELINE, tmp_path, [], {}, ["lora", "ia3"], [0], {"backbone": None, "data": None, "demo": True,
                         "overrides": []}, "accuracy", True, ["accuracy"], chance={"accuracy": 0.25})
@@ -354,3 +355,16 @@ def test_chance_is_what_a_constant_answer_of_the_training_class_frequencies_scor
     assert bench.pareto_front_above_chance(points, True, 0.25) == [0]  # the stuck method is off the front
     bench.plot_pareto(tmp_path / "pareto.png", [learnt, stuck], "accuracy", True, "t", chance=0.25)
     assert (tmp_path / "pareto.png").read_bytes()[:8] == PNG_MAGIC
+
+
+def test_multi_label_chance_answers_each_findings_training_rate():
+    from peftlab.shared.tasks import Dataset, get_task
+
+    # findings x and y: x in 3 of 4 training images, y in 1; the test split has both outcomes of each
+    train = [{"targets": targets, "label": ""} for targets in ([1, 0], [1, 0], [1, 1], [0, 0])]
+    test = [{"targets": targets, "label": ""} for targets in ([1, 0], [0, 1], [1, 1], [0, 0])]
+    chance = bench.chance_levels(get_task("medical-classify"), Dataset({"train": train, "test": test}, ["x", "y"]), "test",
+                                 ["auroc", "aupr", "accuracy", "macro_f1"])
+    # a constant score ranks nothing: AUROC 0.5 per finding, AP each finding's test prevalence (1/2);
+    # scores 0.75 and 0.25 answer "x, not y" for every image: right on image 1 only, F1 of x 2/3, of y 0
+    assert chance == pytest.approx({"auroc": 0.5, "aupr": 0.5, "accuracy": 0.25, "macro_f1": 1 / 3})
