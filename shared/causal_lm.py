@@ -31,7 +31,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import peft
 import torch
 from peftlab.shared import (
     hub,
@@ -41,10 +40,13 @@ from peftlab.shared import (
 )
 from peftlab.shared.backbone_cache import load_once
 from peftlab.shared.errors import UserError
+from peftlab.shared.lazy import lazy_import
 from peftlab.shared.methods.registry import Applied, register_method
 from peftlab.shared.methods.targeting import find_blocks, resolve_layers
 from torch import nn
 from torch.nn import functional as F
+
+peft = lazy_import("peft")
 
 IGNORE_INDEX = -100
 """Label of positions the loss skips (prompt and padding), as transformers uses it."""

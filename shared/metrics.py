@@ -1,4 +1,4 @@
-"""The metrics registry, over scikit-learn.
+"""The metrics registry, over scikit-learn (imported at the first metric computed).
 
 Canonical names are the same in every domain and in `metrics.json`; values are
 fractions in [0, 1] (ranks stay ranks). Classification metrics take the true class
@@ -15,7 +15,9 @@ from dataclasses import dataclass
 
 import numpy as np
 from peftlab.shared.errors import UserError, did_you_mean
-from sklearn import metrics as skm
+from peftlab.shared.lazy import lazy_import
+
+skm = lazy_import("sklearn.metrics")
 
 
 @dataclass(frozen=True)
@@ -77,10 +79,10 @@ def _aupr(y, scores):
     return float(np.mean([skm.average_precision_score(y == c, scores[:, c]) for c in np.unique(y)]))
 
 
-def _binary_or_macro(fn):
+def _binary_or_macro(sklearn_name: str):
     def metric(y, scores):
         average = "binary" if _is_binary(scores) else "macro"
-        return fn(y, predicted_classes(scores), average=average, zero_division=0)
+        return getattr(skm, sklearn_name)(y, predicted_classes(scores), average=average, zero_division=0)
 
     return metric
 
@@ -89,9 +91,9 @@ register_metric("accuracy", lambda y, s: skm.accuracy_score(y, predicted_classes
 register_metric("balanced_accuracy", lambda y, s: skm.balanced_accuracy_score(y, predicted_classes(s)))
 register_metric("uar", lambda y, s: skm.balanced_accuracy_score(y, predicted_classes(s)))
 register_metric("macro_f1", lambda y, s: skm.f1_score(y, predicted_classes(s), average="macro", zero_division=0))
-register_metric("f1", _binary_or_macro(skm.f1_score))
-register_metric("precision", _binary_or_macro(skm.precision_score))
-register_metric("recall", _binary_or_macro(skm.recall_score))
+register_metric("f1", _binary_or_macro("f1_score"))
+register_metric("precision", _binary_or_macro("precision_score"))
+register_metric("recall", _binary_or_macro("recall_score"))
 register_metric("auroc", _auroc)
 register_metric("aupr", _aupr)
 register_metric("mcc", lambda y, s: skm.matthews_corrcoef(y, predicted_classes(s)))

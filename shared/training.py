@@ -34,7 +34,6 @@ from pathlib import Path
 from typing import Literal
 
 import numpy as np
-import peft.helpers
 import torch
 from peftlab.shared import checkpoint, cpu_allocator, io, memory, methods, metrics, sharding
 from peftlab.shared.data import BucketBatchSampler
@@ -43,7 +42,6 @@ from peftlab.shared.evaluation import attention_kernels, evaluate, to_device
 from peftlab.shared.tasks import Example, TaskModel
 from pydantic import BaseModel, ConfigDict, Field
 from tqdm.auto import tqdm
-from transformers import get_scheduler
 
 BEST_STATE = Path("checkpoints") / "best" / "trainable.safetensors"
 """In a run directory: the trainable state of the best validated epoch."""
@@ -157,6 +155,7 @@ def make_accelerator(precision: str, model: torch.nn.Module | None = None):
     from accelerate import Accelerator, DistributedDataParallelKwargs
     from accelerate.state import AcceleratorState
 
+    _import_training_libraries()
     refuse_sharded_training()
     mixed = {"bf16": "bf16", "fp16": "fp16", "fp32": "no"}[resolve_precision(precision, model)]
     process_state()
@@ -167,6 +166,17 @@ def make_accelerator(precision: str, model: torch.nn.Module | None = None):
     # on one input kind); DDP must then not wait for their gradients.
     ddp = DistributedDataParallelKwargs(find_unused_parameters=True)
     return Accelerator(mixed_precision=mixed, cpu=not torch.cuda.is_available(), kwargs_handlers=[ddp])
+
+
+def _import_training_libraries() -> None:
+    """What training and evaluation import at first use (peft's input casting, the
+    transformers LR schedules, scikit-learn's metrics), imported before a run starts its
+    clocks: a first import inside `train` or the first evaluation would add seconds to
+    the times metrics.json reports. Not at the top of this module: `peftlab list` and
+    `peftlab card validate` import it and need none of them."""
+    import peft.helpers  # noqa: F401
+    import sklearn.metrics  # noqa: F401
+    import transformers.optimization  # noqa: F401
 
 
 def refuse_sharded_training(accelerator=None) -> None:
@@ -258,6 +268,8 @@ def train(
     widened to an fp32 copy that autocast then narrowed again into a second bf16 copy
     kept for backward. Bit for bit the same steps (tested on every task), 3-15 % fewer
     bytes kept for backward where LoRA reads such inputs."""
+    import peft.helpers
+
     on_cpu = accelerator.device.type == "cpu"
     lower = accelerator.mixed_precision == "bf16" and not shards_the_model(config, accelerator)  # FSDP owns storage
     with (cpu_allocator.caching() if on_cpu else contextlib.nullcontext(), attention_kernels(),
@@ -286,6 +298,8 @@ def _above(progress, log: Callable[[str], None]) -> Callable[[str], None]:
 def _train(task, model: TaskModel, train_examples: list[Example], validation_examples: list[Example],
            config: TrainConfig, metric_names: Sequence[str], primary_metric: str, run_dir: Path, accelerator,
            resume: bool, log: Callable[[str], None]) -> dict:
+    from transformers import get_scheduler
+
     checkpoints = Path(run_dir) / "checkpoints"
     processes, rank, main = accelerator.num_processes, accelerator.process_index, accelerator.is_main_process
     refuse_sharded_training(accelerator)

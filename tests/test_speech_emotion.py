@@ -12,7 +12,7 @@ import pytest
 import soundfile
 import torch
 from conftest import REPO
-from peftlab.domains.speech_emotion import backbones, data
+from peftlab.domains.speech_emotion import backbones, data, wavlm_attention
 from peftlab.domains.speech_emotion.tasks import SpeechEmotionOptions, SpeechEmotionTask
 from peftlab.shared import methods
 from peftlab.shared.cards import read_card
@@ -86,7 +86,7 @@ def test_wavlm_attention_calls_its_projections_and_matches_transformers():
     encoder.eval()
     original = copy.deepcopy(encoder)
     for module in original.modules():
-        if isinstance(module, backbones.ModuleCallingWavLMAttention):
+        if isinstance(module, wavlm_attention.ModuleCallingWavLMAttention):
             module.__class__ = WavLMAttention  # transformers' F.multi_head_attention_forward path
     featurized = encoder.featurize([tone(0.7, 16000), tone(1.0, 16000, 300.0)])
     with torch.no_grad():

@@ -34,16 +34,15 @@ import sys
 from pathlib import Path
 from urllib.parse import urlparse
 
-import timm
 import torch
 from peftlab.shared import hub, io
 from peftlab.shared.backbone_cache import load_once
 from peftlab.shared.errors import UserError
 from peftlab.shared.feature_cache import Stage
-from timm.models import checkpoint_seq
-from timm.models.resnet import BasicBlock, ResNet
-from timm.models.vision_transformer import VisionTransformer
+from peftlab.shared.lazy import lazy_import
 from torch import nn
+
+timm = lazy_import("timm")
 
 TINY_SEED = 1234
 """Fixed so a tiny backbone is the same weights every time it is built (runs reload it)."""
@@ -64,15 +63,15 @@ WEIGHT_SUFFIXES = (".safetensors", ".pth", ".pt", ".bin", ".ckpt")
 
 def _tiny_vit(image_size: int) -> nn.Module:
     # 2 blocks of width 64 over 4x4 patches: 64 tokens + CLS at 32 px.
-    return VisionTransformer(img_size=image_size, patch_size=4, embed_dim=64, depth=2, num_heads=4,
-                             mlp_ratio=2.0, num_classes=0)
+    return timm.models.VisionTransformer(img_size=image_size, patch_size=4, embed_dim=64, depth=2, num_heads=4,
+                                         mlp_ratio=2.0, num_classes=0)
 
 
 def _tiny_resnet(image_size: int) -> nn.Module:
     # One BasicBlock per stage, narrow channels. zero_init_last=False so every block's
     # residual branch contributes from the start (timm zeroes the last BN otherwise).
-    return ResNet(BasicBlock, layers=(1, 1, 1, 1), channels=(16, 32, 48, 64), stem_width=16,
-                  num_classes=0, zero_init_last=False)
+    return timm.models.ResNet(timm.models.BasicBlock, layers=(1, 1, 1, 1), channels=(16, 32, 48, 64),
+                              stem_width=16, num_classes=0, zero_init_last=False)
 
 
 TINY_PRESETS = {"tiny_vit": _tiny_vit, "tiny_resnet": _tiny_resnet}
@@ -321,7 +320,7 @@ def is_vit(model: nn.Module) -> bool:
 
 
 def is_resnet(model: nn.Module) -> bool:
-    return isinstance(model, ResNet) or all(hasattr(model, f"layer{i}") for i in range(1, 5))
+    return isinstance(model, timm.models.ResNet) or all(hasattr(model, f"layer{i}") for i in range(1, 5))
 
 
 def family(model: nn.Module) -> str:
@@ -345,19 +344,19 @@ def feature_width(model: nn.Module) -> int:
 
 def backbone_stages(model: nn.Module) -> list[nn.Module | Stage] | None:
     """`model` in the order `staged_forward` runs it; None for other architectures."""
-    if type(model) is VisionTransformer:
+    if type(model) is timm.models.VisionTransformer:
         loose = [p for p in (model.cls_token, model.reg_token, model.pos_embed) if p is not None]
         embed = Stage(modules=[model.patch_embed, model.pos_drop, model.patch_drop, model.norm_pre], parameters=loose)
         pooling = [m for m in (model.norm, model.attn_pool, model.fc_norm, model.head_drop, model.head) if m is not None]
         return [embed, *model.blocks, Stage(modules=pooling)]
-    if type(model) is ResNet:
+    if type(model) is timm.models.ResNet:
         stem = Stage(modules=[model.conv1, model.bn1, model.act1, model.maxpool])
         pooling = Stage(modules=[model.global_pool, model.fc], dropout=float(model.drop_rate or 0.0))
         return [stem, *_residual_blocks(model), pooling]
     return None
 
 
-def _residual_blocks(model: ResNet) -> list[nn.Module]:
+def _residual_blocks(model: timm.models.ResNet) -> list[nn.Module]:
     return [block for layer in (model.layer1, model.layer2, model.layer3, model.layer4) for block in layer]
 
 
@@ -365,7 +364,7 @@ def staged_forward(model: nn.Module, x: torch.Tensor, start: int = 0, stop: int 
     """The output of stages [start, stop) of `backbone_stages(model)` (all of them by
     default: the same pooled features as `model(x)`). From `start` > 0, `x` is the
     output of stage start - 1."""
-    vit = type(model) is VisionTransformer
+    vit = type(model) is timm.models.VisionTransformer
     blocks = list(model.blocks) if vit else _residual_blocks(model)
     last = len(blocks) + 1  # the pooling stage
     stop = last + 1 if stop is None else stop
@@ -376,7 +375,7 @@ def staged_forward(model: nn.Module, x: torch.Tensor, start: int = 0, stop: int 
             x = model.maxpool(model.act1(model.bn1(model.conv1(x))))
     chosen = blocks[max(start, 1) - 1:max(min(stop, last) - 1, 0)]
     if chosen and model.grad_checkpointing and torch.is_grad_enabled():
-        x = checkpoint_seq(chosen, x)  # as timm's own forward does when it is switched on
+        x = timm.models.checkpoint_seq(chosen, x)  # as timm's own forward does when it is switched on
     else:
         for block in chosen:
             x = block(x)

@@ -22,8 +22,6 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import timm.data
-import timm.models
 import torch
 from peftlab.shared import methods, requests
 from peftlab.shared import metrics as metric_registry
@@ -39,9 +37,9 @@ from peftlab.shared.feature_cache import (
     stack_rows,
     unique_ids,
 )
+from peftlab.shared.lazy import lazy_import
 from peftlab.shared.tasks import SPLIT_KEYS, Dataset, FP32Head, describe_scores, register_task
 from PIL import Image, UnidentifiedImageError
-from sklearn import metrics as skm
 from torch import nn
 from torch.nn import functional as F
 
@@ -54,6 +52,9 @@ from .backbones import (
     load_backbone,
     staged_forward,
 )
+
+timm = lazy_import("timm")
+skm = lazy_import("sklearn.metrics")
 
 
 @dataclass

@@ -32,15 +32,15 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import transformers
 from peftlab.shared import hub, io
 from peftlab.shared.backbone_cache import load_once
 from peftlab.shared.errors import UserError
 from peftlab.shared.feature_cache import Stage
+from peftlab.shared.lazy import lazy_import
 from torch import nn
 from torch.nn import functional as F
-from transformers.masking_utils import create_bidirectional_mask
-from transformers.models.wavlm.modeling_wavlm import WavLMAttention
+
+transformers = lazy_import("transformers")
 
 WAV2VEC2_FAMILY = ("wav2vec2", "wavlm", "hubert")
 FAMILIES = (*WAV2VEC2_FAMILY, "whisper")
@@ -107,34 +107,12 @@ def _default_extractor(family: str, config):
 
 
 # --------------------------------------------------------------------------- WavLM attention
-class ModuleCallingWavLMAttention(WavLMAttention):
-    """WavLM attention that calls its q/k/v/out projections as modules.
-
-    transformers' WavLMAttention hands the projection *weights* to
-    `F.multi_head_attention_forward`, so anything that wraps or hooks those modules
-    (LoRA, IA3, SSF, adapters) would silently have no effect there. This computes the
-    same attention (same scaling, gated relative-position bias and padding mask) by
-    calling the modules; a test checks the outputs agree.
-    """
-
-    def torch_multi_head_self_attention(self, hidden_states, attention_mask, gated_position_bias):
-        batch, length, _ = hidden_states.shape
-
-        def heads(x):
-            return x.view(batch, length, self.num_heads, self.head_dim).transpose(1, 2)
-
-        query, key, value = heads(self.q_proj(hidden_states)), heads(self.k_proj(hidden_states)), heads(self.v_proj(hidden_states))
-        bias = gated_position_bias.view(batch, self.num_heads, length, length).to(query.dtype)
-        if attention_mask is not None:
-            padding = attention_mask.ne(1)[:, None, None, :]
-            bias = bias.masked_fill(padding, torch.finfo(bias.dtype).min)
-        attended = F.scaled_dot_product_attention(query, key, value, attn_mask=bias,
-                                                  dropout_p=self.dropout if self.training else 0.0)
-        attended = attended.transpose(1, 2).reshape(batch, length, self.embed_dim)
-        return self.out_proj(attended), None
-
-
 def _module_calling_attention(model: nn.Module) -> None:
+    """WavLM's attention layers made to call their projections (wavlm_attention.py says why)."""
+    from transformers.models.wavlm.modeling_wavlm import WavLMAttention
+
+    from .wavlm_attention import ModuleCallingWavLMAttention
+
     for module in model.modules():
         if type(module) is WavLMAttention:
             module.__class__ = ModuleCallingWavLMAttention
@@ -319,7 +297,8 @@ class SpeechEncoder(nn.Module):
         wavlm = self.family == "wavlm"
         if self.family == "whisper" or not wavlm:
             config = self.network.config
-            attention_mask = create_bidirectional_mask(config=config, inputs_embeds=hidden, attention_mask=attention_mask)
+            attention_mask = transformers.masking_utils.create_bidirectional_mask(
+                config=config, inputs_embeds=hidden, attention_mask=attention_mask)
         layers = self.network.layers if self.family == "whisper" else self.network.encoder.layers
         position_bias = None
         if wavlm and chosen.start > 0:

@@ -17,10 +17,8 @@ from pathlib import Path
 import numpy as np
 import soundfile
 import torch
-import torchaudio
 from peftlab.shared.data import table_rows
 from peftlab.shared.errors import MissingField, UserError
-from scipy import signal
 
 AUDIO_SUFFIXES = (".wav", ".flac", ".ogg")
 MIN_SECONDS = 0.1
@@ -58,6 +56,8 @@ def decode(path: Path) -> tuple[np.ndarray, int]:
 def resample(waveform: np.ndarray, rate: int, target: int) -> np.ndarray:
     if rate == target:
         return waveform
+    import torchaudio
+
     return torchaudio.functional.resample(torch.from_numpy(waveform), rate, target).numpy()
 
 
@@ -304,6 +304,8 @@ def synthesize(emotion: str, base_pitch: float, formant_scale: float, seconds: f
     The emotion sets the pitch level, slope and wobble, the loudness, the speaking rate
     and how bright the voice is; the speaker sets the base pitch and vocal-tract size.
     """
+    from scipy import signal
+
     factor, slope, wobble, loudness, rate, tilt = _DEMO_STYLE[emotion]
     n = int(seconds * DEMO_RATE)
     t = np.arange(n) / DEMO_RATE

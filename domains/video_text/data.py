@@ -33,7 +33,6 @@ import torch
 from peftlab.shared import io
 from peftlab.shared.data import table_rows
 from peftlab.shared.errors import MissingField, UserError
-from torchvision.transforms.v2 import functional as TF
 
 VIDEO_SUFFIXES = (".mp4", ".avi", ".webm", ".mkv", ".mov", ".m4v", ".mpg", ".mpeg", ".gif")
 FRAME_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp")
@@ -104,6 +103,8 @@ def decode_frames(path: str | Path, num_frames: int) -> np.ndarray:
 
 def resize_frames(frames: np.ndarray, size: int, interpolation: str = "bicubic", mode: str = "shortest") -> torch.Tensor:
     """(T, H, W, 3) uint8 -> (T, 3, size, size) uint8, as CLIP preprocesses an image."""
+    from torchvision.transforms.v2 import functional as TF
+
     pixels = torch.from_numpy(np.ascontiguousarray(frames)).permute(0, 3, 1, 2)
     method = TF.InterpolationMode.BICUBIC if interpolation == "bicubic" else TF.InterpolationMode.BILINEAR
     if pixels.shape[-2:] == (size, size):

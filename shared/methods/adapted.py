@@ -6,12 +6,14 @@ import dataclasses
 import json
 from pathlib import Path
 
-import peft
 import torch
 from peftlab.shared import io
 from peftlab.shared.errors import UserError
+from peftlab.shared.lazy import lazy_import
 from peftlab.shared.methods.registry import MethodSpec, build_options, get_method
 from torch import nn
+
+peft = lazy_import("peft")
 
 METHOD_FILE = "method.json"
 WEIGHTS_FILE = "adapter_model.safetensors"
