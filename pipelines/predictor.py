@@ -124,6 +124,8 @@ class Predictor:
             # dicts made by hand may carry no id; a line names its input by position then
             examples = [example if "id" in example else {"id": str(index), **example} for index, example in enumerate(inputs)]
         outputs = predict_outputs(self.model, examples, self.batch_size, self.accelerator.autocast, progress="predict")
+        if hasattr(self.task, "describe_predictions"):  # rows that depend on each other (retrieval ranks the inputs)
+            return self.task.describe_predictions(examples, outputs, self.labels)
         return [self.task.describe(e, o, self.labels) for e, o in zip(examples, outputs)]
 
     def _predict_card(self, card_path, split: str | None) -> list[dict[str, Any]]:

@@ -305,10 +305,38 @@ def test_retrieval_demo_beats_chance_and_the_run_is_reusable(tmp_path, capsys):
     pairs.write_text("video,caption\n" + "".join(f"{e['video']},{e['caption']}\n" for e in dataset.splits["test"][:3]))
     from peftlab.pipelines.predictor import load
 
-    rows = load(run_dir).predict([str(pairs)])
+    predictor = load(run_dir)
+    rows = predictor.predict([str(pairs)])
     assert [r["caption"] for r in rows] == [e["caption"] for e in dataset.splits["test"][:3]]
     for row in rows:
         assert row["similarity"] == pytest.approx(np.dot(row["video_embedding"], row["text_embedding"]), abs=1e-4)
+
+    # A search: 12 videos given alone and their captions as queries, one per line; each
+    # tower embeds its inputs alone as it does in a pair, and each query ranks the videos.
+    library = dataset.splits["test"][:12]
+    queries = tmp_path / "queries.txt"
+    queries.write_text("".join(f"{e['caption']}\n\n" for e in library))  # blank lines are skipped
+    searched = predictor.predict([*(e["video"] for e in library), str(queries)])
+    videos, found = searched[:12], searched[12:]
+    assert all("text_embedding" not in r and "similarity" not in r for r in videos)
+    assert [r["id"] for r in found] == [f"queries:{2 * k + 1}" for k in range(12)]
+    assert [r["caption"] for r in found] == [e["caption"] for e in library]
+    for pair, video, query in zip(rows, videos, found):
+        assert video["video_embedding"] == pytest.approx(pair["video_embedding"], abs=1e-5)
+        assert query["text_embedding"] == pytest.approx(pair["text_embedding"], abs=1e-5)
+    ranks = []
+    for query, example in zip(found, library):
+        top = query["top_videos"]
+        assert len(top) == 10 and [t["similarity"] for t in top] == sorted((t["similarity"] for t in top), reverse=True)
+        embedding = {v["video"]: v["video_embedding"] for v in videos}[top[0]["video"]]
+        assert top[0]["similarity"] == pytest.approx(np.dot(embedding, query["text_embedding"]), abs=1e-5)
+        ranked = [t["video"] for t in top]
+        ranks.append(ranked.index(example["video"]) + 1 if example["video"] in ranked else 12)
+    assert np.mean(ranks) <= 4.5, ranks
+    notes = tmp_path / "notes.rtf"
+    notes.write_text("a caption")
+    with pytest.raises(UserError, match=r"notes.rtf: .*text files of queries \(.txt"):
+        predictor.predict([str(notes)])
 
 
 def test_caption_demo_beats_the_best_constant_caption(tmp_path):

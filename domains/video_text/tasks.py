@@ -150,17 +150,25 @@ class RetrievalModel(_VideoInputs):
         return unwrap(self.backbone).clip.visual
 
     def collate(self, examples, rng):
-        videos = list(dict.fromkeys(e["video"] for e in examples))
-        video_index = [videos.index(e["video"]) for e in examples]
-        captions = [e.get("caption") or "" for e in examples]
-        # Positives: the caption's own video, and any video in the batch paired with the same text.
-        positives = torch.zeros(len(examples), len(videos), dtype=torch.bool)
-        for i, caption in enumerate(captions):
-            for j, other in enumerate(captions):
-                if " ".join(other.lower().split()) == " ".join(caption.lower().split()):
-                    positives[i, video_index[j]] = True
-        batch = {"text": self.tokenizer(captions), "video_index": torch.tensor(video_index), "positives": positives}
-        batch.update(self.video_inputs(videos))
+        """Training and evaluation batches are (video, caption) pairs; `peftlab predict` may
+        also pass videos alone or captions (queries) alone, each embedded by its own tower."""
+        videos = list(dict.fromkeys(e["video"] for e in examples if "video" in e))
+        texted = [i for i, e in enumerate(examples) if "caption" in e]
+        batch: dict = {"video_index": torch.tensor([videos.index(e["video"]) if "video" in e else -1 for e in examples]),
+                       "text_rows": torch.tensor(texted, dtype=torch.long)}
+        if texted:
+            batch["text"] = self.tokenizer([examples[i]["caption"] or "" for i in texted])
+        if videos:
+            batch.update(self.video_inputs(videos))
+        if len(texted) == len(examples) and len(videos):
+            # Positives: the caption's own video, and any video in the batch paired with the same text.
+            captions = [" ".join((e["caption"] or "").lower().split()) for e in examples]
+            positives = torch.zeros(len(examples), len(videos), dtype=torch.bool)
+            for i, caption in enumerate(captions):
+                for j, other in enumerate(captions):
+                    if other == caption:
+                        positives[i, batch["video_index"][j]] = True
+            batch["positives"] = positives
         return batch
 
     def _embed(self, batch):
@@ -183,9 +191,22 @@ class RetrievalModel(_VideoInputs):
         return torch.softmax(logits.float(), dim=-1)
 
     def predict(self, batch) -> list[dict[str, np.ndarray]]:
-        videos, texts, _ = self._embed(batch)
-        videos = videos.float().cpu().numpy()[batch["video_index"].cpu().numpy()]
-        return [{"video": v, "text": t} for v, t in zip(videos, texts.float().cpu().numpy())]
+        """Per example, the embedding of its video (`video`), of its caption (`text`), or both.
+        Each tower runs as in `VideoCLIP.forward`, so a pair's embeddings are those of its
+        video and caption given alone."""
+        clip = unwrap(self.backbone)
+        rows: list[dict[str, np.ndarray]] = [{} for _ in batch["video_index"]]
+        if "text" in batch:
+            for row, text in zip(batch["text_rows"].tolist(), clip.encode_text(batch["text"]).float().cpu().numpy()):
+                rows[row]["text"] = text
+        if "frame_features" in batch or "pixels" in batch:
+            features = batch.get("frame_features")
+            videos = clip.encode_video(clip.encode_frames(batch["pixels"]) if features is None else features)
+            videos = videos.float().cpu().numpy()
+            for row, index in enumerate(batch["video_index"].tolist()):
+                if index >= 0:
+                    rows[row]["video"] = videos[index]
+        return rows
 
 
 def similarity_matrix(examples, outputs) -> tuple[list[str], np.ndarray, np.ndarray]:
@@ -375,22 +396,31 @@ class _VideoTextTask:
             return path
         raise UserError(f"{card.card_path}: set `files: {{annotations: captions.json}}` (or a CSV) or per-split `splits` files")
 
-    def _read_input_files(self, paths, labelled_pairs: bool) -> list[dict]:
+    def _read_input_files(self, paths, captions_are_inputs: bool) -> list[dict]:
+        """`captions_are_inputs` (retrieval): CSV rows are (video, caption) pairs and text files
+        hold queries; captioning reads videos only (a CSV's captions are not read)."""
         examples = []
         for path in map(Path, paths):
             suffix = path.suffix.lower()
             if suffix == ".json":
                 examples += [e for split in data.read_msrvtt_json(path, path.parent, {}).values() for e in split]
             elif suffix == ".csv":
-                examples += data.read_caption_csv(path, path.parent, {}, labelled=labelled_pairs)
-            elif labelled_pairs:
-                raise UserError(f"{path}: video-text-retrieval predict reads caption files (MSR-VTT JSON or a "
-                                f"video,caption CSV), whose videos are relative to the file's folder")
+                examples += data.read_caption_csv(path, path.parent, {}, labelled=captions_are_inputs)
+            elif suffix == ".txt" and captions_are_inputs:
+                examples += read_queries(path)
+            elif captions_are_inputs and path.is_file() and suffix not in data.VIDEO_SUFFIXES:
+                raise UserError(f"{path}: {self.name} predict reads caption files (MSR-VTT JSON, a video,caption CSV), "
+                                f"text files of queries (.txt, one per line), videos ({', '.join(data.VIDEO_SUFFIXES)}) "
+                                f"and frame folders")
             else:
                 examples += data.video_inputs([path])
         for example in examples:
             example.pop("label", None)
         return examples
+
+
+TOP_VIDEOS = 10
+"""How many of the given videos a query's prediction ranks."""
 
 
 class RetrievalTask(_VideoTextTask):
@@ -414,7 +444,13 @@ class RetrievalTask(_VideoTextTask):
         return dict(RETRIEVAL_METHOD_DEFAULTS.get(method, {}))
 
     def read_inputs(self, paths, options, fields) -> list[dict]:
-        return self._read_input_files(paths, labelled_pairs=True)
+        """Caption files (MSR-VTT JSON or a video,caption CSV: pairs), videos and frame
+        folders (embedded alone), and text files of queries, one per line (embedded alone,
+        and ranked against the videos given alone)."""
+        examples = self._read_input_files(paths, captions_are_inputs=True)
+        if not examples:
+            raise UserError(f"{', '.join(map(str, paths))}: nothing to embed (no pairs, videos or query lines)")
+        return examples
 
     def compute_metrics(self, metric_names, examples, outputs) -> dict:
         not_retrieval = [n for n in metric_names if n not in RETRIEVAL_METRICS]
@@ -424,10 +460,33 @@ class RetrievalTask(_VideoTextTask):
         return metric_registry.compute(metric_names, item_of_query, similarity)
 
     def describe(self, example, output, labels) -> dict:
-        return {"id": example["id"], "video": example["video"], "caption": example.get("caption"),
-                "similarity": float(output["video"] @ output["text"]),
-                "video_embedding": [round(float(x), 6) for x in output["video"]],
-                "text_embedding": [round(float(x), 6) for x in output["text"]]}
+        row = {"id": example["id"]}
+        if "video" in example:
+            row["video"] = example["video"]
+        if "caption" in example:
+            row["caption"] = example["caption"]
+        if "video" in output and "text" in output:
+            row["similarity"] = float(output["video"] @ output["text"])
+        for kind in ("video", "text"):
+            if kind in output:
+                row[f"{kind}_embedding"] = [round(float(x), 6) for x in output[kind]]
+        return row
+
+    def describe_predictions(self, examples, outputs, labels) -> list[dict]:
+        """Each row as `describe` makes it; given videos alone and queries alone, each query
+        also ranks those videos (`top_videos`, best first, with cosine similarities), which
+        is a search of the given videos."""
+        rows = [self.describe(e, o, labels) for e, o in zip(examples, outputs)]
+        library = [i for i, e in enumerate(examples) if "caption" not in e]
+        queries = [i for i, e in enumerate(examples) if "video" not in e]
+        if library and queries:
+            videos = np.stack([outputs[i]["video"] for i in library])
+            for query in queries:
+                similarity = videos @ outputs[query]["text"]
+                order = np.argsort(-similarity, kind="stable")[:TOP_VIDEOS]
+                rows[query]["top_videos"] = [{"id": examples[library[j]]["id"], "video": examples[library[j]]["video"],
+                                              "similarity": round(float(similarity[j]), 6)} for j in order]
+        return rows
 
     def write_report(self, split, examples, outputs, labels, directory) -> None:
         """retrieval-<split>.jsonl: per caption, the rank of its video and the top 5 videos."""
@@ -473,7 +532,7 @@ class CaptionTask(_VideoTextTask):
         return clm.default_method_options(method, model.backbone)
 
     def read_inputs(self, paths, options, fields) -> list[dict]:
-        return self._read_input_files(paths, labelled_pairs=False)
+        return self._read_input_files(paths, captions_are_inputs=False)
 
     def compute_metrics(self, metric_names, examples, outputs) -> dict:
         unknown = [n for n in metric_names if n not in CAPTION_METRICS]
@@ -490,6 +549,19 @@ class CaptionTask(_VideoTextTask):
 
     def card_template(self) -> str:
         return CARD_TEMPLATE.format(task=self.name)
+
+
+def read_queries(path: Path) -> list[dict]:
+    """A text file of captions to search with, one per line (blank lines skipped); ids `FILE:LINE`."""
+    try:
+        lines = path.read_text(encoding="utf-8").splitlines()
+    except UnicodeDecodeError as error:
+        raise UserError(f"{path}: not UTF-8 text ({error.reason} at byte {error.start}); save the queries as UTF-8") from None
+    queries = [{"id": f"{path.stem}:{number}", "caption": line.strip()}
+               for number, line in enumerate(lines, start=1) if line.strip()]
+    if not queries:
+        raise UserError(f"{path}: no queries; write one caption per line")
+    return queries
 
 
 def group_by_video(examples: list[dict]) -> list[dict]:
