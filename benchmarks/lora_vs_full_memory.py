@@ -25,8 +25,10 @@ from pathlib import Path
 
 from protein_training_speed import BATCH, make_sequences, write_inputs
 
-BASELINE = ("import peftlab.pipelines.cli, peftlab.domains.protein.tasks; "
-            "from peftlab.shared.training import peak_rss_mb; print(peak_rss_mb())")
+# What a run imports before its first step: the protein pipeline and the libraries
+# training loads at start-up (light commands such as `peftlab list` load fewer).
+BASELINE = ("import peftlab.pipelines.cli, peftlab.domains.protein.tasks, accelerate, peft.helpers, sklearn.metrics, "
+            "transformers.optimization; from peftlab.shared.training import peak_rss_mb; print(peak_rss_mb())")
 
 
 def train_peak(backbone: Path, card: Path, out: Path, method: str, steps: int, extra: list[str]) -> dict:
