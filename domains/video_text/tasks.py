@@ -447,10 +447,7 @@ class RetrievalTask(_VideoTextTask):
         """Caption files (MSR-VTT JSON or a video,caption CSV: pairs), videos and frame
         folders (embedded alone), and text files of queries, one per line (embedded alone,
         and ranked against the videos given alone)."""
-        examples = self._read_input_files(paths, captions_are_inputs=True)
-        if not examples:
-            raise UserError(f"{', '.join(map(str, paths))}: nothing to embed (no pairs, videos or query lines)")
-        return examples
+        return self._read_input_files(paths, captions_are_inputs=True)
 
     def compute_metrics(self, metric_names, examples, outputs) -> dict:
         not_retrieval = [n for n in metric_names if n not in RETRIEVAL_METRICS]
