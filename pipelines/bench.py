@@ -206,7 +206,7 @@ def chance_levels(task, dataset, split: str, metric_names: list[str]) -> dict[st
         return {}
     if all("targets" in e for e in [*train, *scored]):
         constant = np.mean([e["targets"] for e in train], axis=0)
-    elif all(isinstance(e.get("label"), int | np.integer) and "targets" not in e for e in [*train, *scored]):
+    elif runner.single_label([*train, *scored]):
         counts = np.bincount([e["label"] for e in train], minlength=len(dataset.labels))
         prior = counts / counts.sum()
         constant = prior[1] if len(prior) == 2 else prior  # binary tasks score P(class 1)

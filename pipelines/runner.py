@@ -165,10 +165,15 @@ def log_notes(dataset: Dataset, training: bool) -> None:
             "is kept (give the card a validation split or ratio)")
 
 
+def single_label(examples) -> bool:
+    """Whether every example has one class index (not multi-label targets, not text)."""
+    return all("targets" not in e and isinstance(e.get("label"), int | np.integer) for e in examples)
+
+
 def untrained_classes(dataset: Dataset) -> list[str]:
     """The classes of a single-label task that no training example has."""
     train = dataset.splits.get("train", [])
-    if not dataset.labels or not train or any("targets" in e or not isinstance(e.get("label"), int | np.integer) for e in train):
+    if not dataset.labels or not train or not single_label(train):
         return []
     seen = {e["label"] for e in train}
     return [label for index, label in enumerate(dataset.labels) if index not in seen]
