@@ -190,7 +190,3 @@ def _split_front_matter(text: str, path: Path) -> tuple[str, str]:
         if line.strip() == "---":
             return "\n".join(lines[1:index]), "\n".join(lines[index + 1:])
     raise UserError(f"{path}: the YAML header has no closing '---' line")
-
-
-def render_card(header: dict, body: str) -> str:
-    return "---\n" + yaml.safe_dump(header, sort_keys=False) + "---\n\n" + body.strip() + "\n"

@@ -146,8 +146,6 @@ def packaged_gguf(alias: str) -> Path:
     raise UserError(f"backbone {alias!r}: package {distribution!r} is installed but holds no {file_name}")
 
 
-
-
 @load_once
 def load_causal_lm(name: str) -> CausalLM:
     """A causal LM and its tokenizer by preset name, local folder, .gguf or llama2.c .bin file, or hub id."""
@@ -325,14 +323,6 @@ def unwrap(backbone: nn.Module) -> nn.Module:
     from peftlab.shared.methods import AdaptedModel
 
     return backbone.model if isinstance(backbone, AdaptedModel) else backbone
-
-
-def base_causal_lm(backbone: nn.Module) -> nn.Module:
-    """The transformers model itself, under any peftlab or peft wrapper."""
-    from peftlab.shared.methods import AdaptedModel
-
-    model = backbone.base_model if isinstance(backbone, AdaptedModel) else backbone
-    return model.get_base_model() if isinstance(model, peft.PeftModel) else model
 
 
 def lm_forward(backbone: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor,

@@ -58,7 +58,6 @@ TINY_DATA_CONFIG = {
 RANDOM_INIT_PREFIX = "random-init:"
 RECOMMENDED = ["resnet50", "vit_base_patch16_224", "vit_base_patch16_224.mae"]
 """The backbones of Dutt et al.: supervised ResNet-50, supervised and MAE ViT-Base."""
-WEIGHT_SUFFIXES = (".safetensors", ".pth", ".pt", ".bin", ".ckpt")
 
 
 def _tiny_vit(image_size: int) -> nn.Module:
