@@ -198,8 +198,10 @@ def card():
 
 @card.command("validate")
 @click.argument("path", type=click.Path())
-def card_validate(path):
-    """Check a card against its task's schema and read its records."""
+@click.argument("overrides", nargs=-1)
+def card_validate(path, overrides):
+    """Check a card against its task's schema and read its records as training would;
+    task.KEY=VALUE options that change reading (e.g. task.multi_label=true) apply."""
     from peftlab.pipelines import config as cfg
     from peftlab.pipelines import runner
     from peftlab.shared.cards import read_card
@@ -207,15 +209,18 @@ def card_validate(path):
 
     header = read_card(cfg.resolve_card_path(path))  # a shipped card by its listed path, from anywhere
     task = get_task(header.task)
+    given = cfg.apply_overrides({}, list(overrides))
+    if set(given) - {"task"} or "name" in given.get("task", {}):
+        raise UserError(f"card validate takes task options only (task.KEY=VALUE), got {' '.join(overrides)}")
+    options = cfg.build_task_options(task, given.get("task", {}))
     loaded = runner.load_card(path, task)
-    options = task.options()
     dataset = task.read(loaded, options)
     for split, examples in dataset.splits.items():
         if not examples:
             raise UserError(f"{loaded.card_path}: split {split!r} is empty")
     counts = {split: len(examples) for split, examples in dataset.splits.items()}
     click.echo(json.dumps({"card": str(loaded.card_path), "task": task.name, "labels": dataset.labels, "splits": counts,
-                           "notes": dataset.notes}))
+                           "notes": runner.dataset_notes(dataset, training=True)}))
 
 
 @card.command("new")

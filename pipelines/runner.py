@@ -153,16 +153,29 @@ def read_dataset(config: cfg.RunConfig, task, options, card: Card) -> Dataset:
 
 
 def log_notes(dataset: Dataset, training: bool) -> None:
-    """What the reader did that a user should know; called once the request is known
-    to be valid, so a note never comes before an error."""
-    for note in dataset.notes:
+    """Logs `dataset_notes`; called once the request is known to be valid, so a note
+    never comes before an error."""
+    for note in dataset_notes(dataset, training):
         log(f"note: {note}")
-    if training and (absent := untrained_classes(dataset)):
-        log(f"note: no training examples of {', '.join(absent)}: the model cannot learn "
-            f"{'it' if len(absent) == 1 else 'them'} (check the card's labels and splits)")
-    if training and "validation" not in dataset.splits:
-        log("note: no validation split, so no checkpoint selection or early stopping: the last epoch's model "
-            "is kept (give the card a validation split or ratio)")
+
+
+def dataset_notes(dataset: Dataset, training: bool) -> list[str]:
+    """What the reader did that a user should know, and, for training, what the splits
+    leave out."""
+    notes = list(dataset.notes)
+    if not training:
+        return notes
+    if absent := classes_missing_from(dataset, "train"):
+        notes.append(f"no training examples of {', '.join(absent)}: the model cannot learn "
+                     f"{'it' if len(absent) == 1 else 'them'} (check the card's labels and splits)")
+    for split in ("validation", "test"):
+        if absent := classes_missing_from(dataset, split):
+            notes.append(f"the {split} split has no examples of {', '.join(absent)}: "
+                         f"{'its' if len(absent) == 1 else 'their'} per-class scores are undefined there")
+    if "validation" not in dataset.splits:
+        notes.append("no validation split, so no checkpoint selection or early stopping: the last epoch's model "
+                     "is kept (give the card a validation split or ratio)")
+    return notes
 
 
 def single_label(examples) -> bool:
@@ -170,12 +183,13 @@ def single_label(examples) -> bool:
     return all("targets" not in e and isinstance(e.get("label"), int | np.integer) for e in examples)
 
 
-def untrained_classes(dataset: Dataset) -> list[str]:
-    """The classes of a single-label task that no training example has."""
-    train = dataset.splits.get("train", [])
-    if not dataset.labels or not train or not single_label(train):
+def classes_missing_from(dataset: Dataset, split: str) -> list[str]:
+    """The classes of a single-label task that no example of `split` has (none where the
+    split is absent or empty)."""
+    examples = dataset.splits.get(split, [])
+    if not dataset.labels or not examples or not single_label(examples):
         return []
-    seen = {e["label"] for e in train}
+    seen = {e["label"] for e in examples}
     return [label for index, label in enumerate(dataset.labels) if index not in seen]
 
 

@@ -45,6 +45,17 @@ def parse_label(value: str, labels: list[str] | None, where: str) -> int:
     return int(number)
 
 
+def strata(examples: Sequence[Example]) -> dict[int, list[int]]:
+    """Example indices by class, in class order: single-label class indices are strata;
+    generated targets (text) and multi-label examples are one stratum, -1."""
+    by_class: dict[int, list[int]] = {}
+    for index, example in enumerate(examples):
+        label = example.get("label")
+        single = isinstance(label, int | np.integer) and "targets" not in example
+        by_class.setdefault(int(label) if single else -1, []).append(index)
+    return dict(sorted(by_class.items()))
+
+
 def hold_out_validation(splits: dict[str, list[Example]], card, what: str,
                         group_of: Callable[[Example], object] | None = None) -> tuple[dict[str, list[Example]], str | None]:
     """Where the data comes with train and test but no validation split, hold out
@@ -70,13 +81,8 @@ def hold_out_validation(splits: dict[str, list[Example]], card, what: str,
         picked = rng.choice(len(keys), size=int(round(fraction * len(keys))), replace=False)
         chosen = {index for k in picked.tolist() for index in groups[keys[k]]}
     else:
-        strata: dict[int, list[int]] = {}
-        for index, example in enumerate(train):
-            label = example.get("label")  # a class index; generated targets (text) and multi-label are one stratum
-            strata.setdefault(int(label) if isinstance(label, int | np.integer) and "targets" not in example else -1, []).append(index)
         chosen = set()
-        for key in sorted(strata):
-            members = strata[key]
+        for members in strata(train).values():
             chosen |= set(rng.choice(members, size=int(round(fraction * len(members))), replace=False).tolist())
     held = {**splits, "train": [e for i, e in enumerate(train) if i not in chosen],
             "validation": [e for i, e in enumerate(train) if i in chosen]}
@@ -91,7 +97,8 @@ def ratio_split(
     group_of: Callable[[Example], object] | None = None,
     where: str = "card",
 ) -> dict[str, list[Example]]:
-    """Random split by ratios; with `group_of`, whole groups go to one split."""
+    """Random split by ratios, each class in proportion (to within one example); with
+    `group_of`, whole groups go to one split."""
     if not isinstance(ratios, dict):
         raise UserError(f"{where}: splits.ratios must be a mapping like {{train: 0.8, validation: 0.1, test: 0.1}}")
     unknown = sorted(set(ratios) - set(SPLITS))
@@ -104,7 +111,7 @@ def ratio_split(
     names = list(ratios)
     bounds = np.cumsum([ratios[n] for n in names])
     if group_of is None:
-        order = rng.permutation(len(examples))
+        order = _classes_spread(examples, rng)
         cut = np.round(bounds * len(examples)).astype(int)
         starts = np.concatenate([[0], cut[:-1]])
         return {n: [examples[i] for i in order[s:e]] for n, s, e in zip(names, starts, cut)}
@@ -115,6 +122,17 @@ def ratio_split(
     for example in examples:
         result[split_of[str(group_of(example))]].append(example)
     return result
+
+
+def _classes_spread(examples: Sequence[Example], rng: np.random.Generator) -> np.ndarray:
+    """A random order of the examples in which each class's examples sit evenly spaced
+    (shuffled within the class, at a random phase), so that any contiguous cut of it
+    holds every class in proportion. Data without classes gets a plain permutation."""
+    position = np.empty(len(examples))
+    for members in strata(examples).values():
+        shuffled = np.asarray(members)[rng.permutation(len(members))]
+        position[shuffled] = (np.arange(len(members)) + rng.random()) / len(members)
+    return np.argsort(position, kind="stable")
 
 
 def count_by_split(splits: dict[str, list[Example]], holds: Callable[[Example], bool]) -> tuple[int, str]:
@@ -129,15 +147,10 @@ def subsample(examples: list[Example], limit: int | None, seed: int) -> list[Exa
     if limit is None or len(examples) <= limit:
         return examples
     rng = np.random.default_rng(seed)
-    if not all(isinstance(e.get("label", -1), int | np.integer) for e in examples):
-        # generation targets are text, not classes: a plain random sample
-        return [examples[i] for i in sorted(rng.choice(len(examples), size=limit, replace=False))]
-    labels = np.array([e.get("label", -1) for e in examples])
     chosen: list[int] = []
-    for value in np.unique(labels):
-        members = np.flatnonzero(labels == value)
+    for members in strata(examples).values():
         share = int(round(limit * len(members) / len(examples)))
-        chosen += list(rng.choice(members, size=min(share, len(members)), replace=False))
+        chosen += rng.choice(members, size=min(share, len(members)), replace=False).tolist()
     chosen = sorted(chosen)[:limit]
     return [examples[i] for i in chosen]
 
@@ -148,7 +161,8 @@ class BucketBatchSampler(Sampler[list[int]]):
     Indices are shuffled, cut into pools of `batch_size * pool_factor`, sorted by
     length inside each pool, batched, and the batches shuffled: little padding and no
     fixed length order. The order is a pure function of (seed, epoch), so a resumed run
-    sees exactly the batches an uninterrupted one would.
+    sees exactly the batches an uninterrupted one would. A pool that would end in a
+    batch of one ends in batches of `batch_size - 1` and 2.
     """
 
     def __init__(self, lengths: Sequence[int], batch_size: int, seed: int, shuffle: bool = True, pool_factor: int = 50):
@@ -170,10 +184,16 @@ class BucketBatchSampler(Sampler[list[int]]):
         rng = np.random.default_rng([self.seed, self.epoch])
         order = rng.permutation(len(self.lengths))
         batches = []
-        for start in range(0, len(order), self.pool):
-            pool = order[start:start + self.pool]
-            pool = pool[np.argsort(self.lengths[pool], kind="stable")]
-            batches += [pool[i:i + self.batch_size].tolist() for i in range(0, len(pool), self.batch_size)]
+        starts = list(range(0, len(order), self.pool))
+        if len(order) % self.pool == 1 and len(starts) > 1:
+            starts.pop()  # a last pool of one joins the one before
+        for start, end in zip(starts, starts[1:] + [len(order)]):
+            pool = order[start:end]
+            pool = pool[np.argsort(self.lengths[pool], kind="stable")].tolist()
+            cuts = list(range(0, len(pool), self.batch_size))
+            if len(pool) % self.batch_size == 1 and len(cuts) > 1:
+                cuts[-1] -= 1  # no training batch of one: batch norm cannot train on it (B-1 and 2 instead)
+            batches += [pool[first:last] for first, last in zip(cuts, cuts[1:] + [len(pool)])]
         rng.shuffle(batches)
         return batches
 

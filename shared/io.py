@@ -64,7 +64,7 @@ def write_yaml(path, obj) -> None:
 def read_json(path):
     """A JSON file peftlab wrote; a damaged one (truncated, edited, not UTF-8) is a UserError naming it."""
     try:
-        return json.loads(Path(path).read_text(encoding="utf-8"))
+        return json.loads(Path(path).read_text(encoding="utf-8-sig"))
     except json.JSONDecodeError as error:
         raise UserError(f"{path}: not valid JSON ({error.msg}, line {error.lineno} column {error.colno}); "
                         f"the file is damaged") from None
@@ -76,7 +76,7 @@ def read_jsonl(path) -> list:
     """A JSON-lines file peftlab wrote; a damaged line is a UserError naming file and line."""
     rows = []
     try:
-        lines = Path(path).read_text(encoding="utf-8").splitlines()
+        lines = Path(path).read_text(encoding="utf-8-sig").splitlines()
     except UnicodeDecodeError as error:
         raise UserError(f"{path}: not UTF-8 text (byte {error.start}); the file is damaged") from None
     for number, line in enumerate(lines, start=1):

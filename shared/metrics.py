@@ -111,14 +111,15 @@ def compute(names: Sequence[str], y_true, scores) -> dict[str, float | None]:
     return results
 
 
-def compute_by_group(names: Sequence[str], y_true, scores, groups) -> dict[str, dict]:
+def compute_by_group(names: Sequence[str], y_true, scores, groups, compute_metrics=compute) -> dict[str, dict]:
     """Each metric per group, plus `worst_group_gap`: max - min over groups per metric
-    (None where fewer than two groups have a value: one group has no gap to report)."""
-    y_true, scores, groups = np.asarray(y_true), np.asarray(scores), np.asarray(groups)
-    per_group = {str(g): compute(names, y_true[groups == g], scores[groups == g]) for g in np.unique(groups)}
+    (None where fewer than two groups have a value: one group has no gap to report).
+    `compute_metrics(names, y_true, scores)` scores one group (multi-label tasks pass theirs)."""
+    y_true, scores, groups = np.asarray(y_true), np.asarray(scores), np.asarray([str(g) for g in groups])
+    per_group = {g: compute_metrics(names, y_true[groups == g], scores[groups == g]) for g in np.unique(groups)}
     gaps = {}
     for name in names:
-        values = [m[name] for m in per_group.values() if m[name] is not None]
+        values = [m[name] for m in per_group.values() if m.get(name) is not None]
         gaps[name] = max(values) - min(values) if len(values) > 1 else None
     return {"groups": per_group, "worst_group_gap": gaps}
 

@@ -154,6 +154,53 @@ def test_imagefolder_grayscale_rgba_and_split_folders(tmp_path):
     assert np.asarray(data.to_rgb(transparent)).max() == 0
 
 
+def test_imagefolder_leaves_hidden_folders_and_other_files_out(tmp_path):
+    root = tmp_path / "images"
+    for label in ("normal", "tumour", ".ipynb_checkpoints"):
+        (root / label).mkdir(parents=True)
+        for i in range(4):
+            Image.new("RGB", (8, 8), (i, 0, 0)).save(root / label / f"x{i}.png")
+    Image.new("RGB", (8, 8)).save(root / "normal" / "._x0.png")  # macOS metadata, not an image
+    (root / "tumour" / "README.txt").write_text("scanned 2021\n")
+    dataset = TASK.read(read_card(_write_card(tmp_path, "format: imagefolder\npath: images")), TASK.options())
+    assert dataset.labels == ["normal", "tumour"]
+    assert sum(len(v) for v in dataset.splits.values()) == 8
+    assert any("1 files that are not images were left out (e.g. tumour/README.txt)" in n for n in dataset.notes)
+
+
+def test_card_validate_takes_task_options_and_says_what_the_splits_leave_out(tmp_path, capsys):
+    from peftlab.pipelines.cli import main
+
+    (tmp_path / "img").mkdir()
+    rows = ["path,finding"]
+    for i in range(12):
+        Image.new("RGB", (8, 8), (i, 0, 0)).save(tmp_path / "img" / f"{i}.png")
+        rows.append(f"img/{i}.png,{['Effusion', 'No Finding', 'Effusion|Mass'][i % 3]}")
+    (tmp_path / "data.csv").write_text("\n".join(rows) + "\n")
+    card = _write_card(tmp_path, "format: csv\npath: data.csv\nlabels: [Effusion, Mass]\nfields: {label: finding}")
+    assert main(["card", "validate", card]) == 2
+    assert "label 'No Finding' reads as multi-label findings; set task.multi_label=true" in capsys.readouterr().err
+    assert main(["card", "validate", card, "task.multi_label=true"]) == 0
+    summary = json.loads(capsys.readouterr().out)
+    assert summary["labels"] == ["Effusion", "Mass"] and sum(summary["splits"].values()) == 12
+    assert main(["card", "validate", card, "train.lr=1"]) == 2
+    assert "takes task options only" in capsys.readouterr().err
+    # single-label: a class present in train only is named for the splits that lack it
+    rows = ["path,finding"] + [f"img/{i}.png,{'Mass' if i == 0 else 'Effusion'}" for i in range(12)]
+    (tmp_path / "data.csv").write_text("\n".join(rows) + "\n")
+    assert main(["card", "validate", card]) == 0
+    notes = json.loads(capsys.readouterr().out)["notes"]
+    assert any(n.startswith("the test split has no examples of Mass") for n in notes), notes
+
+
+def test_group_gap_is_undefined_where_only_one_group_has_a_value():
+    examples = [{"label": label, "group": group} for label, group in [(0, "F"), (0, "F"), (0, "M"), (1, "M")]]
+    outputs = [np.array(0.4), np.array(0.3), np.array(0.4), np.array(0.8)]  # a binary task scores the positive class
+    result = TASK.compute_metrics(["auroc", "accuracy"], examples, outputs)
+    assert result["by_group"]["groups"]["F"]["auroc"] is None and result["by_group"]["groups"]["M"]["auroc"] == 1.0
+    assert result["by_group"]["worst_group_gap"] == {"auroc": None, "accuracy": 0.0}
+
+
 @pytest.mark.parametrize("fraction", [None, 0.25, 0])
 def test_imagefolder_without_a_validation_folder_holds_out_training_images(tmp_path, fraction):
     """train/ and test/ only (a common layout): validation is carved out of train,

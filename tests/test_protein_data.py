@@ -28,6 +28,12 @@ def test_fasta_reader_joins_lines_and_reports_bad_letters_with_line(tmp_path):
     path.write_text(">a\nMKT\n>a\nMLL\n")
     with pytest.raises(UserError, match=r"s.fasta:3: duplicate FASTA id 'a' \(first at line 1\)"):
         data.read_fasta(path)
+    # Windows-saved (byte-order mark, CRLF); a final '*' is the stop's mark, one inside a record is refused
+    path.write_bytes(b"\xef\xbb\xbf>a\r\nMKT*\r\n>b\r\nML\r\nLV*\r\n")
+    assert data.read_fasta(path) == {"a": "MKT", "b": "MLLV"}
+    path.write_text(">a\nMKT*\nAYI\n")
+    with pytest.raises(UserError, match=r"s.fasta:2: '\*' \(a stop\) inside record 'a'"):
+        data.read_fasta(path)
 
 
 def test_pairs_reader_names_missing_ids_and_bad_labels(tmp_path):
@@ -86,6 +92,34 @@ def test_bucketing_pads_much_less_than_random_batches_and_is_deterministic():
     assert sampler.batches() == batches
     sampler.set_epoch(2)
     assert sampler.batches() != batches
+
+
+def test_training_batches_are_never_a_single_example():
+    # batch norm cannot train on one example: a pool ending in one ends in B-1 and 2
+    for count in (9, 25, 401, 409, 801):
+        sampler = BucketBatchSampler(np.arange(count), 8, seed=0)
+        batches = sampler.batches()
+        assert sorted(i for b in batches for i in b) == list(range(count))
+        assert len(batches) == len(sampler) and min(map(len, batches)) == 2 and max(map(len, batches)) <= 8
+    assert [len(b) for b in BucketBatchSampler(np.arange(3), 1, seed=0).batches()] == [1, 1, 1]
+
+
+def test_ratio_split_keeps_every_class_in_proportion():
+    # 3 classes x 12 (the audit's case: plain shuffling gave a test split without one class)
+    examples = [{"id": i, "label": i % 3} for i in range(36)]
+    for seed in range(20):
+        splits = ratio_split(examples, {"train": 0.6, "validation": 0.2, "test": 0.2}, seed=seed)
+        assert [len(splits[s]) for s in ("train", "validation", "test")] == [22, 7, 7]
+        for split, share in (("train", 7.2), ("validation", 2.4), ("test", 2.4)):
+            counts = np.bincount([e["label"] for e in splits[split]], minlength=3)
+            assert np.all(np.abs(counts - share) < 1 + 1e-9), (seed, split, counts)
+    other = ratio_split(examples, {"train": 0.6, "validation": 0.2, "test": 0.2}, seed=1)
+    assert other["test"] != splits["test"]
+    # data without classes (generated text) is split by a plain seeded permutation, as before
+    text = [{"id": i, "label": f"answer {i}"} for i in range(50)]
+    order = np.random.default_rng(4).permutation(50)
+    split = ratio_split(text, {"train": 0.8, "test": 0.2}, seed=4)
+    assert [e["id"] for e in split["test"]] == order[40:].tolist()
 
 
 def test_ratio_split_and_stratified_subsample():

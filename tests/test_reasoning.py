@@ -188,14 +188,19 @@ def test_commonsense_reader_normalises_every_public_shape(tmp_path):
         {"sentence": "The cup fell because _ was slippery.", "option1": "cup", "option2": "table", "answer": "1"},
         {"id": "Mercury_1", "question": {"stem": "Which is a metal?", "choices": [{"label": "A", "text": "iron"}, {"label": "B", "text": "wood"}]}, "answerKey": "A"},
         {"question": "Which is a gas?", "choices": {"text": ["air", "rock", "ice"], "label": ["1", "2", "3"]}, "answerKey": "1"},
+        {"id": "7-980", "question_stem": "The sun is responsible for",  # OpenBookQA on the Hugging Face hub
+         "choices": {"text": ["puppies", "night", "cold", "plants sprouting"], "label": ["A", "B", "C", "D"]}, "answerKey": "D"},
         {"instruction": "Please choose: ... Answer format: answer1/answer2", "answer": "answer2"},
         {"question": "Which one is a fruit?", "choices": ["hammer", "plum"], "answer": "plum", "dataset": "mine"},
     ]
-    examples = data.read_jsonl(_write(tmp_path / "arc_easy.jsonl", records), "commonsense")
+    path = _write(tmp_path / "arc_easy.jsonl", records)
+    path.write_bytes(b"\xef\xbb\xbf" + path.read_bytes())  # saved with a byte-order mark, as Windows tools do
+    examples = data.read_jsonl(path, "commonsense")
     answers = [e["answer"] for e in examples]
-    assert answers == ["true", "A", "B", "D", "A", "A", "A", "answer2", "B"]
+    assert answers == ["true", "A", "B", "D", "A", "A", "A", "D", "answer2", "B"]
     assert [e["dataset"] for e in examples] == ["boolq", "piqa", "siqa", "hellaswag", "winogrande", "arc_easy",
-                                                "arc_easy", "arc_easy", "mine"]
+                                                "arc_easy", "arc_easy", "arc_easy", "mine"]
+    assert examples[7]["question"].startswith("The sun is responsible for") and len(examples[7]["choices"]) == 4
     assert examples[1]["choices"] == ["twist the lid", "freeze it"]
     assert examples[5]["id"] == "Mercury_1"
 

@@ -43,7 +43,7 @@ REVIEWED_FIELDS = ("patch", "old")
 def text_lines(path: Path) -> list[str]:
     """The file's lines, split at \n (and \r\n) only: JSON strings and code may hold \x85,
     \u2028 or a form feed raw, which `str.splitlines` would also break at."""
-    with open(path, encoding="utf-8", newline="") as handle:
+    with open(path, encoding="utf-8-sig", newline="") as handle:
         return [line.removesuffix("\n").removesuffix("\r") for line in handle]
 
 

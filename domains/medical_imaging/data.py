@@ -153,29 +153,39 @@ def parse_multi_label(value: str, labels: list[str], where: str) -> list[int]:
 # --------------------------------------------------------------------------------- readers
 
 def list_images(folder: Path) -> list[Path]:
-    return sorted(p for p in folder.rglob("*") if p.is_file() and p.suffix.lower() in READABLE_SUFFIXES)
+    """Image files below `folder`, hidden ones (`.ipynb_checkpoints/`, macOS `._x.png`) left out."""
+    return [p for p in _visible_files(folder) if p.suffix.lower() in READABLE_SUFFIXES]
 
 
-def read_imagefolder(root: Path, labels: list[str] | None) -> tuple[list[dict], list[str]]:
-    """`root/<class>/<image>` (torchvision's ImageFolder layout) -> examples, labels."""
-    from torchvision.datasets.folder import find_classes, make_dataset
+def _visible_files(folder: Path) -> list[Path]:
+    return sorted(p for p in folder.rglob("*")
+                  if p.is_file() and not any(part.startswith(".") for part in p.relative_to(folder).parts))
 
+
+def read_imagefolder(root: Path, labels: list[str] | None) -> tuple[list[dict], list[str], list[str]]:
+    """`root/<class>/<image>` (torchvision's ImageFolder layout) -> examples, labels and
+    notes. Hidden folders are not classes; files that are not images are counted in a note."""
     if not root.is_dir():
         raise UserError(f"{root}: ImageFolder root does not exist or is not a folder")
-    try:
-        found, _ = find_classes(str(root))
-    except FileNotFoundError:
-        raise UserError(f"{root}: no class folders; ImageFolder expects root/<class>/<image files>") from None
+    found = sorted(p.name for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
+    if not found:
+        raise UserError(f"{root}: no class folders; ImageFolder expects root/<class>/<image files>")
     if labels is None:
         labels = found
     elif sorted(labels) != sorted(found):
         raise UserError(f"{root}: class folders {found} differ from the card's labels {labels}; make them the same names")
-    try:
-        samples = make_dataset(str(root), {name: labels.index(name) for name in found}, extensions=READABLE_SUFFIXES)
-    except FileNotFoundError as error:
-        raise UserError(f"{root}: {error}") from None
-    examples = [{"id": str(Path(p).relative_to(root)), "path": p, "label": int(c)} for p, c in samples]
-    return examples, labels
+    examples, others = [], []
+    for name in found:
+        files = _visible_files(root / name)
+        images = [p for p in files if p.suffix.lower() in READABLE_SUFFIXES]
+        if not images:
+            raise UserError(f"{root / name}: no image files ({', '.join(READABLE_SUFFIXES)}); "
+                            f"remove the folder or add its images")
+        others += [p for p in files if p.suffix.lower() not in READABLE_SUFFIXES]
+        examples += [{"id": str(p.relative_to(root)), "path": str(p), "label": labels.index(name)} for p in images]
+    notes = [f"{root}: {len(others)} files that are not images were left out (e.g. {others[0].relative_to(root)})"] \
+        if others else []
+    return examples, labels, notes
 
 
 def read_medmnist_npz(path: Path, labels: list[str] | None, multi_label: bool) -> tuple[dict[str, list[dict]], list[str]]:
@@ -267,7 +277,11 @@ def read_image_csv(path: Path, image_root: Path, fields: dict, labels: list[str]
             if multi_label:
                 multi_label_example(example, parse_multi_label(cells[label_col], labels, where), labels)
             else:
-                example["label"] = parse_label(cells[label_col], labels, where)
+                value = cells[label_col].strip()
+                if MULTI_LABEL_SEPARATOR in value or (value.lower() in ("none", "no finding") and value not in (labels or [])):
+                    raise UserError(f"{where}: label {value!r} reads as multi-label findings; set task.multi_label=true "
+                                    f"(in `peftlab run` and `peftlab card validate`), or fix the cell")
+                example["label"] = parse_label(value, labels, where)
         examples.append(example)
     if not examples:
         raise UserError(f"{path}: no data rows under the header")

@@ -281,14 +281,14 @@ class MedicalClassifyTask:
             if "train" in splits and not {"validation", "test"} & set(splits):
                 splits = self._ratio_split(card, splits["train"])
             return Dataset(splits, labels)
+        notes: list[str] = []
         if card.format == "imagefolder":
-            splits, labels = self._read_imagefolder(card, labels)
+            splits, labels = self._read_imagefolder(card, labels, notes)
         else:
             splits = self._read_csv(card, labels, options)
             if labels is None:
                 count = 1 + max(e["label"] for split in splits.values() for e in split)
                 labels = [str(i) for i in range(count)]
-        notes = []
         for split in list(splits):
             splits[split], skipped = data.keep_readable(splits[split], on_bad_file, f"{card.card_path} ({split})")
             notes += skipped
@@ -323,7 +323,7 @@ class MedicalClassifyTask:
         ratios = spec.get("ratios", {"train": 0.8, "validation": 0.1, "test": 0.1})
         return ratio_split(examples, ratios, int(spec.get("seed", 0)), where=str(card.card_path))
 
-    def _read_imagefolder(self, card: Card, labels):
+    def _read_imagefolder(self, card: Card, labels, notes: list[str]):
         root = self._data_path(card)
         split_dirs = {"train": ["train"], "validation": ["validation", "val", "valid"], "test": ["test"]}
         present = {split: next((root / n for n in names if (root / n).is_dir()), None) for split, names in split_dirs.items()}
@@ -331,9 +331,11 @@ class MedicalClassifyTask:
             splits = {}
             for split, folder in present.items():
                 if folder is not None:
-                    splits[split], labels = data.read_imagefolder(folder, labels)
+                    splits[split], labels, skipped = data.read_imagefolder(folder, labels)
+                    notes += skipped
             return splits, labels
-        examples, labels = data.read_imagefolder(root, labels)
+        examples, labels, skipped = data.read_imagefolder(root, labels)
+        notes += skipped
         return self._ratio_split(card, examples), labels
 
     def _read_csv(self, card: Card, labels, options: MedicalImageOptions) -> dict[str, list[dict]]:
@@ -446,21 +448,15 @@ class MedicalClassifyTask:
     def compute_metrics(self, metric_names, examples, outputs) -> dict:
         scores = np.stack(outputs)
         if all("targets" in e for e in examples):
-            targets = np.array([e["targets"] for e in examples], dtype=int)
-            compute = lambda y, s: multi_label_metrics(metric_names, y, s)  # noqa: E731
-            labels = targets
+            labels = np.array([e["targets"] for e in examples], dtype=int)
+            compute = multi_label_metrics
         else:
             labels = np.array([e["label"] for e in examples])
-            compute = lambda y, s: metric_registry.compute(metric_names, y, s)  # noqa: E731
-        result: dict[str, Any] = compute(labels, scores)
+            compute = metric_registry.compute
+        result: dict[str, Any] = compute(metric_names, labels, scores)
         if all("group" in e for e in examples):
-            groups = np.array([str(e["group"]) for e in examples])
-            per_group = {g: compute(labels[groups == g], scores[groups == g]) for g in np.unique(groups)}
-            gaps = {}
-            for name in metric_names:
-                values = [m[name] for m in per_group.values() if m.get(name) is not None]
-                gaps[name] = max(values) - min(values) if values else None
-            result["by_group"] = {"groups": per_group, "worst_group_gap": gaps}
+            result["by_group"] = metric_registry.compute_by_group(
+                metric_names, labels, scores, [e["group"] for e in examples], compute_metrics=compute)
         return result
 
     def card_template(self) -> str:

@@ -35,9 +35,10 @@ def read_fasta(path: Path) -> dict[str, str]:
     """id -> sequence. The id is the header's first word."""
     records: dict[str, list[str]] = {}
     header_line: dict[str, int] = {}
+    stop_line: dict[str, int] = {}
     current = None
     try:
-        lines = Path(path).read_text(encoding="utf-8").splitlines()
+        lines = Path(path).read_text(encoding="utf-8-sig").splitlines()
     except UnicodeDecodeError as error:
         raise UserError(f"{path}: not UTF-8/ASCII text (byte {error.start}); is this a FASTA file?") from None
     for number, line in enumerate(lines, start=1):
@@ -59,12 +60,19 @@ def read_fasta(path: Path) -> dict[str, str]:
         if bad:
             raise UserError(f"{path}:{number}: {''.join(bad)!r} is not an amino-acid letter (record {current!r}); "
                             f"sequences use {''.join(sorted(AMINO_ACIDS))}")
-        records[current].append(line.upper().rstrip("*"))
+        if "*" in line:
+            stop_line.setdefault(current, number)
+        records[current].append(line.upper())
     if not records:
         raise UserError(f"{path}: no FASTA records (lines starting with '>')")
     sequences = {}
     for name, parts in records.items():
-        sequences[name] = check_sequence("".join(parts), f"{path}:{header_line[name]} (record {name!r})")
+        sequence = "".join(parts)
+        sequence = sequence[:-1] if sequence.endswith("*") else sequence  # the stop codon's mark ends a protein
+        if "*" in sequence:
+            raise UserError(f"{path}:{stop_line[name]}: '*' (a stop) inside record {name!r}; a stop ends a protein: "
+                            f"remove it, or cut the record there")
+        sequences[name] = check_sequence(sequence, f"{path}:{header_line[name]} (record {name!r})")
     return sequences
 
 

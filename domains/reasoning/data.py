@@ -40,7 +40,7 @@ LETTERS = string.ascii_uppercase
 def read_jsonl(path: Path, kind: str, labelled: bool = True) -> list[dict]:
     """JSON lines (or one JSON array) of a known shape -> examples; `kind` is commonsense or math."""
     try:
-        text = path.read_text(encoding="utf-8")
+        text = path.read_text(encoding="utf-8-sig")
     except UnicodeDecodeError as error:
         raise UserError(f"{path}: not UTF-8 text ({error.reason} at byte {error.start}); save it as UTF-8") from None
     records = _records(path, text)
@@ -143,9 +143,10 @@ def _commonsense_fields(r: dict, where: str, labelled: bool) -> tuple[str, list 
         options = _need(r["question"], "choices", where)
         labels = [str(c.get("label")) for c in options]
         return stem, [c.get("text", "") for c in options], _keyed(r.get("answerKey"), labels, where)
-    if isinstance(r.get("choices"), dict):  # ARC on the Hugging Face hub
+    if isinstance(r.get("choices"), dict):  # ARC and OpenBookQA (its `question_stem`) on the Hugging Face hub
         labels = [str(label) for label in r["choices"].get("label", [])]
-        return _need(r, "question", where), list(r["choices"].get("text", [])), _keyed(r.get("answerKey"), labels, where)
+        question = r["question_stem"] if "question_stem" in r else _need(r, "question", where)
+        return question, list(r["choices"].get("text", [])), _keyed(r.get("answerKey"), labels, where)
     if "instruction" in r:  # LLM-Adapters: the instruction already lists the options
         answer = r.get("answer")
         return r["instruction"] + (f"\n{r['input']}" if r.get("input") else ""), None, None if answer is None else str(answer).strip()

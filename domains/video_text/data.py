@@ -193,7 +193,7 @@ def read_msrvtt_json(path: Path, video_root: Path, fields: dict) -> dict[str, li
     """MSR-VTT-style JSON -> examples per split (`split` of each video: train / validate
     or validation / test), or under "all" when videos carry no split."""
     try:
-        document = json.loads(Path(path).read_text(encoding="utf-8"))
+        document = json.loads(Path(path).read_text(encoding="utf-8-sig"))
     except (OSError, UnicodeDecodeError) as error:
         raise UserError(f"{path}: cannot be read ({error})") from None
     except json.JSONDecodeError as error:

@@ -551,7 +551,7 @@ class CaptionTask(_VideoTextTask):
 def read_queries(path: Path) -> list[dict]:
     """A text file of captions to search with, one per line (blank lines skipped); ids `FILE:LINE`."""
     try:
-        lines = path.read_text(encoding="utf-8").splitlines()
+        lines = path.read_text(encoding="utf-8-sig").splitlines()
     except UnicodeDecodeError as error:
         raise UserError(f"{path}: not UTF-8 text ({error.reason} at byte {error.start}); save the queries as UTF-8") from None
     queries = [{"id": f"{path.stem}:{number}", "caption": line.strip()}
