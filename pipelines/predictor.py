@@ -123,6 +123,9 @@ class Predictor:
         else:
             # dicts made by hand may carry no id; a line names its input by position then
             examples = [example if "id" in example else {"id": str(index), **example} for index, example in enumerate(inputs)]
+        if hasattr(self.task, "input_notes"):  # what a card's reader notes, for inputs given without one (crops)
+            for note in self.task.input_notes(examples, self.options):
+                runner.log(f"note: {note}")
         outputs = predict_outputs(self.model, examples, self.batch_size, self.accelerator.autocast, progress="predict")
         if hasattr(self.task, "describe_predictions"):  # rows that depend on each other (retrieval ranks the inputs)
             return self.task.describe_predictions(examples, outputs, self.labels)

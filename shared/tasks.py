@@ -112,6 +112,15 @@ class Task(Protocol):
 
     def card_template(self) -> str: ...
 
+    # Optional hooks, looked up where they are used:
+    #   compute_metrics(names, examples, outputs)       metrics other than shared/metrics.py's per-example ones
+    #   write_report(split, examples, outputs, labels, directory)   per-class files next to metrics.json
+    #   input_notes(examples, options)                  notes on `peftlab predict` inputs (what `read` notes for a card)
+    #   describe_predictions(examples, outputs, labels) prediction rows that depend on each other (retrieval)
+    #   rows_follow_examples(options)                   whether the backbone sees one input row per example (serve mixes adapters by row)
+    #   parse_request(body, options)                    `peftlab serve`'s JSON input form
+    #   export_backbone(model, directory)               the backbone in its library's own format
+
 
 _TASKS: dict[str, Task] = {}
 

@@ -8,6 +8,7 @@ import re
 from pathlib import Path
 
 import pytest
+import yaml
 from conftest import run_peftlab
 from peftlab.domains.protein.data import demo_proteins
 from peftlab.pipelines.cli import main
@@ -70,12 +71,15 @@ def test_eval_writes_the_predictions_training_wrote(ppi_run, tmp_path):
 def test_predict_on_fasta_and_pairs(ppi_run, tmp_path):
     sequences, _ = demo_proteins(8, 12, 0)
     fasta = tmp_path / "proteins.fasta"
+    max_length = yaml.safe_load((ppi_run / "run.yaml").read_text()).get("task", {}).get("max_length", 1022)
+    sequences["long"] = "M" + "KT" * max_length  # longer than the run reads: predicted on a window, with a note
     fasta.write_text("".join(f">{k}\n{v}\n" for k, v in sequences.items()))
     pairs = tmp_path / "pairs.tsv"
-    pairs.write_text("fam0_p0\tfam1_p3\nfam2_p1\tfam3_p5\nfam0_p0\tfam4_p2\nfam6_p0\tfam2_p2\n")
+    pairs.write_text("fam0_p0\tfam1_p3\nfam2_p1\tfam3_p5\nfam0_p0\tfam4_p2\nfam6_p0\tfam2_p2\nlong\tfam0_p0\n")
     out = tmp_path / "predictions.jsonl"
     result = run_peftlab("predict", ppi_run, fasta, pairs, "--out", out)
     assert result.returncode == 0, result.stderr[-2000:]
+    assert f"note: 1 pairs have a sequence longer than {max_length} residues: its start window is scored" in result.stderr
     rows = [json.loads(line) for line in out.read_text().splitlines()]
     assert [(r["protein_a"], r["protein_b"]) for r in rows][:2] == [("fam0_p0", "fam1_p3"), ("fam2_p1", "fam3_p5")]
     assert all(0 <= r["score"] <= 1 for r in rows)

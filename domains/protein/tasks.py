@@ -335,6 +335,11 @@ class PPITask(_ProteinTask):
         sequences = data.read_fasta(Path(fasta[0]))
         return data.read_pairs(Path(tables[0]), sequences, fields, None, labelled=False)
 
+    def input_notes(self, examples, options: ProteinOptions) -> list[str]:
+        long = sum(max(len(e["a_seq"]), len(e["b_seq"])) > options.max_length for e in examples)
+        return [f"{long} pairs have a sequence longer than {options.max_length} residues: its "
+                f"{options.crop_eval} window is scored (task.crop_eval, task.max_length)"] if long else []
+
     def describe(self, example, scores, labels) -> dict:
         return {"protein_a": example["a"], "protein_b": example["b"], **describe_scores(scores, labels)}
 
@@ -416,6 +421,11 @@ class ClassifyTask(_ProteinTask):
             else:
                 raise UserError(f"{path}: protein-classify predict reads FASTA (.fasta/.fa/.faa) or CSV with a `sequence` column")
         return examples
+
+    def input_notes(self, examples, options: ProteinOptions) -> list[str]:
+        long = sum(len(e["seq"]) > options.max_length for e in examples)
+        return [f"{long} sequences are longer than {options.max_length} residues: their {options.crop_eval} "
+                f"window is scored (task.crop_eval, task.max_length)"] if long else []
 
     def describe(self, example, scores, labels) -> dict:
         return {"id": example["id"], **describe_scores(scores, labels)}
