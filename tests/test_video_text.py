@@ -346,3 +346,13 @@ def test_caption_demo_beats_the_best_constant_caption(tmp_path):
     train_captions = Counter(e["label"] for e in dataset.splits["train"])
     baseline = max(multi_reference_bleu4(references, [caption] * len(references)) for caption in train_captions)
     assert results["bleu4"] >= baseline + 0.1, (results, baseline)
+
+
+def test_caption_recipe_pairs_the_tiny_language_model_with_the_tiny_clip():
+    """`run video-caption --backbone tiny` must not reach for ViT-B-32 (a download) by recipe."""
+    from peftlab.pipelines import config as cfg
+
+    task = get_task("video-caption")
+    recipe = {k: v for k, v in cfg.read_recipe("video-caption")["task"].items() if k != "name"}
+    model = task.build_model("tiny", [], cfg.build_task_options(task, recipe))
+    assert model.backbone_info["vision"]["name"] == "tiny"
