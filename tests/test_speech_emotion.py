@@ -263,6 +263,7 @@ def test_unknown_label_and_missing_column_are_one_line_errors(tmp_path):
         TASK.read(write_card(tmp_path), SpeechEmotionOptions())
     dataset = TASK.read(write_card(tmp_path, "label_map: {bored: null}"), SpeechEmotionOptions())
     assert sum(len(r) for r in dataset.splits.values()) == len(rows) - 1
+    assert "label_map leaves out 1 rows: 1 bored" in dataset.notes
     card = write_card(tmp_path).model_copy()
     card.fields = {"path": "file", "label": "mood"}
     with pytest.raises(UserError, match="column 'mood' for fields.label is not in the header"):

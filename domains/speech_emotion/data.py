@@ -148,6 +148,8 @@ class TableRows:
     examples: list[dict]
     skipped: list[str]
     """`path: why` of each bad file skipped (card `on_bad_file: skip`)."""
+    dropped: dict[str, int]
+    """Rows left out by `label_map` (label cell mapped to null) -> count, by cell."""
 
 
 def read_table(path: Path, audio_root: Path, fields: dict, labels: list[str] | None, label_map: dict | None,
@@ -171,7 +173,7 @@ def read_table(path: Path, audio_root: Path, fields: dict, labels: list[str] | N
     if group_by is not None and group_by not in columns and group_by not in header:
         raise UserError(f"{path}: group_by {group_by!r} is neither a field ({', '.join(columns)}) nor a column of {header}")
     group_column = columns.get(group_by, header.index(group_by) if group_by in header else None)
-    examples, skipped = [], []
+    examples, skipped, dropped = [], [], {}
     for number, cells in rows[1:]:
         where = f"{path}:{number}"
         if len(cells) != len(header):
@@ -180,6 +182,7 @@ def read_table(path: Path, audio_root: Path, fields: dict, labels: list[str] | N
         if label_map and label_text in label_map:
             label_text = label_map[label_text]
             if label_text is None:  # mapped to null: not one of the classes studied
+                dropped[cells[columns["label"]].strip()] = dropped.get(cells[columns["label"]].strip(), 0) + 1
                 continue
         audio = Path(cells[columns["path"]].strip()).expanduser()
         if not audio.is_absolute():
@@ -198,7 +201,7 @@ def read_table(path: Path, audio_root: Path, fields: dict, labels: list[str] | N
         examples.append(example)
     if not examples:
         raise UserError(f"{path}: no usable rows under the header")
-    return TableRows(examples, skipped)
+    return TableRows(examples, skipped, dropped)
 
 
 def parse_label(value: str, labels: list[str] | None, where: str) -> int | str:

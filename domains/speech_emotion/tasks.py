@@ -298,7 +298,7 @@ class SpeechEmotionTask:
         spec = dict(card.splits or {})
         read = lambda path: data.read_table(path, audio_root, card.fields, card.labels, label_map,  # noqa: E731
                                             card.group_by, on_bad_file)
-        notes, skipped = [], []
+        notes, skipped, dropped = [], [], Counter()
         files = {k: spec[k] for k in ("train", "validation", "test") if isinstance(spec.get(k), str)}
         if files:
             splits = {}
@@ -308,6 +308,7 @@ class SpeechEmotionTask:
                     raise UserError(f"{card.card_path}: splits.{split} = {path} does not exist")
                 rows = read(path)
                 splits[split], skipped = rows.examples, skipped + rows.skipped
+                dropped.update(rows.dropped)
             if "validation" not in splits:  # carved out of train, for model selection
                 ratio = float(spec.get("validation_ratio", 0.1))
                 splits.update(data.hold_out_speakers(splits["train"], ratio, int(spec.get("seed", 0)), str(card.card_path)))
@@ -321,6 +322,7 @@ class SpeechEmotionTask:
         else:
             rows = read(card.file("data"))
             examples, skipped = rows.examples, rows.skipped
+            dropped.update(rows.dropped)
             seed = int(spec.get("seed", 0))
             where = str(card.card_path)
             if "fold_by" in spec:
@@ -340,6 +342,9 @@ class SpeechEmotionTask:
                 assert not _shared_speakers(splits), "speaker-independent split leaked a speaker"
         if skipped:
             notes.append(f"skipped {len(skipped)} bad audio file(s) (on_bad_file: skip), e.g. {skipped[0]}")
+        if dropped:
+            notes.insert(0, f"label_map leaves out {sum(dropped.values())} rows: "
+                            + ", ".join(f"{count} {cell}" for cell, count in sorted(dropped.items())))
         labels = card.labels
         if labels is None:  # classes named by the cells, in sorted order
             labels = sorted({e["label"] for split in splits.values() for e in split})
