@@ -22,6 +22,7 @@ from peftlab.shared.checkpoint import batchnorm_buffers
 from peftlab.shared.errors import UserError
 from peftlab.shared.tasks import get_task
 from PIL import Image
+from sklearn.metrics import roc_auc_score
 
 TASK = get_task("medical-classify")
 DEMO_CARD = contract.demo_card_for("medical-classify")
@@ -286,6 +287,17 @@ def test_medmnist_npz_single_and_multi_label(tmp_path):
     assert set(results) == {"auroc", "accuracy", "macro_f1"}
     row = TASK.describe(example, scores[0], dataset.labels)
     assert set(row["scores"]) == {"effusion", "nodule", "mass"} and "predicted_labels" in row
+    examples = dataset.splits["train"][:4]
+    TASK.write_report("train", examples, list(scores), dataset.labels, tmp_path)
+    per_finding = json.loads((tmp_path / "train_per_finding.json").read_text())
+    assert list(per_finding) == ["effusion", "nodule", "mass"]
+    for k, finding in enumerate(per_finding.values()):
+        truth = np.array([e["targets"][k] for e in examples], dtype=int)
+        assert finding["positives"] == truth.sum() and finding["count"] == 4
+        if 0 < truth.sum() < 4:
+            assert finding["auroc"] == pytest.approx(roc_auc_score(truth, scores[:, k]))
+        else:
+            assert finding["auroc"] is None
 
 
 def test_dicom_without_pydicom_says_how_to_install(tmp_path, monkeypatch):
@@ -357,6 +369,12 @@ def test_demo_learns_reports_groups_and_predicts_files(tmp_path):
     assert test["auroc"] >= 0.8, test
     assert set(test["by_group"]["groups"]) == {"site_a", "site_b"}
     assert test["by_group"]["worst_group_gap"]["accuracy"] is not None
+    per_class = json.loads((run_dir / "predictions" / "test_per_class.json").read_text())
+    assert list(per_class) == ["nevus", "melanoma", "keratosis"]
+    assert sum(c["positives"] for c in per_class.values()) == 150
+    assert np.mean([c["auroc"] for c in per_class.values()]) == pytest.approx(test["auroc"])  # macro one-vs-rest
+    confusion = json.loads((run_dir / "predictions" / "test_confusion.json").read_text())
+    assert np.trace(confusion["counts"]) / 150 == pytest.approx(test["accuracy"])
 
     predictor = peftlab.load(run_dir)
     again = predictor.evaluate("test")

@@ -23,7 +23,7 @@ from typing import Any
 
 import numpy as np
 import torch
-from peftlab.shared import methods, requests
+from peftlab.shared import io, methods, reports, requests
 from peftlab.shared import metrics as metric_registry
 from peftlab.shared.cards import Card
 from peftlab.shared.data import hold_out_validation, ratio_split
@@ -458,6 +458,22 @@ class MedicalClassifyTask:
             result["by_group"] = metric_registry.compute_by_group(
                 metric_names, labels, scores, [e["group"] for e in examples], compute_metrics=compute)
         return result
+
+    def write_report(self, split, examples, outputs, labels, directory) -> None:
+        """Multi-label: `<split>_per_finding.json`, each finding's AUROC, average precision
+        and prevalence (the table ChestX-ray14 papers report). Single-label:
+        `<split>_per_class.json` (each class against the rest) and the confusion matrix."""
+        scores = np.stack(outputs)
+        if all("targets" in e for e in examples):
+            targets = np.array([e["targets"] for e in examples], dtype=int)
+            io.write_json(Path(directory) / f"{split}_per_finding.json",
+                          {name: reports.one_vs_rest(targets[:, k], scores[:, k]) for k, name in enumerate(labels)})
+            return
+        truth = np.array([e["label"] for e in examples])
+        class_scores = scores if scores.ndim == 2 else np.stack([1 - scores, scores], axis=1)  # binary: P(class 1)
+        io.write_json(Path(directory) / f"{split}_per_class.json",
+                      {name: reports.one_vs_rest(truth == k, class_scores[:, k]) for k, name in enumerate(labels)})
+        reports.write_confusion(split, examples, scores, labels, directory)
 
     def card_template(self) -> str:
         return CARD_TEMPLATE

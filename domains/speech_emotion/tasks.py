@@ -23,7 +23,7 @@ from typing import Any
 
 import numpy as np
 import torch
-from peftlab.shared import io, methods, requests
+from peftlab.shared import methods, reports, requests
 from peftlab.shared.cards import Card
 from peftlab.shared.data import count_by_split, ratio_split
 from peftlab.shared.errors import UserError
@@ -405,27 +405,7 @@ class SpeechEmotionTask:
 
     def write_report(self, split: str, examples, outputs, labels: list[str], directory: Path) -> None:
         """`<split>_confusion.json` (counts and per-class recall) and `<split>_confusion.png`."""
-        from matplotlib.figure import Figure
-        from sklearn.metrics import ConfusionMatrixDisplay, confusion_matrix
-
-        scores = np.stack(outputs)
-        predicted = (scores >= 0.5).astype(int) if scores.ndim == 1 else scores.argmax(axis=1)
-        truth = [e["label"] for e in examples]
-        matrix = confusion_matrix(truth, predicted, labels=list(range(len(labels))))
-        totals = matrix.sum(axis=1, keepdims=True)
-        recall = np.divide(matrix, totals, out=np.zeros(matrix.shape), where=totals > 0)
-        io.write_json(Path(directory) / f"{split}_confusion.json", {
-            "labels": labels, "rows": "true class", "columns": "predicted class",
-            "counts": matrix.tolist(), "recall": recall.round(4).tolist(),
-        })
-        size = 1.6 + 0.7 * len(labels)
-        figure = Figure(figsize=(size, size))
-        axes = figure.subplots()
-        ConfusionMatrixDisplay(matrix, display_labels=labels).plot(ax=axes, colorbar=False, xticks_rotation=45)
-        axes.set_title(f"{split}: counts (rows: true class)")
-        figure.tight_layout()
-        with io.atomic_path(Path(directory) / f"{split}_confusion.png") as tmp:
-            figure.savefig(tmp, format="png", dpi=110)
+        reports.write_confusion(split, examples, np.stack(outputs), labels, directory)
 
     def card_template(self) -> str:
         return CARD_TEMPLATE
