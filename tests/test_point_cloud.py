@@ -185,6 +185,32 @@ def test_ply_ascii_and_binary_and_npy_round_trip(tmp_path):
         data.read_point_file(tmp_path / "nan.npy")
 
 
+def test_mesh_ply_is_sampled_over_its_faces_as_off_is(tmp_path):
+    corners = [(x, y, z) for x in (-1, 1) for y in (-1, 1) for z in (-1, 1)]
+    quads = [(0, 1, 3, 2), (4, 6, 7, 5), (0, 4, 5, 1), (2, 3, 7, 6), (0, 2, 6, 4), (1, 5, 7, 3)]
+    vertices = "".join(f"{x} {y} {z}\n" for x, y, z in corners)
+    faces = "".join(f"4 {' '.join(map(str, q))}\n" for q in quads)
+    (tmp_path / "cube.off").write_text(f"OFF\n8 6 0\n{vertices}{faces}")
+    header = ("ply\nformat {fmt} 1.0\nelement vertex 8\nproperty float x\nproperty float y\nproperty float z\n"
+              "element face {count}\nproperty list uchar int vertex_indices\nend_header\n")
+    (tmp_path / "quads.ply").write_text(header.format(fmt="ascii", count=6) + vertices + faces)
+    triangles = [(q[0], q[k], q[k + 1]) for q in quads for k in (1, 2)]
+    corner_bytes = b"".join(struct.pack("<fff", *c) for c in corners)
+    (tmp_path / "triangles.ply").write_bytes(header.format(fmt="binary_little_endian", count=12).encode() + corner_bytes
+                                             + b"".join(struct.pack("<Biii", 3, *t) for t in triangles))
+    mixed = [quads[0], *triangles[2:]]  # one quad first, then triangles: faces of different sizes
+    (tmp_path / "mixed.ply").write_bytes(header.format(fmt="binary_little_endian", count=11).encode() + corner_bytes
+                                         + b"".join(struct.pack(f"<B{len(f)}i", len(f), *f) for f in mixed))
+    expected = data.read_point_file(tmp_path / "cube.off", 512, seed=3)
+    for name in ("quads.ply", "triangles.ply", "mixed.ply"):
+        points = data.read_point_file(tmp_path / name, 512, seed=3)
+        assert points.shape == (512, 3) and np.allclose(np.abs(points).max(axis=1), 1)  # on the surface, not corners
+        np.testing.assert_allclose(points, expected, rtol=1e-6)
+    (tmp_path / "bad.ply").write_text(header.format(fmt="ascii", count=1) + vertices + "3 0 1 9\n")
+    with pytest.raises(UserError, match=r"bad.ply: face 1: vertex index out of range 0..7"):
+        data.read_point_file(tmp_path / "bad.ply")
+
+
 def _card(tmp_path, header: str):
     from peftlab.shared.cards import read_card
 

@@ -9,7 +9,8 @@ indices out of range. Formats:
 - ModelNet40 resampled `.txt` (`x,y,z,nx,ny,nz` per line) with
   `modelnet40_shape_names.txt` and `modelnet40_{train,test}.txt`;
 - ScanObjectNN `.h5` (`data` (N, P, 3+), `label` (N,));
-- plain `.npy` (N, >=3) and `.ply` vertices (ASCII or binary little-endian);
+- plain `.npy` (N, >=3) and `.ply` (ASCII or binary little-endian): a cloud's vertices,
+  or, for a mesh (a `face` element), its surface sampled as `.off` is;
 - a packed `.npz` (`points`, `label`, `split`, `class_names`).
 """
 
@@ -93,12 +94,19 @@ def read_off(path: Path) -> tuple[np.ndarray, np.ndarray]:
             index = [int(c) for c in cells[1:1 + count]]
         except (ValueError, IndexError):
             raise UserError(f"{path}:{number}: a face line is 'n i1 ... in'") from None
-        if len(index) != count or count < 3:
-            raise UserError(f"{path}:{number}: a face needs at least 3 vertex indices, as many as its count")
-        if min(index) < 0 or max(index) >= num_vertices:
-            raise UserError(f"{path}:{number}: vertex index out of range 0..{num_vertices - 1}")
-        triangles += [(index[0], index[i], index[i + 1]) for i in range(1, count - 1)]
+        if len(index) != count:
+            raise UserError(f"{path}:{number}: a face needs as many vertex indices as its count")
+        triangles += fan_triangles(index, num_vertices, f"{path}:{number}")
     return vertices, np.asarray(triangles, dtype=np.int64)
+
+
+def fan_triangles(index: list[int], num_vertices: int, where: str) -> list[tuple[int, int, int]]:
+    """One polygon face (vertex indices) as triangles sharing its first vertex."""
+    if len(index) < 3:
+        raise UserError(f"{where}: a face needs at least 3 vertex indices")
+    if min(index) < 0 or max(index) >= num_vertices:
+        raise UserError(f"{where}: vertex index out of range 0..{num_vertices - 1}")
+    return [(index[0], index[i], index[i + 1]) for i in range(1, len(index) - 1)]
 
 
 def sample_surface(vertices: np.ndarray, triangles: np.ndarray, count: int, rng: np.random.Generator, where: str) -> np.ndarray:
@@ -126,8 +134,10 @@ _PLY_TYPES = {"char": "i1", "int8": "i1", "uchar": "u1", "uint8": "u1", "short":
               "float": "f4", "float32": "f4", "double": "f8", "float64": "f8"}
 
 
-def read_ply(path: Path) -> np.ndarray:
-    """Vertex x, y, z of an ASCII or binary little-endian PLY (other elements skipped)."""
+def read_ply(path: Path) -> tuple[np.ndarray, np.ndarray | None]:
+    """Vertex x, y, z of an ASCII or binary little-endian PLY, and the triangles of its
+    `face` element where it has faces (a mesh; None for a plain cloud). Other elements
+    are skipped."""
     raw = Path(path).read_bytes()
     end = raw.find(b"end_header")
     if not raw.startswith(b"ply") or end < 0:
@@ -166,6 +176,9 @@ def read_ply(path: Path) -> np.ndarray:
     props = [p[0] for p in vertex[2]]
     if not {"x", "y", "z"} <= set(props):
         raise UserError(f"{path}: the PLY vertex element lacks x, y or z (has {props})")
+    faces = elements[names.index("face")] if "face" in names and names.index("face") > names.index("vertex") else None
+    if faces is not None and (not faces[1] or not faces[2] or not isinstance(faces[2][0][1], tuple)):
+        faces = None  # no faces, or no vertex-index list to read them by
     if fmt == "ascii":
         lines = raw[body_start:].decode("ascii", errors="replace").splitlines()
         skip = sum(e[1] for e in elements[:names.index("vertex")])
@@ -178,7 +191,18 @@ def read_ply(path: Path) -> np.ndarray:
             raise UserError(f"{path}: a vertex line holds a non-number") from None
         if table.shape != (vertex[1], len(props)):
             raise UserError(f"{path}: every vertex line needs {len(props)} values")
-        return check_points(table[:, [props.index(a) for a in "xyz"]], str(path))
+        points = check_points(table[:, [props.index(a) for a in "xyz"]], str(path))
+        if faces is None:
+            return points, None
+        first = skip + sum(e[1] for e in elements[names.index("vertex"):names.index("face")])
+        triangles = []
+        for number, row in enumerate(lines[first:first + faces[1]], start=first + 1):
+            try:
+                count, *rest = (int(v) for v in row.split())
+            except ValueError:
+                raise UserError(f"{path}: face {number - first}: a face line is 'n i1 ... in'") from None
+            triangles += fan_triangles(rest[:count], len(points), f"{path}: face {number - first}")
+        return points, np.asarray(triangles, dtype=np.int64)
     for element in elements[:names.index("vertex")]:
         if element[1] and any(isinstance(t, tuple) for _, t in element[2]):
             raise UserError(f"{path}: binary PLY with a list element before 'vertex' is not supported")
@@ -189,7 +213,41 @@ def read_ply(path: Path) -> np.ndarray:
     if len(raw) < offset + vertex[1] * dtype.itemsize:
         raise UserError(f"{path}: the file is shorter than its {vertex[1]} vertices; is it complete?")
     table = np.frombuffer(raw, dtype=dtype, count=vertex[1], offset=offset)
-    return check_points(np.stack([table[a].astype(np.float64) for a in "xyz"], axis=1), str(path))
+    points = check_points(np.stack([table[a].astype(np.float64) for a in "xyz"], axis=1), str(path))
+    if faces is None:
+        return points, None
+    between = elements[names.index("vertex") + 1:names.index("face")]
+    if len(faces[2]) > 1 or any(isinstance(t, tuple) for e in between for _, t in e[2]):
+        raise UserError(f"{path}: binary PLY faces with more than a vertex-index list are not supported; "
+                        f"save the mesh as ASCII PLY or .off")
+    offset += vertex[1] * dtype.itemsize + sum(e[1] * sum(np.dtype(_PLY_TYPES[t]).itemsize for _, t in e[2]) for e in between)
+    return points, _binary_ply_triangles(raw, offset, faces[1], faces[2][0][1], len(points), str(path))
+
+
+def _binary_ply_triangles(raw: bytes, offset: int, count: int, kind: tuple, num_vertices: int, where: str) -> np.ndarray:
+    """The faces of a binary PLY (a list of vertex indices each) as triangles."""
+    count_type, index_type = (np.dtype("<" + _PLY_TYPES[t]) for t in kind[1:])
+    sides = int(np.frombuffer(raw, dtype=count_type, count=1, offset=offset)[0]) if len(raw) > offset else 0
+    uniform = np.dtype([("n", count_type), ("i", index_type, (max(sides, 1),))])
+    if sides >= 3 and len(raw) >= offset + count * uniform.itemsize:  # every face with the first one's sides (the usual)
+        table = np.frombuffer(raw, dtype=uniform, count=count, offset=offset)
+        if (table["n"] == sides).all():
+            index = table["i"].astype(np.int64)
+            if index.min() < 0 or index.max() >= num_vertices:
+                raise UserError(f"{where}: a face's vertex index is out of range 0..{num_vertices - 1}")
+            return np.concatenate([index[:, [0, k, k + 1]] for k in range(1, sides - 1)])
+    triangles = []
+    for face in range(count):
+        if len(raw) < offset + count_type.itemsize:
+            raise UserError(f"{where}: the file is shorter than its {count} faces; is it complete?")
+        sides = int(np.frombuffer(raw, dtype=count_type, count=1, offset=offset)[0])
+        offset += count_type.itemsize
+        if len(raw) < offset + sides * index_type.itemsize:
+            raise UserError(f"{where}: the file is shorter than its {count} faces; is it complete?")
+        index = np.frombuffer(raw, dtype=index_type, count=sides, offset=offset).astype(int).tolist()
+        offset += sides * index_type.itemsize
+        triangles += fan_triangles(index, num_vertices, f"{where}: face {face + 1}")
+    return np.asarray(triangles, dtype=np.int64)
 
 
 # ----------------------------------------------------------------------------- single files
@@ -209,10 +267,10 @@ def read_point_file(path: Path, off_points: int = 8192, seed: int = 0) -> np.nda
         if not isinstance(array, np.ndarray) or array.dtype.kind not in "iuf":
             raise UserError(f"{path}: not a plain numeric .npy array (an .npz archive, or {getattr(array, 'dtype', '?')} values)")
         return check_points(array, str(path))
-    if suffix == ".ply":
-        return read_ply(path)
-    if suffix == ".off":
-        vertices, triangles = read_off(path)
+    if suffix in (".ply", ".off"):  # a mesh is sampled over its surface, not read as its corners
+        vertices, triangles = read_ply(path) if suffix == ".ply" else read_off(path)
+        if triangles is None:
+            return vertices
         return sample_surface(vertices, triangles, off_points, np.random.default_rng(seed), str(path))
     if suffix == ".txt":
         return read_xyz_text(path)

@@ -61,7 +61,7 @@ class PointCloudOptions:
     scale_high: float = field(default=3 / 2, metadata={"help": "training augmentation: largest per-axis scale"})
     translate: float = field(default=0.2, metadata={"help": "training augmentation: largest per-axis shift"})
     votes: int = field(default=1, metadata={"help": "test-time voting: evaluation averages over this many randomly scaled copies (1 = off)"})
-    off_points: int = field(default=8192, metadata={"help": "points sampled from each .off mesh surface when reading"})
+    off_points: int = field(default=8192, metadata={"help": "points sampled from each mesh surface (.off, .ply with faces) when reading"})
     head_hidden: int = field(default=256, metadata={"help": "hidden width of the classification head (Point-BERT: 256)"})
     head_dropout: float = field(default=0.5, metadata={"help": "dropout in the classification head (Point-BERT: 0.5)"})
     freeze_bn_stats: bool = field(default=True, metadata={"help": "keep the patch encoder's BatchNorm statistics as loaded (eval-mode BN) while training, "
