@@ -241,7 +241,7 @@ def check_columns(requested: list[str], metric_names: list[str]) -> None:
     """--columns checked before training: each must be a metric the cells compute, or one
     a task derives from it (`accuracy/<dataset>`, `accuracy_avg`)."""
     for name in requested:
-        if not any(name == known or name.startswith((f"{known}/", f"{known}_")) for known in metric_names):
+        if not any(name in (known, f"{known}_avg") or name.startswith(f"{known}/") for known in metric_names):
             raise UserError(f"--columns: {name!r} is not a metric of this sweep; its metrics: {', '.join(metric_names)} "
                             f"(set others with eval.metrics=[...])")
 

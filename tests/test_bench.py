@@ -165,9 +165,11 @@ def test_rerun_with_other_settings_is_refused(sweep, capsys):
     ([PIPELINE, "--demo", "--methods", "lora,nope"], "unknown PEFT method 'nope'"),
     ([PIPELINE, "--demo", "--methods", "lora,bitfit", "method.rank=4"],
      "method.rank=4: no method of the sweep (full, lora, bitfit) has option 'rank'"),
-    ([PIPELINE, "--demo", "--methods", "lora", "--backbone", "no/such/esm.pt"], "unknown ESM-2 backbone 'no/such/esm.pt'"),
+    ([PIPELINE, "--demo", "--methods", "lora", "--backbone", "no/such/esm.pt"],
+     "ESM-2 backbone 'no/such/esm.pt': no such file or folder"),
     ([PIPELINE, "--demo", "--methods", "lora", "--columns", "accuracy,acuracy"],
      "--columns: 'acuracy' is not a metric of this sweep; its metrics: accuracy, macro_f1, auroc"),
+    ([PIPELINE, "--demo", "--methods", "lora", "--columns", "accuracy,auroc_x"], "--columns: 'auroc_x' is not a metric"),
     ([PIPELINE, "--demo", "--methods", "lora", "train.nope=1"], "unknown config key 'train.nope'"),
     # found only on reading the data: once up front, not as a failure in every cell
     ([PIPELINE, "--demo", "--methods", "lora", "data.limit.dev=3"], "data.limit names split 'dev'"),

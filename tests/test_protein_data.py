@@ -22,6 +22,9 @@ def test_fasta_reader_joins_lines_and_reports_bad_letters_with_line(tmp_path):
     path.write_text(">a\nMKT\n>b\nML1L\n")
     with pytest.raises(UserError, match=r"s.fasta:4: '1' is not an amino-acid letter \(record 'b'\)"):
         data.read_fasta(path)
+    path.write_text(">a\nJ1KT\n")
+    with pytest.raises(UserError, match=r"s.fasta:2: '1', 'J' are not amino-acid letters \(record 'a'\)"):
+        data.read_fasta(path)
     path.write_text(">a\nMKT\n>b\n>c\nMLL\n")
     with pytest.raises(UserError, match=r"s.fasta:3 \(record 'b'\): empty sequence"):
         data.read_fasta(path)

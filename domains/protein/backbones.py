@@ -359,6 +359,9 @@ def load_backbone(name: str) -> tuple[ESMEncoder, dict]:
     if path.exists():
         return _load_local(path, name)
     if name not in ESM2_ARCHITECTURES:
+        if "/" in name or path.suffix in (".pt", ".pth"):  # meant as a file: say so, not "unknown name"
+            raise UserError(f"ESM-2 backbone {name!r}: no such file or folder; give a fair-esm .pt checkpoint or a "
+                            f"Hugging Face ESM folder, or a name: {', '.join(backbone_names())}")
         raise UserError(
             f"unknown ESM-2 backbone {name!r}: not a local path, and not one of {', '.join(backbone_names())}"
         )

@@ -24,11 +24,13 @@ def check_sequence(sequence: str, where: str) -> str:
         raise UserError(f"{where}: empty sequence; remove the record or give its residues")
     bad = sorted(set(sequence) - AMINO_ACIDS)
     if bad:
-        raise UserError(
-            f"{where}: {''.join(bad)!r} is not an amino-acid letter; "
-            f"sequences use {''.join(sorted(AMINO_ACIDS))} (X for unknown residues)"
-        )
+        raise UserError(f"{where}: {not_amino_acids(bad)}; sequences use {''.join(sorted(AMINO_ACIDS))} (X for unknown residues)")
     return sequence
+
+
+def not_amino_acids(bad: list[str]) -> str:
+    letters = ", ".join(repr(c) for c in bad)
+    return f"{letters} {'is not an amino-acid letter' if len(bad) == 1 else 'are not amino-acid letters'}"
 
 
 def read_fasta(path: Path) -> dict[str, str]:
@@ -58,7 +60,7 @@ def read_fasta(path: Path) -> dict[str, str]:
             raise UserError(f"{path}:{number}: sequence before the first '>' header; is this a FASTA file?")
         bad = sorted(set(line.upper()) - AMINO_ACIDS - {"*"})
         if bad:
-            raise UserError(f"{path}:{number}: {''.join(bad)!r} is not an amino-acid letter (record {current!r}); "
+            raise UserError(f"{path}:{number}: {not_amino_acids(bad)} (record {current!r}); "
                             f"sequences use {''.join(sorted(AMINO_ACIDS))}")
         if "*" in line:
             stop_line.setdefault(current, number)

@@ -378,7 +378,7 @@ class ClassifyTask(_ProteinTask):
     description = "protein sequence -> class (e.g. symmetry, function, activity) on ESM-2"
     metrics = ("accuracy", "macro_f1", "auroc")
     primary_metric = "accuracy"
-    formats = ("csv", "fasta", "demo")
+    formats = ("csv", "demo")
     field_keys = ("sequence", "label", "id")
 
     def read(self, card: Card, options: ProteinOptions) -> Dataset:

@@ -426,7 +426,8 @@ TOP_VIDEOS = 10
 class RetrievalTask(_VideoTextTask):
     name = "video-text-retrieval"
     description = "caption <-> video retrieval with CLIP over uniformly sampled frames (CLIP4Clip / AGAdapter)"
-    metrics = ("t2v_r1", "t2v_r5", "t2v_r10", "v2t_r1", "v2t_r5", "v2t_r10", "median_rank", "mean_rank")
+    metrics = ("t2v_r1", "t2v_r5", "t2v_r10", "v2t_r1", "v2t_r5", "v2t_r10", "median_rank", "mean_rank",
+               "v2t_median_rank", "v2t_mean_rank")
     primary_metric = "t2v_r1"
     options = RetrievalOptions
 
