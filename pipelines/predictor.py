@@ -86,19 +86,36 @@ class Predictor:
         # The run's own card is read as in training (same subsample); another card whole.
         config = self.config if card is None else self.config.model_copy(
             update={"data": self.config.data.model_copy(update={"limit": None})})
-        dataset = runner.read_dataset(config, self.task, self.options, loaded)
+        dataset = runner.read_dataset(config, self.task, self.options, loaded, training=False)
         if card is not None:
-            dataset.labels = self._check_labels(dataset.labels, loaded)
+            self._match_labels(dataset, loaded)
         if split not in dataset.splits:
             raise UserError(f"split {split!r} is not in {loaded.card_path}; it has {', '.join(dataset.splits)}")
         runner.log_notes(dataset, training=False)
         return runner.evaluate_split(self.task, self.model, dataset, split, self.meta["metrics"],
                                      self.batch_size, self.accelerator.autocast, predictions_file)
 
-    def _check_labels(self, labels: list[str], card) -> list[str]:
-        if labels != self.labels:
-            raise UserError(f"{card.card_path}: labels {labels} differ from the run's {self.labels}")
-        return labels
+    def _match_labels(self, dataset, card) -> None:
+        """Another card's classes must be the run's; named in another order, its examples
+        are renumbered by name."""
+        labels = dataset.labels
+        if labels == self.labels:
+            return
+        if sorted(labels) != sorted(self.labels):
+            raise UserError(f"{card.card_path}: labels {labels} differ from the run's {self.labels}; "
+                            f"evaluation needs the classes the run was trained on")
+        position = [self.labels.index(name) for name in labels]  # card's index -> run's index
+        for examples in dataset.splits.values():
+            for example in examples:
+                if "targets" in example:  # multi-label: one entry per class, in the card's order
+                    targets = [0.0] * len(labels)
+                    for index, value in enumerate(example["targets"]):
+                        targets[position[index]] = value
+                    example["targets"] = targets
+                elif isinstance(example.get("label"), int):
+                    example["label"] = position[example["label"]]
+        dataset.labels = list(self.labels)
+        runner.log(f"note: {card.card_path} names the classes in another order; its labels are matched to the run's by name")
 
     def predict(self, inputs, split: str | None = None) -> list[dict[str, Any]]:
         """`inputs`: the task's natural files (paths), one data card (a `.md` path), or

@@ -134,7 +134,8 @@ def load_run_card(run_dir: Path, config: cfg.RunConfig, task) -> Card:
     return card
 
 
-def read_dataset(config: cfg.RunConfig, task, options, card: Card) -> Dataset:
+def read_dataset(config: cfg.RunConfig, task, options, card: Card, training: bool = True) -> Dataset:
+    """The card's data, with `data.limit` applied; `training` asks for a train split."""
     dataset = task.read(card, options)
     limit = config.data.limit or {}
     unknown = sorted(set(limit) - set(dataset.splits))
@@ -147,7 +148,7 @@ def read_dataset(config: cfg.RunConfig, task, options, card: Card) -> Dataset:
             cut.append(f"{split} {len(dataset.splits[split])} of {len(examples)}")
     if cut:
         dataset.notes.append(f"data.limit keeps {', '.join(cut)} examples (a seeded sample, in class proportions where there are classes)")
-    if not dataset.splits.get("train"):
+    if training and not dataset.splits.get("train"):
         raise UserError(f"{card.card_path}: the train split is empty; check `splits`")
     return dataset
 

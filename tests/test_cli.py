@@ -91,6 +91,29 @@ def test_predict_on_fasta_and_pairs(ppi_run, tmp_path):
 
 
 @pytest.mark.xdist_group("ppi-demo-run")  # one worker trains the shared run once
+def test_eval_on_a_card_naming_the_classes_in_another_order(ppi_run, tmp_path, capsys):
+    sequences, _ = demo_proteins(8, 12, 0)
+    (tmp_path / "proteins.fasta").write_text("".join(f">{k}\n{v}\n" for k, v in sequences.items()))
+    pairs = [("fam0_p0", "fam1_p3", 0), ("fam2_p1", "fam3_p5", 1), ("fam0_p0", "fam4_p2", 0), ("fam0_p1", "fam1_p2", 1)]
+    results = {}
+    for name, labels, flip in (("same", "[no_interaction, interaction]", False),
+                               ("swapped", "[interaction, no_interaction]", True)):
+        (tmp_path / f"{name}.tsv").write_text("".join(f"{a}\t{b}\t{1 - y if flip else y}\n" for a, b, y in pairs))
+        card = tmp_path / f"{name}.md"
+        card.write_text(f"---\nname: {name}\ndomain: protein\ntask: protein-ppi\nformat: fasta+pairs_tsv\n"
+                        f"files: {{sequences: proteins.fasta}}\nlabels: {labels}\n"
+                        f"splits: {{test: {name}.tsv, validation: {name}.tsv}}\n---\n")
+        assert main(["eval", str(ppi_run), "--data", str(card)]) == 0
+        captured = capsys.readouterr()
+        results[name] = json.loads(captured.out.strip().splitlines()[-1])
+    assert "names the classes in another order; its labels are matched to the run's by name" in captured.err
+    assert results["swapped"]["test"] == results["same"]["test"] and results["same"]["test"]["auroc"] is not None
+    (tmp_path / "other.md").write_text((tmp_path / "same.md").read_text().replace("no_interaction", "none"))
+    assert main(["eval", str(ppi_run), "--data", str(tmp_path / "other.md")]) == 2
+    assert "evaluation needs the classes the run was trained on" in capsys.readouterr().err
+
+
+@pytest.mark.xdist_group("ppi-demo-run")  # one worker trains the shared run once
 def test_predict_on_a_card_equals_predict_on_its_files(ppi_run, tmp_path):
     sequences, _ = demo_proteins(8, 12, 0)
     fasta = tmp_path / "proteins.fasta"
