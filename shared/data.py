@@ -143,15 +143,20 @@ def count_by_split(splits: dict[str, list[Example]], holds: Callable[[Example], 
 
 
 def subsample(examples: list[Example], limit: int | None, seed: int) -> list[Example]:
-    """At most `limit` examples, stratified by label where there is one (seeded)."""
+    """`limit` examples (all, where there are no more), in class proportions where there
+    are classes (seeded)."""
     if limit is None or len(examples) <= limit:
         return examples
     rng = np.random.default_rng(seed)
+    groups = list(strata(examples).values())
+    exact = np.array([limit * len(members) / len(examples) for members in groups])
+    shares = np.floor(exact).astype(int)
+    # the seats rounding down leaves go to the largest remainders, so exactly `limit` are kept
+    shares[np.argsort(shares - exact, kind="stable")[:limit - shares.sum()]] += 1
     chosen: list[int] = []
-    for members in strata(examples).values():
-        share = int(round(limit * len(members) / len(examples)))
-        chosen += rng.choice(members, size=min(share, len(members)), replace=False).tolist()
-    chosen = sorted(chosen)[:limit]
+    for members, share in zip(groups, shares):
+        chosen += rng.choice(members, size=int(share), replace=False).tolist()
+    chosen = sorted(chosen)
     return [examples[i] for i in chosen]
 
 

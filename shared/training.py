@@ -442,7 +442,7 @@ def _train(task, model: TaskModel, train_examples: list[Example], validation_exa
                     state.update(best_metric=value, best_epoch=epoch + 1, bad_epochs=0)
                     if main:
                         io.save_tensors(best_file, checkpoint.trainable_state(task_model))
-                else:
+                elif value is not None:  # an undefined score is no evidence to stop on
                     state["bad_epochs"] += 1
             log(f"epoch {epoch + 1}: train loss {entry['train_loss']:.4f}, validation {primary_metric} "
                 f"{_fmt(value)} (best {_fmt(state['best_metric'])} at epoch {state['best_epoch']})")
@@ -454,6 +454,9 @@ def _train(task, model: TaskModel, train_examples: list[Example], validation_exa
             state["done"] = True
         _save(checkpoints, accelerator, task_model, optimizer, scheduler, state)
     progress.close()
+    if validation_examples and state["best_epoch"] is None:
+        log(f"note: validation {primary_metric} was undefined at every epoch (e.g. the split holds one class), so "
+            f"the last epoch's model is kept; give validation more examples or set another eval.primary_metric")
     if plan_cache is not None:
         task_model.feature_cache = None  # training's alone; frees its memory
 

@@ -133,6 +133,10 @@ def test_ratio_split_and_stratified_subsample():
     assert not {e["group"] for e in grouped["train"]} & {e["group"] for e in grouped["test"]}
     small = subsample(examples, 200, seed=0)
     assert len(small) == 200 and sum(e["label"] for e in small) == 20
+    # fewer than one per class: the limit still holds (shares that round to 0 do not empty it)
+    four = [{"id": i, "label": i % 4} for i in range(100)]
+    assert [len(subsample(four, n, seed=0)) for n in (1, 2, 3, 5, 99)] == [1, 2, 3, 5, 99]
+    assert sorted(e["label"] for e in subsample(four, 6, seed=0)) == [0, 0, 1, 1, 2, 3]
 
 
 def _official_checkpoint(encoder) -> dict:

@@ -92,6 +92,18 @@ def test_early_stopping_stops_when_validation_stalls(tmp_path):
     assert metrics["train"]["best_epoch"] <= metrics["train"]["epochs"] - 2
 
 
+def test_an_undefined_validation_metric_neither_stops_training_nor_passes_silently(tmp_path, capsys):
+    import peftlab
+
+    # one validation example: AUROC is undefined at every epoch
+    run_dir = peftlab.run("protein-classify", demo=True, out=tmp_path / "run",
+                          overrides={"train.epochs": 3, "train.early_stopping_patience": 1, "eval.primary_metric": "auroc",
+                                     "data.limit": {"train": 64, "validation": 1, "test": 32}})
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    assert metrics["train"]["epochs"] == 3 and metrics["train"]["best_epoch"] is None
+    assert "note: validation auroc was undefined at every epoch" in capsys.readouterr().err
+
+
 def test_an_epoch_cut_short_by_max_steps_reports_the_mean_loss_of_its_steps(tmp_path):
     import peftlab
 
