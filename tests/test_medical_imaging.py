@@ -387,6 +387,10 @@ def test_demo_learns_reports_groups_and_predicts_files(tmp_path):
     rows = predictor.predict([str(folder)])
     assert [r["id"].rsplit("/", 1)[-1] for r in rows] == ["lesion0.png", "lesion1.png", "lesion2.png"]
     assert all(set(r["scores"]) == {"nevus", "melanoma", "keratosis"} for r in rows)
+    (tmp_path / "list.csv").write_text("path\ninputs/lesion2.png\ninputs/lesion0.png\n")  # paths from the table's folder
+    listed = predictor.predict([str(tmp_path / "list.csv")])
+    assert [r["id"] for r in listed] == ["inputs/lesion2.png", "inputs/lesion0.png"]
+    assert listed[0]["scores"] == pytest.approx(rows[2]["scores"], abs=1e-5)
     single = predictor.predict([str(folder / "lesion1.png")])[0]  # alone, not batched: same up to float rounding
     assert single["prediction"] == rows[1]["prediction"]
     assert single["scores"] == pytest.approx(rows[1]["scores"], abs=1e-5)

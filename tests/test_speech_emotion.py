@@ -293,6 +293,11 @@ def test_read_inputs_and_confusion_report(tmp_path):
     assert [e["id"] for e in examples] == [str(tmp_path / "a.wav"), str(tmp_path / "b.ogg")] and all("label" not in e for e in examples)
     with pytest.raises(UserError, match="not an audio file"):
         TASK.read_inputs([tmp_path / "labels.txt"], SpeechEmotionOptions(), {})
+    # a table of paths in the training card's columns (relative to the table), no label column needed
+    (tmp_path / "list.csv").write_text("file,who\nb.ogg,s1\na.wav,s2\n")
+    listed = TASK.read_inputs([tmp_path / "list.csv"], SpeechEmotionOptions(), {"path": "file", "speaker": "who"})
+    assert [e["id"] for e in listed] == ["b.ogg", "a.wav"] and all("label" not in e for e in listed)
+    assert listed[1]["path"] == examples[0]["path"] and listed[1]["samples"] == examples[0]["samples"]
     truth = [{"label": i} for i in (0, 0, 1, 2, 3, 3)]
     outputs = [np.eye(4)[i] for i in (0, 1, 1, 2, 3, 0)]
     TASK.write_report("test", truth, outputs, LABELS, tmp_path)

@@ -93,7 +93,7 @@ def load_image(path: Path) -> Image.Image:
     except UserError:
         raise
     except FileNotFoundError:
-        raise UserError(f"{path}: image file not found; fix the path (relative paths are relative to the card)") from None
+        raise UserError(f"{path}: image file not found; fix the path (or the card's image_root)") from None
     except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as error:
         raise UserError(f"{path}: unreadable or truncated image ({error}); replace the file") from None
     except Exception as error:  # pydicom raises its own error types for malformed files
@@ -118,8 +118,10 @@ def keep_readable(examples: list[dict], on_bad_file: str | None, where: str) -> 
         try:
             load_image(Path(example["path"]))
         except UserError as error:
+            if "row" in example:  # a table's row: name its line too
+                error = UserError(f"{example['row']}: {error}")
             if on_bad_file is None or "needs pydicom" in str(error):
-                raise
+                raise error from None
             if on_bad_file != "skip":
                 raise UserError(f"{error}, or set `on_bad_file: skip` in the card to leave bad files out") from None
             bad.append(example["path"])
@@ -269,7 +271,7 @@ def read_image_csv(path: Path, image_root: Path, fields: dict, labels: list[str]
         relative = cells[image_col].strip()
         if not relative:
             raise UserError(f"{path}:{number}: empty image path")
-        example = {"id": relative, "path": str(image_root / relative)}
+        example = {"id": relative, "path": str(image_root / relative), "row": f"{path}:{number}"}
         if group_col is not None:
             example["group"] = cells[group_col].strip()
         if label_col is not None:

@@ -381,20 +381,27 @@ class MedicalClassifyTask:
     # --------------------------------------------------------------------- predictions
 
     def read_inputs(self, paths, options: MedicalImageOptions, fields) -> list[dict]:
+        """Images, folders of images, and CSV tables of image paths (relative to the table)."""
         files: list[Path] = []
+        tables: list[dict] = []
         for path in map(Path, paths):
             if path.is_dir():
                 found = data.list_images(path)
                 if not found:
                     raise UserError(f"{path}: no image files ({', '.join(data.READABLE_SUFFIXES)}) in this folder")
                 files += found
+            elif path.suffix.lower() == ".csv":  # a table laid out like the training card's (its `fields`)
+                tables += data.read_image_csv(path, path.parent, fields, None, None, options.multi_label, labelled=False)
             elif path.is_file():
                 if path.suffix.lower() not in data.READABLE_SUFFIXES:
-                    raise UserError(f"{path}: not an image file medical-classify reads ({', '.join(data.READABLE_SUFFIXES)})")
+                    raise UserError(f"{path}: not an image file medical-classify reads "
+                                    f"({', '.join(data.READABLE_SUFFIXES)}) or a .csv of image paths")
                 files.append(path)
             else:
                 raise UserError(f"{path}: no such file or folder")
-        examples = [{"id": str(p), "path": str(p), "multi_label": options.multi_label} for p in files]
+        examples = [{"id": str(p), "path": str(p)} for p in files] + tables
+        for example in examples:
+            example["multi_label"] = options.multi_label
         return data.keep_readable(examples, None, "predict inputs")[0]
 
     def describe(self, example, scores, labels) -> dict:

@@ -127,11 +127,13 @@ def audio_files(paths: list[Path]) -> list[Path]:
     found = []
     for path in paths:
         if path.is_dir():
-            found += sorted(p for p in path.rglob("*") if p.suffix.lower() in AUDIO_SUFFIXES)
+            found += sorted(p for p in path.rglob("*") if p.suffix.lower() in AUDIO_SUFFIXES
+                            and not any(part.startswith(".") for part in p.relative_to(path).parts))  # not macOS ._x.wav
         elif path.suffix.lower() in AUDIO_SUFFIXES:
             found.append(path)
         else:
-            raise UserError(f"{path}: not an audio file; speech-emotion reads {', '.join(AUDIO_SUFFIXES)} files or folders of them")
+            raise UserError(f"{path}: not an audio file; speech-emotion reads {', '.join(AUDIO_SUFFIXES)} files, "
+                            f"folders of them, or a CSV/TSV table of their paths")
     if not found:
         raise UserError(f"no audio files ({', '.join(AUDIO_SUFFIXES)}) in {', '.join(map(str, paths))}")
     return found
@@ -153,8 +155,9 @@ class TableRows:
 
 
 def read_table(path: Path, audio_root: Path, fields: dict, labels: list[str] | None, label_map: dict | None,
-               group_by: str | None, on_bad_file: str) -> TableRows:
-    """A CSV (or TSV, by suffix) with a header row; relative audio paths start at `audio_root`."""
+               group_by: str | None, on_bad_file: str, labelled: bool = True) -> TableRows:
+    """A CSV (or TSV, by suffix) with a header row; relative audio paths start at `audio_root`.
+    Unlabelled (`peftlab predict`), a label column is not needed and not read."""
     delimiter = "\t" if path.suffix.lower() == ".tsv" else ","
     rows = table_rows(path, delimiter)
     if not rows:
@@ -167,7 +170,7 @@ def read_table(path: Path, audio_root: Path, fields: dict, labels: list[str] | N
             columns[key] = spec
         elif spec in header:
             columns[key] = header.index(spec)
-        elif key in fields or key in ("path", "label"):
+        elif key == "path" or (key == "label" and labelled) or (key in fields and key != "label"):
             raise MissingField(str(path), f"column {spec!r} for fields.{key} is not in the header {header}", "fix `fields` in the card",
                                field=key)
     if group_by is not None and group_by not in columns and group_by not in header:
@@ -178,8 +181,8 @@ def read_table(path: Path, audio_root: Path, fields: dict, labels: list[str] | N
         where = f"{path}:{number}"
         if len(cells) != len(header):
             raise UserError(f"{where}: {len(cells)} columns, the header has {len(header)}")
-        label_text = cells[columns["label"]].strip()
-        if label_map and label_text in label_map:
+        label_text = cells[columns["label"]].strip() if labelled else None
+        if labelled and label_map and label_text in label_map:
             label_text = label_map[label_text]
             if label_text is None:  # mapped to null: not one of the classes studied
                 dropped[cells[columns["label"]].strip()] = dropped.get(cells[columns["label"]].strip(), 0) + 1
@@ -192,7 +195,8 @@ def read_table(path: Path, audio_root: Path, fields: dict, labels: list[str] | N
             skipped.append(str(audio))
             continue
         example["id"] = cells[columns["path"]].strip()
-        example["label"] = parse_label(label_text, labels, where)
+        if labelled:
+            example["label"] = parse_label(label_text, labels, where)
         for key in ("speaker", "gender", "session"):
             if key in columns:
                 example[key] = cells[columns[key]].strip()

@@ -362,7 +362,15 @@ class SpeechEmotionTask:
         return SpeechEmotionModel(encoder, info, labels, options)
 
     def read_inputs(self, paths, options, fields) -> list[dict]:
-        return [data.audio_example(path) for path in data.audio_files([Path(p) for p in paths])]
+        """Audio files, folders of them, and CSV/TSV tables of audio paths (relative to the
+        table, in the columns the run's card named)."""
+        examples = []
+        for path in map(Path, paths):
+            if path.suffix.lower() in (".csv", ".tsv"):
+                examples += data.read_table(path, path.parent, fields, None, None, None, "error", labelled=False).examples
+            else:
+                examples += [data.audio_example(file) for file in data.audio_files([path])]
+        return examples
 
     def describe(self, example, scores, labels) -> dict:
         row = {"id": example["id"]}
