@@ -178,7 +178,7 @@ ERRORS = [
     (["run", "medical-classify", "--demo", "--data", "data_cards/peptides-amp.md"], "the card is for task 'protein-classify'"),
     (["run", "medical-classify", "--demo", "--data", "data_cards/emodb-subset.md"], "the card is for task 'speech-emotion'"),
     (["run", "protein-ppi", "--demo", "train.lr"], "is not key=value"),
-    (["eval", "not-a-run"], "not a finished peftlab run directory"),
+    (["eval", "not-a-run"], "not-a-run: no such run directory"),
     (["card", "validate", "nowhere.md"], "does not exist"),
     (["run", "protein-ppi", "--backbone", "esm2_t6_8M_UR50D", "--demo"], "is not available offline"),
 ]

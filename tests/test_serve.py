@@ -443,7 +443,7 @@ def test_serve_command_answers_on_loopback(runs, capsys):
         process.send_signal(signal.SIGINT)
         process.wait(timeout=30)
     assert main(["serve", "/nonexistent/run"]) == 2
-    assert "is not a finished peftlab run directory" in capsys.readouterr().err
+    assert "/nonexistent/run: no such run directory" in capsys.readouterr().err
 
 
 def test_each_distinct_backbone_is_read_once_while_runs_load():

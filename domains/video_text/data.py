@@ -182,7 +182,8 @@ def find_video(root: Path, reference: str, where: str) -> Path:
     if direct.is_dir():
         raise UserError(f"{where}: video {reference!r}: folder {direct} holds no frame images ({', '.join(FRAME_SUFFIXES)})")
     raise UserError(f"{where}: video {reference!r} not found (looked for {direct}, {root / reference}.mp4 and the other "
-                    f"video suffixes); fix the reference or the card's video_root")
+                    f"video suffixes); fix the reference or the card's video_root (a table given to "
+                    f"`peftlab predict` has its videos looked for beside it)")
 
 
 def _pair(video_id: str, path: Path, caption: str, index: int) -> dict:
