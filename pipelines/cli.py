@@ -29,9 +29,10 @@ def list_command(what):
     """List pipelines, methods, backbones, tasks or data cards (all by default)."""
     from peftlab.pipelines import config as cfg
     from peftlab.shared import methods
+    from peftlab.shared.cards import read_card
     from peftlab.shared.tasks import list_tasks
 
-    sections = [what] if what else ["pipelines", "methods", "backbones", "cards"]
+    sections = [what] if what else ["pipelines", "tasks", "methods", "backbones", "cards"]
     for section in sections:
         if len(sections) > 1:
             click.echo(f"# {section}")
@@ -55,7 +56,8 @@ def list_command(what):
         elif section == "cards":
             root = cfg.PACKAGE_ROOT / "data_cards"
             for path in sorted(root.glob("*.md")):
-                click.echo(f"{str(Path('data_cards') / path.name):44s}")
+                card = read_card(path)
+                click.echo(f"{str(Path('data_cards') / path.name):44s} task={card.task} format={card.format}")
 
 
 @cli.command(context_settings={"ignore_unknown_options": False})
@@ -239,6 +241,7 @@ def card_new(domain, task_name, out):
         if Path(out).exists():
             raise UserError(f"{out} exists; choose another --out")
         io.write_text(out, task.card_template())
+        click.echo(f"wrote {out}; fill it in, then: peftlab card validate {out}", err=True)
     else:
         click.echo(task.card_template(), nl=False)
 
