@@ -30,7 +30,8 @@ class Predictor:
     def __init__(self, run_dir, force: bool = False, attach=None):
         self.run_dir = Path(run_dir)
         if not self.run_dir.is_dir():
-            raise UserError(f"{self.run_dir}: no such run directory (runs are written under runs/<pipeline>/ by default)")
+            what = "a file, not a run directory" if self.run_dir.exists() else "no such run directory"
+            raise UserError(f"{self.run_dir}: {what} (runs are written under runs/<pipeline>/ by default)")
         if (self.run_dir / "bench.json").is_file():  # `peftlab bench` OUT: its cells are the runs
             cells = sorted(path.name for path in (self.run_dir / "runs").glob("*") if (path / "metrics.json").is_file())
             example = f" (finished: {', '.join(cells)})" if cells else ""

@@ -354,7 +354,7 @@ CASES = [
     Case("eval-not-a-run", lambda f: ["eval", str(a_run_dir()(f))], r"fake-run is not a finished peftlab run directory \(no run\.yaml\)"),
     Case("predict-not-a-run", lambda f: ["predict", str(a_run_dir()(f)), "x.fasta"], r"fake-run is not a finished peftlab run directory"),
     Case("merge-not-a-run", lambda f: ["merge", str(a_run_dir()(f)), "--out", str(f / "merged")], r"fake-run is not a finished peftlab run directory"),
-    Case("eval-a-file", lambda f: (f.joinpath("x").write_text("x"), ["eval", str(f / "x")])[1], r"x is not a finished peftlab run directory"),
+    Case("eval-a-file", lambda f: (f.joinpath("x").write_text("x"), ["eval", str(f / "x")])[1], r"x: a file, not a run directory"),
     Case("eval-corrupt-run-yaml", lambda f: ["eval", str(a_run_dir("run.yaml", "meta.json", "card.md", "adapter")(f))], r"run\.yaml: not valid YAML"),
     Case("resume-not-a-run", lambda f: ["run", "--resume", str(a_run_dir()(f))], r"fake-run is not a peftlab run directory \(no run\.yaml\)"),
     Case("resume-truncated-checkpoint", lambda f: ["run", "--resume", str(a_started_run("checkpoints/last/state.json")(f))],
