@@ -358,3 +358,17 @@ def test_evaluation_says_how_many_generated_outputs_are_empty(monkeypatch, capsy
     monkeypatch.setattr(runner, "evaluate", lambda *args, **kwargs: ({"bleu4": 0.3}, ["a", "b", "c"]))
     runner.evaluate_split(None, None, Dataset({"test": examples}, []), "test", ["bleu4"], 2, None)
     assert "generated outputs" not in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("task_name", ["code-review-necessity", "code-review-comment", "code-refine"])
+def test_predict_notes_inputs_longer_than_the_prompt_budget(task_name):
+    from peftlab.shared.tasks import get_task
+
+    task = get_task(task_name)
+    options = task.options()
+    long, short = "+ x = 1\n" * options.max_prompt_tokens, "+ x = 1\n"
+    examples = [{"id": "a", options.LONG_FIELD: long}, {"id": "b", options.LONG_FIELD: short}]
+    assert task.input_notes(examples, options) == [
+        f"about 1 inputs have a {options.LONG_FIELD} longer than max_prompt_tokens={options.max_prompt_tokens}; "
+        f"their middle lines are cut (hunk headers kept)"]
+    assert task.input_notes(examples[1:], options) == []

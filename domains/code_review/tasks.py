@@ -99,6 +99,16 @@ class RefineOptions(_GenerationOptions):
 # ----------------------------------------------------------------------------- prompts
 
 
+def _too_long(example: dict, options) -> bool:
+    # Characters / 3 is a generous token estimate for code; the exact cut happens per batch.
+    return len(example[options.LONG_FIELD]) > 3 * options.max_prompt_tokens
+
+
+def _cut_note(who: str, options) -> str:
+    return (f"about {who} have a {options.LONG_FIELD} longer than max_prompt_tokens={options.max_prompt_tokens}; "
+            f"their middle lines are cut (hunk headers kept)")
+
+
 def render_prompt(tokenizer, options: _PromptOptions, example: dict) -> list[int]:
     """The example's prompt as token ids, within `options.max_prompt_tokens`."""
     values = {name: example[name] for name in options.REQUIRED}
@@ -210,13 +220,12 @@ class _CodeReviewTask:
         return data.read_tufano_tsv(path, self.KIND)
 
     def _notes(self, splits, options) -> list[str]:
-        # Characters / 3 is a generous token estimate for code; the exact cut happens per batch.
-        long_field = options.LONG_FIELD
-        long, where = count_by_split(splits, lambda e: len(e[long_field]) > 3 * options.max_prompt_tokens)
-        if not long:
-            return []
-        return [f"about {long} examples ({where}) have a {long_field} longer than max_prompt_tokens={options.max_prompt_tokens}; "
-                f"their middle lines are cut (hunk headers kept)"]
+        long, where = count_by_split(splits, lambda e: _too_long(e, options))
+        return [_cut_note(f"{long} examples ({where})", options)] if long else []
+
+    def input_notes(self, examples, options) -> list[str]:
+        long = sum(_too_long(e, options) for e in examples)
+        return [_cut_note(f"{long} inputs", options)] if long else []
 
     def build_model(self, backbone: str, labels: list[str], options):
         causal_lm = load_backbone(backbone)
