@@ -194,6 +194,24 @@ def test_card_validate_takes_task_options_and_says_what_the_splits_leave_out(tmp
     assert any(n.startswith("the test split has no examples of Mass") for n in notes), notes
 
 
+def test_csv_without_the_cards_labels_names_the_classes_from_the_column(tmp_path):
+    (tmp_path / "img").mkdir()
+    rows = ["path,diagnosis"]
+    for i in range(9):
+        Image.new("RGB", (8, 8), (i, 0, 0)).save(tmp_path / "img" / f"{i}.png")
+        rows.append(f"img/{i}.png,{['pneumonia', 'normal', 'effusion'][i % 3]}")
+    (tmp_path / "data.csv").write_text("\n".join(rows) + "\n")
+    card = read_card(_write_card(tmp_path, "format: csv\npath: data.csv\nfields: {label: diagnosis}"))
+    dataset = TASK.read(card, TASK.options())
+    assert dataset.labels == ["effusion", "normal", "pneumonia"]
+    by_id = {e["id"]: e["label"] for split in dataset.splits.values() for e in split}
+    assert by_id["img/0.png"] == 2 and by_id["img/1.png"] == 1 and by_id["img/2.png"] == 0
+    assert any("are the label column's names, sorted" in note for note in dataset.notes)
+    (tmp_path / "data.csv").write_text("path,diagnosis\nimg/0.png,1\nimg/1.png,normal\n")
+    with pytest.raises(UserError, match="mixes class names and indices"):
+        TASK.read(card, TASK.options())
+
+
 def test_group_gap_is_undefined_where_only_one_group_has_a_value():
     examples = [{"label": label, "group": group} for label, group in [(0, "F"), (0, "F"), (0, "M"), (1, "M")]]
     outputs = [np.array(0.4), np.array(0.3), np.array(0.4), np.array(0.8)]  # a binary task scores the positive class

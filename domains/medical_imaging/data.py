@@ -283,11 +283,19 @@ def read_image_csv(path: Path, image_root: Path, fields: dict, labels: list[str]
                 if MULTI_LABEL_SEPARATOR in value or (value.lower() in ("none", "no finding") and value not in (labels or [])):
                     raise UserError(f"{where}: label {value!r} reads as multi-label findings; set task.multi_label=true "
                                     f"(in `peftlab run` and `peftlab card validate`), or fix the cell")
-                example["label"] = parse_label(value, labels, where)
+                # without the card's labels a name is kept; the task numbers the classes once all are read
+                example["label"] = value if labels is None and not _is_index(value) else parse_label(value, labels, where)
         examples.append(example)
     if not examples:
         raise UserError(f"{path}: no data rows under the header")
     return examples
+
+
+def _is_index(value: str) -> bool:
+    try:
+        return float(value) == int(float(value))
+    except ValueError:
+        return False
 
 
 # ------------------------------------------------------------------------------- demo data
