@@ -20,12 +20,18 @@ def table_rows(path, delimiter: str = ",") -> list[tuple[int, list[str]]]:
     kind = "TSV" if delimiter == "\t" else "CSV"
     try:
         with open(path, newline="", encoding="utf-8-sig") as handle:
-            return [(number, cells) for number, cells in enumerate(csv.reader(handle, delimiter=delimiter), start=1)
+            rows = [(number, cells) for number, cells in enumerate(csv.reader(handle, delimiter=delimiter), start=1)
                     if any(cell.strip() for cell in cells)]
     except UnicodeDecodeError as error:
         raise UserError(f"{path}: not UTF-8 text (byte {error.start}); save it as UTF-8") from None
     except csv.Error as error:
         raise UserError(f"{path}: malformed {kind} ({error})") from None
+    if delimiter == "," and rows and len(rows[0][1]) == 1:  # Excel in many locales saves CSV with ';'
+        other = next((name for mark, name in ((";", "semicolons"), ("\t", "tabs")) if mark in rows[0][1][0]), None)
+        if other:
+            raise UserError(f"{path}:{rows[0][0]}: the header {rows[0][1][0]!r} is one column: the file is separated "
+                            f"by {other}; save it with commas")
+    return rows
 
 
 def parse_label(value: str, labels: list[str] | None, where: str) -> int:

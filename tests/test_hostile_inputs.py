@@ -238,6 +238,8 @@ CASES = [
          r"d\.csv:[23]: .*[xy]\.png: unreadable or truncated image .*on_bad_file: skip"),
     Case("image-missing-file", card_run(MEDICAL, "csv", {"d.csv": "path,label\nmissing.png,0\n"}, files={"data": "d.csv"}, labels=["a", "b"]),
          r"d\.csv:2: .*missing\.png: image file not found"),
+    Case("image-csv-semicolons", card_run(MEDICAL, "csv", {"d.csv": "path;label\nx.png;0\n"}, files={"data": "d.csv"}, labels=["a", "b"]),
+         r"d\.csv:1: the header 'path;label' is one column: the file is separated by semicolons; save it with commas"),
     Case("image-csv-unknown-label", card_run(MEDICAL, "csv", {"d.csv": "path,label\nx.png,tumour\n"}, files={"data": "d.csv"}, labels=["a", "b"]),
          r"d\.csv:2: label 'tumour' is not one of"),
     Case("image-folder-missing", card_run(MEDICAL, "imagefolder", path="no-such-folder"), r"card\.md: path = \S*no-such-folder does not exist"),
