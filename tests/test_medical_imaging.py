@@ -169,15 +169,18 @@ def test_imagefolder_leaves_hidden_folders_and_other_files_out(tmp_path):
     assert any("1 files that are not images were left out (e.g. tumour/README.txt)" in n for n in dataset.notes)
 
 
+def _image_table(folder, column: str, cells: list[str]) -> None:
+    """img/<i>.png, one small image per cell, and data.csv: path,<column>."""
+    (folder / "img").mkdir(exist_ok=True)
+    for i in range(len(cells)):
+        Image.new("RGB", (8, 8), (i, 0, 0)).save(folder / "img" / f"{i}.png")
+    (folder / "data.csv").write_text("".join([f"path,{column}\n"] + [f"img/{i}.png,{c}\n" for i, c in enumerate(cells)]))
+
+
 def test_card_validate_takes_task_options_and_says_what_the_splits_leave_out(tmp_path, capsys):
     from peftlab.pipelines.cli import main
 
-    (tmp_path / "img").mkdir()
-    rows = ["path,finding"]
-    for i in range(12):
-        Image.new("RGB", (8, 8), (i, 0, 0)).save(tmp_path / "img" / f"{i}.png")
-        rows.append(f"img/{i}.png,{['Effusion', 'No Finding', 'Effusion|Mass'][i % 3]}")
-    (tmp_path / "data.csv").write_text("\n".join(rows) + "\n")
+    _image_table(tmp_path, "finding", [["Effusion", "No Finding", "Effusion|Mass"][i % 3] for i in range(12)])
     card = _write_card(tmp_path, "format: csv\npath: data.csv\nlabels: [Effusion, Mass]\nfields: {label: finding}")
     assert main(["card", "validate", card]) == 2
     assert "label 'No Finding' reads as multi-label findings; set task.multi_label=true" in capsys.readouterr().err
@@ -187,20 +190,14 @@ def test_card_validate_takes_task_options_and_says_what_the_splits_leave_out(tmp
     assert main(["card", "validate", card, "train.lr=1"]) == 2
     assert "takes task options only" in capsys.readouterr().err
     # single-label: a class present in train only is named for the splits that lack it
-    rows = ["path,finding"] + [f"img/{i}.png,{'Mass' if i == 0 else 'Effusion'}" for i in range(12)]
-    (tmp_path / "data.csv").write_text("\n".join(rows) + "\n")
+    _image_table(tmp_path, "finding", ["Mass" if i == 0 else "Effusion" for i in range(12)])
     assert main(["card", "validate", card]) == 0
     notes = json.loads(capsys.readouterr().out)["notes"]
     assert any(n.startswith("the test split has no examples of Mass") for n in notes), notes
 
 
 def test_csv_without_the_cards_labels_names_the_classes_from_the_column(tmp_path):
-    (tmp_path / "img").mkdir()
-    rows = ["path,diagnosis"]
-    for i in range(9):
-        Image.new("RGB", (8, 8), (i, 0, 0)).save(tmp_path / "img" / f"{i}.png")
-        rows.append(f"img/{i}.png,{['pneumonia', 'normal', 'effusion'][i % 3]}")
-    (tmp_path / "data.csv").write_text("\n".join(rows) + "\n")
+    _image_table(tmp_path, "diagnosis", [["pneumonia", "normal", "effusion"][i % 3] for i in range(9)])
     card = read_card(_write_card(tmp_path, "format: csv\npath: data.csv\nfields: {label: diagnosis}"))
     dataset = TASK.read(card, TASK.options())
     assert dataset.labels == ["effusion", "normal", "pneumonia"]
