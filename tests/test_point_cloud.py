@@ -211,6 +211,17 @@ def test_mesh_ply_is_sampled_over_its_faces_as_off_is(tmp_path):
         data.read_point_file(tmp_path / "bad.ply")
 
 
+def test_predict_notes_clouds_smaller_than_num_points():
+    from peftlab.shared.tasks import get_task
+
+    task = get_task(TASK)
+    options = task.options(num_points=64)
+    examples = [{"id": "a", "points": np.zeros((10, 3))}, {"id": "b", "points": np.zeros((64, 3))}]
+    assert task.input_notes(examples, options) == [
+        "1 clouds have fewer than task.num_points=64 points: some of their points are repeated to fill"]
+    assert task.input_notes(examples[1:], options) == []
+
+
 def _card(tmp_path, header: str):
     from peftlab.shared.cards import read_card
 

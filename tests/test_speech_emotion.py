@@ -298,6 +298,11 @@ def test_read_inputs_and_confusion_report(tmp_path):
     listed = TASK.read_inputs([tmp_path / "list.csv"], SpeechEmotionOptions(), {"path": "file", "speaker": "who"})
     assert [e["id"] for e in listed] == ["b.ogg", "a.wav"] and all("label" not in e for e in listed)
     assert listed[1]["path"] == examples[0]["path"] and listed[1]["samples"] == examples[0]["samples"]
+    # predict says which clips only a window of is scored
+    assert TASK.input_notes(examples, SpeechEmotionOptions(max_seconds=0.4)) == [
+        "2 clips are longer than task.max_seconds=0.4: their centre 0.4 s is scored (task.eval_crop=full scores whole clips)"]
+    assert TASK.input_notes(examples, SpeechEmotionOptions(max_seconds=0.4, eval_crop="full")) == []
+    assert TASK.input_notes(examples, SpeechEmotionOptions()) == []
     truth = [{"label": i} for i in (0, 0, 1, 2, 3, 3)]
     outputs = [np.eye(4)[i] for i in (0, 1, 1, 2, 3, 0)]
     TASK.write_report("test", truth, outputs, LABELS, tmp_path)

@@ -294,6 +294,11 @@ class PointCloudClassifyTask:
     def read_inputs(self, paths, options: PointCloudOptions, fields) -> list[dict]:
         return [{"id": str(p), "points": data.read_point_file(Path(p), options.off_points)} for p in paths]
 
+    def input_notes(self, examples, options) -> list[str]:
+        small = sum(len(e["points"]) < options.num_points for e in examples)
+        return [f"{small} clouds have fewer than task.num_points={options.num_points} points: some of their points "
+                f"are repeated to fill"] if small else []
+
     def describe(self, example, scores, labels) -> dict:
         return {"id": example["id"], **describe_scores(scores, labels)}
 

@@ -372,6 +372,13 @@ class SpeechEmotionTask:
                 examples += [data.audio_example(file) for file in data.audio_files([path])]
         return examples
 
+    def input_notes(self, examples, options) -> list[str]:
+        long = sum(e["samples"] / e["sample_rate"] > options.max_seconds for e in examples)
+        if not long or options.eval_crop != "center":
+            return []
+        return [f"{long} clips are longer than task.max_seconds={options.max_seconds:g}: their centre "
+                f"{options.max_seconds:g} s is scored (task.eval_crop=full scores whole clips)"]
+
     def describe(self, example, scores, labels) -> dict:
         row = {"id": example["id"]}
         if example.get("path", example["id"]) != example["id"]:  # table rows: id is the cell, path the file
