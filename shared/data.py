@@ -62,6 +62,22 @@ def strata(examples: Sequence[Example]) -> dict[int, list[int]]:
     return dict(sorted(by_class.items()))
 
 
+def number_classes(splits: dict[str, list[Example]], notes: list[str], where: str) -> list[str]:
+    """Labels for data read without the card's `labels`: class indices as they are, or the
+    label cells' names, sorted, each example renumbered (a note says so: the order is a guess)."""
+    values = {e["label"] for split in splits.values() for e in split}
+    if not any(isinstance(v, str) for v in values):
+        return [str(i) for i in range(1 + max(values))]
+    if any(not isinstance(v, str) for v in values):
+        raise UserError(f"{where}: the label column mixes class names and indices; name the classes in `labels`")
+    labels = sorted(values)
+    for split in splits.values():
+        for example in split:
+            example["label"] = labels.index(example["label"])
+    notes.append(f"labels {labels} are the label column's names, sorted; set the card's `labels` to choose their order")
+    return labels
+
+
 def hold_out_validation(splits: dict[str, list[Example]], card, what: str,
                         group_of: Callable[[Example], object] | None = None) -> tuple[dict[str, list[Example]], str | None]:
     """Where the data comes with train and test but no validation split, hold out

@@ -26,7 +26,7 @@ import torch
 from peftlab.shared import io, methods, reports, requests
 from peftlab.shared import metrics as metric_registry
 from peftlab.shared.cards import Card
-from peftlab.shared.data import hold_out_validation, ratio_split
+from peftlab.shared.data import hold_out_validation, number_classes, ratio_split
 from peftlab.shared.errors import UserError
 from peftlab.shared.feature_cache import (
     FeatureCache,
@@ -287,7 +287,7 @@ class MedicalClassifyTask:
         else:
             splits = self._read_csv(card, labels, options)
             if labels is None:
-                labels = _number_classes(splits, notes, card)
+                labels = number_classes(splits, notes, str(card.card_path))
         for split in list(splits):
             splits[split], skipped = data.keep_readable(splits[split], on_bad_file, f"{card.card_path} ({split})")
             notes += skipped
@@ -483,22 +483,6 @@ class MedicalClassifyTask:
 
     def card_template(self) -> str:
         return CARD_TEMPLATE
-
-
-def _number_classes(splits: dict[str, list[dict]], notes: list[str], card: Card) -> list[str]:
-    """Labels for a table read without the card's `labels`: class indices as they are, or
-    the names in the label column, sorted (said in a note, since the order is a guess)."""
-    values = {e["label"] for split in splits.values() for e in split}
-    if not any(isinstance(v, str) for v in values):
-        return [str(i) for i in range(1 + max(values))]
-    if any(not isinstance(v, str) for v in values):
-        raise UserError(f"{card.card_path}: the label column mixes class names and indices; name the classes in `labels`")
-    labels = sorted(values)
-    for split in splits.values():
-        for example in split:
-            example["label"] = labels.index(example["label"])
-    notes.append(f"labels {labels} are the label column's names, sorted; set the card's `labels` to choose their order")
-    return labels
 
 
 def _registered_equivalent(backbone: nn.Module) -> tuple[str, dict]:

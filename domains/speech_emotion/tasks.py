@@ -25,7 +25,7 @@ import numpy as np
 import torch
 from peftlab.shared import methods, reports, requests
 from peftlab.shared.cards import Card
-from peftlab.shared.data import count_by_split, ratio_split
+from peftlab.shared.data import count_by_split, number_classes, ratio_split
 from peftlab.shared.errors import UserError
 from peftlab.shared.feature_cache import FeatureCache, in_training, plan, unique_ids
 from peftlab.shared.tasks import SPLIT_KEYS, Dataset, FP32Head, describe_scores, register_task
@@ -346,11 +346,8 @@ class SpeechEmotionTask:
             notes.insert(0, f"label_map leaves out {sum(dropped.values())} rows: "
                             + ", ".join(f"{count} {cell}" for cell, count in sorted(dropped.items())))
         labels = card.labels
-        if labels is None:  # classes named by the cells, in sorted order
-            labels = sorted({e["label"] for split in splits.values() for e in split})
-            for split in splits.values():
-                for example in split:
-                    example["label"] = labels.index(example["label"])
+        if labels is None:
+            labels = number_classes(splits, notes, str(card.card_path))
         return {k: splits.get(k, []) for k in ("train", "validation", "test")}, labels, notes
 
     # ----------------------------------------------------------------------- model
