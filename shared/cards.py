@@ -9,6 +9,7 @@ base of its relative paths, so the copy reads the same files as training did.
 
 from __future__ import annotations
 
+import difflib
 import os
 import re
 from pathlib import Path
@@ -105,8 +106,10 @@ class Card(BaseModel):
         default split without a word."""
         unknown = sorted(set(self.splits or {}) - set(allowed))
         if unknown:
+            close = difflib.get_close_matches(unknown[0], allowed, n=1)
+            hint = f"did you mean splits.{close[0]}? " if close else ""
             raise UserError(f"{self.card_path}: splits.{unknown[0]} is not understood by {task_name}; "
-                            f"its split keys: {', '.join(allowed)}")
+                            f"{hint}its split keys: {', '.join(allowed)}")
 
     def check_field_keys(self, allowed, task_name: str) -> None:
         """A misspelt `fields:` key is an error: read as absent, the default column was

@@ -78,6 +78,15 @@ def number_classes(splits: dict[str, list[Example]], notes: list[str], where: st
     return labels
 
 
+def validation_fraction(card) -> float:
+    """The card's `splits.validation_fraction` (default 0.1): the share of train held out
+    for checkpoint selection where the data has no validation split."""
+    fraction = (card.splits or {}).get("validation_fraction", 0.1)
+    if isinstance(fraction, bool) or not isinstance(fraction, int | float) or not 0 <= fraction < 1:
+        raise UserError(f"{card.card_path}: splits.validation_fraction must be a number in [0, 1), got {fraction!r}")
+    return float(fraction)
+
+
 def hold_out_validation(splits: dict[str, list[Example]], card, what: str,
                         group_of: Callable[[Example], object] | None = None) -> tuple[dict[str, list[Example]], str | None]:
     """Where the data comes with train and test but no validation split, hold out
@@ -88,9 +97,7 @@ def hold_out_validation(splits: dict[str, list[Example]], card, what: str,
     if "validation" in splits or "train" not in splits:
         return splits, None
     spec = card.splits or {}
-    fraction = spec.get("validation_fraction", 0.1)
-    if isinstance(fraction, bool) or not isinstance(fraction, int | float) or not 0 <= fraction < 1:
-        raise UserError(f"{card.card_path}: splits.validation_fraction must be a number in [0, 1), got {fraction!r}")
+    fraction = validation_fraction(card)
     if fraction == 0:
         return splits, None
     train = splits["train"]

@@ -117,7 +117,7 @@ def test_every_task_refuses_a_misspelt_split_key(tmp_path, task_name):
     card.write_text(f"---\nname: x\ndomain: {task.domain}\ntask: {task.name}\nformat: {task.formats[0]}\n"
                     "splits: {ratio: {train: 0.5, test: 0.5}, seed: 3}\n---\n")
     with pytest.raises(UserError, match=rf"card\.md: splits\.ratio is not understood by {task.name}; "
-                                        r"its split keys: ratios, seed, train, validation, test"):
+                                        r"did you mean splits\.ratios\? its split keys: ratios, seed, train, validation, test"):
         runner.load_card(str(card), task)
     for key in task.split_keys:  # each documented key passes the check
         card.write_text(f"---\nname: x\ndomain: {task.domain}\ntask: {task.name}\nformat: {task.formats[0]}\n"

@@ -203,7 +203,8 @@ CASES = [
                                  files={"sequences": "s.fasta", "pairs": "p.tsv"}), r"s\.fasta: no FASTA records"),
     Case("splits-misspelt-key", card_run(PROTEIN, "fasta+pairs_tsv", {"s.fasta": FASTA, "p.tsv": "a\tb\t1\n"},
                                          files={"sequences": "s.fasta", "pairs": "p.tsv"}, splits={"group_by_protien": True}),
-         r"card\.md: splits\.group_by_protien is not understood by protein-ppi; its split keys: .*group_by_protein"),
+         r"card\.md: splits\.group_by_protien is not understood by protein-ppi; did you mean splits\.group_by_protein\? "
+         r"its split keys: .*group_by_protein"),
     Case("splits-group-a-string", card_run(PROTEIN, "fasta+pairs_tsv", {"s.fasta": FASTA, "p.tsv": "a\tb\t1\n"},
                                            files={"sequences": "s.fasta", "pairs": "p.tsv"}, splits={"group_by_protein": "false"}),
          r"card\.md: splits\.group_by_protein must be true or false, got 'false'"),

@@ -221,18 +221,18 @@ def test_split_files_without_validation_hold_out_whole_training_speakers(tmp_pat
     header, *rows = (tmp_path / "labels.csv").read_text().splitlines()
     (tmp_path / "train.csv").write_text("\n".join([header] + [r for r in rows if r.split(",")[2] < "s4"]) + "\n")
     (tmp_path / "test.csv").write_text("\n".join([header] + [r for r in rows if r.split(",")[2] >= "s4"]) + "\n")
-    card = write_card(tmp_path, "splits: {train: train.csv, test: test.csv, validation_ratio: 0.25, seed: 1}")
+    card = write_card(tmp_path, "splits: {train: train.csv, test: test.csv, validation_fraction: 0.25, seed: 1}")
     dataset = TASK.read(card, SpeechEmotionOptions())
     speakers = {split: {e["speaker"] for e in examples} for split, examples in dataset.splits.items()}
     assert speakers["test"] == {"s4", "s5"} and len(dataset.splits["test"]) == 8  # test untouched
     assert len(speakers["validation"]) == 1 and speakers["validation"] | speakers["train"] == {"s0", "s1", "s2", "s3"}
     assert not speakers["validation"] & speakers["train"]
     (held,) = speakers["validation"]
-    assert f"validation: 4 training clips held out (speakers {held}; splits.validation_ratio=0.25); test is untouched" \
+    assert f"validation: 4 training clips held out (speakers {held}; splits.validation_fraction=0.25); test is untouched" \
         in dataset.notes
     one_speaker = write_card(tmp_path, "splits: {train: train.csv, test: test.csv}").model_copy()
     (tmp_path / "train.csv").write_text("\n".join([header] + [r for r in rows if r.split(",")[2] == "s0"]) + "\n")
-    with pytest.raises(UserError, match=r"card\.md: the training data has one speaker.*validation_ratio: 0"):
+    with pytest.raises(UserError, match=r"card\.md: the training data has one speaker.*validation_fraction: 0"):
         TASK.read(one_speaker, SpeechEmotionOptions())
 
 

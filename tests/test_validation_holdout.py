@@ -1,6 +1,6 @@
 """Data given as train and test files without a validation file: every domain holds out
 `splits.validation_fraction` of train for checkpoint selection (speech holds out whole
-speakers by its own `validation_ratio`, tested with speech), and test stays as given."""
+speakers, tested with speech), and test stays as given."""
 
 from __future__ import annotations
 

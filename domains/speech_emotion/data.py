@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 import soundfile
 import torch
-from peftlab.shared.data import table_rows
+from peftlab.shared.data import ratio_split, table_rows
 from peftlab.shared.errors import MissingField, UserError
 
 AUDIO_SUFFIXES = (".wav", ".flac", ".ogg")
@@ -249,7 +249,7 @@ def speaker_split(examples: list[dict], ratios: dict[str, float], seed: int, whe
     return splits
 
 
-def fold_split(examples: list[dict], key: str, test: list, validation: list | None, validation_ratio: float,
+def fold_split(examples: list[dict], key: str, test: list, validation: list | None, validation_fraction: float,
                seed: int, where: str) -> dict[str, list[dict]]:
     """IEMOCAP-style folds: examples whose `key` (e.g. session) is in `test` are the test
     split, those in `validation` the validation split; without `validation`, a
@@ -268,23 +268,21 @@ def fold_split(examples: list[dict], key: str, test: list, validation: list | No
         validation_values = {str(v) for v in validation}
         return {"train": [e for e in rest if str(e[key]) not in validation_values],
                 "validation": [e for e in rest if str(e[key]) in validation_values], "test": held_out}
-    return {**hold_out_speakers(rest, validation_ratio, seed, where), "test": held_out}
+    return {**hold_out_speakers(rest, validation_fraction, seed, where), "test": held_out}
 
 
-def hold_out_speakers(train: list[dict], validation_ratio: float, seed: int, where: str) -> dict[str, list[dict]]:
-    """Train -> {train, validation}: a `validation_ratio` share held out for model
-    selection, whole speakers at a time where every row names its speaker."""
-    if not 0 <= validation_ratio < 1:
-        raise UserError(f"{where}: splits.validation_ratio must be in [0, 1), got {validation_ratio}")
+def hold_out_speakers(train: list[dict], validation_fraction: float, seed: int, where: str) -> dict[str, list[dict]]:
+    """Train -> {train, validation}: a `validation_fraction` share (already checked to be
+    in [0, 1)) held out for model selection, whole speakers at a time where every row
+    names its speaker, else each emotion in proportion."""
+    ratios = {"train": 1 - validation_fraction, "validation": validation_fraction}
     if all("speaker" in e for e in train):
-        if validation_ratio > 0 and len({e["speaker"] for e in train}) < 2:
+        if validation_fraction > 0 and len({e["speaker"] for e in train}) < 2:
             raise UserError(f"{where}: the training data has one speaker, too few to hold out whole speakers for "
-                            f"validation; give a validation split or set splits.validation_ratio: 0")
-        split = speaker_split(train, {"train": 1 - validation_ratio, "validation": validation_ratio}, seed, where)
+                            f"validation; give a validation split or set splits.validation_fraction: 0")
+        split = speaker_split(train, ratios, seed, where)
         return {"train": split["train"], "validation": split["validation"]}
-    order = np.random.default_rng(seed).permutation(len(train))
-    cut = int(round(validation_ratio * len(train)))
-    return {"validation": [train[i] for i in order[:cut]], "train": [train[i] for i in order[cut:]]}
+    return ratio_split(train, ratios, seed, where=where)
 
 
 # --------------------------------------------------------------------------- demo

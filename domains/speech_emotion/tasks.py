@@ -25,7 +25,7 @@ import numpy as np
 import torch
 from peftlab.shared import methods, reports, requests
 from peftlab.shared.cards import Card
-from peftlab.shared.data import count_by_split, number_classes, ratio_split
+from peftlab.shared.data import count_by_split, number_classes, ratio_split, validation_fraction
 from peftlab.shared.errors import UserError
 from peftlab.shared.feature_cache import FeatureCache, in_training, plan, unique_ids
 from peftlab.shared.tasks import SPLIT_KEYS, Dataset, FP32Head, describe_scores, register_task
@@ -241,7 +241,7 @@ class SpeechEmotionTask:
     primary_metric = "uar"
     formats = ("audio_csv", "demo")
     card_keys = ("demo", "on_bad_file", "label_map")
-    split_keys = (*SPLIT_KEYS, "fold_by", "validation_ratio")
+    split_keys = (*SPLIT_KEYS, "fold_by", "validation_fraction")
     field_keys = data.TABLE_FIELDS
     options = SpeechEmotionOptions
 
@@ -310,12 +310,12 @@ class SpeechEmotionTask:
                 splits[split], skipped = rows.examples, skipped + rows.skipped
                 dropped.update(rows.dropped)
             if "validation" not in splits:  # carved out of train, for model selection
-                ratio = float(spec.get("validation_ratio", 0.1))
-                splits.update(data.hold_out_speakers(splits["train"], ratio, int(spec.get("seed", 0)), str(card.card_path)))
+                fraction = validation_fraction(card)
+                splits.update(data.hold_out_speakers(splits["train"], fraction, int(spec.get("seed", 0)), str(card.card_path)))
                 speakers = sorted({str(e["speaker"]) for e in splits["validation"] if "speaker" in e})
                 whose = f"speakers {', '.join(speakers)}" if speakers else "no speakers named in the table"
                 notes.append(f"validation: {len(splits['validation'])} training clips held out ({whose}; "
-                             f"splits.validation_ratio={ratio}); test is untouched")
+                             f"splits.validation_fraction={fraction}); test is untouched")
             overlap = _shared_speakers(splits)
             if overlap:
                 notes.append(f"speakers {sorted(overlap)[:5]} appear in more than one split file: results are not speaker-independent")
@@ -330,7 +330,7 @@ class SpeechEmotionTask:
                     raise UserError(f"{card.card_path}: splits.fold_by needs `test: [values]` (e.g. fold_by: session, test: [5])")
                 splits = data.fold_split(examples, spec["fold_by"], _as_list(spec["test"]),
                                          _as_list(spec["validation"]) if "validation" in spec else None,
-                                         float(spec.get("validation_ratio", 0.1)), seed, where)
+                                         validation_fraction(card), seed, where)
             else:
                 ratios = spec.get("ratios", {"train": 0.8, "validation": 0.1, "test": 0.1})
                 if all("speaker" in e for e in examples):
@@ -451,7 +451,7 @@ labels: [neutral, happy, angry, sad]
 # label_map: {excited: happy, frustrated: null}   # rename cells; null drops the row
 splits: {ratios: {train: 0.8, validation: 0.1, test: 0.1}, seed: 0}  # by speaker when a speaker field is given
 # splits: {fold_by: session, test: [5]}           # IEMOCAP-style session fold (needs fields.session)
-# or one table per split, without files.data: splits: {train: train.csv, validation: valid.csv, test: test.csv}; without validation, validation_ratio (0.1) of train's speakers are held out
+# or one table per split, without files.data: splits: {train: train.csv, validation: valid.csv, test: test.csv}; without validation, validation_fraction (0.1) of train's speakers are held out
 group_by: gender                # per-group metrics and the recall gap between groups
 on_bad_file: error              # or skip: corrupt/empty/silent files are counted and left out
 license: ""
