@@ -25,6 +25,7 @@ padded batch, so scores agree to float rounding (the tests allow 1e-5) and label
 
 from __future__ import annotations
 
+import inspect
 import json
 import queue
 import threading
@@ -94,6 +95,7 @@ class Adapter:
             "backbone_sha256": p.meta["backbone"].get("weights_sha256"),
             "method": self.method,
             "serving": "mixed batches" if self.mixable else ("switched" if self.engine.shared else "own model"),
+            "request": request_form(p.task),
             "metrics": {split: metrics[split] for split in ("validation", "test") if split in metrics},
         }
 
@@ -400,6 +402,14 @@ def takes_json_requests(task) -> bool:
     """Whether a task has a JSON input form (`parse_request`), so that `peftlab serve` can
     answer it; the others (video-text: clips are folders of frames) predict on files only."""
     return callable(getattr(task, "parse_request", None))
+
+
+def request_form(task) -> str | None:
+    """The body `POST /predict/NAME` takes for `task`, as its `parse_request` states it
+    (one source for the service and the code), or None where it has no JSON form."""
+    if not takes_json_requests(task):
+        return None
+    return " ".join(inspect.getdoc(task.parse_request).split())
 
 
 def check_json_requests(predictor: Predictor) -> None:

@@ -1,7 +1,7 @@
 """`peftlab serve RUN_DIR...`: an HTTP JSON service over many runs' adapters (Starlette + uvicorn).
 
     GET  /health              {"status": "ok", "adapters": N, "backbones": M, "backbone_copies": C}
-    GET  /adapters            name, task, labels, backbone, method, serving path, metrics
+    GET  /adapters            name, task, labels, backbone, method, serving path, request body, metrics
     POST /predict/{adapter}   the task's JSON input form -> {"adapter", "task", "predictions"}
 
 Each backbone is loaded once (see `multi_adapter`); concurrent requests for adapters on

@@ -256,7 +256,7 @@ CASES = [
     Case("audio-missing-file", card_run(SPEECH, "audio_csv", {"t.csv": "path,label\nnone.wav,happy\n"}, files={"data": "t.csv"}),
          r"none\.wav: file not found"),
     Case("audio-garbage", card_run(SPEECH, "audio_csv", {"t.csv": "path,label\nx.wav,happy\n", "x.wav": b"RIFF....WAVEjunk" * 10},
-                                   files={"data": "t.csv"}), r"x\.wav: not a readable WAV/FLAC/OGG file"),
+                                   files={"data": "t.csv"}), r"x\.wav: not a readable WAV/FLAC/OGG/MP3 file"),
     Case("audio-nan-samples", card_run(SPEECH, "audio_csv", {"t.csv": "path,label\nx.wav,happy\n",
                                                              "x.wav": wav_bytes(np.where(np.arange(8000) == 100, np.nan, TONE))},
                                        files={"data": "t.csv"}), r"x\.wav: contains NaN or infinite samples"),

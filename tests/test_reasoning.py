@@ -199,10 +199,23 @@ def test_commonsense_reader_normalises_every_public_shape(tmp_path):
     answers = [e["answer"] for e in examples]
     assert answers == ["true", "A", "B", "D", "A", "A", "A", "D", "answer2", "B"]
     assert [e["dataset"] for e in examples] == ["boolq", "piqa", "siqa", "hellaswag", "winogrande", "arc_easy",
-                                                "arc_easy", "arc_easy", "arc_easy", "mine"]
+                                                "arc_easy", "obqa", "arc_easy", "mine"]
     assert examples[7]["question"].startswith("The sun is responsible for") and len(examples[7]["choices"]) == 4
     assert examples[1]["choices"] == ["twist the lid", "freeze it"]
     assert examples[5]["id"] == "Mercury_1"
+
+
+@pytest.mark.parametrize("relative, dataset", [
+    ("ARC-Challenge-Test.jsonl", "arc-challenge"), ("ARC-Challenge-Train.jsonl", "arc-challenge"),
+    ("ARC-Easy/test.json", "arc-easy"), ("train_questions.jsonl", "questions"), ("obqa.dev.jsonl", "obqa"),
+    ("my-corpus/test.jsonl", "my-corpus"), ("my-data.jsonl", "my-data")])
+def test_a_record_without_dataset_or_shape_is_grouped_by_its_file_name_less_split_words(tmp_path, relative, dataset):
+    path = tmp_path / relative
+    path.parent.mkdir(exist_ok=True)
+    _write(path, [{"id": "Mercury_1", "question": {"stem": "Which is a metal?", "choices": [
+        {"label": "A", "text": "iron"}, {"label": "B", "text": "wood"}]}, "answerKey": "A"}])
+    (example,) = data.read_jsonl(path, "commonsense")
+    assert example["dataset"] == dataset
 
 
 def test_math_reader_normalises_every_public_shape(tmp_path):

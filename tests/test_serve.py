@@ -192,6 +192,7 @@ def test_concurrent_http_requests_give_the_predictors_answers(server, expected, 
     assert set(listed) == {"lora_a", "lora_b", "ia3", "bitfit"}
     assert listed["lora_a"]["labels"] == ["family_0", "family_1", "family_2", "family_3"]
     assert listed["lora_a"]["backbone"] == "tiny" and listed["lora_a"]["method"] == "lora"
+    assert listed["lora_a"]["request"] == '{"sequences": [SEQ, ...]} (ids "0", "1", ...) or {"sequences": {ID: SEQ, ...}}.'
     assert "accuracy" in listed["lora_a"]["metrics"]["test"]
 
 
@@ -313,7 +314,7 @@ def test_unreadable_media_in_a_request_say_what_is_wrong_in_words():
     speech = get_task("speech-emotion")
     with pytest.raises(UserError) as raised:
         speech.parse_request({"audio": [b64(b"not audio at all")]}, speech.options())
-    assert str(raised.value) == "audio[0]: not a readable WAV/FLAC/OGG file (Format not recognised.)"
+    assert str(raised.value) == "audio[0]: not a readable WAV/FLAC/OGG/MP3 file (Format not recognised.)"
 
 
 # ------------------------------------------------------------- the natural JSON forms
@@ -374,7 +375,7 @@ def test_speech_point_cloud_code_review_and_ppi_forms_read_as_their_files_do(tmp
     [example] = task.parse_request({"audio": {"a.wav": b64((tmp_path / "a.wav").read_bytes())}}, task.options())
     assert example["id"] == "a.wav" and example["sample_rate"] == rate == 16000
     assert np.array_equal(example["audio"], from_file) and example["samples"] == len(from_file)
-    with pytest.raises(UserError, match=r"audio\[0\]: not a readable WAV/FLAC/OGG"):
+    with pytest.raises(UserError, match=r"audio\[0\]: not a readable WAV/FLAC/OGG/MP3"):
         task.parse_request({"audio": [b64(b"RIFF....WAVEjunk")]}, task.options())
     with pytest.raises(UserError, match=r"audio\[0\]: silent"):
         task.parse_request({"audio": [b64(wav_bytes(np.zeros(8000, np.float32), 16000))]}, task.options())

@@ -289,8 +289,12 @@ def test_crops_random_in_training_centre_or_full_at_evaluation():
 def test_read_inputs_and_confusion_report(tmp_path):
     soundfile.write(tmp_path / "a.wav", tone(0.5, 16000), 16000)
     soundfile.write(tmp_path / "b.ogg", tone(0.5, 16000, 300), 16000)
+    soundfile.write(tmp_path / "c.mp3", tone(0.5, 16000, 400), 16000, format="MP3")
     examples = TASK.read_inputs([tmp_path], SpeechEmotionOptions(), {})
-    assert [e["id"] for e in examples] == [str(tmp_path / "a.wav"), str(tmp_path / "b.ogg")] and all("label" not in e for e in examples)
+    assert [e["id"] for e in examples] == [str(tmp_path / n) for n in ("a.wav", "b.ogg", "c.mp3")]
+    assert all("label" not in e for e in examples)
+    mp3 = data.decode(tmp_path / "c.mp3")[0]  # MP3 frames pad the clip a little; the tone itself survives
+    assert 8000 <= len(mp3) <= 8000 + 2 * 1152 and abs(np.abs(mp3).max() - np.abs(tone(0.5, 16000, 400)).max()) < 0.05
     with pytest.raises(UserError, match="not an audio file"):
         TASK.read_inputs([tmp_path / "labels.txt"], SpeechEmotionOptions(), {})
     # a table of paths in the training card's columns (relative to the table), no label column needed
@@ -300,7 +304,7 @@ def test_read_inputs_and_confusion_report(tmp_path):
     assert listed[1]["path"] == examples[0]["path"] and listed[1]["samples"] == examples[0]["samples"]
     # predict says which clips only a window of is scored
     assert TASK.input_notes(examples, SpeechEmotionOptions(max_seconds=0.4)) == [
-        "2 clips are longer than task.max_seconds=0.4: their centre 0.4 s is scored (task.eval_crop=full scores whole clips)"]
+        "3 clips are longer than task.max_seconds=0.4: their centre 0.4 s is scored (task.eval_crop=full scores whole clips)"]
     assert TASK.input_notes(examples, SpeechEmotionOptions(max_seconds=0.4, eval_crop="full")) == []
     assert TASK.input_notes(examples, SpeechEmotionOptions()) == []
     truth = [{"label": i} for i in (0, 0, 1, 2, 3, 3)]

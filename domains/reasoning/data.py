@@ -51,7 +51,7 @@ def read_jsonl(path: Path, kind: str, labelled: bool = True) -> list[dict]:
         if not isinstance(record, dict):
             raise UserError(f"{where}: expected a JSON object, got {type(record).__name__}")
         example = parse(record, where, labelled)
-        example.setdefault("dataset", record.get("dataset") or _shape_dataset(record) or path.stem)
+        example.setdefault("dataset", record.get("dataset") or _shape_dataset(record) or dataset_of_file(path))
         example["dataset"] = str(example["dataset"]).lower()
         example["id"] = str(record.get("id", record.get("ID", f"{path.stem}-{line}")))
         examples.append(example)
@@ -79,10 +79,28 @@ def _records(path: Path, text: str) -> list[tuple[int, Any]]:
 
 
 _SHAPES = {  # distinguishing keys -> dataset name
-    ("passage",): "boolq", ("goal", "sol1"): "piqa", ("context", "answerA"): "siqa",
+    ("passage",): "boolq", ("goal", "sol1"): "piqa", ("context", "answerA"): "siqa", ("question_stem",): "obqa",
     ("endings",): "hellaswag", ("option1", "option2"): "winogrande",
     ("Body", "Question"): "svamp", ("sQuestion",): "mawps", ("options", "correct"): "aqua",
 }
+
+
+_SPLIT_WORDS = {"train", "training", "dev", "val", "valid", "validation", "test", "eval", "evaluation"}
+
+
+def dataset_of_file(path: Path) -> str:
+    """The dataset a file holds, by its name less split words: `ARC-Challenge-Test.jsonl`
+    and `ARC-Challenge-Train.jsonl` are both `ARC-Challenge`, and so is
+    `ARC-Challenge/test.json` (LLM-Adapters' layout). A record's own `dataset` key, where
+    given, wins."""
+    if path.stem.lower() in _SPLIT_WORDS and path.parent.name:
+        return path.parent.name
+    words = re.split(r"([-_.])", path.stem)
+    while len(words) > 2 and words[-1].lower() in _SPLIT_WORDS:
+        words = words[:-2]
+    while len(words) > 2 and words[0].lower() in _SPLIT_WORDS:
+        words = words[2:]
+    return "".join(words)
 
 
 def _shape_dataset(record: dict) -> str | None:

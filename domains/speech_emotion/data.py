@@ -1,7 +1,7 @@
 """Speech emotion data: audio files, `path,label[,speaker][,gender]` tables, splits that
 keep speakers apart, and a deterministic synthetic demo.
 
-Audio is read with soundfile (WAV, FLAC, OGG), mixed down to mono and resampled with
+Audio is read with soundfile (WAV, FLAC, OGG, MP3), mixed down to mono and resampled with
 torchaudio to the backbone's rate. Every file is decoded once when a card is read, so a
 corrupt, empty or silent file is reported before training starts (or counted and
 skipped when the card says `on_bad_file: skip`); the decoded clips are kept in a
@@ -20,7 +20,7 @@ import torch
 from peftlab.shared.data import ratio_split, table_rows
 from peftlab.shared.errors import MissingField, UserError
 
-AUDIO_SUFFIXES = (".wav", ".flac", ".ogg")
+AUDIO_SUFFIXES = (".wav", ".flac", ".ogg", ".mp3")
 MIN_SECONDS = 0.1
 """Shorter clips give no frame after wav2vec 2.0's CNN (400-sample receptive field) and
 carry no emotion to speak of; they count as bad files."""
@@ -40,7 +40,7 @@ def decode(path: Path) -> tuple[np.ndarray, int]:
     except (soundfile.LibsndfileError, RuntimeError, OSError) as error:
         if not Path(path).is_file():
             raise BadAudio("file not found") from None
-        raise BadAudio(f"not a readable WAV/FLAC/OGG file ({str(error).splitlines()[0]})") from None
+        raise BadAudio(f"not a readable WAV/FLAC/OGG/MP3 file ({str(error).splitlines()[0]})") from None
     waveform = waveform.mean(axis=1)  # mono mix-down
     if len(waveform) == 0:
         raise BadAudio("empty (no samples)")

@@ -387,7 +387,7 @@ class SpeechEmotionTask:
 
     def parse_request(self, payload: dict, options) -> list[dict]:
         """{"audio": [BASE64, ...]} or {"audio": {ID: BASE64, ...}}: encoded audio files
-        (WAV, FLAC, OGG), checked and mixed down to mono as files are."""
+        (WAV, FLAC, OGG, MP3), checked and mixed down to mono as files are."""
         requests.only_fields(payload, ("audio",))
         examples = []
         for key, value in requests.items(payload, "audio", "base64 audio files"):
