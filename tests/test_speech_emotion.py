@@ -191,6 +191,10 @@ def test_audio_csv_reads_resamples_and_splits_by_speaker(tmp_path):
         and not (speakers["train"] & speakers["validation"]) and not (speakers["validation"] & speakers["test"])
     example = dataset.splits["train"][0]
     assert example["sample_rate"] == 22050 and example["group"] in ("female", "male")
+    total = sum(len(rows) for rows in dataset.splits.values())
+    assert f"clips by sample rate (22050 Hz: {total}) are resampled to the encoder's sampling rate as they are read" \
+        in dataset.notes
+    assert f"{total} clips ({total} with 2 channels) are mixed down to mono (the channels' mean)" in dataset.notes
     # mono mix-down of (x, x/2) is 0.75 x; resampled to 16 kHz the tone keeps its pitch
     model = model_for("tiny_wav2vec2")
     waveform = model.waveform(example, rng=None)

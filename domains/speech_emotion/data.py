@@ -119,7 +119,8 @@ def audio_example(path: Path, on_bad_file: str | None = None, where: str | None 
         card_hint = " (or set `on_bad_file: skip` in the card)" if on_bad_file is not None else ""
         raise UserError(f"{where + ': ' if where else ''}{path}: {error}; fix or remove the file{card_hint}") from None
     CACHE.put(str(path), (waveform, rate))
-    return {"id": str(path), "path": str(path), "samples": len(waveform), "sample_rate": rate}
+    return {"id": str(path), "path": str(path), "samples": len(waveform), "sample_rate": rate,
+            "channels": soundfile.info(str(path)).channels}  # a header read; the note on mixing down counts them
 
 
 def audio_files(paths: list[Path]) -> list[Path]:

@@ -233,6 +233,23 @@ def _method_defaults(family: str, blocks: str, num_layers: int) -> dict[str, dic
 DEMO_DEFAULTS = {"speakers": 16, "per_speaker": 24, "validation_speakers": 2, "test_speakers": 4, "seconds": 1.0, "seed": 0}
 
 
+def audio_format_notes(splits: dict[str, list[dict]]) -> list[str]:
+    """What reading does to the clips beyond decoding them: resampling (noted where any
+    clip is not at 16 kHz, the rate WavLM, wav2vec 2.0, HuBERT and Whisper take) and
+    mixing multi-channel clips down to mono."""
+    examples = [e for split in splits.values() for e in split]
+    notes = []
+    rates = Counter(e["sample_rate"] for e in examples)
+    if set(rates) - {16000}:
+        counts = ", ".join(f"{rate} Hz: {n}" for rate, n in sorted(rates.items()))
+        notes.append(f"clips by sample rate ({counts}) are resampled to the encoder's sampling rate as they are read")
+    multichannel = Counter(e["channels"] for e in examples if e.get("channels", 1) > 1)
+    if multichannel:
+        counts = ", ".join(f"{n} with {channels} channels" for channels, n in sorted(multichannel.items()))
+        notes.append(f"{sum(multichannel.values())} clips ({counts}) are mixed down to mono (the channels' mean)")
+    return notes
+
+
 class SpeechEmotionTask:
     name = "speech-emotion"
     domain = "speech_emotion"
@@ -266,6 +283,7 @@ class SpeechEmotionTask:
             raise UserError(f"{card.card_path}: speech-emotion reads formats {', '.join(self.formats)}, not {card.format!r}")
         counts = Counter(e["label"] for e in splits["train"])
         options.class_counts = [counts.get(i, 0) for i in range(len(labels))]
+        notes += audio_format_notes(splits)
         long, where = count_by_split(splits, lambda e: e["samples"] > options.max_seconds * e["sample_rate"])
         if long:
             notes.append(f"{long} clips ({where}) longer than max_seconds={options.max_seconds} are cropped "
