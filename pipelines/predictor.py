@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import functools
 import shutil
+from collections import Counter
 from pathlib import Path
 from typing import Any
 
@@ -143,6 +144,10 @@ class Predictor:
         else:
             # dicts made by hand may carry no id; a line names its input by position then
             examples = [example if "id" in example else {"id": str(index), **example} for index, example in enumerate(inputs)]
+        repeated = [key for key, count in Counter(e["id"] for e in examples).items() if count > 1]
+        if repeated:  # rows are still one per input, in order; only a lookup by id would be ambiguous
+            runner.log(f"note: {len(repeated)} ids name more than one input (e.g. {repeated[0]!r}); "
+                       f"their prediction rows follow the input order")
         if hasattr(self.task, "input_notes"):  # what a card's reader notes, for inputs given without one (crops)
             for note in self.task.input_notes(examples, self.options):
                 runner.log(f"note: {note}")

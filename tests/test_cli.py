@@ -75,13 +75,17 @@ def test_predict_on_fasta_and_pairs(ppi_run, tmp_path):
     sequences["long"] = "M" + "KT" * max_length  # longer than the run reads: predicted on a window, with a note
     fasta.write_text("".join(f">{k}\n{v}\n" for k, v in sequences.items()))
     pairs = tmp_path / "pairs.tsv"
-    pairs.write_text("fam0_p0\tfam1_p3\nfam2_p1\tfam3_p5\nfam0_p0\tfam4_p2\nfam6_p0\tfam2_p2\nlong\tfam0_p0\n")
+    pairs.write_text("fam0_p0\tfam1_p3\nfam2_p1\tfam3_p5\nfam0_p0\tfam4_p2\nfam6_p0\tfam2_p2\nlong\tfam0_p0\n"
+                     "fam0_p0\tfam1_p3\n")  # a pair listed twice: two rows, and a note
     out = tmp_path / "predictions.jsonl"
     result = run_peftlab("predict", ppi_run, fasta, pairs, "--out", out)
     assert result.returncode == 0, result.stderr[-2000:]
     assert f"note: 1 pairs have a sequence longer than {max_length} residues: its start window is scored" in result.stderr
+    assert "note: 1 ids name more than one input (e.g. 'fam0_p0|fam1_p3'); their prediction rows follow the input order" \
+        in result.stderr
     rows = [json.loads(line) for line in out.read_text().splitlines()]
     assert [(r["protein_a"], r["protein_b"]) for r in rows][:2] == [("fam0_p0", "fam1_p3"), ("fam2_p1", "fam3_p5")]
+    assert len(rows) == 6 and rows[5] == rows[0]
     assert all(0 <= r["score"] <= 1 for r in rows)
     # planted partners (0-1, 2-3) should outscore non-partners
     assert min(rows[0]["score"], rows[1]["score"]) > max(rows[2]["score"], rows[3]["score"])
