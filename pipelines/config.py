@@ -21,7 +21,9 @@ from typing import Annotated, Any
 
 import peftlab
 import yaml
+from peftlab.shared import io
 from peftlab.shared.errors import UserError, did_you_mean
+from peftlab.shared.methods.registry import check_option_types
 from peftlab.shared.training import TrainConfig
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
@@ -88,7 +90,7 @@ def read_recipe(pipeline: str) -> dict:
 
 def _load_yaml(path: Path) -> dict:
     try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+        data = io.load_yaml(path.read_text(encoding="utf-8"))
     except (yaml.YAMLError, UnicodeDecodeError) as error:
         raise UserError(f"{path}: not valid YAML ({str(error).splitlines()[0]})") from None
     if not isinstance(data, dict):
@@ -121,7 +123,7 @@ def apply_overrides(config: dict, overrides: list[str]) -> dict:
         if not sep or not key:
             raise UserError(f"override {item!r} is not key=value (e.g. train.lr=3e-4)")
         try:
-            value = yaml.safe_load(raw) if raw else None
+            value = io.load_yaml(raw) if raw else None
         except yaml.YAMLError:
             value = raw
         _check_key(key)
@@ -183,6 +185,7 @@ def build_task_options(task, options: dict):
             # YAML reads an unquoted `{diff}` or `[x]` as a mapping or list
             raise UserError(f"task.{option.name} is text, but the value was read as a YAML {type(value).__name__}; "
                             f"quote it: task.{option.name}='...' (in a shell: \"task.{option.name}='{{diff}} ...'\")")
+    check_option_types(task.options, options, f"task {task.name!r}", "task")
     try:
         return task.options(**options)
     except (TypeError, ValueError) as error:

@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 import yaml
+from peftlab.shared import io
 from peftlab.shared.errors import UserError
 from pydantic import BaseModel, ConfigDict, ValidationError, field_validator
 
@@ -150,7 +151,7 @@ def read_card(path, root=None) -> Card:
         raise UserError(f"{path}: not UTF-8 text (byte {error.start}); save the card as UTF-8") from None
     header, body = _split_front_matter(text, path)
     try:
-        data = yaml.safe_load(header)
+        data = io.load_yaml(header)
     except yaml.YAMLError as error:
         mark = getattr(error, "problem_mark", None)
         line = f" line {mark.line + 2}" if mark else ""

@@ -9,6 +9,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import tempfile
 from collections.abc import Mapping
 from contextlib import contextmanager
@@ -59,6 +60,20 @@ def write_jsonl(path, rows) -> None:
 
 def write_yaml(path, obj) -> None:
     write_text(path, yaml.safe_dump(obj, sort_keys=False))
+
+
+class _YamlLoader(yaml.SafeLoader):
+    """YAML as `safe_load` reads it, except that `1e-3` is a number (YAML 1.2 reads it so;
+    PyYAML's YAML 1.1 wants `1.0e-3` and otherwise keeps the text)."""
+
+
+_YamlLoader.add_implicit_resolver(
+    "tag:yaml.org,2002:float", re.compile(r"^[-+]?[0-9][0-9_]*(?:\.[0-9_]*)?[eE][-+]?[0-9]+$"), list("-+0123456789"))
+
+
+def load_yaml(text: str):
+    """Parse YAML text (configs, overrides, card headers); raises yaml.YAMLError."""
+    return yaml.load(text, Loader=_YamlLoader)  # noqa: S506 - a SafeLoader subclass
 
 
 def read_json(path):

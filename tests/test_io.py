@@ -6,7 +6,9 @@ import os
 import stat
 
 import pytest
+from peftlab.pipelines import config
 from peftlab.shared import io
+from peftlab.shared.methods.registry import build_options, get_method
 
 
 @pytest.mark.parametrize("umask, mode", [(0o022, 0o644), (0o077, 0o600), (0o002, 0o664)])
@@ -27,3 +29,14 @@ def test_a_failed_write_leaves_neither_the_file_nor_its_temporary(tmp_path):
         temporary.write_text("{half")
         raise RuntimeError("killed mid-write")
     assert list(tmp_path.iterdir()) == []
+
+
+def test_yaml_reads_exponent_numbers_as_numbers_in_configs_overrides_and_method_options(tmp_path):
+    # PyYAML's YAML 1.1 keeps `1e-3` as text; configs and overrides read it as YAML 1.2 does
+    assert io.load_yaml("a: 1e-3\nb: 12\nc: -2E+4\nd: 1e\ne: [3.0e-4, 1_000]") == \
+        {"a": 0.001, "b": 12, "c": -20000.0, "d": "1e", "e": [0.0003, 1000]}
+    overrides = config.apply_overrides({}, ["method.dropout=1e-1", "train.lr=3e-4", "task.name=x1e3"])
+    assert overrides == {"method": {"dropout": 0.1}, "train": {"lr": 0.0003}, "task": {"name": "x1e3"}}
+    assert build_options(get_method("lora"), overrides["method"]).dropout == 0.1
+    (tmp_path / "run.yaml").write_text("method: {name: lora, alpha: 3.2e1}\n")
+    assert config.read_config_file(tmp_path / "run.yaml")["method"]["alpha"] == 32.0

@@ -7,6 +7,7 @@ method, duplicates fail at import, unknown names fail with the list of known one
 from __future__ import annotations
 
 import dataclasses
+import types
 import typing
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -95,12 +96,7 @@ def build_options(spec: MethodSpec, options: dict[str, Any]):
             f"method {spec.name!r} has no option {unknown[0]!r}; "
             f"valid options: {', '.join(sorted(fields))}"
         )
-    hints = typing.get_type_hints(spec.options)
-    for key, value in options.items():
-        expected = _PLAIN_TYPES.get(hints.get(key))
-        if expected and not _is_instance(value, hints[key]):
-            raise UserError(f"method {spec.name!r}: option {key!r} must be {expected}, got {value!r} "
-                            f"(method.{key}=...)")
+    check_option_types(spec.options, options, f"method {spec.name!r}", "method")
     try:
         return spec.options(**options)
     except (TypeError, ValueError) as error:
@@ -109,7 +105,31 @@ def build_options(spec: MethodSpec, options: dict[str, Any]):
 
 _PLAIN_TYPES = {int: "a whole number", float: "a number", bool: "true or false", str: "a string"}
 """Option types checked up front: a wrong one otherwise surfaced deep inside the method
-(a float rank as torch's TypeError, a string rank as a failed `<` against an int)."""
+or task (a float rank as torch's TypeError, a string rate as a failed `<` against an int)."""
+
+
+def check_option_types(options_class, options: dict[str, Any], owner: str, section: str) -> None:
+    """UserError naming the first option whose value is not of its field's plain type
+    (int, float, bool, str; `None` too where the field is optional). Other types (lists,
+    mappings) are left to the dataclass."""
+    hints = typing.get_type_hints(options_class)
+    for key, value in options.items():
+        expected, optional = _plain_type(hints.get(key))
+        if expected is None or (value is None and optional) or _is_instance(value, expected):
+            continue
+        allowed = f"{_PLAIN_TYPES[expected]}{' or null' if optional else ''}"
+        raise UserError(f"{owner}: option {key!r} must be {allowed}, got {value!r} ({section}.{key}=...)")
+
+
+def _plain_type(hint) -> tuple[type | None, bool]:
+    """(the plain type a hint asks for, whether None is allowed), or (None, _) for others."""
+    if hint in _PLAIN_TYPES:
+        return hint, False
+    members = typing.get_args(hint) if typing.get_origin(hint) in (typing.Union, types.UnionType) else ()
+    plain = [m for m in members if m is not type(None)]
+    if len(plain) == 1 and len(members) == 2 and plain[0] in _PLAIN_TYPES:
+        return plain[0], True
+    return None, False
 
 
 def _is_instance(value, expected: type) -> bool:
