@@ -99,10 +99,19 @@ def _load_yaml(path: Path) -> dict:
 
 
 def read_config_file(path) -> dict:
+    """A run.yaml to repeat: a known pipeline, with that pipeline's task."""
     path = Path(path)
     if not path.is_file():
         raise UserError(f"config file {path} does not exist")
-    return _load_yaml(path)
+    data = _load_yaml(path)
+    pipeline = data.get("pipeline")
+    if pipeline not in list_pipelines():
+        raise UserError(f"{path}: pipeline {pipeline!r} is not a pipeline{did_you_mean(str(pipeline), list_pipelines())}")
+    recipe_task = read_recipe(pipeline)["task"]["name"]
+    task = (data.get("task") or {}).get("name") if isinstance(data.get("task"), dict) else None
+    if task is not None and task != recipe_task:
+        raise UserError(f"{path}: pipeline {pipeline!r} runs task {recipe_task!r}, not {task!r}; fix `pipeline:` or `task.name`")
+    return data
 
 
 def merge(base: dict, update: dict) -> dict:
