@@ -29,6 +29,7 @@ never got as far as its run.yaml; failed cells are tried again.
 from __future__ import annotations
 
 import contextlib
+import copy
 import csv
 import ctypes
 import dataclasses
@@ -43,6 +44,7 @@ import statistics
 import subprocess
 import sys
 import time
+import warnings
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
@@ -129,6 +131,9 @@ def bench(
                    f"-> {sweep.out} (cell logs in {sweep.out / 'logs'}; re-run with --out {sweep.out} to resume)")
         for method, reason in sweep.skipped.items():
             runner.log(f"skipped {method}: {reason}")
+        note = recipe_options_note(sweep)
+        if note:
+            runner.log(f"note: {note}")
         rows = run_cells(sweep, isolate=isolate)
         write_reports(sweep, rows, columns)
     return sweep.out
@@ -140,6 +145,7 @@ def _count(number: int, noun: str) -> str:
 
 def plan(pipeline, methods, *, seeds, demo, data, backbone, out, full, overrides) -> Sweep:
     """Every cell's config, validated before anything is trained or written."""
+    from peftlab.shared.data import fingerprint
     from peftlab.shared.methods.registry import build_options, get_method
     from peftlab.shared.metrics import get_metric
     from peftlab.shared.tasks import get_task
@@ -169,8 +175,8 @@ def plan(pipeline, methods, *, seeds, demo, data, backbone, out, full, overrides
     dataset = runner.read_dataset(base, task, options, card)
     runner.log_notes(dataset, training=True)
     metric_names, primary = runner.run_metrics(base, task, card)
-    skipped = _methods_that_do_not_fit(task.build_model(base.backbone.name, dataset.labels, options).backbone,
-                                       [specs[name] for name in names])
+    model = task.build_model(base.backbone.name, dataset.labels, options)
+    skipped = _methods_that_do_not_fit(model.backbone, [specs[name] for name in names])
     seed_values = [base.train.seed + k for k in range(seeds)]
     cells = []
     for name in names:
@@ -183,8 +189,13 @@ def plan(pipeline, methods, *, seeds, demo, data, backbone, out, full, overrides
                                          overrides=cell_overrides)
             build_options(specs[name], config.method_options)
             cells.append(Cell(name, seed, config, method_argument, cell_overrides))
+        if name not in skipped:
+            refusal = _refusal_on(model, task, cells[-1].config)
+            if refusal is not None:
+                skipped[name] = refusal
     cells = [cell for cell in cells if cell.method not in skipped]
-    settings = {"pipeline": pipeline, "demo": demo, "data": data, "backbone": backbone, "overrides": overrides}
+    settings = {"pipeline": pipeline, "demo": demo, "data": data, "backbone": backbone, "overrides": overrides,
+                "data_fingerprint": fingerprint(dataset.splits)}
     out_dir = Path(out) if out is not None else _default_out_dir(pipeline)
     reported = "test" if "test" in base.eval.splits else base.eval.splits[-1]
     return Sweep(pipeline, out_dir, cells, skipped, names, seed_values, settings, primary,
@@ -256,6 +267,44 @@ def _methods_that_do_not_fit(backbone, specs) -> dict[str, str]:
             for spec in specs if not spec.fits(backbone)}
 
 
+def _refusal_on(model, task, config) -> str | None:
+    """The error applying `config`'s method to the sweep's model gives (e.g. bottleneck
+    adapters on a CNN, LN tuning without LayerNorms), found on a copy without weights (on
+    the meta device: no memory, no time), so that it is listed as skipped instead of
+    failing each of its cells; None where it applies."""
+    from peftlab.shared import methods
+
+    try:
+        weightless = _weightless_copy(model)
+    except Exception:  # a model that cannot be copied is checked by its cells
+        return None
+    try:
+        with contextlib.redirect_stderr(text_io.StringIO()), warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            options = {**task.default_method_options(config.method_name, weightless), **config.method_options}
+            methods.apply(weightless.backbone, config.method_name, **options)
+    except UserError as error:
+        return str(error)
+    except Exception:  # e.g. an initialisation that computes on the weights (SVD): the cells will tell
+        return None
+    return None
+
+
+def _weightless_copy(model):
+    """A deep copy of `model` whose parameters and buffers are meta tensors of the same
+    shapes: its structure, without copying a byte of weights."""
+    from torch import nn
+
+    memo = {}
+    for module in model.modules():
+        for _, parameter in module.named_parameters(recurse=False):
+            memo[id(parameter)] = nn.Parameter(parameter.detach().to("meta"), requires_grad=parameter.requires_grad)
+        for _, buffer in module.named_buffers(recurse=False):
+            if buffer is not None:
+                memo[id(buffer)] = buffer.to("meta")
+    return copy.deepcopy(model, memo)
+
+
 def _default_out_dir(pipeline: str) -> Path:
     base = Path("bench") / pipeline / datetime.now().strftime("%Y%m%d-%H%M%S")
     candidate, suffix = base, 1
@@ -270,8 +319,13 @@ def _check_out_dir(sweep: Sweep) -> None:
     settings_file = sweep.out / SETTINGS_FILE
     if settings_file.is_file():
         previous, current = _comparable(io.read_json(settings_file)), _comparable(sweep.settings)
-        if previous != current:
-            changed = sorted(k for k in current if previous.get(k) != current[k])
+        if "data_fingerprint" not in previous:  # written before sweeps recorded it: nothing to compare with
+            current.pop("data_fingerprint")
+        changed = sorted(k for k in current if previous.get(k) != current[k])
+        if changed == ["data_fingerprint"]:
+            raise UserError(f"{sweep.out}: the data has changed since this sweep's cells were trained (the same card "
+                            f"reads other examples now); choose another --out, so that no table mixes the two")
+        if changed:
             raise UserError(f"{sweep.out}: this bench directory was run with other settings ({', '.join(changed)}); "
                             f"choose another --out, or repeat them to resume it")
     elif sweep.out.exists() and any(path.name != LOCK_FILE for path in sweep.out.iterdir()):
@@ -493,6 +547,8 @@ def _error_from_log(log_file: Path, returncode: int) -> str:
 
 def finished_row(cell: Cell, run_dir: Path, out: Path) -> dict:
     """A finished cell's results line, read back from its run directory."""
+    from peftlab.shared.methods.adapted import METHOD_FILE
+
     results = io.read_json(run_dir / "metrics.json")
     meta = io.read_json(run_dir / "meta.json")
     splits = [name for name, value in results.items() if name not in NON_METRIC_SECTIONS and isinstance(value, dict)]
@@ -508,6 +564,8 @@ def finished_row(cell: Cell, run_dir: Path, out: Path) -> dict:
         "metrics": scalar_metrics(results[split]),
         "params": {key: params[key] for key in ("trainable", "total", "percent")},
         "adapter_bytes": folder_bytes(run_dir / runner.ADAPTER),
+        # as trained: the method's defaults, the task's choice of modules, the recipe's and key=value's
+        "method_options": io.read_json(run_dir / runner.ADAPTER / METHOD_FILE)["options"],
         "train_seconds": train.get("seconds"),
         "samples_per_s": train.get("samples_per_s"),
         "peak_rss_mb": io.read_json(peak_file)["peak_rss_mb"] if peak_file.is_file() else None,
@@ -723,6 +781,9 @@ def table_markdown(sweep: Sweep, summaries: list[MethodSummary], names: list[str
         "",
         *lines,
     ]
+    text += ["", "Method options set by the recipe or key=value (each method's other options are its defaults, with "
+                 "the task's choice of modules; every cell's resolved options are in results.jsonl): "
+                 + method_options_line(sweep) + "."]
     if sweep.chance:
         levels = ", ".join(f"{name} {sweep.chance[name]:.4f}" for name in names if name in sweep.chance)
         text += ["", f"Chance, the scores of a constant answer (the training split's class or finding frequencies) on the {split} "
@@ -734,6 +795,32 @@ def table_markdown(sweep: Sweep, summaries: list[MethodSummary], names: list[str
             text.append(f"- {s.method}: {s.cells - s.finished} of {s.cells} cells {s.status if not s.finished else 'failed'}: "
                         + "; ".join(s.errors))
     return "\n".join(text) + "\n"
+
+
+def recipe_options_note(sweep: Sweep) -> str | None:
+    """Where the recipe's own method keeps options of the recipe's (not given on the
+    command line) beside other methods, which start from their defaults: say so."""
+    own = next((cell for cell in sweep.cells if cell.method_argument is None), None)
+    typed = {item.partition("=")[0] for item in sweep.settings["overrides"]}
+    given = {key: value for key, value in (own.config.method_options if own else {}).items()
+             if f"method.{key}" not in typed}
+    if not given or len({cell.method for cell in sweep.cells}) < 2:
+        return None
+    return (f"{own.method} keeps the recipe's options ({', '.join(f'{k}={v}' for k, v in sorted(given.items()))}); "
+            f"the other methods start from their defaults: method.KEY=VALUE gives one to every method that has it")
+
+
+def method_options_line(sweep: Sweep) -> str:
+    """`lora: alpha=32, dropout=0.1; bitfit, full: none`: what each method was given
+    beyond its defaults, so rows trained with different settings say so."""
+    given: dict[str, str] = {}
+    for cell in sweep.cells:
+        if cell.method not in given:
+            options = cell.config.method_options
+            given[cell.method] = ", ".join(f"{key}={value}" for key, value in sorted(options.items())) or "none"
+    plain = [method for method, text in given.items() if text == "none"]
+    parts = [f"{method}: {text}" for method, text in given.items() if text != "none"]
+    return "; ".join(parts + ([f"{', '.join(plain)}: none"] if plain else []))
 
 
 def table_csv(summaries: list[MethodSummary], names: list[str], primary: str, chance_methods=frozenset()) -> str:

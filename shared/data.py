@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import csv
+import hashlib
+import json
 import math
+import os
 from collections.abc import Callable, Sequence
 
 import numpy as np
@@ -162,6 +165,30 @@ def _classes_spread(examples: Sequence[Example], rng: np.random.Generator) -> np
         shuffled = np.asarray(members)[rng.permutation(len(members))]
         position[shuffled] = (np.arange(len(members)) + rng.random()) / len(members)
     return np.argsort(position, kind="stable")
+
+
+def fingerprint(splits: dict[str, list[Example]]) -> str:
+    """A digest of the examples as read (every field, arrays by their bytes), so that a
+    sweep resumed on data that has changed since can tell."""
+    digest = hashlib.sha256()
+    for split in sorted(splits):
+        digest.update(split.encode())
+        for example in splits[split]:
+            digest.update(json.dumps(example, sort_keys=True, default=_digestible).encode())
+    return digest.hexdigest()
+
+
+def _digestible(value) -> str:
+    if isinstance(value, os.PathLike):
+        return os.fspath(value)
+    if isinstance(value, bytes | bytearray):
+        return hashlib.sha256(value).hexdigest()
+    if isinstance(value, set | frozenset):
+        return json.dumps(sorted(map(str, value)))
+    if hasattr(value, "__array__") or hasattr(value, "numpy"):  # numpy, torch, PIL images
+        array = np.ascontiguousarray(value.numpy() if hasattr(value, "numpy") else np.asarray(value))
+        return f"{array.dtype}{array.shape}:{hashlib.sha256(array.tobytes()).hexdigest()}"
+    return type(value).__name__  # anything else: its kind, never its (address-bearing) repr
 
 
 def count_by_split(splits: dict[str, list[Example]], holds: Callable[[Example], bool]) -> tuple[int, str]:

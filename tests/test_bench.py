@@ -23,6 +23,7 @@ import pytest
 import yaml
 from peftlab.pipelines import bench
 from peftlab.pipelines.cli import main
+from peftlab.shared.errors import UserError
 from peftlab.shared.methods.registry import Applied, MethodSpec
 
 PIPELINE = "protein-classify"
@@ -370,3 +371,45 @@ def test_multi_label_chance_answers_each_findings_training_rate():
     # a constant score ranks nothing: AUROC 0.5 per finding, AP each finding's test prevalence (1/2);
     # scores 0.75 and 0.25 answer "x, not y" for every image: right on image 1 only, F1 of x 2/3, of y 0
     assert chance == pytest.approx({"auroc": 0.5, "aupr": 0.5, "accuracy": 0.25, "macro_f1": 1 / 3})
+
+
+def test_a_sweep_resumed_on_changed_data_is_refused_before_anything_runs(tmp_path):
+    card = tmp_path / "card.md"
+    original = (bench.cfg.PACKAGE_ROOT / "data_cards" / "protein-classify-demo.md").read_text()
+    card.write_text(original)
+    out = tmp_path / "sweep"
+    first = bench.plan(PIPELINE, "bitfit", seeds=1, demo=False, data=str(card), backbone="tiny", out=out, full=False,
+                       overrides=BUDGET)
+    bench._claim_out_dir(first)
+    again = bench.plan(PIPELINE, "bitfit", seeds=1, demo=False, data=str(card), backbone="tiny", out=out, full=False,
+                       overrides=BUDGET)
+    bench._check_out_dir(again)  # the same data: resumable
+    card.write_text(original.replace("test: 200, seed: 0", "test: 200, seed: 7"))  # same card path, other examples
+    changed = bench.plan(PIPELINE, "bitfit", seeds=1, demo=False, data=str(card), backbone="tiny", out=out, full=False,
+                         overrides=BUDGET)
+    with pytest.raises(UserError, match=r"sweep: the data has changed since this sweep's cells were trained"):
+        bench._check_out_dir(changed)
+
+
+def test_a_method_that_refuses_the_backbone_is_skipped_before_any_cell_runs(capsys):
+    sweep = bench.plan("medical-classify", "adapter,ln_tuning,vera,bitfit", seeds=2, demo=True, data=None,
+                       backbone="tiny_resnet", out=None, full=False, overrides=["train.max_steps=1"])
+    assert {cell.method for cell in sweep.cells} == {"bitfit"}
+    assert sweep.skipped["adapter"].startswith("adapter: peftlab's bottleneck adapters act on token features")
+    assert sweep.skipped["ln_tuning"].startswith("ln_tuning: the model has no LayerNorm to tune (its norms: BatchNorm2d)")
+    assert sweep.skipped["vera"].startswith("method 'vera': the model has no nn.ModuleList of blocks; name its list "
+                                            "of blocks with method.blocks=PATH")
+
+
+def test_the_table_says_which_options_each_method_was_given():
+    sweep = bench.plan(PIPELINE, "lora,dora,bitfit", seeds=1, demo=True, data=None, backbone=None, out=None, full=True,
+                       overrides=["train.max_steps=2"])
+    assert bench.method_options_line(sweep) == "lora: alpha=32, dropout=0.1, r=8; full, dora, bitfit: none"
+    assert bench.recipe_options_note(sweep) == ("lora keeps the recipe's options (alpha=32, dropout=0.1, r=8); the other "
+                                                "methods start from their defaults: method.KEY=VALUE gives one to every "
+                                                "method that has it")
+    shared = bench.plan(PIPELINE, "lora,dora", seeds=1, demo=True, data=None, backbone=None, out=None, full=False,
+                        overrides=["method.alpha=32", "method.dropout=0.1"])
+    assert bench.method_options_line(shared) == "lora: alpha=32, dropout=0.1, r=8; dora: alpha=32, dropout=0.1"
+    assert bench.recipe_options_note(shared) == ("lora keeps the recipe's options (r=8); the other methods start from "
+                                                 "their defaults: method.KEY=VALUE gives one to every method that has it")

@@ -124,7 +124,12 @@ def apply(model: nn.Module, name: str, **options) -> AdaptedModel:
     base_parameters = sum(p.numel() for p in model.parameters())
     for param in model.parameters():
         param.requires_grad_(False)
-    applied = spec.apply(model, parsed)
+    try:
+        applied = spec.apply(model, parsed)
+    except UserError as error:  # every refusal names the method it is about
+        if str(error).startswith((f"{name}:", f"method {name!r}")):
+            raise
+        raise UserError(f"method {name!r}: {error}") from None
     trainable = set(applied.parameter_names)
     for param_name, param in applied.model.named_parameters():
         param.requires_grad_(param_name in trainable)

@@ -12,6 +12,7 @@ import re
 from dataclasses import dataclass, field
 
 import torch
+from peftlab.shared.errors import UserError
 from peftlab.shared.lazy import lazy_import
 from peftlab.shared.methods.registry import Applied, register_method
 from peftlab.shared.methods.targeting import find_blocks, select_modules
@@ -240,6 +241,10 @@ class LNTuningOptions:
 
 def _ln_tuning(model, o: LNTuningOptions) -> Applied:
     targets = o.target_modules
+    if targets is None and not any(isinstance(m, nn.LayerNorm) for m in model.modules()):
+        norms = sorted({type(m).__name__ for m in model.modules() if "Norm" in type(m).__name__})
+        raise UserError(f"ln_tuning: the model has no LayerNorm to tune (its norms: {', '.join(norms) or 'none'}); "
+                        f"name the norm layers with method.target_modules=[...], or use bitfit")
     chosen = select_modules(model, targets, types=None if targets is not None else (nn.LayerNorm,), method="ln_tuning")
     pattern = "(" + "|".join(re.escape(name) for name, _ in chosen) + ")"
     return _wrap(model, peft.LNTuningConfig(target_modules=pattern))

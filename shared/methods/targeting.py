@@ -31,7 +31,9 @@ def find_blocks(model: nn.Module, path: str | None = None) -> tuple[str, nn.Modu
         if isinstance(module, nn.ModuleList) and len(module) > (len(best) if best is not None else 0):
             best_name, best = name, module
     if best is None:
-        raise UserError("the model has no nn.ModuleList of blocks; pass the method's `blocks` option")
+        raise UserError(f"the model has no nn.ModuleList of blocks; name its list of blocks with method.blocks=PATH, "
+                        f"or the modules with method.target_modules=[...] (module names look like: "
+                        f"{', '.join(_example_names(model))})")
     return best_name, best
 
 
@@ -44,13 +46,13 @@ def resolve_layers(layers, num_blocks: int) -> list[int] | None:
     if isinstance(layers, str):
         match = re.fullmatch(r"(last|first)_(\d+)", layers)
         if not match:
-            raise UserError(f"layers={layers!r} is not understood; use 'all', 'last_N', 'first_N' or a list of indices")
+            raise UserError(f"method.layers={layers!r} is not understood; use 'all', 'last_N', 'first_N' or a list of indices")
         count = min(int(match.group(2)), num_blocks)
         return list(range(num_blocks - count, num_blocks)) if match.group(1) == "last" else list(range(count))
     indices = sorted(set(int(i) for i in layers))
     bad = [i for i in indices if not 0 <= i < num_blocks]
     if bad:
-        raise UserError(f"layers {bad} out of range: the model has {num_blocks} blocks (0..{num_blocks - 1})")
+        raise UserError(f"method.layers: {bad} out of range: the model has {num_blocks} blocks (0..{num_blocks - 1})")
     return indices
 
 
