@@ -122,6 +122,20 @@ def hold_out_validation(splits: dict[str, list[Example]], card, what: str,
                   f"(splits.validation_fraction={fraction}, seed {int(spec.get('seed', 0))}); test is untouched")
 
 
+def check_ratios(ratios, where: str) -> None:
+    """UserError unless `ratios` maps split names to non-negative numbers summing to 1."""
+    if not isinstance(ratios, dict):
+        raise UserError(f"{where}: splits.ratios must be a mapping like {{train: 0.8, validation: 0.1, test: 0.1}}")
+    unknown = sorted(set(ratios) - set(SPLITS))
+    if unknown:
+        raise UserError(f"{where}: splits.ratios names {unknown[0]!r}; use train, validation, test")
+    if any(isinstance(v, bool) or not isinstance(v, int | float) for v in ratios.values()):
+        raise UserError(f"{where}: splits.ratios must give a number per split, got {ratios}")
+    total = sum(ratios.values())
+    if not 0.99 <= total <= 1.01 or any(v < 0 for v in ratios.values()):
+        raise UserError(f"{where}: splits.ratios must be non-negative and sum to 1, got {ratios}")
+
+
 def ratio_split(
     examples: Sequence[Example],
     ratios: dict[str, float],
@@ -131,14 +145,7 @@ def ratio_split(
 ) -> dict[str, list[Example]]:
     """Random split by ratios, each class in proportion (to within one example); with
     `group_of`, whole groups go to one split."""
-    if not isinstance(ratios, dict):
-        raise UserError(f"{where}: splits.ratios must be a mapping like {{train: 0.8, validation: 0.1, test: 0.1}}")
-    unknown = sorted(set(ratios) - set(SPLITS))
-    if unknown:
-        raise UserError(f"{where}: splits.ratios names {unknown[0]!r}; use train, validation, test")
-    total = sum(ratios.values())
-    if not 0.99 <= total <= 1.01 or any(v < 0 for v in ratios.values()):
-        raise UserError(f"{where}: splits.ratios must be non-negative and sum to 1, got {ratios}")
+    check_ratios(ratios, where)
     rng = np.random.default_rng(seed)
     names = list(ratios)
     bounds = np.cumsum([ratios[n] for n in names])

@@ -240,6 +240,15 @@ def test_split_files_without_validation_hold_out_whole_training_speakers(tmp_pat
         TASK.read(one_speaker, SpeechEmotionOptions())
 
 
+def test_a_card_of_test_clips_only_reads_as_the_test_split(tmp_path):
+    # the card `peftlab eval RUN --data CARD` takes: no train split to hold validation out of
+    write_corpus(tmp_path, toy_rows())
+    for extra in ("splits: {test: labels.csv}", "splits: {test: labels.csv, validation_fraction: 0}",
+                  "splits: {ratios: {test: 1.0}}"):  # every speaker, none moved to a train split
+        dataset = TASK.read(write_card(tmp_path, extra), SpeechEmotionOptions())
+        assert list(dataset.splits) == ["test"] and len(dataset.splits["test"]) == len(toy_rows())
+
+
 @pytest.mark.parametrize("problem", ["corrupt", "empty", "silent"])
 def test_bad_audio_names_the_file_or_is_skipped_and_counted(tmp_path, problem):
     write_corpus(tmp_path, toy_rows())

@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 import soundfile
 import torch
-from peftlab.shared.data import ratio_split, table_rows
+from peftlab.shared.data import check_ratios, ratio_split, table_rows
 from peftlab.shared.errors import MissingField, UserError
 
 AUDIO_SUFFIXES = (".wav", ".flac", ".ogg", ".mp3")
@@ -223,28 +223,34 @@ def parse_label(value: str, labels: list[str] | None, where: str) -> int | str:
 
 
 # --------------------------------------------------------------------------- splits
+SPLIT_ORDER = ["train", "validation", "test"]
+
+
 def speaker_split(examples: list[dict], ratios: dict[str, float], seed: int, where: str) -> dict[str, list[dict]]:
     """Whole speakers per split, so no voice is heard in two of them.
 
     Speakers are shuffled (seeded) and dealt by the ratios, every split with a positive
-    ratio getting at least one speaker; the remainder goes to train.
+    ratio getting at least one speaker; the remainder goes to train (to the last split
+    where train's ratio is 0, e.g. `{test: 1.0}` for a card to evaluate on).
     """
+    check_ratios(ratios, where)
     speakers = sorted({e["speaker"] for e in examples})
     names = [n for n in ("validation", "test") if ratios.get(n, 0) > 0]
-    if len(speakers) < len(names) + 1:
+    wanted = names + (["train"] if ratios.get("train", 0) > 0 else [])  # the last one takes the remainder
+    if len(speakers) < len(wanted):
         raise UserError(f"{where}: {len(speakers)} speaker(s) cannot be split speaker-independently into "
-                        f"train, {', '.join(names)}; add speakers or give per-split files")
+                        f"{', '.join(sorted(wanted, key=SPLIT_ORDER.index))}; add speakers or give per-split files")
     order = list(np.random.default_rng(seed).permutation(speakers))
     assignment = {}
-    for name in names:
-        count = max(1, int(round(ratios[name] * len(speakers))))
-        count = min(count, len(order) - 1 - sum(1 for n in names if n not in assignment and n != name))
+    for position, name in enumerate(wanted[:-1]):
+        later = len(wanted) - position - 1  # splits still to get a speaker each
+        count = min(max(1, int(round(ratios[name] * len(speakers)))), len(order) - later)
         for speaker in order[:count]:
             assignment[speaker] = name
         order = order[count:]
     for speaker in order:
-        assignment[speaker] = "train"
-    splits = {"train": [], "validation": [], "test": []}
+        assignment[speaker] = wanted[-1]
+    splits = {name: [] for name in sorted(wanted, key=SPLIT_ORDER.index)}
     for example in examples:
         splits[assignment[example["speaker"]]].append(example)
     return splits
@@ -282,8 +288,9 @@ def hold_out_speakers(train: list[dict], validation_fraction: float, seed: int, 
             raise UserError(f"{where}: the training data has one speaker, too few to hold out whole speakers for "
                             f"validation; give a validation split or set splits.validation_fraction: 0")
         split = speaker_split(train, ratios, seed, where)
-        return {"train": split["train"], "validation": split["validation"]}
-    return ratio_split(train, ratios, seed, where=where)
+        return {"train": split["train"], "validation": split.get("validation", [])}
+    split = ratio_split(train, ratios, seed, where=where)
+    return {"train": split["train"], "validation": split.get("validation", [])}
 
 
 # --------------------------------------------------------------------------- demo

@@ -281,7 +281,7 @@ class SpeechEmotionTask:
             splits, labels, notes = self._read_tables(card, on_bad_file)
         else:
             raise UserError(f"{card.card_path}: speech-emotion reads formats {', '.join(self.formats)}, not {card.format!r}")
-        counts = Counter(e["label"] for e in splits["train"])
+        counts = Counter(e["label"] for e in splits.get("train", []))
         options.class_counts = [counts.get(i, 0) for i in range(len(labels))]
         notes += audio_format_notes(splits)
         long, where = count_by_split(splits, lambda e: e["samples"] > options.max_seconds * e["sample_rate"])
@@ -327,7 +327,7 @@ class SpeechEmotionTask:
                 rows = read(path)
                 splits[split], skipped = rows.examples, skipped + rows.skipped
                 dropped.update(rows.dropped)
-            if "validation" not in splits:  # carved out of train, for model selection
+            if "validation" not in splits and "train" in splits:  # carved out of train, for model selection
                 fraction = validation_fraction(card)
                 splits.update(data.hold_out_speakers(splits["train"], fraction, int(spec.get("seed", 0)), str(card.card_path)))
                 speakers = sorted({str(e["speaker"]) for e in splits["validation"] if "speaker" in e})
@@ -366,7 +366,7 @@ class SpeechEmotionTask:
         labels = card.labels
         if labels is None:
             labels = number_classes(splits, notes, str(card.card_path))
-        return {k: splits.get(k, []) for k in ("train", "validation", "test")}, labels, notes
+        return {k: splits[k] for k in ("train", "validation", "test") if k in splits}, labels, notes
 
     # ----------------------------------------------------------------------- model
     def build_model(self, backbone: str, labels: list[str], options: SpeechEmotionOptions) -> SpeechEmotionModel:
