@@ -305,8 +305,8 @@ def main(argv=None) -> int:
         if _reports_errors():
             click.echo(f"error: {error}", err=True)
         return 2
-    except click.exceptions.Abort:
-        click.echo("aborted", err=True)
+    except click.exceptions.Abort as error:  # click's form of Ctrl-C (a run has said how to resume it)
+        click.echo("interrupted" if isinstance(error.__context__, KeyboardInterrupt) else "aborted", err=True)
         return 130
     except click.ClickException as error:
         # one line, like every other mistake: the message and where the help is
@@ -314,9 +314,6 @@ def main(argv=None) -> int:
         hint = f" (see `{context.command_path} --help`)" if context is not None else ""
         click.echo(f"error: {error.format_message()}{hint}", err=True)
         return 2
-    except KeyboardInterrupt:
-        click.echo("interrupted; resume with `peftlab run --resume RUN_DIR`", err=True)
-        return 130
     return code if isinstance(code, int) else 0  # a command's click.exceptions.Exit(code)
 
 

@@ -40,7 +40,9 @@ class Predictor:
                             f"{self.run_dir / 'runs' / '<method>-seed<N>'}{example}")
         for required in ("run.yaml", "meta.json", "card.md", runner.ADAPTER):
             if not (self.run_dir / required).exists():
-                raise UserError(f"{self.run_dir} is not a finished peftlab run directory (no {required})")
+                started = (self.run_dir / "run.yaml").is_file()  # a run stopped before it finished
+                hint = f"; continue it with `peftlab run --resume {self.run_dir}`" if started else ""
+                raise UserError(f"{self.run_dir} is not a finished peftlab run directory (no {required}){hint}")
         self.config = cfg.validate(cfg.read_config_file(self.run_dir / "run.yaml"), where=str(self.run_dir / "run.yaml"))
         self.meta = io.read_json(self.run_dir / "meta.json")
         self.task = get_task(self.config.task_name)
@@ -90,7 +92,14 @@ class Predictor:
         # The run's own card is read as in training (same subsample); another card whole.
         config = self.config if card is None else self.config.model_copy(
             update={"data": self.config.data.model_copy(update={"limit": None})})
-        dataset = runner.read_dataset(config, self.task, self.options, loaded, training=False)
+        try:
+            dataset = runner.read_dataset(config, self.task, self.options, loaded, training=False)
+        except UserError as error:
+            if card is not None:
+                raise
+            # the run's data may have moved since training: another card is the way on
+            raise UserError(f"{error}; or evaluate on the data where it is now: "
+                            f"`peftlab eval {self.run_dir} --data CARD`") from None
         if card is not None:
             self._match_labels(dataset, loaded)
         if split not in dataset.splits:
@@ -192,7 +201,7 @@ class Predictor:
         try:
             runner.save_adapter(self.model, out / runner.ADAPTER)
             config = io.read_json(self.run_dir / "meta.json")
-            merged_from = {"run_dir": str(self.run_dir), "method": config["method"]}
+            merged_from = {"run_dir": str(self.run_dir.resolve()), "method": config["method"]}
             config["method"] = {"name": "full", "options": {}, "merged_from": merged_from}
             io.write_json(out / "meta.json", config)
             run_yaml = cfg.read_config_file(self.run_dir / "run.yaml")

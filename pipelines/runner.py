@@ -305,6 +305,9 @@ def run(config: cfg.RunConfig, out: str | Path | None = None) -> Path:
         if main:
             shutil.rmtree(run_dir, ignore_errors=True)
         raise
+    except KeyboardInterrupt:
+        _say_how_to_resume(run_dir, main)
+        raise
 
 
 def resume(run_dir: str | Path) -> Path:
@@ -313,12 +316,29 @@ def resume(run_dir: str | Path) -> Path:
         raise UserError(f"{run_dir} is not a peftlab run directory (no run.yaml)")
     if (run_dir / "metrics.json").is_file():
         raise UserError(f"{run_dir} is already finished (metrics.json exists); evaluate it with `peftlab eval {run_dir}`")
+    merged_from = (io.read_json(run_dir / "meta.json").get("method") or {}).get("merged_from") \
+        if (run_dir / "meta.json").is_file() else None
+    if merged_from:  # its run.yaml names the base backbone: "resuming" would train that from scratch over it
+        raise UserError(f"{run_dir} is a merged model (`peftlab merge` of {merged_from['run_dir']}), not an unfinished "
+                        f"run; evaluate or predict with it, or train on it from its export (`peftlab merge --export`)")
     config = cfg.validate(cfg.read_config_file(run_dir / "run.yaml"), where=str(run_dir / "run.yaml"))
     checkpoints = run_dir / "checkpoints"
     if checkpoint.has_checkpoint(checkpoints):
         checkpoint.check_checkpoint(checkpoints)
     prepared = prepare(config, run_dir=run_dir if (run_dir / "card.md").is_file() else None)
-    return _train_and_finish(run_dir, prepared, resume=True)
+    try:
+        return _train_and_finish(run_dir, prepared, resume=True)
+    except KeyboardInterrupt:
+        _say_how_to_resume(run_dir, process_state().is_main_process)
+        raise
+
+
+def _say_how_to_resume(run_dir: Path, main: bool) -> None:
+    """On Ctrl-C: where the run can go on from (its last checkpoint, or the start)."""
+    if main:
+        last = checkpoint.latest(run_dir / "checkpoints")
+        start = f"from its checkpoint {last.resolve().name}" if last is not None else "from the start (no checkpoint yet)"
+        log(f"interrupted; `peftlab run --resume {run_dir}` continues it {start}")
 
 
 def _write_start(run_dir: Path, prepared: Prepared) -> None:

@@ -2,7 +2,8 @@
 
 `checkpoints/last` is a symlink to a complete `step-N/` folder, swapped atomically
 after the new folder is fully written, so a run killed at any moment still has an
-intact previous checkpoint to resume from.
+intact previous checkpoint to resume from (a copy that lost the symlink resumes from
+the highest complete `step-N/`).
 """
 
 from __future__ import annotations
@@ -117,8 +118,18 @@ def save_checkpoint(directory: Path, model, optimizer, scheduler, train_state: d
             shutil.rmtree(old, ignore_errors=True)
 
 
+def latest(directory: Path) -> Path | None:
+    """The checkpoint to resume from: `last`, else (a copy that dropped the symlink: zip,
+    object stores, rsync without -l) the highest complete `step-N/`; None if there is none."""
+    directory = Path(directory)
+    if (directory / "last" / "state.json").is_file():
+        return directory / "last"
+    complete = [d for d in directory.glob("step-*") if (d / "state.json").is_file() and d.name[5:].isdigit()]
+    return max(complete, key=lambda d: int(d.name[5:]), default=None)
+
+
 def has_checkpoint(directory: Path) -> bool:
-    return (Path(directory) / "last" / "state.json").is_file()
+    return latest(directory) is not None
 
 
 @contextmanager
@@ -137,7 +148,7 @@ def _resumable(last: Path):
 def check_checkpoint(directory: Path) -> None:
     """Read the last checkpoint's state and tensor headers: a damaged one fails before any
     model is built."""
-    last = Path(directory) / "last"
+    last = latest(directory)
     with _resumable(last):
         saved = io.read_json(last / "state.json")
         for key in ("train", "optimizer", "scheduler", "python_random"):
@@ -148,7 +159,7 @@ def check_checkpoint(directory: Path) -> None:
 
 
 def load_checkpoint(directory: Path, model, optimizer, scheduler) -> dict:
-    last = Path(directory) / "last"
+    last = latest(directory)
     with _resumable(last):
         saved = io.read_json(last / "state.json")
         load_state(model, io.load_tensors(last / "trainable.safetensors"), str(last))

@@ -63,10 +63,17 @@ def write_yaml(path, obj) -> None:
 
 
 class _YamlLoader(yaml.SafeLoader):
-    """YAML as `safe_load` reads it, except that `1e-3` is a number (YAML 1.2 reads it so;
-    PyYAML's YAML 1.1 wants `1.0e-3` and otherwise keeps the text)."""
+    """YAML as `safe_load` reads it, with YAML 1.2's numbers and booleans: `1e-3` is a
+    number (PyYAML's YAML 1.1 wants `1.0e-3` and otherwise keeps the text), and only
+    true/false are booleans (YAML 1.1 also reads yes/no/on/off so, which turned
+    `task.feature_cache=off` into False)."""
 
 
+_YamlLoader.yaml_implicit_resolvers = {
+    first: [(tag, pattern) for tag, pattern in resolvers if tag != "tag:yaml.org,2002:bool"]
+    for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()}
+_YamlLoader.add_implicit_resolver(
+    "tag:yaml.org,2002:bool", re.compile(r"^(?:true|True|TRUE|false|False|FALSE)$"), list("tTfF"))
 _YamlLoader.add_implicit_resolver(
     "tag:yaml.org,2002:float", re.compile(r"^[-+]?[0-9][0-9_]*(?:\.[0-9_]*)?[eE][-+]?[0-9]+$"), list("-+0123456789"))
 

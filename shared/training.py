@@ -348,7 +348,11 @@ def _train(task, model: TaskModel, train_examples: list[Example], validation_exa
     }
     if resume and checkpoint.has_checkpoint(checkpoints):
         state = checkpoint.load_checkpoint(checkpoints, task_model, optimizer, scheduler)
-        log(f"resumed from step {state['global_step']} (epoch {state['epoch']}, step {state['step_in_epoch']} of it)")
+        where = (f"after step {state['step_in_epoch']} of epoch {state['epoch'] + 1}" if state["step_in_epoch"]
+                 else f"at the start of epoch {state['epoch'] + 1}")
+        log(f"resumed from step {state['global_step']} of {total_steps} ({where}; {checkpoint.latest(checkpoints).resolve().name})")
+    elif resume:
+        log(f"no checkpoint in {checkpoints} yet: training from the start")
     eval_batch = config.eval_batch_size or config.batch_size
     plan_cache = getattr(task_model, "plan_feature_cache", None)
     if plan_cache is not None and config.feature_cache_gb > 0:
@@ -362,97 +366,101 @@ def _train(task, model: TaskModel, train_examples: list[Example], validation_exa
                     file=sys.stderr, dynamic_ncols=True, mininterval=0.5, disable=not main)
     log = _above(progress, log)
     model.train()
-    while state["epoch"] < config.epochs and not state["done"]:
-        epoch = state["epoch"]
-        sampler.set_epoch(epoch)
-        batches = sampler.batches()
-        start_batch = state["step_in_epoch"] * config.grad_accum
-        epoch_start = time.perf_counter()
-        seconds_before_epoch = state["seconds"]
-        if start_batch == 0:
-            state["epoch_loss_sum"] = 0.0
-        # checkpointed with the state, so a resumed epoch reports the loss of all its batches
-        state.setdefault("epoch_loss_sum", 0.0)
-        batches_run = len(batches)  # fewer where train.max_steps ends the epoch early
-        for index in range(start_batch, len(batches)):
-            indices = batches[index]
-            heap.before_batch(len(indices) * int(sampler.lengths[indices].max()))
-            share, weight = batch_share(indices, rank, processes)
-            # a pure function of (seed, epoch, batch[, process]): resumed runs draw the same
-            seed = [config.seed, epoch, index] if processes == 1 else [config.seed, epoch, index, rank]
-            batch = task_model.collate([train_examples[i] for i in share], rng=np.random.default_rng(seed))
-            batch = to_device(batch, accelerator.device)
-            last_micro = (index + 1) % config.grad_accum == 0 or index + 1 == len(batches)
-            sync = contextlib.nullcontext() if last_micro else accelerator.no_sync(model)
-            with sync, accelerator.autocast():
-                loss = task_model.loss(model(batch), batch) * weight
-            accelerator.backward(loss / config.grad_accum)
-            if processes > 1:  # the global batch's mean loss, for the log
-                loss = accelerator.reduce(loss.detach(), reduction="mean")
-            step_loss = loss.item()
-            if not math.isfinite(step_loss):  # else NaN weights surface later as a metric library's error
-                progress.close()
-                raise UserError(f"the training loss became {step_loss} at step {state['global_step'] + 1} "
-                                f"(epoch {epoch + 1}): training diverged; lower train.lr (now {config.lr:g})"
-                                + (" or train in fp32 (train.precision=fp32)" if accelerator.mixed_precision != "no" else ""))
-            state["epoch_loss_sum"] += step_loss
-            state["samples"] += len(indices)
-            if not last_micro:
-                continue
-            if sharded:
-                sharding.average_replicated_gradients(task_model)
-            if config.max_grad_norm and sharded:
-                accelerator.unscale_gradients()
-                sharding.clip_grad_norm_(params, config.max_grad_norm)
-            elif config.max_grad_norm:
-                accelerator.clip_grad_norm_(params, config.max_grad_norm)
-            optimizer.step()
-            scheduler.step()
-            optimizer.zero_grad(set_to_none=True)
-            state["global_step"] += 1
-            state["step_in_epoch"] += 1
-            progress.update(1)
-            elapsed = state["seconds"] + time.perf_counter() - epoch_start
-            progress.set_postfix(epoch=epoch + 1, loss=f"{step_loss:.4f}",
-                                 samples_s=f"{state['samples'] / max(elapsed, 1e-9):.1f}", refresh=False)
-            if state["global_step"] >= total_steps:
-                state["done"] = True
-                batches_run = index + 1
-                break
-            if config.checkpoint_every and state["global_step"] % config.checkpoint_every == 0:
-                state["seconds"] += time.perf_counter() - epoch_start
-                epoch_start = time.perf_counter()
-                _save(checkpoints, accelerator, task_model, optimizer, scheduler, state)
-        state["seconds"] += time.perf_counter() - epoch_start
+    try:  # Ctrl-C: the bar ends before the run says how to resume it
+        while state["epoch"] < config.epochs and not state["done"]:
+            epoch = state["epoch"]
+            sampler.set_epoch(epoch)
+            batches = sampler.batches()
+            start_batch = state["step_in_epoch"] * config.grad_accum
+            epoch_start = time.perf_counter()
+            seconds_before_epoch = state["seconds"]
+            if start_batch == 0:
+                state["epoch_loss_sum"] = 0.0
+            # checkpointed with the state, so a resumed epoch reports the loss of all its batches
+            state.setdefault("epoch_loss_sum", 0.0)
+            batches_run = len(batches)  # fewer where train.max_steps ends the epoch early
+            for index in range(start_batch, len(batches)):
+                indices = batches[index]
+                heap.before_batch(len(indices) * int(sampler.lengths[indices].max()))
+                share, weight = batch_share(indices, rank, processes)
+                # a pure function of (seed, epoch, batch[, process]): resumed runs draw the same
+                seed = [config.seed, epoch, index] if processes == 1 else [config.seed, epoch, index, rank]
+                batch = task_model.collate([train_examples[i] for i in share], rng=np.random.default_rng(seed))
+                batch = to_device(batch, accelerator.device)
+                last_micro = (index + 1) % config.grad_accum == 0 or index + 1 == len(batches)
+                sync = contextlib.nullcontext() if last_micro else accelerator.no_sync(model)
+                with sync, accelerator.autocast():
+                    loss = task_model.loss(model(batch), batch) * weight
+                accelerator.backward(loss / config.grad_accum)
+                if processes > 1:  # the global batch's mean loss, for the log
+                    loss = accelerator.reduce(loss.detach(), reduction="mean")
+                step_loss = loss.item()
+                if not math.isfinite(step_loss):  # else NaN weights surface later as a metric library's error
+                    progress.close()
+                    raise UserError(f"the training loss became {step_loss} at step {state['global_step'] + 1} "
+                                    f"(epoch {epoch + 1}): training diverged; lower train.lr (now {config.lr:g})"
+                                    + (" or train in fp32 (train.precision=fp32)" if accelerator.mixed_precision != "no" else ""))
+                state["epoch_loss_sum"] += step_loss
+                state["samples"] += len(indices)
+                if not last_micro:
+                    continue
+                if sharded:
+                    sharding.average_replicated_gradients(task_model)
+                if config.max_grad_norm and sharded:
+                    accelerator.unscale_gradients()
+                    sharding.clip_grad_norm_(params, config.max_grad_norm)
+                elif config.max_grad_norm:
+                    accelerator.clip_grad_norm_(params, config.max_grad_norm)
+                optimizer.step()
+                scheduler.step()
+                optimizer.zero_grad(set_to_none=True)
+                state["global_step"] += 1
+                state["step_in_epoch"] += 1
+                progress.update(1)
+                elapsed = state["seconds"] + time.perf_counter() - epoch_start
+                progress.set_postfix(epoch=epoch + 1, loss=f"{step_loss:.4f}",
+                                     samples_s=f"{state['samples'] / max(elapsed, 1e-9):.1f}", refresh=False)
+                if state["global_step"] >= total_steps:
+                    state["done"] = True
+                    batches_run = index + 1
+                    break
+                if config.checkpoint_every and state["global_step"] % config.checkpoint_every == 0:
+                    state["seconds"] += time.perf_counter() - epoch_start
+                    epoch_start = time.perf_counter()
+                    _save(checkpoints, accelerator, task_model, optimizer, scheduler, state)
+            state["seconds"] += time.perf_counter() - epoch_start
 
-        entry = {"epoch": epoch + 1, "step": state["global_step"],
-                 "train_loss": state["epoch_loss_sum"] / max(batches_run, 1)}
-        # kept beside the history, which stays a pure function of the run's settings
-        state.setdefault("epoch_seconds", []).append(state["seconds"] - seconds_before_epoch)
-        if validation_examples:
-            with sharding.gathered(task_model):  # the main process evaluates alone
-                scores = None
-                if main:
-                    scores, _ = evaluate(task, task_model, validation_examples, metric_names, eval_batch,
-                                         accelerator.autocast)
-                scores = main_process_decides(scores, accelerator.state)
-                entry["validation"] = scores
-                value = scores.get(primary_metric)
-                if metrics.is_better(primary_metric, value, state["best_metric"]):
-                    state.update(best_metric=value, best_epoch=epoch + 1, bad_epochs=0)
+            entry = {"epoch": epoch + 1, "step": state["global_step"],
+                     "train_loss": state["epoch_loss_sum"] / max(batches_run, 1)}
+            # kept beside the history, which stays a pure function of the run's settings
+            state.setdefault("epoch_seconds", []).append(state["seconds"] - seconds_before_epoch)
+            if validation_examples:
+                with sharding.gathered(task_model):  # the main process evaluates alone
+                    scores = None
                     if main:
-                        io.save_tensors(best_file, checkpoint.trainable_state(task_model))
-                elif value is not None:  # an undefined score is no evidence to stop on
-                    state["bad_epochs"] += 1
-            log(f"epoch {epoch + 1}: train loss {entry['train_loss']:.4f}, validation {primary_metric} "
-                f"{_fmt(value)} (best {_fmt(state['best_metric'])} at epoch {state['best_epoch']})")
-        state["history"].append(entry)
-        state["epoch"] += 1
-        state["step_in_epoch"] = 0
-        if config.early_stopping_patience and state["bad_epochs"] >= config.early_stopping_patience:
-            log(f"early stopping: no {primary_metric} improvement for {state['bad_epochs']} epochs")
-            state["done"] = True
-        _save(checkpoints, accelerator, task_model, optimizer, scheduler, state)
+                        scores, _ = evaluate(task, task_model, validation_examples, metric_names, eval_batch,
+                                             accelerator.autocast)
+                    scores = main_process_decides(scores, accelerator.state)
+                    entry["validation"] = scores
+                    value = scores.get(primary_metric)
+                    if metrics.is_better(primary_metric, value, state["best_metric"]):
+                        state.update(best_metric=value, best_epoch=epoch + 1, bad_epochs=0)
+                        if main:
+                            io.save_tensors(best_file, checkpoint.trainable_state(task_model))
+                    elif value is not None:  # an undefined score is no evidence to stop on
+                        state["bad_epochs"] += 1
+                log(f"epoch {epoch + 1}: train loss {entry['train_loss']:.4f}, validation {primary_metric} "
+                    f"{_fmt(value)} (best {_fmt(state['best_metric'])} at epoch {state['best_epoch']})")
+            state["history"].append(entry)
+            state["epoch"] += 1
+            state["step_in_epoch"] = 0
+            if config.early_stopping_patience and state["bad_epochs"] >= config.early_stopping_patience:
+                log(f"early stopping: no {primary_metric} improvement for {state['bad_epochs']} epochs")
+                state["done"] = True
+            _save(checkpoints, accelerator, task_model, optimizer, scheduler, state)
+    except KeyboardInterrupt:
+        progress.close()
+        raise
     progress.close()
     if validation_examples and state["best_epoch"] is None:
         log(f"note: validation {primary_metric} was undefined at every epoch (e.g. the split holds one class), so "
@@ -472,7 +480,8 @@ def trained_state_file(run_dir: Path) -> Path:
     """The trained model's trainable state as training left it on disk: the best epoch's,
     or the last checkpoint's where nothing was validated."""
     best = Path(run_dir) / BEST_STATE
-    return best if best.is_file() else Path(run_dir) / "checkpoints" / "last" / "trainable.safetensors"
+    last = checkpoint.latest(Path(run_dir) / "checkpoints") or Path(run_dir) / "checkpoints" / "last"
+    return best if best.is_file() else last / "trainable.safetensors"
 
 
 def _save(checkpoints, accelerator, model, optimizer, scheduler, state) -> None:

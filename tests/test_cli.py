@@ -151,7 +151,11 @@ def test_merge_gives_a_run_that_evaluates_like_the_original(ppi_run, tmp_path):
     merged = tmp_path / "merged"
     result = run_peftlab("merge", ppi_run, "--out", merged)
     assert result.returncode == 0, result.stderr[-2000:]
-    assert json.loads((merged / "meta.json").read_text())["method"]["name"] == "full"
+    method = json.loads((merged / "meta.json").read_text())["method"]
+    assert method["name"] == "full" and method["merged_from"]["run_dir"] == str(ppi_run.resolve())
+    resumed = run_peftlab("run", "--resume", merged)  # not an unfinished run: nothing to resume, nothing overwritten
+    assert resumed.returncode == 2 and f"{merged} is a merged model (`peftlab merge` of {ppi_run.resolve()})" in resumed.stderr
+    assert not (merged / "metrics.json").exists() and not (merged / "checkpoints").exists()
     evaluated = run_peftlab("eval", merged)
     assert evaluated.returncode == 0, evaluated.stderr[-2000:]
     saved = json.loads((ppi_run / "metrics.json").read_text())["test"]

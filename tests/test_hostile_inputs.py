@@ -14,6 +14,7 @@ from __future__ import annotations
 import io
 import json
 import re
+import shutil
 import struct
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -376,6 +377,8 @@ CASES = [
     Case("resume-not-a-run", lambda f: ["run", "--resume", str(a_run_dir()(f))], r"fake-run is not a peftlab run directory \(no run\.yaml\)"),
     Case("resume-truncated-checkpoint", lambda f: ["run", "--resume", str(a_started_run("checkpoints/last/state.json")(f))],
          r"state\.json: not valid JSON .*; this checkpoint cannot be resumed"),
+    Case("eval-unfinished-run", lambda f: (lambda run: (shutil.rmtree(run / "adapter"), ["eval", str(run)])[1])(a_started_run()(f)),
+         r"started-run is not a finished peftlab run directory \(no adapter\); continue it with `peftlab run --resume \S*started-run`"),
     Case("eval-truncated-meta-json", lambda f: ["eval", str(a_started_run("meta.json")(f))], r"meta\.json: not valid JSON"),
     Case("resume-corrupt-run-yaml", lambda f: ["run", "--resume", str(a_run_dir("run.yaml")(f))], r"run\.yaml: not valid YAML"),
 ]

@@ -31,12 +31,15 @@ def test_a_failed_write_leaves_neither_the_file_nor_its_temporary(tmp_path):
     assert list(tmp_path.iterdir()) == []
 
 
-def test_yaml_reads_exponent_numbers_as_numbers_in_configs_overrides_and_method_options(tmp_path):
+def test_yaml_reads_numbers_and_booleans_as_yaml_1_2_does_in_configs_overrides_and_method_options(tmp_path):
     # PyYAML's YAML 1.1 keeps `1e-3` as text; configs and overrides read it as YAML 1.2 does
     assert io.load_yaml("a: 1e-3\nb: 12\nc: -2E+4\nd: 1e\ne: [3.0e-4, 1_000]") == \
         {"a": 0.001, "b": 12, "c": -20000.0, "d": "1e", "e": [0.0003, 1000]}
+    # and only true/false are booleans (YAML 1.1 read `task.feature_cache=off` as False)
+    assert io.load_yaml("a: off\nb: yes\nc: true\nd: FALSE\ne: [on, No]") == \
+        {"a": "off", "b": "yes", "c": True, "d": False, "e": ["on", "No"]}
     overrides = config.apply_overrides({}, ["method.dropout=1e-1", "train.lr=3e-4", "task.name=x1e3"])
     assert overrides == {"method": {"dropout": 0.1}, "train": {"lr": 0.0003}, "task": {"name": "x1e3"}}
     assert build_options(get_method("lora"), overrides["method"]).dropout == 0.1
-    (tmp_path / "run.yaml").write_text("method: {name: lora, alpha: 3.2e1}\n")
+    (tmp_path / "run.yaml").write_text("pipeline: protein-ppi\nmethod: {name: lora, alpha: 3.2e1}\n")
     assert config.read_config_file(tmp_path / "run.yaml")["method"]["alpha"] == 32.0

@@ -46,6 +46,13 @@ def test_eval_reads_the_runs_copy_of_its_card_after_the_original_is_edited_or_mo
     # another card is still read as given
     assert peftlab.load(run_dir).evaluate("test", card=str(card.with_name("renamed.md"))) != saved
 
+    moved = tmp_path / "moved"
+    card.parent.rename(moved)  # the data itself moved: the error says where it was looked for, and the way on
+    with pytest.raises(UserError, match=rf"data\.csv.*; or evaluate on the data where it is now: "
+                                        rf"`peftlab eval {run_dir} --data CARD`"):
+        peftlab.load(run_dir).evaluate("test")
+    assert peftlab.load(run_dir).evaluate("test", card=str(moved / "renamed.md")) != saved  # seed 5 there
+
 
 def test_a_backbone_given_by_a_relative_path_is_found_from_any_folder(tmp_path, monkeypatch):
     from peftlab.domains.protein import backbones

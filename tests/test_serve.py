@@ -406,9 +406,11 @@ def test_speech_point_cloud_code_review_and_ppi_forms_read_as_their_files_do(tmp
     # protein pairs: raw sequences, or a FASTA and a pairs table as JSON
     ppi = get_task("protein-ppi")
     named = ppi.parse_request({"sequences": {"A": "MKV", "B": "GGA"}, "pairs": [["A", "B"]]}, ppi.options())
-    assert named == [{"id": "A-B", "a": "A", "b": "B", "a_seq": "MKV", "b_seq": "GGA"}]
-    raw = ppi.parse_request({"pairs": [["mkv", "GGA"]]}, ppi.options())
+    assert named == [{"id": "A|B", "a": "A", "b": "B", "a_seq": "MKV", "b_seq": "GGA"}]  # as a pairs file names it
+    raw = ppi.parse_request({"pairs": [["mkv*", "GGA"]]}, ppi.options())  # a final stop is dropped, as in FASTA
     assert raw[0]["a_seq"] == "MKV" and not ppi.rows_follow_examples(ppi.options())
+    with pytest.raises(UserError, match=r"pairs\[0\]\[0\]: '\*' is not an amino-acid letter"):
+        ppi.parse_request({"pairs": [["MK*V", "GGA"]]}, ppi.options())
     with pytest.raises(UserError, match=r"pairs\[0\]: 'C' is not an id in `sequences`"):
         ppi.parse_request({"sequences": {"A": "MKV"}, "pairs": [["A", "C"]]}, ppi.options())
 

@@ -26,11 +26,21 @@ def _adapter_tensors(run_dir: Path) -> dict[str, torch.Tensor]:
     return tensors
 
 
-def _start(run_dir: Path) -> subprocess.Popen:
+def _start(run_dir: Path, stderr=subprocess.DEVNULL) -> subprocess.Popen:
     script = Path(sys.executable).parent / "peftlab"
     command = [str(script)] if script.is_file() else [sys.executable, "-m", "peftlab.pipelines.cli"]
     return subprocess.Popen([*command, "run", "protein-classify", "--demo", "--out", str(run_dir), *SETTINGS],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=os.environ.copy())
+                            stdout=subprocess.DEVNULL, stderr=stderr, env=os.environ.copy(), text=True)
+
+
+def _wait_for_checkpoint(process: subprocess.Popen, run_dir: Path, step: int) -> None:
+    state_file = run_dir / "checkpoints" / "last" / "state.json"
+    deadline = time.time() + 300
+    while time.time() < deadline and process.poll() is None:
+        if state_file.is_file() and json.loads(state_file.read_text())["train"]["global_step"] >= step:
+            break
+        time.sleep(0.02)
+    assert process.poll() is None, "the run ended before it could be stopped"
 
 
 def test_sigkill_mid_epoch_then_resume_matches_an_uninterrupted_run(tmp_path):
@@ -40,12 +50,7 @@ def test_sigkill_mid_epoch_then_resume_matches_an_uninterrupted_run(tmp_path):
     interrupted = tmp_path / "interrupted"
     process = _start(interrupted)
     state_file = interrupted / "checkpoints" / "last" / "state.json"
-    deadline = time.time() + 300
-    while time.time() < deadline and process.poll() is None:
-        if state_file.is_file() and json.loads(state_file.read_text())["train"]["global_step"] >= 3:
-            break
-        time.sleep(0.02)
-    assert process.poll() is None, "the run ended before it could be killed"
+    _wait_for_checkpoint(process, interrupted, 3)
     process.send_signal(signal.SIGKILL)
     process.wait()
     assert not (interrupted / "metrics.json").exists()
@@ -64,6 +69,18 @@ def test_sigkill_mid_epoch_then_resume_matches_an_uninterrupted_run(tmp_path):
 
     finished = run_peftlab("run", "--resume", interrupted)
     assert finished.returncode == 2 and "already finished" in finished.stderr
+
+
+def test_ctrl_c_says_how_to_resume_the_run_and_from_which_checkpoint(tmp_path):
+    interrupted = tmp_path / "interrupted"
+    process = _start(interrupted, stderr=subprocess.PIPE)
+    _wait_for_checkpoint(process, interrupted, 1)
+    process.send_signal(signal.SIGINT)
+    _, stderr = process.communicate(timeout=120)
+    step = (interrupted / "checkpoints" / "last").resolve().name
+    assert process.returncode == 130
+    assert f"interrupted; `peftlab run --resume {interrupted}` continues it from its checkpoint {step}" in stderr
+    assert stderr.rstrip().endswith("\ninterrupted") and "Traceback" not in stderr and "aborted" not in stderr
 
 
 def test_optimizer_state_only_for_trainable_parameters_and_accumulation(tmp_path):

@@ -319,7 +319,7 @@ def test_retrieval_demo_beats_chance_and_the_run_is_reusable(tmp_path, capsys):
     searched = predictor.predict([*(e["video"] for e in library), str(queries)])
     videos, found = searched[:12], searched[12:]
     assert all("text_embedding" not in r and "similarity" not in r for r in videos)
-    assert [r["id"] for r in found] == [f"queries:{2 * k + 1}" for k in range(12)]
+    assert [r["id"] for r in found] == [f"{queries}:{2 * k + 1}" for k in range(12)]  # FILE:LINE, the path as given
     assert [r["caption"] for r in found] == [e["caption"] for e in library]
     for pair, video, query in zip(rows, videos, found):
         assert video["video_embedding"] == pytest.approx(pair["video_embedding"], abs=1e-5)

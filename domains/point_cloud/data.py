@@ -38,7 +38,7 @@ def check_points(points: np.ndarray, where: str) -> np.ndarray:
         raise UserError(f"{where}: no points")
     if not np.isfinite(points).all():
         bad = int(np.flatnonzero(~np.isfinite(points).all(axis=1))[0])
-        raise UserError(f"{where}: point {bad} has a NaN or infinite coordinate; clean the file")
+        raise UserError(f"{where}: point {bad} has a NaN or infinite coordinate; remove or fix that point")
     if np.ptp(points, axis=0).max() == 0:
         raise UserError(f"{where}: all {len(points)} points coincide; the shape is degenerate")
     return points

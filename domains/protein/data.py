@@ -19,7 +19,8 @@ STANDARD_RESIDUES = "ACDEFGHIKLMNPQRSTVWY"
 
 
 def check_sequence(sequence: str, where: str) -> str:
-    sequence = sequence.strip().upper()
+    """The sequence upper-cased, less a final `*` (a stop), checked to be amino-acid letters."""
+    sequence = sequence.strip().upper().removesuffix("*")
     if not sequence:
         raise UserError(f"{where}: empty sequence; remove the record or give its residues")
     bad = sorted(set(sequence) - AMINO_ACIDS)

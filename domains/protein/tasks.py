@@ -366,7 +366,7 @@ class PPITask(_ProteinTask):
                 if unknown:
                     raise UserError(f"pairs[{index}]: {unknown[0]!r} is not an id in `sequences`")
                 ids, seqs = pair, [named[p] for p in pair]
-            examples.append({"id": f"{ids[0]}-{ids[1]}", "a": ids[0], "b": ids[1], "a_seq": seqs[0], "b_seq": seqs[1]})
+            examples.append({"id": f"{ids[0]}|{ids[1]}", "a": ids[0], "b": ids[1], "a_seq": seqs[0], "b_seq": seqs[1]})
         return examples
 
     def card_template(self) -> str:

@@ -56,8 +56,6 @@ class VideoOptions:
     frame_cache_mb: float = field(default=1024, metadata={"help": "memory for decoded, resized frames kept between epochs (least recently used evicted)"})
 
     def __post_init__(self):
-        if isinstance(self.feature_cache, bool):  # YAML reads a bare off / on as a boolean
-            self.feature_cache = "auto" if self.feature_cache else "off"
         if self.frames < 1:
             raise ValueError(f"frames must be >= 1, got {self.frames}")
         if self.frame_cache_mb < 0:
@@ -550,12 +548,13 @@ class CaptionTask(_VideoTextTask):
 
 
 def read_queries(path: Path) -> list[dict]:
-    """A text file of captions to search with, one per line (blank lines skipped); ids `FILE:LINE`."""
+    """A text file of captions to search with, one per line (blank lines skipped); ids `FILE:LINE`,
+    the file as given."""
     try:
         lines = path.read_text(encoding="utf-8-sig").splitlines()
     except UnicodeDecodeError as error:
         raise UserError(f"{path}: not UTF-8 text ({error.reason} at byte {error.start}); save the queries as UTF-8") from None
-    queries = [{"id": f"{path.stem}:{number}", "caption": line.strip()}
+    queries = [{"id": f"{path}:{number}", "caption": line.strip()}
                for number, line in enumerate(lines, start=1) if line.strip()]
     if not queries:
         raise UserError(f"{path}: no queries; write one caption per line")
