@@ -105,6 +105,7 @@ class Predictor:
         if split not in dataset.splits:
             raise UserError(f"split {split!r} is not in {loaded.card_path}; it has {', '.join(dataset.splits)}")
         runner.log_notes(dataset, training=False)
+        runner.log(f"{split}: {len(dataset.splits[split])} examples of {loaded.card_path}")
         return runner.evaluate_split(self.task, self.model, dataset, split, self.meta["metrics"],
                                      self.batch_size, self.accelerator.autocast, predictions_file)
 

@@ -144,7 +144,8 @@ def ratio_split(
     where: str = "card",
 ) -> dict[str, list[Example]]:
     """Random split by ratios, each class in proportion (to within one example); with
-    `group_of`, whole groups go to one split."""
+    `group_of`, whole groups go to one split. A split of ratio 0 is left out, so that
+    `{test: 1.0}` makes a card of test data only."""
     check_ratios(ratios, where)
     rng = np.random.default_rng(seed)
     names = list(ratios)
@@ -153,11 +154,12 @@ def ratio_split(
         order = _classes_spread(examples, rng)
         cut = np.round(bounds * len(examples)).astype(int)
         starts = np.concatenate([[0], cut[:-1]])
-        return {n: [examples[i] for i in order[s:e]] for n, s, e in zip(names, starts, cut)}
+        return {n: [examples[i] for i in order[s:e]] for n, s, e in zip(names, starts, cut) if ratios[n] > 0}
     groups = sorted({str(group_of(e)) for e in examples})
     draws = rng.random(len(groups))
-    split_of = {g: names[min(int(np.searchsorted(bounds, d, side="right")), len(names) - 1)] for g, d in zip(groups, draws)}
-    result: dict[str, list[Example]] = {n: [] for n in names}
+    last = max(i for i, n in enumerate(names) if ratios[n] > 0)  # ratios may sum to 0.99: the top draws go there
+    split_of = {g: names[min(int(np.searchsorted(bounds, d, side="right")), last)] for g, d in zip(groups, draws)}
+    result: dict[str, list[Example]] = {n: [] for n in names if ratios[n] > 0}
     for example in examples:
         result[split_of[str(group_of(example))]].append(example)
     return result

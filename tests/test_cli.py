@@ -55,6 +55,8 @@ def test_demo_learns_and_writes_the_run_directory(ppi_run):
 def test_eval_reproduces_the_saved_test_metrics_exactly(ppi_run):
     result = run_peftlab("eval", ppi_run, "--split", "test")
     assert result.returncode == 0, result.stderr[-2000:]
+    tested = len((ppi_run / "predictions" / "test.jsonl").read_text().splitlines())
+    assert f"test: {tested} examples of {ppi_run / 'card.md'}" in result.stderr
     saved = json.loads((ppi_run / "metrics.json").read_text())["test"]
     assert last_json(result.stdout)["test"] == saved
 

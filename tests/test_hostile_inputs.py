@@ -189,8 +189,12 @@ CASES = [
          r"card\.md: splits\.ratios must be non-negative and sum to 1"),
     Case("card-empty-validation-split", card_run(PROTEIN, "fasta+pairs_tsv", {"s.fasta": FASTA, "p.tsv": "a\tb\t1\nb\tc\t0\n"},
                                                  files={"sequences": "s.fasta", "pairs": "p.tsv"},
-                                                 splits={"ratios": {"train": 1.0, "validation": 0.0, "test": 0.0}}),
-         r"card\.md: split 'validation' is empty.*eval\.splits"),
+                                                 splits={"ratios": {"train": 0.9, "validation": 0.05, "test": 0.05}}),
+         r"card\.md: split 'validation' is empty.*eval\.splits"),  # 5 % of two pairs rounds to none
+    Case("card-no-validation-split", card_run(PROTEIN, "fasta+pairs_tsv", {"s.fasta": FASTA, "p.tsv": "a\tb\t1\nb\tc\t0\n"},
+                                              files={"sequences": "s.fasta", "pairs": "p.tsv"},
+                                              splits={"ratios": {"train": 1.0, "validation": 0.0, "test": 0.0}}),
+         r"eval\.splits names 'validation'; the data has train: set eval\.splits=\[\] or add a validation split to the card"),
     # ------------------------------------------------------------------ protein
     Case("fasta-binary-garbage", card_run(PROTEIN, "fasta+pairs_tsv", {"s.fasta": bytes(range(256)) * 4, "p.tsv": "a\tb\t1\n"},
                                           files={"sequences": "s.fasta", "pairs": "p.tsv"}), r"s\.fasta: not UTF-8/ASCII text"),

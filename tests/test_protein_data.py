@@ -125,6 +125,14 @@ def test_ratio_split_keeps_every_class_in_proportion():
     assert [e["id"] for e in split["test"]] == order[40:].tolist()
 
 
+def test_a_split_of_ratio_zero_is_left_out():
+    examples = [{"id": i, "label": i % 3, "group": i // 4} for i in range(60)]
+    only_test = ratio_split(examples, {"train": 0.0, "validation": 0.0, "test": 1.0}, seed=0)
+    assert list(only_test) == ["test"] and len(only_test["test"]) == 60
+    grouped = ratio_split(examples, {"train": 0.99, "test": 0.0}, seed=3, group_of=lambda e: e["group"])
+    assert list(grouped) == ["train"] and len(grouped["train"]) == 60
+
+
 def test_ratio_split_and_stratified_subsample():
     examples = [{"id": i, "label": int(i % 10 == 0), "group": i % 7} for i in range(1000)]
     splits = ratio_split(examples, {"train": 0.8, "validation": 0.1, "test": 0.1}, seed=0)
