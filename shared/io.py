@@ -1,4 +1,4 @@
-"""Atomic file writes and safetensors helpers.
+"""Atomic file writes, safetensors helpers and the YAML reading configs and cards share.
 
 Every file peftlab writes goes to a temporary name in the same folder and is renamed
 into place, so a crash never leaves a half-written file under the final name.

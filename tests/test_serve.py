@@ -371,7 +371,7 @@ def test_speech_point_cloud_code_review_and_ppi_forms_read_as_their_files_do(tmp
     (tmp_path / "a.wav").write_bytes(wav_bytes(clip, 16000))
     from peftlab.domains.speech_emotion import data as speech_data
 
-    from_file, rate = speech_data.decode(tmp_path / "a.wav")
+    from_file, rate, _ = speech_data.decode(tmp_path / "a.wav")
     [example] = task.parse_request({"audio": {"a.wav": b64((tmp_path / "a.wav").read_bytes())}}, task.options())
     assert example["id"] == "a.wav" and example["sample_rate"] == rate == 16000
     assert np.array_equal(example["audio"], from_file) and example["samples"] == len(from_file)

@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 import soundfile
 import torch
-from peftlab.shared.data import check_ratios, ratio_split, table_rows
+from peftlab.shared.data import SPLITS, check_ratios, ratio_split, table_rows
 from peftlab.shared.errors import MissingField, UserError
 
 AUDIO_SUFFIXES = (".wav", ".flac", ".ogg", ".mp3")
@@ -33,14 +33,16 @@ class BadAudio(Exception):
     """A file that cannot serve as an example; the message says why."""
 
 
-def decode(path: Path) -> tuple[np.ndarray, int]:
-    """-> (mono float32 waveform, sample rate). Raises BadAudio for unusable files."""
+def decode(path: Path) -> tuple[np.ndarray, int, int]:
+    """-> (mono float32 waveform, sample rate, channels mixed into it). Raises BadAudio
+    for unusable files."""
     try:
         waveform, rate = soundfile.read(str(path), dtype="float32", always_2d=True)
     except (soundfile.LibsndfileError, RuntimeError, OSError) as error:
         if not Path(path).is_file():
             raise BadAudio("file not found") from None
         raise BadAudio(f"not a readable WAV/FLAC/OGG/MP3 file ({str(error).splitlines()[0]})") from None
+    channels = waveform.shape[1]
     waveform = waveform.mean(axis=1)  # mono mix-down
     if len(waveform) == 0:
         raise BadAudio("empty (no samples)")
@@ -50,7 +52,7 @@ def decode(path: Path) -> tuple[np.ndarray, int]:
         raise BadAudio(f"only {len(waveform) / rate:.3f} s long (minimum {MIN_SECONDS} s)")
     if np.abs(waveform).max() < SILENCE_PEAK:
         raise BadAudio("silent (peak below -80 dBFS)")
-    return np.ascontiguousarray(waveform), int(rate)
+    return np.ascontiguousarray(waveform), int(rate), channels
 
 
 def resample(waveform: np.ndarray, rate: int, target: int) -> np.ndarray:
@@ -74,9 +76,10 @@ class AudioCache:
             self.clips.move_to_end(path)
             return self.clips[path]
         try:
-            clip = decode(Path(path))
+            waveform, rate, _ = decode(Path(path))
         except BadAudio as error:  # it was fine when the card was read: the file changed since
             raise UserError(f"{path}: {error}") from None
+        clip = (waveform, rate)
         self.put(path, clip)
         return clip
 
@@ -112,15 +115,14 @@ def audio_example(path: Path, on_bad_file: str | None = None, where: str | None 
     `on_bad_file` is the card's setting (None: files given to predict, no card); `where`
     the table line that names the file."""
     try:
-        waveform, rate = decode(path)
+        waveform, rate, channels = decode(path)
     except BadAudio as error:
         if on_bad_file == "skip":
             return None
         card_hint = " (or set `on_bad_file: skip` in the card)" if on_bad_file is not None else ""
         raise UserError(f"{where + ': ' if where else ''}{path}: {error}; fix or remove the file{card_hint}") from None
     CACHE.put(str(path), (waveform, rate))
-    return {"id": str(path), "path": str(path), "samples": len(waveform), "sample_rate": rate,
-            "channels": soundfile.info(str(path)).channels}  # a header read; the note on mixing down counts them
+    return {"id": str(path), "path": str(path), "samples": len(waveform), "sample_rate": rate, "channels": channels}
 
 
 def audio_files(paths: list[Path]) -> list[Path]:
@@ -223,9 +225,6 @@ def parse_label(value: str, labels: list[str] | None, where: str) -> int | str:
 
 
 # --------------------------------------------------------------------------- splits
-SPLIT_ORDER = ["train", "validation", "test"]
-
-
 def speaker_split(examples: list[dict], ratios: dict[str, float], seed: int, where: str) -> dict[str, list[dict]]:
     """Whole speakers per split, so no voice is heard in two of them.
 
@@ -239,7 +238,7 @@ def speaker_split(examples: list[dict], ratios: dict[str, float], seed: int, whe
     wanted = names + (["train"] if ratios.get("train", 0) > 0 else [])  # the last one takes the remainder
     if len(speakers) < len(wanted):
         raise UserError(f"{where}: {len(speakers)} speaker(s) cannot be split speaker-independently into "
-                        f"{', '.join(sorted(wanted, key=SPLIT_ORDER.index))}; add speakers or give per-split files")
+                        f"{', '.join(sorted(wanted, key=SPLITS.index))}; add speakers or give per-split files")
     order = list(np.random.default_rng(seed).permutation(speakers))
     assignment = {}
     for position, name in enumerate(wanted[:-1]):
@@ -250,7 +249,7 @@ def speaker_split(examples: list[dict], ratios: dict[str, float], seed: int, whe
         order = order[count:]
     for speaker in order:
         assignment[speaker] = wanted[-1]
-    splits = {name: [] for name in sorted(wanted, key=SPLIT_ORDER.index)}
+    splits = {name: [] for name in sorted(wanted, key=SPLITS.index)}
     for example in examples:
         splits[assignment[example["speaker"]]].append(example)
     return splits

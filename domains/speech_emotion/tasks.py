@@ -414,7 +414,7 @@ class SpeechEmotionTask:
                 file.write(raw)
                 file.flush()
                 try:
-                    waveform, rate = data.decode(Path(file.name))
+                    waveform, rate, _ = data.decode(Path(file.name))
                 except data.BadAudio as error:  # its message names our temporary file, which means nothing to the client
                     reason = str(error).replace(f"Error opening {file.name!r}: ", "")
                     raise UserError(f"audio[{key}]: {reason}") from None
