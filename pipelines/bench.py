@@ -99,7 +99,9 @@ class Sweep:
     lock_fd: int | None = None
     """OUT's lock while the sweep runs, passed on to the cell processes."""
     chance: dict[str, float] = field(default_factory=dict)
-    """Metric -> the score of a constant answer (see `chance_levels`); empty where unknown."""
+    """Metric -> the score of a model that learnt nothing (see `chance_levels`); empty where unknown."""
+    chance_basis: str = ""
+    """What that model answers, for the table's note."""
 
 
 # --------------------------------------------------------------------------- planning
@@ -198,23 +200,30 @@ def plan(pipeline, methods, *, seeds, demo, data, backbone, out, full, overrides
                 "data_fingerprint": fingerprint(dataset.splits)}
     out_dir = Path(out) if out is not None else _default_out_dir(pipeline)
     reported = "test" if "test" in base.eval.splits else base.eval.splits[-1]
+    chance, chance_basis = chance_levels(task, dataset, reported, metric_names)
     return Sweep(pipeline, out_dir, cells, skipped, names, seed_values, settings, primary,
-                 get_metric(primary).higher_is_better, metric_names,
-                 chance=chance_levels(task, dataset, reported, metric_names))
+                 get_metric(primary).higher_is_better, metric_names, chance=chance, chance_basis=chance_basis)
 
 
-def chance_levels(task, dataset, split: str, metric_names: list[str]) -> dict[str, float]:
-    """What each metric gives a model that ignores its input and answers the training
-    split's frequencies, on `split`, through the task's own metric code: for single-label
+CONSTANT_ANSWER = "a constant answer (the training split's class or finding frequencies)"
+
+
+def chance_levels(task, dataset, split: str, metric_names: list[str]) -> tuple[dict[str, float], str]:
+    """-> (metric -> what a model that learnt nothing scores on `split`, what it answers).
+
+    By default that model ignores its input and answers the training split's
+    frequencies, scored through the task's own metric code: for single-label
     classification the class frequencies (majority-class accuracy, AUROC 0.5, AUPR the
     positive rate), for multi-label data each finding's rate (per-finding AUROC 0.5, AP
-    the finding's prevalence). Empty for generated text and retrieval, which have no
-    constant answer to compare with."""
+    the finding's prevalence). A task whose metrics rank (retrieval) gives its own levels
+    (`task.chance_levels`). Empty for generated text, which has no such baseline."""
     from peftlab.shared import evaluation
 
     train, scored = dataset.splits.get("train", []), dataset.splits.get(split, [])
+    if hasattr(task, "chance_levels"):
+        return task.chance_levels(metric_names, train, scored) if scored else ({}, "")
     if not dataset.labels or not train or not scored:
-        return {}
+        return {}, ""
     if all("targets" in e for e in [*train, *scored]):
         constant = np.mean([e["targets"] for e in train], axis=0)
     elif runner.single_label([*train, *scored]):
@@ -222,9 +231,10 @@ def chance_levels(task, dataset, split: str, metric_names: list[str]) -> dict[st
         prior = counts / counts.sum()
         constant = prior[1] if len(prior) == 2 else prior  # binary tasks score P(class 1)
     else:
-        return {}
+        return {}, ""
     values = evaluation.compute_metrics(task, metric_names, scored, [np.array(constant)] * len(scored))
-    return {name: float(values[name]) for name in metric_names if isinstance(values.get(name), int | float)}
+    return ({name: float(values[name]) for name in metric_names if isinstance(values.get(name), int | float)},
+            CONSTANT_ANSWER)
 
 
 def _method_option_overrides(specs: dict, overrides: list[str]) -> dict[str, list[str]]:
@@ -717,7 +727,7 @@ def order_reference_first(summaries: list[MethodSummary]) -> list[MethodSummary]
 
 
 def at_chance(summary: MethodSummary, sweep: Sweep) -> bool:
-    """The method's mean primary metric is no better than a constant answer's."""
+    """The method's mean primary metric is no better than chance's (`chance_levels`)."""
     chance, mean = sweep.chance.get(sweep.primary_metric), summary.metrics.get(sweep.primary_metric, (None,))[0]
     if chance is None or mean is None:
         return False
@@ -786,7 +796,7 @@ def table_markdown(sweep: Sweep, summaries: list[MethodSummary], names: list[str
                  + method_options_line(sweep) + "."]
     if sweep.chance:
         levels = ", ".join(f"{name} {sweep.chance[name]:.4f}" for name in names if name in sweep.chance)
-        text += ["", f"Chance, the scores of a constant answer (the training split's class or finding frequencies) on the {split} "
+        text += ["", f"Chance, the scores of {sweep.chance_basis or CONSTANT_ANSWER} on the {split} "
                      f"split: {levels}. A method marked (at chance) scores no better on {primary}: it has not learnt."]
     left_out = [s for s in summaries if s.errors]
     if left_out:
@@ -849,8 +859,8 @@ def table_csv(summaries: list[MethodSummary], names: list[str], primary: str, ch
 def plot_pareto(path: Path, summaries: list[MethodSummary], primary: str, higher_is_better: bool, title: str,
                 chance: float | None = None) -> None:
     """Primary metric (mean, std error bars) against trainable % on a log axis; the
-    Pareto front drawn as a line through its circled points. With `chance` (a constant
-    answer's score) a dashed line marks it, and a method no better than it is left off
+    Pareto front drawn as a line through its circled points. With `chance` (what a model
+    that learnt nothing scores) a dashed line marks it, and a method no better than it is left off
     the front: fewest parameters for nothing learnt is not a trade-off."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
@@ -873,7 +883,7 @@ def plot_pareto(path: Path, summaries: list[MethodSummary], primary: str, higher
     axes.errorbar(xs, ys, yerr=errors, fmt="o", color="tab:blue", ecolor="gray", capsize=3, label="method (mean ± std)")
     front = sorted(pareto_front_above_chance(list(zip(xs, ys)), higher_is_better, chance), key=lambda i: xs[i])
     if chance is not None:
-        axes.axhline(chance, color="gray", linestyle="--", linewidth=1, label="chance (constant answer)")
+        axes.axhline(chance, color="gray", linestyle="--", linewidth=1, label="chance (a model that learnt nothing)")
     if front:
         axes.plot([xs[i] for i in front], [ys[i] for i in front], "-", color="tab:red", linewidth=1, zorder=0)
         axes.scatter([xs[i] for i in front], [ys[i] for i in front], s=140, facecolors="none",

@@ -205,9 +205,8 @@ class Predictor:
             merged_from = {"run_dir": str(self.run_dir.resolve()), "method": config["method"]}
             config["method"] = {"name": "full", "options": {}, "merged_from": merged_from}
             io.write_json(out / "meta.json", config)
-            run_yaml = cfg.read_config_file(self.run_dir / "run.yaml")
-            run_yaml["method"] = {"name": "full"}
-            io.write_yaml(out / "run.yaml", run_yaml)
+            # the config that trained the adapter: `run --config` repeats that training (and says so)
+            shutil.copy(self.run_dir / "run.yaml", out / "run.yaml")
             shutil.copy(self.run_dir / "card.md", out / "card.md")
         except BaseException:
             shutil.rmtree(out, ignore_errors=True)

@@ -70,6 +70,7 @@ def build_config(
         raw = cfg.read_config_file(config_file)
         if pipeline and raw.get("pipeline") != pipeline:
             raise UserError(f"{config_file} is for pipeline {raw.get('pipeline')!r}, not {pipeline!r}")
+        _note_merged_config(Path(config_file))
     elif pipeline:
         raw = cfg.read_recipe(pipeline)
     else:
@@ -310,15 +311,27 @@ def run(config: cfg.RunConfig, out: str | Path | None = None) -> Path:
         raise
 
 
+def merged_source(run_dir: Path) -> dict | None:
+    """`meta.json`'s record of the run a `peftlab merge` directory was merged from."""
+    meta = run_dir / "meta.json"
+    return (io.read_json(meta).get("method") or {}).get("merged_from") if meta.is_file() else None
+
+
+def _note_merged_config(config_file: Path) -> None:
+    source = merged_source(config_file.parent)
+    if source and config_file.name == "run.yaml":
+        log(f"note: {config_file.parent} is a merged model; its run.yaml repeats the training of "
+            f"{source['run_dir']} ({source['method']['name']} on the base backbone), not a run on the merged weights "
+            f"(for that, train on its export: `peftlab merge --export`)")
+
+
 def resume(run_dir: str | Path) -> Path:
     run_dir = Path(run_dir)
     if not (run_dir / "run.yaml").is_file():
         raise UserError(f"{run_dir} is not a peftlab run directory (no run.yaml)")
     if (run_dir / "metrics.json").is_file():
         raise UserError(f"{run_dir} is already finished (metrics.json exists); evaluate it with `peftlab eval {run_dir}`")
-    merged_from = (io.read_json(run_dir / "meta.json").get("method") or {}).get("merged_from") \
-        if (run_dir / "meta.json").is_file() else None
-    if merged_from:  # its run.yaml names the base backbone: "resuming" would train that from scratch over it
+    if merged_from := merged_source(run_dir):  # its run.yaml trains the base: "resuming" would train over the merge
         raise UserError(f"{run_dir} is a merged model (`peftlab merge` of {merged_from['run_dir']}), not an unfinished "
                         f"run; evaluate or predict with it, or train on it from its export (`peftlab merge --export`)")
     config = cfg.validate(cfg.read_config_file(run_dir / "run.yaml"), where=str(run_dir / "run.yaml"))
@@ -408,6 +421,8 @@ def _train_and_finish(run_dir: Path, prepared: Prepared, resume: bool) -> Path:
         "seconds": state["seconds"],
         "epoch_seconds": state.get("epoch_seconds", []),
         "wall_seconds": time.perf_counter() - started,
+        # after --resume, seconds and samples/s count every segment; wall time and peak memory the last process
+        "resumed_at_steps": state.get("resumed_at_steps", []),
         "steps": state["global_step"],
         "epochs": state["epoch"],
         "best_epoch": state["best_epoch"],

@@ -42,6 +42,46 @@ def video_to_text_ranks(item_of_query: np.ndarray, similarity: np.ndarray) -> np
     return np.array(ranks)
 
 
+def random_ranking_levels(item_of_query: np.ndarray, metric_names) -> dict[str, float]:
+    """Each retrieval metric under a uniformly random order of the candidates (no ties):
+    the chance level of a model that has learnt nothing (one whose embeddings ignore the
+    input scores worse still, since ties count against it). Recalls and mean ranks are
+    expected values; median ranks the median of the rank distribution, which the median
+    over a split approaches as the split grows.
+
+    Text -> video: a query's rank is uniform on 1..N (N items), so R@K = K/N and the mean
+    and median rank (N + 1)/2. Video -> text: an item with m of the Q queries has its best
+    rank r with P(best > r) = C(Q - m, r) / C(Q, r); the R@K are the mean of that over
+    items, the mean rank the mean of (Q + 1)/(m + 1), the median rank the median of the
+    items' pooled distribution."""
+    item_of_query = np.asarray(item_of_query, dtype=int)
+    queries = len(item_of_query)
+    captions_per_item = np.unique(item_of_query, return_counts=True)[1]
+    items = len(captions_per_item)
+    uniform_ranks = np.arange(1, items + 1)
+    # P(best rank > r) for r = 0..Q, one row per item: the running product of (Q - m - i)/(Q - i)
+    i = np.arange(queries)
+    survival = np.ones((items, queries + 1))
+    survival[:, 1:] = np.cumprod(np.clip((queries - captions_per_item[:, None] - i) / (queries - i), 0, None), axis=1)
+    pooled_cdf = 1 - survival.mean(axis=0)
+    levels = {
+        **{f"t2v_r{k}": min(k, items) / items for k in (1, 5, 10)},
+        **{f"v2t_r{k}": float(pooled_cdf[min(k, queries)]) for k in (1, 5, 10)},
+        "median_rank": float(np.median(uniform_ranks)),
+        "mean_rank": float(uniform_ranks.mean()),
+        "v2t_median_rank": _median_of(pooled_cdf),
+        "v2t_mean_rank": float(np.mean((queries + 1) / (captions_per_item + 1))),
+    }
+    return {name: levels[name] for name in metric_names if name in levels}
+
+
+def _median_of(cdf: np.ndarray) -> float:
+    """The median of a distribution on 0, 1, 2, ... given its CDF, halfway between two
+    ranks where the CDF reaches exactly 1/2 (as `np.median` of an even count)."""
+    rank = int(np.argmax(cdf >= 0.5 - 1e-12))
+    return rank + 0.5 if np.isclose(cdf[rank], 0.5) else float(rank)
+
+
 def _recall_at(k: int, ranks_of):
     return lambda y, scores: float(np.mean(ranks_of(y, scores) <= k))
 

@@ -35,6 +35,15 @@ class FP32Head(nn.Sequential):
             return super().forward(features.float())
 
 
+def file_identity(example: Example) -> dict[str, str]:
+    """A file-backed example's identity on a prediction line: its `id` (a table's cell or
+    the path as given), and the file it read as `path` where that says more."""
+    row = {"id": example["id"]}
+    if example.get("path", example["id"]) != example["id"]:
+        row["path"] = example["path"]
+    return row
+
+
 def describe_scores(scores: np.ndarray, labels: list[str]) -> dict[str, Any]:
     """A single-label prediction as one JSON line's fields. Binary tasks score one
     probability, that of `labels[1]`, which the line names as `positive_class`."""
@@ -114,6 +123,8 @@ class Task(Protocol):
 
     # Optional hooks, looked up where they are used:
     #   compute_metrics(names, examples, outputs)       metrics other than shared/metrics.py's per-example ones
+    #   chance_levels(names, train, scored)             (metric -> a model's score that learnt nothing, how it is
+    #                                                   got) where a constant answer is not that model (retrieval)
     #   write_report(split, examples, outputs, labels, directory)   per-class files next to metrics.json
     #   input_notes(examples, options)                  notes on `peftlab predict` inputs (what `read` notes for a card)
     #   describe_predictions(examples, outputs, labels) prediction rows that depend on each other (retrieval)

@@ -348,6 +348,7 @@ def _train(task, model: TaskModel, train_examples: list[Example], validation_exa
     }
     if resume and checkpoint.has_checkpoint(checkpoints):
         state = checkpoint.load_checkpoint(checkpoints, task_model, optimizer, scheduler)
+        state["resumed_at_steps"] = [*state.get("resumed_at_steps", []), state["global_step"]]
         where = (f"after step {state['step_in_epoch']} of epoch {state['epoch'] + 1}" if state["step_in_epoch"]
                  else f"at the start of epoch {state['epoch'] + 1}")
         log(f"resumed from step {state['global_step']} of {total_steps} ({where}; {checkpoint.latest(checkpoints).resolve().name})")

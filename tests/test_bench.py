@@ -334,14 +334,15 @@ def test_chance_is_what_a_constant_answer_of_the_training_class_frequencies_scor
     task = get_task("protein-classify")
     dataset = Dataset({"train": [{"label": label} for label in (0, 0, 0, 1, 2)],
                        "test": [{"label": label} for label in (0, 1, 2, 2)]}, ["a", "b", "c"])
-    chance = bench.chance_levels(task, dataset, "test", ["accuracy", "macro_f1", "auroc"])
+    chance, basis = bench.chance_levels(task, dataset, "test", ["accuracy", "macro_f1", "auroc"])
     # always class a (the training majority): right once in four; F1 of a = 2·(1/4·1)/(1/4 + 1) = 0.4, b and c 0
     assert chance == pytest.approx({"accuracy": 0.25, "macro_f1": 0.4 / 3, "auroc": 0.5})
+    assert basis == bench.CONSTANT_ANSWER
     binary = Dataset({"train": [{"label": label} for label in (0, 1, 1)], "test": [{"label": label} for label in (0, 0, 1, 1)]},
                      ["no", "yes"])
-    assert bench.chance_levels(task, binary, "test", ["accuracy", "aupr"]) == {"accuracy": 0.5, "aupr": 0.5}
+    assert bench.chance_levels(task, binary, "test", ["accuracy", "aupr"])[0] == {"accuracy": 0.5, "aupr": 0.5}
     text = Dataset({"train": [{"label": "a sum"}], "test": [{"label": "a sum"}]}, [])
-    assert bench.chance_levels(get_task("code-review-comment"), text, "test", ["bleu4"]) == {}
+    assert bench.chance_levels(get_task("code-review-comment"), text, "test", ["bleu4"]) == ({}, "")
 
     sweep = bench.Sweep(PIPELINE, tmp_path, [], {}, ["lora", "ia3"], [0], {"backbone": None, "data": None, "demo": True,
                         "overrides": []}, "accuracy", True, ["accuracy"], chance={"accuracy": 0.25})
@@ -360,14 +361,37 @@ def test_chance_is_what_a_constant_answer_of_the_training_class_frequencies_scor
     assert (tmp_path / "pareto.png").read_bytes()[:8] == PNG_MAGIC
 
 
+def test_retrieval_chance_is_a_random_ranking_of_the_scored_splits_videos(tmp_path):
+    from peftlab.shared.tasks import Dataset, get_task
+
+    # 4 test videos: v0 with 2 captions, the others with 1 (5 queries); a constant answer
+    # would tie every video and rank last, so chance is the random order's expectation
+    test = [{"video": video, "caption": f"c{i}"} for i, video in enumerate(["v0", "v0", "v1", "v2", "v3"])]
+    dataset = Dataset({"train": test[:1], "test": test}, [])
+    chance, basis = bench.chance_levels(get_task("video-text-retrieval"), dataset, "test",
+                                        ["t2v_r1", "t2v_r5", "v2t_r1", "mean_rank", "v2t_mean_rank"])
+    # t2v: rank uniform on 1..4; v2t: v0 is found at rank 1 when either of its 2 of 5 captions
+    # comes first (2/5), the others 1/5; mean best rank (Q + 1)/(m + 1): 6/3 for v0, 6/2 else
+    assert chance == pytest.approx({"t2v_r1": 0.25, "t2v_r5": 1.0, "v2t_r1": (2 / 5 + 3 * 1 / 5) / 4,
+                                    "mean_rank": 2.5, "v2t_mean_rank": (2 + 3 * 3) / 4})
+    assert "random ranking" in basis
+    sweep = bench.Sweep("video-text-retrieval", tmp_path, [], {}, ["lora"], [0],
+                        {"backbone": None, "data": None, "demo": True, "overrides": []}, "t2v_r1", True, ["t2v_r1"],
+                        chance={"t2v_r1": 0.25}, chance_basis=basis)
+    stuck = bench.MethodSummary("lora", 1, 1, trainable=2, percent=0.1, adapter_bytes=1, metrics={"t2v_r1": (0.25, None)})
+    table = bench.table_markdown(sweep, [stuck], ["t2v_r1"], "test")
+    assert "Chance, the scores of a uniformly random ranking (expected values) on the test split: t2v_r1 0.2500." in table
+    assert "| lora (at chance) |" in table
+
+
 def test_multi_label_chance_answers_each_findings_training_rate():
     from peftlab.shared.tasks import Dataset, get_task
 
     # findings x and y: x in 3 of 4 training images, y in 1; the test split has both outcomes of each
     train = [{"targets": targets, "label": ""} for targets in ([1, 0], [1, 0], [1, 1], [0, 0])]
     test = [{"targets": targets, "label": ""} for targets in ([1, 0], [0, 1], [1, 1], [0, 0])]
-    chance = bench.chance_levels(get_task("medical-classify"), Dataset({"train": train, "test": test}, ["x", "y"]), "test",
-                                 ["auroc", "aupr", "accuracy", "macro_f1"])
+    chance, _ = bench.chance_levels(get_task("medical-classify"), Dataset({"train": train, "test": test}, ["x", "y"]),
+                                    "test", ["auroc", "aupr", "accuracy", "macro_f1"])
     # a constant score ranks nothing: AUROC 0.5 per finding, AP each finding's test prevalence (1/2);
     # scores 0.75 and 0.25 answer "x, not y" for every image: right on image 1 only, F1 of x 2/3, of y 0
     assert chance == pytest.approx({"auroc": 0.5, "aupr": 0.5, "accuracy": 0.25, "macro_f1": 1 / 3})

@@ -149,7 +149,7 @@ def test_predict_on_a_card_equals_predict_on_its_files(ppi_run, tmp_path):
 
 
 @pytest.mark.xdist_group("ppi-demo-run")  # one worker trains the shared run once
-def test_merge_gives_a_run_that_evaluates_like_the_original(ppi_run, tmp_path):
+def test_merge_gives_a_run_that_evaluates_like_the_original(ppi_run, tmp_path, capsys):
     merged = tmp_path / "merged"
     result = run_peftlab("merge", ppi_run, "--out", merged)
     assert result.returncode == 0, result.stderr[-2000:]
@@ -158,6 +158,14 @@ def test_merge_gives_a_run_that_evaluates_like_the_original(ppi_run, tmp_path):
     resumed = run_peftlab("run", "--resume", merged)  # not an unfinished run: nothing to resume, nothing overwritten
     assert resumed.returncode == 2 and f"{merged} is a merged model (`peftlab merge` of {ppi_run.resolve()})" in resumed.stderr
     assert not (merged / "metrics.json").exists() and not (merged / "checkpoints").exists()
+    # its run.yaml is the config that trained the adapter; repeating it says what it repeats
+    assert (merged / "run.yaml").read_text() == (ppi_run / "run.yaml").read_text()
+    from peftlab.pipelines import runner
+
+    config = runner.build_config(None, config_file=str(merged / "run.yaml"))
+    assert config.method_name == "lora"
+    assert f"note: {merged} is a merged model; its run.yaml repeats the training of {ppi_run.resolve()} (lora " \
+        in capsys.readouterr().err
     evaluated = run_peftlab("eval", merged)
     assert evaluated.returncode == 0, evaluated.stderr[-2000:]
     saved = json.loads((ppi_run / "metrics.json").read_text())["test"]

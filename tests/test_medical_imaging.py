@@ -7,6 +7,7 @@ import functools
 import json
 import random
 import sys
+from pathlib import Path
 
 import numpy as np
 import peftlab
@@ -405,6 +406,8 @@ def test_demo_learns_reports_groups_and_predicts_files(tmp_path):
     (tmp_path / "list.csv").write_text("path\ninputs/lesion2.png\ninputs/lesion0.png\n")  # paths from the table's folder
     listed = predictor.predict([str(tmp_path / "list.csv")])
     assert [r["id"] for r in listed] == ["inputs/lesion2.png", "inputs/lesion0.png"]
+    # a table's cell is its id, and the file it names is `path`, as speech's table rows have it
+    assert Path(listed[0]["path"]).resolve() == (folder / "lesion2.png").resolve() and "path" not in rows[0]
     assert listed[0]["scores"] == pytest.approx(rows[2]["scores"], abs=1e-5)
     single = predictor.predict([str(folder / "lesion1.png")])[0]  # alone, not batched: same up to float rounding
     assert single["prediction"] == rows[1]["prediction"]

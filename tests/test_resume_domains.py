@@ -96,3 +96,4 @@ def test_a_run_stopped_after_a_checkpoint_resumes_to_the_same_result(pipeline, t
     metrics = json.loads((interrupted / "metrics.json").read_text())
     assert metrics["history"] == reference_metrics["history"]
     assert metrics["test"] == reference_metrics["test"]
+    assert (metrics["train"]["resumed_at_steps"], reference_metrics["train"]["resumed_at_steps"]) == ([STOP_AFTER_STEP], [])

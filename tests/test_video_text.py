@@ -227,6 +227,23 @@ def test_retrieval_metrics_on_a_hand_computed_matrix():
     assert constant == {"t2v_r1": 0.0, "median_rank": 3.0}  # a constant scorer is never rewarded by ties
 
 
+def test_random_ranking_levels_are_what_random_similarities_score_on_average():
+    from peftlab.shared.retrieval_metrics import RETRIEVAL_METRICS, random_ranking_levels
+
+    video_of_caption = np.array([0, 0, 0, 1, 1, 2, 3, 3, 3, 3, 4, 5])  # 1 to 4 captions per video
+    levels = random_ranking_levels(video_of_caption, RETRIEVAL_METRICS)
+    rng = np.random.default_rng(0)
+    draws = [compute(list(RETRIEVAL_METRICS), video_of_caption, rng.random((12, 6))) for _ in range(4000)]
+    for name in ("t2v_r1", "t2v_r5", "v2t_r1", "v2t_r5", "v2t_r10", "mean_rank", "v2t_mean_rank"):
+        assert np.mean([d[name] for d in draws]) == pytest.approx(levels[name], abs=0.02), name
+    assert levels["t2v_r10"] == 1.0 and levels["t2v_r1"] == pytest.approx(1 / 6)
+    assert levels["median_rank"] == 3.5  # the median of uniform ranks 1..6
+    one_caption_each = random_ranking_levels(np.arange(6), RETRIEVAL_METRICS)  # v2t is then t2v's distribution
+    assert [one_caption_each[f"v2t_{name}"] for name in ("r1", "r5", "median_rank", "mean_rank")] == \
+        pytest.approx([one_caption_each[f"t2v_{name}"] if name[0] == "r" else one_caption_each[name]
+                       for name in ("r1", "r5", "median_rank", "mean_rank")])
+
+
 def test_caption_metrics():
     assert multi_reference_bleu4(["a red square moves left"], ["a red circle moves left"]) == \
         sentence_bleu4(["a red square moves left"], ["a red circle moves left"])

@@ -38,7 +38,14 @@ from peftlab.shared.feature_cache import (
     unique_ids,
 )
 from peftlab.shared.lazy import lazy_import
-from peftlab.shared.tasks import SPLIT_KEYS, Dataset, FP32Head, describe_scores, register_task
+from peftlab.shared.tasks import (
+    SPLIT_KEYS,
+    Dataset,
+    FP32Head,
+    describe_scores,
+    file_identity,
+    register_task,
+)
 from PIL import Image, UnidentifiedImageError
 from torch import nn
 from torch.nn import functional as F
@@ -404,7 +411,7 @@ class MedicalClassifyTask:
         return data.keep_readable(examples, None, "predict inputs")[0]
 
     def describe(self, example, scores, labels) -> dict:
-        row = {"id": example["id"]}
+        row = file_identity(example)
         if "targets" in example or example.get("multi_label"):
             row["scores"] = {label: float(s) for label, s in zip(labels, scores)}
             row["predicted_labels"] = [label for label, s in zip(labels, scores) if s >= 0.5]

@@ -28,7 +28,14 @@ from peftlab.shared.cards import Card
 from peftlab.shared.data import count_by_split, number_classes, ratio_split, validation_fraction
 from peftlab.shared.errors import UserError
 from peftlab.shared.feature_cache import FeatureCache, in_training, plan, unique_ids
-from peftlab.shared.tasks import SPLIT_KEYS, Dataset, FP32Head, describe_scores, register_task
+from peftlab.shared.tasks import (
+    SPLIT_KEYS,
+    Dataset,
+    FP32Head,
+    describe_scores,
+    file_identity,
+    register_task,
+)
 from torch import nn
 from torch.nn import functional as F
 from torch.nn.utils.rnn import pad_sequence
@@ -395,10 +402,7 @@ class SpeechEmotionTask:
                 f"{options.max_seconds:g} s is scored (task.eval_crop=full scores whole clips)"]
 
     def describe(self, example, scores, labels) -> dict:
-        row = {"id": example["id"]}
-        if example.get("path", example["id"]) != example["id"]:  # table rows: id is the cell, path the file
-            row["path"] = example["path"]
-        return {**row, **describe_scores(scores, labels)}
+        return {**file_identity(example), **describe_scores(scores, labels)}
 
     def rows_follow_examples(self, options) -> bool:
         return True

@@ -36,7 +36,11 @@ from peftlab.shared import metrics as metric_registry
 from peftlab.shared.cards import Card
 from peftlab.shared.data import hold_out_validation, ratio_split
 from peftlab.shared.errors import UserError
-from peftlab.shared.retrieval_metrics import RETRIEVAL_METRICS, text_to_video_ranks
+from peftlab.shared.retrieval_metrics import (
+    RETRIEVAL_METRICS,
+    random_ranking_levels,
+    text_to_video_ranks,
+)
 from peftlab.shared.tasks import SPLIT_KEYS, Dataset, register_task
 from peftlab.shared.text_metrics import cider, multi_reference_bleu4, rouge_l
 from torch import nn
@@ -454,6 +458,11 @@ class RetrievalTask(_VideoTextTask):
             raise UserError(f"{self.name}: metric {not_retrieval[0]!r} does not apply; use {', '.join(RETRIEVAL_METRICS)}")
         _, item_of_query, similarity = similarity_matrix(examples, outputs)
         return metric_registry.compute(metric_names, item_of_query, similarity)
+
+    def chance_levels(self, metric_names, train, scored) -> tuple[dict[str, float], str]:
+        videos = list(dict.fromkeys(e["video"] for e in scored))
+        item_of_query = [videos.index(e["video"]) for e in scored]
+        return random_ranking_levels(item_of_query, metric_names), "a uniformly random ranking (expected values)"
 
     def describe(self, example, output, labels) -> dict:
         row = {"id": example["id"]}
