@@ -97,7 +97,13 @@ class Adapter:
             "serving": "mixed batches" if self.mixable else ("switched" if self.engine.shared else "own model"),
             "request": request_form(p.task),
             "metrics": {split: metrics[split] for split in ("validation", "test") if split in metrics},
+            **self._merged_from(),
         }
+
+    def _merged_from(self) -> dict[str, Any]:
+        """A `peftlab merge` run has no metrics of its own until evaluated: name what it came from."""
+        source = self.predictor.meta["method"].get("merged_from")
+        return {"merged_from": {"run_dir": source["run_dir"], "method": source["method"]["name"]}} if source else {}
 
 
 @dataclass

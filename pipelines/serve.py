@@ -2,6 +2,7 @@
 
     GET  /health              {"status": "ok", "adapters": N, "backbones": M, "backbone_copies": C}
     GET  /adapters            name, task, labels, backbone, method, serving path, request body, metrics
+                              (a merged run: merged_from, the run and method it came from)
     POST /predict/{adapter}   the task's JSON input form -> {"adapter", "task", "predictions"}
 
 Each backbone is loaded once (see `multi_adapter`); concurrent requests for adapters on
