@@ -415,6 +415,32 @@ def test_speech_point_cloud_code_review_and_ppi_forms_read_as_their_files_do(tmp
         ppi.parse_request({"sequences": {"A": "MKV"}, "pairs": [["A", "C"]]}, ppi.options())
 
 
+def test_reasoning_questions_as_json_answer_like_a_jsonl_file(tmp_path):
+    """A LoReFT run served: questions as text or as JSONL records generate what `predict`
+    generates for the same records read from a file."""
+    run_dir = make_run(tmp_path, "reft", "reasoning-commonsense", "loreft", 3)
+    records = [{"id": "piqa", "goal": "Dry wet hands", "sol1": "use a towel", "sol2": "use water"},
+               {"id": "arc", "question": "Which is a gas?", "choices": ["ice", "steam", "rock"]},
+               {"id": "yesno", "question": "Is the sky blue?"}]
+    (tmp_path / "q.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    want = Predictor(run_dir).predict([tmp_path / "q.jsonl"])
+    served = MultiAdapter([run_dir])
+    try:
+        examples = served.parse_request("reft", {"questions": {r["id"]: r for r in records[:2]} | {"yesno": "Is the sky blue?"}})
+        got = served.describe("reft", examples, served.submit("reft", examples).result())
+    finally:
+        served.close()
+    assert [(r["id"], r["dataset"]) for r in got] == [("piqa", "piqa"), ("arc", "request"), ("yesno", "request")]
+    assert [r["prediction"] for r in got] == [r["prediction"] for r in want] and all(r["prediction"] for r in got)
+    task = get_task("reasoning-commonsense")
+    for bad, message in [({"questions": [3]}, r"questions\[0\]: a question's text or an object, not int"),
+                         ({"questions": ["  "]}, r"questions\[0\]: empty question"),
+                         ({"questions": [{"goal": "x"}]}, r"questions\[0\]: not a commonsense record peftlab knows"),
+                         ({"question": ["x"]}, "question: not a field of this request; use questions")]:
+        with pytest.raises(UserError, match=message):
+            task.parse_request(bad, task.options())
+
+
 def test_serve_command_answers_on_loopback(runs, capsys):
     """The real `peftlab serve` command: starts, answers /health, stops on SIGINT."""
     import os

@@ -44,20 +44,26 @@ def read_jsonl(path: Path, kind: str, labelled: bool = True) -> list[dict]:
     except UnicodeDecodeError as error:
         raise UserError(f"{path}: not UTF-8 text ({error.reason} at byte {error.start}); save it as UTF-8") from None
     records = _records(path, text)
-    parse = commonsense_example if kind == "commonsense" else math_example
     examples = []
     for line, record in records:
         where = f"{path}:{line}"
         if not isinstance(record, dict):
             raise UserError(f"{where}: expected a JSON object, got {type(record).__name__}")
-        example = parse(record, where, labelled)
-        example.setdefault("dataset", record.get("dataset") or _shape_dataset(record) or dataset_of_file(path))
-        example["dataset"] = str(example["dataset"]).lower()
-        example["id"] = str(record.get("id", record.get("ID", f"{path.stem}-{line}")))
-        examples.append(example)
+        examples.append(record_example(record, where, kind, labelled, dataset_of_file(path), f"{path.stem}-{line}"))
     if not examples:
         raise UserError(f"{path}: no records; expected JSON lines of {kind} questions")
     return examples
+
+
+def record_example(record: dict, where: str, kind: str, labelled: bool, dataset: str, default_id: str) -> dict:
+    """One record of a known shape -> an example; the record's own `dataset` and `id`
+    keys win over the ones given (the file's, its line)."""
+    parse = commonsense_example if kind == "commonsense" else math_example
+    example = parse(record, where, labelled)
+    example.setdefault("dataset", record.get("dataset") or _shape_dataset(record) or dataset)
+    example["dataset"] = str(example["dataset"]).lower()
+    example["id"] = str(record.get("id", record.get("ID", default_id)))
+    return example
 
 
 def _records(path: Path, text: str) -> list[tuple[int, Any]]:

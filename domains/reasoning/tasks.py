@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Any, ClassVar
 
 from peftlab.shared import causal_lm as clm
+from peftlab.shared import requests
 from peftlab.shared.cards import Card
 from peftlab.shared.data import hold_out_validation, ratio_split
 from peftlab.shared.errors import UserError
@@ -131,6 +132,23 @@ class _ReasoningTask:
             if path.suffix.lower() not in (".jsonl", ".json"):
                 raise UserError(f"{path}: {self.name} predict reads JSON lines of questions (.jsonl)")
             examples += data.read_jsonl(path, self.KIND, labelled=False)
+        return examples
+
+    def parse_request(self, payload: dict, options) -> list[dict]:
+        """{"questions": [QUESTION, ...]} or {"questions": {ID: QUESTION, ...}}: a question's
+        text, or an object of a shape predict reads from JSON lines (e.g. {"question": TEXT,
+        "choices": [TEXT, ...]}), without the answer."""
+        requests.only_fields(payload, ("questions",))
+        examples = []
+        for key, record in requests.items(payload, "questions", "questions (text or objects)"):
+            where = f"questions[{key}]"
+            if isinstance(record, str):
+                record = {"question": record}
+            if not isinstance(record, dict):
+                raise UserError(f"{where}: a question's text or an object, not {type(record).__name__}")
+            if not str(record.get("question", "x")).strip():
+                raise UserError(f"{where}: empty question")
+            examples.append(data.record_example(record, where, self.KIND, False, "request", key))
         return examples
 
     def describe(self, example, output, labels) -> dict:
