@@ -125,7 +125,9 @@ def merge(base: dict, update: dict) -> dict:
 
 
 def apply_overrides(config: dict, overrides: list[str]) -> dict:
-    """`train.lr=3e-4 method.target_modules=[q,v]` -> nested updates (values parsed as YAML)."""
+    """`train.lr=3e-4 method.target_modules=[q,v]` -> nested updates (values parsed as YAML).
+    A mapping merges into the section it names (`train={epochs: 1}` keeps the other train
+    settings), as a config file's sections merge over the recipe's."""
     config = copy.deepcopy(config)
     for item in overrides:
         key, sep, raw = item.partition("=")
@@ -142,7 +144,8 @@ def apply_overrides(config: dict, overrides: list[str]) -> dict:
             node = node.setdefault(part, {})
             if not isinstance(node, dict):
                 raise UserError(f"override {item!r}: {part!r} is not a section")
-        node[parts[-1]] = value
+        current = node.get(parts[-1])
+        node[parts[-1]] = merge(current, value) if isinstance(current, dict) and isinstance(value, dict) else value
     return config
 
 

@@ -36,7 +36,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import peft
 import torch
 from peftlab.pipelines import runner
@@ -371,43 +370,53 @@ class MultiAdapter:
         adapter = self.get(name)
         return adapter.engine.submit(adapter, examples)
 
-    def predict(self, name: str, inputs) -> list[dict[str, Any]]:
-        """Like `Predictor.predict` for one adapter: files (paths) or example dicts -> rows."""
-        adapter = self.get(name)
-        p = adapter.predictor
-        if inputs and all(isinstance(i, str | Path) for i in inputs):
-            examples = p.task.read_inputs([Path(i) for i in inputs], p.options, p.card_fields)
-        else:
-            examples = list(inputs)
-        outputs = self.submit(name, examples).result()
-        return [p.task.describe(e, o, p.labels) for e, o in zip(examples, outputs)]
+    def predict(self, name: str, inputs, split: str | None = None) -> list[dict[str, Any]]:
+        """`Predictor.predict` for adapter `name` (files, a data card or example dicts),
+        computed on the shared backbone."""
+        return self.get(name).predictor.predict(inputs, split, outputs_of=self._outputs_of(name))
+
+    def predict_request(self, name: str, payload: Any) -> list[dict[str, Any]]:
+        """One JSON request body (the task's form, as `POST /predict/NAME` takes it) -> rows."""
+        return self.get(name).predictor.predict_request(payload, outputs_of=self._outputs_of(name))
+
+    def _outputs_of(self, name: str):
+        return lambda examples, progress: self.submit(name, examples).result()
 
     def parse_request(self, name: str, payload: Any) -> list[dict]:
         """A JSON request body in the task's natural form -> examples (UserError naming the field)."""
         adapter = self.get(name)
-        task = adapter.task
-        if not isinstance(payload, dict):
-            raise UserError(f"the request body must be a JSON object, not {type(payload).__name__}")
-        if not takes_json_requests(task):
-            raise UserError(f"task {task.name!r} has no JSON input form; use `peftlab predict` with files")
-        return task.parse_request(payload, adapter.predictor.options)
+        return parse_request(adapter.task, adapter.predictor.options, payload)
 
     def describe(self, name: str, examples: list[dict], outputs: list[Any]) -> list[dict]:
-        p = self.get(name).predictor
-        return [_plain(p.task.describe(e, o, p.labels)) for e, o in zip(examples, outputs)]
+        return self.get(name).predictor.rows(examples, outputs)
 
     def summary(self) -> list[dict[str, Any]]:
         return [adapter.describe() for adapter in self.adapters.values()]
 
     def close(self) -> None:
+        """Stop the batching threads (a later request starts them again)."""
         for engine in self.engines.values():
             engine.stop()
+
+    def __enter__(self) -> MultiAdapter:
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        self.close()
 
 
 def takes_json_requests(task) -> bool:
     """Whether a task has a JSON input form (`parse_request`), so that `peftlab serve` can
     answer it; the others (video-text: clips are folders of frames) predict on files only."""
     return callable(getattr(task, "parse_request", None))
+
+
+def parse_request(task, options, payload: Any) -> list[dict]:
+    if not isinstance(payload, dict):
+        raise UserError(f"the request body must be a JSON object, not {type(payload).__name__}")
+    if not takes_json_requests(task):
+        raise UserError(f"task {task.name!r} has no JSON input form; use `peftlab predict` with files")
+    return task.parse_request(payload, options)
 
 
 def request_form(task) -> str | None:
@@ -448,16 +457,3 @@ def parse_named_runs(run_dirs) -> dict[str, Path]:
     if not named:
         raise UserError("name at least one run directory to serve")
     return named
-
-
-def _plain(value):
-    """numpy scalars and arrays -> JSON types."""
-    if isinstance(value, dict):
-        return {k: _plain(v) for k, v in value.items()}
-    if isinstance(value, list | tuple):
-        return [_plain(v) for v in value]
-    if isinstance(value, np.generic):
-        return value.item()
-    if isinstance(value, np.ndarray):
-        return value.tolist()
-    return value

@@ -8,6 +8,7 @@ from collections import Counter
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 from peftlab.pipelines import config as cfg
 from peftlab.pipelines import runner
 from peftlab.shared import checkpoint, io, methods
@@ -87,6 +88,11 @@ class Predictor:
             )
 
     def evaluate(self, split: str = "test", card: str | None = None, predictions_file=None) -> dict[str, Any]:
+        """The run's metrics on `split` of its own card (as saved in metrics.json, exactly),
+        or of another `card` of the task with the run's classes: {metric: value}, plus
+        `by_group` where the data has groups and per-dataset accuracies for reasoning.
+        `predictions_file`: a JSONL path for one row per example (and a task's per-class
+        report beside it), as `peftlab eval --predictions` writes."""
         loaded = runner.load_run_card(self.run_dir, self.config, self.task) if card is None else \
             runner.load_card(card, self.task)
         # The run's own card is read as in training (same subsample); another card whole.
@@ -131,17 +137,24 @@ class Predictor:
         dataset.labels = list(self.labels)
         runner.log(f"note: {card.card_path} names the classes in another order; its labels are matched to the run's by name")
 
-    def predict(self, inputs, split: str | None = None) -> list[dict[str, Any]]:
-        """`inputs`: the task's natural files (paths), one data card (a `.md` path), or
-        example dicts as the task reads them. `split` picks one of a card's splits."""
+    def predict(self, inputs, split: str | None = None, outputs_of=None) -> list[dict[str, Any]]:
+        """`inputs`: the task's natural files (paths: one, or a list), one data card (a `.md`
+        path), or example dicts as the task reads them. `split` picks one of a card's
+        splits. Returns one row per input (per example of a card), as `peftlab predict`
+        writes them. `outputs_of(examples, progress) -> outputs` replaces this run's own
+        model (the multi-adapter server computes them on a shared backbone)."""
+        outputs_of = outputs_of or self._outputs
+        inputs = [inputs] if isinstance(inputs, str | Path | dict) else list(inputs)
         cards = [i for i in inputs if isinstance(i, str | Path) and Path(i).suffix.lower() == ".md"]
         if cards:
             if len(inputs) > 1:
                 raise UserError(f"{cards[0]}: a data card is predicted on its own; pass the card alone, or files without it")
-            return self._predict_card(cards[0], split)
+            return self._predict_card(cards[0], split, outputs_of)
         if split is not None:
             raise UserError(f"--split {split} picks a split of a data card; files are predicted whole")
-        if inputs and all(isinstance(i, str | Path) for i in inputs):
+        if not inputs:
+            raise UserError("nothing to predict: give files, a data card or example dicts")
+        if all(isinstance(i, str | Path) for i in inputs):
             missing = [str(i) for i in inputs if not Path(i).exists()]
             if missing:
                 raise UserError(f"{missing[0]}: no such file or folder")
@@ -151,9 +164,12 @@ class Predictor:
                 names = f"fields {self.card_fields}" if self.card_fields else "the default field names"
                 raise UserError(f"{error.where}: {error.what}; predict reads inputs with the run's card, "
                                 f"{self.run_dir / 'card.md'} ({names}): name the columns so in the input") from None
-        else:
+        elif all(isinstance(i, dict) for i in inputs):
             # dicts made by hand may carry no id; a line names its input by position then
             examples = [example if "id" in example else {"id": str(index), **example} for index, example in enumerate(inputs)]
+        else:
+            kinds = sorted({type(i).__name__ for i in inputs})
+            raise UserError(f"predict takes paths (files or one data card) or example dicts, not {', '.join(kinds)}")
         repeated = [key for key, count in Counter(e["id"] for e in examples).items() if count > 1]
         if repeated:  # rows are still one per input, in order; only a lookup by id would be ambiguous
             runner.log(f"note: {len(repeated)} ids name more than one input (e.g. {repeated[0]!r}); "
@@ -161,12 +177,30 @@ class Predictor:
         if hasattr(self.task, "input_notes"):  # what a card's reader notes, for inputs given without one (crops)
             for note in self.task.input_notes(examples, self.options):
                 runner.log(f"note: {note}")
-        outputs = predict_outputs(self.model, examples, self.batch_size, self.accelerator.autocast, progress="predict")
-        if hasattr(self.task, "describe_predictions"):  # rows that depend on each other (retrieval ranks the inputs)
-            return self.task.describe_predictions(examples, outputs, self.labels)
-        return [self.task.describe(e, o, self.labels) for e, o in zip(examples, outputs)]
+        return self.rows(examples, outputs_of(examples, "predict"))
 
-    def _predict_card(self, card_path, split: str | None) -> list[dict[str, Any]]:
+    def predict_request(self, payload, outputs_of=None) -> list[dict[str, Any]]:
+        """One JSON request body of `peftlab serve` (the task's `parse_request` form, e.g.
+        {"sequences": [...]}), checked as the service checks it -> rows."""
+        from peftlab.pipelines.multi_adapter import parse_request
+
+        examples = parse_request(self.task, self.options, payload)
+        return self.rows(examples, (outputs_of or self._outputs)(examples, "predict"))
+
+    def rows(self, examples: list[dict], outputs: list[Any]) -> list[dict[str, Any]]:
+        """Prediction rows (plain JSON types) for examples and their model outputs."""
+        for example, output in zip(examples, outputs):
+            if not _finite(output):
+                raise UserError(f"{example['id']}: the model's scores for this input are not finite numbers; its "
+                                f"values are outside the range the model computes in (check its scale)")
+        if hasattr(self.task, "describe_predictions"):  # rows that depend on each other (retrieval ranks the inputs)
+            return _plain(self.task.describe_predictions(examples, outputs, self.labels))
+        return [_plain(self.task.describe(e, o, self.labels)) for e, o in zip(examples, outputs)]
+
+    def _outputs(self, examples: list[dict], progress: str) -> list[Any]:
+        return predict_outputs(self.model, examples, self.batch_size, self.accelerator.autocast, progress=progress)
+
+    def _predict_card(self, card_path, split: str | None, outputs_of) -> list[dict[str, Any]]:
         """Every example of the card's splits (or of `split`), read by the task's reader as
         training reads a card, each line naming its split. Labels in the data are read, not used."""
         card = runner.load_card(str(card_path), self.task)
@@ -185,9 +219,7 @@ class Predictor:
         rows = []
         for name in [split] if split is not None else list(dataset.splits):
             examples = dataset.splits[name]
-            outputs = predict_outputs(self.model, examples, self.batch_size, self.accelerator.autocast,
-                                      progress=f"predict {name}")
-            rows += [{"split": name, **self.task.describe(e, o, self.labels)} for e, o in zip(examples, outputs)]
+            rows += [{"split": name, **row} for row in self.rows(examples, outputs_of(examples, f"predict {name}"))]
         return rows
 
     def merge(self, out) -> Path:
@@ -262,3 +294,25 @@ def check_mergeable(run_dir: Path, meta: dict) -> None:
         mergeable = [m for m in methods.list_methods() if methods.get_method(m).mergeable]
         raise UserError(f"{run_dir}: method {method!r} cannot be merged into the backbone weights; "
                         f"mergeable methods: {', '.join(mergeable)}")
+
+
+def _finite(output) -> bool:
+    """Whether a model output (scores, embeddings, or generated text) holds no NaN or inf."""
+    if isinstance(output, dict):
+        return all(_finite(value) for value in output.values())
+    if isinstance(output, np.ndarray | np.generic | float) and np.issubdtype(np.asarray(output).dtype, np.floating):
+        return bool(np.isfinite(output).all())
+    return True
+
+
+def _plain(value):
+    """numpy scalars and arrays -> JSON types."""
+    if isinstance(value, dict):
+        return {k.item() if isinstance(k, np.generic) else k: _plain(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_plain(v) for v in value]
+    if isinstance(value, np.generic):
+        return value.item()
+    if isinstance(value, np.ndarray):
+        return value.tolist()
+    return value

@@ -470,7 +470,7 @@ def evaluate_split(task, model, dataset: Dataset, split: str, metric_names, batc
             rows.append(row)
         io.write_jsonl(predictions_file, rows)
         if hasattr(task, "write_report"):
-            task.write_report(split, examples, outputs, dataset.labels, predictions_file.parent)
+            task.write_report(split, examples, outputs, dataset.labels, Path(predictions_file).parent)
     return results
 
 

@@ -13,7 +13,9 @@ the task's `parse_request`, and any mistake is a 4xx whose `error` names the fie
 400 for a body that is not JSON, 404 for an unknown adapter (listing the served ones),
 413 for a body over the size limit, 422 for a well-formed body with wrong content.
 A run whose task has no JSON input form (video-text) is refused at start-up, before any
-backbone loads: no request could ever reach it.
+backbone loads: no request could ever reach it. The port opens once every run has
+loaded, so /health answering means ready. Anything else that fails answers 500 with a
+JSON `error` (the traceback is in the server's log).
 """
 
 from __future__ import annotations
@@ -75,16 +77,22 @@ def create_app(multi: MultiAdapter) -> Starlette:
             payload: Any = json.loads(body)
         except (json.JSONDecodeError, UnicodeDecodeError) as exc:
             return error(400, f"the request body is not JSON ({exc}); send a JSON object")
+        except RecursionError:
+            return error(400, "the request body nests JSON too deeply to read; send the task's flat form (GET /adapters)")
         try:
             examples = multi.parse_request(name, payload)
             outputs = await asyncio.wrap_future(multi.submit(name, examples))
+            predictions = multi.describe(name, examples, outputs)
         except UserError as exc:
             return error(422, str(exc))
-        task = multi.get(name).task.name
-        return JSONResponse({"adapter": name, "task": task, "predictions": multi.describe(name, examples, outputs)})
+        return JSONResponse({"adapter": name, "task": multi.get(name).task.name, "predictions": predictions})
 
     async def http_error(request: Request, exc: HTTPException) -> JSONResponse:
         return error(exc.status_code, exc.detail)  # e.g. 405 for GET /predict/NAME, as JSON
+
+    async def server_error(request: Request, exc: Exception) -> JSONResponse:
+        # the traceback goes to the server's log (Starlette logs it); the client gets JSON as for any error
+        return error(500, f"internal error ({type(exc).__name__}); the server's log has the details")
 
     @contextlib.asynccontextmanager
     async def lifespan(app):
@@ -95,7 +103,7 @@ def create_app(multi: MultiAdapter) -> Starlette:
         Route("/health", health, methods=["GET"]),
         Route("/adapters", adapters, methods=["GET"]),
         Route("/predict/{adapter}", predict, methods=["POST"]),
-    ], exception_handlers={HTTPException: http_error}, lifespan=lifespan)
+    ], exception_handlers={HTTPException: http_error, Exception: server_error}, lifespan=lifespan)
 
 
 def serve(run_dirs, host: str = "127.0.0.1", port: int = 8000, force: bool = False, max_batch: int = 32,

@@ -116,7 +116,7 @@ def compute_by_group(names: Sequence[str], y_true, scores, groups, compute_metri
     (None where fewer than two groups have a value: one group has no gap to report).
     `compute_metrics(names, y_true, scores)` scores one group (multi-label tasks pass theirs)."""
     y_true, scores, groups = np.asarray(y_true), np.asarray(scores), np.asarray([str(g) for g in groups])
-    per_group = {g: compute_metrics(names, y_true[groups == g], scores[groups == g]) for g in np.unique(groups)}
+    per_group = {str(g): compute_metrics(names, y_true[groups == g], scores[groups == g]) for g in np.unique(groups)}
     gaps = {}
     for name in names:
         values = [m[name] for m in per_group.values() if m.get(name) is not None]

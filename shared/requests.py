@@ -17,10 +17,11 @@ MAX_ITEMS = 1024
 """Inputs in one request at most: a bound on what one request can cost."""
 
 
-def only_fields(payload: dict, allowed: tuple[str, ...]) -> None:
+def only_fields(payload: dict, allowed: tuple[str, ...], where: str = "") -> None:
+    """`where`: the path of a nested object (`inputs[0]`), which the error names."""
     unknown = sorted(set(payload) - set(allowed))
     if unknown:
-        raise UserError(f"{unknown[0]}: not a field of this request; use {', '.join(allowed)}")
+        raise UserError(f"{where}{'.' if where else ''}{unknown[0]}: not a field of this request; use {', '.join(allowed)}")
 
 
 def items(payload: dict, field: str, what: str) -> list[tuple[str, Any]]:

@@ -8,6 +8,7 @@ import json
 from collections import Counter
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from peftlab.domains.code_review import data
@@ -132,6 +133,34 @@ def test_long_diff_is_cut_from_the_middle_keeping_hunk_headers(tiny):
     assert "+    line_20 = 20" not in text and "lines cut) ..." in text  # the middle goes
     assert render_prompt(tiny.tokenizer, options, {"patch": "+x = 1"}) == clm.prompt_ids(
         tiny.tokenizer, options.prompt_template.format(patch="+x = 1"))
+
+
+def test_middle_out_cut_counts_its_markers_as_a_recount_would_and_takes_long_diffs_in_stride():
+    def recounted(text, budget, count):  # the rule spelt out: recount the cut runs before every cut
+        lines = text.split("\n")
+        costs = [count(line + "\n") for line in lines]
+        total, middle, marker = sum(costs), (len(lines) - 1) / 2, count("... (0000 lines cut) ...\n")
+        if total <= budget:
+            return 0
+        removed = set()
+        for index in sorted((i for i, line in enumerate(lines) if not line.startswith("@@")),
+                            key=lambda i: (abs(i - middle), i)):
+            if total + max(sum(1 for i in removed if i - 1 not in removed), 1) * marker <= budget:
+                break
+            removed.add(index)
+            total -= costs[index]
+        return len(removed)
+
+    count = len  # one token per character: the rule is the same whatever counts
+    rng = np.random.default_rng(0)
+    for _ in range(200):
+        lines = ["@@ -1 +1 @@" if rng.random() < 0.15 else "+" + "x" * int(rng.integers(0, 30))
+                 for _ in range(int(rng.integers(1, 60)))]
+        text = "\n".join(lines)
+        budget = int(rng.integers(0, len(text) + 40))
+        assert data.truncate_lines_middle_out(text, budget, count)[1] == recounted(text, budget, count)
+    cut, lines_cut = data.truncate_lines_middle_out("+x = 1\n" * 50_000, 400, count)  # 350 KB: seconds, not minutes
+    assert len(cut) <= 400 + len("... (00000 lines cut) ...") and lines_cut > 49_900
 
 
 def test_prompt_templates_are_checked():

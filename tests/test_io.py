@@ -43,3 +43,19 @@ def test_yaml_reads_numbers_and_booleans_as_yaml_1_2_does_in_configs_overrides_a
     assert build_options(get_method("lora"), overrides["method"]).dropout == 0.1
     (tmp_path / "run.yaml").write_text("pipeline: protein-ppi\nmethod: {name: lora, alpha: 3.2e1}\n")
     assert config.read_config_file(tmp_path / "run.yaml")["method"]["alpha"] == 32.0
+
+
+def test_python_overrides_keep_their_values_and_a_mapping_merges_into_its_section():
+    from peftlab.pipelines import api, runner
+
+    # from Python a string is that string (YAML read "#tag" as null, "007" as 7, "a: b" as a mapping)
+    given = {"backbone.name": "#tag", "task.name": "007", "method.target_modules": ["a: b"], "train": {"epochs": 1}}
+    texts = [f"{key}={api._yaml_value(value)}" for key, value in given.items()]
+    applied = config.apply_overrides({"train": {"epochs": 5, "batch_size": 16}}, texts)
+    assert applied == {"backbone": {"name": "#tag"}, "task": {"name": "007"}, "method": {"target_modules": ["a: b"]},
+                       "train": {"epochs": 1, "batch_size": 16}}
+    # the demo's own batch size, rate and patience stay when one train setting is given as a section
+    demo = runner.build_config("protein-classify", demo=True)
+    merged = runner.build_config("protein-classify", demo=True, overrides=["train={epochs: 1}"])
+    assert merged.train.epochs == 1
+    assert merged.train.model_dump(exclude={"epochs"}) == demo.train.model_dump(exclude={"epochs"})

@@ -393,8 +393,10 @@ def test_demo_learns_reports_groups_and_predicts_files(tmp_path):
     assert np.trace(confusion["counts"]) / 150 == pytest.approx(test["accuracy"])
 
     predictor = peftlab.load(run_dir)
-    again = predictor.evaluate("test")
+    again = predictor.evaluate("test", predictions_file=str(tmp_path / "again" / "test.jsonl"))  # a str path too
     assert again["accuracy"] == test["accuracy"] and again["auroc"] == test["auroc"]
+    assert all(type(group) is str for group in again["by_group"]["groups"])  # plain keys, not numpy strings
+    assert (tmp_path / "again" / "test_confusion.json").is_file()
     folder = tmp_path / "inputs"
     folder.mkdir()
     rng = np.random.default_rng(1)

@@ -281,6 +281,9 @@ def test_normalisation_and_training_augmentation_come_from_the_rng():
     unit = data.normalize_to_unit_sphere(cloud)
     np.testing.assert_allclose(unit.mean(0), 0, atol=1e-5)
     assert np.linalg.norm(unit, axis=1).max() == pytest.approx(1, abs=1e-6)
+    for scale in (1e36, 1e-43):  # finite float32 whose sums overflow or whose spans underflow: the same shape
+        np.testing.assert_allclose(data.normalize_to_unit_sphere((cloud - 7) * np.float32(scale)),
+                                   data.normalize_to_unit_sphere(cloud - 7), atol=1e-5 if scale > 1 else 0.05)
     task, options = _task()
     model = task.build_model("tiny", ["a", "b"], options)
     examples = [{"id": "x", "points": cloud, "label": 1}]

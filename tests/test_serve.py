@@ -238,6 +238,46 @@ def test_python_api_load_of_a_list_serves_every_run(runs, expected):
         MultiAdapter([runs["lora_a"], runs["lora_a"]])
 
 
+def test_the_multi_adapter_predicts_every_input_form_as_the_runs_own_predictor_does(runs, expected, tmp_path):
+    """Files, one path alone, a generator, a data card, dicts without ids and the JSON
+    request form: `peftlab.load([...]).predict` reads them as `peftlab.load(run).predict`."""
+    own = Predictor(runs["lora_a"])
+    fasta = tmp_path / "q.fasta"
+    fasta.write_text("".join(f">{q['id']}\n{q['seq']}\n" for q in QUERIES[:3]))
+    card = runs["lora_a"] / "card.md"
+    with peftlab.load([f"a={runs['lora_a']}"]) as served:
+        assert_same_rows(own.predict(fasta), expected["lora_a"][:3])  # one path, not a list of its letters
+        assert_same_rows(own.predict(str(fasta)), expected["lora_a"][:3])
+        assert_same_rows(served.predict("a", (path for path in [fasta])), expected["lora_a"][:3])
+        by_card = served.predict("a", card, split="test")
+        assert by_card == own.predict([card], split="test") and {row["split"] for row in by_card} == {"test"}
+        no_ids = served.predict("a", [{"seq": q["seq"]} for q in QUERIES[:2]])
+        assert [row["id"] for row in no_ids] == ["0", "1"]
+        requested = served.predict_request("a", {"sequences": {q["id"]: q["seq"] for q in QUERIES[:2]}})
+        assert_same_rows(requested, expected["lora_a"][:2])
+        assert_same_rows(own.predict_request({"sequences": {q["id"]: q["seq"] for q in QUERIES[:2]}}), requested)
+        with pytest.raises(UserError, match=r"sequences\[0\]: '1' is not an amino-acid letter"):
+            own.predict_request({"sequences": ["MK1V"]})
+        with pytest.raises(UserError, match="predict takes paths .* or example dicts, not int"):
+            served.predict("a", [3])
+        # scores that are not numbers (an input far outside the model's range) are refused, never a NaN row
+        with pytest.raises(UserError, match="^p7: the model's scores for this input are not finite numbers"):
+            own.rows([{"id": "p7", "seq": "MKV"}], [np.array([np.nan, 0.1, 0.2, 0.3])])
+
+
+def test_a_failure_inside_the_server_is_json_and_deep_json_is_a_400(multi, monkeypatch):
+    from peftlab.pipelines import serve
+    from starlette.testclient import TestClient
+
+    client = TestClient(serve.create_app(multi), raise_server_exceptions=False)
+    deep = client.post("/predict/lora_a", content=b'{"sequences": ' + b"[" * 100_000 + b"]" * 100_000 + b"}")
+    assert deep.status_code == 400 and "nests JSON too deeply" in deep.json()["error"]
+    monkeypatch.setattr(multi, "describe", lambda *args: 1 / 0)
+    failed = client.post("/predict/lora_a", json={"sequences": ["MKV"]})
+    assert failed.status_code == 500
+    assert failed.json() == {"error": "internal error (ZeroDivisionError); the server's log has the details"}
+
+
 def test_health_counts_distinct_backbones_and_the_copies_in_memory(multi):
     """Four runs on the one tiny ESM-2: one backbone, held as three copies (the LoRA runs'
     shared model, the IA3 model beside it, BitFit's own). It once said "backbones": 3."""
@@ -402,6 +442,8 @@ def test_speech_point_cloud_code_review_and_ppi_forms_read_as_their_files_do(tmp
         refine.parse_request({"inputs": [{"old": "x"}]}, refine.options())
     with pytest.raises(UserError, match=r"inputs\[0\]\.patch: expected a string"):
         necessity.parse_request({"inputs": [{"patch": 3}]}, necessity.options())
+    with pytest.raises(UserError, match=r"inputs\[0\]\.msg: not a field of this request; use patch"):
+        necessity.parse_request({"inputs": [{"patch": "x", "msg": "y"}]}, necessity.options())
 
     # protein pairs: raw sequences, or a FASTA and a pairs table as JSON
     ppi = get_task("protein-ppi")

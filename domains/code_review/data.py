@@ -171,10 +171,11 @@ def truncate_lines_middle_out(text: str, budget: int, count: Callable[[str], int
     order = sorted((i for i, line in enumerate(lines) if not is_hunk_header(line)), key=lambda i: (abs(i - middle), i))
     marker_cost = count("... (0000 lines cut) ...\n")
     removed: set[int] = set()
+    runs = 0  # of consecutive cut lines, each one marker; kept as lines go (a recount is quadratic)
     for index in order:
-        runs = _runs(removed, len(lines)) or 1
-        if total + runs * marker_cost <= budget:
+        if total + max(runs, 1) * marker_cost <= budget:
             break
+        runs += 1 - (index - 1 in removed) - (index + 1 in removed)
         removed.add(index)
         total -= costs[index]
     kept: list[str] = []
@@ -188,10 +189,6 @@ def truncate_lines_middle_out(text: str, budget: int, count: Callable[[str], int
             continue
         kept.append(line)
     return "\n".join(kept), len(removed)
-
-
-def _runs(removed: set[int], length: int) -> int:
-    return sum(1 for i in removed if i - 1 not in removed)
 
 
 # ----------------------------------------------------------------------------- demo data

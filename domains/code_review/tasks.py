@@ -260,7 +260,7 @@ class _CodeReviewTask:
         for key, record in requests.items(payload, "inputs", "objects {" + ", ".join(fields) + "}"):
             if not isinstance(record, dict):
                 raise UserError(f"inputs[{key}]: an object with {', '.join(fields)}, not {type(record).__name__}")
-            requests.only_fields(record, tuple(fields))
+            requests.only_fields(record, tuple(fields), where=f"inputs[{key}]")
             missing = [name for name in fields if name not in record]
             if missing:
                 raise UserError(f"inputs[{key}].{missing[0]}: required ({self.name} reads {', '.join(fields)})")

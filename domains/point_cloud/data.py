@@ -47,6 +47,7 @@ def check_points(points: np.ndarray, where: str) -> np.ndarray:
 def normalize_to_unit_sphere(points: np.ndarray) -> np.ndarray:
     """Centre on the centroid and scale so the farthest point is at distance 1 (the
     PointNet / Point-BERT convention for ModelNet and ScanObjectNN)."""
+    points = np.asarray(points, dtype=np.float64)  # float32 overflows on sums of 1e38 and underflows on 1e-44 spans
     centered = points - points.mean(axis=0, keepdims=True)
     return (centered / np.linalg.norm(centered, axis=1).max()).astype(np.float32)
 
