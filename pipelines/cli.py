@@ -10,7 +10,6 @@ import json
 import os
 import shutil
 import sys
-import warnings
 from pathlib import Path
 
 import click
@@ -287,18 +286,7 @@ def _reports_errors() -> bool:
     return launcher_rank() == 0
 
 
-# Library notices that say nothing to a peftlab user: peft reads a deprecated transformers
-# property on every model it wraps, and looks for a config.json that a GGUF backbone's
-# folder (a pip package) does not have; neither changes what runs.
-QUIET_WARNINGS = (
-    (FutureWarning, r"`is_gradient_checkpointing` is deprecated"),
-    (UserWarning, r"Could not find a config file in "),
-)
-
-
 def main(argv=None) -> int:
-    for category, message in QUIET_WARNINGS:
-        warnings.filterwarnings("ignore", message=message, category=category)
     try:
         code = cli.main(args=argv, prog_name="peftlab", standalone_mode=False)
     except UserError as error:

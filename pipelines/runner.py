@@ -14,6 +14,7 @@ the others learn its path, so one run is one directory whoever started it.
 from __future__ import annotations
 
 import json
+import logging
 import shutil
 import sys
 import time
@@ -50,9 +51,25 @@ HEAD_FILE = "head.safetensors"
 BUFFERS_FILE = "buffers.safetensors"
 
 
+class _StderrHandler(logging.Handler):
+    """Writes each message alone to the stderr of the moment (a notebook or a test may
+    swap it after import)."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        print(self.format(record), file=sys.stderr, flush=True)
+
+
+LOGGER = logging.getLogger("peftlab")
+"""What runs, evaluations and predictions say. From Python,
+`logging.getLogger("peftlab").setLevel(logging.WARNING)` quiets it."""
+LOGGER.addHandler(_StderrHandler())
+LOGGER.setLevel(logging.INFO)
+LOGGER.propagate = False  # one copy of each line, whatever the root logger does
+
+
 def log(message: str) -> None:
     if launcher_rank() == 0:  # one voice for all processes of a run
-        print(message, file=sys.stderr, flush=True)
+        LOGGER.info(message)
 
 
 def build_config(

@@ -12,6 +12,7 @@ its own model). A bad request never reaches the model: its body is parsed by
 the task's `parse_request`, and any mistake is a 4xx whose `error` names the field:
 400 for a body that is not JSON, 404 for an unknown adapter (listing the served ones),
 413 for a body over the size limit, 422 for a well-formed body with wrong content.
+A request whose client disconnects while it waits for its batch is dropped (499).
 A run whose task has no JSON input form (video-text) is refused at start-up, before any
 backbone loads: no request could ever reach it. The port opens once every run has
 loaded, so /health answering means ready. Anything else that fails answers 500 with a
@@ -24,6 +25,7 @@ import asyncio
 import contextlib
 import json
 import socket
+from concurrent.futures import Future
 from typing import Any
 
 from peftlab.pipelines.multi_adapter import MultiAdapter
@@ -56,6 +58,24 @@ async def read_body(request: Request) -> bytes | None:
     return b"".join(chunks)
 
 
+DISCONNECT_POLL_S = 0.25
+"""How often a waiting request checks that its client is still there."""
+
+
+async def outputs_while_connected(request: Request, job: Future) -> list | None:
+    """The job's outputs, or None once the client has gone: a job still queued is then
+    cancelled (the batching thread skips it), so abandoned requests do not hold up the
+    ones behind them. A job already computing finishes."""
+    waiting = asyncio.wrap_future(job)
+    while True:
+        done, _ = await asyncio.wait({waiting}, timeout=DISCONNECT_POLL_S)
+        if done:
+            return waiting.result()
+        if await request.is_disconnected():
+            job.cancel()
+            return None
+
+
 def create_app(multi: MultiAdapter) -> Starlette:
     """The ASGI app over an already loaded `MultiAdapter` (tests drive it in-process)."""
 
@@ -81,7 +101,9 @@ def create_app(multi: MultiAdapter) -> Starlette:
             return error(400, "the request body nests JSON too deeply to read; send the task's flat form (GET /adapters)")
         try:
             examples = multi.parse_request(name, payload)
-            outputs = await asyncio.wrap_future(multi.submit(name, examples))
+            outputs = await outputs_while_connected(request, multi.submit(name, examples))
+            if outputs is None:
+                return error(499, "the client closed the connection; the request was dropped")
             predictions = multi.describe(name, examples, outputs)
         except UserError as exc:
             return error(422, str(exc))

@@ -41,6 +41,7 @@ from peftlab.shared import (
 from peftlab.shared.backbone_cache import load_once
 from peftlab.shared.errors import UserError
 from peftlab.shared.lazy import lazy_import
+from peftlab.shared.methods.peft_methods import wrap_quietly
 from peftlab.shared.methods.registry import Applied, register_method
 from peftlab.shared.methods.targeting import find_blocks, resolve_layers
 from torch import nn
@@ -572,7 +573,7 @@ class PromptLearningOptions:
 
 
 def _prompt_learning(model: nn.Module, config: peft.PeftConfig) -> Applied:
-    wrapped = peft.get_peft_model(model, config)
+    wrapped = wrap_quietly(model, config)
     return Applied(wrapped, [n for n, p in wrapped.named_parameters() if p.requires_grad])
 
 

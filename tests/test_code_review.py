@@ -88,6 +88,18 @@ def test_loss_covers_answer_tokens_only(tiny):
     assert clm.answer_ids(tokenizer, "x" * 50, 10) == clm.encode(tokenizer, "x" * 10)  # cut: no eos
 
 
+@pytest.mark.parametrize("method", ["lora", "prompt_tuning"])
+def test_peft_wraps_a_transformers_model_without_library_notices(tiny, method):
+    """peft reads transformers' deprecated `is_gradient_checkpointing` on each model it
+    wraps; the FutureWarning reached Python users (the CLI filtered it)."""
+    import warnings
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        methods.apply(copy.deepcopy(tiny.model), method, **clm.default_method_options(method, tiny.model))
+    assert [str(w.message) for w in caught if issubclass(w.category, FutureWarning)] == []
+
+
 @pytest.mark.parametrize("method", ["none", "llama_adapter", "lora"])
 @pytest.mark.parametrize("beams", [1, 3])
 def test_batched_left_padded_generation_equals_one_by_one(tiny, method, beams):

@@ -59,3 +59,19 @@ def test_python_overrides_keep_their_values_and_a_mapping_merges_into_its_sectio
     merged = runner.build_config("protein-classify", demo=True, overrides=["train={epochs: 1}"])
     assert merged.train.epochs == 1
     assert merged.train.model_dump(exclude={"epochs"}) == demo.train.model_dump(exclude={"epochs"})
+
+
+def test_what_runs_say_goes_through_the_peftlab_logger_which_python_users_can_quiet(capsys):
+    import logging
+
+    from peftlab.pipelines import runner
+
+    runner.log("said")
+    assert capsys.readouterr().err == "said\n"  # the message alone, on the stderr of the moment
+    logger = logging.getLogger("peftlab")
+    logger.setLevel(logging.WARNING)
+    try:
+        runner.log("quiet")
+        assert capsys.readouterr().err == ""
+    finally:
+        logger.setLevel(logging.INFO)

@@ -365,6 +365,19 @@ def test_torchvision_resnet_weights_load_by_name_and_compute_the_same_features(t
         torch.testing.assert_close(model(pixels), reference(pixels), atol=1e-5, rtol=1e-5)
 
 
+def test_weights_under_other_key_names_load_by_position_and_say_so_once(tmp_path, capsys):
+    reference, _, _ = backbones.load_backbone("random-init:resnet18", image_size=32)
+    tensors = [v for k, v in reference.state_dict().items() if not k.endswith("num_batches_tracked")]
+    renamed = {f"layer_{i:03d}": tensor for i, tensor in enumerate(tensors)}  # another exporter's names
+    torch.save(renamed, tmp_path / "exported.pth")
+    for _ in range(2):  # as training, then evaluation, load it
+        model, info, _ = backbones.load_backbone(f"resnet18:{tmp_path / 'exported.pth'}", image_size=32)
+        assert info["key_mapping"] == "by position"
+        assert all(torch.equal(model.state_dict()[k], v) for k, v in reference.state_dict().items()
+                   if not k.endswith("num_batches_tracked"))
+    assert capsys.readouterr().err.count("so they were loaded by position") == 1
+
+
 def test_random_init_only_by_explicit_name():
     model, info, _ = backbones.load_backbone("random-init:resnet18", image_size=32)
     again, _, _ = backbones.load_backbone("random-init:resnet18", image_size=32)

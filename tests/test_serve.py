@@ -132,6 +132,37 @@ def test_a_cancelled_request_is_skipped_and_the_worker_keeps_serving(runs, expec
         served.close()
 
 
+def test_a_request_whose_client_leaves_is_dropped_before_it_runs(runs, expected):
+    """A client that gives up (a timeout, a closed tab) no longer leaves its job to run:
+    the waiting request sees the disconnect and cancels it, and the batching thread skips it."""
+    import uvicorn
+    from peftlab.pipelines.serve import create_app
+
+    served = MultiAdapter([runs["lora_a"]], max_wait_ms=3000)  # a long batching window: requests wait in it
+    sock = free_socket()
+    server = uvicorn.Server(uvicorn.Config(create_app(served), log_level="warning", lifespan="off"))
+    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
+    thread.start()
+    try:
+        deadline = time.time() + 20
+        while not server.started:
+            assert time.time() < deadline, "uvicorn did not start"
+            time.sleep(0.02)
+        body = json.dumps({"sequences": ["MKVLAAGIL"]}).encode()
+        client = socket.create_connection(sock.getsockname())
+        client.sendall(b"POST /predict/lora_a HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                       b"Content-Length: %d\r\n\r\n" % len(body) + body)
+        time.sleep(0.5)  # its job is queued in the window
+        client.close()
+        kept = served.submit("lora_a", QUERIES[:2])
+        assert_same_rows(served.describe("lora_a", QUERIES[:2], kept.result(timeout=60)), expected["lora_a"][:2])
+        assert served.get("lora_a").engine.stats["examples"] == 2  # the departed client's sequence never ran
+    finally:
+        server.should_exit = True
+        thread.join(10)
+        served.close()
+
+
 def free_socket() -> socket.socket:
     sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)

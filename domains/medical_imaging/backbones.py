@@ -234,6 +234,9 @@ def read_state_dict(path: Path) -> dict[str, torch.Tensor]:
     return {k.removeprefix("module."): v for k, v in data.items()}
 
 
+_NOTED_BY_POSITION: set[tuple[Path, str]] = set()
+
+
 def _load_weights_file(arch: str, path: Path, name: str, image_size: int | None):
     state = read_state_dict(path)
     try:
@@ -247,8 +250,10 @@ def _load_weights_file(arch: str, path: Path, name: str, image_size: int | None)
                             f"({' '.join(first[:2])[:300]}); check the architecture name") from None
         model = _load_strict(arch, reordered, image_size)
         mapping = "by position"
-        print(f"note: {path}: key names differ from timm's {arch}; all {len(reordered)} tensors match it "
-              f"in order and shape, so they were loaded by position", file=sys.stderr)
+        if (path, arch) not in _NOTED_BY_POSITION:  # said once: training, evaluation and predict reload it
+            _NOTED_BY_POSITION.add((path, arch))
+            print(f"note: {path}: key names differ from timm's {arch}; all {len(reordered)} tensors match it "
+                  f"in order and shape, so they were loaded by position", file=sys.stderr)
     model, info, config = _finish(model, name, str(path), arch, image_size)
     info["key_mapping"] = mapping
     return model, info, config

@@ -10,6 +10,7 @@ import torch
 from peftlab.shared import io
 from peftlab.shared.errors import UserError
 from peftlab.shared.lazy import lazy_import
+from peftlab.shared.methods.peft_methods import quiet_peft
 from peftlab.shared.methods.registry import MethodSpec, build_options, get_method
 from torch import nn
 
@@ -61,15 +62,17 @@ class AdaptedModel(nn.Module):
     def method_state_dict(self) -> dict[str, torch.Tensor]:
         """Exactly what `save` writes: the tensors that, with the base, rebuild the model."""
         if isinstance(self.model, peft.PeftModel):
-            return peft.get_peft_model_state_dict(self.model)
+            with quiet_peft():
+                return peft.get_peft_model_state_dict(self.model)
         state = {name: p.detach() for name, p in self.method_parameters().items()}
         state.update({name: b.detach() for name, b in self.method_buffers().items()})
         return state
 
     def load_method_state_dict(self, tensors: dict[str, torch.Tensor], source: str = "adapter") -> None:
         if isinstance(self.model, peft.PeftModel):
-            result = peft.set_peft_model_state_dict(self.model, tensors)
-            expected = set(peft.get_peft_model_state_dict(self.model))
+            with quiet_peft():
+                result = peft.set_peft_model_state_dict(self.model, tensors)
+                expected = set(peft.get_peft_model_state_dict(self.model))
             # Prompt-learning methods load `prompt_embeddings` themselves yet report it
             # as unexpected; everything else peft reports as unexpected is a mismatch.
             prompt_learning = self.model.peft_config[self.model.active_adapter].is_prompt_learning
@@ -109,7 +112,8 @@ class AdaptedModel(nn.Module):
         directory.mkdir(parents=True, exist_ok=True)
         if isinstance(self.model, peft.PeftModel):
             # peft's own writer: the folder loads with peft.PeftModel.from_pretrained.
-            self.model.save_pretrained(str(directory))
+            with quiet_peft():
+                self.model.save_pretrained(str(directory))
         else:
             io.save_tensors(directory / WEIGHTS_FILE, self.method_state_dict())
         io.write_json(directory / METHOD_FILE, {"method": self.method, "options": dataclasses.asdict(self.options)})

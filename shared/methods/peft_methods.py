@@ -8,7 +8,9 @@ peftlab selects modules the same way and errors name what exists.
 
 from __future__ import annotations
 
+import contextlib
 import re
+import warnings
 from dataclasses import dataclass, field
 
 import torch
@@ -77,8 +79,29 @@ class _ScaledMask(torch.autograd.Function):
         return torch.where(keep, grad, 0.0).mul_(ctx.scale), None, None
 
 
+PEFT_NOTICES = (
+    (FutureWarning, r"`is_gradient_checkpointing` is deprecated"),  # read on every model peft wraps
+    (UserWarning, r"Could not find a config file in "),  # a GGUF backbone's folder (a pip package) has no config.json
+)
+"""peft's notices that say nothing a peftlab user could act on: neither changes what runs."""
+
+
+@contextlib.contextmanager
+def quiet_peft():
+    """Silence `PEFT_NOTICES` around a call into peft (and only there), from the CLI or Python."""
+    with warnings.catch_warnings():
+        for category, message in PEFT_NOTICES:
+            warnings.filterwarnings("ignore", message=message, category=category)
+        yield
+
+
+def wrap_quietly(model: nn.Module, config: peft.PeftConfig) -> peft.PeftModel:
+    with quiet_peft():
+        return peft.get_peft_model(model, config)
+
+
 def _wrap(model: nn.Module, config: peft.PeftConfig) -> Applied:
-    peft_model = peft.get_peft_model(model, config)
+    peft_model = wrap_quietly(model, config)
     for name, module in peft_model.named_modules():
         if ".lora_dropout." in f".{name}." and type(module) is nn.Dropout:
             module.__class__ = UniformMaskDropout
