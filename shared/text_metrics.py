@@ -23,8 +23,9 @@ calls them through `metrics.get_metric(name).fn`. Values are fractions in [0, 1]
   in coco-caption. Reported as pycocoevalcap returns it (papers print it x100); it can
   exceed 1.
 
-`rouge_l`, `cider` and `multi_reference_bleu4` also take several references per example
-(each reference a list of strings), as captioning data has (MSR-VTT: 20 per video).
+`rouge_l`, `cider` and `caption_bleu4` (video captioning's `bleu4`: coco-caption's
+corpus-level `Bleu_4`) also take several references per example (each reference a list
+of strings), as captioning data has (MSR-VTT: 20 per video).
 """
 
 from __future__ import annotations
@@ -98,16 +99,21 @@ def reference_lists(references: Sequence[str | Sequence[str]]) -> list[list[str]
     return [[r] if isinstance(r, str) else list(r) for r in references]
 
 
-def multi_reference_bleu4(references: Sequence[str | Sequence[str]], hypotheses: Sequence[str]) -> float | None:
-    """`bleu4` (same smoothing, tokenisation and brevity penalty) with any number of
-    references per example; equals `bleu4` when each example has one."""
+def caption_bleu4(references: Sequence[str | Sequence[str]], hypotheses: Sequence[str]) -> float | None:
+    """coco-caption's `Bleu_4`, the captioning papers' BLEU-4: corpus-level over all the
+    examples (clipped n-gram matches summed before the ratio, no smoothing), each
+    hypothesis against all its references, the brevity penalty from the closest
+    reference length; on `caption_tokens`, as CIDEr here."""
+    from pycocoevalcap.bleu.bleu_scorer import BleuScorer
+
     _check(references, hypotheses)
     if not references:
         return None
-    total = 0.0
+    scorer = BleuScorer(n=4)
     for refs, hypothesis in zip(reference_lists(references), hypotheses):
-        total += sacrebleu.sentence_bleu(hypothesis, refs, smooth_method="add-k", smooth_value=1).score
-    return total / len(references) / 100.0
+        scorer += (caption_tokens(hypothesis), [caption_tokens(r) for r in refs])
+    scores, _ = scorer.compute_score(option="closest", verbose=0)  # verbose would print to stdout
+    return float(scores[3])
 
 
 def rouge_l(references: Sequence[str | Sequence[str]], hypotheses: Sequence[str]) -> float | None:
@@ -124,10 +130,11 @@ def rouge_l(references: Sequence[str | Sequence[str]], hypotheses: Sequence[str]
 
 
 def caption_tokens(text: str) -> str:
-    """Lower-cased words (letters, digits, apostrophes) joined by spaces, for CIDEr."""
+    """Lower-cased words (letters of any script, digits, apostrophes) joined by spaces,
+    for caption BLEU-4 and CIDEr: punctuation goes, as coco-caption's PTB tokeniser drops it."""
     import re
 
-    return " ".join(re.findall(r"[a-z0-9']+", text.lower()))
+    return " ".join(re.findall(r"[^\W_]+(?:'[^\W_]+)*", text.lower()))
 
 
 def cider(references: Sequence[str | Sequence[str]], hypotheses: Sequence[str]) -> float | None:

@@ -19,7 +19,7 @@ from peftlab.shared.cards import read_card
 from peftlab.shared.errors import UserError
 from peftlab.shared.metrics import compute
 from peftlab.shared.tasks import get_task
-from peftlab.shared.text_metrics import cider, multi_reference_bleu4, rouge_l, sentence_bleu4
+from peftlab.shared.text_metrics import caption_bleu4, caption_tokens, cider, rouge_l
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -258,10 +258,18 @@ def test_video_to_text_ranks_each_videos_caption_group_by_its_best_caption():
 
 
 def test_caption_metrics():
-    assert multi_reference_bleu4(["a red square moves left"], ["a red circle moves left"]) == \
-        sentence_bleu4(["a red square moves left"], ["a red circle moves left"])
-    two_refs = multi_reference_bleu4([["a cat sits", "a red circle moves left"]], ["a red circle moves left"])
-    assert two_refs == pytest.approx(1.0)
+    import sacrebleu
+
+    # coco-caption's Bleu_4 is corpus-level and unsmoothed: with one reference each, sacrebleu's corpus BLEU
+    references = ["a red square moves left", "a blue circle moves up slowly", "the green triangle moves down"]
+    hypotheses = ["a red square moves right", "a blue circle goes up", "green triangle moves down fast"]
+    corpus = sacrebleu.corpus_bleu(hypotheses, [references], tokenize="none", smooth_method="none").score / 100
+    assert caption_bleu4(references, hypotheses) == pytest.approx(corpus, abs=1e-8)
+    # not a mean of sentence scores: "a blue circle goes up" has no 4-gram match, which zeroes only its sentence
+    assert corpus > 0 and sacrebleu.sentence_bleu(hypotheses[1], [references[1]], smooth_method="none").score == 0
+    # each hypothesis against all its references, on lower-cased words without punctuation
+    assert caption_bleu4([["a cat sits", "a red circle moves left"]], ["A red circle, moves left!"]) == pytest.approx(1.0)
+    assert caption_tokens("Café très—bien! A man's car_park") == "café très bien a man's car park"
     assert rouge_l(["a b c d"], ["a b x d"]) == pytest.approx(0.75)  # LCS 3 of 4 both ways
     assert rouge_l([["zzz", "a b c d"]], ["a b c d"]) == pytest.approx(1.0)
     references = ["a red square moves left", "a blue circle moves up", "a green triangle moves down"]
@@ -374,7 +382,7 @@ def test_caption_demo_beats_the_best_constant_caption(tmp_path):
                                  ["train.epochs=8", "task.frames=4"])
     references = [e["references"] for e in dataset.splits["test"]]
     train_captions = Counter(e["label"] for e in dataset.splits["train"])
-    baseline = max(multi_reference_bleu4(references, [caption] * len(references)) for caption in train_captions)
+    baseline = max(caption_bleu4(references, [caption] * len(references)) for caption in train_captions)
     assert results["bleu4"] >= baseline + 0.1, (results, baseline)
 
 

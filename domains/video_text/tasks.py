@@ -42,7 +42,7 @@ from peftlab.shared.retrieval_metrics import (
     text_to_video_ranks,
 )
 from peftlab.shared.tasks import SPLIT_KEYS, Dataset, register_task
-from peftlab.shared.text_metrics import cider, multi_reference_bleu4, rouge_l
+from peftlab.shared.text_metrics import caption_bleu4, cider, rouge_l
 from torch import nn
 from torch.nn import functional as F
 
@@ -506,8 +506,9 @@ class RetrievalTask(_VideoTextTask):
         return CARD_TEMPLATE.format(task=self.name)
 
 
-CAPTION_METRICS = {"bleu4": multi_reference_bleu4, "rouge_l": rouge_l, "cider": cider}
-"""Caption metrics against all of a video's references (one-reference `bleu4` equals the core's)."""
+CAPTION_METRICS = {"bleu4": caption_bleu4, "rouge_l": rouge_l, "cider": cider}
+"""Caption metrics against all of a video's references, as coco-caption computes them
+(`bleu4` is its corpus-level Bleu_4, not the code-review tasks' smoothed sentence BLEU)."""
 
 
 class CaptionTask(_VideoTextTask):
