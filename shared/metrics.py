@@ -80,11 +80,21 @@ def _aupr(y, scores):
 
 
 def _binary_or_macro(sklearn_name: str):
+    """A binary value that divides by zero (recall with no positives, precision with none
+    predicted) is undefined, None, as AUROC with one class is: a 0 would read as a
+    failure and open a group gap of 1. A macro average keeps sklearn's 0 for such a class."""
     def metric(y, scores):
-        average = "binary" if _is_binary(scores) else "macro"
-        return getattr(skm, sklearn_name)(y, predicted_classes(scores), average=average, zero_division=0)
+        if _is_binary(scores):
+            return getattr(skm, sklearn_name)(y, predicted_classes(scores), average="binary", zero_division=np.nan)
+        return getattr(skm, sklearn_name)(y, predicted_classes(scores), average="macro", zero_division=0)
 
     return metric
+
+
+def _mcc(y, scores):
+    if _only_one_class(y):
+        return None  # undefined: with one class there is no correlation to measure
+    return skm.matthews_corrcoef(y, predicted_classes(scores))
 
 
 register_metric("accuracy", lambda y, s: skm.accuracy_score(y, predicted_classes(s)))
@@ -96,7 +106,7 @@ register_metric("precision", _binary_or_macro("precision_score"))
 register_metric("recall", _binary_or_macro("recall_score"))
 register_metric("auroc", _auroc)
 register_metric("aupr", _aupr)
-register_metric("mcc", lambda y, s: skm.matthews_corrcoef(y, predicted_classes(s)))
+register_metric("mcc", _mcc)
 
 
 def compute(names: Sequence[str], y_true, scores) -> dict[str, float | None]:

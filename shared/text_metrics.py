@@ -9,8 +9,12 @@ calls them through `metrics.get_metric(name).fn`. Values are fractions in [0, 1]
   CodeReviewer (Li et al. 2022) and LLaMA-Reviewer (Lu et al. 2023) report. Smoothing
   adds 1 to the matched and total n-gram counts for n >= 2 (Lin & Och 2004; sacrebleu's
   `add-k`, k = 1), so a short hypothesis with no 4-gram match still scores. sacrebleu's
-  standard brevity penalty and `13a` tokenisation are used; CodeXGLUE's `smooth_bleu.py`
-  differs slightly in both, so expect values within about a point of theirs, not equal.
+  standard brevity penalty and case-sensitive `13a` tokenisation are used. CodeReviewer's
+  `smooth_bleu.py` lower-cases, splits words with NLTK's `wordpunct_tokenize`, takes the
+  shortest reference's length and, for the review-comment figure it reports, drops
+  stop words first: on code refinement the two agree within a fraction of a point, on
+  short review comments they can differ by several points (measured 0.615 here against
+  0.670 on a synthetic set). Compare peftlab's runs with each other, not with the papers'.
 - `corpus_bleu4`: corpus-level BLEU-4 (sacrebleu defaults, unsmoothed), the WMT figure.
 - `exact_match`: whitespace-normalised string equality (runs of whitespace collapse to
   one space, ends stripped), the code-refinement convention.

@@ -35,6 +35,19 @@ def test_multiclass_metrics_and_uar_alias():
 
 def test_undefined_metrics_are_none_not_nan():
     assert metrics.compute(["auroc", "aupr"], [1, 1, 1], np.array([0.2, 0.5, 0.9])) == {"auroc": None, "aupr": None}
+    # a perfect model on an all-positive split: its MCC is undefined, not 0
+    assert metrics.compute(["mcc", "recall", "f1"], [1, 1], np.array([0.9, 0.8])) == {"mcc": None, "recall": 1.0, "f1": 1.0}
+    # no positives and none predicted: recall, precision and F1 divide by zero
+    assert metrics.compute(["recall", "precision", "f1", "accuracy"], [0, 0], np.array([0.1, 0.2])) == \
+        {"recall": None, "precision": None, "f1": None, "accuracy": 1.0}
+
+
+def test_a_group_where_a_metric_is_undefined_opens_no_gap():
+    # group b has no positives: its recall is undefined and the gap is over group a alone (none)
+    y, scores = [1, 1, 0, 0], np.array([0.9, 0.8, 0.1, 0.2])
+    result = metrics.compute_by_group(["recall", "accuracy"], y, scores, ["a", "a", "b", "b"])
+    assert result["groups"]["b"] == {"recall": None, "accuracy": 1.0}
+    assert result["worst_group_gap"] == {"recall": None, "accuracy": 0.0}
 
 
 def test_groups_and_gap():

@@ -264,6 +264,13 @@ def test_math_reader_refuses_non_numbers(tmp_path):
     ("The answer is (A) because", {"choices": ["x", "y"]}, "A"),
     ("I think plum", {"choices": ["hammer", "plum"]}, "B"),
     ("Z", {"choices": ["x", "y"]}, None),
+    ("A train leaves at noon. The answer is B.", {"choices": ["x", "y"]}, "B"),  # "A" is an article
+    ("A plum is a fruit, so B", {"choices": ["x", "y"]}, "B"),
+    ("the answer is (b)", {"choices": ["x", "y"]}, "B"),
+    ("Answer: C, since", {"choices": ["x", "y", "z"]}, "C"),
+    ("B) y", {"choices": ["x", "y"]}, "B"),
+    ("it costs 23 dollars", {"choices": ["2", "23"]}, "B"),  # whole words: "23" is not "2"
+    ("the answer is a plum", {"choices": ["hammer", "plum"]}, "B"),  # "a" here is an article
     ("yes, it is", {"choices": None, "answer": "true"}, "true"),
     ("the correct answer is answer3", {"choices": None, "answer": "answer1"}, "answer3"),
 ])
@@ -276,6 +283,10 @@ def test_choice_extraction(text, example, expected):
     ("so 1,200 apples", "1200"),
     ("The answer is 2.50 dollars, not 3", "2.5"),
     ("no number", None),
+    ("The answer is: 2 + 3 = 5", "5"),
+    ("The answer is 7 - 2 = 5. Next, 9 apples", "5"),
+    ("The answer is 5. Then 3 more questions", "5"),
+    ("it drops to \u22123 degrees", "-3"),
 ])
 def test_number_extraction(text, expected):
     assert data.extract_number(text) == expected

@@ -306,15 +306,7 @@ def extract_choice(text: str, example: dict) -> str | None:
     """The answer a commonsense generation gives, in the gold answer's vocabulary."""
     choices = example.get("choices")
     if choices:
-        valid = LETTERS[:len(choices)]
-        for match in re.finditer(r"(?<![A-Za-z])([A-Z])(?![A-Za-z])", text):
-            if match.group(1) in valid:
-                return match.group(1)
-        lowered = " ".join(text.lower().split())
-        for index, choice in enumerate(choices):
-            if choice and " ".join(choice.lower().split()) in lowered:
-                return LETTERS[index]
-        return None
+        return _choice_letter(text, LETTERS[:len(choices)]) or _choice_text(text, choices)
     gold = str(example.get("answer", "true")).lower()
     if gold in ("true", "false"):
         match = re.search(r"\b(true|false|yes|no)\b", text.lower())
@@ -326,10 +318,41 @@ def extract_choice(text: str, example: dict) -> str | None:
     return " ".join(text.split()) or None
 
 
+def _choice_letter(text: str, valid: str) -> str | None:
+    """The option letter a generation names, most explicit form first: after "answer"
+    ("The answer is (b)", "Answer: C"), then in parentheses ("(B)", "B)"), then a capital
+    standing alone that does not start a sentence's words ("A train leaves", "A plum is")."""
+    either_case = rf"([{valid}{valid.lower()}])"  # a lower-case letter only where brackets mark it
+    answer = r"(?i:answer)\W{0,3}(?:(?i:is)\W{0,3})?"
+    for pattern in (rf"{answer}\({either_case}\)", rf"{answer}([{valid}])(?![A-Za-z])", rf"\({either_case}\)",
+                    rf"(?<![A-Za-z]){either_case}\)"):
+        match = re.search(pattern, text)
+        if match:
+            return match.group(1).upper()
+    for match in re.finditer(rf"(?<![A-Za-z])([{valid}])(?![A-Za-z])", text):
+        if not re.match(r" [a-z]", text[match.end():match.end() + 2]):  # "A plum": an article, not an option
+            return match.group(1)
+    return None
+
+
+def _choice_text(text: str, choices: list[str]) -> str | None:
+    """The option whose text a generation spells out, as whole words ("23" is not "2")."""
+    lowered = " ".join(text.lower().split())
+    for index, choice in enumerate(choices):
+        wanted = " ".join(choice.lower().split())
+        if wanted and re.search(rf"(?<!\w){re.escape(wanted)}(?!\w)", lowered):
+            return LETTERS[index]
+    return None
+
+
 def extract_number(text: str) -> str | None:
-    """The final number of a math answer: the first after "answer is", else the last one."""
+    """The final number of a math answer: the first after "answer is" (the result of an
+    equation there: "the answer is 7 - 2 = 5" gives 5), else the last one of the text.
+    A generation that runs on past its answer keeps it; a Unicode minus reads as one."""
+    text = text.replace("\u2212", "-")
     parts = re.split(r"answer is", text, flags=re.IGNORECASE)
-    after = _NUMBER.findall(parts[-1]) if len(parts) > 1 else []
+    stated = re.split(r"\.(?:\s|$)|\n", parts[-1], maxsplit=1)[0] if len(parts) > 1 else ""
+    after = _NUMBER.findall(stated.rpartition("=")[2]) or _NUMBER.findall(stated)
     candidates = after[:1] or _NUMBER.findall(text)[-1:]
     if not candidates:
         return None
