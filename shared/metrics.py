@@ -97,16 +97,25 @@ def _mcc(y, scores):
     return skm.matthews_corrcoef(y, predicted_classes(scores))
 
 
-register_metric("accuracy", lambda y, s: skm.accuracy_score(y, predicted_classes(s)))
-register_metric("balanced_accuracy", lambda y, s: skm.balanced_accuracy_score(y, predicted_classes(s)))
-register_metric("uar", lambda y, s: skm.balanced_accuracy_score(y, predicted_classes(s)))
-register_metric("macro_f1", lambda y, s: skm.f1_score(y, predicted_classes(s), average="macro", zero_division=0))
-register_metric("f1", _binary_or_macro("f1_score"))
-register_metric("precision", _binary_or_macro("precision_score"))
-register_metric("recall", _binary_or_macro("recall_score"))
-register_metric("auroc", _auroc)
-register_metric("aupr", _aupr)
-register_metric("mcc", _mcc)
+def _two_classes_as_binary(fn):
+    """Two columns of class probabilities are a binary task's: scored on the second
+    class's column, as a one-column task is (a two-class point-cloud or image run)."""
+    return lambda y, scores: fn(y, scores[:, 1] if scores.ndim == 2 and scores.shape[1] == 2 else scores)
+
+
+for _name, _fn in {
+    "accuracy": lambda y, s: skm.accuracy_score(y, predicted_classes(s)),
+    "balanced_accuracy": lambda y, s: skm.balanced_accuracy_score(y, predicted_classes(s)),
+    "uar": lambda y, s: skm.balanced_accuracy_score(y, predicted_classes(s)),
+    "macro_f1": lambda y, s: skm.f1_score(y, predicted_classes(s), average="macro", zero_division=0),
+    "f1": _binary_or_macro("f1_score"),
+    "precision": _binary_or_macro("precision_score"),
+    "recall": _binary_or_macro("recall_score"),
+    "auroc": _auroc,
+    "aupr": _aupr,
+    "mcc": _mcc,
+}.items():
+    register_metric(_name, _two_classes_as_binary(_fn))
 
 
 def compute(names: Sequence[str], y_true, scores) -> dict[str, float | None]:

@@ -65,3 +65,10 @@ def test_unknown_metric_and_direction():
     with pytest.raises(UserError, match="unknown metric 'auc'"):
         metrics.get_metric("auc")
     assert metrics.is_better("aupr", 0.5, 0.4) and not metrics.is_better("aupr", None, 0.4)
+
+
+def test_two_columns_of_class_probabilities_score_as_a_binary_task():
+    y = [0, 1, 1, 0, 1]
+    positive = np.array([0.2, 0.7, 0.4, 0.1, 0.9])
+    names = ["auroc", "aupr", "recall", "precision", "f1", "accuracy", "mcc"]
+    assert metrics.compute(names, y, np.stack([1 - positive, positive], axis=1)) == metrics.compute(names, y, positive)
