@@ -133,14 +133,25 @@ def compute(names: Sequence[str], y_true, scores) -> dict[str, float | None]:
 def compute_by_group(names: Sequence[str], y_true, scores, groups, compute_metrics=compute) -> dict[str, dict]:
     """Each metric per group, plus `worst_group_gap`: max - min over groups per metric
     (None where fewer than two groups have a value: one group has no gap to report).
-    `compute_metrics(names, y_true, scores)` scores one group (multi-label tasks pass theirs)."""
-    y_true, scores, groups = np.asarray(y_true), np.asarray(scores), np.asarray([str(g) for g in groups])
-    per_group = {str(g): compute_metrics(names, y_true[groups == g], scores[groups == g]) for g in np.unique(groups)}
+    `compute_metrics(names, y_true, scores)` scores one group (multi-label tasks pass theirs).
+    Examples whose group is unknown (an empty cell, None, NaN) belong to no group: they
+    are counted as `ungrouped`, not made a group of their own."""
+    y_true, scores, groups = np.asarray(y_true), np.asarray(scores), np.asarray([str(g).strip() for g in groups])
+    unknown = np.isin(np.char.lower(groups), list(UNKNOWN_GROUPS))
+    per_group = {str(g): compute_metrics(names, y_true[groups == g], scores[groups == g])
+                 for g in np.unique(groups[~unknown])}
     gaps = {}
     for name in names:
         values = [m[name] for m in per_group.values() if m.get(name) is not None]
         gaps[name] = max(values) - min(values) if len(values) > 1 else None
-    return {"groups": per_group, "worst_group_gap": gaps}
+    result = {"groups": per_group, "worst_group_gap": gaps}
+    if unknown.any():
+        result["ungrouped"] = int(unknown.sum())
+    return result
+
+
+UNKNOWN_GROUPS = frozenset({"", "none", "nan", "null"})
+"""Group values that say the group is not known (as CSV readers and pandas write them)."""
 
 
 def is_better(metric: str, value: float | None, best: float | None) -> bool:

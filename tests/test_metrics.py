@@ -72,3 +72,11 @@ def test_two_columns_of_class_probabilities_score_as_a_binary_task():
     positive = np.array([0.2, 0.7, 0.4, 0.1, 0.9])
     names = ["auroc", "aupr", "recall", "precision", "f1", "accuracy", "mcc"]
     assert metrics.compute(names, y, np.stack([1 - positive, positive], axis=1)) == metrics.compute(names, y, positive)
+
+
+def test_examples_of_unknown_group_belong_to_none():
+    y, scores = [0, 1, 0, 1, 1, 0], np.array([0.1, 0.9, 0.8, 0.2, 0.9, 0.9])
+    result = metrics.compute_by_group(["accuracy"], y, scores, ["a", "a", "b", "b", "", None])
+    assert set(result["groups"]) == {"a", "b"} and result["ungrouped"] == 2
+    assert result["worst_group_gap"] == {"accuracy": 1.0}
+    assert "ungrouped" not in metrics.compute_by_group(["accuracy"], y[:4], scores[:4], ["a", "a", "b", "b"])
