@@ -82,6 +82,10 @@ class Cell:
         return f"{self.method}-seed{self.seed}"
 
 
+CONSTANT_ANSWER = "a constant answer (the training split's class or finding frequencies)"
+"""Chance's basis for classification (`chance_levels`)."""
+
+
 @dataclass
 class Sweep:
     pipeline: str
@@ -100,7 +104,7 @@ class Sweep:
     """OUT's lock while the sweep runs, passed on to the cell processes."""
     chance: dict[str, float] = field(default_factory=dict)
     """Metric -> the score of a model that learnt nothing (see `chance_levels`); empty where unknown."""
-    chance_basis: str = ""
+    chance_basis: str = CONSTANT_ANSWER
     """What that model answers, for the table's note."""
 
 
@@ -203,9 +207,6 @@ def plan(pipeline, methods, *, seeds, demo, data, backbone, out, full, overrides
     chance, chance_basis = chance_levels(task, dataset, reported, metric_names)
     return Sweep(pipeline, out_dir, cells, skipped, names, seed_values, settings, primary,
                  get_metric(primary).higher_is_better, metric_names, chance=chance, chance_basis=chance_basis)
-
-
-CONSTANT_ANSWER = "a constant answer (the training split's class or finding frequencies)"
 
 
 def chance_levels(task, dataset, split: str, metric_names: list[str]) -> tuple[dict[str, float], str]:
@@ -796,7 +797,7 @@ def table_markdown(sweep: Sweep, summaries: list[MethodSummary], names: list[str
                  + method_options_line(sweep) + "."]
     if sweep.chance:
         levels = ", ".join(f"{name} {sweep.chance[name]:.4f}" for name in names if name in sweep.chance)
-        text += ["", f"Chance, the scores of {sweep.chance_basis or CONSTANT_ANSWER} on the {split} "
+        text += ["", f"Chance, the scores of {sweep.chance_basis} on the {split} "
                      f"split: {levels}. A method marked (at chance) scores no better on {primary}: it has not learnt."]
     left_out = [s for s in summaries if s.errors]
     if left_out:

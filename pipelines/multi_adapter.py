@@ -39,7 +39,7 @@ from typing import Any
 import peft
 import torch
 from peftlab.pipelines import runner
-from peftlab.pipelines.predictor import Predictor
+from peftlab.pipelines.predictor import Predictor, takes_json_requests
 from peftlab.shared import io, methods
 from peftlab.shared.backbone_cache import shared_backbones
 from peftlab.shared.errors import UserError
@@ -384,8 +384,7 @@ class MultiAdapter:
 
     def parse_request(self, name: str, payload: Any) -> list[dict]:
         """A JSON request body in the task's natural form -> examples (UserError naming the field)."""
-        adapter = self.get(name)
-        return parse_request(adapter.task, adapter.predictor.options, payload)
+        return self.get(name).predictor.parse_request(payload)
 
     def describe(self, name: str, examples: list[dict], outputs: list[Any]) -> list[dict]:
         return self.get(name).predictor.rows(examples, outputs)
@@ -403,20 +402,6 @@ class MultiAdapter:
 
     def __exit__(self, *exc_info) -> None:
         self.close()
-
-
-def takes_json_requests(task) -> bool:
-    """Whether a task has a JSON input form (`parse_request`), so that `peftlab serve` can
-    answer it; the others (video-text: clips are folders of frames) predict on files only."""
-    return callable(getattr(task, "parse_request", None))
-
-
-def parse_request(task, options, payload: Any) -> list[dict]:
-    if not isinstance(payload, dict):
-        raise UserError(f"the request body must be a JSON object, not {type(payload).__name__}")
-    if not takes_json_requests(task):
-        raise UserError(f"task {task.name!r} has no JSON input form; use `peftlab predict` with files")
-    return task.parse_request(payload, options)
 
 
 def request_form(task) -> str | None:

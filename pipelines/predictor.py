@@ -179,12 +179,18 @@ class Predictor:
                 runner.log(f"note: {note}")
         return self.rows(examples, outputs_of(examples, "predict"))
 
+    def parse_request(self, payload) -> list[dict]:
+        """A JSON request body in the task's natural form -> examples (UserError naming the field)."""
+        if not isinstance(payload, dict):
+            raise UserError(f"the request body must be a JSON object, not {type(payload).__name__}")
+        if not takes_json_requests(self.task):
+            raise UserError(f"task {self.task.name!r} has no JSON input form; use `peftlab predict` with files")
+        return self.task.parse_request(payload, self.options)
+
     def predict_request(self, payload, outputs_of=None) -> list[dict[str, Any]]:
         """One JSON request body of `peftlab serve` (the task's `parse_request` form, e.g.
         {"sequences": [...]}), checked as the service checks it -> rows."""
-        from peftlab.pipelines.multi_adapter import parse_request
-
-        examples = parse_request(self.task, self.options, payload)
+        examples = self.parse_request(payload)
         return self.rows(examples, (outputs_of or self._outputs)(examples, "predict"))
 
     def rows(self, examples: list[dict], outputs: list[Any]) -> list[dict[str, Any]]:
@@ -294,6 +300,12 @@ def check_mergeable(run_dir: Path, meta: dict) -> None:
         mergeable = [m for m in methods.list_methods() if methods.get_method(m).mergeable]
         raise UserError(f"{run_dir}: method {method!r} cannot be merged into the backbone weights; "
                         f"mergeable methods: {', '.join(mergeable)}")
+
+
+def takes_json_requests(task) -> bool:
+    """Whether a task has a JSON input form (`parse_request`), so that `peftlab serve` can
+    answer it; the others (video-text: clips are folders of frames) predict on files only."""
+    return callable(getattr(task, "parse_request", None))
 
 
 def _finite(output) -> bool:

@@ -44,25 +44,21 @@ def video_to_text_ranks(item_of_query: np.ndarray, similarity: np.ndarray) -> np
     return (group_best[:, items] >= own[None, :]).sum(axis=0)
 
 
-def random_ranking_levels(item_of_query: np.ndarray, metric_names) -> dict[str, float]:
-    """Each retrieval metric when every similarity is drawn independently at random (no
-    ties): the chance level of a model that has learnt nothing (one whose embeddings
-    ignore the input scores worse still, since ties count against it). Recalls and mean
-    ranks are expected values; median ranks the median of the rank distribution, which
-    the median over a split approaches as the split grows.
+def random_ranking_levels(items: int, metric_names) -> dict[str, float]:
+    """Each retrieval metric over `items` videos when every similarity is drawn
+    independently at random (no ties): the chance level of a model that has learnt
+    nothing (one whose embeddings ignore the input scores worse still, since ties count
+    against it). Recalls and mean ranks are expected values; median ranks the median of
+    the rank distribution, which the median over a split approaches as it grows.
 
-    Text -> video: a query's rank is uniform on 1..N (N items). Video -> text too, pooled
-    over the items, whatever their caption counts: a larger group wins more often, but
-    every item's column is drawn alike, so summed over the items the chance that an
-    item's own group lands at rank r is the chance that some group does, 1. Hence R@K =
-    K/N and mean and median rank (N + 1)/2 in both directions."""
-    items = len(np.unique(np.asarray(item_of_query, dtype=int)))
-    uniform_ranks = np.arange(1, items + 1)
-    levels = {}
-    for direction in ("t2v_", "v2t_"):
-        levels |= {f"{direction}r{k}": min(k, items) / items for k in (1, 5, 10)}
-        levels[f"{'' if direction == 't2v_' else direction}median_rank"] = float(np.median(uniform_ranks))
-        levels[f"{'' if direction == 't2v_' else direction}mean_rank"] = float(uniform_ranks.mean())
+    Text -> video: a query's rank is uniform on 1..N. Video -> text too, pooled over the
+    items, whatever their caption counts: a larger group wins more often, but every
+    item's column is drawn alike, so summed over the items the chance that an item's own
+    group lands at rank r is the chance that some group does, 1. Hence R@K = K/N and mean
+    and median rank (N + 1)/2 in both directions."""
+    middle = (items + 1) / 2
+    levels = {f"{direction}_r{k}": min(k, items) / items for direction in ("t2v", "v2t") for k in (1, 5, 10)}
+    levels |= dict.fromkeys(("median_rank", "mean_rank", "v2t_median_rank", "v2t_mean_rank"), middle)
     return {name: levels[name] for name in metric_names if name in levels}
 
 

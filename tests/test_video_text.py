@@ -231,7 +231,7 @@ def test_random_ranking_levels_are_what_random_similarities_score_on_average():
     from peftlab.shared.retrieval_metrics import RETRIEVAL_METRICS, random_ranking_levels
 
     video_of_caption = np.array([0, 0, 0, 1, 1, 2, 3, 3, 3, 3, 4, 5])  # 1 to 4 captions per video
-    levels = random_ranking_levels(video_of_caption, RETRIEVAL_METRICS)
+    levels = random_ranking_levels(6, RETRIEVAL_METRICS)
     rng = np.random.default_rng(0)
     draws = [compute(list(RETRIEVAL_METRICS), video_of_caption, rng.random((12, 6))) for _ in range(4000)]
     for name in ("t2v_r1", "t2v_r5", "v2t_r1", "v2t_r5", "mean_rank", "v2t_mean_rank"):

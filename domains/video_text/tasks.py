@@ -460,9 +460,8 @@ class RetrievalTask(_VideoTextTask):
         return metric_registry.compute(metric_names, item_of_query, similarity)
 
     def chance_levels(self, metric_names, train, scored) -> tuple[dict[str, float], str]:
-        videos = list(dict.fromkeys(e["video"] for e in scored))
-        item_of_query = [videos.index(e["video"]) for e in scored]
-        return random_ranking_levels(item_of_query, metric_names), "a uniformly random ranking (expected values)"
+        videos = len({e["video"] for e in scored})
+        return random_ranking_levels(videos, metric_names), "a uniformly random ranking (expected values)"
 
     def describe(self, example, output, labels) -> dict:
         row = {"id": example["id"]}
