@@ -5,16 +5,16 @@ take `(references, hypotheses)` (two equal-length lists of str) rather than the
 `(y_true, scores)` arrays of the classification metrics; a task's `compute_metrics`
 calls them through `metrics.get_metric(name).fn`. Values are fractions in [0, 1].
 
-- `bleu4`: smoothed sentence-level BLEU-4 averaged over examples, the figure
-  CodeReviewer (Li et al. 2022) and LLaMA-Reviewer (Lu et al. 2023) report. Smoothing
-  adds 1 to the matched and total n-gram counts for n >= 2 (Lin & Och 2004; sacrebleu's
-  `add-k`, k = 1), so a short hypothesis with no 4-gram match still scores. sacrebleu's
-  standard brevity penalty and case-sensitive `13a` tokenisation are used. CodeReviewer's
-  `smooth_bleu.py` lower-cases, splits words with NLTK's `wordpunct_tokenize`, takes the
-  shortest reference's length and, for the review-comment figure it reports, drops
-  stop words first: on code refinement the two agree within a fraction of a point, on
-  short review comments they can differ by several points (measured 0.615 here against
-  0.670 on a synthetic set). Compare peftlab's runs with each other, not with the papers'.
+- `bleu4`: smoothed sentence-level BLEU-4 averaged over examples, computed as
+  CodeReviewer's evaluator (Li et al. 2022, `evaluator/smooth_bleu.py`, which
+  LLaMA-Reviewer reuses) computes it, so values compare with the papers' (x100 there):
+  words split as NLTK's `wordpunct_tokenize` splits them, lower-cased, punctuation split
+  again and NIST-normalised; add-1 smoothing of the matched and total n-gram counts for
+  n >= 2 (Lin & Och 2004); the brevity penalty exp(1 - (r+1)/(c+1)) against the shortest
+  reference. An empty hypothesis of an empty reference scores 1. CodeReviewer's
+  review-comment figure also drops the words of its `stopwords.txt` first:
+  `smooth_bleu4(references, hypotheses, stopwords=...)` computes that one from a run's
+  predictions (the list is not shipped here).
 - `corpus_bleu4`: corpus-level BLEU-4 (sacrebleu defaults, unsmoothed), the WMT figure.
 - `exact_match`: whitespace-normalised string equality (runs of whitespace collapse to
   one space, ends stripped), the code-refinement convention.
@@ -34,7 +34,11 @@ of strings), as captioning data has (MSR-VTT: 20 per video).
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import math
+import re
+import sys
+from collections import Counter
+from collections.abc import Iterable, Sequence
 
 import sacrebleu
 from peftlab.shared.metrics import list_metrics, register_metric
@@ -51,15 +55,51 @@ def _check(references: Sequence[str], hypotheses: Sequence[str]) -> None:
         raise ValueError(f"{len(references)} references but {len(hypotheses)} hypotheses")
 
 
-def sentence_bleu4(references: Sequence[str], hypotheses: Sequence[str]) -> float | None:
-    """Mean over examples of add-1-smoothed sentence BLEU-4, as a fraction."""
+# NLTK's wordpunct_tokenize (runs of word characters, runs of other non-space
+# characters): the units stop words are matched against.
+_WORDPUNCT = re.compile(r"\w+|[^\w\s]+")
+# CodeXGLUE's splitPuncts: every non-word, non-space character on its own.
+_SPLIT_PUNCTS = re.compile(r"\w+|[^\w\s]")
+# Then NIST mteval's tokenisation puts spaces around ASCII symbols, the underscore among
+# them, so `foo_bar` is three tokens; its other rules only separate what is already apart.
+_NIST_SYMBOL = re.compile(r"([\{-\~\[-\` -\&\(-\+\:-\@\/])")
+
+
+def _smooth_bleu_tokens(text: str, stopwords: frozenset[str]) -> list[str]:
+    words = [w for w in _WORDPUNCT.findall(text) if w not in stopwords]
+    split = " ".join(_SPLIT_PUNCTS.findall(" ".join(words).lower()))
+    return _NIST_SYMBOL.sub(r" \1 ", split).split()
+
+
+def _ngram_counts(tokens: list[str], order: int) -> Counter:
+    return Counter(tuple(tokens[i:i + order]) for i in range(len(tokens) - order + 1))
+
+
+def _smoothed_sentence_bleu(reference: list[str], hypothesis: list[str]) -> float:
+    log_precision = 0.0
+    for order in range(1, 5):
+        reference_counts = _ngram_counts(reference, order)
+        matched = sum(min(count, reference_counts[gram]) for gram, count in _ngram_counts(hypothesis, order).items())
+        total = max(len(hypothesis) - order + 1, 0)
+        add = 1 if order > 1 else 0
+        # The tiny constant keeps log() finite where nothing matched, as in smooth_bleu.py.
+        log_precision += math.log(matched + add + sys.float_info.min) - math.log(total + add + sys.float_info.min)
+    brevity = min(0.0, 1 - (len(reference) + 1) / (len(hypothesis) + 1))
+    return math.exp(log_precision / 4 + brevity)
+
+
+def smooth_bleu4(references: Sequence[str], hypotheses: Sequence[str], stopwords: Iterable[str] = ()) -> float | None:
+    """Mean over examples of CodeReviewer's smoothed sentence BLEU-4, as a fraction (see
+    the module docstring); `stopwords` (case-sensitive words) are dropped from both sides
+    first, as its `rmstop=True` does."""
     _check(references, hypotheses)
     if not references:
         return None
+    stopwords = frozenset(stopwords)
     total = 0.0
     for reference, hypothesis in zip(references, hypotheses):
-        total += sacrebleu.sentence_bleu(hypothesis, [reference], smooth_method="add-k", smooth_value=1).score
-    return total / len(references) / 100.0
+        total += _smoothed_sentence_bleu(_smooth_bleu_tokens(reference, stopwords), _smooth_bleu_tokens(hypothesis, stopwords))
+    return total / len(references)
 
 
 def corpus_bleu4(references: Sequence[str], hypotheses: Sequence[str]) -> float | None:
@@ -89,7 +129,7 @@ def compute_text_metrics(names: Sequence[str], references: Sequence[str], hypoth
 
 # Registered once, on first import; a re-import of this module (e.g. importlib.reload
 # in a notebook) finds them there and leaves them be.
-_FUNCTIONS = {"bleu4": sentence_bleu4, "corpus_bleu4": corpus_bleu4, "exact_match": exact_match}
+_FUNCTIONS = {"bleu4": smooth_bleu4, "corpus_bleu4": corpus_bleu4, "exact_match": exact_match}
 for _name, _fn in _FUNCTIONS.items():
     if _name not in list_metrics():
         register_metric(_name, _fn)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import copy
 import json
+import math
 from collections import Counter
 from pathlib import Path
 
@@ -21,7 +22,7 @@ from peftlab.shared.cards import read_card
 from peftlab.shared.causal_lm import PACKAGED_GGUF, packaged_gguf
 from peftlab.shared.errors import UserError
 from peftlab.shared.tasks import get_task
-from peftlab.shared.text_metrics import compute_text_metrics
+from peftlab.shared.text_metrics import compute_text_metrics, smooth_bleu4
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -264,10 +265,23 @@ def test_text_metrics():
     scores = compute_text_metrics(["bleu4", "corpus_bleu4", "exact_match"], references, hypotheses)
     assert scores["exact_match"] == 0.5  # whitespace-normalised
     assert 0 < scores["bleu4"] < 1 and 0 <= scores["corpus_bleu4"] < 1
-    import sacrebleu
 
-    smoothed = sacrebleu.sentence_bleu(hypotheses[0], [references[0]], smooth_method="add-k").score / 100
-    assert compute_text_metrics(["bleu4"], references[:1], hypotheses[:1])["bleu4"] == pytest.approx(smoothed)
+
+def test_bleu4_is_codereviewers_smooth_bleu():
+    # Hand-computed: n-gram precisions 4/5, (2+1)/(4+1), (1+1)/(3+1), (0+1)/(2+1), equal lengths.
+    assert smooth_bleu4(["a b c x e"], ["a b c d e"]) == pytest.approx((0.8 * 0.6 * 0.5 / 3) ** 0.25)
+    # Every precision is 1; the brevity penalty is exp(1 - (3+1)/(2+1)).
+    assert smooth_bleu4(["please fix this"], ["fix this"]) == pytest.approx(math.exp(-1 / 3))
+    assert smooth_bleu4(["Typo."], ["typo ."]) == 1.0  # lower-cased, punctuation split
+    assert smooth_bleu4([""], [""]) == 1.0
+    # The underscore is a token of its own (NIST's symbol rule), so a renamed part still matches.
+    assert smooth_bleu4(["foo_bar"], ["foo_baz"]) == pytest.approx(
+        math.exp((math.log(2 / 3) + math.log(2 / 3) + math.log(1 / 2) + math.log(1 / 1)) / 4))
+    # Stop words (case-sensitive, as CodeReviewer's rmstop) go before scoring.
+    assert smooth_bleu4(["please fix this"], ["fix this"], stopwords=["please"]) == 1.0
+    assert smooth_bleu4(["Please fix this"], ["fix this"], stopwords=["please"]) < 1.0
+    assert compute_text_metrics(["bleu4"], ["please fix this", "a b c x e"], ["fix this", "a b c d e"])["bleu4"] == pytest.approx(
+        (math.exp(-1 / 3) + (0.8 * 0.6 * 0.5 / 3) ** 0.25) / 2)
 
 
 # ----------------------------------------------------------------------------- demos learn

@@ -8,7 +8,7 @@
   positive class is "needs a comment" (CodeReviewer's y = 1); precision, recall and F1
   are of that class at score threshold 0.5. Primary metric: F1.
 - `code-review-comment`: diff hunk -> review comment. Primary: bleu4 (smoothed
-  sentence-level BLEU-4 averaged, as CodeReviewer's evaluation), with corpus BLEU-4
+  sentence-level BLEU-4 averaged, computed as CodeReviewer's evaluator), with corpus BLEU-4
   (`corpus_bleu4`) and exact match.
 - `code-refine`: code before review + review comment -> revised code. Primary: bleu4;
   exact match after whitespace normalisation.
