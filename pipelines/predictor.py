@@ -14,7 +14,7 @@ from peftlab.pipelines import runner
 from peftlab.shared import checkpoint, io, methods
 from peftlab.shared.cards import read_card
 from peftlab.shared.errors import MissingField, UserError
-from peftlab.shared.evaluation import predict_outputs
+from peftlab.shared.evaluation import check_finite, predict_outputs
 from peftlab.shared.tasks import get_task
 from peftlab.shared.training import make_accelerator
 
@@ -195,10 +195,7 @@ class Predictor:
 
     def rows(self, examples: list[dict], outputs: list[Any]) -> list[dict[str, Any]]:
         """Prediction rows (plain JSON types) for examples and their model outputs."""
-        for example, output in zip(examples, outputs):
-            if not _finite(output):
-                raise UserError(f"{example['id']}: the model's scores for this input are not finite numbers; its "
-                                f"values are outside the range the model computes in (check its scale)")
+        check_finite(examples, outputs)
         if hasattr(self.task, "describe_predictions"):  # rows that depend on each other (retrieval ranks the inputs)
             return _plain(self.task.describe_predictions(examples, outputs, self.labels))
         return [_plain(self.task.describe(e, o, self.labels)) for e, o in zip(examples, outputs)]
@@ -306,15 +303,6 @@ def takes_json_requests(task) -> bool:
     """Whether a task has a JSON input form (`parse_request`), so that `peftlab serve` can
     answer it; the others (video-text: clips are folders of frames) predict on files only."""
     return callable(getattr(task, "parse_request", None))
-
-
-def _finite(output) -> bool:
-    """Whether a model output (scores, embeddings, or generated text) holds no NaN or inf."""
-    if isinstance(output, dict):
-        return all(_finite(value) for value in output.values())
-    if isinstance(output, np.ndarray | np.generic | float) and np.issubdtype(np.asarray(output).dtype, np.floating):
-        return bool(np.isfinite(output).all())
-    return True
 
 
 def _plain(value):

@@ -17,6 +17,7 @@ import numpy as np
 import torch
 from peftlab.shared import metrics
 from peftlab.shared.data import BucketBatchSampler
+from peftlab.shared.errors import UserError
 from peftlab.shared.tasks import Example
 
 
@@ -80,6 +81,25 @@ def compute_metrics(task, metric_names: Sequence[str], examples: Sequence[Exampl
     return result
 
 
+def _finite(output) -> bool:
+    """Whether a model output (scores, embeddings, or generated text) holds no NaN or inf."""
+    if isinstance(output, dict):
+        return all(_finite(value) for value in output.values())
+    if isinstance(output, np.ndarray | np.generic | float) and np.issubdtype(np.asarray(output).dtype, np.floating):
+        return bool(np.isfinite(output).all())
+    return True
+
+
+def check_finite(examples: Sequence[Example], outputs: list[Any]) -> None:
+    """Refuse outputs with NaN or inf, naming the first such input: a metric over them
+    would count NaN as class 0 or fail inside sklearn."""
+    for example, output in zip(examples, outputs):
+        if not _finite(output):
+            raise UserError(f"{example['id']}: the model's scores for this input are not finite numbers; its "
+                            f"values are outside the range the model computes in (check its scale)")
+
+
 def evaluate(task, model, examples, metric_names, batch_size, autocast, progress: str | None = None) -> tuple[dict, list[Any]]:
     outputs = predict_outputs(model, examples, batch_size, autocast, progress)
+    check_finite(examples, outputs)
     return compute_metrics(task, metric_names, examples, outputs), outputs

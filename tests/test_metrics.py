@@ -80,3 +80,17 @@ def test_examples_of_unknown_group_belong_to_none():
     assert set(result["groups"]) == {"a", "b"} and result["ungrouped"] == 2
     assert result["worst_group_gap"] == {"accuracy": 1.0}
     assert "ungrouped" not in metrics.compute_by_group(["accuracy"], y[:4], scores[:4], ["a", "a", "b", "b"])
+
+
+def test_evaluation_refuses_scores_that_are_not_finite(monkeypatch):
+    """A NaN row would count as class 0 in accuracy and fail inside sklearn's AUROC:
+    evaluation (validation during training, eval, bench) names the input instead."""
+    from peftlab.shared import evaluation
+
+    examples = [{"id": "a", "label": 1}, {"id": "b", "label": 0}]
+    outputs = [np.array([0.1, 0.9], dtype=np.float32), np.array([np.nan, np.inf], dtype=np.float32)]
+    monkeypatch.setattr(evaluation, "predict_outputs", lambda *args, **kwargs: outputs)
+    with pytest.raises(UserError, match="^b: the model's scores for this input are not finite numbers"):
+        evaluation.evaluate(object(), None, examples, ["accuracy", "auroc"], 2, None)
+    outputs[1] = np.array([0.7, 0.3], dtype=np.float32)
+    assert evaluation.evaluate(object(), None, examples, ["accuracy"], 2, None)[0]["accuracy"] == 1.0
