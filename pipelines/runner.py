@@ -222,7 +222,9 @@ def run_metrics(config: cfg.RunConfig, task, card: Card) -> tuple[list[str], str
     if primary not in metric_names:
         metric_names = [primary, *metric_names]
     for name in metric_names:
-        get_metric(name)
+        if get_metric(name).fn is None and name not in task.metrics:
+            raise UserError(f"{task.name} does not compute metric {name!r} (other tasks derive it); it computes "
+                            f"{', '.join(task.metrics)}")
     return metric_names, primary
 
 

@@ -303,6 +303,25 @@ def test_metrics_per_dataset_and_average():
     assert results["accuracy"] == 1.0
 
 
+def test_the_papers_average_can_be_the_primary_metric():
+    """ReFT's tables report "Avg", the mean over datasets: checkpoints can follow it."""
+    from peftlab.shared.metrics import is_better
+
+    def metrics_of(pipeline):
+        config = runner.build_config(pipeline, demo=True, overrides=["eval.primary_metric=accuracy_avg"])
+        task = get_task(config.task_name)
+        return runner.run_metrics(config, task, runner.load_card(config.data.card, task))
+
+    names, primary = metrics_of("reasoning-commonsense")
+    assert primary == "accuracy_avg" and "accuracy" in names
+    examples = [{"dataset": "a", "answer": "A", "choices": ["x", "y"]}, {"dataset": "a", "answer": "B", "choices": ["x", "y"]},
+                {"dataset": "b", "answer": "true", "choices": None}]
+    assert get_task("reasoning-commonsense").compute_metrics(names, examples, ["A", "A", "yes"])[primary] == 0.75
+    assert is_better(primary, 0.8, 0.75) and not is_better(primary, 0.7, 0.75)
+    with pytest.raises(UserError, match="^protein-ppi does not compute metric 'accuracy_avg' .* it computes aupr"):
+        metrics_of("protein-ppi")
+
+
 def test_demo_generators_are_deterministic_and_answerable():
     first = data.demo_commonsense({"train": 30, "test": 12}, seed=3)
     assert first == data.demo_commonsense({"train": 30, "test": 12}, seed=3)

@@ -13,7 +13,8 @@ Both generate greedily (or with beams) from a prompt template in the recipe and 
 with the loss on the answer's tokens only (`causal_lm.PromptedGenerator`). Metrics:
 `accuracy` over all test questions (primary), `accuracy/<dataset>` for each dataset the
 split holds, and `accuracy_avg`, the mean of the per-dataset accuracies: the "Avg"
-column of the paper's tables.
+column of the paper's tables, which can be the primary metric too
+(`eval.primary_metric=accuracy_avg`: checkpoints and early stopping then follow it).
 """
 
 from __future__ import annotations
@@ -27,9 +28,15 @@ from peftlab.shared import requests
 from peftlab.shared.cards import Card
 from peftlab.shared.data import hold_out_validation, ratio_split
 from peftlab.shared.errors import UserError
+from peftlab.shared.metrics import list_metrics, register_metric
 from peftlab.shared.tasks import SPLIT_KEYS, Dataset, register_task
 
 from . import data
+
+# Derived in `compute_metrics` below; registered for its name and direction, so that it
+# can be the primary metric. A re-import of this module finds it there.
+if "accuracy_avg" not in list_metrics():
+    register_metric("accuracy_avg", None)
 
 # ----------------------------------------------------------------------------- options
 
@@ -64,7 +71,7 @@ def render_prompt(tokenizer, options: ReasoningOptions, example: dict) -> list[i
 
 class _ReasoningTask:
     domain = "reasoning"
-    metrics = ("accuracy",)
+    metrics = ("accuracy", "accuracy_avg")
     primary_metric = "accuracy"
     formats = ("jsonl", "demo")
     card_keys = ("demo",)
@@ -111,9 +118,10 @@ class _ReasoningTask:
         return data.extract_math(text, example) if self.NUMERIC else data.extract_choice(text, example)
 
     def compute_metrics(self, metric_names, examples, outputs) -> dict:
-        unknown = [n for n in metric_names if n != "accuracy"]
+        unknown = [n for n in metric_names if n not in ("accuracy", "accuracy_avg")]
         if unknown:
-            raise UserError(f"{self.name} scores extracted answers; metric {unknown[0]!r} does not apply (use accuracy)")
+            raise UserError(f"{self.name} scores extracted answers; metric {unknown[0]!r} does not apply "
+                            f"(use accuracy or accuracy_avg)")
         correct: dict[str, list[bool]] = {}
         for example, text in zip(examples, outputs):
             numeric = self.NUMERIC and not example.get("choices")
