@@ -19,13 +19,14 @@ calls them through `metrics.get_metric(name).fn`. Values are fractions in [0, 1]
 - `exact_match`: whitespace-normalised string equality (runs of whitespace collapse to
   one space, ends stripped), the code-refinement convention.
 - `rouge_l`: ROUGE-L F1 (longest common subsequence; Google's `rouge-score`, Porter
-  stemming), averaged over examples. coco-caption weighs recall with beta = 1.2; this is
-  the plain F1, so expect values close to theirs, not equal.
+  stemming, its tokenisation widened to words of any script), averaged over examples.
+  coco-caption weighs recall with beta = 1.2; this is the plain F1, so expect values
+  close to theirs, not equal.
 - `cider`: CIDEr-D (Vedantam et al. 2015) from `pycocoevalcap` (pure Python; its Java
   PTB tokenizer is not used: texts are lower-cased and split on anything that is not a
-  letter, digit or apostrophe). Its idf comes from the evaluated split's references, as
-  in coco-caption. Reported as pycocoevalcap returns it (papers print it x100); it can
-  exceed 1.
+  letter, digit or apostrophe, and a Chinese or Japanese character is a word). Its idf
+  comes from the evaluated split's references, as in coco-caption. Reported as
+  pycocoevalcap returns it (papers print it x100); it can exceed 1.
 
 `rouge_l`, `cider` and `caption_bleu4` (video captioning's `bleu4`: coco-caption's
 corpus-level `Bleu_4`) also take several references per example (each reference a list
@@ -160,6 +161,29 @@ def caption_bleu4(references: Sequence[str | Sequence[str]], hypotheses: Sequenc
     return float(scores[3])
 
 
+# Chinese and Japanese write words without spaces: each ideograph or kana counts as a
+# word, as sacrebleu's `zh` tokeniser splits Chinese.
+_UNSPACED = "\u3040-\u30ff\u3400-\u4dbf\u4e00-\u9fff\uf900-\ufaff"
+_WORD = rf"[{_UNSPACED}]|[^\W_{_UNSPACED}]+"  # letters of any script and digits
+_ROUGE_WORD = re.compile(_WORD)
+_CAPTION_WORD = re.compile(rf"[{_UNSPACED}]|[^\W_{_UNSPACED}]+(?:'[^\W_{_UNSPACED}]+)*")
+
+
+class _RougeWords:
+    """rouge-score's own tokenisation (lower case, words split at anything else, Porter
+    stems of English words over 3 letters) on letters of any script: its tokeniser keeps
+    only a-z and 0-9, which scored text in other scripts 0. On English text the two agree."""
+
+    def __init__(self):
+        from rouge_score.tokenizers import porter
+
+        self._stemmer = porter.PorterStemmer()
+
+    def tokenize(self, text: str) -> list[str]:
+        words = _ROUGE_WORD.findall(text.lower())
+        return [self._stemmer.stem(w) if len(w) > 3 and w.isascii() else w for w in words]
+
+
 def rouge_l(references: Sequence[str | Sequence[str]], hypotheses: Sequence[str]) -> float | None:
     """Mean ROUGE-L F1; with several references, the best one per example."""
     from rouge_score import rouge_scorer
@@ -167,18 +191,17 @@ def rouge_l(references: Sequence[str | Sequence[str]], hypotheses: Sequence[str]
     _check(references, hypotheses)
     if not references:
         return None
-    scorer = rouge_scorer.RougeScorer(["rougeL"], use_stemmer=True)
+    scorer = rouge_scorer.RougeScorer(["rougeL"], tokenizer=_RougeWords())
     total = sum(scorer.score_multi(refs, hypothesis)["rougeL"].fmeasure
                 for refs, hypothesis in zip(reference_lists(references), hypotheses))
     return total / len(references)
 
 
 def caption_tokens(text: str) -> str:
-    """Lower-cased words (letters of any script, digits, apostrophes) joined by spaces,
-    for caption BLEU-4 and CIDEr: punctuation goes, as coco-caption's PTB tokeniser drops it."""
-    import re
-
-    return " ".join(re.findall(r"[^\W_]+(?:'[^\W_]+)*", text.lower()))
+    """Lower-cased words (letters of any script, digits, apostrophes; each Chinese or
+    Japanese character a word) joined by spaces, for caption BLEU-4 and CIDEr: punctuation
+    goes, as coco-caption's PTB tokeniser drops it."""
+    return " ".join(_CAPTION_WORD.findall(text.lower()))
 
 
 def cider(references: Sequence[str | Sequence[str]], hypotheses: Sequence[str]) -> float | None:

@@ -272,6 +272,18 @@ def test_caption_metrics():
     assert caption_tokens("Café très—bien! A man's car_park") == "café très bien a man's car park"
     assert rouge_l(["a b c d"], ["a b x d"]) == pytest.approx(0.75)  # LCS 3 of 4 both ways
     assert rouge_l([["zzz", "a b c d"]], ["a b c d"]) == pytest.approx(1.0)
+    # words of every script count (rouge-score's own tokeniser keeps only a-z, 0-9: these scored 0);
+    # Chinese and Japanese, written without spaces, count a character as a word
+    assert caption_tokens("一只猫在睡觉。ねこ!") == "一 只 猫 在 睡 觉 ね こ"
+    assert rouge_l(["一只猫在睡觉"], ["一只狗在睡觉"]) == pytest.approx(5 / 6)
+    assert rouge_l(["кошка спит на диване"], ["кошка спит"]) == pytest.approx(2 / 3)  # P 1, R 1/2
+    # on English text it is rouge-score's ROUGE-L with Porter stemming, exactly
+    from rouge_score import rouge_scorer
+
+    stemmed = rouge_scorer.RougeScorer(["rougeL"], use_stemmer=True)
+    pairs = [("The cats were running quickly!", "a cat runs quick"), ("don't stop x_y 3.14", "dont stop x y 3 14")]
+    for reference, hypothesis in pairs:
+        assert rouge_l([reference], [hypothesis]) == stemmed.score(reference, hypothesis)["rougeL"].fmeasure
     references = ["a red square moves left", "a blue circle moves up", "a green triangle moves down"]
     perfect, constant = cider(references, references), cider(references, [references[0]] * 3)
     assert perfect > constant > 0
