@@ -16,6 +16,7 @@ import test_methods_contract as contract  # the shared contract checks, reused o
 import timm
 import torch
 from peftlab.domains.medical_imaging import backbones, data
+from peftlab.domains.medical_imaging.tasks import multi_label_metrics
 from peftlab.pipelines import runner
 from peftlab.shared import io, methods
 from peftlab.shared.cards import read_card
@@ -301,6 +302,16 @@ def test_medmnist_npz_single_and_multi_label(tmp_path):
     assert scores.shape == (4, 3) and ((scores > 0) & (scores < 1)).all()
     results = TASK.compute_metrics(["auroc", "accuracy", "macro_f1"], dataset.splits["train"][:4], list(scores))
     assert set(results) == {"auroc", "accuracy", "macro_f1"}
+
+    # A finding neither present nor predicted has no F1 and leaves the mean (as a class absent
+    # from both does in single-label macro F1); one predicted but absent counts 0.
+    targets = np.array([[1, 0, 0], [0, 1, 0], [1, 1, 0]], dtype=float)
+    right = targets * 0.9 + 0.05
+    assert multi_label_metrics(["macro_f1"], targets, right)["macro_f1"] == 1.0
+    false_alarm = right.copy()
+    false_alarm[0, 2] = 0.9
+    assert multi_label_metrics(["macro_f1"], targets, false_alarm)["macro_f1"] == pytest.approx(2 / 3)
+    assert multi_label_metrics(["macro_f1"], np.zeros((2, 3)), np.zeros((2, 3)))["macro_f1"] is None
     row = TASK.describe(example, scores[0], dataset.labels)
     assert set(row["scores"]) == {"effusion", "nodule", "mass"} and "predicted_labels" in row
     examples = dataset.splits["train"][:4]

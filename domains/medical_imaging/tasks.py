@@ -508,8 +508,11 @@ def _registered_equivalent(backbone: nn.Module) -> tuple[str, dict]:
 _MULTI_LABEL = {
     # Subset accuracy (every finding right), as scikit-learn defines accuracy for multi-label.
     "accuracy": lambda y, s: skm.accuracy_score(y, s >= 0.5),
-    "macro_f1": lambda y, s: skm.f1_score(y, s >= 0.5, average="macro", zero_division=0),
-    "f1": lambda y, s: skm.f1_score(y, s >= 0.5, average="macro", zero_division=0),
+    # A finding neither present nor predicted in the split has no F1 (0/0) and is left out
+    # of the mean, as a class absent from both is in single-label macro F1; one predicted
+    # but absent scores 0.
+    "macro_f1": lambda y, s: skm.f1_score(y, s >= 0.5, average="macro", zero_division=np.nan),
+    "f1": lambda y, s: skm.f1_score(y, s >= 0.5, average="macro", zero_division=np.nan),
     # Per finding, averaged over findings that have both outcomes in the split
     # (the ChestX-ray14 convention for AUROC).
     "balanced_accuracy": lambda y, s: _per_finding(skm.balanced_accuracy_score, y, s >= 0.5),
@@ -529,7 +532,7 @@ def multi_label_metrics(names, targets: np.ndarray, scores: np.ndarray) -> dict:
         if name not in _MULTI_LABEL:
             raise UserError(f"metric {name!r} is not defined for multi-label data; use {', '.join(_MULTI_LABEL)}")
         value = _MULTI_LABEL[name](targets, scores) if len(targets) else None
-        result[name] = None if value is None else float(value)
+        result[name] = None if value is None or np.isnan(value) else float(value)
     return result
 
 
