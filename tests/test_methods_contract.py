@@ -13,6 +13,7 @@ from peftlab.pipelines import runner
 from peftlab.shared import methods
 from peftlab.shared.errors import UserError
 from peftlab.shared.tasks import list_tasks
+from torch import nn
 
 TASKS = [t.name for t in list_tasks()]  # loads the domains, which register their own methods
 METHODS = methods.list_methods()
@@ -200,3 +201,68 @@ def test_ssf_starts_as_identity_and_folds_into_weights(tiny_net):
     for name, param in adapted.method_parameters().items():
         expected = torch.ones_like(param) if name.endswith("scale") else torch.zeros_like(param)
         assert torch.equal(param, expected)
+
+
+def _randomise(adapted):
+    with torch.no_grad():
+        for param in adapted.method_parameters().values():
+            param.add_(torch.randn_like(param) * 0.3)
+
+
+def test_torch_attention_output_projection_is_never_a_target():
+    """nn.MultiheadAttention passes out_proj's weight to its kernel without calling
+    out_proj, so a hook there would never act while a merge folded it in."""
+    torch.manual_seed(0)
+    model = nn.TransformerEncoder(nn.TransformerEncoderLayer(16, 2, 32, dropout=0.0, batch_first=True), 2,
+                                  enable_nested_tensor=False).eval()
+    x = torch.randn(2, 5, 16)
+    adapted = methods.apply(copy.deepcopy(model), "ssf")
+    assert not any("out_proj" in name for name in adapted.method_parameters())
+    _randomise(adapted)
+    with torch.no_grad():
+        unmerged = adapted.model(x)
+        assert not torch.allclose(unmerged, model(x), atol=1e-3)
+        torch.testing.assert_close(adapted.merge()(x), unmerged, atol=1e-5, rtol=1e-5)
+    for method in ("ssf", "adapter", "lora"):
+        with pytest.raises(UserError, match=r"layers\.0\.self_attn\.out_proj is the output projection of torch's "
+                                            r"nn\.MultiheadAttention.*leave it out of target_modules"):
+            methods.apply(copy.deepcopy(model), method, target_modules=["out_proj"])
+
+
+def test_ssf_refuses_to_merge_into_tied_weights():
+    class TiedLM(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.embed = nn.Embedding(10, 8)
+            self.body = nn.Linear(8, 8)
+            self.head = nn.Linear(8, 10, bias=False)
+            self.head.weight = self.embed.weight
+
+        def forward(self, tokens):
+            return self.head(self.body(self.embed(tokens)))
+
+    adapted = methods.apply(TiedLM(), "ssf", target_modules=["body", "head"])
+    with pytest.raises(UserError, match=r"ssf: head\.weight is the same tensor as embed\.weight \(tied weights\)"):
+        adapted.merge()
+    model = TiedLM()
+    tokens = torch.tensor([[1, 2, 3]])
+    adapted = methods.apply(model, "ssf", target_modules=["body"])
+    _randomise(adapted)
+    with torch.no_grad():
+        unmerged = adapted.model(tokens)
+        torch.testing.assert_close(adapted.merge()(tokens), unmerged, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("groups", [1, 2])
+def test_ssf_on_a_transposed_convolution_scales_and_folds_its_output_channels(groups):
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.ConvTranspose2d(4, 6, kernel_size=3, groups=groups), nn.Conv2d(6, 3, 1)).eval()
+    x = torch.randn(2, 4, 4, 4)  # output 6 x 6 x 6: a wrong channel axis would go unnoticed by shape
+    adapted = methods.apply(copy.deepcopy(model), "ssf", target_modules=["0"])
+    with torch.no_grad():
+        adapted.model[0].ssf.scale.copy_(torch.arange(1.0, 7.0))
+        torch.testing.assert_close(adapted.model[0](x), model[0](x) * torch.arange(1.0, 7.0).view(1, 6, 1, 1))
+    _randomise(adapted)
+    with torch.no_grad():
+        unmerged = adapted.model(x)
+        torch.testing.assert_close(adapted.merge()(x), unmerged, atol=1e-5, rtol=1e-5)

@@ -15,8 +15,11 @@ from peftlab.shared.methods.registry import Applied, register_method
 from peftlab.shared.methods.targeting import select_modules
 from torch import nn
 
-_CHANNEL_FIRST = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.GroupNorm)
-_DEFAULT_TYPES = (nn.Linear, nn.LayerNorm, *_CHANNEL_FIRST)
+# Modules whose outputs are (batch, channels, ...): convolutions (transposed ones too) and
+# batch / group norms. By default SSF follows linear, norm and (plain) conv modules; a
+# transposed convolution is adapted where target_modules names it.
+_CHANNEL_FIRST = (nn.modules.conv._ConvNd, nn.modules.batchnorm._BatchNorm, nn.GroupNorm)
+_DEFAULT_TYPES = (nn.Linear, nn.LayerNorm, nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.modules.batchnorm._BatchNorm, nn.GroupNorm)
 
 
 class ScaleShift(nn.Module):
@@ -73,7 +76,34 @@ def apply_ssf(model: nn.Module, options: SSFOptions) -> Applied:
     return Applied(model, names, state=handles)
 
 
+def _shared_parameters(model: nn.Module) -> dict[int, list[str]]:
+    """Every parameter reachable under more than one name (tied weights), by id."""
+    names: dict[int, list[str]] = {}
+    for name, param in model.named_parameters(remove_duplicate=False):
+        names.setdefault(id(param), []).append(name)
+    return {key: found for key, found in names.items() if len(found) > 1}
+
+
+def _scale_output_channels(module: nn.Module, weight: torch.Tensor, scale: torch.Tensor) -> None:
+    if isinstance(module, nn.modules.conv._ConvTransposeNd):
+        # weight (in, out / groups, *kernel): output channel g * (out / groups) + j is
+        # column j of group g's rows
+        groups = module.groups
+        grouped = weight.view(groups, weight.shape[0] // groups, *weight.shape[1:])
+        grouped.mul_(scale.view(groups, 1, -1, *[1] * (weight.dim() - 2)))
+    else:
+        weight.mul_(scale.view(-1, *[1] * (weight.dim() - 1)))
+
+
 def merge_ssf(model: nn.Module, options: SSFOptions, handles) -> nn.Module:
+    shared = _shared_parameters(model)
+    for name, module in model.named_modules():
+        weight = getattr(module, "weight", None)
+        if isinstance(getattr(module, "ssf", None), ScaleShift) and weight is not None and id(weight) in shared:
+            others = [n for n in shared[id(weight)] if n != f"{name}.weight"]
+            raise UserError(f"ssf: {name}.weight is the same tensor as {', '.join(others)} (tied weights): folding "
+                            f"{name}'s scale into it would change the others too; leave {name} out of target_modules "
+                            f"to merge, or use the adapter unmerged")
     for handle in handles:
         handle.remove()
     for name, module in list(model.named_modules()):
@@ -86,8 +116,7 @@ def merge_ssf(model: nn.Module, options: SSFOptions, handles) -> nn.Module:
             raise UserError(f"ssf: {name} has no affine weight to fold the scale into; it cannot be merged")
         with torch.no_grad():
             scale, shift = ssf.scale.detach(), ssf.shift.detach()
-            view = [-1] + [1] * (weight.dim() - 1)
-            weight.mul_(scale.view(view).to(weight.dtype))
+            _scale_output_channels(module, weight, scale.to(weight.dtype))
             if module.bias is None:
                 module.bias = nn.Parameter(torch.zeros_like(shift, dtype=weight.dtype), requires_grad=False)
             module.bias.mul_(scale.to(weight.dtype)).add_(shift.to(weight.dtype))

@@ -71,7 +71,13 @@ def select_modules(
     blocks_path: str | None = None,
     method: str = "method",
 ) -> list[tuple[str, nn.Module]]:
-    """Modules whose names match `targets` (and `types`), inside the chosen blocks."""
+    """Modules whose names match `targets` (and `types`), inside the chosen blocks.
+
+    The output projection of torch's `nn.MultiheadAttention` is never chosen: attention
+    reads its weight without calling it, so a hook or a replaced module there would never
+    run (and a merge would fold an untrained change into the weight). It is left out of
+    type-based defaults and refused when `targets` names it."""
+    bypassed = {f"{name}.out_proj" for name, module in model.named_modules() if isinstance(module, nn.MultiheadAttention)}
     block_prefixes = None
     if layers not in (None, "all"):
         path, blocks = find_blocks(model, blocks_path)
@@ -87,6 +93,11 @@ def select_modules(
             continue
         if block_prefixes is not None and not name.startswith(block_prefixes):
             continue
+        if name in bypassed:
+            if targets is None:
+                continue
+            raise UserError(f"{method}: {name} is the output projection of torch's nn.MultiheadAttention, which uses its "
+                            f"weight without calling it, so {method} there would never act; leave it out of target_modules")
         chosen.append((name, module))
     if not chosen:
         raise UserError(
