@@ -42,6 +42,19 @@ def test_reft_parameter_count_matches_the_formula(tie_positions, tie_layers):
         assert intervention_count(options, layers) == (1 if tie_layers else layers) * (1 if tie_positions else 2)
 
 
+@pytest.mark.parametrize("pipeline", ["reasoning-commonsense", "reasoning-arithmetic"])
+def test_the_recipes_loreft_has_the_papers_parameter_share(pipeline):
+    """ReFT reports LoReFT at 0.031 % of LLaMA-7B (32 layers, width 4096, 6.74 B
+    parameters): rank 8, one intervention per layer for both windows (pyreft's
+    --share_weights). The count formula is checked against real models above."""
+    from peftlab.shared.methods.reft import ReftOptions
+
+    config = runner.build_config(pipeline, demo=False, overrides=[])
+    options = ReftOptions(**config.method_options)
+    count = intervention_count(options, 32) * (2 * options.rank * 4096 + options.rank)
+    assert round(100 * count / 6_738_415_616, 3) == 0.031
+
+
 def test_loreft_rotation_keeps_orthonormal_rows_through_training():
     lm = clm.tiny_causal_lm()
     adapted = methods.apply(lm.model, "loreft", rank=4)
@@ -57,6 +70,19 @@ def test_loreft_rotation_keeps_orthonormal_rows_through_training():
     assert any(not torch.allclose(a, b) for a, b in zip(before, rotations)), "R must learn"
     for rotation in rotations:
         torch.testing.assert_close(rotation @ rotation.T, torch.eye(4), atol=1e-5, rtol=0)
+
+
+def test_loreft_rotation_starts_on_random_directions():
+    """pyreft initialises R orthogonally at random; a Cayley map of a small matrix would
+    start near the identity, putting most of R on hidden dimensions 0..r-1."""
+    torch.manual_seed(0)
+    first, second = LoReFTIntervention(256, 4), LoReFTIntervention(256, 4)
+    for intervention in (first, second):
+        rotation = intervention.rotate.weight.detach()
+        torch.testing.assert_close(rotation @ rotation.T, torch.eye(4), atol=1e-5, rtol=0)
+        assert (rotation ** 2).sum(dim=0).max() < 0.25  # no hidden dimension holds much of it
+    overlap = first.rotate.weight.detach() @ second.rotate.weight.detach().T
+    assert overlap.abs().max() < 0.5  # two draws span different subspaces
 
 
 def test_loreft_is_not_identity_at_init_but_is_when_w_equals_r():
@@ -113,6 +139,22 @@ def test_interventions_touch_only_the_chosen_prompt_positions():
     assert torch.equal(changed, expected)
     # layer 0's output is untouched everywhere
     torch.testing.assert_close(edited.hidden_states[1], base.hidden_states[1], atol=0, rtol=0)
+
+
+def test_short_prompts_split_their_positions_as_pyreft_does():
+    """Windows of 7 and 7 on prompts of 10 and 9 tokens: each takes at most half the prompt."""
+    from peftlab.shared.methods.reft import Interventions
+
+    where = Interventions(first=7, last=7)
+    mask = torch.tensor([[1] * 10 + [0] * 2, [0] * 3 + [1] * 9, [1] * 12])  # right-, left-padded, full
+    where.locate(None, (), {"attention_mask": mask})
+
+    def columns(row_mask):
+        return [i for i, on in enumerate(row_mask.tolist()) if on]
+
+    assert columns(where.first_mask[0]) == [0, 1, 2, 3, 4] and columns(where.last_mask[0]) == [5, 6, 7, 8, 9]
+    assert columns(where.first_mask[1]) == [3, 4, 5, 6] and columns(where.last_mask[1]) == [8, 9, 10, 11]  # 7 unedited
+    assert columns(where.first_mask[2]) == [0, 1, 2, 3, 4, 5] and columns(where.last_mask[2]) == [6, 7, 8, 9, 10, 11]
 
 
 def test_generation_edits_the_prompt_once_with_left_padding():

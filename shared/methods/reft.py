@@ -12,8 +12,9 @@ output, at chosen positions of the prompt: the first `first_positions` and the l
   subtraction, cheaper. R starts at zero here (a peftlab choice, as LoRA's B = 0), so
   DiReFT starts equal to the base model; the paper does not fix its init.
 
-What holds at LoReFT's init: R is a random matrix with orthonormal rows and W, b take
-nn.Linear's default init, so the edit is not zero. It is the identity exactly when
+What holds at LoReFT's init: R's orthonormal rows point in random directions (as
+pyreft's orthogonal init; with the Cayley map they start orthogonal to hidden dimensions
+0..r-1) and W, b take nn.Linear's default init, so the edit is not zero. It is the identity exactly when
 W = R and b = 0 (then W h + b - R h = 0); `LoReFTIntervention.make_identity()` sets that,
 and the tests check both facts.
 
@@ -24,8 +25,9 @@ batch holds prompt + answer, so the caller says where each prompt ends with
 `prompt_lengths(model, lengths)`; without it the whole attended input is the prompt.
 During generation only the prefill pass (no cached keys yet) is edited: the prompt's
 states are computed once and cached, and generated tokens are not prompt positions.
-When the first and last windows overlap on a short prompt, an untied pair gives each
-overlapping position the `last` intervention only, so no position is edited twice.
+On a prompt shorter than the two windows, each window is cut to half the prompt, as
+pyreft does (`get_intervention_locations`): no position is edited twice, and the middle
+position of an odd-length prompt is not edited.
 
 Options `tie_positions` (one intervention serves the first and the last positions, as
 the paper's tied runs) and `tie_layers` (one intervention shared by all chosen layers)
@@ -56,7 +58,22 @@ class LoReFTIntervention(nn.Module):
         # r x d matrix, so saving that matrix saves the intervention. (Torch's default for
         # non-square weights, Householder, loses orthonormality under Adam: tested.)
         parametrizations.orthogonal(self.rotate, orthogonal_map="cayley", use_trivialization=False)
+        if width >= 2 * rank:
+            self._start_on_random_directions(width, rank)
         self.learned_source = nn.Linear(width, rank)
+
+    @torch.no_grad()
+    def _start_on_random_directions(self, width: int, rank: int) -> None:
+        # The Cayley map of the small matrix nn.Linear's init stores is close to the
+        # identity, so R would start on hidden dimensions 0..r-1 (72 % of its energy there).
+        # Storing [0; 2U], U a random orthonormal (d-r) x r matrix, turns e_1..e_r by 90
+        # degrees onto U's columns: R starts as [0 | U^T], random directions, as pyreft's
+        # orthogonally initialised R does.
+        directions = torch.empty(width - rank, rank)
+        nn.init.orthogonal_(directions)
+        stored = torch.zeros(width, rank)
+        stored[rank:] = 2 * directions
+        self.rotate.parametrizations.weight.original.copy_(stored.T)
 
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:
         # In fp32 whatever autocast says: W h + b and R h are close (equal at identity
@@ -120,8 +137,10 @@ class Interventions(nn.Module):
             length = torch.minimum(length, self.prompt_lengths.to(mask.device).view(-1, 1))
         offset = columns.view(1, -1) - start  # position within the prompt
         inside = (offset >= 0) & (offset < length)
-        self.last_mask = inside & (offset >= length - self.last)
-        self.first_mask = inside & (offset < self.first) & ~self.last_mask
+        # pyreft's rule for short prompts: each window takes at most half the prompt
+        first, last = (torch.clamp(length // 2, max=count) for count in (self.first, self.last))
+        self.last_mask = inside & (offset >= length - last)
+        self.first_mask = inside & (offset < first)
 
     def edit(self, hidden: torch.Tensor, first: nn.Module, last: nn.Module) -> torch.Tensor:
         if self.first_mask is None or hidden.shape[:2] != self.first_mask.shape:
