@@ -621,8 +621,9 @@ LLAMA_METHOD_DEFAULTS: dict[str, dict[str, Any]] = {
     "ln_tuning": {"target_modules": ["input_layernorm", "post_attention_layernorm", "norm"]},
     # Houlsby: after the attention output and after the feed-forward block.
     "adapter": {"target_modules": ["o_proj", "down_proj"]},
-    # a scaled side branch beside the feed-forward block's output projection
-    "parallel_adapter": {"target_modules": ["down_proj"], "scale": 4.0},
+    # He et al.: a scaled branch across the feed-forward block, from its input (up_proj's)
+    # to its output (down_proj's)
+    "parallel_adapter": {"target_modules": ["down_proj"], "input_from": "up_proj", "scale": 4.0},
 }
 
 

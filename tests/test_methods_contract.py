@@ -266,3 +266,29 @@ def test_ssf_on_a_transposed_convolution_scales_and_folds_its_output_channels(gr
     with torch.no_grad():
         unmerged = adapted.model(x)
         torch.testing.assert_close(adapted.merge()(x), unmerged, atol=1e-5, rtol=1e-5)
+
+
+def test_parallel_adapter_can_span_the_feed_forward_block(tiny_net):
+    """He et al.'s parallel adapter: a branch from the feed-forward block's input (fc1's)
+    to its output (fc2's), d -> size -> d, not from fc2's 2d-wide input."""
+    adapted = methods.apply(copy.deepcopy(tiny_net), "parallel_adapter", target_modules=["fc2"], input_from="fc1",
+                            size=3, scale=4.0, activation="gelu")
+    width = tiny_net.final_norm.normalized_shape[0]
+    assert adapted.parameter_counts()["method"] == 3 * (3 * (width + width) + 3 + width)
+    _randomise(adapted)
+    block = adapted.model.layers[1]
+    seen = {}
+    block.fc1.register_forward_pre_hook(lambda module, args: seen.update(ffn_input=args[0]))
+    with torch.no_grad():
+        out = block(torch.randn(2, 7, width))
+        ffn_input, linear = seen["ffn_input"], torch.nn.functional.linear
+        feed_forward = linear(torch.relu(linear(ffn_input, block.fc1.weight, block.fc1.bias)), block.fc2.weight, block.fc2.bias)
+        adapter = block.fc2.adapter
+        branch = 4.0 * adapter.up(torch.nn.functional.gelu(adapter.down(ffn_input)))
+    assert branch.abs().max() > 1e-2  # a branch that matters
+    torch.testing.assert_close(out, ffn_input + feed_forward + branch, atol=1e-5, rtol=1e-5)
+    assert "kept_input" not in adapter.__dict__  # nothing held between passes
+    with pytest.raises(UserError, match="input_from applies to parallel_adapter only"):
+        methods.apply(copy.deepcopy(tiny_net), "adapter", target_modules=["fc2"], input_from="fc1")
+    with pytest.raises(UserError, match=r"layers\.0\.fc2 has no sibling layers\.0\.mlp_in"):
+        methods.apply(copy.deepcopy(tiny_net), "parallel_adapter", target_modules=["fc2"], input_from="mlp_in")

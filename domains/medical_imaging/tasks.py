@@ -217,7 +217,8 @@ _VIT_DEFAULTS = {
     "ia3": {"target_modules": ["attn.qkv", "mlp.fc2"], "feedforward_modules": ["mlp.fc2"], "blocks": "blocks"},
     "ssf": {"blocks": "blocks"},
     "adapter": {"target_modules": ["attn.proj", "mlp.fc2"], "blocks": "blocks"},
-    "parallel_adapter": {"target_modules": ["mlp.fc2"], "blocks": "blocks", "scale": 4.0},
+    # He et al.: a scaled branch across the feed-forward block (fc1's input to fc2's output)
+    "parallel_adapter": {"target_modules": ["mlp.fc2"], "input_from": "fc1", "blocks": "blocks", "scale": 4.0},
     "freeze_layers": {"blocks": "blocks"},
     # The blocks' own LayerNorms. Not the final `norm`: the core hands peft resolved
     # names, and peft matches them as suffixes, so "norm" would also catch the

@@ -184,7 +184,7 @@ _METHOD_DEFAULTS = {
     "vera": {"target_modules": ["qkv"]},
     "ia3": {"target_modules": ["qkv", "fc2"], "feedforward_modules": ["fc2"]},
     "adapter": {"target_modules": ["attn.proj", "mlp.fc2"], "size": 16},
-    "parallel_adapter": {"target_modules": ["mlp.fc2"], "size": 16},
+    "parallel_adapter": {"target_modules": ["mlp.fc2"], "input_from": "fc1", "size": 16, "scale": 4.0},
     "ssf": {"target_modules": r"(reduce_dim|norm|blocks\.blocks\.\d+\.(norm1|norm2|attn\.qkv|attn\.proj|mlp\.fc1|mlp\.fc2))"},
     "freeze_layers": {"blocks": "blocks.blocks"},
 }

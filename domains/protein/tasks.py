@@ -206,7 +206,7 @@ _ESM_METHOD_DEFAULTS = {
     "vera": {"target_modules": ["k_proj", "v_proj"], "layers": "last_8"},
     "ia3": {"target_modules": ["k_proj", "v_proj", "fc2"], "feedforward_modules": ["fc2"]},
     "adapter": {"target_modules": ["out_proj", "fc2"]},
-    "parallel_adapter": {"target_modules": ["fc2"]},
+    "parallel_adapter": {"target_modules": ["fc2"], "input_from": "fc1", "scale": 4.0},
     "freeze_layers": {"blocks": "layers"},
 }
 

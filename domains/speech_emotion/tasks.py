@@ -216,21 +216,24 @@ def _method_defaults(family: str, blocks: str, num_layers: int) -> dict[str, dic
     """PEFT-SER's choices: LoRA and adapters on each layer's feed-forward block.
 
     LoRA-style methods go on both feed-forward projections (pass
-    `method.target_modules=[q_proj,v_proj]` for attention instead); bottleneck adapters
-    follow the feed-forward output projection; SSF scales every Linear and LayerNorm in
-    the transformer layers.
+    `method.target_modules=[q_proj,v_proj]` for attention instead); `adapter` (Houlsby)
+    follows the feed-forward output projection, and `parallel_adapter` is PEFT-SER's
+    adapter, a scaled branch across the feed-forward block; SSF scales every Linear and
+    LayerNorm in the transformer layers.
     """
     if family == "whisper":
         feed_forward, second, key, value = ["fc1", "fc2"], ["fc2"], "self_attn.k_proj", "self_attn.v_proj"
     else:
         feed_forward = ["feed_forward.intermediate_dense", "feed_forward.output_dense"]
         second, key, value = ["feed_forward.output_dense"], "attention.k_proj", "attention.v_proj"
+    first = feed_forward[0].rpartition(".")[2]
     low_rank = {"target_modules": feed_forward, "blocks": blocks}
     return {
         "lora": low_rank, "dora": low_rank, "loha": low_rank, "lokr": low_rank, "vera": low_rank,
         "ia3": {"target_modules": [key, value, *second], "feedforward_modules": second, "blocks": blocks},
         "adapter": {"target_modules": second, "blocks": blocks},
-        "parallel_adapter": {"target_modules": second, "blocks": blocks},
+        # PEFT-SER's adapter: a branch across the feed-forward block, width 128, scale 0.1
+        "parallel_adapter": {"target_modules": second, "input_from": first, "size": 128, "scale": 0.1, "blocks": blocks},
         "ssf": {"layers": list(range(num_layers)), "blocks": blocks},
         "freeze_layers": {"blocks": blocks},
     }

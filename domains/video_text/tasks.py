@@ -333,7 +333,7 @@ RETRIEVAL_METHOD_DEFAULTS: dict[str, dict[str, Any]] = {
     "ssf": {"target_modules": _CLIP_LINEARS},
     # Houlsby: after the attention output and after the feed-forward block, in both towers.
     "adapter": {"target_modules": _TOWERS + r"(attn\.out_proj|mlp\.c_proj)"},
-    "parallel_adapter": {"target_modules": _TOWERS + r"mlp\.c_proj", "scale": 4.0},
+    "parallel_adapter": {"target_modules": _TOWERS + r"mlp\.c_proj", "input_from": "c_fc", "scale": 4.0},
     "ln_tuning": {"target_modules": _TOWERS + r"ln_[12]"},
     # the last k blocks of the image tower (name the text tower's with blocks: clip.transformer.resblocks)
     "freeze_layers": {"blocks": "clip.visual.transformer.resblocks"},

@@ -2,7 +2,10 @@
 
 Sequential: y = f(x) + up(act(down(f(x)))), inserted after the chosen modules (Houlsby
 places them after the attention output projection and after the feed-forward block).
-Parallel (scaled): y = f(x) + s · up(act(down(x))), a side branch from the module's input.
+Parallel (scaled): y = f(x) + s · up(act(down(x))), a side branch from the module's input,
+or, with `input_from`, from a sibling module's input: He et al.'s parallel adapter at the
+feed-forward block targets its last Linear (fc2) and reads the first one's (fc1) input,
+so the branch spans the whole block, from its input to its output.
 The up-projection is zero-initialised, so the adapted model starts equal to the base.
 """
 
@@ -50,6 +53,20 @@ def _parallel_hook(module, args, output):
     return _replace_first(output, _first(output) + module.adapter(args[0]))
 
 
+def _keep_input(adapter: Bottleneck):
+    def hook(module, args):
+        adapter.kept_input = args[0]
+    return hook
+
+
+def _spanning_hook(module, args, output):
+    kept = module.adapter.__dict__.pop("kept_input", None)
+    if kept is None:
+        raise RuntimeError("parallel_adapter: the input_from module did not run before the module the adapter "
+                           "follows; choose a module that runs first, in the same forward pass")
+    return _replace_first(output, _first(output) + module.adapter(kept))
+
+
 @dataclass
 class AdapterOptions:
     size: int = field(default=64, metadata={"help": "bottleneck width"})
@@ -58,6 +75,12 @@ class AdapterOptions:
     target_modules: list[str] | str | None = field(
         default=None,
         metadata={"help": "modules the adapter follows (default: the task's choice, else the last Linear of each block)"},
+    )
+    input_from: str | None = field(
+        default=None,
+        metadata={"help": "parallel_adapter: the sibling module (same parent as each target) whose input feeds the "
+                          "branch, e.g. fc1 with target fc2 for a branch across the feed-forward block; default: the "
+                          "target's own input"},
     )
     layers: str | list[int] | int | None = field(default=None, metadata={"help": "blocks to adapt: 'all', 'last_N', or indices"})
     blocks: str | None = field(default=None, metadata={"help": "path of the block list"})
@@ -93,13 +116,29 @@ def _apply(model: nn.Module, options: AdapterOptions, parallel: bool) -> Applied
     targets = options.target_modules
     if targets is None:
         targets = _default_targets(model, options.blocks)
+    if options.input_from is not None and not parallel:
+        raise UserError("adapter: input_from applies to parallel_adapter only (a sequential adapter reads its module's output)")
     chosen = select_modules(model, targets, layers=options.layers, blocks_path=options.blocks, method=method)
+    modules = dict(model.named_modules())
     names, handles = [], []
     for name, module in chosen:
         in_features, out_features = _features(module, name)
+        source = None
+        if options.input_from is not None:
+            parent = name.rpartition(".")[0]
+            source_name = f"{parent}.{options.input_from}" if parent else options.input_from
+            source = modules.get(source_name)
+            if source is None:
+                raise UserError(f"parallel_adapter: input_from={options.input_from!r}: {name} has no sibling "
+                                f"{source_name}; name a module beside it (e.g. fc1 beside fc2)")
+            in_features = _features(source, source_name)[0]
         module.adapter = Bottleneck(in_features if parallel else out_features, out_features,
                                     options.size, options.activation, options.scale)
-        handles.append(module.register_forward_hook(_parallel_hook if parallel else _sequential_hook))
+        if source is not None:
+            handles.append(source.register_forward_pre_hook(_keep_input(module.adapter)))
+            handles.append(module.register_forward_hook(_spanning_hook))
+        else:
+            handles.append(module.register_forward_hook(_parallel_hook if parallel else _sequential_hook))
         names += [f"{name}.adapter.{p}" for p, _ in module.adapter.named_parameters()]
     return Applied(model, names, state=handles)
 
