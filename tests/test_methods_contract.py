@@ -292,3 +292,18 @@ def test_parallel_adapter_can_span_the_feed_forward_block(tiny_net):
         methods.apply(copy.deepcopy(tiny_net), "adapter", target_modules=["fc2"], input_from="fc1")
     with pytest.raises(UserError, match=r"layers\.0\.fc2 has no sibling layers\.0\.mlp_in"):
         methods.apply(copy.deepcopy(tiny_net), "parallel_adapter", target_modules=["fc2"], input_from="mlp_in")
+
+
+def test_ssf_can_start_from_the_ssf_codes_random_init(tiny_net):
+    torch.manual_seed(0)
+    adapted = methods.apply(copy.deepcopy(tiny_net), "ssf", init_std=0.02)
+    scales = torch.cat([p.detach() for n, p in adapted.method_parameters().items() if n.endswith("scale")])
+    shifts = torch.cat([p.detach() for n, p in adapted.method_parameters().items() if n.endswith("shift")])
+    assert 0.01 < scales.std() < 0.03 and abs(scales.mean() - 1) < 0.01
+    assert 0.01 < shifts.std() < 0.03 and abs(shifts.mean()) < 0.01
+    x = torch.randn(2, 4, 7)
+    with torch.no_grad():
+        adapted.model.eval()
+        unmerged = adapted.model(x)
+        assert not torch.allclose(unmerged, tiny_net.eval()(x), atol=1e-4)  # not the identity at init
+        torch.testing.assert_close(adapted.merge()(x), unmerged, atol=1e-5, rtol=1e-5)

@@ -7,6 +7,8 @@ or, with `input_from`, from a sibling module's input: He et al.'s parallel adapt
 feed-forward block targets its last Linear (fc2) and reads the first one's (fc1) input,
 so the branch spans the whole block, from its input to its output.
 The up-projection is zero-initialised, so the adapted model starts equal to the base.
+(adapter-bert instead draws both projections from a truncated normal of std 1e-3, uses
+GELU, `activation=gelu`, and also trains the layer norms.)
 """
 
 from __future__ import annotations

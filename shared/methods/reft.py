@@ -10,7 +10,9 @@ output, at chosen positions of the prompt: the first `first_positions` and the l
   Parameters per intervention: R (r*d) + W (r*d) + b (r) = 2rd + r.
 - DiReFT: h <- h + R^T (W h + b) with R unconstrained: no orthogonality, no
   subtraction, cheaper. R starts at zero here (a peftlab choice, as LoRA's B = 0), so
-  DiReFT starts equal to the base model; the paper does not fix its init.
+  DiReFT starts equal to the base model. The paper's text drops R's orthogonality and
+  fixes no init; pyreft's DireftIntervention keeps an orthogonal, orthogonally
+  initialised R.
 
 What holds at LoReFT's init: R's orthonormal rows point in random directions (as
 pyreft's orthogonal init; with the Cayley map they start orthogonal to hidden dimensions

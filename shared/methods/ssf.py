@@ -1,6 +1,7 @@
 """SSF (Lian et al. 2022): a learned per-channel scale and shift after chosen modules.
 
-y = γ ⊙ f(x) + β with γ = 1, β = 0 at init, so the model starts as the base model.
+y = γ ⊙ f(x) + β with γ = 1, β = 0 at init, so the model starts as the base model (the
+SSF code draws γ ~ N(1, σ), β ~ N(0, σ) with σ = 0.02: `init_std=0.02`).
 After a Linear, LayerNorm, conv or BatchNorm the affine folds into that module's own
 weight and bias, which is what `merge()` does.
 """
@@ -23,11 +24,11 @@ _DEFAULT_TYPES = (nn.Linear, nn.LayerNorm, nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.m
 
 
 class ScaleShift(nn.Module):
-    def __init__(self, channels: int, channel_dim: int):
+    def __init__(self, channels: int, channel_dim: int, init_std: float = 0.0):
         super().__init__()
         self.channel_dim = channel_dim
-        self.scale = nn.Parameter(torch.ones(channels))
-        self.shift = nn.Parameter(torch.zeros(channels))
+        self.scale = nn.Parameter(torch.ones(channels) + init_std * torch.randn(channels))
+        self.shift = nn.Parameter(init_std * torch.randn(channels))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.channel_dim == -1 or x.dim() == 2:
@@ -58,6 +59,12 @@ class SSFOptions:
     )
     layers: str | list[int] | int | None = field(default=None, metadata={"help": "blocks to adapt: 'all', 'last_N', or indices"})
     blocks: str | None = field(default=None, metadata={"help": "path of the block list"})
+    init_std: float = field(default=0.0, metadata={"help": "random init around scale 1 and shift 0 (the SSF code: "
+                                                           "0.02); 0 starts exactly as the base model"})
+
+    def __post_init__(self):
+        if self.init_std < 0:
+            raise ValueError(f"init_std must be >= 0, got {self.init_std}")
 
 
 def apply_ssf(model: nn.Module, options: SSFOptions) -> Applied:
@@ -70,7 +77,7 @@ def apply_ssf(model: nn.Module, options: SSFOptions) -> Applied:
         if channels is None:
             raise UserError(f"ssf: cannot tell the output channels of {name} ({type(module).__name__}); target Linear, norm or conv modules")
         channel_dim = 1 if isinstance(module, _CHANNEL_FIRST) else -1
-        module.ssf = ScaleShift(channels, channel_dim)
+        module.ssf = ScaleShift(channels, channel_dim, options.init_std)
         handles.append(module.register_forward_hook(_hook))
         names += [f"{name}.ssf.scale", f"{name}.ssf.shift"]
     return Applied(model, names, state=handles)
