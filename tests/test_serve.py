@@ -491,7 +491,9 @@ def test_speech_point_cloud_code_review_and_ppi_forms_read_as_their_files_do(tmp
 def test_reasoning_questions_as_json_answer_like_a_jsonl_file(tmp_path):
     """A LoReFT run served: questions as text or as JSONL records generate what `predict`
     generates for the same records read from a file."""
-    run_dir = make_run(tmp_path, "reft", "reasoning-commonsense", "loreft", 3)
+    # seed 4: this scrambled random-init model writes text (with some seeds it ends at
+    # once, and empty answers would match trivially)
+    run_dir = make_run(tmp_path, "reft", "reasoning-commonsense", "loreft", 4)
     records = [{"id": "piqa", "goal": "Dry wet hands", "sol1": "use a towel", "sol2": "use water"},
                {"id": "arc", "question": "Which is a gas?", "choices": ["ice", "steam", "rock"]},
                {"id": "yesno", "question": "Is the sky blue?"}]

@@ -3,9 +3,9 @@
 - `tsa` (task-specific adapters; Li, Liu & Bilen 2022, "Cross-domain few-shot learning
   with task-specific adapters"; one of the CNN methods Dutt et al. compare): a 1x1
   convolution in parallel with each 3x3 convolution of a ResNet's residual blocks,
-  y = conv3x3(x) + alpha(x). alpha is zero-initialised, so the adapted network starts
-  as the base one, and it folds exactly into the centre tap of the 3x3 kernel, so it
-  merges.
+  y = conv3x3(x) + alpha(x). alpha is zero-initialised (the URL code starts it at
+  1e-4 I), so the adapted network starts as the base one, and it folds exactly into the
+  centre tap of the 3x3 kernel, so it merges.
 - `vpt` (visual prompt tuning; Jia et al. 2022): learned tokens placed after a ViT's
   CLS (prefix) tokens, after the position embedding, and taken out again before the
   final norm, so pooling (CLS token or patch average) sees the usual layout. "deep"
