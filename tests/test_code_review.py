@@ -202,6 +202,25 @@ def test_codereviewer_jsonl_and_tufano_pairs(tmp_path):
         "id": "ref.tsv:1", "old": "int a = 1 ;", "comment": "use final", "label": "final int a = 1 ;"}
 
 
+def test_codereviewers_diff_markers_come_off_refinement_code(tmp_path):
+    """CodeReviewer's `old` / `new` start every line with +, - or a space; its evaluator
+    scores `line[1:]`. Kept, the markers would be free matches for BLEU and make code
+    written without them miss exact match."""
+    refine = tmp_path / "ref.jsonl"
+    marked = {"old": " def f(x):\n-    return x+1\n", "comment": "use a constant", "new": " def f(x):\n+    return x + STEP"}
+    plain = {"old": "    return x", "comment": "c", "new": "    return -x"}  # indented code, no markers
+    refine.write_text(json.dumps(marked) + "\n" + json.dumps(plain) + "\n")
+    notes = []
+    first, second = data.read_jsonl(refine, "refine", {}, notes=notes)
+    assert first["old"] == "def f(x):\n    return x+1\n" and first["label"] == "def f(x):\n    return x + STEP"
+    assert (second["old"], second["label"]) == ("    return x", "    return -x")
+    assert notes == ["ref.jsonl: the code of 1 records carries CodeReviewer's per-line diff markers (+, -, space); "
+                     "they are taken off, as CodeReviewer's evaluation does"]
+    # the code itself written back scores as CodeReviewer scores it: exactly right
+    assert compute_text_metrics(["exact_match", "bleu4"], [first["label"]], ["def f(x):\n    return x + STEP"]) == {
+        "exact_match": 1.0, "bleu4": 1.0}
+
+
 @pytest.mark.parametrize("content, kind, message", [
     ('{"patch": "x", "y": 1}\n{"patch": "y", "y": 0\n', "necessity", r"bad\.jsonl:2: not a JSON object"),
     ('{"patch": "x"}\n', "necessity", r"bad\.jsonl:1: no field 'y'.*fields: \{label: KEY\}"),

@@ -312,6 +312,8 @@ def test_medmnist_npz_single_and_multi_label(tmp_path):
     false_alarm[0, 2] = 0.9
     assert multi_label_metrics(["macro_f1"], targets, false_alarm)["macro_f1"] == pytest.approx(2 / 3)
     assert multi_label_metrics(["macro_f1"], np.zeros((2, 3)), np.zeros((2, 3)))["macro_f1"] is None
+    # accuracy is MedMNIST's ACC: per finding, averaged (8 of 9 cells right), not subset accuracy (2 of 3 images)
+    assert multi_label_metrics(["accuracy"], targets, false_alarm)["accuracy"] == pytest.approx(8 / 9)
     row = TASK.describe(example, scores[0], dataset.labels)
     assert set(row["scores"]) == {"effusion", "nodule", "mass"} and "predicted_labels" in row
     examples = dataset.splits["train"][:4]

@@ -362,6 +362,44 @@ def test_group_by_protein_leaves_no_protein_in_two_splits(tmp_path):
     assert dropped_train + dropped_validation == len(pairs) - kept > 0
 
 
+def test_repeated_pairs_are_one_example_and_never_cross_splits(tmp_path):
+    """D-SCRIPT's ecoli_test.tsv lists 3,761 pairs twice: split at random, 606 of 2,200
+    test pairs were copies of training pairs. A pair (in either order: the model reads
+    it symmetrically) is one example; a pair given both labels is left out."""
+    from peftlab.domains.protein.tasks import PPITask
+    from peftlab.shared.cards import read_card
+
+    rng = np.random.default_rng(1)
+    names = [f"P{i}" for i in range(60)]
+    (tmp_path / "seqs.fasta").write_text("".join(f">{n}\n{''.join(rng.choice(list('ACDEFGHIKLMNPQRSTVWY'), 30))}\n"
+                                                 for n in names))
+    pairs = sorted({tuple(sorted(rng.choice(names, 2, replace=False))) for _ in range(300)})
+    lines = [f"{a}\t{b}\t{int(rng.random() < 0.3)}" for a, b in pairs]
+    copies = [line for line in lines[:80]] + ["\t".join([b, a, y]) for a, b, y in (x.split("\t") for x in lines[80:120])]
+    a, b, y = lines[120].split("\t")
+    conflict = [f"{a}\t{b}\t{1 - int(y)}"]
+    (tmp_path / "pairs.tsv").write_text("\n".join(lines + copies + conflict) + "\n")
+    card_text = ("---\nname: t\ndomain: protein\ntask: protein-ppi\nformat: fasta+pairs_tsv\n"
+                 "files: {sequences: seqs.fasta, pairs: pairs.tsv}\nfields: {protein_a: 0, protein_b: 1, label: 2}\n"
+                 "splits: {ratios: {train: 0.8, validation: 0.1, test: 0.1}, seed: 0}\n---\n")
+    (tmp_path / "card.md").write_text(card_text)
+    dataset = PPITask().read(read_card(str(tmp_path / "card.md")), PPITask().options())
+    keys = [tuple(sorted((e["a"], e["b"]))) for split in dataset.splits.values() for e in split]
+    assert len(keys) == len(set(keys)) == len(pairs) - 1  # each pair once, the conflicting one out
+    assert tuple(sorted((a, b))) not in keys
+    assert any("120 repeated pairs (the same two proteins, in either order) left out" in n for n in dataset.notes)
+    assert any("2 lines of 1 pairs listed with both labels left out" in n for n in dataset.notes)
+    # one file per split: a pair in test and train stays in test only
+    (tmp_path / "train.tsv").write_text("\n".join(lines[:200]) + "\n")
+    (tmp_path / "test.tsv").write_text("\n".join(lines[150:]) + "\n")
+    (tmp_path / "card.md").write_text(card_text.replace("pairs: pairs.tsv", "").replace(
+        "splits: {ratios: {train: 0.8, validation: 0.1, test: 0.1}, seed: 0}", "splits: {train: train.tsv, test: test.tsv}"))
+    dataset = PPITask().read(read_card(str(tmp_path / "card.md")), PPITask().options())
+    train = {tuple(sorted((e["a"], e["b"]))) for e in dataset.splits["train"] + dataset.splits["validation"]}
+    test = {tuple(sorted((e["a"], e["b"]))) for e in dataset.splits["test"]}
+    assert len(test) == len(lines) - 150 and not train & test
+
+
 def test_a_pairs_file_never_loses_its_first_pair_to_header_detection(tmp_path):
     sequences = {"P1": "MKT", "P2": "GAV", "P3": "LIW"}
     pairs = tmp_path / "pairs.tsv"

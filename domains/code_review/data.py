@@ -4,7 +4,9 @@ CodeReviewer (Li et al. 2022) ships one JSON object per line:
 - review necessity (quality estimation): `patch` (a unified-diff hunk) and `y` (1 = the
   hunk received a review comment, 0 = it did not);
 - comment generation: `patch` and `msg` (the reviewer's comment);
-- code refinement: `old` (code before the review), `comment`, `new` (code after).
+- code refinement: `old` (code before the review), `comment`, `new` (code after); in
+  CodeReviewer's files each line of `old` and `new` starts with a diff marker (+, -,
+  space), which the reader takes off, as CodeReviewer's evaluation does.
 A card's `fields` renames any of these (e.g. `fields: {patch: diff_hunk}`).
 
 Tufano-style pairs (Tufano et al. 2021/2022, the second dataset LLaMA-Reviewer uses)
@@ -83,6 +85,11 @@ def read_jsonl(path: Path, kind: str, fields: dict, labelled: bool = True, notes
         line_numbers.append(number)
     if not examples:
         raise UserError(f"{path}: no records (expected one JSON object per line)")
+    if kind == "refine":
+        unmarked = sum(_drop_diff_markers(example) for example in examples)
+        if unmarked and notes is not None:
+            notes.append(f"{path.name}: the code of {unmarked} records carries CodeReviewer's per-line diff markers "
+                         f"(+, -, space); they are taken off, as CodeReviewer's evaluation does")
     lines_of = {}
     for example, number in zip(examples, line_numbers):
         lines_of.setdefault(example["id"], []).append(number)
@@ -95,6 +102,30 @@ def read_jsonl(path: Path, kind: str, fields: dict, labelled: bool = True, notes
         notes.append(f"{path.name}: several records share an id ({len(repeated)} such id{'s' * (len(repeated) != 1)}, e.g. "
                      f"{first!r} at lines {', '.join(map(str, numbers))}); those records are named ID@LINE")
     return examples
+
+
+def _marked_lines(code: str) -> list[str] | None:
+    """The lines of diff-marked code (each starts with +, - or a space, and some with + or
+    -: CodeReviewer's `old` and `new`) without their markers; None for plain code."""
+    lines = code.split("\n")
+    filled = [line for line in lines if line]
+    if not filled or any(line[0] not in "+- " for line in filled) or all(line[0] == " " for line in filled):
+        return None
+    return [line[1:] for line in lines]
+
+
+def _drop_diff_markers(example: dict) -> bool:
+    """Refinement code with CodeReviewer's markers -> the code itself, as its evaluator
+    compares it (`line[1:]`): the model writes code, and BLEU and exact match score code,
+    not markers that every line of a prediction would match for free."""
+    changed = False
+    for name in ("old", "label"):
+        if isinstance(example.get(name), str):
+            lines = _marked_lines(example[name])
+            if lines is not None:
+                example[name] = "\n".join(lines)
+                changed = True
+    return changed
 
 
 def _text(value, where: str, key: str) -> str:

@@ -507,8 +507,10 @@ def _registered_equivalent(backbone: nn.Module) -> tuple[str, dict]:
 
 
 _MULTI_LABEL = {
-    # Subset accuracy (every finding right), as scikit-learn defines accuracy for multi-label.
-    "accuracy": lambda y, s: skm.accuracy_score(y, s >= 0.5),
+    # MedMNIST's ACC (its evaluator's multi-label branch, ChestMNIST): each finding's
+    # accuracy, averaged over findings; not scikit-learn's subset accuracy (every finding
+    # of an image right), which reads far lower (0.52 against 0.96 on one split).
+    "accuracy": lambda y, s: float(np.mean(y == (s >= 0.5))),
     # A finding neither present nor predicted in the split has no F1 (0/0) and is left out
     # of the mean, as a class absent from both is in single-label macro F1; one predicted
     # but absent scores 0.

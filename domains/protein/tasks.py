@@ -282,6 +282,41 @@ def keep_proteins_apart(splits: dict[str, list[dict]]) -> str:
             f"{dropped['validation']} validation pairs that shared a protein with a later split")
 
 
+def drop_repeated_pairs(splits: dict[str, list[dict]], where: str) -> str | None:
+    """Each unordered pair once, in place: a pair listed again (in either order: the
+    model reads a pair symmetrically) would be the same example twice, and across splits
+    a test example seen in training. The copy in the latest split stays (test, then
+    validation, then train); a pair listed with both labels is left out entirely."""
+    def key(example):
+        return tuple(sorted((example["a"], example["b"])))
+
+    labels: dict[tuple, set] = {}
+    for examples in splits.values():
+        for example in examples:
+            labels.setdefault(key(example), set()).add(example["label"])
+    conflicting = {pair for pair, found in labels.items() if len(found) > 1}
+    seen: set[tuple] = set()
+    repeats = both_labels = 0
+    for name in sorted(splits, key=lambda n: {"test": 0, "validation": 1, "train": 2}.get(n, 3)):
+        kept = []
+        for example in splits[name]:
+            pair = key(example)
+            if pair in conflicting:
+                both_labels += 1
+            elif pair in seen:
+                repeats += 1
+            else:
+                seen.add(pair)
+                kept.append(example)
+        splits[name] = kept
+    parts = []
+    if repeats:
+        parts.append(f"{repeats} repeated pairs (the same two proteins, in either order) left out, each pair kept once")
+    if both_labels:
+        parts.append(f"{both_labels} lines of {len(conflicting)} pairs listed with both labels left out")
+    return f"{where}: {'; '.join(parts)}" if parts else None
+
+
 class PPITask(_ProteinTask):
     name = "protein-ppi"
     description = "protein-protein interaction: two sequences -> interact yes/no (ESM-2, Sledzieski et al. 2023)"
@@ -310,11 +345,13 @@ class PPITask(_ProteinTask):
         notes = []
         if per_split:
             splits = {s: data.read_pairs(p, sequences, card.fields, labels) for s, p in per_split.items()}
+            notes += [note for note in [drop_repeated_pairs(splits, str(card.card_path))] if note]
             splits, note = hold_out_validation(splits, card, "pairs", group_of=by_first_protein)
             notes += [note] if note else []
         else:
-            pairs = data.read_pairs(card.file("pairs"), sequences, card.fields, labels)
-            splits = self._splits(card, pairs, by_first_protein)
+            pairs = {"all": data.read_pairs(card.file("pairs"), sequences, card.fields, labels)}
+            notes += [note for note in [drop_repeated_pairs(pairs, str(card.file("pairs")))] if note]
+            splits = self._splits(card, pairs["all"], by_first_protein)
         if group:  # given files too: pairs of train (and validation) sharing a protein with a later split go
             notes.append(keep_proteins_apart(splits))
         long, where = count_by_split(splits, lambda e: max(len(e["a_seq"]), len(e["b_seq"])) > options.max_length)
