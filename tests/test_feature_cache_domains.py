@@ -249,6 +249,9 @@ def test_augmentation_and_random_crops_turn_the_cache_off():
     speech = _model("speech-emotion", "tiny", "freeze_layers", PROBE_OPTIONS, max_seconds=0.5)
     assert "new random window each epoch" in speech.plan_feature_cache(_demo("speech-emotion")[1], 2**30)
     assert medical.feature_cache is None and points.feature_cache is None and speech.feature_cache is None
+    # the first seconds of each clip (PEFT-SER's crop) reach the frozen stages the same way every epoch
+    first_seconds = _model("speech-emotion", "tiny", "freeze_layers", PROBE_OPTIONS, max_seconds=0.5, train_crop="start")
+    assert "random window" not in first_seconds.plan_feature_cache(_demo("speech-emotion")[1], 2**30)
 
 
 def test_padding_dependent_speech_features_turn_the_cache_off_unless_clips_are_one_length():

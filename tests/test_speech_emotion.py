@@ -295,6 +295,12 @@ def test_crops_random_in_training_centre_or_full_at_evaluation():
     assert np.array_equal(model.waveform(example, None), clip[8000:24000])
     assert model.example_length(example) == 16000
     assert len(model_for("tiny_hubert", max_seconds=1.0, eval_crop="full").waveform(example, None)) == 32000
+    # PEFT-SER keeps each clip's first max_seconds, in training and evaluation
+    first_seconds = model_for("tiny_hubert", max_seconds=1.0, train_crop="start", eval_crop="start")
+    assert np.array_equal(first_seconds.waveform(example, np.random.default_rng(1)), clip[:16000])
+    assert np.array_equal(first_seconds.waveform(example, None), clip[:16000])
+    with pytest.raises(ValueError, match="train_crop must be random or start"):
+        SpeechEmotionOptions(train_crop="center")
     with pytest.raises(UserError, match="at most"):
         model_for("tiny_whisper", max_seconds=45)
 

@@ -98,13 +98,15 @@ CACHE = AudioCache(budget_mb=1024)
 """One per process; `SpeechEmotionOptions.audio_cache_mb` sets its budget."""
 
 
-def crop(waveform: np.ndarray, max_samples: int, rng: np.random.Generator | None, eval_crop: str) -> np.ndarray:
-    """At most `max_samples`: a random window in training (from `rng`), else the centre
-    window (eval_crop=center) or the whole clip (eval_crop=full)."""
-    if len(waveform) <= max_samples or (rng is None and eval_crop == "full"):
+def crop(waveform: np.ndarray, max_samples: int, window: str, rng: np.random.Generator | None = None) -> np.ndarray:
+    """At most `max_samples` of a longer clip: a random window (from `rng`), the start
+    or the centre."""
+    if len(waveform) <= max_samples:
         return waveform
-    if rng is not None:
+    if window == "random":
         start = int(rng.integers(0, len(waveform) - max_samples + 1))
+    elif window == "start":
+        start = 0
     else:
         start = (len(waveform) - max_samples) // 2
     return waveform[start:start + max_samples]

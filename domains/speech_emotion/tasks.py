@@ -46,8 +46,9 @@ from .backbones import SpeechEncoder, backbone_names, load_backbone
 
 @dataclass
 class SpeechEmotionOptions:
-    max_seconds: float = field(default=6.0, metadata={"help": "longest audio the model sees; longer clips are cropped (a random window in training, see eval_crop at evaluation); Whisper takes at most 30"})
-    eval_crop: str = field(default="center", metadata={"help": "evaluation of clips longer than max_seconds: center (the middle window) or full (the whole clip, up to the backbone's limit)"})
+    max_seconds: float = field(default=6.0, metadata={"help": "longest audio the model sees; longer clips are cropped (see train_crop and eval_crop); Whisper takes at most 30"})
+    train_crop: str = field(default="random", metadata={"help": "training window of clips longer than max_seconds: random (a new one each epoch) or start (the first max_seconds, as PEFT-SER)"})
+    eval_crop: str = field(default="center", metadata={"help": "evaluation of clips longer than max_seconds: center (the middle window), start (the first max_seconds, as PEFT-SER) or full (the whole clip, up to the backbone's limit)"})
     class_weight: str = field(default="balanced", metadata={"help": "cross-entropy class weights: balanced (inverse training-split frequency, as PEFT-SER) or none"})
     head_hidden: int = field(default=256, metadata={"help": "hidden width of the MLP head"})
     head_dropout: float = field(default=0.1, metadata={"help": "dropout in the MLP head"})
@@ -57,8 +58,10 @@ class SpeechEmotionOptions:
     def __post_init__(self):
         if not self.max_seconds > 0:
             raise ValueError(f"max_seconds must be > 0, got {self.max_seconds}")
-        if self.eval_crop not in ("center", "full"):
-            raise ValueError(f"eval_crop must be center or full, got {self.eval_crop!r}")
+        if self.train_crop not in ("random", "start"):
+            raise ValueError(f"train_crop must be random or start, got {self.train_crop!r}")
+        if self.eval_crop not in ("center", "start", "full"):
+            raise ValueError(f"eval_crop must be center, start or full, got {self.eval_crop!r}")
         if self.class_weight not in ("balanced", "none"):
             raise ValueError(f"class_weight must be balanced or none, got {self.class_weight!r}")
         if self.head_hidden < 1:
@@ -107,7 +110,7 @@ class SpeechEmotionModel(nn.Module):
         self.register_buffer("class_weights", _class_weights(options, len(labels)), persistent=False)
         limit = options.max_seconds if backbone.max_seconds is None else min(options.max_seconds, backbone.max_seconds)
         self.max_seconds = limit
-        self.eval_seconds = limit if options.eval_crop == "center" else (backbone.max_seconds or math.inf)
+        self.eval_seconds = limit if options.eval_crop != "full" else (backbone.max_seconds or math.inf)
         self.feature_cache: FeatureCache | None = None
 
     def plan_feature_cache(self, train_examples: list[dict], budget_bytes: int) -> str:
@@ -117,9 +120,10 @@ class SpeechEmotionModel(nn.Module):
         encoder = self.encoder()
         frozen, reason, total = in_training(self, encoder.stages)
         lengths = [self.example_length(e) for e in train_examples]
-        if any(e["samples"] / e["sample_rate"] > self.max_seconds for e in train_examples):
+        if self.options.train_crop == "random" and any(e["samples"] / e["sample_rate"] > self.max_seconds
+                                                       for e in train_examples):
             varying = (f"clips longer than task.max_seconds={self.max_seconds:g} get a new random window each epoch; "
-                       f"a task.max_seconds above the longest clip keeps them whole")
+                       f"a task.max_seconds above the longest clip keeps them whole, task.train_crop=start fixes the window")
         elif not encoder.padding_free and len(set(lengths)) > 1:
             varying = (f"the {encoder.family} encoder's features of a clip change with the padding its batch adds "
                        f"(Whisper's log-mel frames, a group-normalised CNN, or no attention mask), and the clips differ in length")
@@ -154,9 +158,12 @@ class SpeechEmotionModel(nn.Module):
             audio, rate = example["audio"], example["sample_rate"]
         else:
             audio, rate = data.CACHE.get(example["path"])
-        seconds = self.max_seconds if rng is not None else self.eval_seconds
+        training = rng is not None
+        seconds = self.max_seconds if training else self.eval_seconds
         max_samples = int(seconds * rate) if math.isfinite(seconds) else len(audio)
-        audio = data.crop(audio, max_samples, rng, "center")
+        # eval_crop=full keeps the centre of a clip longer than the backbone's own limit
+        window = self.options.train_crop if training else "start" if self.options.eval_crop == "start" else "center"
+        audio = data.crop(audio, max_samples, window, rng)
         return data.resample(audio, rate, self.encoder().sampling_rate)
 
     def collate(self, examples, rng):
@@ -297,7 +304,7 @@ class SpeechEmotionTask:
         long, where = count_by_split(splits, lambda e: e["samples"] > options.max_seconds * e["sample_rate"])
         if long:
             notes.append(f"{long} clips ({where}) longer than max_seconds={options.max_seconds} are cropped "
-                         f"(random window in training, {options.eval_crop} at evaluation)")
+                         f"({options.train_crop} window in training, {options.eval_crop} at evaluation)")
         return Dataset(splits, labels, notes)
 
     def _read_demo(self, card: Card):
@@ -399,9 +406,10 @@ class SpeechEmotionTask:
 
     def input_notes(self, examples, options) -> list[str]:
         long = sum(e["samples"] / e["sample_rate"] > options.max_seconds for e in examples)
-        if not long or options.eval_crop != "center":
+        if not long or options.eval_crop == "full":
             return []
-        return [f"{long} clips are longer than task.max_seconds={options.max_seconds:g}: their centre "
+        part = "centre" if options.eval_crop == "center" else "first"
+        return [f"{long} clips are longer than task.max_seconds={options.max_seconds:g}: their {part} "
                 f"{options.max_seconds:g} s is scored (task.eval_crop=full scores whole clips)"]
 
     def describe(self, example, scores, labels) -> dict:
