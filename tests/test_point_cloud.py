@@ -371,3 +371,32 @@ def test_test_time_voting_averages_log_probabilities_over_scaled_copies():
         per_copy = model({"points": batch["points"], "votes": 1}).float().log_softmax(-1)
     assert voted.shape == (len(examples), len(dataset.labels))
     torch.testing.assert_close(voted, per_copy.reshape(3, len(examples), -1).mean(0))
+
+
+def test_fps_evaluation_subsets_cover_the_shape_as_point_berts_test_does():
+    """A dense blob with a sparse shell: a uniform subset is nearly all blob, farthest-point
+    sampling reaches the shell; the subset is fixed, whatever the example's id."""
+    from peftlab.domains.point_cloud.backbones import farthest_point_sample
+    from peftlab.shared.tasks import get_task
+
+    task = get_task("pointcloud-classify")
+    rng = np.random.default_rng(0)
+    shell = rng.normal(size=(100, 3))
+    shell /= np.linalg.norm(shell, axis=1, keepdims=True)
+    points = np.concatenate([0.01 * rng.normal(size=(4000, 3)), shell]).astype(np.float32)
+
+    def subset(sampling, example_id="cloud"):
+        model = task.build_model("tiny", ["a", "b"], task.options(num_points=128, eval_sampling=sampling))
+        return model.collate([{"id": example_id, "points": points, "label": 0}], rng=None)["points"][0].numpy()
+
+    def on_shell(cloud):  # after normalisation the shell stays the outermost points
+        radius = np.linalg.norm(cloud - cloud.mean(0), axis=1)
+        return int((radius > 0.5 * radius.max()).sum())
+
+    uniform, fps = subset("random"), subset("fps")
+    assert on_shell(uniform) < 10 and on_shell(fps) >= 90
+    chosen = farthest_point_sample(torch.from_numpy(points)[None], 128)[0].numpy()
+    np.testing.assert_array_equal(fps, data.normalize_to_unit_sphere(points[chosen]))
+    np.testing.assert_array_equal(subset("fps", example_id="other"), fps)
+    with pytest.raises(ValueError, match="eval_sampling must be random or fps"):
+        task.options(eval_sampling="grid")

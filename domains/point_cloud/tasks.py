@@ -17,6 +17,7 @@ epoch (frozen-feature caching, `shared/feature_cache.py`).
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -41,7 +42,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from . import data
-from .backbones import PointBERT, backbone_names, load_backbone
+from .backbones import PointBERT, backbone_names, farthest_point_sample, load_backbone
 
 VOTE_SEED = 2023
 """Fixed, so test-time voting gives the same copies (and scores) on every evaluation."""
@@ -61,6 +62,8 @@ class PointCloudOptions:
     scale_high: float = field(default=3 / 2, metadata={"help": "training augmentation: largest per-axis scale"})
     translate: float = field(default=0.2, metadata={"help": "training augmentation: largest per-axis shift"})
     votes: int = field(default=1, metadata={"help": "test-time voting: evaluation averages over this many randomly scaled copies (1 = off)"})
+    eval_sampling: str = field(default="random", metadata={"help": "the points of an evaluated cloud: random (a seeded uniform subset) or fps "
+                                                                    "(farthest-point sampling of the whole cloud, Point-BERT's test-time subset)"})
     off_points: int = field(default=8192, metadata={"help": "points sampled from each mesh surface (.off, .ply with faces) when reading"})
     head_hidden: int = field(default=256, metadata={"help": "hidden width of the classification head (Point-BERT: 256)"})
     head_dropout: float = field(default=0.5, metadata={"help": "dropout in the classification head (Point-BERT: 0.5)"})
@@ -77,6 +80,8 @@ class PointCloudOptions:
             raise ValueError(f"need 0 < scale_low <= scale_high, got {self.scale_low}, {self.scale_high}")
         if self.votes < 1:
             raise ValueError(f"votes must be >= 1, got {self.votes}")
+        if self.eval_sampling not in ("random", "fps"):
+            raise ValueError(f"eval_sampling must be random or fps, got {self.eval_sampling!r}")
         if not 0 <= self.head_dropout < 1:
             raise ValueError(f"head_dropout must be in [0, 1), got {self.head_dropout}")
 
@@ -96,6 +101,7 @@ class PointCloudClassifier(nn.Module):
                                nn.Dropout(options.head_dropout), nn.Linear(options.head_hidden, num_labels))
 
         self.feature_cache: FeatureCache | None = None
+        self._fps_subsets: dict[str, np.ndarray] = {}
 
     def encoder(self) -> PointBERT:
         return methods.network_of(self.backbone)
@@ -131,6 +137,18 @@ class PointCloudClassifier(nn.Module):
     def _cloud(self, points: np.ndarray, rng: np.random.Generator) -> np.ndarray:
         return data.normalize_to_unit_sphere(data.choose_points(points, self.options.num_points, rng))
 
+    def _evaluation_cloud(self, example: dict) -> np.ndarray:
+        """The fixed subset an example is evaluated on (and trained on without augmentation)."""
+        points, count = example["points"], self.options.num_points
+        if self.options.eval_sampling == "random" or len(points) <= count:
+            return self._cloud(points, np.random.default_rng(0))
+        points = np.ascontiguousarray(points, dtype=np.float32)
+        key = hashlib.blake2b(points.tobytes(), digest_size=16).digest()  # the cloud itself, whatever its id
+        if key not in self._fps_subsets:  # computed once: every epoch evaluates the same clouds
+            chosen = farthest_point_sample(torch.from_numpy(points)[None], count)[0]
+            self._fps_subsets[key] = data.normalize_to_unit_sphere(points[chosen.numpy()])
+        return self._fps_subsets[key]
+
     def collate(self, examples, rng):
         o = self.options
         votes = 1
@@ -138,7 +156,7 @@ class PointCloudClassifier(nn.Module):
             clouds = [data.augment(self._cloud(e["points"], rng), rng, o.rotate_up, o.up_axis, (o.scale_low, o.scale_high), o.translate)
                       for e in examples]
         else:  # evaluation (and training without augmentation): a fixed subset per example
-            clouds = [self._cloud(e["points"], np.random.default_rng(0)) for e in examples]
+            clouds = [self._evaluation_cloud(e) for e in examples]
             if rng is None and o.votes > 1:  # voting adds scaled copies
                 votes = o.votes
                 vote_rng = np.random.default_rng(VOTE_SEED)
