@@ -485,3 +485,34 @@ def test_real_efficientnet_lite0_on_pneumoniamnist(method, real_assets, tmp_path
     assert meta["backbone"]["data_config"]["mean"] == [0.5, 0.5, 0.5]
     test = json.loads((run_dir / "metrics.json").read_text())["test"]
     assert test["auroc"] >= 0.75, test
+
+
+def test_patient_field_keeps_each_patients_images_in_one_split(tmp_path):
+    """ChestX-ray14 has many images per patient: split by image, a patient's scans are in
+    train and test. With fields.patient, ratio splits and the validation hold-out move
+    whole patients."""
+    (tmp_path / "img").mkdir()
+    rows = ["path,finding,patient"]
+    for i in range(120):
+        Image.new("L", (8, 8), i).save(tmp_path / "img" / f"{i}.png")
+        rows.append(f"img/{i}.png,{['normal', 'effusion'][i % 2]},p{i // 6}")  # 20 patients, 6 images each
+    (tmp_path / "data.csv").write_text("\n".join(rows) + "\n")
+
+    def patients(header):
+        dataset = TASK.read(read_card(_write_card(tmp_path, header)), TASK.options())
+        return {name: {e.get("patient", e["id"]) for e in split} for name, split in dataset.splits.items()}, dataset
+
+    base = "format: csv\nlabels: [normal, effusion]\n"
+    by_patient, dataset = patients(base + "path: data.csv\nfields: {label: finding, patient: patient}\n"
+                                   "splits: {ratios: {train: 0.6, validation: 0.2, test: 0.2}, seed: 0}")
+    names = list(by_patient)
+    assert len(names) == 3 and all(not by_patient[a] & by_patient[b] for a in names for b in names if a < b)
+    assert sum(len(v) for v in by_patient.values()) == 20
+    # one table per split: validation is held out of train by whole patients too
+    (tmp_path / "train.csv").write_text("\n".join(rows[:97]) + "\n")
+    (tmp_path / "test.csv").write_text("\n".join(rows[:1] + rows[97:]) + "\n")
+    by_patient, _ = patients(base + "fields: {label: finding, patient: patient}\n"
+                             "splits: {train: train.csv, test: test.csv, validation_fraction: 0.25}")
+    assert by_patient["validation"] and not by_patient["validation"] & by_patient["train"]
+    with pytest.raises(UserError, match="fields.patient names a column of a csv table"):
+        TASK.read(read_card(_write_card(tmp_path, "format: imagefolder\npath: img\nfields: {patient: p}")), TASK.options())

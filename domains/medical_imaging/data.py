@@ -247,7 +247,9 @@ def read_medmnist_npz(path: Path, labels: list[str] | None, multi_label: bool) -
 def read_image_csv(path: Path, image_root: Path, fields: dict, labels: list[str] | None, group_by: str | None,
                    multi_label: bool, labelled: bool = True) -> list[dict]:
     """CSV with a header: an image path column (relative to `image_root`), a label column,
-    and, when the card sets `group_by`, that column as each example's group."""
+    when the card sets `group_by`, that column as each example's group, and with
+    `fields.patient`, that column as each example's patient (splits keep a patient's
+    images together)."""
     rows = table_rows(path, ",")
     if not rows:
         raise UserError(f"{path}: empty CSV file")
@@ -264,6 +266,7 @@ def read_image_csv(path: Path, image_root: Path, fields: dict, labels: list[str]
     image_col = column("image", "path")
     label_col = column("label", "label") if labelled else None
     group_col = column("group", group_by) if group_by else None
+    patient_col = column("patient", "") if "patient" in fields else None
     examples = []
     for number, cells in rows[1:]:
         if len(cells) != len(header):
@@ -274,6 +277,8 @@ def read_image_csv(path: Path, image_root: Path, fields: dict, labels: list[str]
         example = {"id": relative, "path": str(image_root / relative), "row": f"{path}:{number}"}
         if group_col is not None:
             example["group"] = cells[group_col].strip()
+        if patient_col is not None:
+            example["patient"] = cells[patient_col].strip()
         if label_col is not None:
             where = f"{path}:{number}"
             if multi_label:

@@ -264,7 +264,7 @@ class MedicalClassifyTask:
     formats = ("imagefolder", "medmnist_npz", "csv", "demo")
     card_keys = ("demo", "on_bad_file", "image_root")
     split_keys = (*SPLIT_KEYS, "validation_fraction")
-    field_keys = ("image", "label", "group")
+    field_keys = ("image", "label", "group", "patient")
     options = MedicalImageOptions
 
     def backbones(self) -> list[str]:
@@ -281,6 +281,9 @@ class MedicalClassifyTask:
         labels = card.labels
         if options.multi_label and not labels and card.format != "medmnist_npz":
             raise UserError(f"{card.card_path}: multi-label data needs the card's `labels` (one name per finding)")
+        if "patient" in (card.fields or {}) and card.format != "csv":
+            raise UserError(f"{card.card_path}: fields.patient names a column of a csv table; format {card.format!r} "
+                            f"has none (use format: csv, or drop fields.patient)")
         if card.group_by and card.format != "csv":
             raise UserError(f"{card.card_path}: group_by needs a per-image attribute; format {card.format!r} has none "
                             f"(use format: csv with a column named {card.group_by!r})")
@@ -299,7 +302,7 @@ class MedicalClassifyTask:
         for split in list(splits):
             splits[split], skipped = data.keep_readable(splits[split], on_bad_file, f"{card.card_path} ({split})")
             notes += skipped
-        splits, note = hold_out_validation(splits, card, "images")
+        splits, note = hold_out_validation(splits, card, "images", group_of=self._by_patient(card))
         return Dataset(splits, labels, notes + ([note] if note else []))
 
     def _read_demo(self, card: Card, options: MedicalImageOptions) -> Dataset:
@@ -325,10 +328,16 @@ class MedicalClassifyTask:
             raise UserError(f"{card.card_path}: path = {path} does not exist; fix the path (relative paths start at {card.folder})")
         return path
 
+    @staticmethod
+    def _by_patient(card: Card):
+        """With `fields.patient`, splits keep each patient's images together (ChestX-ray14
+        has many images per patient: split by image, a patient is in train and test)."""
+        return (lambda e: e["patient"]) if "patient" in (card.fields or {}) else None
+
     def _ratio_split(self, card: Card, examples: list[dict]) -> dict[str, list[dict]]:
         spec = card.splits or {}
         ratios = spec.get("ratios", {"train": 0.8, "validation": 0.1, "test": 0.1})
-        return ratio_split(examples, ratios, int(spec.get("seed", 0)), where=str(card.card_path))
+        return ratio_split(examples, ratios, int(spec.get("seed", 0)), self._by_patient(card), where=str(card.card_path))
 
     def _read_imagefolder(self, card: Card, labels, notes: list[str]):
         root = self._data_path(card)
@@ -546,7 +555,7 @@ task: medical-classify
 format: csv                       # csv | imagefolder | medmnist_npz
 files:
   data: metadata.csv              # header row: path,label[,group]
-fields: {image: path, label: label, group: sex}
+fields: {image: path, label: label, group: sex}   # patient: PATIENT_COLUMN keeps a patient's images in one split
 image_root: images/               # image paths are relative to this (default: the card's folder)
 labels: [benign, malignant]       # label cells hold these names or their indices
 group_by: sex                     # optional: per-group metrics and the worst-group gap
