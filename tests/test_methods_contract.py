@@ -280,7 +280,7 @@ def test_parallel_adapter_can_span_the_feed_forward_block(tiny_net):
     seen = {}
     block.fc1.register_forward_pre_hook(lambda module, args: seen.update(ffn_input=args[0]))
     with torch.no_grad():
-        out = block(torch.randn(2, 7, width))
+        out = block(seen.setdefault("block_input", torch.randn(2, 7, width)))
         ffn_input, linear = seen["ffn_input"], torch.nn.functional.linear
         feed_forward = linear(torch.relu(linear(ffn_input, block.fc1.weight, block.fc1.bias)), block.fc2.weight, block.fc2.bias)
         adapter = block.fc2.adapter
@@ -288,6 +288,9 @@ def test_parallel_adapter_can_span_the_feed_forward_block(tiny_net):
     assert branch.abs().max() > 1e-2  # a branch that matters
     torch.testing.assert_close(out, ffn_input + feed_forward + branch, atol=1e-5, rtol=1e-5)
     assert "kept_input" not in adapter.__dict__  # nothing held between passes
+    copied = copy.deepcopy(adapted.model)  # a copy's branches read its own blocks
+    with torch.no_grad():
+        torch.testing.assert_close(copied.layers[1](seen["block_input"]), out, atol=1e-6, rtol=0)
     with pytest.raises(UserError, match="input_from applies to parallel_adapter only"):
         methods.apply(copy.deepcopy(tiny_net), "adapter", target_modules=["fc2"], input_from="fc1")
     with pytest.raises(UserError, match=r"layers\.0\.fc2 has no sibling layers\.0\.mlp_in"):

@@ -55,10 +55,11 @@ def _parallel_hook(module, args, output):
     return _replace_first(output, _first(output) + module.adapter(args[0]))
 
 
-def _keep_input(adapter: Bottleneck):
-    def hook(module, args):
+def _keep_input(module, args):
+    # The adapters are found through the module, not a closure, so that a deep copy of
+    # the model feeds its own copies.
+    for adapter in module.spanned_adapters:
         adapter.kept_input = args[0]
-    return hook
 
 
 def _spanning_hook(module, args, output):
@@ -137,7 +138,10 @@ def _apply(model: nn.Module, options: AdapterOptions, parallel: bool) -> Applied
         module.adapter = Bottleneck(in_features if parallel else out_features, out_features,
                                     options.size, options.activation, options.scale)
         if source is not None:
-            handles.append(source.register_forward_pre_hook(_keep_input(module.adapter)))
+            if "spanned_adapters" not in source.__dict__:
+                source.spanned_adapters = []
+                handles.append(source.register_forward_pre_hook(_keep_input))
+            source.spanned_adapters.append(module.adapter)
             handles.append(module.register_forward_hook(_spanning_hook))
         else:
             handles.append(module.register_forward_hook(_parallel_hook if parallel else _sequential_hook))
