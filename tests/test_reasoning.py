@@ -345,6 +345,35 @@ def test_metrics_per_dataset_and_average():
     assert results["accuracy"] == 1.0
 
 
+def test_pyreft_scoring_reads_generations_as_refts_evaluation_does():
+    """scoring=pyreft: commonsense by exact match of the whole generation, math by the
+    last number, AQuA by the first capital A-E anywhere (flaws included, for numbers
+    comparable with the paper's); lenient scoring reads the stated answer."""
+    commonsense, math = get_task("reasoning-commonsense"), get_task("reasoning-arithmetic")
+
+    def accuracy(task, example, text, scoring):
+        return task.compute_metrics(["accuracy"], [{**example, "dataset": "d", "scoring": scoring}], [text])["accuracy"]
+
+    token = {"answer": "answer1", "choices": None}
+    assert accuracy(commonsense, token, " answer1 ", "pyreft") == 1.0
+    assert accuracy(commonsense, token, "answer1 because", "pyreft") == 0.0 == accuracy(commonsense, token, "Answer1", "pyreft")
+    assert accuracy(commonsense, token, "answer1 because", "lenient") == 1.0
+    number = {"answer": "7", "choices": None}
+    assert accuracy(math, number, "The answer is 7. Next: 12", "pyreft") == 0.0  # the last number
+    assert accuracy(math, number, "The answer is 7. Next: 12", "lenient") == 1.0
+    assert accuracy(math, {"answer": "1200", "choices": None}, "so 1,200", "pyreft") == 1.0
+    aqua = {"answer": "C", "choices": ["1", "2", "3", "4", "5"]}
+    assert accuracy(math, aqua, "Answer: C", "pyreft") == 0.0  # the A of "Answer" comes first
+    assert accuracy(math, aqua, "Answer: C", "lenient") == 1.0
+    from peftlab.shared.cards import read_card
+
+    card = read_card(str(runner.build_config("reasoning-arithmetic", demo=True, overrides=[]).data.card))
+    dataset = math.read(card, math.options(scoring="pyreft"))
+    assert {e["scoring"] for split in dataset.splits.values() for e in split} == {"pyreft"}
+    with pytest.raises(ValueError, match="scoring must be lenient or pyreft"):
+        math.options(scoring="strict")
+
+
 def test_the_papers_average_can_be_the_primary_metric():
     """ReFT's tables report "Avg", the mean over datasets: checkpoints can follow it."""
     from peftlab.shared.metrics import is_better

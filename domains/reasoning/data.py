@@ -368,6 +368,32 @@ def extract_math(text: str, example: dict) -> str | None:
     return extract_number(text)
 
 
+def extract_as_pyreft(text: str, example: dict, numeric_task: bool) -> str | None:
+    """What ReFT's evaluation (pyreft's examples/loreft, after LLM-Adapters) reads from a
+    generation: commonsense, the whole generation (scored by exact match); math, the last
+    number (thousands commas dropped), and for AQuA's options the first capital A-E
+    anywhere in the text."""
+    if not numeric_task:
+        return text.strip()
+    if example.get("choices"):
+        letter = re.search(r"[A-E]", text)
+        return letter.group(0) if letter else None
+    numbers = re.findall(r"-?\d+\.?\d*", text.replace(",", ""))
+    return numbers[-1] if numbers else None
+
+
+def same_answer_as_pyreft(predicted: str | None, gold: str, numeric: bool) -> bool:
+    """pyreft's comparison: numbers within 0.001, anything else exactly (case included)."""
+    if predicted is None:
+        return False
+    if numeric:
+        try:
+            return abs(float(predicted) - float(gold)) <= 1e-3
+        except ValueError:
+            return False
+    return predicted == str(gold).strip()
+
+
 def same_answer(predicted: str | None, gold: str, numeric: bool) -> bool:
     if predicted is None:
         return False

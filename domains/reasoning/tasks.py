@@ -50,8 +50,14 @@ class ReasoningOptions:
     max_target_tokens: int = field(default=256, metadata={"help": "answer tokens trained on at most"})
     max_new_tokens: int = field(default=32, metadata={"help": "tokens generated at most"})
     num_beams: int = field(default=1, metadata={"help": "1 = greedy decoding, more = beam search"})
+    scoring: str = field(default="lenient", metadata={
+        "help": "how generations are scored: lenient (the most explicit answer form; see the README) or pyreft "
+                "(ReFT's evaluation: commonsense by exact match of the whole generation, math by its last number, "
+                "AQuA by its first capital A-E), for numbers comparable with the paper's"})
 
     def __post_init__(self):
+        if self.scoring not in ("lenient", "pyreft"):
+            raise ValueError(f"scoring must be lenient or pyreft, got {self.scoring!r}")
         clm.GenerationOptions.checked(self)
         clm.check_prompt_template(self.prompt_template, ("question", "choices"), self.max_prompt_tokens)
 
@@ -89,6 +95,13 @@ class _ReasoningTask:
         return clm.default_method_options(method, model.backbone)
 
     def read(self, card: Card, options) -> Dataset:
+        dataset = self._read(card)
+        for examples in dataset.splits.values():
+            for example in examples:  # scoring happens where only the examples reach (compute_metrics)
+                example["scoring"] = options.scoring
+        return dataset
+
+    def _read(self, card: Card) -> Dataset:
         if card.format == "demo":
             demo = {**self.DEMO_SIZES, "seed": 0, **(card.option("demo") or {})}
             sizes = {s: int(demo[s]) for s in ("train", "validation", "test")}
@@ -115,7 +128,14 @@ class _ReasoningTask:
             length_budget=options.max_prompt_tokens, fields=("question",))
 
     def extract(self, text: str, example: dict) -> str | None:
+        if example.get("scoring") == "pyreft":
+            return data.extract_as_pyreft(text, example, self.NUMERIC)
         return data.extract_math(text, example) if self.NUMERIC else data.extract_choice(text, example)
+
+    def is_right(self, text: str, example: dict) -> bool:
+        numeric = self.NUMERIC and not example.get("choices")
+        compare = data.same_answer_as_pyreft if example.get("scoring") == "pyreft" else data.same_answer
+        return compare(self.extract(text, example), example["answer"], numeric)
 
     def compute_metrics(self, metric_names, examples, outputs) -> dict:
         unknown = [n for n in metric_names if n not in ("accuracy", "accuracy_avg")]
@@ -124,9 +144,7 @@ class _ReasoningTask:
                             f"(use accuracy or accuracy_avg)")
         correct: dict[str, list[bool]] = {}
         for example, text in zip(examples, outputs):
-            numeric = self.NUMERIC and not example.get("choices")
-            right = data.same_answer(self.extract(text, example), example["answer"], numeric)
-            correct.setdefault(example["dataset"], []).append(right)
+            correct.setdefault(example["dataset"], []).append(self.is_right(text, example))
         per_dataset = {name: sum(flags) / len(flags) for name, flags in sorted(correct.items())}
         total = [flag for flags in correct.values() for flag in flags]
         results: dict[str, Any] = {"accuracy": sum(total) / len(total) if total else None}
