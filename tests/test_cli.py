@@ -127,10 +127,11 @@ def test_predict_on_a_card_equals_predict_on_its_files(ppi_run, tmp_path):
     fasta.write_text("".join(f">{k}\n{v}\n" for k, v in sequences.items()))
     pairs = tmp_path / "pairs.tsv"  # labelled (a card's data is), columns in the card's own order
     pairs.write_text("0\tfam0_p0\tfam1_p3\n1\tfam2_p1\tfam3_p5\n0\tfam0_p0\tfam4_p2\n")
+    (tmp_path / "more-pairs.tsv").write_text("1\tfam5_p0\tfam6_p3\n0\tfam7_p1\tfam1_p5\n1\tfam2_p0\tfam4_p4\n")
     card = tmp_path / "new-pairs.md"
     card.write_text("---\nname: new\ndomain: protein\ntask: protein-ppi\nformat: fasta+pairs_tsv\n"
                     "files: {sequences: proteins.fasta}\nfields: {label: 0, protein_a: 1, protein_b: 2}\n"
-                    "labels: [no_interaction, interaction]\nsplits: {test: pairs.tsv, validation: pairs.tsv}\n---\n")
+                    "labels: [no_interaction, interaction]\nsplits: {test: pairs.tsv, validation: more-pairs.tsv}\n---\n")
     result = run_peftlab("predict", ppi_run, card, "--split", "test")
     assert result.returncode == 0, result.stderr[-2000:]
     by_card = [json.loads(line) for line in result.stdout.splitlines()]
