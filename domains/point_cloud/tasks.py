@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+from collections import OrderedDict
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -86,6 +87,9 @@ class PointCloudOptions:
             raise ValueError(f"head_dropout must be in [0, 1), got {self.head_dropout}")
 
 
+FPS_CACHE_BYTES = 256 * 2**20
+
+
 class PointCloudClassifier(nn.Module):
     def __init__(self, backbone: PointBERT, info: dict, options: PointCloudOptions, num_labels: int):
         super().__init__()
@@ -101,7 +105,8 @@ class PointCloudClassifier(nn.Module):
                                nn.Dropout(options.head_dropout), nn.Linear(options.head_hidden, num_labels))
 
         self.feature_cache: FeatureCache | None = None
-        self._fps_subsets: dict[str, np.ndarray] = {}
+        # FPS subsets of evaluated clouds, least recently used dropped past FPS_CACHE_BYTES
+        self._fps_subsets: OrderedDict[bytes, np.ndarray] = OrderedDict()
 
     def encoder(self) -> PointBERT:
         return methods.network_of(self.backbone)
@@ -144,10 +149,14 @@ class PointCloudClassifier(nn.Module):
             return self._cloud(points, np.random.default_rng(0))
         points = np.ascontiguousarray(points, dtype=np.float32)
         key = hashlib.blake2b(points.tobytes(), digest_size=16).digest()  # the cloud itself, whatever its id
-        if key not in self._fps_subsets:  # computed once: every epoch evaluates the same clouds
-            chosen = farthest_point_sample(torch.from_numpy(points)[None], count)[0]
-            self._fps_subsets[key] = data.normalize_to_unit_sphere(points[chosen.numpy()])
-        return self._fps_subsets[key]
+        if key in self._fps_subsets:  # computed once: every epoch evaluates the same clouds
+            self._fps_subsets.move_to_end(key)
+            return self._fps_subsets[key]
+        chosen = farthest_point_sample(torch.from_numpy(points)[None], count)[0]
+        subset = self._fps_subsets[key] = data.normalize_to_unit_sphere(points[chosen.numpy()])
+        while len(self._fps_subsets) * subset.nbytes > FPS_CACHE_BYTES:  # predict on a stream of clouds stays bounded
+            self._fps_subsets.popitem(last=False)
+        return subset
 
     def collate(self, examples, rng):
         o = self.options
