@@ -27,8 +27,12 @@ class ScaleShift(nn.Module):
     def __init__(self, channels: int, channel_dim: int, init_std: float = 0.0):
         super().__init__()
         self.channel_dim = channel_dim
-        self.scale = nn.Parameter(torch.ones(channels) + init_std * torch.randn(channels))
-        self.shift = nn.Parameter(init_std * torch.randn(channels))
+        self.scale = nn.Parameter(torch.ones(channels))
+        self.shift = nn.Parameter(torch.zeros(channels))
+        if init_std:  # drawn only when asked: the default leaves the random stream as it was
+            with torch.no_grad():
+                self.scale.add_(init_std * torch.randn(channels))
+                self.shift.add_(init_std * torch.randn(channels))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.channel_dim == -1 or x.dim() == 2:
