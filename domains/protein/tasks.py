@@ -345,12 +345,13 @@ class PPITask(_ProteinTask):
         notes = []
         if per_split:
             splits = {s: data.read_pairs(p, sequences, card.fields, labels) for s, p in per_split.items()}
-            notes += [note for note in [drop_repeated_pairs(splits, str(card.card_path))] if note]
-            splits, note = hold_out_validation(splits, card, "pairs", group_of=by_first_protein)
-            notes += [note] if note else []
+            repeated = drop_repeated_pairs(splits, str(card.card_path))
+            splits, held_out = hold_out_validation(splits, card, "pairs", group_of=by_first_protein)
+            notes += [note for note in (repeated, held_out) if note]
         else:
             pairs = {"all": data.read_pairs(card.file("pairs"), sequences, card.fields, labels)}
-            notes += [note for note in [drop_repeated_pairs(pairs, str(card.file("pairs")))] if note]
+            repeated = drop_repeated_pairs(pairs, str(card.file("pairs")))
+            notes += [repeated] if repeated else []
             splits = self._splits(card, pairs["all"], by_first_protein)
         if group:  # given files too: pairs of train (and validation) sharing a protein with a later split go
             notes.append(keep_proteins_apart(splits))
