@@ -138,10 +138,10 @@ class _ReasoningTask:
         return compare(self.extract(text, example), example["answer"], numeric)
 
     def compute_metrics(self, metric_names, examples, outputs) -> dict:
-        unknown = [n for n in metric_names if n not in ("accuracy", "accuracy_avg")]
+        unknown = [n for n in metric_names if n not in self.metrics]
         if unknown:
             raise UserError(f"{self.name} scores extracted answers; metric {unknown[0]!r} does not apply "
-                            f"(use accuracy or accuracy_avg)")
+                            f"(use {' or '.join(self.metrics)})")
         correct: dict[str, list[bool]] = {}
         for example, text in zip(examples, outputs):
             correct.setdefault(example["dataset"], []).append(self.is_right(text, example))
