@@ -164,9 +164,8 @@ def caption_bleu4(references: Sequence[str | Sequence[str]], hypotheses: Sequenc
 # Chinese and Japanese write words without spaces: each ideograph or kana counts as a
 # word, as sacrebleu's `zh` tokeniser splits Chinese.
 _UNSPACED = "\u3040-\u30ff\u3400-\u4dbf\u4e00-\u9fff\uf900-\ufaff"
-_WORD = rf"[{_UNSPACED}]|[^\W_{_UNSPACED}]+"  # letters of any script and digits
-_ROUGE_WORD = re.compile(_WORD)
-_CAPTION_WORD = re.compile(rf"[{_UNSPACED}]|[^\W_{_UNSPACED}]+(?:'[^\W_{_UNSPACED}]+)*")
+_ROUGE_WORD = re.compile(rf"[{_UNSPACED}]|[^\W_{_UNSPACED}]+")  # letters of any script and digits
+_CAPTION_WORD = re.compile(rf"{_ROUGE_WORD.pattern}(?:'[^\W_{_UNSPACED}]+)*")  # ... and apostrophes inside
 
 
 class _RougeWords:

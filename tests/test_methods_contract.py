@@ -295,6 +295,9 @@ def test_parallel_adapter_can_span_the_feed_forward_block(tiny_net):
         methods.apply(copy.deepcopy(tiny_net), "adapter", target_modules=["fc2"], input_from="fc1")
     with pytest.raises(UserError, match=r"layers\.0\.fc2 has no sibling layers\.0\.mlp_in"):
         methods.apply(copy.deepcopy(tiny_net), "parallel_adapter", target_modules=["fc2"], input_from="mlp_in")
+    backwards = methods.apply(copy.deepcopy(tiny_net), "parallel_adapter", target_modules=["fc1"], input_from="fc2")
+    with pytest.raises(UserError, match="the input_from module did not run before the module the adapter follows"):
+        backwards.model(torch.randn(2, 4, 7))
 
 
 def test_ssf_can_start_from_the_ssf_codes_random_init(tiny_net):

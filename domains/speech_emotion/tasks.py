@@ -161,8 +161,10 @@ class SpeechEmotionModel(nn.Module):
         training = rng is not None
         seconds = self.max_seconds if training else self.eval_seconds
         max_samples = int(seconds * rate) if math.isfinite(seconds) else len(audio)
-        # eval_crop=full keeps the centre of a clip longer than the backbone's own limit
-        window = self.options.train_crop if training else "start" if self.options.eval_crop == "start" else "center"
+        if training:
+            window = self.options.train_crop
+        else:  # eval_crop=full keeps the centre of a clip longer than the backbone's own limit
+            window = "start" if self.options.eval_crop == "start" else "center"
         audio = data.crop(audio, max_samples, window, rng)
         return data.resample(audio, rate, self.encoder().sampling_rate)
 

@@ -65,8 +65,8 @@ def _keep_input(module, args):
 def _spanning_hook(module, args, output):
     kept = module.adapter.__dict__.pop("kept_input", None)
     if kept is None:
-        raise RuntimeError("parallel_adapter: the input_from module did not run before the module the adapter "
-                           "follows; choose a module that runs first, in the same forward pass")
+        raise UserError("parallel_adapter: the input_from module did not run before the module the adapter "
+                        "follows; choose one that runs first in the same block (e.g. fc1 for fc2)")
     return _replace_first(output, _first(output) + module.adapter(kept))
 
 
