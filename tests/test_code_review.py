@@ -216,6 +216,8 @@ def test_codereviewers_diff_markers_come_off_refinement_code(tmp_path):
     assert (second["old"], second["label"]) == ("    return x", "    return -x")
     assert notes == ["ref.jsonl: the code of 1 records carries CodeReviewer's per-line diff markers (+, -, space); "
                      "they are taken off, as CodeReviewer's evaluation does"]
+    # plain code that only starts with a dash is not taken for markers: new must be marked + too
+    assert not data.diff_marked("-", "-") and not data.diff_marked("- a\n- b", "items:\n- a") and not data.diff_marked("-", "+")
     # the code itself written back scores as CodeReviewer scores it: exactly right
     assert compute_text_metrics(["exact_match", "bleu4"], [first["label"]], ["def f(x):\n    return x + STEP"]) == {
         "exact_match": 1.0, "bleu4": 1.0}

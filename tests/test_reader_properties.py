@@ -13,7 +13,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 from peftlab.domains.code_review import data as code_data
@@ -190,6 +190,7 @@ code = texts.filter(str.strip)  # the code under review: an empty one is refused
 @SETTINGS
 @given(st.lists(st.tuples(code, texts, texts), min_size=1, max_size=8), st.booleans())
 def test_codereviewer_jsonl_round_trips_every_task(records, ascii_only):
+    assume(not any(code_data.diff_marked(a, c) for a, _, c in records))  # CodeReviewer's markers come off (tested apart)
     lines = "".join(json.dumps({"patch": a, "y": i % 2, "msg": b, "old": a, "comment": b, "new": c},
                                ensure_ascii=ascii_only) + "\n" for i, (a, b, c) in enumerate(records))
     path = _write(lines, ".jsonl")

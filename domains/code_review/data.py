@@ -104,28 +104,32 @@ def read_jsonl(path: Path, kind: str, fields: dict, labelled: bool = True, notes
     return examples
 
 
-def _marked_lines(code: str) -> list[str] | None:
-    """The lines of diff-marked code (each starts with +, - or a space, and some with + or
-    -: CodeReviewer's `old` and `new`) without their markers; None for plain code."""
-    lines = code.split("\n")
-    filled = [line for line in lines if line]
-    if not filled or any(line[0] not in "+- " for line in filled) or all(line[0] == " " for line in filled):
-        return None
-    return [line[1:] for line in lines]
+def _marked(code: str, change: str) -> bool:
+    """Whether every non-empty line starts with `change` or a space, and some with `change`."""
+    lines = [line for line in code.split("\n") if line]
+    return any(line[0] == change for line in lines) and all(line[0] in (change, " ") for line in lines)
+
+
+def diff_marked(old: str, new: str) -> bool:
+    """CodeReviewer's refinement code: `old` lines marked - or space, `new` lines + or
+    space, each with at least one change, and code left on both sides without them.
+    Plain code that merely starts with a dash or a space is not taken for it."""
+    return _marked(old, "-") and _marked(new, "+") and bool(_unmarked(old).strip()) and bool(_unmarked(new).strip())
+
+
+def _unmarked(code: str) -> str:
+    return "\n".join(line[1:] for line in code.split("\n"))
 
 
 def _drop_diff_markers(example: dict) -> bool:
     """Refinement code with CodeReviewer's markers -> the code itself, as its evaluator
     compares it (`line[1:]`): the model writes code, and BLEU and exact match score code,
-    not markers that every line of a prediction would match for free."""
-    changed = False
-    for name in ("old", "label"):
-        if isinstance(example.get(name), str):
-            lines = _marked_lines(example[name])
-            if lines is not None:
-                example[name] = "\n".join(lines)
-                changed = True
-    return changed
+    not markers that every line of a prediction would match for free. It takes the
+    `new` side to tell markers from code, so unlabelled records (predict) are read as given."""
+    if not isinstance(example.get("label"), str) or not diff_marked(example["old"], example["label"]):
+        return False
+    example["old"], example["label"] = _unmarked(example["old"]), _unmarked(example["label"])
+    return True
 
 
 def _text(value, where: str, key: str) -> str:
