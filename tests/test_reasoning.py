@@ -7,11 +7,13 @@ import json
 import pytest
 import torch
 from peftlab.domains.reasoning import data
+from peftlab.domains.reasoning.tasks import render_prompt
 from peftlab.pipelines import runner
 from peftlab.pipelines.cli import main
 from peftlab.pipelines.predictor import load
 from peftlab.shared import causal_lm as clm
 from peftlab.shared import io, methods
+from peftlab.shared.cards import read_card
 from peftlab.shared.errors import UserError
 from peftlab.shared.methods.reft import LoReFTIntervention, intervention_count, prompt_lengths
 from peftlab.shared.tasks import get_task
@@ -365,7 +367,6 @@ def test_pyreft_scoring_reads_generations_as_refts_evaluation_does():
     aqua = {"answer": "C", "choices": ["1", "2", "3", "4", "5"]}
     assert accuracy(math, aqua, "Answer: C", "pyreft") == 0.0  # the A of "Answer" comes first
     assert accuracy(math, aqua, "Answer: C", "lenient") == 1.0
-    from peftlab.shared.cards import read_card
 
     card = read_card(str(runner.build_config("reasoning-arithmetic", demo=True, overrides=[]).data.card))
     dataset = math.read(card, math.options(scoring="pyreft"))
@@ -448,3 +449,41 @@ def test_cli_refuses_a_commonsense_card_with_a_bad_line(tmp_path, capsys):
     err = capsys.readouterr().err.strip().splitlines()
     assert code == 2 and len(err) == 1 and "train.jsonl:2: invalid JSON" in err[0]
     assert not (tmp_path / "out").exists()
+
+
+def test_the_recipes_prompt_and_target_are_pyrefts_for_the_paper(tmp_path):
+    """LoReFT edits the prompt's first and last tokens, so the recipes use pyreft's prompt
+    for the paper: LLM-Adapters' instruction and a newline, trained to answer "the correct
+    answer is ANSWER" (commonsense), and the problem in Alpaca's no-input template (math).
+    Scoring reads what follows the prefix; pyreft's counts a generation without it wrong."""
+    instruction = "Please choose the correct answer to the question: Is a plum a fruit?\n\nAnswer format: true/false"
+    lines = tmp_path / "boolq.jsonl"
+    lines.write_text(json.dumps({"instruction": instruction, "answer": "true"}) + "\n")
+    tokenizer = clm.load_causal_lm("tiny").tokenizer
+    commonsense = get_task("reasoning-commonsense")
+    options = commonsense.options(**{k: v for k, v in runner.build_config("reasoning-commonsense").task.items() if k != "name"})
+    [example] = commonsense.read_inputs([lines], options, {})
+    bos = clm.prompt_ids(tokenizer, "")
+    assert tokenizer.decode(render_prompt(tokenizer, options, example)[len(bos):]) == instruction + "\n"
+    card = tmp_path / "card.md"
+    card.write_text("---\nname: c\ndomain: reasoning\ntask: reasoning-commonsense\nformat: jsonl\n"
+                    "splits: {train: boolq.jsonl, validation: boolq.jsonl, test: boolq.jsonl}\n---\n")
+    dataset = commonsense.read(read_card(str(card)), options)
+    assert {e["label"] for split in dataset.splits.values() for e in split} == {"the correct answer is true"}
+
+    def right(text, scoring):
+        return commonsense.is_right(text, {**example, "answer": "true", "scoring": scoring})
+
+    assert right("the correct answer is true", "pyreft") and right(" the correct answer is  true ", "pyreft")
+    assert not right("true", "pyreft") and right("true", "lenient")  # no prefix: pyreft finds no answer
+    assert not right("the correct answer is true, since", "pyreft") and right("the correct answer is true, since", "lenient")
+    assert not right("the correct answer is false", "lenient")
+    assert commonsense.describe(example, "the correct answer is true", [])["extracted"] == "true"
+
+    math = get_task("reasoning-arithmetic")
+    options = math.options(**{k: v for k, v in runner.build_config("reasoning-arithmetic").task.items() if k != "name"})
+    problem = math.parse_request({"questions": ["Ann has 3 pens and gets 2 more. How many pens?"]}, options)[0]
+    assert tokenizer.decode(render_prompt(tokenizer, options, problem)[len(bos):]) == (
+        "Below is an instruction that describes a task. Write a response that appropriately completes the request."
+        "\n\n### Instruction:\nAnn has 3 pens and gets 2 more. How many pens?\n\n### Response:\n")
+    assert problem["answer_prefix"] == "" and math.is_right("3 + 2 = 5. The answer is 5.", {**problem, "answer": "5"})

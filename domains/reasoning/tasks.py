@@ -50,6 +50,9 @@ class ReasoningOptions:
     max_target_tokens: int = field(default=256, metadata={"help": "answer tokens trained on at most"})
     max_new_tokens: int = field(default=32, metadata={"help": "tokens generated at most"})
     num_beams: int = field(default=1, metadata={"help": "1 = greedy decoding, more = beam search"})
+    answer_prefix: str = field(default="", metadata={
+        "help": "text the model is trained to write before the answer (pyreft's commonsense protocol: "
+                "'the correct answer is '); scoring reads what follows it"})
     scoring: str = field(default="lenient", metadata={
         "help": "how generations are scored: lenient (the most explicit answer form; see the README) or pyreft "
                 "(ReFT's evaluation: commonsense by exact match of the whole generation, math by its last number, "
@@ -70,6 +73,17 @@ def render_prompt(tokenizer, options: ReasoningOptions, example: dict) -> list[i
     text = example["question"] if len(question) <= budget else tokenizer.decode(clm.truncate_middle(question, budget))
     ids = clm.prompt_ids(tokenizer, options.prompt_template.format(question=text, choices=choices))
     return clm.truncate_middle(ids, options.max_prompt_tokens)
+
+
+def _stamp(examples: list[dict], options: ReasoningOptions) -> list[dict]:
+    """The answer prefix joins the training target; it and the scoring rule ride on each
+    example, because scoring happens where only the examples reach (compute_metrics)."""
+    for example in examples:
+        example["scoring"] = options.scoring
+        example["answer_prefix"] = options.answer_prefix
+        if "label" in example and options.answer_prefix:
+            example["label"] = options.answer_prefix + example["label"]
+    return examples
 
 
 # ----------------------------------------------------------------------------- tasks
@@ -97,8 +111,7 @@ class _ReasoningTask:
     def read(self, card: Card, options) -> Dataset:
         dataset = self._read(card)
         for examples in dataset.splits.values():
-            for example in examples:  # scoring happens where only the examples reach (compute_metrics)
-                example["scoring"] = options.scoring
+            _stamp(examples, options)
         return dataset
 
     def _read(self, card: Card) -> Dataset:
@@ -128,6 +141,13 @@ class _ReasoningTask:
             length_budget=options.max_prompt_tokens, fields=("question",))
 
     def extract(self, text: str, example: dict) -> str | None:
+        prefix = example.get("answer_prefix", "")
+        if prefix:  # the answer follows the prefix; pyreft counts a generation without it as wrong
+            _, found, after = text.partition(prefix)
+            if found:
+                text = after
+            elif example.get("scoring") == "pyreft":
+                return None
         if example.get("scoring") == "pyreft":
             return data.extract_as_pyreft(text, example, self.NUMERIC)
         return data.extract_math(text, example) if self.NUMERIC else data.extract_choice(text, example)
@@ -158,7 +178,7 @@ class _ReasoningTask:
             if path.suffix.lower() not in (".jsonl", ".json"):
                 raise UserError(f"{path}: {self.name} predict reads JSON lines of questions (.jsonl)")
             examples += data.read_jsonl(path, self.KIND, labelled=False)
-        return examples
+        return _stamp(examples, options)
 
     def parse_request(self, payload: dict, options) -> list[dict]:
         """{"questions": [QUESTION, ...]} or {"questions": {ID: QUESTION, ...}}: a question's
@@ -175,7 +195,7 @@ class _ReasoningTask:
             if not str(record.get("question", "x")).strip():
                 raise UserError(f"{where}: empty question")
             examples.append(data.record_example(record, where, self.KIND, False, "request", key))
-        return examples
+        return _stamp(examples, options)
 
     def describe(self, example, output, labels) -> dict:
         # The gold answer joins as `label` where the split has one (runner.evaluate_split).
