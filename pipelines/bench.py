@@ -1,14 +1,17 @@
 """`peftlab bench`: several PEFT methods on the same data, backbone and budget, compared.
 
 A sweep is a grid of cells, one per method x seed (`train.seed` = base seed + k, full
-fine-tuning first as the reference row). Each cell is an ordinary run directory written
+fine-tuning first as the reference row), and x fold with `--folds KEY=V1,V2,...`: each
+fold sets the card's `splits.KEY` (`test=1,2,3,4,5` over a card split `fold_by: session`
+is leave-one-session-out, PEFT-SER's protocol; `seed=0,1,2` draws three random splits),
+and the table averages over folds and seeds. Each cell is an ordinary run directory written
 by the runner, `OUT/runs/<method>-seed<seed>/`, so every cell can be evaluated, reused
 or repeated like any run. The sweep writes into OUT:
 
     bench.json     the sweep's settings; a re-run into OUT must use the same ones
     results.jsonl  one line per cell: finished (metrics, params, cost), failed (the
                    one-line error) or skipped (the method does not fit the backbone)
-    table.md/.csv  one row per method: mean +/- std over seeds of every scalar metric
+    table.md/.csv  one row per method: mean +/- std over seeds (and folds) of every scalar metric
     pareto.png     primary metric against trainable %, the Pareto front marked
     logs/          each cell's stderr
 
@@ -38,6 +41,7 @@ import io as text_io
 import json
 import math
 import os
+import re
 import shutil
 import signal
 import statistics
@@ -76,10 +80,19 @@ class Cell:
     """`peftlab run --method`, None for the recipe's own method with its options."""
     overrides: list[str]
     """The key=value list that, with the sweep's settings, builds `config`."""
+    fold: str | None = None
+    """`KEY=VALUE` of `--folds` (the card's `splits.KEY`), None without folds."""
 
     @property
     def name(self) -> str:
-        return f"{self.method}-seed{self.seed}"
+        return cell_name(self.method, self.fold, self.seed)
+
+
+def cell_name(method: str, fold: str | None, seed: int) -> str:
+    """The cell's run directory and results key: `lora-seed0`, `lora-splits.test=2-seed0`."""
+    if fold is None:
+        return f"{method}-seed{seed}"
+    return f"{method}-splits.{re.sub(r'[^A-Za-z0-9._=-]', '_', fold)}-seed{seed}"
 
 
 CONSTANT_ANSWER = "a constant answer (the training split's class or finding frequencies)"
@@ -106,6 +119,8 @@ class Sweep:
     """Metric -> the score of a model that learnt nothing (see `chance_levels`); empty where unknown."""
     chance_basis: str = CONSTANT_ANSWER
     """What that model answers, for the table's note."""
+    folds: list[str | None] = field(default_factory=lambda: [None])
+    """`KEY=VALUE` per fold of `--folds`; [None] without folds."""
 
 
 # --------------------------------------------------------------------------- planning
@@ -124,16 +139,18 @@ def bench(
     overrides: list[str] | tuple[str, ...] = (),
     columns: list[str] | str | None = None,
     isolate: bool = True,
+    folds: str | None = None,
 ) -> Path:
     """Run (or resume) the sweep and write its results, table and plot; returns OUT."""
     sweep = plan(pipeline, methods, seeds=seeds, demo=demo, data=data, backbone=backbone, out=out,
-                 full=full, overrides=overrides)
+                 full=full, overrides=overrides, folds=folds)
     columns = _split_names(columns) if isinstance(columns, str) else columns
     check_columns(columns or [], sweep.metric_names)
     _check_out_dir(sweep)
     with _exclusive(sweep.out) as sweep.lock_fd:
         _claim_out_dir(sweep)
-        runner.log(f"bench {pipeline}: {_count(len(sweep.methods), 'method')} x {_count(len(sweep.seeds), 'seed')} "
+        per_fold = f" x {_count(len(sweep.folds), 'fold')}" if sweep.folds != [None] else ""
+        runner.log(f"bench {pipeline}: {_count(len(sweep.methods), 'method')}{per_fold} x {_count(len(sweep.seeds), 'seed')} "
                    f"-> {sweep.out} (cell logs in {sweep.out / 'logs'}; re-run with --out {sweep.out} to resume)")
         for method, reason in sweep.skipped.items():
             runner.log(f"skipped {method}: {reason}")
@@ -149,7 +166,7 @@ def _count(number: int, noun: str) -> str:
     return f"{number} {noun}{'' if number == 1 else 's'}"
 
 
-def plan(pipeline, methods, *, seeds, demo, data, backbone, out, full, overrides) -> Sweep:
+def plan(pipeline, methods, *, seeds, demo, data, backbone, out, full, overrides, folds=None) -> Sweep:
     """Every cell's config, validated before anything is trained or written."""
     from peftlab.shared.data import fingerprint
     from peftlab.shared.methods.registry import build_options, get_method
@@ -174,13 +191,24 @@ def plan(pipeline, methods, *, seeds, demo, data, backbone, out, full, overrides
     base = runner.build_config(pipeline, demo=demo, backbone=backbone, data=data, overrides=general)
     task = get_task(base.task_name)
     options = cfg.build_task_options(task, base.task_options)
+    fold_items = parse_folds(folds, task, general)
     # the data and the backbone, checked once up front: a card, file or backbone error
     # stops the sweep with exit 2 before anything is written, not as the same error
     # recorded in every cell
     card = runner.load_card(base.data.card, task)
     dataset = runner.read_dataset(base, task, options, card)
+    fold_datasets = {None: dataset}
+    if fold_items:
+        fold_datasets = {fold: _fold_dataset(pipeline, demo, backbone, data, general, fold, override, task, options, card)
+                         for fold, override in fold_items}
+        same = _same_splits(fold_datasets)
+        if same:
+            raise UserError(f"--folds {same[0]} and {same[1]} give the same splits: this card's splits do not depend "
+                            f"on splits.{same[0].partition('=')[0]} (e.g. one file per split, or demo data); "
+                            f"fold over a key the card's splits use")
     runner.log_notes(dataset, training=True)
     metric_names, primary = runner.run_metrics(base, task, card)
+    reported = "test" if "test" in base.eval.splits else base.eval.splits[-1]
     model = task.build_model(base.backbone.name, dataset.labels, options)
     skipped = _methods_that_do_not_fit(model.backbone, [specs[name] for name in names])
     seed_values = [base.train.seed + k for k in range(seeds)]
@@ -189,12 +217,14 @@ def plan(pipeline, methods, *, seeds, demo, data, backbone, out, full, overrides
         # The recipe's own method keeps the recipe's options (e.g. LoReFT's positions); any
         # other starts from its defaults, as `peftlab run --method` does.
         method_argument = None if name == base.method_name else name
-        for seed in seed_values:
-            cell_overrides = [*general, *option_overrides[name], f"train.seed={seed}"]
-            config = runner.build_config(pipeline, demo=demo, method=method_argument, backbone=backbone, data=data,
-                                         overrides=cell_overrides)
-            build_options(specs[name], config.method_options)
-            cells.append(Cell(name, seed, config, method_argument, cell_overrides))
+        for fold, fold_override in fold_items or [(None, None)]:
+            for seed in seed_values:
+                cell_overrides = [*general, *([fold_override] if fold_override else []), *option_overrides[name],
+                                  f"train.seed={seed}"]
+                config = runner.build_config(pipeline, demo=demo, method=method_argument, backbone=backbone, data=data,
+                                             overrides=cell_overrides)
+                build_options(specs[name], config.method_options)
+                cells.append(Cell(name, seed, config, method_argument, cell_overrides, fold))
         if name not in skipped:
             refusal = _refusal_on(model, task, cells[-1].config)
             if refusal is not None:
@@ -202,11 +232,66 @@ def plan(pipeline, methods, *, seeds, demo, data, backbone, out, full, overrides
     cells = [cell for cell in cells if cell.method not in skipped]
     settings = {"pipeline": pipeline, "demo": demo, "data": data, "backbone": backbone, "overrides": overrides,
                 "data_fingerprint": fingerprint(dataset.splits)}
+    if fold_items:  # absent without folds, so that a sweep written before folds existed resumes
+        settings["folds"] = [fold for fold, _ in fold_items]
+        settings["data_fingerprint"] = fingerprint({f"{fold}/{split}": examples for fold, d in fold_datasets.items()
+                                                    for split, examples in d.splits.items()})
     out_dir = Path(out) if out is not None else _default_out_dir(pipeline)
-    reported = "test" if "test" in base.eval.splits else base.eval.splits[-1]
-    chance, chance_basis = chance_levels(task, dataset, reported, metric_names)
+    chance, chance_basis = _mean_chance([chance_levels(task, d, reported, metric_names) for d in fold_datasets.values()])
     return Sweep(pipeline, out_dir, cells, skipped, names, seed_values, settings, primary,
-                 get_metric(primary).higher_is_better, metric_names, chance=chance, chance_basis=chance_basis)
+                 get_metric(primary).higher_is_better, metric_names, chance=chance, chance_basis=chance_basis,
+                 folds=[fold for fold, _ in fold_items] or [None])
+
+
+def parse_folds(folds: str | None, task, overrides: list[str]) -> list[tuple[str, str]]:
+    """`--folds test=1,2,3` -> [("test=1", "data.splits.test=1"), ...]: one run per value of
+    the card's `splits.KEY`. Checked before anything runs."""
+    if folds is None:
+        return []
+    key, sep, values = folds.partition("=")
+    key = key.strip().removeprefix("splits.").removeprefix("data.splits.")
+    items = _split_names(values)
+    if not sep or not key or not items:
+        raise UserError(f"--folds {folds!r}: give a card split key and its values, e.g. --folds test=1,2,3,4,5 "
+                        f"(with splits.fold_by in the card) or --folds seed=0,1,2")
+    if key not in task.split_keys:
+        raise UserError(f"--folds: {key!r} is not a split key {task.name} reads; its split keys: {', '.join(task.split_keys)}")
+    repeated = sorted({value for value in items if items.count(value) > 1})
+    if repeated:
+        raise UserError(f"--folds: {key}={repeated[0]} is listed twice; list each fold once")
+    fixed = [item for item in overrides if item.partition("=")[0] in ("data.splits", f"data.splits.{key}")]
+    if fixed:
+        raise UserError(f"{fixed[0]}: --folds sets data.splits.{key} per fold; drop the key=value")
+    return [(f"{key}={value}", f"data.splits.{key}={value}") for value in items]
+
+
+def _fold_dataset(pipeline, demo, backbone, data, general, fold, override, task, options, card):
+    """One fold's data, read up front: a fold the card cannot make (a session no row has)
+    stops the sweep before anything is trained, naming the fold."""
+    config = runner.build_config(pipeline, demo=demo, backbone=backbone, data=data, overrides=[*general, override])
+    try:
+        return runner.read_dataset(config, task, options, card)
+    except UserError as error:
+        raise UserError(f"--folds {fold}: {error}") from None
+
+
+def _same_splits(fold_datasets: dict) -> tuple[str, str] | None:
+    """Two folds whose splits hold the same examples, or None."""
+    from peftlab.shared.data import fingerprint
+
+    seen: dict[str, str] = {}
+    for fold, dataset in fold_datasets.items():
+        key = fingerprint(dataset.splits)
+        if key in seen:
+            return seen[key], fold
+        seen[key] = fold
+    return None
+
+
+def _mean_chance(levels: list[tuple[dict[str, float], str]]) -> tuple[dict[str, float], str]:
+    """Chance per fold -> its mean over folds (the table's means are over folds too)."""
+    names = set.intersection(*(set(values) for values, _ in levels))
+    return {name: statistics.fmean(values[name] for values, _ in levels) for name in levels[0][0] if name in names}, levels[0][1]
 
 
 def chance_levels(task, dataset, split: str, metric_names: list[str]) -> tuple[dict[str, float], str]:
@@ -410,7 +495,8 @@ def run_cells(sweep: Sweep, isolate: bool = True) -> list[dict]:
     progress = tqdm(total=len(pending), desc="bench", unit="cell", file=sys.stderr, dynamic_ncols=True)
     try:
         for cell in pending:
-            progress.set_postfix_str(f"{cell.method} seed {cell.seed}", refresh=True)
+            progress.set_postfix_str(f"{cell.method}{'' if cell.fold is None else ' ' + cell.fold} seed {cell.seed}",
+                                     refresh=True)
             started = time.perf_counter()
             rows[cell.name] = run_cell(sweep, cell, isolate)
             row = rows[cell.name]
@@ -433,7 +519,7 @@ def _earlier_rows(sweep: Sweep) -> list[dict]:
     results = sweep.out / RESULTS_FILE
     if not results.is_file():
         return []
-    planned = {f"{method}-seed{seed}" for method in sweep.methods for seed in sweep.seeds}
+    planned = {cell_name(method, fold, seed) for method in sweep.methods for fold in sweep.folds for seed in sweep.seeds}
     kept = [row for row in io.read_jsonl(results) if row.get("cell") not in planned]
     if kept:
         runner.log(f"keeping {_count(len(kept), 'earlier cell')} this run does not name: "
@@ -452,13 +538,20 @@ def _log_file(sweep: Sweep, cell: Cell) -> Path:
 def _ordered_rows(sweep: Sweep, rows: dict[str, dict]) -> list[dict]:
     ordered = []
     for method in sweep.methods:
-        for seed in sweep.seeds:
-            if method in sweep.skipped:
-                ordered.append({"method": method, "seed": seed, "cell": f"{method}-seed{seed}", "status": "skipped",
-                                "error": sweep.skipped[method]})
-            elif f"{method}-seed{seed}" in rows:
-                ordered.append(rows[f"{method}-seed{seed}"])
+        for fold in sweep.folds:
+            for seed in sweep.seeds:
+                name = cell_name(method, fold, seed)
+                if method in sweep.skipped:
+                    ordered.append({"method": method, "seed": seed, **_fold_key(fold), "cell": name,
+                                    "status": "skipped", "error": sweep.skipped[method]})
+                elif name in rows:
+                    ordered.append(rows[name])
     return ordered
+
+
+def _fold_key(fold: str | None) -> dict[str, str]:
+    """A results row's `fold` entry, only in sweeps with folds."""
+    return {} if fold is None else {"fold": fold}
 
 
 def run_cell(sweep: Sweep, cell: Cell, isolate: bool) -> dict:
@@ -476,7 +569,7 @@ def run_cell(sweep: Sweep, cell: Cell, isolate: bool) -> dict:
     else:
         error, peak = _run_cell_in_process(cell, run_dir, resume, log_file), None
     if error is not None:
-        return {"method": cell.method, "seed": cell.seed, "cell": cell.name, "status": "failed", "error": error,
+        return {"method": cell.method, "seed": cell.seed, **_fold_key(cell.fold), "cell": cell.name, "status": "failed", "error": error,
                 "log": str(log_file.relative_to(sweep.out))}
     if peak is not None:
         io.write_json(run_dir / PEAK_FILE, {"peak_rss_mb": peak, "what": "VmHWM of the cell's own process"})
@@ -568,7 +661,7 @@ def finished_row(cell: Cell, run_dir: Path, out: Path) -> dict:
     peak_file = run_dir / PEAK_FILE
     params = results.get("params") or meta["params"]
     return {
-        "method": cell.method, "seed": cell.seed, "cell": cell.name, "status": "finished",
+        "method": cell.method, "seed": cell.seed, **_fold_key(cell.fold), "cell": cell.name, "status": "finished",
         "run_dir": str(run_dir.relative_to(out)),
         "primary_metric": meta["primary_metric"],
         "split": split,
@@ -749,7 +842,9 @@ def table_markdown(sweep: Sweep, summaries: list[MethodSummary], names: list[str
     primary = sweep.primary_metric
     reference = _reference(summaries)
     has_gpu = any(s.peak_gpu_mb is not None for s in summaries)
-    header = ["method", "seeds", "trainable params", "% trainable", "adapter size"]
+    folded = sweep.folds != [None]
+    runs = "runs" if folded else "seeds"
+    header = ["method", runs, "trainable params", "% trainable", "adapter size"]
     for name in names:
         header.append(name)
         if name == primary and reference is not None:
@@ -776,17 +871,22 @@ def table_markdown(sweep: Sweep, summaries: list[MethodSummary], names: list[str
     backbone = settings["backbone"] or ("the demo backbone" if settings["demo"] else "the recipe's backbone")
     data = settings["data"] or ("the demo card" if settings["demo"] else "the recipe's card")
     seeds = ", ".join(str(seed) for seed in sweep.seeds)
+    if folded:
+        key = sweep.folds[0].partition("=")[0]
+        seeds += (f". Folds: splits.{key} = {', '.join(fold.partition('=')[2] for fold in sweep.folds)}, one run "
+                  f"per fold and seed")
+    over = "folds and seeds" if folded else "seeds"
     text = [
         f"# peftlab bench: {sweep.pipeline}",
         "",
         f"Backbone: {backbone}. Data: {data}. Overrides: {' '.join(settings['overrides']) or 'none'}. "
         f"Seeds: {seeds}. Primary metric: {primary} ({direction}), on the {split} split.",
         "",
-        "Metrics: mean ± sample standard deviation (n − 1) over the finished seeds (`seeds` column)"
+        f"Metrics: mean ± sample standard deviation (n − 1) over the finished {over} (`{runs}` column)"
         + ("; Δ is the difference of means to full fine-tuning. " if reference is not None else ". ")
         + "Trainable params: the method's and the task head's; "
         "% of all parameters. Adapter size: bytes of the run's adapter/ folder. Train s and samples/s: the "
-        "training loop without evaluation, mean over seeds. Peak RSS: the largest, over seeds, of the cell "
+        f"training loop without evaluation, mean over {over}. Peak RSS: the largest, over {over}, of the cell "
         "process's own resident-memory high-water mark (model, data, training and evaluation; blank when the "
         "cells ran in one process, where it cannot be told apart per cell).",
         "",
@@ -798,7 +898,7 @@ def table_markdown(sweep: Sweep, summaries: list[MethodSummary], names: list[str
     if sweep.chance:
         levels = ", ".join(f"{name} {sweep.chance[name]:.4f}" for name in names if name in sweep.chance)
         text += ["", f"Chance, the scores of {sweep.chance_basis} on the {split} "
-                     f"split: {levels}. A method marked (at chance) scores no better on {primary}: it has not learnt."]
+                     f"split{' (mean over folds)' if folded else ''}: {levels}. A method marked (at chance) scores no better on {primary}: it has not learnt."]
     left_out = [s for s in summaries if s.errors]
     if left_out:
         text += ["", "Not finished:", ""]

@@ -258,12 +258,14 @@ def card_new(domain, task_name, out):
 @click.option("--no-full", is_flag=True, help="Leave out the full fine-tuning reference row.")
 @click.option("--columns", help="Metric columns of the table, in order (default: the primary metric, then every scalar metric the runs report).")
 @click.option("--in-process", is_flag=True, help="Run the cells in this process: no per-cell start-up, but no per-cell peak memory, and a crash ends the sweep.")
-def bench_command(pipeline, overrides, methods, seeds, demo, backbone, data, out, no_full, columns, in_process):
-    """Train and evaluate each method x seed on the same data, backbone and budget; writes results.jsonl, table.md/.csv and pareto.png."""
+@click.option("--folds", help="KEY=V1,V2,...: one run per value of the card's splits.KEY, averaged in the table "
+                              "(test=1,2,3,4,5 with splits.fold_by: leave one session out; seed=0,1,2: three random splits).")
+def bench_command(pipeline, overrides, methods, seeds, demo, backbone, data, out, no_full, columns, in_process, folds):
+    """Train and evaluate each method x seed (x fold) on the same data, backbone and budget; writes results.jsonl, table.md/.csv and pareto.png."""
     from peftlab.pipelines.bench import bench
 
     out_dir = bench(pipeline, methods, seeds=seeds, demo=demo, data=data, backbone=backbone, out=out,
-                    full=not no_full, overrides=list(overrides), columns=columns, isolate=not in_process)
+                    full=not no_full, overrides=list(overrides), columns=columns, isolate=not in_process, folds=folds)
     from peftlab.shared import io
 
     click.echo((out_dir / "table.md").read_text(encoding="utf-8"), err=True)

@@ -42,6 +42,8 @@ class BackboneConfig(_Strict):
 class DataConfig(_Strict):
     card: str = Field(description="path of the data card")
     limit: dict[str, Annotated[int, Field(ge=1)]] | None = Field(None, description="at most this many examples per split (seeded, stratified)")
+    splits: dict[str, Any] | None = Field(None, description="keys that replace the card's `splits:` ones for this run "
+                                          "(data.splits.test=[2]: another fold; data.splits.seed=1: another random split)")
 
 
 class EvalConfig(_Strict):

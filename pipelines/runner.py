@@ -45,6 +45,7 @@ from peftlab.shared.training import (
     train,
     trained_state_file,
 )
+from pydantic import ValidationError
 
 ADAPTER = "adapter"
 HEAD_FILE = "head.safetensors"
@@ -140,6 +141,22 @@ def load_card(card_path: str | Path, task, root: Path | None = None) -> Card:
     return card
 
 
+def with_split_overrides(card: Card, overrides: dict[str, Any] | None, task) -> Card:
+    """The card with `data.splits` keys in place of its own `splits:` ones (a fold or a
+    split seed chosen per run, e.g. by `peftlab bench --folds`); the card file is unchanged."""
+    if not overrides:
+        return card
+    unknown = sorted(set(overrides) - set(task.split_keys))
+    if unknown:
+        raise UserError(f"data.splits.{unknown[0]} is not a split key {task.name} reads; "
+                        f"its split keys: {', '.join(task.split_keys)}")
+    try:
+        return card.model_validate({**card.model_dump(), "splits": {**(card.splits or {}), **overrides}})
+    except ValidationError as error:
+        first = error.errors()[0]
+        raise UserError(f"data.splits: {first['msg'].removeprefix('Value error, ')}") from None
+
+
 def load_run_card(run_dir: Path, config: cfg.RunConfig, task) -> Card:
     """The card a run trained on: its copy, RUN/card.md, with relative paths starting at
     the original card's folder. Evaluating or resuming with the copy reads the data
@@ -153,8 +170,8 @@ def load_run_card(run_dir: Path, config: cfg.RunConfig, task) -> Card:
 
 
 def read_dataset(config: cfg.RunConfig, task, options, card: Card, training: bool = True) -> Dataset:
-    """The card's data, with `data.limit` applied; `training` asks for a train split."""
-    dataset = task.read(card, options)
+    """The card's data, with `data.splits` and `data.limit` applied; `training` asks for a train split."""
+    dataset = task.read(with_split_overrides(card, config.data.splits, task), options)
     limit = config.data.limit or {}
     unknown = sorted(set(limit) - set(dataset.splits))
     if unknown:

@@ -436,3 +436,66 @@ def test_the_table_says_which_options_each_method_was_given():
     assert bench.method_options_line(shared) == "lora: alpha=32, dropout=0.1, r=8; dora: alpha=32, dropout=0.1"
     assert bench.recipe_options_note(shared) == ("lora keeps the recipe's options (r=8); the other methods start from "
                                                  "their defaults: method.KEY=VALUE gives one to every method that has it")
+
+
+def _sequence_card(tmp_path: Path) -> Path:
+    """A protein-classify CSV card split by ratios (its `splits.seed` decides the split)."""
+    from peftlab.domains.protein.data import demo_sequences
+
+    examples = demo_sequences({"train": 60}, 2, seed=0)["train"]
+    rows = ["sequence,label"] + [f"{e['seq']},{e['label']}" for e in examples]
+    (tmp_path / "sequences.csv").write_text("\n".join(rows) + "\n")
+    card = tmp_path / "card.md"
+    card.write_text("---\nname: seqs\ndomain: protein\ntask: protein-classify\nformat: csv\nfiles: {data: sequences.csv}\n"
+                    "fields: {sequence: sequence, label: label}\nlabels: [a, b]\n"
+                    "splits: {ratios: {train: 0.6, validation: 0.2, test: 0.2}, seed: 0}\n---\ntwo families\n")
+    return card
+
+
+def test_folds_run_each_fold_and_the_table_averages_over_them(tmp_path):
+    """--folds seed=0,1,2: one cell per fold (the card's splits.seed) and seed; each
+    cell tests on its own split, and the table's mean is over every fold's cell."""
+    card = _sequence_card(tmp_path)
+    out = bench.bench(PIPELINE, "bitfit", seeds=1, data=str(card), backbone="tiny", out=tmp_path / "sweep",
+                      full=False, overrides=["train.epochs=4"], folds="seed=0,1,2", isolate=False)
+    rows = read_rows(out)
+    assert [(row["cell"], row["fold"], row["status"]) for row in rows] == [
+        ("bitfit-splits.seed=0-seed0", "seed=0", "finished"), ("bitfit-splits.seed=1-seed0", "seed=1", "finished"),
+        ("bitfit-splits.seed=2-seed0", "seed=2", "finished")]
+    tests = []
+    for row in rows:
+        run = out / row["run_dir"]
+        assert yaml.safe_load((run / "run.yaml").read_text())["data"]["splits"] == {"seed": int(row["fold"][-1])}
+        tests.append({json.loads(line)["id"] for line in (run / "predictions" / "test.jsonl").read_text().splitlines()})
+    assert len(tests[0]) == 12 and tests[0] != tests[1] != tests[2] != tests[0]
+    table = (out / "table.md").read_text()
+    accuracies = [row["metrics"]["accuracy"] for row in rows]
+    assert re.search(r"\| bitfit( \(at chance\))? \| 3/3 \| ", table) and "| method | runs |" in table
+    assert f"{statistics.fmean(accuracies):.4f} ± {statistics.stdev(accuracies):.4f}" in table
+    assert "Folds: splits.seed = 0, 1, 2, one run per fold and seed" in table
+    assert "over the finished folds and seeds" in table
+
+
+@pytest.mark.parametrize("folds, message", [
+    ("seed", "--folds 'seed': give a card split key and its values"),
+    ("sed=0,1", "--folds: 'sed' is not a split key protein-classify reads"),
+    ("seed=0,1,0", "--folds: seed=0 is listed twice"),
+    ("seed=x,1", "--folds seed=x: data.splits: splits.seed must be a whole number"),
+])
+def test_fold_mistakes_stop_before_any_training(tmp_path, capsys, folds, message):
+    card = _sequence_card(tmp_path)
+    out = tmp_path / "sweep"
+    assert main(["bench", PIPELINE, "--methods", "bitfit", "--data", str(card), "--backbone", "tiny",
+                 "--folds", folds, "--out", str(out)]) == 2
+    error = capsys.readouterr().err.strip().splitlines()
+    assert len(error) == 1 and error[0].startswith("error: ") and message in error[0], error
+    assert not out.exists()
+
+
+def test_folds_that_change_nothing_or_clash_with_an_override_are_refused(tmp_path, capsys):
+    assert main(["bench", PIPELINE, "--demo", "--methods", "bitfit", "--folds", "seed=0,1"]) == 2
+    assert "--folds seed=0 and seed=1 give the same splits" in capsys.readouterr().err  # demo data ignores splits.seed
+    card = _sequence_card(tmp_path)
+    assert main(["bench", PIPELINE, "--methods", "bitfit", "--data", str(card), "--backbone", "tiny",
+                 "--folds", "seed=0,1", "data.splits.seed=3"]) == 2
+    assert "data.splits.seed=3: --folds sets data.splits.seed per fold" in capsys.readouterr().err

@@ -218,6 +218,16 @@ def test_session_folds(tmp_path):
     assert {e["session"] for e in dataset.splits["test"]} == {"2"}
     assert {e["speaker"] for e in dataset.splits["test"]} == {"s2", "s3"}
     assert len(dataset.splits["validation"]) > 0 and {e["session"] for e in dataset.splits["train"]} == {"1"}
+    # another fold from the run's config (data.splits; `peftlab bench --folds test=1,2` runs each)
+    from peftlab.pipelines.runner import with_split_overrides
+
+    other = TASK.read(with_split_overrides(card, {"test": 1}, TASK), SpeechEmotionOptions())
+    assert {e["session"] for e in other.splits["test"]} == {"1"} and {e["session"] for e in other.splits["train"]} == {"2"}
+    assert card.splits["test"] == [2]  # the card itself is unchanged
+    with pytest.raises(UserError, match=r"splits names session '2' for both test and validation"):
+        TASK.read(with_split_overrides(card, {"validation": [2]}, TASK), SpeechEmotionOptions())
+    with pytest.raises(UserError, match=r"data.splits.fold is not a split key speech-emotion reads"):
+        with_split_overrides(card, {"fold": 1}, TASK)
 
 
 def test_split_files_without_validation_hold_out_whole_training_speakers(tmp_path):

@@ -270,6 +270,10 @@ def fold_split(examples: list[dict], key: str, test: list, validation: list | No
     if missing:
         raise UserError(f"{where}: splits names {key} {missing[0]!r}, which no row has; the data has {sorted(values)}")
     test_values = {str(v) for v in test}
+    both = sorted(test_values & {str(v) for v in (validation or [])})
+    if both:
+        raise UserError(f"{where}: splits names {key} {both[0]!r} for both test and validation; a fold's test "
+                        f"{key} must not also validate (leave `validation` out to hold out speakers of the rest)")
     held_out = [e for e in examples if str(e[key]) in test_values]
     rest = [e for e in examples if str(e[key]) not in test_values]
     if validation:
