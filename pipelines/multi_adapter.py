@@ -85,12 +85,14 @@ class Adapter:
         p = self.predictor
         metrics_file = p.run_dir / "metrics.json"
         metrics = io.read_json(metrics_file) if metrics_file.is_file() else {}
+        # Clients see names, not the server's folders: a run by its directory's name, a
+        # backbone given as a local path by its file or folder name.
         return {
             "name": self.name,
-            "run_dir": str(p.run_dir),
+            "run": p.run_dir.name,
             "task": p.task.name,
             "labels": p.labels,
-            "backbone": p.meta["backbone"].get("name"),
+            "backbone": _public_name(p.meta["backbone"].get("name")),
             "backbone_sha256": p.meta["backbone"].get("weights_sha256"),
             "method": self.method,
             "serving": "mixed batches" if self.mixable else ("switched" if self.engine.shared else "own model"),
@@ -102,7 +104,14 @@ class Adapter:
     def _merged_from(self) -> dict[str, Any]:
         """A `peftlab merge` run has no metrics of its own until evaluated: name what it came from."""
         source = self.predictor.meta["method"].get("merged_from")
-        return {"merged_from": {"run_dir": source["run_dir"], "method": source["method"]["name"]}} if source else {}
+        return {"merged_from": {"run": Path(source["run_dir"]).name, "method": source["method"]["name"]}} if source else {}
+
+
+def _public_name(backbone: str | None) -> str | None:
+    """A hub or preset name as given; a local path as its last part."""
+    if backbone is None or not Path(backbone).expanduser().exists():
+        return backbone
+    return Path(backbone).name
 
 
 @dataclass

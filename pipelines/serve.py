@@ -1,7 +1,8 @@
 """`peftlab serve RUN_DIR...`: an HTTP JSON service over many runs' adapters (Starlette + uvicorn).
 
     GET  /health              {"status": "ok", "adapters": N, "backbones": M, "backbone_copies": C}
-    GET  /adapters            name, task, labels, backbone, method, serving path, request body, metrics
+    GET  /adapters            name, run (its folder name: no server paths), task, labels, backbone, method,
+                              serving path, request body, metrics
                               (a merged run: merged_from, the run and method it came from)
     POST /predict/{adapter}   the task's JSON input form -> {"adapter", "task", "predictions"}
 

@@ -225,6 +225,19 @@ def test_concurrent_http_requests_give_the_predictors_answers(server, expected, 
     assert listed["lora_a"]["backbone"] == "tiny" and listed["lora_a"]["method"] == "lora"
     assert listed["lora_a"]["request"] == '{"sequences": [SEQ, ...]} (ids "0", "1", ...) or {"sequences": {ID: SEQ, ...}}.'
     assert "accuracy" in listed["lora_a"]["metrics"]["test"]
+    # clients see run names, not the server's folders
+    assert listed["lora_a"]["run"] == multi.adapters["lora_a"].predictor.run_dir.name
+    folder = str(multi.adapters["lora_a"].predictor.run_dir.parent.resolve())
+    assert folder not in json.dumps(listed) and str(multi.adapters["lora_a"].predictor.run_dir) not in json.dumps(listed)
+
+
+def test_a_backbone_given_as_a_local_path_is_listed_by_its_name(tmp_path):
+    from peftlab.pipelines.multi_adapter import _public_name
+
+    weights = tmp_path / "esm2_t6_8M_UR50D.pt"
+    weights.write_bytes(b"")
+    assert _public_name(str(weights)) == "esm2_t6_8M_UR50D.pt"
+    assert _public_name("facebook/esm2_t6_8M_UR50D") == "facebook/esm2_t6_8M_UR50D" and _public_name(None) is None
 
 
 @pytest.mark.parametrize("path, body, status, message", [
