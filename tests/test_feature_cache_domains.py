@@ -175,13 +175,13 @@ def _transformers_reference(encoder, inputs, lengths):
 
 
 @pytest.mark.parametrize("backbone", ["tiny_wavlm", "tiny_wav2vec2", "tiny_hubert", "tiny_whisper"])
-@pytest.mark.parametrize("prompted", [False, True])
+@pytest.mark.parametrize("prompted", [None, "input", "every_layer"])
 def test_speech_staged_forward_equals_the_whole_forward(backbone, prompted):
     encoder, _ = load_speech_backbone(backbone)
     encoder.eval()
     if prompted:
         torch.manual_seed(0)
-        encoder.speech_prompt = SpeechPrompt(3, encoder.width, 0.5)
+        encoder.speech_prompt = SpeechPrompt(3, encoder.width, 0.5, encoder.num_layers if prompted == "every_layer" else 0)
     rng = np.random.default_rng(0)
     batch = encoder.featurize([rng.standard_normal(n).astype(np.float32) * 0.1 for n in (16000, 9000, 12345)])
     with torch.no_grad():

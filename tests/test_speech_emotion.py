@@ -137,6 +137,36 @@ def test_speech_prompt_contract_and_placement(tmp_path):
         assert (states[-1] - base_states[-1]).abs().max() > 1e-4
 
 
+def test_speech_prompt_every_layer_gives_each_layer_fresh_vectors():
+    """PEFT-SER's code: each layer gets its own k vectors in front of its input (the
+    task's default). The entry sees the audio alone, and a layer's vectors change that
+    layer's output and the later ones, never the earlier ones."""
+    for name in ("tiny_wavlm", "tiny_wav2vec2", "tiny_whisper"):
+        model = model_for(name)
+        model.eval()
+        batch = model.collate([{"id": "a", "audio": tone(0.8, 16000), "samples": 12800, "sample_rate": 16000}], rng=None)
+        with torch.no_grad():
+            base_states, base_mask = model.backbone(batch["inputs"], batch["lengths"])
+        options = TASK.default_method_options("speech_prompt", model)
+        assert options == {"placement": "every_layer"}
+        model.backbone = methods.apply(model.backbone, "speech_prompt", length=4, **options)
+        encoder = model.encoder()
+        vectors = encoder.speech_prompt.vectors
+        assert vectors.shape == (encoder.num_layers, 4, encoder.width)
+        assert sum(p.numel() for p in model.backbone.method_parameters().values()) == encoder.num_layers * 4 * encoder.width
+        with torch.no_grad():
+            states, mask = model.backbone(batch["inputs"], batch["lengths"])
+            assert states.shape == base_states.shape and torch.equal(mask, base_mask)
+            torch.testing.assert_close(states[0], base_states[0], rtol=0, atol=0)  # the entry: audio alone
+            assert (states[1] - base_states[1]).abs().max() > 1e-4  # layer 0 sees its prompt
+            vectors[1].copy_(torch.randn(vectors[1].shape, generator=torch.Generator().manual_seed(0)) * 5)
+            moved, _ = model.backbone(batch["inputs"], batch["lengths"])
+        assert torch.equal(moved[:2], states[:2])  # the entry and layer 0
+        assert (moved[2] - states[2]).abs().max() > 1e-5  # layer 1 and on
+    with pytest.raises(UserError, match="speech_prompt.: placement must be every_layer or input, got .deep."):
+        methods.apply(model_for("tiny_wavlm").backbone, "speech_prompt", placement="deep")
+
+
 def test_default_method_options_follow_peft_ser():
     for name, feed_forward in (("tiny_wavlm", "feed_forward.output_dense"), ("tiny_whisper", "fc2")):
         model = model_for(name)

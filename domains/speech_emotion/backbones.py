@@ -255,9 +255,12 @@ class SpeechEncoder(nn.Module):
             mask = torch.cat([torch.ones(mask.shape[0], prompt.length, dtype=mask.dtype, device=mask.device), mask], 1)
         if start <= 1 < stop:
             frames = states[0]
-            if prompt is not None:
+            if prompt is not None and not prompt.every_layer:  # the prompt passes the positional convolution too
                 frames, mask = prompt(frames, mask)
-            states = self._enter(frames, mask).unsqueeze(0)
+            frames = self._enter(frames, mask)
+            if prompt is not None and prompt.every_layer:  # after it: the entry sees the audio alone
+                frames, mask = prompt(frames, mask)
+            states = frames.unsqueeze(0)
         chosen = range(max(start, 2) - 2, max(min(stop, last) - 2, 0))
         if len(chosen):
             states = torch.cat([states, self._layers(states[-1], mask, chosen)])
@@ -306,9 +309,12 @@ class SpeechEncoder(nn.Module):
             length = hidden.shape[1]
             position_bias = first.compute_bias(length, length).unsqueeze(0).repeat(hidden.shape[0], 1, 1, 1)
             position_bias = position_bias.view(hidden.shape[0] * first.num_heads, length, length)
+        prompt = getattr(self, "speech_prompt", None)
         outputs = []
         for index in chosen:
             layer = layers[index]
+            if prompt is not None:
+                hidden = prompt.before_layer(index, hidden)
             if self.family == "whisper":
                 hidden = layer(hidden, attention_mask)
             elif wavlm:

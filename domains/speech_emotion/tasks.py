@@ -228,7 +228,7 @@ def _method_defaults(family: str, blocks: str, num_layers: int) -> dict[str, dic
     `method.target_modules=[q_proj,v_proj]` for attention instead); `adapter` (Houlsby)
     follows the feed-forward output projection, and `parallel_adapter` is PEFT-SER's
     adapter, a scaled branch across the feed-forward block; SSF scales every Linear and
-    LayerNorm in the transformer layers.
+    LayerNorm in the transformer layers; `speech_prompt` puts fresh vectors before each layer.
     """
     if family == "whisper":
         feed_forward, second, key, value = ["fc1", "fc2"], ["fc2"], "self_attn.k_proj", "self_attn.v_proj"
@@ -244,6 +244,7 @@ def _method_defaults(family: str, blocks: str, num_layers: int) -> dict[str, dic
         # PEFT-SER's adapter: a branch across the feed-forward block, width 128, scale 0.1
         "parallel_adapter": {"target_modules": second, "input_from": first, "size": 128, "scale": 0.1, "blocks": blocks},
         "ssf": {"layers": list(range(num_layers)), "blocks": blocks},
+        "speech_prompt": {"placement": "every_layer"},  # PEFT-SER's code: fresh prompts before each layer
         "freeze_layers": {"blocks": blocks},
     }
 
