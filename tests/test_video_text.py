@@ -406,3 +406,26 @@ def test_caption_recipe_pairs_the_tiny_language_model_with_the_tiny_clip():
     recipe = {k: v for k, v in cfg.read_recipe("video-caption")["task"].items() if k != "name"}
     model = task.build_model("tiny", [], cfg.build_task_options(task, recipe))
     assert model.backbone_info["vision"]["name"] == "tiny"
+
+
+def test_max_text_tokens_cuts_captions_as_clip4clip_does():
+    """task.max_text_tokens=N (CLIP4Clip: 32): a caption keeps its first N - 2 word
+    tokens and its end token, so its embedding is that of the cut caption; shorter
+    captions embed as without the cap (zero padding after the end token changes nothing)."""
+    task = get_task("video-text-retrieval")
+    capped = task.build_model("tiny", [], task.options(max_text_tokens=6))
+    whole = task.build_model("tiny", [], task.options())
+    long_caption, cut = "a red ball rolls across the green table slowly", "a red ball rolls"
+    tokens = capped.tokenize([long_caption, "a cat"])
+    assert tokens.shape[1] == TINY_CONFIG["text_cfg"]["context_length"]
+    assert torch.equal(tokens[0], whole.tokenize([cut])[0]) and torch.equal(tokens[1], whole.tokenize(["a cat"])[0])
+    clip = whole.backbone.clip
+    with torch.no_grad():
+        embed = lambda t: clip.encode_text(t)  # noqa: E731
+        assert torch.equal(embed(tokens[:1]), embed(whole.tokenize([cut])))
+        assert not torch.allclose(embed(tokens[:1]), embed(whole.tokenize([long_caption])))
+    with pytest.raises(UserError, match="task.max_text_tokens is 40, more than the text tower's context of 16"):
+        task.build_model("tiny", [], task.options(max_text_tokens=40))
+    with pytest.raises(ValueError, match="max_text_tokens must be >= 3"):
+        task.options(max_text_tokens=2)
+    assert runner.build_config("video-text-retrieval").task["max_text_tokens"] == 32

@@ -68,7 +68,14 @@ class VideoOptions:
 
 @dataclass
 class RetrievalOptions(VideoOptions):
-    pass
+    max_text_tokens: int | None = field(default=None, metadata={
+        "help": "caption tokens at most, start and end tokens included (CLIP4Clip: 32); a longer caption is cut and "
+                "keeps its end token; default: the text tower's context (77 for CLIP)"})
+
+    def __post_init__(self):
+        super().__post_init__()
+        if self.max_text_tokens is not None and self.max_text_tokens < 3:
+            raise ValueError(f"max_text_tokens must be >= 3 (start, a word, end), got {self.max_text_tokens}")
 
 
 @dataclass
@@ -146,7 +153,21 @@ class RetrievalModel(_VideoInputs):
         self.head = nn.Module()  # nothing beyond CLIP: the method adapts the towers or the pooling
         self.backbone_info = clip.info
         self.tokenizer = clip.tokenizer
+        self.context = int(clip.model.context_length)
+        if options.max_text_tokens is not None and options.max_text_tokens > self.context:
+            raise UserError(f"task.max_text_tokens is {options.max_text_tokens}, more than the text tower's context of "
+                            f"{self.context} tokens; lower it or leave it out")
+        self.max_text_tokens = options.max_text_tokens
         self._init_video_inputs(clip, options)
+
+    def tokenize(self, captions: list[str]) -> torch.Tensor:
+        """Captions -> token ids at the text tower's context length, each cut to
+        `max_text_tokens` (its end token kept) and zero-padded after: the causal text
+        tower pools at the end token, so the padding after it changes nothing."""
+        if self.max_text_tokens is None:
+            return self.tokenizer(captions)
+        tokens = self.tokenizer(captions, context_length=self.max_text_tokens)
+        return F.pad(tokens, (0, self.context - tokens.shape[1]))
 
     def visual_tower(self) -> nn.Module:
         return unwrap(self.backbone).clip.visual
@@ -159,7 +180,7 @@ class RetrievalModel(_VideoInputs):
         batch: dict = {"video_index": torch.tensor([videos.index(e["video"]) if "video" in e else -1 for e in examples]),
                        "text_rows": torch.tensor(texted, dtype=torch.long)}
         if texted:
-            batch["text"] = self.tokenizer([examples[i]["caption"] or "" for i in texted])
+            batch["text"] = self.tokenize([examples[i]["caption"] or "" for i in texted])
         if videos:
             batch.update(self.video_inputs(videos))
         if len(texted) == len(examples) and len(videos):
