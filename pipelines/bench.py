@@ -92,7 +92,7 @@ def cell_name(method: str, fold: str | None, seed: int) -> str:
     """The cell's run directory and results key: `lora-seed0`, `lora-splits.test=2-seed0`."""
     if fold is None:
         return f"{method}-seed{seed}"
-    return f"{method}-splits.{re.sub(r'[^A-Za-z0-9._=-]', '_', fold)}-seed{seed}"
+    return f"{method}-splits.{re.sub(r'[^A-Za-z0-9._=+-]', '_', fold)}-seed{seed}"
 
 
 CONSTANT_ANSWER = "a constant answer (the training split's class or finding frequencies)"
@@ -244,25 +244,49 @@ def plan(pipeline, methods, *, seeds, demo, data, backbone, out, full, overrides
 
 
 def parse_folds(folds: str | None, task, overrides: list[str]) -> list[tuple[str, str]]:
-    """`--folds test=1,2,3` -> [("test=1", "data.splits.test=1"), ...]: one run per value of
-    the card's `splits.KEY`. Checked before anything runs."""
+    """`--folds test=1,2,3` or `--folds test=[03,08],[09,10]` -> [(fold label, the
+    data.splits override), ...]: one run per value of the card's `splits.KEY`. Values are
+    text as typed ("03" stays "03"; a bracketed group is one fold of several values),
+    numbers only for `seed`. Checked before anything runs."""
     if folds is None:
         return []
     key, sep, values = folds.partition("=")
-    key = key.strip().removeprefix("splits.").removeprefix("data.splits.")
-    items = _split_names(values)
+    key = key.strip().removeprefix("data.").removeprefix("splits.")
+    items = _top_level_items(values)
     if not sep or not key or not items:
         raise UserError(f"--folds {folds!r}: give a card split key and its values, e.g. --folds test=1,2,3,4,5 "
-                        f"(with splits.fold_by in the card) or --folds seed=0,1,2")
+                        f"(with splits.fold_by in the card), test=[03,08],[09,10] (two values per fold) "
+                        f"or seed=0,1,2")
     if key not in task.split_keys:
         raise UserError(f"--folds: {key!r} is not a split key {task.name} reads; its split keys: {', '.join(task.split_keys)}")
-    repeated = sorted({value for value in items if items.count(value) > 1})
+    labels = [f"{key}={'+'.join(value) if isinstance(value, list) else value}" for value in items]
+    repeated = sorted({label for label in labels if labels.count(label) > 1})
     if repeated:
-        raise UserError(f"--folds: {key}={repeated[0]} is listed twice; list each fold once")
+        raise UserError(f"--folds: {repeated[0]} is listed twice; list each fold once")
     fixed = [item for item in overrides if item.partition("=")[0] in ("data.splits", f"data.splits.{key}")]
     if fixed:
         raise UserError(f"{fixed[0]}: --folds sets data.splits.{key} per fold; drop the key=value")
-    return [(f"{key}={value}", f"data.splits.{key}={value}") for value in items]
+    if key == "seed":
+        bad = [value for value in items if not (isinstance(value, str) and value.lstrip("-").isdigit())]
+        if bad:
+            raise UserError(f"--folds seed={bad[0]}: a split seed is a whole number")
+        items = [int(value) for value in items]
+    # JSON is YAML: the override keeps each value's type as parsed here ("03" a string)
+    return [(label, f"data.splits.{key}={json.dumps(value)}") for label, value in zip(labels, items)]
+
+
+def _top_level_items(text: str) -> list[str | list[str]]:
+    """`1,2,[3,4]` -> ["1", "2", ["3", "4"]]: commas inside brackets group values."""
+    items: list[str | list[str]] = []
+    for part in re.findall(r"\[[^\]]*\]|[^,\[\]]+", text):
+        part = part.strip()
+        if part.startswith("["):
+            group = [value.strip() for value in part[1:-1].split(",") if value.strip()]
+            if group:
+                items.append(group)
+        elif part:
+            items.append(part)
+    return items
 
 
 def _fold_dataset(pipeline, demo, backbone, data, general, fold, override, task, options, card):

@@ -480,7 +480,9 @@ def test_folds_run_each_fold_and_the_table_averages_over_them(tmp_path):
     ("seed", "--folds 'seed': give a card split key and its values"),
     ("sed=0,1", "--folds: 'sed' is not a split key protein-classify reads"),
     ("seed=0,1,0", "--folds: seed=0 is listed twice"),
-    ("seed=x,1", "--folds seed=x: data.splits: splits.seed must be a whole number"),
+    ("seed=x,1", "--folds seed=x: a split seed is a whole number"),
+    ("test=[a,b],c", "--folds test=a+b: "),  # a fold the card cannot make, named before anything trains
+    ("test=[a],a", "--folds: test=a is listed twice"),
 ])
 def test_fold_mistakes_stop_before_any_training(tmp_path, capsys, folds, message):
     card = _sequence_card(tmp_path)
