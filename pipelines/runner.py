@@ -171,7 +171,14 @@ def load_run_card(run_dir: Path, config: cfg.RunConfig, task) -> Card:
 
 def read_dataset(config: cfg.RunConfig, task, options, card: Card, training: bool = True) -> Dataset:
     """The card's data, with `data.splits` and `data.limit` applied; `training` asks for a train split."""
-    dataset = task.read(with_split_overrides(card, config.data.splits, task), options)
+    try:
+        dataset = task.read(with_split_overrides(card, config.data.splits, task), options)
+    except UserError as error:
+        if not config.data.splits:
+            raise
+        # the card's splits were changed for this run: say so, or the card seems to name the value
+        given = ", ".join(f"{key}={value}" for key, value in config.data.splits.items())
+        raise UserError(f"{error} (the card's splits with data.splits {given})") from None
     limit = config.data.limit or {}
     unknown = sorted(set(limit) - set(dataset.splits))
     if unknown:

@@ -278,6 +278,13 @@ CASES = [
     Case("audio-fold-without-test", card_run(SPEECH, "audio_csv", {"t.csv": "path,label,session\nx.wav,happy,1\n", "x.wav": wav_bytes(TONE)},
                                              files={"data": "t.csv"}, fields={"session": "session"}, splits={"fold_by": "session"}),
          r"card\.md: splits\.fold_by needs `test: \[values\]`"),
+    Case("audio-fold-override-names-no-row",
+         card_run(SPEECH, "audio_csv", {"t.csv": "path,label,session\nx.wav,happy,1\n", "x.wav": wav_bytes(TONE)},
+                  overrides=("data.splits.test=[9]",), files={"data": "t.csv"}, fields={"session": "session"},
+                  splits={"fold_by": "session", "test": [1]}),
+         r"card\.md: splits names session '9', which no row has.*\(the card's splits with data\.splits test=\[9\]\)"),
+    Case("data-splits-unknown-key", demo_run("speech-emotion", "data.splits.fold=1"),
+         r"data\.splits\.fold is not a split key speech-emotion reads"),
     Case("speech-max-seconds-zero", demo_run("speech-emotion", "task.max_seconds=0"), r"max_seconds must be > 0"),
     # ------------------------------------------------------------------ point clouds
     Case("npz-nan-point", card_run(POINTS, "points_npz", {"c.npz": npz_bytes(**clouds(bad=np.nan))}, files={"data": "c.npz"}),
