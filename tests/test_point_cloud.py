@@ -353,24 +353,40 @@ def test_memory_bank_is_saved_with_the_adapter_and_restored(tmp_path):
     assert predictor.evaluate("test") == json.loads((run_dir / "metrics.json").read_text())["test"]
 
 
-def test_test_time_voting_averages_log_probabilities_over_scaled_copies():
+def test_test_time_voting_averages_logits_over_point_berts_vote_copies(monkeypatch):
+    """votes=3: each copy is a random num_points of the cloud's farthest-point pool (1200
+    per 1024), scaled and translated as in training; the prediction is the mean of the
+    copies' logits, and the same evaluation draws the same copies."""
+    from peftlab.domains.point_cloud import tasks as point_tasks
+    from peftlab.domains.point_cloud.backbones import farthest_point_sample
     from peftlab.shared.cards import read_card
     from peftlab.shared.tasks import get_task
 
     task = get_task("pointcloud-classify")
-    options = task.options(votes=3)
+    options = task.options(votes=3, num_points=64)
     dataset = task.read(read_card(contract.demo_card_for("pointcloud-classify")), options)
     model = task.build_model("tiny", dataset.labels, options).eval()
     examples = dataset.splits["test"][:4]
     batch = model.collate(examples, rng=None)
-    assert batch["points"].shape[0] == 3 * len(examples)
-    single = task.build_model("tiny", dataset.labels, task.options()).collate(examples, rng=None)
-    assert torch.equal(batch["points"][: len(examples)], single["points"])  # the first copy is the plain one
+    assert batch["points"].shape == (3 * len(examples), 64, 3) and batch["votes"] == 3
+    assert torch.equal(model.collate(examples, rng=None)["points"], batch["points"])  # repeatable
     with torch.no_grad():
         voted = model(batch)
-        per_copy = model({"points": batch["points"], "votes": 1}).float().log_softmax(-1)
+        per_copy = model({"points": batch["points"], "votes": 1}).float()
     assert voted.shape == (len(examples), len(dataset.labels))
     torch.testing.assert_close(voted, per_copy.reshape(3, len(examples), -1).mean(0))
+
+    # without the scale and shift, each copy is 64 distinct points of the 75-point pool
+    points = np.ascontiguousarray(examples[0]["points"], dtype=np.float32)
+    chosen = farthest_point_sample(torch.from_numpy(points)[None], 75)[0].numpy()
+    pool = {tuple(p) for p in data.normalize_to_unit_sphere(points[chosen])}
+    monkeypatch.setattr(point_tasks.data, "augment", lambda cloud, *args: cloud)
+    plain = model.collate(examples, rng=None)["points"].numpy().reshape(3, len(examples), 64, 3)
+    for vote in plain[:, 0]:
+        rows = {tuple(p) for p in vote}
+        assert len(rows) == 64 and rows <= pool
+    assert {tuple(p) for p in plain[0, 0]} != {tuple(p) for p in plain[1, 0]}  # each copy drawn afresh
+    assert not np.allclose(plain, batch["points"].numpy().reshape(plain.shape))  # and then scaled and shifted
 
 
 def test_fps_evaluation_subsets_cover_the_shape_as_point_berts_test_does():

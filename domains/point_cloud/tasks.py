@@ -6,8 +6,9 @@ training, a fixed subset at evaluation), and training augments with Point-BERT's
 random per-axis scale and translation (plus, optionally, rotation about the up axis),
 all drawn from the `rng` the training loop passes to `collate`. The head follows
 Point-BERT's fine-tuning head: [CLS, max over patch tokens] -> MLP -> classes.
-With `votes` > 1, evaluation averages the class probabilities over that many scaled
-copies of each cloud (test-time voting, as Point-BERT reports on ModelNet40).
+With `votes` > 1, evaluation averages the logits over that many copies of each cloud,
+drawn as Point-BERT's voting test draws them (a random `num_points` of a farthest-point
+pool of 1200 per 1024, each scaled and translated), as it reports on ModelNet40.
 
 With `augment=false` (training on the fixed evaluation subset) and a method that leaves
 the encoder's first stages frozen, those stages' outputs are computed once, not every
@@ -62,7 +63,8 @@ class PointCloudOptions:
     scale_low: float = field(default=2 / 3, metadata={"help": "training augmentation: smallest per-axis scale"})
     scale_high: float = field(default=3 / 2, metadata={"help": "training augmentation: largest per-axis scale"})
     translate: float = field(default=0.2, metadata={"help": "training augmentation: largest per-axis shift"})
-    votes: int = field(default=1, metadata={"help": "test-time voting: evaluation averages over this many randomly scaled copies (1 = off)"})
+    votes: int = field(default=1, metadata={"help": "test-time voting: evaluation averages the logits of this many copies, each a random "
+                                                    "subset of a farthest-point pool, scaled and translated (Point-BERT's vote; 1 = off)"})
     eval_sampling: str = field(default="random", metadata={"help": "the points of an evaluated cloud: random (a seeded uniform subset) or fps "
                                                                     "(farthest-point sampling of the whole cloud, Point-BERT's test-time subset)"})
     off_points: int = field(default=8192, metadata={"help": "points sampled from each mesh surface (.off, .ply with faces) when reading"})
@@ -88,6 +90,8 @@ class PointCloudOptions:
 
 
 FPS_CACHE_BYTES = 256 * 2**20
+VOTE_POOL = 1200 / 1024
+"""Point-BERT's voting test draws each copy from a farthest-point pool this much larger."""
 
 
 class PointCloudClassifier(nn.Module):
@@ -106,7 +110,8 @@ class PointCloudClassifier(nn.Module):
 
         self.feature_cache: FeatureCache | None = None
         # FPS subsets of evaluated clouds, least recently used dropped past FPS_CACHE_BYTES
-        self._fps_subsets: OrderedDict[bytes, np.ndarray] = OrderedDict()
+        self._fps_subsets: OrderedDict[tuple[bytes, int], np.ndarray] = OrderedDict()
+        self._fps_bytes = 0
 
     def encoder(self) -> PointBERT:
         return methods.network_of(self.backbone)
@@ -147,16 +152,35 @@ class PointCloudClassifier(nn.Module):
         points, count = example["points"], self.options.num_points
         if self.options.eval_sampling == "random" or len(points) <= count:
             return self._cloud(points, np.random.default_rng(0))
+        return self._farthest_points(points, count)
+
+    def _farthest_points(self, points: np.ndarray, count: int) -> np.ndarray:
+        """A farthest-point sample of `count` points (all of a smaller cloud), normalised;
+        computed once per cloud and count: every epoch evaluates the same clouds."""
         points = np.ascontiguousarray(points, dtype=np.float32)
-        key = hashlib.blake2b(points.tobytes(), digest_size=16).digest()  # the cloud itself, whatever its id
-        if key in self._fps_subsets:  # computed once: every epoch evaluates the same clouds
+        if len(points) <= count:
+            return data.normalize_to_unit_sphere(points)
+        key = (hashlib.blake2b(points.tobytes(), digest_size=16).digest(), count)  # the cloud itself, whatever its id
+        if key in self._fps_subsets:
             self._fps_subsets.move_to_end(key)
             return self._fps_subsets[key]
         chosen = farthest_point_sample(torch.from_numpy(points)[None], count)[0]
         subset = self._fps_subsets[key] = data.normalize_to_unit_sphere(points[chosen.numpy()])
-        while len(self._fps_subsets) * subset.nbytes > FPS_CACHE_BYTES:  # predict on a stream of clouds stays bounded
-            self._fps_subsets.popitem(last=False)
+        self._fps_bytes += subset.nbytes
+        while self._fps_bytes > FPS_CACHE_BYTES:  # predict on a stream of clouds stays bounded
+            self._fps_bytes -= self._fps_subsets.popitem(last=False)[1].nbytes
         return subset
+
+    def _vote_clouds(self, examples: list[dict], votes: int) -> list[np.ndarray]:
+        """Point-BERT's voting copies, vote-major: a random `num_points` of each cloud's
+        farthest-point pool (1200 per 1024 points), scaled and translated as in training;
+        drawn from a fixed seed, so an evaluation repeats exactly."""
+        o, rng = self.options, np.random.default_rng(VOTE_SEED)
+        pool_size = round(o.num_points * VOTE_POOL)
+        pools = [self._farthest_points(e["points"], pool_size) for e in examples]
+        return [data.augment(data.choose_points(pool, o.num_points, rng), rng, False, o.up_axis,
+                             (o.scale_low, o.scale_high), o.translate)
+                for _ in range(votes) for pool in pools]
 
     def collate(self, examples, rng):
         o = self.options
@@ -164,14 +188,11 @@ class PointCloudClassifier(nn.Module):
         if rng is not None and o.augment:  # training: random subset + augmentation
             clouds = [data.augment(self._cloud(e["points"], rng), rng, o.rotate_up, o.up_axis, (o.scale_low, o.scale_high), o.translate)
                       for e in examples]
+        elif rng is None and o.votes > 1:  # evaluation with test-time voting
+            votes = o.votes
+            clouds = self._vote_clouds(examples, votes)
         else:  # evaluation (and training without augmentation): a fixed subset per example
             clouds = [self._evaluation_cloud(e) for e in examples]
-            if rng is None and o.votes > 1:  # voting adds scaled copies
-                votes = o.votes
-                vote_rng = np.random.default_rng(VOTE_SEED)
-                copies = [data.augment(c, vote_rng, False, o.up_axis, (o.scale_low, o.scale_high), 0.0)
-                          for _ in range(votes - 1) for c in clouds]
-                clouds = clouds + copies
         batch: dict[str, Any] = {"points": torch.from_numpy(np.stack(clouds)), "votes": votes}
         if rng is not None and self.feature_cache is not None:
             batch["cache_keys"] = [e["id"] for e in examples]
@@ -191,8 +212,8 @@ class PointCloudClassifier(nn.Module):
         features = torch.cat([tokens[:, 0], tokens[:, 1:].max(dim=1).values], dim=-1)
         logits = self.head(features)
         votes = batch.get("votes", 1)
-        if votes > 1:  # (votes * B, K) -> mean log-probability over the copies
-            logits = logits.float().log_softmax(-1).reshape(votes, -1, logits.shape[-1]).mean(0)
+        if votes > 1:  # (votes * B, K) -> the mean logits over the copies, as Point-BERT's vote
+            logits = logits.float().reshape(votes, -1, logits.shape[-1]).mean(0)
         return logits
 
     def loss(self, logits, batch):
@@ -330,7 +351,7 @@ class PointCloudClassifyTask:
         return {"id": example["id"], **describe_scores(scores, labels)}
 
     def rows_follow_examples(self, options: PointCloudOptions) -> bool:
-        return options.votes == 1  # with votes, each example is several rows (scaled copies)
+        return options.votes == 1  # with votes, each example is several rows (its vote copies)
 
     def parse_request(self, payload: dict, options) -> list[dict]:
         """{"points": [CLOUD, ...]} or {"points": {ID: CLOUD, ...}}, a cloud being a list
