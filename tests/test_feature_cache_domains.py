@@ -193,13 +193,22 @@ def test_speech_staged_forward_equals_the_whole_forward(backbone, prompted):
                                      len(encoder.stages()), whole)
 
 
-@pytest.mark.parametrize("method", [None, "point_peft"])
-def test_point_bert_staged_forward_equals_the_whole_forward(method):
+@pytest.mark.parametrize(("method", "options"), [
+    (None, {}), ("point_peft", {}),
+    ("point_peft", {"prompt_blocks": 1, "memory_size": 6}),  # deep prompts: block 1 sees none
+    ("point_peft", {"prompt_blocks": 2, "memory_size": 6}),  # fresh prompts before each block
+])
+def test_point_bert_staged_forward_equals_the_whole_forward(method, options):
     encoder, _ = load_point_backbone("tiny")
     if method:
-        encoder = methods.apply(encoder, method, local_groups=4, local_size=4).base_model
+        encoder = methods.apply(encoder, method, local_groups=4, local_size=4, **options).base_model
         for block in encoder.blocks.blocks:  # zero-initialised gates would hide the adapters
             nn.init.normal_(block.geometry_adapter.gate, std=0.5)
+        if options.get("memory_size"):  # a filled bank, so that every block's prompts consult it
+            encoder.train()
+            with torch.no_grad():
+                encoder(torch.randn(6, 256, 3))
+            assert int(encoder.prompt.memory_count) == 6
     encoder.eval()
     points = torch.randn(3, 256, 3)
     with torch.no_grad():

@@ -416,3 +416,32 @@ def test_fps_evaluation_subsets_cover_the_shape_as_point_berts_test_does():
     np.testing.assert_array_equal(subset("fps", example_id="other"), fps)
     with pytest.raises(ValueError, match="eval_sampling must be random or fps"):
         task.options(eval_sampling="grid")
+
+
+def test_deep_prompts_give_each_of_the_first_blocks_its_own_tokens():
+    """prompt_blocks=N (the released code: 6): block i < N sees its own prompts, the
+    blocks after them see none; a block's tokens change that block's output and the
+    later ones, never the earlier ones."""
+    backbone, _ = load_backbone("tiny")  # 2 blocks
+    points = torch.randn(2, 200, 3)
+    one = methods.apply(copy.deepcopy(backbone), "point_prior_prompt", prompt_tokens=3, prompt_blocks=1).base_model.eval()
+    assert one.prompt.tokens.shape == (1, 3, one.embed_dim)
+    groups = one.config.num_group
+    with torch.no_grad():
+        after_block_0 = one(points, stop=3)[0]
+        after_block_1 = one(points, stop=4)[0]
+        assert after_block_0.shape[1] == 1 + 3 + groups and after_block_1.shape[1] == 1 + groups  # dropped
+        # block 1 without prompts: exactly block 1 run on block 0's CLS and patch tokens
+        x, pos, centers = one(points, stop=3)
+        keep = torch.cat([x[:, :1], x[:, 4:]], 1), torch.cat([pos[:, :1], pos[:, 4:]], 1)
+        torch.testing.assert_close(after_block_1, one.blocks(keep[0], keep[1], centers, start=1, stop=2), atol=0, rtol=0)
+
+    two = methods.apply(copy.deepcopy(backbone), "point_prior_prompt", prompt_tokens=3, prompt_blocks=2).base_model.eval()
+    with torch.no_grad():
+        before = [two(points, stop=3)[0], two(points)]
+        two.prompt.tokens[1].add_(torch.randn_like(two.prompt.tokens[1]))
+        after = [two(points, stop=3)[0], two(points)]
+    assert torch.equal(before[0], after[0])  # block 0 does not see block 1's tokens
+    assert (before[1] - after[1]).abs().max() > 1e-4
+    with pytest.raises(UserError, match="prompt_blocks is 3, but this Point-BERT has 2 blocks"):
+        methods.apply(copy.deepcopy(backbone), "point_peft", prompt_blocks=3)

@@ -268,16 +268,37 @@ class PointBERT(nn.Module):
             batch = tokens.shape[0]
             x = torch.cat([self.cls_token.expand(batch, -1, -1), tokens], dim=1)
             pos = torch.cat([self.cls_pos.expand(batch, -1, -1), self.pos_embed(centers)], dim=1)
+            feature = None
         else:
-            x, pos, centers = hidden
+            x, pos, centers, *rest = hidden
+            feature = rest[0] if rest else None  # the bank's query, for deep prompts' later blocks
         if start <= 1 < stop and self.prompt is not None:
-            x, pos = self.prompt(x, pos)
-        x = self.blocks(x, pos, centers, start=max(start - 2, 0), stop=max(min(stop, last) - 2, 0))
+            x, pos, feature = self.prompt(x, pos)
+        first, end = max(start - 2, 0), max(min(stop, last) - 2, 0)
+        if self.prompt is not None and self.prompt.deep:
+            for index in range(first, end):
+                x, pos = self._prompted_block_input(index, x, pos, centers, feature)
+                x = self.blocks(x, pos, centers, start=index, stop=index + 1)
+        else:
+            x = self.blocks(x, pos, centers, start=first, stop=end)
         if stop <= last:
-            return x, pos, centers
+            return (x, pos, centers) if feature is None else (x, pos, centers, feature)
         x = self.norm(x)
         inserted = x.shape[1] - 1 - centers.shape[1]
         return torch.cat([x[:, :1], x[:, 1 + inserted:]], dim=1) if inserted else x
+
+
+    def _prompted_block_input(self, index: int, x: torch.Tensor, pos: torch.Tensor, centers: torch.Tensor,
+                              feature: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Deep prompts: block `index` gets its own prompts (the first block's came with the
+        prompt stage); the first block after the prompted ones gets the tokens without them."""
+        prompt = self.prompt
+        if 0 < index < prompt.blocks:
+            return prompt.refresh(index, x, feature), pos
+        if index == prompt.blocks and x.shape[1] > 1 + centers.shape[1]:
+            keep = lambda t: torch.cat([t[:, :1], t[:, 1 + prompt.length:]], dim=1)  # noqa: E731
+            return keep(x), keep(pos)
+        return x, pos
 
 
 def _init_weights(module: nn.Module) -> None:

@@ -1,7 +1,9 @@
 """Point-PEFT's modules (Tang et al. 2023), registered as PEFT methods for Point-BERT.
 
 - `point_prior_prompt`: learnable prompt tokens inserted after CLS, before the
-  transformer blocks (and removed from the output). Optionally each sample's prompts
+  transformer blocks (and removed from the output); with `prompt_blocks=N`, each of
+  the first N blocks gets fresh prompts instead (VPT-deep style, as the released code
+  does for N = 6) and the later blocks see none. Optionally each sample's prompts
   are enhanced from a memory bank of training features ("point-prior bank"): the
   first `memory_size` training samples' global features (max-pooled patch tokens) are
   cached; for a new sample, the `memory_topk` entries nearest to its own feature
@@ -18,8 +20,8 @@
   up-projection is added through a zero-initialised per-channel gate, so the adapted
   model starts exactly as the base model.
 - `point_peft`: both. This is our reading of the paper's design, simpler than its code
-  (Ivan-Tang-3D/Point-PEFT), which inserts fresh prompts in each of the first six blocks,
-  builds the bank from the frozen pre-trained encoder's outputs over the whole training
+  (Ivan-Tang-3D/Point-PEFT), which inserts fresh prompts in each of the first six blocks
+  (`prompt_blocks=6` here), builds the bank from the frozen pre-trained encoder's outputs over the whole training
   set, uses a geometry adapter that is not identity at init (local attention,
   propagation over all anchors, an ungated residual adapter), and also trains biases,
   norms and the CLS token: 0.6 M parameters reported for Point-BERT, 0.18 M here at
@@ -45,10 +47,13 @@ from .backbones import PointBERT, farthest_point_sample, gather, knn
 
 
 class PointPriorPrompt(nn.Module):
+    """Prompt tokens after CLS: one set before the blocks, carried through all of them
+    (`blocks=0`), or fresh ones for each of the first `blocks` blocks (`deep`)."""
+
     def __init__(self, width: int, num_tokens: int, memory_size: int = 0, memory_topk: int = 8,
-                 memory_weight: float = 0.5, temperature: float = 1.0):
+                 memory_weight: float = 0.5, temperature: float = 1.0, blocks: int = 0):
         super().__init__()
-        self.tokens = nn.Parameter(torch.empty(num_tokens, width))
+        self.tokens = nn.Parameter(torch.empty((blocks, num_tokens, width) if blocks else (num_tokens, width)))
         nn.init.trunc_normal_(self.tokens, std=0.02)
         self.memory_size, self.memory_topk = memory_size, memory_topk
         self.memory_weight, self.temperature = memory_weight, temperature
@@ -56,18 +61,42 @@ class PointPriorPrompt(nn.Module):
             self.register_buffer("memory", torch.zeros(memory_size, width))
             self.register_buffer("memory_count", torch.zeros((), dtype=torch.long))
 
-    def forward(self, x: torch.Tensor, pos: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """x, pos: (B, 1 + G, C), CLS first -> (B, 1 + P + G, C): prompts after CLS."""
-        batch = x.shape[0]
-        prompts = self.tokens.unsqueeze(0).expand(batch, -1, -1)
-        if self.memory_size:
-            feature = x[:, 1:].max(dim=1).values  # the sample's global feature
+    @property
+    def deep(self) -> bool:
+        return self.tokens.dim() == 3
+
+    @property
+    def blocks(self) -> int:
+        """The blocks that get fresh prompts (0: one set carried through every block)."""
+        return self.tokens.shape[0] if self.deep else 0
+
+    @property
+    def length(self) -> int:
+        return self.tokens.shape[-2]
+
+    def forward(self, x: torch.Tensor, pos: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """x, pos: (B, 1 + G, C), CLS first -> (B, 1 + P + G, C) with the (first block's)
+        prompts after CLS, and the sample's global feature the bank is searched with
+        (None without a bank)."""
+        feature = x[:, 1:].max(dim=1).values if self.memory_size else None
+        prompts = self._prompts(0, x.shape[0], feature)
+        if feature is not None and self.training:
+            self.remember(feature.detach())
+        x = torch.cat([x[:, :1], prompts.to(x.dtype), x[:, 1:]], dim=1)
+        pos = torch.cat([pos[:, :1], torch.zeros_like(prompts, dtype=pos.dtype), pos[:, 1:]], dim=1)
+        return x, pos, feature
+
+    def refresh(self, block: int, x: torch.Tensor, feature: torch.Tensor | None) -> torch.Tensor:
+        """Block `block`'s input with its own prompts in place of what the previous block
+        made of the prompt positions (deep prompts, VPT-deep style)."""
+        prompts = self._prompts(block, x.shape[0], feature).to(x.dtype)
+        return torch.cat([x[:, :1], prompts, x[:, 1 + self.length:]], dim=1)
+
+    def _prompts(self, block: int, batch: int, feature: torch.Tensor | None) -> torch.Tensor:
+        prompts = (self.tokens[block] if self.deep else self.tokens).unsqueeze(0).expand(batch, -1, -1)
+        if feature is not None:
             prompts = prompts + self.memory_weight * self.recall(prompts, feature)
-            if self.training:
-                self.remember(feature.detach())
-        x = torch.cat([x[:, :1], prompts, x[:, 1:]], dim=1)
-        pos = torch.cat([pos[:, :1], torch.zeros_like(prompts), pos[:, 1:]], dim=1)
-        return x, pos
+        return prompts
 
     def recall(self, prompts: torch.Tensor, feature: torch.Tensor) -> torch.Tensor:
         """Parameter-free attention of the prompts over the memory entries nearest `feature`."""
@@ -135,6 +164,9 @@ def _prompt_fields():
         "memory_topk": field(default=8, metadata={"help": "bank entries nearest to a sample that its prompts attend to"}),
         "memory_weight": field(default=0.5, metadata={"help": "weight of the bank's contribution added to the prompts"}),
         "memory_temperature": field(default=1.0, metadata={"help": "softmax temperature of the prompt-to-bank attention"}),
+        "prompt_blocks": field(default=0, metadata={
+            "help": "0: one set of prompts before the first block, carried through all of them; N: each of the first "
+                    "N blocks gets its own prompts, and the blocks after them see none (the released code: 6)"}),
     }
 
 
@@ -154,6 +186,7 @@ class PointPriorPromptOptions:
     memory_topk: int = _prompt_fields()["memory_topk"]
     memory_weight: float = _prompt_fields()["memory_weight"]
     memory_temperature: float = _prompt_fields()["memory_temperature"]
+    prompt_blocks: int = _prompt_fields()["prompt_blocks"]
 
     def __post_init__(self):
         _check_prompt(self)
@@ -177,6 +210,7 @@ class PointPEFTOptions:
     memory_topk: int = _prompt_fields()["memory_topk"]
     memory_weight: float = _prompt_fields()["memory_weight"]
     memory_temperature: float = _prompt_fields()["memory_temperature"]
+    prompt_blocks: int = _prompt_fields()["prompt_blocks"]
     adapter_dim: int = _adapter_fields()["adapter_dim"]
     local_groups: int = _adapter_fields()["local_groups"]
     local_size: int = _adapter_fields()["local_size"]
@@ -194,6 +228,8 @@ def _check_prompt(o) -> None:
         raise ValueError(f"memory_size must be >= 0 and memory_topk >= 1, got {o.memory_size}, {o.memory_topk}")
     if o.memory_temperature <= 0:
         raise ValueError(f"memory_temperature must be > 0, got {o.memory_temperature}")
+    if o.prompt_blocks < 0:
+        raise ValueError(f"prompt_blocks must be >= 0, got {o.prompt_blocks}")
 
 
 def _check_adapter(o) -> None:
@@ -213,8 +249,11 @@ def _check_backbone(model: nn.Module, method: str) -> None:
 
 
 def add_prompt(model: PointBERT, o) -> list[str]:
+    depth = len(model.blocks.blocks)
+    if o.prompt_blocks > depth:
+        raise UserError(f"prompt_blocks is {o.prompt_blocks}, but this Point-BERT has {depth} blocks")
     model.prompt = PointPriorPrompt(model.embed_dim, o.prompt_tokens, o.memory_size, o.memory_topk,
-                                    o.memory_weight, o.memory_temperature)
+                                    o.memory_weight, o.memory_temperature, o.prompt_blocks)
     return [f"prompt.{name}" for name, _ in model.prompt.named_parameters()]
 
 
