@@ -469,6 +469,7 @@ def _train_and_finish(run_dir: Path, prepared: Prepared, resume: bool) -> Path:
         "steps": state["global_step"],
         "epochs": state["epoch"],
         "best_epoch": state["best_epoch"],
+        "kept_epoch": state["best_epoch"] if config.train.keep == "best" and state["best_epoch"] else state["epoch"],
         "peak_rss_mb": peak_rss_mb(),
         "precision": resolve_precision(config.train.precision, model),
     }

@@ -62,6 +62,9 @@ class TrainConfig(BaseModel):
     max_grad_norm: float | None = Field(1.0, gt=0)
     precision: Literal["auto", "bf16", "fp16", "fp32"] = "auto"
     early_stopping_patience: int | None = Field(3, ge=1, description="epochs without improvement before stopping")
+    keep: Literal["best", "last"] = Field(
+        "best", description="the model kept and evaluated: best, the epoch with the best validation primary metric; "
+        "last, the model as training ends (what papers that report the final epoch evaluate, e.g. pyreft)")
     seed: int = 0
     checkpoint_every: int | None = Field(None, ge=1, description="also checkpoint every N steps (always at epoch end)")
     eval_batch_size: int | None = Field(None, ge=1)
@@ -258,7 +261,8 @@ def train(
     resume: bool = False,
     log: Callable[[str], None] = lambda message: print(message, file=sys.stderr),
 ) -> dict:
-    """Train in place; on return `model` holds the best weights (on the main process).
+    """Train in place; on return `model` holds the kept weights (`config.keep`: the best
+    validated epoch's or the last; on the main process).
     Returns the train state. On a CPU, the tensors of training come from
     `cpu_allocator`'s cache (faster, less memory; same results). In bf16 training, frozen
     linear layers hold bf16 weights while it runs (`memory.frozen_linears_in`: the
@@ -446,7 +450,7 @@ def _train(task, model: TaskModel, train_examples: list[Example], validation_exa
                     value = scores.get(primary_metric)
                     if metrics.is_better(primary_metric, value, state["best_metric"]):
                         state.update(best_metric=value, best_epoch=epoch + 1, bad_epochs=0)
-                        if main:
+                        if main and config.keep == "best":
                             io.save_tensors(best_file, checkpoint.trainable_state(task_model))
                     elif value is not None:  # an undefined score is no evidence to stop on
                         state["bad_epochs"] += 1
@@ -463,7 +467,7 @@ def _train(task, model: TaskModel, train_examples: list[Example], validation_exa
         progress.close()
         raise
     progress.close()
-    if validation_examples and state["best_epoch"] is None:
+    if validation_examples and state["best_epoch"] is None and config.keep == "best":
         log(f"note: validation {primary_metric} was undefined at every epoch (e.g. the split holds one class), so "
             f"the last epoch's model is kept; give validation more examples or set another eval.primary_metric")
     if plan_cache is not None:

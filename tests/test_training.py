@@ -109,6 +109,28 @@ def test_early_stopping_stops_when_validation_stalls(tmp_path):
     assert metrics["train"]["best_epoch"] <= metrics["train"]["epochs"] - 2
 
 
+@pytest.mark.parametrize("keep", ["best", "last"])
+def test_train_keep_chooses_the_model_that_is_evaluated_and_saved(tmp_path, keep):
+    """train.keep=best (default) keeps the best validated epoch's weights; keep=last the
+    weights as training ends (pyreft's protocol), whatever validation said."""
+    import peftlab
+    from peftlab.shared import checkpoint
+    from peftlab.shared.training import BEST_STATE
+
+    run_dir = peftlab.run("protein-classify", demo=True, out=tmp_path / keep,
+                          overrides={"train.epochs": 3, "train.keep": keep, "train.early_stopping_patience": None,
+                                     "data.limit": {"train": 64, "validation": 32, "test": 32}})
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    kept = run_dir / (BEST_STATE if keep == "best" else Path("checkpoints") / "last" / "trainable.safetensors")
+    assert (run_dir / BEST_STATE).is_file() == (keep == "best")
+    assert metrics["train"]["kept_epoch"] == (metrics["train"]["best_epoch"] if keep == "best" else 3)
+    predictor = peftlab.load(run_dir)
+    saved = io.load_tensors(kept)
+    state = checkpoint.trainable_state(predictor.model)
+    assert state.keys() == saved.keys() and all(torch.equal(state[k], saved[k]) for k in saved)
+    assert predictor.evaluate("test") == metrics["test"]
+
+
 def test_an_undefined_validation_metric_neither_stops_training_nor_passes_silently(tmp_path, capsys):
     import peftlab
 
