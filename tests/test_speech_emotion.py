@@ -236,6 +236,35 @@ def test_audio_csv_reads_resamples_and_splits_by_speaker(tmp_path):
     assert dataset.labels == LABELS and {e["label"] for e in dataset.splits["train"]} <= {0, 1, 2, 3}
 
 
+def test_augmentation_adds_noise_at_10_to_30_db_and_silences_one_span():
+    """task.augment (the recipe's, PEFT-SER's): every training clip gets Gaussian noise
+    at 10-30 dB SNR and one span of 10-15 % silenced with 10 ms fades; evaluation clips
+    are untouched, and the feature cache stays off (inputs change every epoch)."""
+    clean = tone(2.0, 16000)
+    rng = np.random.default_rng(0)
+    for _ in range(20):
+        noisy = data.augment_audio(clean, 16000, rng)
+        silent = np.flatnonzero(noisy == 0.0)
+        span = silent[-1] - silent[0] + 1 + 2 * 160  # the zeroed core and its two fades
+        assert 0.10 * len(clean) - 2 <= span <= 0.15 * len(clean) + 2
+        assert len(silent) == silent[-1] - silent[0] + 1  # one contiguous span
+        keep = np.ones(len(clean), bool)
+        keep[max(silent[0] - 160, 0):silent[-1] + 161] = False
+        noise = noisy[keep] - clean[keep]
+        snr = 20 * np.log10(np.sqrt(np.mean(clean ** 2)) / np.sqrt(np.mean(noise ** 2)))
+        assert 9.5 <= snr <= 30.5
+    model = model_for("tiny_wav2vec2", augment=True)
+    example = {"id": "a", "audio": clean, "samples": len(clean), "sample_rate": 16000}
+    np.testing.assert_array_equal(model.waveform(example, rng=None), clean)  # evaluation: as it is
+    trained = model.waveform(example, rng=np.random.default_rng(1))
+    assert trained.shape == clean.shape and not np.allclose(trained, clean)
+    model.backbone = methods.apply(model.backbone, "lora", **TASK.default_method_options("lora", model))
+    assert "feature cache: off (task.augment adds new noise" in model.plan_feature_cache([example], 2**30)
+    fixed = model_for("tiny_wav2vec2")
+    fixed.backbone = methods.apply(fixed.backbone, "lora", **TASK.default_method_options("lora", fixed))
+    assert fixed.plan_feature_cache([example], 2**30).startswith("feature cache: on")
+
+
 def test_session_folds(tmp_path):
     rows = toy_rows(speakers=4)
     write_corpus(tmp_path, rows)
@@ -435,8 +464,10 @@ def test_whisper_base_lora_on_emodb_beats_chance(real_assets, tmp_path, monkeypa
     assert min(pooled) > 0.9, pooled
 
     # 2. LoRA on the last 2 layers' feed-forward, 1 s training crops, 3 epochs
+    # without the recipe's augmentation: fixed inputs let the frozen layers' features be cached
     overrides = ["train.epochs=3", "train.batch_size=8", "train.lr=2e-3", "train.precision=fp32",
-                 "train.warmup_ratio=0.0", "method.layers=last_2", "task.max_seconds=1.0", "task.eval_crop=full"]
+                 "train.warmup_ratio=0.0", "method.layers=last_2", "task.max_seconds=1.0", "task.eval_crop=full",
+                 "task.augment=false"]
     results = {}
     for label in ("whisper-base", "random-init"):
         if label == "random-init":

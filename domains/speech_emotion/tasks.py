@@ -49,6 +49,8 @@ class SpeechEmotionOptions:
     max_seconds: float = field(default=6.0, metadata={"help": "longest audio the model sees; longer clips are cropped (see train_crop and eval_crop); Whisper takes at most 30"})
     train_crop: str = field(default="random", metadata={"help": "training window of clips longer than max_seconds: random (a new one each epoch) or start (the first max_seconds, as PEFT-SER)"})
     eval_crop: str = field(default="center", metadata={"help": "evaluation of clips longer than max_seconds: center (the middle window), start (the first max_seconds, as PEFT-SER) or full (the whole clip, up to the backbone's limit)"})
+    augment: bool = field(default=False, metadata={"help": "PEFT-SER's training augmentation on every clip: Gaussian noise at "
+                                                         "10-30 dB SNR and one silenced span of 10-15 % (new each epoch)"})
     class_weight: str = field(default="balanced", metadata={"help": "cross-entropy class weights: balanced (inverse training-split frequency, as PEFT-SER) or none"})
     head_hidden: int = field(default=256, metadata={"help": "hidden width of the MLP head"})
     head_dropout: float = field(default=0.1, metadata={"help": "dropout in the MLP head"})
@@ -120,7 +122,9 @@ class SpeechEmotionModel(nn.Module):
         encoder = self.encoder()
         frozen, reason, total = in_training(self, encoder.stages)
         lengths = [self.example_length(e) for e in train_examples]
-        if self.options.train_crop == "random" and any(e["samples"] / e["sample_rate"] > self.max_seconds
+        if self.options.augment:
+            varying = "task.augment adds new noise and a new silenced span to every training clip each epoch"
+        elif self.options.train_crop == "random" and any(e["samples"] / e["sample_rate"] > self.max_seconds
                                                        for e in train_examples):
             varying = (f"clips longer than task.max_seconds={self.max_seconds:g} get a new random window each epoch; "
                        f"a task.max_seconds above the longest clip keeps them whole, task.train_crop=start fixes the window")
@@ -165,8 +169,10 @@ class SpeechEmotionModel(nn.Module):
             window = self.options.train_crop
         else:  # eval_crop=full keeps the centre of a clip longer than the backbone's own limit
             window = "start" if self.options.eval_crop == "start" else "center"
-        audio = data.crop(audio, max_samples, window, rng)
-        return data.resample(audio, rate, self.encoder().sampling_rate)
+        audio = data.resample(data.crop(audio, max_samples, window, rng), rate, self.encoder().sampling_rate)
+        if training and self.options.augment:
+            audio = data.augment_audio(audio, self.encoder().sampling_rate, rng)
+        return audio
 
     def collate(self, examples, rng):
         featurized = self.encoder().featurize([self.waveform(e, rng) for e in examples])
