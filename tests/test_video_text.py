@@ -388,6 +388,21 @@ def test_retrieval_demo_beats_chance_and_the_run_is_reusable(tmp_path, capsys):
     with pytest.raises(UserError, match=r"notes.rtf: .*text files of queries \(.txt"):
         predictor.predict([str(notes)])
 
+    # served: a JSON body of queries gets each query's text embedding, the one predict gives
+    from peftlab.pipelines.multi_adapter import MultiAdapter
+
+    body = {"queries": {f"q{k}": e["caption"] for k, e in enumerate(library[:4])}}
+    with MultiAdapter([f"clips={run_dir}"]) as multi:
+        served = multi.predict_request("clips", body)
+        assert multi.summary()[0]["request"].startswith('{"queries": [TEXT, ...]}')
+        for bad, message in (({"queries": [""]}, r"queries\[0\]: empty query"), ({"videos": ["x.mp4"]}, "videos: not a field"),
+                             ({"queries": [3]}, r"queries\[0\]: a query's text, not int")):
+            with pytest.raises(UserError, match=message):
+                multi.predict_request("clips", bad)
+    assert [r["id"] for r in served] == ["q0", "q1", "q2", "q3"]
+    for row, query in zip(served, found):
+        assert row["text_embedding"] == pytest.approx(query["text_embedding"], abs=1e-5)
+
 
 def test_caption_demo_beats_the_best_constant_caption(tmp_path):
     results, dataset = _demo_run("video-caption", tmp_path, {"train": 480, "validation": 24, "test": 48},

@@ -31,7 +31,7 @@ from typing import Any
 import numpy as np
 import torch
 from peftlab.shared import causal_lm as clm
-from peftlab.shared import io
+from peftlab.shared import io, requests
 from peftlab.shared import metrics as metric_registry
 from peftlab.shared.cards import Card
 from peftlab.shared.data import hold_out_validation, ratio_split
@@ -472,6 +472,21 @@ class RetrievalTask(_VideoTextTask):
         folders (embedded alone), and text files of queries, one per line (embedded alone,
         and ranked against the videos given alone)."""
         return self._read_input_files(paths, captions_are_inputs=True)
+
+    def parse_request(self, payload: dict, options) -> list[dict]:
+        """{"queries": [TEXT, ...]} or {"queries": {ID: TEXT, ...}}: each query's text
+        embedding (`text_embedding`, the text tower's output; cosine against the videos'
+        embeddings from `peftlab predict RUN videos/` ranks them). Videos are files: predict
+        embeds them."""
+        requests.only_fields(payload, ("queries",))
+        examples = []
+        for key, text in requests.items(payload, "queries", "query texts"):
+            if not isinstance(text, str):
+                raise UserError(f"queries[{key}]: a query's text, not {type(text).__name__}")
+            if not text.strip():
+                raise UserError(f"queries[{key}]: empty query")
+            examples.append({"id": key, "caption": text})
+        return examples
 
     def compute_metrics(self, metric_names, examples, outputs) -> dict:
         not_retrieval = [n for n in metric_names if n not in RETRIEVAL_METRICS]
