@@ -174,10 +174,17 @@ class Predictor:
         if repeated:  # rows are still one per input, in order; only a lookup by id would be ambiguous
             runner.log(f"note: {len(repeated)} ids name more than one input (e.g. {repeated[0]!r}); "
                        f"their prediction rows follow the input order")
-        if hasattr(self.task, "input_notes"):  # what a card's reader notes, for inputs given without one (crops)
-            for note in self.task.input_notes(examples, self.options):
-                runner.log(f"note: {note}")
-        return self.rows(examples, outputs_of(examples, "predict"))
+        try:
+            if hasattr(self.task, "input_notes"):  # what a card's reader notes, for inputs given without one (crops)
+                for note in self.task.input_notes(examples, self.options):
+                    runner.log(f"note: {note}")
+            return self.rows(examples, outputs_of(examples, "predict"))
+        except KeyError as error:
+            if not all(isinstance(i, dict) for i in inputs):
+                raise
+            # dicts made by hand are not checked by a reader: a missing field shows up here
+            raise UserError(f"an example dict lacks the field {error.args[0]!r} that {self.task.name} reads; build "
+                            f"examples as its reader does (the task's read_inputs) or pass files") from None
 
     def parse_request(self, payload) -> list[dict]:
         """A JSON request body in the task's natural form -> examples (UserError naming the field)."""

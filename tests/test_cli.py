@@ -13,6 +13,7 @@ import yaml
 from conftest import run_peftlab
 from peftlab.domains.protein.data import demo_proteins
 from peftlab.pipelines.cli import main
+from peftlab.shared.errors import UserError
 
 
 def last_json(stdout: str) -> dict:
@@ -242,6 +243,10 @@ def test_python_api_mirrors_the_cli(tmp_path):
     rows = predictor.predict([fasta])
     assert [r["id"] for r in rows] == ["q1", "q2"]
     assert sum(rows[0]["scores"].values()) == pytest.approx(1.0, abs=1e-4)
+    by_hand = predictor.predict([{"id": "q1", "seq": "MKTAYIAKQRQISFVKSHF"}])  # example dicts as the reader makes them
+    assert by_hand[0]["scores"] == pytest.approx(rows[0]["scores"], abs=1e-6)  # alone, not batched with q2
+    with pytest.raises(UserError, match="an example dict lacks the field 'seq' that protein-classify reads"):
+        predictor.predict([{"sequence": "MKV"}])  # a misnamed field: one line, not a KeyError
     repeated = run_peftlab("run", "--config", run_dir / "run.yaml", "--out", tmp_path / "again", "train.epochs=1")
     assert repeated.returncode == 0, repeated.stderr[-2000:]
 
