@@ -830,7 +830,7 @@ def write_reports(sweep: Sweep, rows: list[dict], columns: list[str] | None = No
     summaries = order_reference_first(summarise(rows))
     names = metric_columns(summaries, sweep.primary_metric, columns)
     split = next((row["split"] for row in rows if row["status"] == "finished"), "test")
-    io.write_text(sweep.out / "table.md", table_markdown(sweep, summaries, names, split))
+    io.write_text(sweep.out / "table.md", table_markdown(sweep, summaries, names, split, rows))
     chance_methods = {s.method for s in summaries if at_chance(s, sweep)}
     io.write_text(sweep.out / "table.csv", table_csv(summaries, names, sweep.primary_metric, chance_methods))
     plot_pareto(sweep.out / "pareto.png", summaries, sweep.primary_metric, sweep.higher_is_better,
@@ -862,7 +862,8 @@ def _reference(summaries) -> MethodSummary | None:
     return next((s for s in summaries if s.method == REFERENCE and s.finished), None)
 
 
-def table_markdown(sweep: Sweep, summaries: list[MethodSummary], names: list[str], split: str) -> str:
+def table_markdown(sweep: Sweep, summaries: list[MethodSummary], names: list[str], split: str,
+                   rows: list[dict] | None = None) -> str:
     primary = sweep.primary_metric
     reference = _reference(summaries)
     has_gpu = any(s.peak_gpu_mb is not None for s in summaries)
@@ -923,6 +924,8 @@ def table_markdown(sweep: Sweep, summaries: list[MethodSummary], names: list[str
         levels = ", ".join(f"{name} {sweep.chance[name]:.4f}" for name in names if name in sweep.chance)
         text += ["", f"Chance, the scores of {sweep.chance_basis} on the {split} "
                      f"split{' (mean over folds)' if folded else ''}: {levels}. A method marked (at chance) scores no better on {primary}: it has not learnt."]
+    if folded and rows:
+        text += ["", *per_fold_table(sweep, summaries, rows)]
     left_out = [s for s in summaries if s.errors]
     if left_out:
         text += ["", "Not finished:", ""]
@@ -930,6 +933,23 @@ def table_markdown(sweep: Sweep, summaries: list[MethodSummary], names: list[str
             text.append(f"- {s.method}: {s.cells - s.finished} of {s.cells} cells {s.status if not s.finished else 'failed'}: "
                         + "; ".join(s.errors))
     return "\n".join(text) + "\n"
+
+
+def per_fold_table(sweep: Sweep, summaries: list[MethodSummary], rows: list[dict]) -> list[str]:
+    """The primary metric of each method on each fold (mean over seeds; — where no cell
+    finished): how much of the spread the folds make."""
+    primary, key = sweep.primary_metric, sweep.folds[0].partition("=")[0]
+    header = ["method", *(f"{key}={fold.partition('=')[2]}" for fold in sweep.folds)]
+    lines = [f"{primary} per fold (mean over seeds):", "", "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for summary in summaries:
+        cells = [summary.method]
+        for fold in sweep.folds:
+            values = [row["metrics"][primary] for row in rows if row["method"] == summary.method
+                      and row.get("fold") == fold and row["status"] == "finished"
+                      and row["metrics"].get(primary) is not None]
+            cells.append(_fmt_metric(statistics.fmean(values)) if values else "—")
+        lines.append("| " + " | ".join(cells) + " |")
+    return lines
 
 
 def recipe_options_note(sweep: Sweep) -> str | None:

@@ -473,6 +473,8 @@ def test_folds_run_each_fold_and_the_table_averages_over_them(tmp_path):
     assert re.search(r"\| bitfit( \(at chance\))? \| 3/3 \| ", table) and "| method | runs |" in table
     assert f"{statistics.fmean(accuracies):.4f} ± {statistics.stdev(accuracies):.4f}" in table
     assert "Folds: splits.seed = 0, 1, 2, one run per fold and seed" in table
+    per_fold = " | ".join(f"{value:.4f}" for value in accuracies)
+    assert "| method | seed=0 | seed=1 | seed=2 |" in table and f"| bitfit | {per_fold} |" in table
     assert "over the finished folds and seeds" in table
 
 
