@@ -37,6 +37,7 @@ import csv
 import ctypes
 import dataclasses
 import fcntl
+import hashlib
 import io as text_io
 import json
 import math
@@ -201,11 +202,12 @@ def plan(pipeline, methods, *, seeds, demo, data, backbone, out, full, overrides
     if fold_items:
         fold_datasets = {fold: _fold_dataset(pipeline, demo, backbone, data, general, fold, override, task, options, card)
                          for fold, override in fold_items}
-        same = _same_splits(fold_datasets)
-        if same:
-            raise UserError(f"--folds {same[0]} and {same[1]} give the same splits: this card's splits do not depend "
-                            f"on splits.{same[0].partition('=')[0]} (e.g. one file per split, or demo data); "
-                            f"fold over a key the card's splits use")
+    prints = {fold: fingerprint(d.splits) for fold, d in fold_datasets.items()}  # each fold's examples, once
+    same = _same_splits(prints)
+    if same:
+        raise UserError(f"--folds {same[0]} and {same[1]} give the same splits: this card's splits do not depend "
+                        f"on splits.{same[0].partition('=')[0]} (e.g. one file per split, or demo data); "
+                        f"fold over a key the card's splits use")
     runner.log_notes(dataset, training=True)
     metric_names, primary = runner.run_metrics(base, task, card)
     reported = "test" if "test" in base.eval.splits else base.eval.splits[-1]
@@ -231,11 +233,10 @@ def plan(pipeline, methods, *, seeds, demo, data, backbone, out, full, overrides
                 skipped[name] = refusal
     cells = [cell for cell in cells if cell.method not in skipped]
     settings = {"pipeline": pipeline, "demo": demo, "data": data, "backbone": backbone, "overrides": overrides,
-                "data_fingerprint": fingerprint(dataset.splits)}
+                "data_fingerprint": prints[None] if None in prints else
+                hashlib.sha256("".join(prints.values()).encode()).hexdigest()}
     if fold_items:  # absent without folds, so that a sweep written before folds existed resumes
         settings["folds"] = [fold for fold, _ in fold_items]
-        settings["data_fingerprint"] = fingerprint({f"{fold}/{split}": examples for fold, d in fold_datasets.items()
-                                                    for split, examples in d.splits.items()})
     out_dir = Path(out) if out is not None else _default_out_dir(pipeline)
     chance, chance_basis = _mean_chance([chance_levels(task, d, reported, metric_names) for d in fold_datasets.values()])
     return Sweep(pipeline, out_dir, cells, skipped, names, seed_values, settings, primary,
@@ -299,13 +300,10 @@ def _fold_dataset(pipeline, demo, backbone, data, general, fold, override, task,
         raise UserError(f"--folds {fold}: {error}") from None
 
 
-def _same_splits(fold_datasets: dict) -> tuple[str, str] | None:
-    """Two folds whose splits hold the same examples, or None."""
-    from peftlab.shared.data import fingerprint
-
+def _same_splits(prints: dict) -> tuple[str, str] | None:
+    """Two folds whose splits hold the same examples (fold -> fingerprint), or None."""
     seen: dict[str, str] = {}
-    for fold, dataset in fold_datasets.items():
-        key = fingerprint(dataset.splits)
+    for fold, key in prints.items():
         if key in seen:
             return seen[key], fold
         seen[key] = fold

@@ -171,8 +171,9 @@ def load_run_card(run_dir: Path, config: cfg.RunConfig, task) -> Card:
 
 def read_dataset(config: cfg.RunConfig, task, options, card: Card, training: bool = True) -> Dataset:
     """The card's data, with `data.splits` and `data.limit` applied; `training` asks for a train split."""
+    card = with_split_overrides(card, config.data.splits, task)
     try:
-        dataset = task.read(with_split_overrides(card, config.data.splits, task), options)
+        dataset = task.read(card, options)
     except UserError as error:
         if not config.data.splits:
             raise
