@@ -448,6 +448,47 @@ def _check_out_dir(sweep: Sweep) -> None:
                             f"choose another --out, or repeat them to resume it")
     elif sweep.out.exists() and any(path.name != LOCK_FILE for path in sweep.out.iterdir()):
         raise UserError(f"{sweep.out} exists and is not a bench directory (no {SETTINGS_FILE}); choose another --out")
+    for cell in sweep.cells:
+        trained = _run_dir(sweep, cell) / "run.yaml"
+        changes = _config_changes(cell.config, trained) if trained.is_file() else []
+        if changes:
+            raise UserError(f"{trained}: cell {cell.name} was trained with other settings than the same command gives "
+                            f"now ({'; '.join(changes[:3])}{'; ...' if len(changes) > 3 else ''}): the recipe or a "
+                            f"default changed since; choose another --out, or delete {trained.parent} to retrain it")
+
+
+def _config_changes(config: cfg.RunConfig, trained_file: Path) -> list[str]:
+    """`key: trained -> now` for each setting a cell's run.yaml holds otherwise than `config`
+    (a recipe edited, or a package update that changed a recipe, between a sweep and its re-run).
+    The trained method section is the method's resolved options: only the options `config`
+    names are compared there."""
+    try:
+        trained = cfg.to_yaml_dict(cfg.validate(cfg.read_config_file(trained_file), where=str(trained_file)))
+    except UserError:
+        return [f"{trained_file.name} no longer reads as a run config"]
+    current = cfg.to_yaml_dict(config)
+    trained_method, current_method = trained.pop("method"), current.pop("method")
+    current["data"]["card"] = str(cfg.resolve_card_path(current["data"]["card"]).resolve())
+    trained["data"]["card"] = str(Path(trained["data"]["card"]).resolve())
+    current["backbone"]["name"] = runner.absolute_backbone(current["backbone"]["name"])
+    trained["backbone"]["name"] = runner.absolute_backbone(trained["backbone"]["name"])
+    before, after = _flat(trained), _flat(current)
+    changes = [f"{key}: {before.get(key, '(unset)')} -> {after.get(key, '(unset)')}"
+               for key in sorted(before.keys() | after.keys()) if before.get(key) != after.get(key)]
+    for key, value in current_method.items():
+        if trained_method.get(key) != value:
+            changes.append(f"method.{key}: {trained_method.get(key, '(unset)')} -> {value}")
+    return changes
+
+
+def _flat(tree: dict, prefix: str = "") -> dict[str, Any]:
+    flat = {}
+    for key, value in tree.items():
+        if isinstance(value, dict) and value:
+            flat.update(_flat(value, f"{prefix}{key}."))
+        else:
+            flat[f"{prefix}{key}"] = value
+    return flat
 
 
 def _comparable(settings: dict) -> dict:

@@ -161,6 +161,34 @@ def test_rerun_with_other_settings_is_refused(sweep, capsys):
     assert sorted(p.relative_to(sweep) for p in sweep.rglob("*")) == files
 
 
+def test_rerun_after_the_recipe_changed_is_refused_naming_the_cell_and_setting(sweep, monkeypatch, capsys):
+    """The same command, but the recipe (edited, or changed by a package update) now gives
+    another weight decay and LoRA rank: finished cells were trained otherwise."""
+    original = bench.cfg.read_recipe
+
+    def edited(pipeline):
+        recipe = original(pipeline)
+        recipe["train"]["weight_decay"] = 0.05
+        return recipe
+
+    files = sorted(p.relative_to(sweep) for p in sweep.rglob("*"))
+    monkeypatch.setattr(bench.cfg, "read_recipe", edited)
+    code = main(["bench", PIPELINE, "--demo", "--methods", "bitfit,explode,vpt", "--seeds", "2", "--out", str(sweep),
+                 "--in-process", *BUDGET])
+    assert code == 2
+    err = capsys.readouterr().err
+    assert re.search(r"runs/full-seed0/run.yaml: cell full-seed0 was trained with other settings than the same "
+                     r"command gives now \(train.weight_decay: 0.01 -> 0.05\)", err), err
+    assert sorted(p.relative_to(sweep) for p in sweep.rglob("*")) == files
+    monkeypatch.setattr(bench.cfg, "read_recipe", original)
+    bitfit = sweep / "runs" / "bitfit-seed1" / "run.yaml"
+    same = bench.runner.build_config(PIPELINE, demo=True, method="bitfit", overrides=[*BUDGET, "train.seed=1"])
+    assert bench._config_changes(same, bitfit) == []
+    narrower = bench.runner.build_config(PIPELINE, demo=True, method="bitfit",
+                                         overrides=[*BUDGET, "train.seed=1", "method.target_modules=[fc2]"])
+    changes = bench._config_changes(narrower, bitfit)
+    assert changes == ["method.target_modules: None -> ['fc2']"]
+
 @pytest.mark.parametrize("arguments, message", [
     (["no-such-pipeline", "--methods", "lora"], "unknown pipeline 'no-such-pipeline'"),
     ([PIPELINE, "--demo", "--methods", "lora,nope"], "unknown PEFT method 'nope'"),
