@@ -223,6 +223,32 @@ def test_codereviewers_diff_markers_come_off_refinement_code(tmp_path):
         "exact_match": 1.0, "bleu4": 1.0}
 
 
+def test_unlabelled_refinement_inputs_lose_codereviewers_markers_as_training_records_do(tmp_path):
+    """predict reads no `new` side: the file's `old` code is taken for marked when every line
+    of every record starts with - or a space and at least half the records remove a line;
+    the model then sees the code training showed it, and the run says so."""
+    from peftlab.shared.tasks import get_task
+
+    task = get_task("code-refine")
+    marked = [{"old": " def f(x):\n-    return x+1\n", "comment": "use a constant"},
+              {"old": " a = 1\n b = 2", "comment": "context only"}]  # adds lines only: no - of its own
+    inputs = tmp_path / "ref-test.jsonl"
+    inputs.write_text("".join(json.dumps(record) + "\n" for record in marked))
+    first, second = task.read_inputs([inputs], task.options(), {})
+    assert (first["old"], second["old"]) == ("def f(x):\n    return x+1\n", "a = 1\nb = 2")
+    assert task.input_notes([first, second], task.options()) == [
+        "the code of 2 inputs carries CodeReviewer's per-line diff markers (-, space); they are taken off, "
+        "as training takes them off its records"]
+    served = task.parse_request({"inputs": [marked[0]]}, task.options())
+    assert served[0]["old"] == first["old"]
+    # indented plain code, and a file where too few records remove a line: read as given
+    plain = [{"old": "    return x", "comment": "c"}, {"old": "    y = 2", "comment": "c"},
+             {"old": "-1 if x else 1", "comment": "c"}]
+    for records in (plain, plain[:2], [marked[0], *plain[:2]]):
+        inputs.write_text("".join(json.dumps(record) + "\n" for record in records))
+        assert [e["old"] for e in task.read_inputs([inputs], task.options(), {})] == [r["old"] for r in records]
+
+
 @pytest.mark.parametrize("content, kind, message", [
     ('{"patch": "x", "y": 1}\n{"patch": "y", "y": 0\n', "necessity", r"bad\.jsonl:2: not a JSON object"),
     ('{"patch": "x"}\n', "necessity", r"bad\.jsonl:1: no field 'y'.*fields: \{label: KEY\}"),

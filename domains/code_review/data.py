@@ -86,7 +86,8 @@ def read_jsonl(path: Path, kind: str, fields: dict, labelled: bool = True, notes
     if not examples:
         raise UserError(f"{path}: no records (expected one JSON object per line)")
     if kind == "refine":
-        unmarked = sum(_drop_diff_markers(example) for example in examples)
+        unmarked = sum(_drop_diff_markers(example) for example in examples) if labelled else \
+            drop_old_side_markers(examples)
         if unmarked and notes is not None:
             notes.append(f"{path.name}: the code of {unmarked} records carries CodeReviewer's per-line diff markers "
                          f"(+, -, space); they are taken off, as CodeReviewer's evaluation does")
@@ -130,6 +131,28 @@ def _drop_diff_markers(example: dict) -> bool:
         return False
     example["old"], example["label"] = _unmarked(example["old"]), _unmarked(example["label"])
     return True
+
+
+MARKERS_REMOVED = "markers_removed"
+"""Set on unlabelled refinement inputs whose diff markers were taken off (for predict's note)."""
+
+
+def drop_old_side_markers(examples: list[dict]) -> int:
+    """Unlabelled refinement records (predict: no `new` side to check against) -> their
+    code without CodeReviewer's markers, decided for the file as a whole: every line of
+    every record starts with - or a space, and at least half the records remove a line.
+    Indented plain code starts its lines with spaces but rarely with a dash at column 0,
+    let alone in half its records. Kept, the markers would be input the model never saw."""
+    removes_a_line = [_marked(example["old"], "-") for example in examples]
+    context_only = [_marked(example["old"], " ") for example in examples]
+    if not all(map(bool.__or__, removes_a_line, context_only)) or 2 * sum(removes_a_line) < len(examples):
+        return 0
+    if not all(_unmarked(example["old"]).strip() for example in examples):
+        return 0
+    for example in examples:
+        example["old"] = _unmarked(example["old"])
+        example[MARKERS_REMOVED] = True
+    return len(examples)
 
 
 def _text(value, where: str, key: str) -> str:

@@ -225,7 +225,12 @@ class _CodeReviewTask:
 
     def input_notes(self, examples, options) -> list[str]:
         long = sum(_too_long(e, options) for e in examples)
-        return [_cut_note(f"{long} inputs", options)] if long else []
+        notes = [_cut_note(f"{long} inputs", options)] if long else []
+        unmarked = sum(bool(e.get(data.MARKERS_REMOVED)) for e in examples)
+        if unmarked:
+            notes.append(f"the code of {unmarked} inputs carries CodeReviewer's per-line diff markers (-, space); "
+                         f"they are taken off, as training takes them off its records")
+        return notes
 
     def build_model(self, backbone: str, labels: list[str], options):
         causal_lm = load_backbone(backbone)
@@ -265,6 +270,8 @@ class _CodeReviewTask:
             if missing:
                 raise UserError(f"inputs[{key}].{missing[0]}: required ({self.name} reads {', '.join(fields)})")
             examples.append({"id": key, **{name: requests.text(record[name], f"inputs[{key}].{name}") for name in fields}})
+        if self.KIND == "refine":  # as predict reads a file of them
+            data.drop_old_side_markers(examples)
         return examples
 
     def export_backbone(self, model, directory: Path) -> str:
