@@ -308,7 +308,7 @@ def check_mergeable(run_dir: Path, meta: dict) -> None:
 
 def takes_json_requests(task) -> bool:
     """Whether a task has a JSON input form (`parse_request`), so that `peftlab serve` can
-    answer it; the others (video captioning: clips are folders of frames) predict on files only."""
+    answer it; a task without one (every built-in task has one) predicts on files only."""
     return callable(getattr(task, "parse_request", None))
 
 

@@ -14,7 +14,7 @@ the task's `parse_request`, and any mistake is a 4xx whose `error` names the fie
 400 for a body that is not JSON, 404 for an unknown adapter (listing the served ones),
 413 for a body over the size limit, 422 for a well-formed body with wrong content.
 A request whose client disconnects while it waits for its batch is dropped (499).
-A run whose task has no JSON input form (video captioning) is refused at start-up, before any
+A run whose task has no JSON input form (a plugin's task without `parse_request`) is refused at start-up, before any
 backbone loads: no request could ever reach it. The port opens once every run has
 loaded, so /health answering means ready. Anything else that fails answers 500 with a
 JSON `error` (the traceback is in the server's log).

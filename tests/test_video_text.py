@@ -3,8 +3,10 @@ retrieval and caption metrics, the temporal adapter, and both demos learning."""
 
 from __future__ import annotations
 
+import base64
 import json
 from collections import Counter
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -22,6 +24,10 @@ from peftlab.shared.tasks import get_task
 from peftlab.shared.text_metrics import caption_bleu4, caption_tokens, cider, rouge_l
 
 pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+def b64(raw: bytes) -> str:
+    return base64.b64encode(raw).decode()
 
 
 @pytest.fixture(scope="module")
@@ -388,20 +394,37 @@ def test_retrieval_demo_beats_chance_and_the_run_is_reusable(tmp_path, capsys):
     with pytest.raises(UserError, match=r"notes.rtf: .*text files of queries \(.txt"):
         predictor.predict([str(notes)])
 
-    # served: a JSON body of queries gets each query's text embedding, the one predict gives
+    # served: queries get the text embeddings predict gives; videos sent as base64 files get
+    # predict's video embeddings, and each query ranks them as predict ranks videos given alone
     from peftlab.pipelines.multi_adapter import MultiAdapter
 
-    body = {"queries": {f"q{k}": e["caption"] for k, e in enumerate(library[:4])}}
+    body = {"queries": {f"q{k}": e["caption"] for k, e in enumerate(library[:4])},
+            "videos": {f"v{k}": b64(Path(e["video"]).read_bytes()) for k, e in enumerate(library[:6])}}
     with MultiAdapter([f"clips={run_dir}"]) as multi:
         served = multi.predict_request("clips", body)
-        assert multi.summary()[0]["request"].startswith('{"queries": [TEXT, ...]}')
-        for bad, message in (({"queries": [""]}, r"queries\[0\]: empty query"), ({"videos": ["x.mp4"]}, "videos: not a field"),
-                             ({"queries": [3]}, r"queries\[0\]: a query's text, not int")):
+        only_queries = multi.predict_request("clips", {"queries": body["queries"]})
+        assert multi.summary()[0]["request"].startswith('{"queries": [TEXT, ...] or {ID: TEXT, ...}} and/or {"videos"')
+        for bad, message in (({"queries": [""]}, r"queries\[0\]: empty query"),
+                             ({"queries": [3]}, r"queries\[0\]: a query's text, not int"),
+                             ({}, r'the request needs "queries" \(texts\), "videos" \(base64 video files\) or both'),
+                             ({"videos": ["x.mp4"]}, r"videos\[0\]: not valid base64"),
+                             ({"videos": {"clip": b64(b"not a video")}}, r"videos\[clip\]: cannot be decoded as a video"),
+                             ({"clips": []}, "clips: not a field")):
             with pytest.raises(UserError, match=message):
                 multi.predict_request("clips", bad)
-    assert [r["id"] for r in served] == ["q0", "q1", "q2", "q3"]
-    for row, query in zip(served, found):
+    sent_videos, sent_queries = served[:6], served[6:]
+    assert [r["id"] for r in sent_videos] == [f"v{k}" for k in range(6)]
+    assert [r["id"] for r in sent_queries] == [r["id"] for r in only_queries] == ["q0", "q1", "q2", "q3"]
+    for row, video in zip(sent_videos, videos):
+        assert row["video"].startswith("upload:") and "text_embedding" not in row
+        assert row["video_embedding"] == pytest.approx(video["video_embedding"], abs=1e-5)
+    for row, alone, query in zip(sent_queries, only_queries, found):
         assert row["text_embedding"] == pytest.approx(query["text_embedding"], abs=1e-5)
+        assert alone["text_embedding"] == row["text_embedding"] and "top_videos" not in alone
+        similarity = {v["id"]: float(np.dot(v["video_embedding"], row["text_embedding"])) for v in sent_videos}
+        expected = sorted(similarity, key=lambda key: -similarity[key])
+        assert [t["id"] for t in row["top_videos"]] == expected
+        assert [t["similarity"] for t in row["top_videos"]] == pytest.approx([similarity[k] for k in expected], abs=1e-5)
 
 
 def test_caption_demo_beats_the_best_constant_caption(tmp_path):
@@ -411,6 +434,18 @@ def test_caption_demo_beats_the_best_constant_caption(tmp_path):
     train_captions = Counter(e["label"] for e in dataset.splits["train"])
     baseline = max(caption_bleu4(references, [caption] * len(references)) for caption in train_captions)
     assert results["bleu4"] >= baseline + 0.1, (results, baseline)
+    # served: videos sent as base64 files are captioned as predict captions the files
+    from peftlab.pipelines.multi_adapter import MultiAdapter
+    from peftlab.pipelines.predictor import load
+
+    videos = [e["video"] for e in dataset.splits["test"][:3]]
+    from_files = load(tmp_path / "run").predict(videos)
+    with MultiAdapter([f"captions={tmp_path / 'run'}"]) as multi:
+        served = multi.predict_request("captions", {"videos": [b64(Path(v).read_bytes()) for v in videos]})
+        with pytest.raises(UserError, match=r"videos\[0\]: cannot be decoded as a video"):
+            multi.predict_request("captions", {"videos": [b64(b"not a video")]})
+    assert [r["id"] for r in served] == ["0", "1", "2"]
+    assert [r["prediction"] for r in served] == [r["prediction"] for r in from_files]
 
 
 def test_caption_recipe_pairs_the_tiny_language_model_with_the_tiny_clip():

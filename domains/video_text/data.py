@@ -84,21 +84,41 @@ def decode_frames(path: str | Path, num_frames: int) -> np.ndarray:
         return np.stack(frames)
     if not path.is_file():
         raise UserError(f"{path}: video not found; fix the path or the card's video_root")
+    return _decode_video(str(path), num_frames, str(path))
+
+
+def _decode_video(source, num_frames: int, name: str) -> np.ndarray:
+    """A video file's path or an open binary file -> `num_frames` sampled RGB frames;
+    UserError starting with `name`."""
     import av
 
     try:
-        with av.open(str(path)) as container:
+        with av.open(source) as container:
             if not container.streams.video:
-                raise UserError(f"{path}: has no video stream; pass a video file or a folder of frames")
+                raise UserError(f"{name}: has no video stream; pass a video file or a folder of frames")
             stream = container.streams.video[0]
             stream.thread_type = "AUTO"
             decoded = list(container.decode(stream))
     except av.error.FFmpegError as error:
-        raise UserError(f"{path}: cannot be decoded as a video ({type(error).__name__}: {error}); "
+        raise UserError(f"{name}: cannot be decoded as a video ({type(error).__name__}: {error}); "
                         f"re-encode it (e.g. ffmpeg -i in -c:v libx264 out.mp4) or remove it") from None
     if not decoded:
-        raise UserError(f"{path}: the video has no frames; re-encode or remove it")
+        raise UserError(f"{name}: the video has no frames; re-encode or remove it")
     return np.stack([decoded[i].to_ndarray(format="rgb24") for i in uniform_indices(len(decoded), num_frames)])
+
+
+UPLOADED = "upload:"
+"""Prefix of the `video` key of a video sent in a request: the sha256 of its bytes follows."""
+
+
+def uploaded_video(raw: bytes, num_frames: int, where: str) -> dict:
+    """An encoded video sent to `peftlab serve` -> the `video` key (its content hash, so the
+    feature cache recognises the same bytes sent again) and its sampled frames, decoded
+    here, as from a file; errors name `where`."""
+    from io import BytesIO
+
+    frames = _decode_video(BytesIO(raw), num_frames, where)
+    return {"video": UPLOADED + hashlib.sha256(raw).hexdigest(), "frames": frames}
 
 
 def resize_frames(frames: np.ndarray, size: int, interpolation: str = "bicubic", mode: str = "shortest") -> torch.Tensor:
@@ -126,12 +146,13 @@ class FrameStore:
         self.decoded = 0
         """How many videos were decoded (tests read it)."""
 
-    def get(self, video: str, num_frames: int, preprocess: dict) -> torch.Tensor:
+    def get(self, video: str, num_frames: int, preprocess: dict, decoded: np.ndarray | None = None) -> torch.Tensor:
+        """`decoded`: the sampled frames of a video sent in a request (no file to decode)."""
         key = (video, num_frames, preprocess["size"], preprocess.get("interpolation"), preprocess.get("resize_mode"))
         if key in self.frames:
             self.frames.move_to_end(key)
             return self.frames[key]
-        frames = resize_frames(decode_frames(video, num_frames), preprocess["size"],
+        frames = resize_frames(decode_frames(video, num_frames) if decoded is None else decoded, preprocess["size"],
                                preprocess.get("interpolation", "bicubic"), preprocess.get("resize_mode", "shortest"))
         self.decoded += 1
         size = frames.numel()
@@ -153,7 +174,9 @@ def normalise(frames: torch.Tensor, preprocess: dict) -> torch.Tensor:
 
 def video_fingerprint(video: str) -> str:
     """Identity of a video's content for the feature cache: path, size and modification
-    time of the file (or of each frame in a folder)."""
+    time of the file (or of each frame in a folder); a video sent in a request, its bytes' hash."""
+    if video.startswith(UPLOADED):
+        return video.removeprefix(UPLOADED)[:32]
     path = Path(video).resolve()
     if path.is_dir():
         parts = [f"{p.name}:{p.stat().st_size}:{p.stat().st_mtime_ns}" for p in frame_files(path)]

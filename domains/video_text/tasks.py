@@ -117,27 +117,30 @@ class _VideoInputs(nn.Module):
     def vision_frozen(self) -> bool:
         return not any(p.requires_grad for p in self.visual_tower().parameters())
 
-    def pixels(self, videos: list[str]) -> torch.Tensor:
-        frames = [self.frame_store.get(v, self.options.frames, self.preprocess) for v in videos]
+    def pixels(self, videos: list[str], sent: dict | None = None) -> torch.Tensor:
+        """`sent`: video key -> frames decoded from a request (`sent_frames`)."""
+        sent = sent or {}
+        frames = [self.frame_store.get(v, self.options.frames, self.preprocess, sent.get(v)) for v in videos]
         return data.normalise(torch.stack(frames), self.preprocess)
 
     @torch.no_grad()
-    def encode_videos(self, videos: list[str], chunk: int = 16) -> torch.Tensor:
+    def encode_videos(self, videos: list[str], chunk: int = 16, sent: dict | None = None) -> torch.Tensor:
         """(videos, frames, dim) features of the frozen image tower, in evaluation mode."""
         visual = self.visual_tower()
         device = next(visual.parameters()).device
         was_training = visual.training
         visual.eval()
         try:
-            parts = [encode_frames(visual, self.pixels(videos[i:i + chunk]).to(device)) for i in range(0, len(videos), chunk)]
+            parts = [encode_frames(visual, self.pixels(videos[i:i + chunk], sent).to(device))
+                     for i in range(0, len(videos), chunk)]
         finally:
             visual.train(was_training)
         return torch.cat(parts)
 
-    def video_inputs(self, videos: list[str]) -> dict[str, torch.Tensor]:
+    def video_inputs(self, videos: list[str], sent: dict | None = None) -> dict[str, torch.Tensor]:
         if self.vision_frozen():
-            return {"frame_features": self.feature_cache.features(videos, self.encode_videos)}
-        return {"pixels": self.pixels(videos)}
+            return {"frame_features": self.feature_cache.features(videos, lambda missing: self.encode_videos(missing, sent=sent))}
+        return {"pixels": self.pixels(videos, sent)}
 
     def example_length(self, example) -> int:
         return 1  # every video is the same number of frames of the same size
@@ -182,7 +185,7 @@ class RetrievalModel(_VideoInputs):
         if texted:
             batch["text"] = self.tokenize([examples[i]["caption"] or "" for i in texted])
         if videos:
-            batch.update(self.video_inputs(videos))
+            batch.update(self.video_inputs(videos, sent_frames(examples)))
         if len(texted) == len(examples) and len(videos):
             # Positives: the caption's own video, and any video in the batch paired with the same text.
             captions = [" ".join((e["caption"] or "").lower().split()) for e in examples]
@@ -311,8 +314,8 @@ class CaptionModel(_VideoInputs):
             batch.update(clm.training_batch(self.tokenizer, prompts, answers))
         else:
             batch.update(clm.prompt_batch(self.tokenizer, prompts))
-        videos = [e["video"] for e in examples]
-        batch["frame_features"] = self.feature_cache.features(videos, self.encode_videos)
+        videos, sent = [e["video"] for e in examples], sent_frames(examples)
+        batch["frame_features"] = self.feature_cache.features(videos, lambda missing: self.encode_videos(missing, sent=sent))
         return batch
 
     def _with_prefix(self, batch, call):
@@ -474,13 +477,16 @@ class RetrievalTask(_VideoTextTask):
         return self._read_input_files(paths, captions_are_inputs=True)
 
     def parse_request(self, payload: dict, options) -> list[dict]:
-        """{"queries": [TEXT, ...]} or {"queries": {ID: TEXT, ...}}: each query's text
-        embedding (`text_embedding`, the text tower's output; cosine against the videos'
-        embeddings from `peftlab predict RUN videos/` ranks them). Videos are files: predict
-        embeds them."""
-        requests.only_fields(payload, ("queries",))
-        examples = []
-        for key, text in requests.items(payload, "queries", "query texts"):
+        """{"queries": [TEXT, ...] or {ID: TEXT, ...}} and/or {"videos": [BASE64, ...] or
+        {ID: BASE64, ...}} (encoded video files): each query's text embedding and each video's
+        embedding (`text_embedding`, `video_embedding`; cosine ranks videos, e.g. against
+        embeddings `peftlab predict RUN videos/` wrote). Sent together, each query also ranks
+        the request's videos (`top_videos`), as predict does for files."""
+        requests.only_fields(payload, ("queries", "videos"))
+        if "queries" not in payload and "videos" not in payload:
+            raise UserError('the request needs "queries" (texts), "videos" (base64 video files) or both')
+        examples = request_videos(payload, options) if "videos" in payload else []
+        for key, text in (requests.items(payload, "queries", "query texts") if "queries" in payload else []):
             if not isinstance(text, str):
                 raise UserError(f"queries[{key}]: a query's text, not {type(text).__name__}")
             if not text.strip():
@@ -575,6 +581,12 @@ class CaptionTask(_VideoTextTask):
     def read_inputs(self, paths, options, fields) -> list[dict]:
         return self._read_input_files(paths, captions_are_inputs=False)
 
+    def parse_request(self, payload: dict, options) -> list[dict]:
+        """{"videos": [BASE64, ...]} or {"videos": {ID: BASE64, ...}}: encoded video files
+        (MP4, WebM, AVI, ...), each captioned."""
+        requests.only_fields(payload, ("videos",))
+        return request_videos(payload, options)
+
     def compute_metrics(self, metric_names, examples, outputs) -> dict:
         unknown = [n for n in metric_names if n not in CAPTION_METRICS]
         if unknown:
@@ -590,6 +602,21 @@ class CaptionTask(_VideoTextTask):
 
     def card_template(self) -> str:
         return CARD_TEMPLATE.format(task=self.name)
+
+
+def request_videos(payload: dict, options) -> list[dict]:
+    """A request's "videos" (base64 video files) -> examples holding their sampled frames."""
+    examples = []
+    for key, value in requests.items(payload, "videos", "base64 video files"):
+        where = f"videos[{key}]"
+        examples.append({"id": key, "video_id": key, **data.uploaded_video(requests.base64_bytes(value, where),
+                                                                         options.frames, where)})
+    return examples
+
+
+def sent_frames(examples: list[dict]) -> dict[str, np.ndarray]:
+    """Video key -> frames, for the videos of a batch that came in a request, not as files."""
+    return {e["video"]: e["frames"] for e in examples if "frames" in e}
 
 
 def read_queries(path: Path) -> list[dict]:
