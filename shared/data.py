@@ -155,14 +155,31 @@ def ratio_split(
         cut = np.round(bounds * len(examples)).astype(int)
         starts = np.concatenate([[0], cut[:-1]])
         return {n: [examples[i] for i in order[s:e]] for n, s, e in zip(names, starts, cut) if ratios[n] > 0}
-    groups = sorted({str(group_of(e)) for e in examples})
-    draws = rng.random(len(groups))
-    last = max(i for i, n in enumerate(names) if ratios[n] > 0)  # ratios may sum to 0.99: the top draws go there
-    split_of = {g: names[min(int(np.searchsorted(bounds, d, side="right")), last)] for g, d in zip(groups, draws)}
-    result: dict[str, list[Example]] = {n: [] for n in names if ratios[n] > 0}
-    for example in examples:
-        result[split_of[str(group_of(example))]].append(example)
-    return result
+    return _group_split(examples, names, ratios, bounds, rng, group_of)
+
+
+def _group_split(examples, names, ratios, bounds, rng, group_of) -> dict[str, list[Example]]:
+    """Whole groups in a random order, each to the split whose share of the examples holds
+    the group's middle example, so split sizes follow the ratios in examples (to within a
+    group); a split of ratio above 0 left empty then takes the smallest group of the split
+    with the most groups, as long as that split keeps one."""
+    members: dict[str, list[int]] = {}
+    for index, example in enumerate(examples):
+        members.setdefault(str(group_of(example)), []).append(index)
+    groups = [sorted(members)[k] for k in rng.permutation(len(members))]
+    sizes = np.array([len(members[g]) for g in groups], dtype=float)
+    middles = (np.cumsum(sizes) - sizes / 2) / max(len(examples), 1)
+    last = max(i for i, n in enumerate(names) if ratios[n] > 0)  # ratios may sum to 0.99: the end goes there
+    groups_of: dict[str, list[str]] = {n: [] for n in names if ratios[n] > 0}
+    for group, middle in zip(groups, middles):
+        groups_of[names[min(int(np.searchsorted(bounds, middle, side="right")), last)]].append(group)
+    for name in [n for n, chosen in groups_of.items() if not chosen]:
+        donor = max(groups_of, key=lambda n: len(groups_of[n]))
+        if len(groups_of[donor]) > 1:
+            smallest = min(groups_of[donor], key=lambda g: len(members[g]))
+            groups_of[donor].remove(smallest)
+            groups_of[name].append(smallest)
+    return {name: [examples[i] for i in sorted(i for g in chosen for i in members[g])] for name, chosen in groups_of.items()}
 
 
 def _classes_spread(examples: Sequence[Example], rng: np.random.Generator) -> np.ndarray:

@@ -133,6 +133,29 @@ def test_a_split_of_ratio_zero_is_left_out():
     assert list(grouped) == ["train"] and len(grouped["train"]) == 60
 
 
+def test_grouped_ratio_splits_follow_the_ratios_and_leave_no_split_empty():
+    """Each group drew its split at random before, so 10 videos at 0.8/0.1/0.1 came out
+    7/1/2 or with an empty test split depending on the seed."""
+    ratios = {"train": 0.8, "validation": 0.1, "test": 0.1}
+    ten = [{"id": i, "video": i // 3} for i in range(30)]
+    for seed in range(8):
+        split = ratio_split(ten, ratios, seed, group_of=lambda e: e["video"])
+        assert {name: len({e["video"] for e in part}) for name, part in split.items()} == {
+            "train": 8, "validation": 1, "test": 1}
+        assert sorted(e["id"] for part in split.values() for e in part) == list(range(30))
+        assert all([e["id"] for e in part] == sorted(e["id"] for e in part) for part in split.values())
+    # uneven groups: the shares are of examples, to within a group
+    uneven = [{"id": i, "group": g} for i, g in enumerate(g for g in range(40) for _ in range(1 + g % 5))]
+    split = ratio_split(uneven, ratios, seed=2, group_of=lambda e: e["group"])
+    largest = 5
+    for name, share in ratios.items():
+        assert abs(len(split[name]) - share * len(uneven)) <= largest, (name, len(split[name]))
+    # three groups for three splits: one each, whatever the seed
+    three = [{"id": i, "group": i % 3} for i in range(9)]
+    assert all(sorted(len(part) for part in ratio_split(three, ratios, seed, group_of=lambda e: e["group"]).values())
+               == [3, 3, 3] for seed in range(8))
+
+
 def test_ratio_split_and_stratified_subsample():
     examples = [{"id": i, "label": int(i % 10 == 0), "group": i % 7} for i in range(1000)]
     splits = ratio_split(examples, {"train": 0.8, "validation": 0.1, "test": 0.1}, seed=0)
