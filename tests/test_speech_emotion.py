@@ -307,6 +307,17 @@ def test_split_files_without_validation_hold_out_whole_training_speakers(tmp_pat
     (tmp_path / "train.csv").write_text("\n".join([header] + [r for r in rows if r.split(",")[2] == "s0"]) + "\n")
     with pytest.raises(UserError, match=r"card\.md: the training data has one speaker.*validation_fraction: 0"):
         TASK.read(one_speaker, SpeechEmotionOptions())
+    # validation_fraction: 0 keeps all of train and makes no validation split (it was an empty one: an error)
+    everything = TASK.read(write_card(tmp_path, "splits: {train: train.csv, test: test.csv, validation_fraction: 0}"),
+                           SpeechEmotionOptions())
+    assert list(everything.splits) == ["train", "test"] and len(everything.splits["train"]) == 4
+    assert not any(note.startswith("validation:") for note in everything.notes)
+    # two clips without speakers: a fraction too small to hold out one says so (it made an empty split)
+    from peftlab.domains.speech_emotion.data import hold_out_speakers
+
+    with pytest.raises(UserError, match=r"^card\.md: splits.validation_fraction=0.1 of 2 training clips holds out none; "
+                                        r"give a validation split, raise the fraction, or set it to 0$"):
+        hold_out_speakers([{"id": "a", "label": 0}, {"id": "b", "label": 1}], 0.1, 0, "card.md")
 
 
 def test_a_card_of_test_clips_only_reads_as_the_test_split(tmp_path):

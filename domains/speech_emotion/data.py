@@ -310,16 +310,22 @@ def fold_split(examples: list[dict], key: str, test: list, validation: list | No
 def hold_out_speakers(train: list[dict], validation_fraction: float, seed: int, where: str) -> dict[str, list[dict]]:
     """Train -> {train, validation}: a `validation_fraction` share (already checked to be
     in [0, 1)) held out for model selection, whole speakers at a time where every row
-    names its speaker, else each emotion in proportion."""
+    names its speaker, else each emotion in proportion. A fraction of 0 holds out nothing
+    and leaves no validation split (training keeps its last epoch's model)."""
+    if validation_fraction == 0:
+        return {"train": train}
     ratios = {"train": 1 - validation_fraction, "validation": validation_fraction}
     if all("speaker" in e for e in train):
-        if validation_fraction > 0 and len({e["speaker"] for e in train}) < 2:
+        if len({e["speaker"] for e in train}) < 2:
             raise UserError(f"{where}: the training data has one speaker, too few to hold out whole speakers for "
                             f"validation; give a validation split or set splits.validation_fraction: 0")
         split = speaker_split(train, ratios, seed, where)
-        return {"train": split["train"], "validation": split.get("validation", [])}
-    split = ratio_split(train, ratios, seed, where=where)
-    return {"train": split["train"], "validation": split.get("validation", [])}
+    else:
+        split = ratio_split(train, ratios, seed, where=where)
+    if not split.get("validation"):
+        raise UserError(f"{where}: splits.validation_fraction={validation_fraction} of {len(train)} training clips "
+                        f"holds out none; give a validation split, raise the fraction, or set it to 0")
+    return {"train": split["train"], "validation": split["validation"]}
 
 
 # --------------------------------------------------------------------------- demo

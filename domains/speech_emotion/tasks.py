@@ -356,10 +356,11 @@ class SpeechEmotionTask:
             if "validation" not in splits and "train" in splits:  # carved out of train, for model selection
                 fraction = validation_fraction(card)
                 splits.update(data.hold_out_speakers(splits["train"], fraction, int(spec.get("seed", 0)), str(card.card_path)))
-                speakers = sorted({str(e["speaker"]) for e in splits["validation"] if "speaker" in e})
-                whose = f"speakers {', '.join(speakers)}" if speakers else "no speakers named in the table"
-                notes.append(f"validation: {len(splits['validation'])} training clips held out ({whose}; "
-                             f"splits.validation_fraction={fraction}); test is untouched")
+                if "validation" in splits:
+                    speakers = sorted({str(e["speaker"]) for e in splits["validation"] if "speaker" in e})
+                    whose = f"speakers {', '.join(speakers)}" if speakers else "no speakers named in the table"
+                    notes.append(f"validation: {len(splits['validation'])} training clips held out ({whose}; "
+                                 f"splits.validation_fraction={fraction}); test is untouched")
             overlap = _shared_speakers(splits)
             if overlap:
                 notes.append(f"speakers {sorted(overlap)[:5]} appear in more than one split file: results are not speaker-independent")
