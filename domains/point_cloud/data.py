@@ -341,6 +341,7 @@ def read_point_folder(root: Path, suffixes: tuple[str, ...], off_points: int, se
     if not labels:
         raise UserError(f"{root}: no class sub-folders")
     splits: dict[str, list[dict]] = {}
+    layout_of: dict[str, Path] = {}  # "split folders" or "files" -> the first class folder laid out so
     for label, name in enumerate(labels):
         files = sorted(p for p in (root / name).rglob("*") if p.suffix.lower() in suffixes)
         if not files:
@@ -348,9 +349,23 @@ def read_point_folder(root: Path, suffixes: tuple[str, ...], off_points: int, se
         for file in files:
             relative = file.relative_to(root / name).parts
             split = relative[0] if len(relative) > 1 else "all"
+            if split != "all" and split not in FOLDER_SPLITS:
+                hint = f" (rename it to {split.lower()})" if split.lower() in FOLDER_SPLITS else \
+                    " (rename it to validation)" if split.lower() in ("val", "valid", "dev") else ""
+                raise UserError(f"{root / name / split}: a split folder is named train, validation or test{hint}; "
+                                f"or put the class's files directly in {root / name} to split by ratios")
+            layout = "files" if split == "all" else "split folders"
+            layout_of.setdefault(layout, root / name)
+            if len(layout_of) > 1:
+                raise UserError(f"{layout_of['files']} holds its files directly but {layout_of['split folders']} in "
+                                f"split folders; lay out every class one way (<class>/<split>/<file> or <class>/<file>)")
             points = read_point_file(file, off_points, seed)
             splits.setdefault(split, []).append({"id": f"{name}/{'/'.join(relative)}", "points": points, "label": label})
     return splits, labels
+
+
+FOLDER_SPLITS = ("train", "validation", "test")
+"""The split folders a `<class>/<split>/` layout may use."""
 
 
 def read_scanobjectnn_h5(path: Path) -> tuple[list[np.ndarray], np.ndarray]:

@@ -277,6 +277,10 @@ class PointCloudClassifyTask:
             splits = data.demo_dataset(sizes, shapes, int(demo["num_points"]), int(demo["seed"]))
             return Dataset(splits, card.labels or list(shapes))
         notes: list[str] = []
+        if "shape_names" in spec and (card.format != "modelnet_txt" or not isinstance(spec["shape_names"], str)):
+            raise UserError(f"{card.card_path}: splits.shape_names names the class-list file of the modelnet_txt format "
+                            f"(e.g. modelnet10_shape_names.txt); it got {spec['shape_names']!r} for format "
+                            f"{card.format!r}: {'remove it' if card.format != 'modelnet_txt' else 'give a file name'}")
         if card.format == "points_npz":
             splits, labels = data.read_points_npz(card.file("data"))
         elif card.format == "modelnet_txt":
