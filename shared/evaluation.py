@@ -52,17 +52,25 @@ def _predict_outputs(model, examples: Sequence[Example], batch_size: int, autoca
     device = next(model.parameters()).device
     outputs: dict[int, Any] = {}
     batches = tqdm(sampler, desc=progress, unit="batch", file=sys.stderr, dynamic_ncols=True, mininterval=0.5,
-                   leave=False, disable=progress is None)
-    for indices in batches:
-        batch = to_device(model.collate([examples[i] for i in indices], rng=None), device)
-        with autocast():
-            if hasattr(model, "predict"):
-                rows = model.predict(batch)
-            else:
-                rows = list(model.scores(model(batch)).float().cpu().numpy())
-        outputs.update(zip(indices, rows))
+                   leave=False, **hidden_unless(progress is not None))
+    with batches:  # closed on an error too, so the error is not written after the bar
+        for indices in batches:
+            batch = to_device(model.collate([examples[i] for i in indices], rng=None), device)
+            with autocast():
+                if hasattr(model, "predict"):
+                    rows = model.predict(batch)
+                else:
+                    rows = list(model.scores(model(batch)).float().cpu().numpy())
+            outputs.update(zip(indices, rows))
     model.train(was_training)
     return [outputs[i] for i in range(len(examples))]
+
+
+def hidden_unless(shown: bool) -> dict[str, bool]:
+    """tqdm's `disable` for a bar shown only sometimes: left out where it is shown, since an
+    explicit `disable=False` overrides tqdm's environment defaults and `TQDM_DISABLE=1`
+    would no longer hide it."""
+    return {} if shown else {"disable": True}
 
 
 def to_device(batch: dict[str, Any], device) -> dict[str, Any]:

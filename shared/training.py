@@ -38,7 +38,7 @@ import torch
 from peftlab.shared import checkpoint, cpu_allocator, io, memory, methods, metrics, sharding
 from peftlab.shared.data import BucketBatchSampler
 from peftlab.shared.errors import UserError
-from peftlab.shared.evaluation import attention_kernels, evaluate, to_device
+from peftlab.shared.evaluation import attention_kernels, evaluate, hidden_unless, to_device
 from peftlab.shared.tasks import Example, TaskModel
 from pydantic import BaseModel, ConfigDict, Field
 from tqdm.auto import tqdm
@@ -368,7 +368,7 @@ def _train(task, model: TaskModel, train_examples: list[Example], validation_exa
     best_file = Path(run_dir) / BEST_STATE
 
     progress = tqdm(total=total_steps, initial=state["global_step"], desc="train", unit="step",
-                    file=sys.stderr, dynamic_ncols=True, mininterval=0.5, disable=not main)
+                    file=sys.stderr, dynamic_ncols=True, mininterval=0.5, **hidden_unless(main))
     log = _above(progress, log)
     model.train()
     try:  # Ctrl-C: the bar ends before the run says how to resume it

@@ -292,3 +292,16 @@ def test_naming_the_recipes_own_method_keeps_its_options_and_another_method_drop
     recipe = runner.build_config("protein-classify")
     assert own.method == recipe.method  # alpha 32, dropout 0.1 from the recipe
     assert other.method == {"name": "dora"}
+
+
+def test_tqdm_disable_hides_the_training_and_evaluation_bars(tmp_path):
+    """The bars passed `disable=False` where shown, which overrides tqdm's TQDM_DISABLE."""
+    budget = ["train.epochs=1", "train.max_steps=2", "data.limit.train=16", "data.limit.validation=8",
+              "data.limit.test=8"]
+    shown = run_peftlab("run", "protein-classify", "--demo", "--out", tmp_path / "shown", *budget)
+    hidden = run_peftlab("run", "protein-classify", "--demo", "--out", tmp_path / "hidden", *budget,
+                         env={"TQDM_DISABLE": "1"})
+    assert shown.returncode == hidden.returncode == 0, hidden.stderr[-2000:]
+    assert "step/s" in shown.stderr and "evaluate test" in shown.stderr
+    assert "step/s" not in hidden.stderr and "evaluate" not in hidden.stderr and "%|" not in hidden.stderr
+    assert "epoch 1: train loss" in hidden.stderr  # what the run says still shows
