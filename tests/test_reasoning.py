@@ -284,6 +284,8 @@ def test_math_reader_normalises_every_public_shape(tmp_path):
     ('{"goal": "g", "sol1": "a", "sol2": "b", "label": 5}', r"bad\.jsonl:1: answer index 5 is out of range"),
     ('{"question": "q", "choices": ["a", "b"]}', r"bad\.jsonl:1: no answer"),
     ('{"foo": 1}', r"bad\.jsonl:1: not a commonsense record"),
+    ('{"question": "q", "choices": [], "answer": "A"}', r"bad\.jsonl:1: `choices` lists 0 option\(s\); a multiple-choice "
+                                                        r"question needs two or more \(leave `choices` out"),
     ('{"question": "q", "answer": "maybe", "passage": "p"}', r"bad\.jsonl:1: yes/no answer 'maybe'"),
     ('not json', r"bad\.jsonl:1: invalid JSON"),
 ])

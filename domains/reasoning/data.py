@@ -178,6 +178,9 @@ def _commonsense_fields(r: dict, where: str, labelled: bool) -> tuple[str, list 
         choices = r.get("choices")
         if choices is not None and not isinstance(choices, list):
             raise UserError(f"{where}: `choices` must be a list of option texts")
+        if choices is not None and len(choices) < 2:
+            raise UserError(f"{where}: `choices` lists {len(choices)} option(s); a multiple-choice question needs two "
+                            f"or more (leave `choices` out for a true/false or free answer)")
         return r["question"], choices, _unified_answer(r.get("answer"), choices, where)
     raise UserError(f"{where}: not a commonsense record peftlab knows (keys {sorted(r)[:6]}); "
                     f"use the unified form {{\"question\", \"choices\", \"answer\"}}")
