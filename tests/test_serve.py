@@ -474,6 +474,7 @@ def test_speech_point_cloud_code_review_and_ppi_forms_read_as_their_files_do(tmp
     assert not task.rows_follow_examples(task.options(votes=3))
     for bad, message in [({"points": [[[0, 0], [1, 1]]]}, r"points\[0\]: expected points of shape \(N, 3\+\)"),
                          ({"points": [[["a", 1, 2]]]}, r"points\[0\]: a cloud is a list of \[x, y, z\]"),
+                         ({"points": {"c": [[True, 0, 1]] * 50}}, r"points\[c\]: a cloud is a list of \[x, y, z\]"),
                          ({"points": [[[0, 0, float("nan")], [1, 1, 1]]]}, r"points\[0\]: point 0 has a NaN")]:
         with pytest.raises(UserError, match=message):
             task.parse_request(bad, task.options())

@@ -365,7 +365,10 @@ class PointCloudClassifyTask:
         for key, cloud in requests.items(payload, "points", "point lists [[x, y, z], ...]"):
             where = f"points[{key}]"
             try:
-                array = np.asarray(cloud, dtype=np.float32)
+                values = np.asarray(cloud, dtype=object)
+                if any(isinstance(v, bool) for v in values.flat):  # numpy would read JSON's true and false as 1 and 0
+                    raise ValueError("true/false is not a coordinate")
+                array = values.astype(np.float32)
             except (TypeError, ValueError):
                 raise UserError(f"{where}: a cloud is a list of [x, y, z] number lists") from None
             examples.append({"id": key, "points": data.check_points(array, where)})
