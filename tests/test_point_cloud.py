@@ -218,7 +218,7 @@ def test_predict_notes_clouds_smaller_than_num_points():
     options = task.options(num_points=64)
     examples = [{"id": "a", "points": np.zeros((10, 3))}, {"id": "b", "points": np.zeros((64, 3))}]
     assert task.input_notes(examples, options) == [
-        "1 clouds have fewer than task.num_points=64 points: some of their points are repeated to fill"]
+        "1 cloud has fewer than task.num_points=64 points: some of their points are repeated to fill"]
     assert task.input_notes(examples[1:], options) == []
 
 

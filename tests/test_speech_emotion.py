@@ -497,3 +497,13 @@ def test_whisper_base_lora_on_emodb_beats_chance(real_assets, tmp_path, monkeypa
               f"gap {gap:.3f} ({time.perf_counter() - started:.0f} s)")
     assert results["whisper-base"]["uar"] >= 1 / 7 + 0.15
     assert results["whisper-base"]["uar"] > results["random-init"]["uar"]
+
+
+def test_a_group_by_the_table_lacks_names_the_table_the_choices_and_the_fix(tmp_path):
+    write_corpus(tmp_path, toy_rows())
+    card = write_card(tmp_path)
+    (tmp_path / "card.md").write_text((tmp_path / "card.md").read_text().replace("group_by: gender", "group_by: genderr"))
+    with pytest.raises(UserError, match=r"labels\.csv: the card's group_by 'genderr' is neither a field \(path, label, "
+                                        r"speaker, gender\) nor a column of .*; set group_by to one of them, or leave it out$"):
+        TASK.read(read_card(tmp_path / "card.md"), SpeechEmotionOptions())
+    assert card.group_by == "gender"

@@ -348,7 +348,8 @@ class PointCloudClassifyTask:
 
     def input_notes(self, examples, options) -> list[str]:
         small = sum(len(e["points"]) < options.num_points for e in examples)
-        return [f"{small} clouds have fewer than task.num_points={options.num_points} points: some of their points "
+        clouds = "1 cloud has" if small == 1 else f"{small} clouds have"
+        return [f"{clouds} fewer than task.num_points={options.num_points} points: some of their points "
                 f"are repeated to fill"] if small else []
 
     def describe(self, example, scores, labels) -> dict:

@@ -203,7 +203,8 @@ def read_table(path: Path, audio_root: Path, fields: dict, labels: list[str] | N
             raise MissingField(str(path), f"column {spec!r} for fields.{key} is not in the header {header}", "fix `fields` in the card",
                                field=key)
     if group_by is not None and group_by not in columns and group_by not in header:
-        raise UserError(f"{path}: group_by {group_by!r} is neither a field ({', '.join(columns)}) nor a column of {header}")
+        raise UserError(f"{path}: the card's group_by {group_by!r} is neither a field ({', '.join(columns)}) nor a "
+                        f"column of {header}; set group_by to one of them, or leave it out")
     group_column = columns.get(group_by, header.index(group_by) if group_by in header else None)
     examples, skipped, dropped = [], [], {}
     for number, cells in rows[1:]:
