@@ -461,15 +461,16 @@ def _config_changes(config: cfg.RunConfig, trained_file: Path) -> list[str]:
     """`key: trained -> now` for each setting a cell's run.yaml holds otherwise than `config`
     (a recipe edited, or a package update that changed a recipe, between a sweep and its re-run).
     The trained method section is the method's resolved options: only the options `config`
-    names are compared there."""
+    names are compared there. The card's path is left out: its data is compared by digest."""
     try:
         trained = cfg.to_yaml_dict(cfg.validate(cfg.read_config_file(trained_file), where=str(trained_file)))
     except UserError:
         return [f"{trained_file.name} no longer reads as a run config"]
     current = cfg.to_yaml_dict(config)
     trained_method, current_method = trained.pop("method"), current.pop("method")
-    current["data"]["card"] = str(cfg.resolve_card_path(current["data"]["card"]).resolve())
-    trained["data"]["card"] = str(Path(trained["data"]["card"]).resolve())
+    # where the card lies is not what it reads (bench.json's digest of the data is): a
+    # packaged card moves with the installed package
+    trained["data"].pop("card"), current["data"].pop("card")
     current["backbone"]["name"] = runner.absolute_backbone(current["backbone"]["name"])
     trained["backbone"]["name"] = runner.absolute_backbone(trained["backbone"]["name"])
     before, after = _flat(trained), _flat(current)

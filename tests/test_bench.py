@@ -184,6 +184,13 @@ def test_rerun_after_the_recipe_changed_is_refused_naming_the_cell_and_setting(s
     bitfit = sweep / "runs" / "bitfit-seed1" / "run.yaml"
     same = bench.runner.build_config(PIPELINE, demo=True, method="bitfit", overrides=[*BUDGET, "train.seed=1"])
     assert bench._config_changes(same, bitfit) == []
+    # the package (and its demo card) installed from another folder: the same data, resumable
+    moved = (sweep.parent / "elsewhere" / "protein-classify-demo.md")
+    moved.parent.mkdir(exist_ok=True)
+    moved.write_text(Path(same.data.card if Path(same.data.card).is_absolute() else
+                          bench.cfg.resolve_card_path(same.data.card)).read_text())
+    assert bench._config_changes(same.model_copy(update={"data": same.data.model_copy(update={"card": str(moved)})}),
+                                 bitfit) == []
     narrower = bench.runner.build_config(PIPELINE, demo=True, method="bitfit",
                                          overrides=[*BUDGET, "train.seed=1", "method.target_modules=[fc2]"])
     changes = bench._config_changes(narrower, bitfit)
