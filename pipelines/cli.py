@@ -77,6 +77,13 @@ def run(pipeline, overrides, demo, method, backbone, data, out, config_file, res
     """Train and evaluate PIPELINE; KEY=VALUE overrides any config key (e.g. train.max_steps=20)."""
     if pipeline and "=" in pipeline:
         overrides, pipeline = (pipeline, *overrides), None
+    if resume:  # the run's own run.yaml decides; anything else given would be silently ignored
+        given = [*([pipeline] if pipeline else []), *overrides, *(["--demo"] if demo else [])]
+        given += [flag for flag, value in (("--method", method), ("--backbone", backbone), ("--data", data),
+                                           ("--out", out), ("--config", config_file)) if value]
+        if given:
+            raise UserError(f"--resume {resume}: continues the run as its run.yaml says and takes no other settings "
+                            f"(got {' '.join(given)}); drop them, or start a new run with them")
     if num_processes > 1 and "WORLD_SIZE" not in os.environ:  # not yet under a launcher: become one
         from peftlab.pipelines.launch import launch
 

@@ -204,6 +204,11 @@ ERRORS = [
     (["eval", "not-a-run"], "not-a-run: no such run directory"),
     (["card", "validate", "nowhere.md"], "does not exist"),
     (["run", "protein-ppi", "--backbone", "esm2_t6_8M_UR50D", "--demo"], "is not available offline"),
+    # a resumed run follows its run.yaml: other settings were silently ignored
+    (["run", "--resume", "some-run", "train.epochs=8"], "--resume some-run: continues the run as its run.yaml says "
+                                                        "and takes no other settings (got train.epochs=8)"),
+    (["run", "protein-ppi", "--resume", "some-run", "--method", "dora", "--demo"],
+     "(got protein-ppi --demo --method); drop them, or start a new run with them"),
 ]
 
 
