@@ -439,6 +439,14 @@ def test_a_pairs_file_never_loses_its_first_pair_to_header_detection(tmp_path):
     assert len(data.read_pairs(pairs, sequences, {}, None)) == 1
     named = data.read_pairs(pairs, sequences, {"protein_a": "second", "protein_b": "first", "label": "interacts"}, None)
     assert [(e["a"], e["b"]) for e in named] == [("P2", "P1")]
+    # predict reads pairs without using labels, but a label cell still marks the first row as a pair
+    pairs.write_text("PX\tP2\t1\nP1\tP3\t0\n")
+    with pytest.raises(UserError, match=r"pairs.tsv:1: protein 'PX' is not in the FASTA file"):
+        data.read_pairs(pairs, sequences, {}, None, labelled=False)
+    # a row in another delimiter is one cell: not a header, and the error says what the row lacks
+    pairs.write_text("P1,P2,1\n")
+    with pytest.raises(UserError, match=r"pairs.tsv:1: expected 2 tab-separated columns, found 1"):
+        data.read_pairs(pairs, sequences, {}, None, labelled=False)
 
 
 def test_predict_reads_tables_with_the_training_cards_columns(tmp_path):

@@ -93,7 +93,7 @@ def read_pairs(path: Path, sequences: dict[str, str], fields: dict, labels: list
     """D-SCRIPT pair TSV: `protein_a<TAB>protein_b<TAB>label`, no header (or a named header)."""
     rows = table_rows(path, "\t")
     header = None
-    if rows and _is_header(rows[0][1], fields, sequences, labels, labelled):
+    if rows and _is_header(rows[0][1], fields, sequences, labels):
         header, rows = rows[0][1], rows[1:]
     a_col = _column(fields, "protein_a", 0, header, path)
     b_col = _column(fields, "protein_b", 1, header, path)
@@ -140,19 +140,21 @@ def read_sequence_csv(path: Path, fields: dict, labels: list[str] | None, labell
     return examples
 
 
-def _is_header(cells: list[str], fields: dict, sequences: dict[str, str], labels: list[str] | None,
-               labelled: bool) -> bool:
+def _is_header(cells: list[str], fields: dict, sequences: dict[str, str], labels: list[str] | None) -> bool:
     """Whether a pairs file's first row names its columns: always where the card names a
-    column, else where neither protein cell is a FASTA id and the label cell is no label.
-    A first pair with an unknown protein is then data, and stops with the usual error
-    instead of being taken for a header and dropped."""
+    column, else where it has the protein columns, neither protein cell is a FASTA id and
+    the label cell, if any, is no label (predict reads files with or without labels). A
+    first pair with an unknown protein, or a row in another delimiter, is then data, and
+    stops with the usual error instead of being taken for a header and dropped."""
     specs = {key: fields.get(key, default) for key, default in (("protein_a", 0), ("protein_b", 1), ("label", 2))}
     if any(isinstance(spec, str) for spec in specs.values()):
         return True
-    proteins = [cells[specs[key]].strip() for key in ("protein_a", "protein_b") if specs[key] < len(cells)]
+    if len(cells) <= max(specs["protein_a"], specs["protein_b"]):
+        return False
+    proteins = [cells[specs[key]].strip() for key in ("protein_a", "protein_b")]
     if any(protein in sequences for protein in proteins):
         return False
-    if labelled and specs["label"] < len(cells):
+    if specs["label"] < len(cells):
         try:
             parse_label(cells[specs["label"]], labels, "")
             return False
