@@ -64,7 +64,8 @@ LOGGER = logging.getLogger("peftlab")
 """What runs, evaluations and predictions say. From Python,
 `logging.getLogger("peftlab").setLevel(logging.WARNING)` quiets it."""
 LOGGER.addHandler(_StderrHandler())
-LOGGER.setLevel(logging.INFO)
+if LOGGER.level == logging.NOTSET:  # a level set before this module loaded (`import peftlab` does not load it) stays
+    LOGGER.setLevel(logging.INFO)
 LOGGER.propagate = False  # one copy of each line, whatever the root logger does
 
 

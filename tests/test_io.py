@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import logging
 import os
 import stat
+import subprocess
+import sys
 
 import pytest
 from peftlab.pipelines import config
@@ -75,3 +78,15 @@ def test_what_runs_say_goes_through_the_peftlab_logger_which_python_users_can_qu
         assert capsys.readouterr().err == ""
     finally:
         logger.setLevel(logging.INFO)
+
+
+def test_a_level_set_right_after_import_peftlab_is_kept_when_the_runner_loads():
+    """`import peftlab` does not load the runner; loading it later (peftlab.load, peftlab.run)
+    set the logger back to INFO."""
+    script = ("import logging, peftlab; logging.getLogger('peftlab').setLevel(logging.WARNING); "
+              "from peftlab.pipelines import runner; runner.log('said'); print(logging.getLogger('peftlab').level)")
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True)
+    assert done.stdout.strip() == str(logging.WARNING) and "said" not in done.stderr
+    loud = subprocess.run([sys.executable, "-c", script.replace("logging.getLogger('peftlab').setLevel(logging.WARNING); ", "")],
+                          capture_output=True, text=True, check=True)
+    assert loud.stdout.strip() == str(logging.INFO) and loud.stderr == "said\n"
