@@ -34,8 +34,6 @@ class ProteinOptions:
     crop_eval: str = field(default="start", metadata={"help": "evaluation crop: start or center (deterministic)"})
     head_hidden: int = field(default=128, metadata={"help": "hidden width of the MLP head"})
     head_dropout: float = field(default=0.1, metadata={"help": "dropout in the MLP head"})
-    combine: str = field(default="mean", metadata={"help": "PPI: how two protein vectors combine: mean (the paper) or mean_product ([mean, a*b])"})
-    pos_weight: float | None = field(default=None, metadata={"help": "PPI: BCE weight of positives (e.g. the negative:positive ratio)"})
 
     def __post_init__(self):
         if self.max_length < 1:
@@ -44,8 +42,23 @@ class ProteinOptions:
             raise ValueError(f"crop_train must be random, start or center, got {self.crop_train!r}")
         if self.crop_eval not in ("start", "center"):
             raise ValueError(f"crop_eval must be start or center, got {self.crop_eval!r}")
+        if self.head_hidden < 1:
+            raise ValueError(f"head_hidden must be >= 1, got {self.head_hidden}")
+        if not 0 <= self.head_dropout < 1:
+            raise ValueError(f"head_dropout must be in [0, 1), got {self.head_dropout}")
+
+
+@dataclass
+class PPIOptions(ProteinOptions):
+    combine: str = field(default="mean", metadata={"help": "how two protein vectors combine: mean (the paper) or mean_product ([mean, a*b])"})
+    pos_weight: float | None = field(default=None, metadata={"help": "BCE weight of positives (e.g. the negative:positive ratio)"})
+
+    def __post_init__(self):
+        super().__post_init__()
         if self.combine not in ("mean", "mean_product"):
             raise ValueError(f"combine must be mean or mean_product, got {self.combine!r}")
+        if self.pos_weight is not None and self.pos_weight <= 0:
+            raise ValueError(f"pos_weight must be > 0 (or null), got {self.pos_weight}")
 
 
 def crop(sequence: str, max_length: int, policy: str, rng: np.random.Generator | None) -> str:
@@ -131,7 +144,7 @@ class _ProteinModel(nn.Module):
 
 
 class PPIModel(_ProteinModel):
-    def __init__(self, backbone, info, options: ProteinOptions):
+    def __init__(self, backbone, info, options: PPIOptions):
         super().__init__(backbone, info, options)
         width = backbone.embed_dim * (2 if options.combine == "mean_product" else 1)
         self.head = mlp(width, options.head_hidden, 1, options.head_dropout)
@@ -325,6 +338,7 @@ class PPITask(_ProteinTask):
     formats = ("fasta+pairs_tsv", "demo")
     split_keys = (*_ProteinTask.split_keys, "group_by_protein")
     field_keys = ("protein_a", "protein_b", "label")
+    options = PPIOptions
 
     def read(self, card: Card, options: ProteinOptions) -> Dataset:
         labels = card.labels or ["no_interaction", "interaction"]
@@ -361,7 +375,7 @@ class PPITask(_ProteinTask):
                          f"({options.crop_train} in training, {options.crop_eval} at evaluation)")
         return Dataset(splits, labels, notes)
 
-    def build_model(self, backbone: str, labels: list[str], options: ProteinOptions) -> PPIModel:
+    def build_model(self, backbone: str, labels: list[str], options: PPIOptions) -> PPIModel:
         encoder, info = load_backbone(backbone)
         return PPIModel(encoder, info, options)
 
