@@ -734,6 +734,7 @@ def finished_row(cell: Cell, run_dir: Path, out: Path) -> dict:
         "adapter_bytes": folder_bytes(run_dir / runner.ADAPTER),
         # as trained: the method's defaults, the task's choice of modules, the recipe's and key=value's
         "method_options": io.read_json(run_dir / runner.ADAPTER / METHOD_FILE)["options"],
+        "options_given": cell.config.method_options,  # the recipe's and key=value's, for the table's note
         "train_seconds": train.get("seconds"),
         "samples_per_s": train.get("samples_per_s"),
         "peak_rss_mb": io.read_json(peak_file)["peak_rss_mb"] if peak_file.is_file() else None,
@@ -959,7 +960,7 @@ def table_markdown(sweep: Sweep, summaries: list[MethodSummary], names: list[str
     ]
     text += ["", "Method options set by the recipe or key=value (each method's other options are its defaults, with "
                  "the task's choice of modules; every cell's resolved options are in results.jsonl): "
-                 + method_options_line(sweep) + "."]
+                 + method_options_line(sweep, rows) + "."]
     if sweep.chance:
         levels = ", ".join(f"{name} {sweep.chance[name]:.4f}" for name in names if name in sweep.chance)
         text += ["", f"Chance, the scores of {sweep.chance_basis} on the {split} "
@@ -1005,14 +1006,16 @@ def recipe_options_note(sweep: Sweep) -> str | None:
             f"the other methods start from their defaults: method.KEY=VALUE gives one to every method that has it")
 
 
-def method_options_line(sweep: Sweep) -> str:
+def method_options_line(sweep: Sweep, rows: list[dict] | None = None) -> str:
     """`lora: alpha=32, dropout=0.1; bitfit, full: none`: what each method was given
-    beyond its defaults, so rows trained with different settings say so."""
+    beyond its defaults, so rows trained with different settings say so. Methods of
+    `rows` an earlier run into OUT trained (another --methods) come from their rows."""
     given: dict[str, str] = {}
-    for cell in sweep.cells:
-        if cell.method not in given:
-            options = cell.config.method_options
-            given[cell.method] = ", ".join(f"{key}={value}" for key, value in sorted(options.items())) or "none"
+    planned = [(cell.method, cell.config.method_options) for cell in sweep.cells]
+    earlier = [(row["method"], row["options_given"]) for row in rows or [] if "options_given" in row]
+    for method, options in planned + earlier:
+        if method not in given:
+            given[method] = ", ".join(f"{key}={value}" for key, value in sorted(options.items())) or "none"
     plain = [method for method, text in given.items() if text == "none"]
     parts = [f"{method}: {text}" for method, text in given.items() if text != "none"]
     return "; ".join(parts + ([f"{', '.join(plain)}: none"] if plain else []))

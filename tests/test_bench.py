@@ -340,12 +340,15 @@ def test_a_sweep_with_failed_cells_exits_1_after_writing_its_reports(tmp_path, c
 
 def test_a_sweep_grown_by_a_method_keeps_the_earlier_rows(tmp_path):
     out = tmp_path / "sweep"
-    bench.bench(PIPELINE, "bitfit", demo=True, full=False, out=out, overrides=BUDGET, isolate=False)
+    bench.bench(PIPELINE, "lora", demo=True, full=False, out=out, overrides=BUDGET, isolate=False)
     bench.bench(PIPELINE, "ia3", demo=True, full=False, out=out, overrides=BUDGET, isolate=False)
-    assert [(row["cell"], row["status"]) for row in read_rows(out)] == [("ia3-seed0", "finished"), ("bitfit-seed0", "finished")]
+    assert [(row["cell"], row["status"]) for row in read_rows(out)] == [("ia3-seed0", "finished"), ("lora-seed0", "finished")]
     table = (out / "table.md").read_text()
-    for method in ("ia3", "bitfit"):  # two steps may leave a method at chance, which the table then says
+    for method in ("ia3", "lora"):  # two steps may leave a method at chance, which the table then says
         assert re.search(rf"\| {method}( \(at chance\))? \| 1/1 \|", table), table
+    # the earlier run's method keeps the recipe options it was given in the table's note
+    assert "(each method's other options are its defaults, with the task's choice of modules; every cell's resolved " \
+           "options are in results.jsonl): lora: alpha=32, dropout=0.1, r=8; ia3: none." in table, table
 
 
 def test_eval_on_a_bench_directory_points_to_its_runs(sweep, capsys):
