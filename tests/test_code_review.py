@@ -253,7 +253,7 @@ def test_unlabelled_refinement_inputs_lose_codereviewers_markers_as_training_rec
     ('{"patch": "x", "y": 1}\n{"patch": "y", "y": 0\n', "necessity", r"bad\.jsonl:2: not a JSON object"),
     ('{"patch": "x"}\n', "necessity", r"bad\.jsonl:1: no field 'y'.*fields: \{label: KEY\}"),
     ('{"patch": "x", "y": 2}\n', "necessity", r"bad\.jsonl:1: field 'y' is 2"),
-    ('{"patch": "x", "msg": 3}\n', "comment", r"bad\.jsonl:1: field 'msg' is a int"),
+    ('{"patch": "x", "msg": 3}\n', "comment", r"bad\.jsonl:1: field 'msg' is a number, expected a string"),
     ('[1, 2]\n', "comment", r"bad\.jsonl:1: a list, not a JSON object"),
     ('{"patch": "x", "y": 1}\n{"patch": " \\n ", "y": 0}\n', "necessity", r"bad\.jsonl:2: field 'patch' is empty"),
     ('{"old": "", "comment": "c", "new": "n"}\n', "refine", r"bad\.jsonl:1: field 'old' is empty"),

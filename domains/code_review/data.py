@@ -157,7 +157,9 @@ def drop_old_side_markers(examples: list[dict]) -> int:
 
 def _text(value, where: str, key: str) -> str:
     if not isinstance(value, str):
-        raise UserError(f"{where}: field {key!r} is a {type(value).__name__}, expected a string")
+        kind = {int: "a number", float: "a number", bool: "true/false", list: "a list", dict: "an object",
+                type(None): "null"}.get(type(value), type(value).__name__)
+        raise UserError(f"{where}: field {key!r} is {kind}, expected a string")
     return value
 
 
