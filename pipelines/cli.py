@@ -246,10 +246,10 @@ def card_new(domain, task_name, out):
     if out:
         if Path(out).exists():
             raise UserError(f"{out} exists; choose another --out")
-        io.write_text(out, task.card_template())
+        io.write_text(out, task.card_template().rstrip("\n") + "\n")
         click.echo(f"wrote {out}; fill it in, then: peftlab card validate {out}", err=True)
     else:
-        click.echo(task.card_template(), nl=False)
+        click.echo(task.card_template().rstrip("\n"))
 
 
 @cli.command("bench")

@@ -235,6 +235,10 @@ class Predictor:
     def merge(self, out) -> Path:
         """Write a run directory whose adapter is the merged backbone (method `full`)."""
         check_mergeable(self.run_dir, self.meta)
+        if self.meta["method"]["name"] == "full":  # a copy would claim a merge that never happened
+            what = "a merged run" if self.meta["method"].get("merged_from") else "a full fine-tuning run"
+            raise UserError(f"{self.run_dir}: {what} has no adapter to merge: its weights are the whole backbone; "
+                            f"use it as it is, or --export it in its library's format")
         out = Path(out)
         if out.exists() and any(out.iterdir()):
             raise UserError(f"{out} exists and is not empty; choose another --out")

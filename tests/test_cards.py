@@ -95,6 +95,7 @@ def test_cli_card_validate_and_new(tmp_path, capsys):
     assert main(["card", "new", "protein", "protein-classify", "--out", str(new)]) == 0
     card = read_card(new)
     assert card.task == "protein-classify" and card.format == "csv"
+    assert new.read_text().endswith("biases.\n")  # a text file ends its last line
     assert main(["card", "new", "imaging", "protein-ppi"]) == 2
     assert "belongs to domain 'protein'" in capsys.readouterr().err
 

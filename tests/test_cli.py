@@ -176,6 +176,11 @@ def test_merge_gives_a_run_that_evaluates_like_the_original(ppi_run, tmp_path, c
     saved = json.loads((ppi_run / "metrics.json").read_text())["test"]
     # bf16 autocast rounds merged and separate weights differently: close, not equal
     assert last_json(evaluated.stdout)["test"]["auroc"] == pytest.approx(saved["auroc"], abs=0.01)
+    # merging it again would only copy it under a second merged_from: refused, before any writing
+    assert main(["merge", str(merged), "--out", str(tmp_path / "twice")]) == 2
+    assert f"error: {merged}: a merged run has no adapter to merge: its weights are the whole backbone; use it as it " \
+           f"is, or --export it in its library's format" in capsys.readouterr().err
+    assert not (tmp_path / "twice").exists()
 
 
 def test_list_and_help():
