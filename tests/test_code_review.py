@@ -350,6 +350,14 @@ def _demo_run(pipeline, tmp_path, sizes, overrides=()):
     return results, dataset
 
 
+def test_necessity_demo_splits_are_exactly_balanced():
+    """The card promises balanced classes; a coin per hunk gave 127 of 200 test hunks one label."""
+    splits = data.demo_examples("necessity", {"train": 600, "validation": 100, "test": 200}, seed=0)
+    assert {name: sum(e["label"] for e in examples) for name, examples in splits.items()} == {
+        "train": 300, "validation": 50, "test": 100}
+    assert [e["label"] for e in splits["test"][:20]] != [0, 1] * 10  # shuffled, not alternating
+
+
 def test_necessity_demo_beats_chance(tmp_path):
     # Balanced classes: a coin-flip predictor has F1 and accuracy about 0.5.
     results, _ = _demo_run("code-review-necessity", tmp_path, {"train": 400, "validation": 40, "test": 100},

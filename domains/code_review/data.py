@@ -308,12 +308,15 @@ def demo_examples(kind: str, sizes: dict[str, int], seed: int) -> dict[str, list
     for offset, (split, count) in enumerate(sizes.items()):
         rng = np.random.default_rng([seed, offset])
         examples = []
+        # necessity: exactly half of each split needs a comment, in a random order (a coin per
+        # hunk put 127 of 200 test hunks on one side at seed 0)
+        needs = rng.permutation(np.arange(count) % 2) if kind == "necessity" else None
         for index in range(count):
             case = demo_case(rng, DEMO_ISSUES[int(rng.integers(len(DEMO_ISSUES)))])
             start = int(rng.integers(1, 400))
             example_id = f"demo-{split}-{index}"
             if kind == "necessity":
-                needs_comment = int(rng.random() < 0.5)
+                needs_comment = int(needs[index])
                 code = case["old"] if needs_comment else case["new"]
                 examples.append({"id": example_id, "patch": as_hunk(code, start), "label": needs_comment,
                                  "issue": case["issue"] if needs_comment else "none"})
