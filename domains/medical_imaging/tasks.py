@@ -287,6 +287,10 @@ class MedicalClassifyTask:
         if card.group_by and card.format != "csv":
             raise UserError(f"{card.card_path}: group_by needs a per-image attribute; format {card.format!r} has none "
                             f"(use format: csv with a column named {card.group_by!r})")
+        group_field = (card.fields or {}).get("group")
+        if card.group_by and group_field is not None and group_field != card.group_by:
+            raise UserError(f"{card.card_path}: group_by is {card.group_by!r} but fields.group names column "
+                            f"{group_field!r}; name the group column once (group_by: {group_field})")
         if card.format == "medmnist_npz":
             splits, labels = data.read_medmnist_npz(self._data_path(card), labels, options.multi_label)
             if "train" in splits and not {"validation", "test"} & set(splits):
