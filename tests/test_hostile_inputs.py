@@ -357,7 +357,7 @@ CASES = [
     Case("jsonl-label-two", card_run(NECESSITY, "jsonl", {"d.jsonl": '{"patch": "+x", "y": 2}\n'}, files={"data": "d.jsonl"}),
          r"d\.jsonl:1: field 'y' is 2"),
     Case("jsonl-number-as-text", card_run(COMMENT, "jsonl", {"d.jsonl": '{"patch": 5, "msg": "ok"}\n'}, files={"data": "d.jsonl"}),
-         r"d\.jsonl:1: field 'patch' is a int, expected a string"),
+         r"d\.jsonl:1: field 'patch' is a number, expected a string"),
     Case("jsonl-latin1", card_run(REFINE, "jsonl", {"d.jsonl": '{"old": "caf\xe9"}\n'.encode("latin-1")}, files={"data": "d.jsonl"}),
          r"d\.jsonl: not UTF-8 text"),
     Case("tufano-three-columns", card_run(COMMENT, "tufano_tsv", {"d.tsv": "a\tb\tc\n"}, files={"data": "d.tsv"}),
