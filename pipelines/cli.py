@@ -159,7 +159,7 @@ def merge(run_dir, out, export_dir):
     if not out and not export_dir:
         raise UserError("merge needs --out DIR (a merged run), --export DIR (the merged backbone), or both")
     if (Path(run_dir) / "meta.json").is_file():  # a method that cannot merge stops before the backbone loads
-        check_mergeable(Path(run_dir), io.read_json(Path(run_dir) / "meta.json"))
+        check_mergeable(Path(run_dir), io.read_json(Path(run_dir) / "meta.json"), into_run=bool(out))
     predictor = load(run_dir)
     written = [predictor.merge(out)] if out else []
     if export_dir:
@@ -243,13 +243,14 @@ def card_new(domain, task_name, out):
     task = get_task(task_name)
     if task.domain != domain:
         raise UserError(f"task {task_name!r} belongs to domain {task.domain!r}, not {domain!r}")
+    template = task.card_template().rstrip("\n") + "\n"  # a text file ends its last line
     if out:
         if Path(out).exists():
             raise UserError(f"{out} exists; choose another --out")
-        io.write_text(out, task.card_template().rstrip("\n") + "\n")
+        io.write_text(out, template)
         click.echo(f"wrote {out}; fill it in, then: peftlab card validate {out}", err=True)
     else:
-        click.echo(task.card_template().rstrip("\n"))
+        click.echo(template, nl=False)
 
 
 @cli.command("bench")

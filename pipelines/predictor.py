@@ -234,11 +234,7 @@ class Predictor:
 
     def merge(self, out) -> Path:
         """Write a run directory whose adapter is the merged backbone (method `full`)."""
-        check_mergeable(self.run_dir, self.meta)
-        if self.meta["method"]["name"] == "full":  # a copy would claim a merge that never happened
-            what = "a merged run" if self.meta["method"].get("merged_from") else "a full fine-tuning run"
-            raise UserError(f"{self.run_dir}: {what} has no adapter to merge: its weights are the whole backbone; "
-                            f"use it as it is, or --export it in its library's format")
+        check_mergeable(self.run_dir, self.meta, into_run=True)
         out = Path(out)
         if out.exists() and any(out.iterdir()):
             raise UserError(f"{out} exists and is not empty; choose another --out")
@@ -301,9 +297,15 @@ def load(run_dir, force: bool = False):
     return Predictor(run_dir, force=force).build()  # now: `load` is where a Python user expects the wait and its errors
 
 
-def check_mergeable(run_dir: Path, meta: dict) -> None:
-    """Refuse a method that adds modules (adapters, prompts, LoReFT) before any backbone loads."""
+def check_mergeable(run_dir: Path, meta: dict, into_run: bool = False) -> None:
+    """Refuse a method that adds modules (adapters, prompts, LoReFT) before any backbone loads;
+    `into_run` (merge --out) also a run that is the whole backbone already (merged or full:
+    a copy would claim a merge that never happened). Exporting one is fine."""
     method = meta["method"]["name"]
+    if into_run and method == "full":
+        what = "a merged run" if meta["method"].get("merged_from") else "a full fine-tuning run"
+        raise UserError(f"{run_dir}: {what} has no adapter to merge: its weights are the whole backbone; "
+                        f"use it as it is, or --export it in its library's format")
     if method != "full" and not methods.get_method(method).mergeable:
         mergeable = [m for m in methods.list_methods() if methods.get_method(m).mergeable]
         raise UserError(f"{run_dir}: method {method!r} cannot be merged into the backbone weights; "

@@ -166,7 +166,8 @@ def _group_split(examples, names, ratios, bounds, rng, group_of) -> dict[str, li
     members: dict[str, list[int]] = {}
     for index, example in enumerate(examples):
         members.setdefault(str(group_of(example)), []).append(index)
-    groups = [sorted(members)[k] for k in rng.permutation(len(members))]
+    names_sorted = sorted(members)
+    groups = [names_sorted[k] for k in rng.permutation(len(names_sorted))]
     sizes = np.array([len(members[g]) for g in groups], dtype=float)
     middles = (np.cumsum(sizes) - sizes / 2) / max(len(examples), 1)
     last = max(i for i, n in enumerate(names) if ratios[n] > 0)  # ratios may sum to 0.99: the end goes there

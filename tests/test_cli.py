@@ -152,7 +152,7 @@ def test_predict_on_a_card_equals_predict_on_its_files(ppi_run, tmp_path):
 
 
 @pytest.mark.xdist_group("ppi-demo-run")  # one worker trains the shared run once
-def test_merge_gives_a_run_that_evaluates_like_the_original(ppi_run, tmp_path, capsys):
+def test_merge_gives_a_run_that_evaluates_like_the_original(ppi_run, tmp_path, capsys, monkeypatch):
     merged = tmp_path / "merged"
     result = run_peftlab("merge", ppi_run, "--out", merged)
     assert result.returncode == 0, result.stderr[-2000:]
@@ -176,7 +176,10 @@ def test_merge_gives_a_run_that_evaluates_like_the_original(ppi_run, tmp_path, c
     saved = json.loads((ppi_run / "metrics.json").read_text())["test"]
     # bf16 autocast rounds merged and separate weights differently: close, not equal
     assert last_json(evaluated.stdout)["test"]["auroc"] == pytest.approx(saved["auroc"], abs=0.01)
-    # merging it again would only copy it under a second merged_from: refused, before any writing
+    # merging it again would only copy it under a second merged_from: refused before its backbone loads
+    from peftlab.pipelines import predictor
+
+    monkeypatch.setattr(predictor, "load", lambda *args, **kwargs: pytest.fail("the backbone loaded before the refusal"))
     assert main(["merge", str(merged), "--out", str(tmp_path / "twice")]) == 2
     assert f"error: {merged}: a merged run has no adapter to merge: its weights are the whole backbone; use it as it " \
            f"is, or --export it in its library's format" in capsys.readouterr().err

@@ -144,10 +144,9 @@ def drop_old_side_markers(examples: list[dict]) -> int:
     Indented plain code starts its lines with spaces but rarely with a dash at column 0,
     let alone in half its records. Kept, the markers would be input the model never saw."""
     removes_a_line = [_marked(example["old"], "-") for example in examples]
-    context_only = [_marked(example["old"], " ") for example in examples]
-    if not all(map(bool.__or__, removes_a_line, context_only)) or 2 * sum(removes_a_line) < len(examples):
-        return 0
-    if not all(_unmarked(example["old"]).strip() for example in examples):
+    every_line_marked = all(removes or _marked(example["old"], " ") for removes, example in zip(removes_a_line, examples))
+    code_left = all(_unmarked(example["old"]).strip() for example in examples)
+    if not (every_line_marked and code_left and 2 * sum(removes_a_line) >= len(examples)):
         return 0
     for example in examples:
         example["old"] = _unmarked(example["old"])

@@ -137,9 +137,13 @@ class _VideoInputs(nn.Module):
             visual.train(was_training)
         return torch.cat(parts)
 
+    def frame_features(self, videos: list[str], sent: dict | None = None) -> torch.Tensor:
+        """The frozen image tower's features of `videos`, from the cache where it has them."""
+        return self.feature_cache.features(videos, lambda missing: self.encode_videos(missing, sent=sent))
+
     def video_inputs(self, videos: list[str], sent: dict | None = None) -> dict[str, torch.Tensor]:
         if self.vision_frozen():
-            return {"frame_features": self.feature_cache.features(videos, lambda missing: self.encode_videos(missing, sent=sent))}
+            return {"frame_features": self.frame_features(videos, sent)}
         return {"pixels": self.pixels(videos, sent)}
 
     def example_length(self, example) -> int:
@@ -314,8 +318,7 @@ class CaptionModel(_VideoInputs):
             batch.update(clm.training_batch(self.tokenizer, prompts, answers))
         else:
             batch.update(clm.prompt_batch(self.tokenizer, prompts))
-        videos, sent = [e["video"] for e in examples], sent_frames(examples)
-        batch["frame_features"] = self.feature_cache.features(videos, lambda missing: self.encode_videos(missing, sent=sent))
+        batch["frame_features"] = self.frame_features([e["video"] for e in examples], sent_frames(examples))
         return batch
 
     def _with_prefix(self, batch, call):
