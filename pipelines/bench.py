@@ -96,7 +96,7 @@ def cell_name(method: str, fold: str | None, seed: int) -> str:
     return f"{method}-splits.{re.sub(r'[^A-Za-z0-9._=+-]', '_', fold)}-seed{seed}"
 
 
-CONSTANT_ANSWER = "a constant answer (the training split's class or finding frequencies)"
+CONSTANT_ANSWER = "the best constant answer (the training split's class or finding frequencies, or one answer always)"
 """Chance's basis for classification (`chance_levels`)."""
 
 
@@ -317,15 +317,18 @@ def _mean_chance(levels: list[tuple[dict[str, float], str]]) -> tuple[dict[str, 
 
 
 def chance_levels(task, dataset, split: str, metric_names: list[str]) -> tuple[dict[str, float], str]:
-    """-> (metric -> what a model that learnt nothing scores on `split`, what it answers).
+    """-> (metric -> the best a model that ignores its input scores on `split`, what it answers).
 
-    By default that model ignores its input and answers the training split's
-    frequencies, scored through the task's own metric code: for single-label
-    classification the class frequencies (majority-class accuracy, AUROC 0.5, AUPR the
-    positive rate), for multi-label data each finding's rate (per-finding AUROC 0.5, AP
-    the finding's prevalence). A task whose metrics rank (retrieval) gives its own levels
-    (`task.chance_levels`). Empty for generated text, which has no such baseline."""
+    By default that model answers a constant, scored through the task's own metric code,
+    and each metric takes the best of these constants: the training split's frequencies
+    (the class frequencies for single-label classification, each finding's rate for
+    multi-label data: AUROC 0.5, AUPR the positive rate) and one answer always (each class;
+    every finding or none). So F1 of a binary task is the all-positive answer's 2p/(1+p),
+    which a degenerate "always yes" adapter reaches, whatever the training rate. A task
+    whose metrics rank (retrieval) gives its own levels (`task.chance_levels`). Empty for
+    generated text, which has no such baseline."""
     from peftlab.shared import evaluation
+    from peftlab.shared.metrics import get_metric
 
     train, scored = dataset.splits.get("train", []), dataset.splits.get(split, [])
     if hasattr(task, "chance_levels"):
@@ -333,16 +336,26 @@ def chance_levels(task, dataset, split: str, metric_names: list[str]) -> tuple[d
     if not dataset.labels or not train or not scored:
         return {}, ""
     if all("targets" in e for e in [*train, *scored]):
-        constant = np.mean([e["targets"] for e in train], axis=0)
+        rates = np.mean([e["targets"] for e in train], axis=0)
+        constants = [rates, np.ones_like(rates), np.zeros_like(rates)]
     elif runner.single_label([*train, *scored]):
         counts = np.bincount([e["label"] for e in train], minlength=len(dataset.labels))
-        prior = counts / counts.sum()
-        constant = prior[1] if len(prior) == 2 else prior  # binary tasks score P(class 1)
+        prior, always = counts / counts.sum(), np.eye(len(counts))
+        # binary tasks score P(class 1)
+        constants = [prior[1], 0.0, 1.0] if len(prior) == 2 else [prior, *always]
     else:
         return {}, ""
-    values = evaluation.compute_metrics(task, metric_names, scored, [np.array(constant)] * len(scored))
-    return ({name: float(values[name]) for name in metric_names if isinstance(values.get(name), int | float)},
-            CONSTANT_ANSWER)
+    levels: dict[str, float] = {}
+    for constant in constants:
+        values = evaluation.compute_metrics(task, metric_names, scored, [np.array(constant)] * len(scored))
+        for name in metric_names:
+            value = values.get(name)
+            if not isinstance(value, int | float):
+                continue
+            best = levels.get(name)
+            if best is None or (value > best if get_metric(name).higher_is_better else value < best):
+                levels[name] = float(value)
+    return levels, CONSTANT_ANSWER
 
 
 def _method_option_overrides(specs: dict, overrides: list[str]) -> dict[str, list[str]]:
@@ -440,6 +453,10 @@ def _check_out_dir(sweep: Sweep) -> None:
         if "data_fingerprint" not in previous:  # written before sweeps recorded it: nothing to compare with
             current.pop("data_fingerprint")
         changed = sorted(k for k in current if previous.get(k) != current[k])
+        if "overrides" in changed:  # key=value lists that build the same configs are the same settings
+            effects = _override_effects(sweep, io.read_json(settings_file).get("overrides") or [])
+            changed = [k for k in changed if k != "overrides"] + (
+                [f"overrides: {'; '.join(effects[:3])}{'; ...' if len(effects) > 3 else ''}"] if effects else [])
         if changed == ["data_fingerprint"]:
             raise UserError(f"{sweep.out}: the data has changed since this sweep's cells were trained (the same card "
                             f"reads other examples now); choose another --out, so that no table mixes the two")
@@ -455,6 +472,35 @@ def _check_out_dir(sweep: Sweep) -> None:
             raise UserError(f"{trained}: cell {cell.name} was trained with other settings than the same command gives "
                             f"now ({'; '.join(changes[:3])}{'; ...' if len(changes) > 3 else ''}): the recipe or a "
                             f"default changed since; choose another --out, or delete {trained.parent} to retrain it")
+
+
+def _override_effects(sweep: Sweep, previous: list[str]) -> list[str]:
+    """`key: before -> now` for each setting the earlier sweep's overrides gave a method's
+    cells otherwise than this one's (`train.seed=0` given where 0 is the default changes
+    nothing). Built without each cell's seed and fold: those are compared on their own."""
+    changes: list[str] = []
+    for cell in {cell.method: cell for cell in sweep.cells}.values():
+        try:
+            before = _method_config(sweep, cell, previous)
+        except UserError as error:
+            return [f"the earlier overrides no longer apply ({error})"]
+        after = _method_config(sweep, cell, sweep.settings["overrides"])
+        changes += [f"{key}: {before.get(key, '(unset)')} -> {after.get(key, '(unset)')}"
+                    for key in sorted(before.keys() | after.keys()) if before.get(key) != after.get(key)]
+    return list(dict.fromkeys(changes))
+
+
+def _method_config(sweep: Sweep, cell: Cell, overrides: list[str]) -> dict[str, Any]:
+    """The flat config a sweep's overrides give `cell`'s method (its own `method.` options only)."""
+    from peftlab.shared.methods.registry import get_method
+
+    takes = {option.name for option in dataclasses.fields(get_method(cell.method).options)}
+    chosen = [item for item in overrides if not item.startswith("method.")
+              or item.partition("=")[0].removeprefix("method.").split(".")[0] in takes]
+    settings = sweep.settings
+    built = runner.build_config(sweep.pipeline, demo=settings["demo"], method=cell.method_argument,
+                                backbone=settings["backbone"], data=settings["data"], overrides=chosen)
+    return _flat(cfg.to_yaml_dict(built))
 
 
 def _config_changes(config: cfg.RunConfig, trained_file: Path) -> list[str]:

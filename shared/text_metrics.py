@@ -18,10 +18,9 @@ calls them through `metrics.get_metric(name).fn`. Values are fractions in [0, 1]
 - `corpus_bleu4`: corpus-level BLEU-4 (sacrebleu defaults, unsmoothed), the WMT figure.
 - `exact_match`: whitespace-normalised string equality (runs of whitespace collapse to
   one space, ends stripped), the code-refinement convention.
-- `rouge_l`: ROUGE-L F1 (longest common subsequence; Google's `rouge-score`, Porter
-  stemming, its tokenisation widened to words of any script), averaged over examples.
-  coco-caption weighs recall with beta = 1.2; this is the plain F1, so expect values
-  close to theirs, not equal.
+- `rouge_l`: coco-caption's ROUGE-L (`pycocoevalcap`, longest common subsequence,
+  F-measure with beta = 1.2 from the best precision and best recall over the
+  references, no stemming), averaged over examples, on the words `cider` uses.
 - `cider`: CIDEr-D (Vedantam et al. 2015) from `pycocoevalcap` (pure Python; its Java
   PTB tokenizer is not used: texts are lower-cased and split on anything that is not a
   letter, digit or apostrophe, and a Chinese or Japanese character is a word). Its idf
@@ -164,35 +163,24 @@ def caption_bleu4(references: Sequence[str | Sequence[str]], hypotheses: Sequenc
 # Chinese and Japanese write words without spaces: each ideograph or kana counts as a
 # word, as sacrebleu's `zh` tokeniser splits Chinese.
 _UNSPACED = "\u3040-\u30ff\u3400-\u4dbf\u4e00-\u9fff\uf900-\ufaff"
-_ROUGE_WORD = re.compile(rf"[{_UNSPACED}]|[^\W_{_UNSPACED}]+")  # letters of any script and digits
-_CAPTION_WORD = re.compile(rf"{_ROUGE_WORD.pattern}(?:'[^\W_{_UNSPACED}]+)*")  # ... and apostrophes inside
-
-
-class _RougeWords:
-    """rouge-score's own tokenisation (lower case, words split at anything else, Porter
-    stems of English words over 3 letters) on letters of any script: its tokeniser keeps
-    only a-z and 0-9, which scored text in other scripts 0. On English text the two agree."""
-
-    def __init__(self):
-        from rouge_score.tokenizers import porter
-
-        self._stemmer = porter.PorterStemmer()
-
-    def tokenize(self, text: str) -> list[str]:
-        words = _ROUGE_WORD.findall(text.lower())
-        return [self._stemmer.stem(w) if len(w) > 3 and w.isascii() else w for w in words]
+# letters of any script and digits, with apostrophes inside ("man's")
+_CAPTION_WORD = re.compile(rf"[{_UNSPACED}]|[^\W_{_UNSPACED}]+(?:'[^\W_{_UNSPACED}]+)*")
 
 
 def rouge_l(references: Sequence[str | Sequence[str]], hypotheses: Sequence[str]) -> float | None:
-    """Mean ROUGE-L F1; with several references, the best one per example."""
-    from rouge_score import rouge_scorer
+    """Mean over examples of coco-caption's ROUGE-L (pycocoevalcap): the LCS F-measure with
+    beta = 1.2, from the best precision and the best recall over the references, on
+    `caption_tokens`. An empty caption scores 0 (coco-caption divides by zero there)."""
+    from pycocoevalcap.rouge.rouge import Rouge
 
     _check(references, hypotheses)
     if not references:
         return None
-    scorer = rouge_scorer.RougeScorer(["rougeL"], tokenizer=_RougeWords())
-    total = sum(scorer.score_multi(refs, hypothesis)["rougeL"].fmeasure
-                for refs, hypothesis in zip(reference_lists(references), hypotheses))
+    scorer, total = Rouge(), 0.0
+    for refs, hypothesis in zip(reference_lists(references), hypotheses):
+        tokens = caption_tokens(hypothesis)
+        kept = [words for words in map(caption_tokens, refs) if words]
+        total += scorer.calc_score([tokens], kept) if tokens and kept else 0.0
     return total / len(references)
 
 

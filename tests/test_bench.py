@@ -157,8 +157,22 @@ def test_rerun_with_other_settings_is_refused(sweep, capsys):
     files = sorted(p.relative_to(sweep) for p in sweep.rglob("*"))
     code = main(["bench", PIPELINE, "--demo", "--methods", "bitfit", "--out", str(sweep), "--in-process", *BUDGET[1:]])
     assert code == 2
-    assert "other settings (overrides)" in capsys.readouterr().err
+    assert "other settings (overrides: train.epochs: 1 -> " in capsys.readouterr().err  # the key, as it acts
     assert sorted(p.relative_to(sweep) for p in sweep.rglob("*")) == files
+
+
+def test_rerun_with_overrides_that_act_alike_resumes(sweep, tmp_path, capsys):
+    """The sweep's overrides in another order, and one more that gives a setting its default
+    value, build the same configs: the sweep resumes, trains no finished cell again and
+    retries only the failing ones."""
+    sweep = Path(shutil.copytree(sweep, tmp_path / "sweep", ignore=shutil.ignore_patterns(bench.LOCK_FILE)))
+    mtimes = {path: path.stat().st_mtime_ns for path in sweep.glob("runs/*/metrics.json")}
+    recipe = bench.runner.build_config(PIPELINE, demo=True, overrides=BUDGET)
+    code = main(["bench", PIPELINE, "--demo", "--methods", "bitfit,explode,vpt", "--seeds", "2", "--out", str(sweep),
+                 "--in-process", *reversed(BUDGET), f"train.weight_decay={recipe.train.weight_decay}"])
+    err = capsys.readouterr().err
+    assert code == 1 and "other settings" not in err and "2 of 8 cells failed (explode-seed0, explode-seed1)" in err, err
+    assert {path: path.stat().st_mtime_ns for path in sweep.glob("runs/*/metrics.json")} == mtimes
 
 
 def test_rerun_after_the_recipe_changed_is_refused_naming_the_cell_and_setting(sweep, monkeypatch, capsys):
@@ -366,19 +380,27 @@ def test_counts_print_without_decimals_and_scores_with_them():
     assert bench._fmt_mean_std((5.0, 0.0), ".0f") == "5 ± 0"
 
 
-def test_chance_is_what_a_constant_answer_of_the_training_class_frequencies_scores(tmp_path):
+def test_chance_is_the_best_score_of_a_constant_answer(tmp_path):
     from peftlab.shared.tasks import Dataset, get_task
 
     task = get_task("protein-classify")
     dataset = Dataset({"train": [{"label": label} for label in (0, 0, 0, 1, 2)],
                        "test": [{"label": label} for label in (0, 1, 2, 2)]}, ["a", "b", "c"])
     chance, basis = bench.chance_levels(task, dataset, "test", ["accuracy", "macro_f1", "auroc"])
-    # always class a (the training majority): right once in four; F1 of a = 2·(1/4·1)/(1/4 + 1) = 0.4, b and c 0
-    assert chance == pytest.approx({"accuracy": 0.25, "macro_f1": 0.4 / 3, "auroc": 0.5})
+    # the training frequencies answer a (right once in four), but always c is right twice;
+    # F1 of c = 2·(1/2·1)/(1/2 + 1) = 2/3, of a and b 0; any constant ranks nothing (AUROC 0.5)
+    assert chance == pytest.approx({"accuracy": 0.5, "macro_f1": 2 / 9, "auroc": 0.5})
     assert basis == bench.CONSTANT_ANSWER
     binary = Dataset({"train": [{"label": label} for label in (0, 1, 1)], "test": [{"label": label} for label in (0, 0, 1, 1)]},
                      ["no", "yes"])
     assert bench.chance_levels(task, binary, "test", ["accuracy", "aupr"])[0] == {"accuracy": 0.5, "aupr": 0.5}
+    # F1 whichever side of 1/2 the training rate lies: always "yes" gets 2p/(1+p) on a test split 45 % positive,
+    # so a degenerate always-yes adapter is at chance
+    for training_rate in (48, 52):
+        necessity = Dataset({"train": [{"label": int(i < training_rate)} for i in range(100)],
+                             "test": [{"label": int(i < 45)} for i in range(100)]}, ["no", "yes"])
+        chance, _ = bench.chance_levels(get_task("code-review-necessity"), necessity, "test", ["f1", "accuracy"])
+        assert chance == pytest.approx({"f1": 2 * 0.45 / 1.45, "accuracy": 0.55})
     text = Dataset({"train": [{"label": "a sum"}], "test": [{"label": "a sum"}]}, [])
     assert bench.chance_levels(get_task("code-review-comment"), text, "test", ["bleu4"]) == ({}, "")
 
@@ -430,8 +452,8 @@ def test_multi_label_chance_answers_each_findings_training_rate():
                                     "test", ["auroc", "aupr", "accuracy", "macro_f1"])
     # a constant score ranks nothing: AUROC 0.5 per finding, AP each finding's test prevalence (1/2);
     # scores 0.75 and 0.25 answer "x, not y" for every image: x right on 2 of 4 images, y on 2 of 4
-    # (accuracy is MedMNIST's, per finding), F1 of x 2/3, of y 0
-    assert chance == pytest.approx({"auroc": 0.5, "aupr": 0.5, "accuracy": 0.5, "macro_f1": 1 / 3})
+    # (accuracy is MedMNIST's, per finding), F1 of x 2/3, of y 0; "every finding" gets F1 2/3 for both
+    assert chance == pytest.approx({"auroc": 0.5, "aupr": 0.5, "accuracy": 0.5, "macro_f1": 2 / 3})
 
 
 def test_a_sweep_resumed_on_changed_data_is_refused_before_anything_runs(tmp_path):

@@ -279,6 +279,41 @@ def test_math_reader_normalises_every_public_shape(tmp_path):
     assert examples[4]["label"] == "2 + 2 = 4. The answer is 4."
 
 
+def test_llm_adapters_aqua_is_scored_by_its_option_letter(tmp_path):
+    """LLM-Adapters' (and pyreft's) AQuA file writes the options inside the instruction and
+    the gold as a letter: the options are read from there, shown once in the prompt, and a
+    generation ending "The answer is A." is right under both scorings."""
+    instruction = "What is 1/5 of 1? Answer Choices: (A) 0.2 (B) 0.4 (C) 5 (D) 1000 (E) 1"
+    path = _write(tmp_path / "aqua.jsonl", [
+        {"instruction": instruction, "input": "", "output": "1/5 = 0.2. The answer is A.", "answer": "A"},
+        {"instruction": instruction, "input": "", "output": "Since 5 > 1. The answer is E.", "answer": "e"}])
+    first, second = data.read_jsonl(path, "math")
+    assert first["choices"] == second["choices"] == ["0.2", "0.4", "5", "1000", "1"]
+    assert (first["answer"], second["answer"]) == ("A", "E") and first["label"] == "1/5 = 0.2. The answer is A."
+    math = get_task("reasoning-arithmetic")
+    for scoring in ("lenient", "pyreft"):
+        assert math.is_right(first["label"], {**first, "scoring": scoring})
+        assert math.is_right(second["label"], {**second, "scoring": scoring})
+        assert not math.is_right(first["label"], {**second, "scoring": scoring})
+    scores = math.compute_metrics(["accuracy"], [first, second], [first["label"], "The answer is 1000."])
+    assert scores["accuracy"] == 0.5
+    tokenizer = clm.load_causal_lm("tiny").tokenizer
+    options = math.options(**{k: v for k, v in runner.build_config("reasoning-arithmetic").task.items() if k != "name"})
+    prompt = tokenizer.decode(render_prompt(tokenizer, options, first)[len(clm.prompt_ids(tokenizer, "")):])
+    assert prompt.count("(A) 0.2") == 1 and f"### Instruction:\n{instruction}\n\n### Response:" in prompt
+
+
+@pytest.mark.parametrize("instruction, answer, message", [
+    ("What is 1/5 of 1?", "A", r"aqua\.jsonl:1: the answer is an option letter, but the instruction does not end "
+                               r"with its options as \"Answer Choices: \(A\) \.\.\. \(B\) \.\.\.\""),
+    ("Pick. Answer Choices: (A) 1 (B) 2", "C", r"aqua\.jsonl:1: answer 'C' is not one of the options A-B"),
+])
+def test_llm_adapters_letter_answers_need_their_options(tmp_path, instruction, answer, message):
+    path = _write(tmp_path / "aqua.jsonl", [{"instruction": instruction, "answer": answer}])
+    with pytest.raises(UserError, match=message):
+        data.read_jsonl(path, "math")
+
+
 @pytest.mark.parametrize("line, message", [
     ('{"question": "q", "choices": ["a", "b"], "answer": "C"}', r"bad\.jsonl:1: answer 'C' is neither"),
     ('{"goal": "g", "sol1": "a", "sol2": "b", "label": 5}', r"bad\.jsonl:1: answer index 5 is out of range"),
@@ -316,6 +351,13 @@ def test_math_reader_refuses_non_numbers(tmp_path):
     ("Answer: C, since", {"choices": ["x", "y", "z"]}, "C"),
     ("B) y", {"choices": ["x", "y"]}, "B"),
     ("it costs 23 dollars", {"choices": ["2", "23"]}, "B"),  # whole words: "23" is not "2"
+    # numeric options: the final number chooses, not a number the working passes through
+    ("3 km in 2 hours, so the answer is 1.5", {"choices": ["3", "1.5", "2"]}, "B"),
+    ("3 km in 2 hours gives 1.5", {"choices": ["3", "1.5", "2"]}, "B"),
+    ("it is 7", {"choices": ["3", "1.5", "2"]}, None),
+    ("so 1,200", {"choices": ["12", "1200"]}, "B"),
+    ("not the hammer but the plum", {"choices": ["hammer", "plum"]}, None),  # two options: none chosen
+    ("an apple pie", {"choices": ["apple", "apple pie"]}, "B"),  # "apple" only inside "apple pie"
     ("the answer is a plum", {"choices": ["hammer", "plum"]}, "B"),  # "a" here is an article
     ("yes, it is", {"choices": None, "answer": "true"}, "true"),
     ("the correct answer is answer3", {"choices": None, "answer": "answer1"}, "answer3"),

@@ -275,8 +275,12 @@ def math_example(record: dict, where: str, labelled: bool) -> dict:
     elif "instruction" in r:  # LLM-Adapters math
         question = r["instruction"] + (f"\n{r['input']}" if r.get("input") else "")
         rationale = str(r.get("output", "")).strip()
-        gold = r.get("answer")
-        answer = None if gold is None else (str(gold).strip().upper() if str(gold).strip().upper() in "ABCDE" and len(str(gold).strip()) == 1 else number_text(gold, where))
+        gold = None if r.get("answer") is None else str(r["answer"]).strip()
+        if gold is not None and len(gold) == 1 and gold.upper() in LETTERS:  # AQuA: the options are in the instruction
+            choices = _inline_choices(question, where)
+            answer = _letter_answer(gold, choices, where)
+        else:
+            answer = None if gold is None else number_text(gold, where)
     elif "question" in r:  # unified
         question = r["question"]
         choices = r.get("choices")
@@ -287,6 +291,8 @@ def math_example(record: dict, where: str, labelled: bool) -> dict:
         raise UserError(f"{where}: not a math record peftlab knows (keys {sorted(r)[:6]}); "
                         f"use the unified form {{\"question\", \"answer\"}} (+ optional \"rationale\")")
     example: dict[str, Any] = {"question": str(question).strip(), "choices": choices}
+    if choices is not None and "instruction" in r:
+        example["choices_in_question"] = True  # LLM-Adapters' prompt shows them inline; not twice
     if answer is None:
         if labelled:
             raise UserError(f"{where}: no answer; labelled data needs the gold answer")
@@ -300,6 +306,25 @@ def math_example(record: dict, where: str, labelled: bool) -> dict:
     else:
         example["label"] = f"{rationale} {final}" if rationale else final
     return example
+
+
+def _inline_choices(question: str, where: str) -> list[str]:
+    """AQuA's options as LLM-Adapters writes them, at the end of the instruction:
+    "... Answer Choices: (A) 21 (B) 21.5 (C) 22 (D) 22.5 (E) 23"."""
+    _, found, listed = question.rpartition("Answer Choices:")
+    parts = re.split(r"\(([A-Z])\)\s*", listed)[1:] if found else []
+    letters, texts = parts[0::2], [text.strip() for text in parts[1::2]]
+    if len(letters) < 2 or "".join(letters) != LETTERS[:len(letters)]:
+        raise UserError(f"{where}: the answer is an option letter, but the instruction does not end with its "
+                        f"options as \"Answer Choices: (A) ... (B) ...\"; add them, or give the number")
+    return texts
+
+
+def _letter_answer(gold: str, choices: list[str], where: str) -> str:
+    letter = gold.upper()
+    if letter not in LETTERS[:len(choices)]:
+        raise UserError(f"{where}: answer {gold!r} is not one of the options A-{LETTERS[len(choices) - 1]}")
+    return letter
 
 
 # ----------------------------------------------------------------------------- answer extraction
@@ -339,13 +364,29 @@ def _choice_letter(text: str, valid: str) -> str | None:
 
 
 def _choice_text(text: str, choices: list[str]) -> str | None:
-    """The option whose text a generation spells out, as whole words ("23" is not "2")."""
+    """The one option a generation spells out. Numeric options (AQuA's "3", "4.5") are
+    matched by the generation's final number, since a working that passes through "3" does
+    not choose "3". Other options are matched as whole words ("23" is not "2"); an option
+    found only inside a longer one found ("apple" in "apple pie") does not count, and a
+    generation naming two options chooses none, rather than the first listed."""
+    values = [_as_number(choice) for choice in choices]
+    if all(value is not None for value in values):
+        stated = extract_number(text)
+        hits = [] if stated is None else [i for i, value in enumerate(values) if abs(value - float(stated)) <= 1e-3]
+        return LETTERS[hits[0]] if len(hits) == 1 else None
     lowered = " ".join(text.lower().split())
-    for index, choice in enumerate(choices):
-        wanted = " ".join(choice.lower().split())
-        if wanted and re.search(rf"(?<!\w){re.escape(wanted)}(?!\w)", lowered):
-            return LETTERS[index]
-    return None
+    wanted = [" ".join(choice.lower().split()) for choice in choices]
+    found = [i for i, option in enumerate(wanted) if option and re.search(rf"(?<!\w){re.escape(option)}(?!\w)", lowered)]
+    found = [i for i in found if not any(j != i and wanted[i] in wanted[j] and len(wanted[j]) > len(wanted[i])
+                                         for j in found)]
+    return LETTERS[found[0]] if len(found) == 1 else None
+
+
+def _as_number(text: str) -> float | None:
+    try:
+        return float(number_text(text, "option"))
+    except UserError:
+        return None
 
 
 def extract_number(text: str) -> str | None:

@@ -66,7 +66,8 @@ class ReasoningOptions:
 
 
 def render_prompt(tokenizer, options: ReasoningOptions, example: dict) -> list[int]:
-    choices = "".join(f"({data.LETTERS[i]}) {c}\n" for i, c in enumerate(example.get("choices") or []))
+    shown = [] if example.get("choices_in_question") else example.get("choices") or []
+    choices = "".join(f"({data.LETTERS[i]}) {c}\n" for i, c in enumerate(shown))
     frame = clm.prompt_ids(tokenizer, options.prompt_template.format(question="", choices=choices))
     question = clm.encode(tokenizer, example["question"])
     budget = max(options.max_prompt_tokens - len(frame), 0)

@@ -518,7 +518,9 @@ class RetrievalTask(_VideoTextTask):
             row["similarity"] = float(output["video"] @ output["text"])
         for kind in ("video", "text"):
             if kind in output:
-                row[f"{kind}_embedding"] = [round(float(x), 6) for x in output[kind]]
+                # each float32 as its shortest exact decimal: reading it back as float32 gives
+                # the embedding itself, so similarities recomputed from the file are exact
+                row[f"{kind}_embedding"] = [float(str(x)) for x in np.asarray(output[kind], dtype=np.float32)]
         return row
 
     def describe_predictions(self, examples, outputs, labels) -> list[dict]:
@@ -534,7 +536,7 @@ class RetrievalTask(_VideoTextTask):
                 similarity = videos @ outputs[query]["text"]
                 order = np.argsort(-similarity, kind="stable")[:TOP_VIDEOS]
                 rows[query]["top_videos"] = [{"id": examples[library[j]]["id"], "video": examples[library[j]]["video"],
-                                              "similarity": round(float(similarity[j]), 6)} for j in order]
+                                              "similarity": float(similarity[j])} for j in order]
         return rows
 
     def write_report(self, split, examples, outputs, labels, directory) -> None:
