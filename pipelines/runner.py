@@ -13,6 +13,8 @@ the others learn its path, so one run is one directory whoever started it.
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import json
 import logging
 import shutil
@@ -33,6 +35,7 @@ from peftlab.shared.cards import Card, read_card
 from peftlab.shared.data import subsample
 from peftlab.shared.errors import UserError
 from peftlab.shared.evaluation import evaluate
+from peftlab.shared.metrics import list_metrics
 from peftlab.shared.tasks import Dataset, get_task
 from peftlab.shared.training import (
     launcher_rank,
@@ -138,7 +141,18 @@ def load_card(card_path: str | Path, task, root: Path | None = None) -> Card:
     card.check_split_keys(task.split_keys, task.name)
     card.check_field_keys(task.field_keys, task.name)
     if card.format not in task.formats:
-        raise UserError(f"{card.card_path}: format {card.format!r} is not one {task.name} reads ({', '.join(task.formats)}); set `loader:` for another format")
+        raise UserError(f"{card.card_path}: format {card.format!r} is not one {task.name} reads ({', '.join(task.formats)}); "
+                        f"convert the data to one of them")
+    if card.loader is not None:
+        raise UserError(f"{card.card_path}: loader: custom loader functions are not supported yet; convert the data "
+                        f"to a format {task.name} reads ({', '.join(task.formats)}) and leave `loader` out")
+    if card.group_by is not None and not getattr(task, "group_metrics", False):
+        raise UserError(f"{card.card_path}: group_by: {task.name} reports no per-group metrics (medical-classify and "
+                        f"speech-emotion do); leave group_by out")
+    unknown = [name for name in card.metrics or [] if name not in list_metrics()]
+    if unknown:
+        raise UserError(f"{card.card_path}: metrics: unknown metric {unknown[0]!r}; {task.name} computes "
+                        f"{', '.join(task.metrics)}")
     return card
 
 
@@ -245,6 +259,10 @@ def run_metrics(config: cfg.RunConfig, task, card: Card) -> tuple[list[str], str
 
     metric_names = config.eval.metrics or card.metrics or list(task.metrics)
     primary = config.eval.primary_metric or task.primary_metric
+    for key, names in (("eval.metrics", config.eval.metrics or []), ("eval.primary_metric", [primary])):
+        unknown = [name for name in names if name not in list_metrics()]
+        if unknown:
+            raise UserError(f"{key}: unknown metric {unknown[0]!r}; {task.name} computes {', '.join(task.metrics)}")
     if primary not in metric_names:
         metric_names = [primary, *metric_names]
     for name in metric_names:
@@ -261,6 +279,13 @@ def prepare(config: cfg.RunConfig, run_dir: Path | None = None) -> Prepared:
     card = load_card(config.data.card, task) if run_dir is None else load_run_card(run_dir, config, task)
     dataset = read_dataset(config, task, options, card)
     metric_names, primary = run_metrics(config, task, card)
+    others = [split for split in config.eval.splits if split != "validation"]
+    if "validation" not in dataset.splits and "validation" in config.eval.splits and others \
+            and all(split in dataset.splits for split in others):
+        # a card with no validation split (validation_fraction: 0, or no validation ratio)
+        # runs with the recipes' [validation, test]: the splits it has are evaluated
+        config.eval.splits = others
+        log(f"note: the data has no validation split; eval.splits is {others}")
     for split in config.eval.splits:
         if split not in dataset.splits:
             held_out = [present for present in dataset.splits if present != "train"]
@@ -346,7 +371,8 @@ def run(config: cfg.RunConfig, out: str | Path | None = None) -> Path:
     try:
         if main:
             _write_start(run_dir, prepared)
-        return _train_and_finish(run_dir, prepared, resume=False)
+        with _training_lock(run_dir, main):
+            return _train_and_finish(run_dir, prepared, resume=False)
     except UserError:
         if main:
             shutil.rmtree(run_dir, ignore_errors=True)
@@ -380,15 +406,33 @@ def resume(run_dir: str | Path) -> Path:
         raise UserError(f"{run_dir} is a merged model (`peftlab merge` of {merged_from['run_dir']}), not an unfinished "
                         f"run; evaluate or predict with it, or train on it from its export (`peftlab merge --export`)")
     config = cfg.validate(cfg.read_config_file(run_dir / "run.yaml"), where=str(run_dir / "run.yaml"))
-    checkpoints = run_dir / "checkpoints"
-    if checkpoint.has_checkpoint(checkpoints):
-        checkpoint.check_checkpoint(checkpoints)
-    prepared = prepare(config, run_dir=run_dir if (run_dir / "card.md").is_file() else None)
+    main = process_state().is_main_process
     try:
-        return _train_and_finish(run_dir, prepared, resume=True)
+        with _training_lock(run_dir, main):
+            checkpoints = run_dir / "checkpoints"
+            if checkpoint.has_checkpoint(checkpoints):
+                checkpoint.check_checkpoint(checkpoints)
+            prepared = prepare(config, run_dir=run_dir if (run_dir / "card.md").is_file() else None)
+            return _train_and_finish(run_dir, prepared, resume=True)
     except KeyboardInterrupt:
-        _say_how_to_resume(run_dir, process_state().is_main_process)
+        _say_how_to_resume(run_dir, main)
         raise
+
+
+@contextlib.contextmanager
+def _training_lock(run_dir: Path, main: bool):
+    """Held on run.yaml while a process trains the run, so that `--resume` of a run still
+    training elsewhere is refused instead of two processes writing one directory."""
+    if not main:
+        yield
+        return
+    with open(run_dir / "run.yaml", "rb") as handle:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise UserError(f"{run_dir}: another peftlab process is training this run; let it finish, or stop it "
+                            f"and then resume") from None
+        yield
 
 
 def _say_how_to_resume(run_dir: Path, main: bool) -> None:

@@ -131,6 +131,7 @@ class Task(Protocol):
     #   rows_follow_examples(options)                   whether the backbone sees one input row per example (serve mixes adapters by row)
     #   parse_request(body, options)                    `peftlab serve`'s JSON input form
     #   export_backbone(model, directory)               the backbone in its library's own format
+    #   group_metrics (attribute)                       True where the card's `group_by` gives per-group metrics
 
 
 _TASKS: dict[str, Task] = {}

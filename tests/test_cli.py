@@ -318,3 +318,43 @@ def test_tqdm_disable_hides_the_training_and_evaluation_bars(tmp_path):
     assert "step/s" in shown.stderr and "evaluate test" in shown.stderr
     assert "step/s" not in hidden.stderr and "evaluate" not in hidden.stderr and "%|" not in hidden.stderr
     assert "epoch 1: train loss" in hidden.stderr  # what the run says still shows
+
+
+def test_a_card_without_validation_runs_with_the_recipes_evaluated_splits(tmp_path, capsys):
+    """`validation_fraction: 0` or ratios without validation is documented to train on all
+    of train and keep the last epoch; the recipes evaluate [validation, test], so the run
+    evaluates the split it has, and says so, rather than refusing the card."""
+    rows = ["sequence,label"] + [f"{'MKTAYIAKQR'[: 5 + i % 5]}{'GW'[i % 2] * 6},{i % 2}" for i in range(20)]
+    (tmp_path / "d.csv").write_text("\n".join(rows) + "\n")
+    card = tmp_path / "card.md"
+    card.write_text("---\nname: noval\ndomain: protein\ntask: protein-classify\nformat: csv\nfiles: {data: d.csv}\n"
+                    "splits: {ratios: {train: 0.8, test: 0.2}}\n---\n")
+    assert main(["run", "protein-classify", "--backbone", "tiny", "--data", str(card), "--out", str(tmp_path / "run"),
+                 "train.max_steps=2"]) == 0
+    err = capsys.readouterr().err
+    assert "note: the data has no validation split; eval.splits is ['test']" in err
+    metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())
+    assert "test" in metrics and "validation" not in metrics
+    assert yaml.safe_load((tmp_path / "run" / "run.yaml").read_text())["eval"]["splits"] == ["test"]
+    # a split the data lacks that is not validation is still refused
+    assert main(["run", "protein-classify", "--backbone", "tiny", "--data", str(card), "--out", str(tmp_path / "other"),
+                 "eval.splits=[validation]"]) == 2
+
+
+def test_resume_of_a_run_another_process_is_training_is_refused(tmp_path, capsys):
+    """Training holds a lock on run.yaml; `--resume` of the same run from a second process
+    stops with one line instead of two processes writing one directory."""
+    import fcntl
+
+    run_dir = tmp_path / "run"
+    assert main(["run", "protein-classify", "--demo", "--out", str(run_dir), "train.max_steps=1", "train.epochs=1"]) == 0
+    (run_dir / "metrics.json").unlink()  # as if the first process were still training
+    with open(run_dir / "run.yaml", "rb") as held:
+        fcntl.flock(held, fcntl.LOCK_EX)
+        resumed = run_peftlab("run", "--resume", run_dir)
+    assert resumed.returncode == 2, resumed.stderr[-2000:]
+    assert resumed.stderr.strip().splitlines() == [
+        f"error: {run_dir}: another peftlab process is training this run; let it finish, or stop it and then resume"]
+    assert not (run_dir / "metrics.json").exists()
+    capsys.readouterr()
+    assert main(["run", "--resume", str(run_dir)]) == 0 and (run_dir / "metrics.json").is_file()  # the lock is gone

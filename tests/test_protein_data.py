@@ -383,6 +383,17 @@ def test_group_by_protein_leaves_no_protein_in_two_splits(tmp_path):
     note = next(n for n in dataset.notes if n.startswith("group_by_protein"))
     dropped_train, dropped_validation = map(int, re.search(r"dropped (\d+) training and (\d+) validation", note).groups())
     assert dropped_train + dropped_validation == len(pairs) - kept > 0
+    # given files whose validation pairs all share a protein with test: the split it empties is named
+    (tmp_path / "train.tsv").write_text("P1\tP2\t1\nP3\tP4\t0\n")
+    (tmp_path / "validation.tsv").write_text("P5\tP6\t1\n")
+    (tmp_path / "test.tsv").write_text("P5\tP7\t0\nP8\tP9\t1\n")
+    (tmp_path / "files.md").write_text(card_text.replace("pairs: pairs.tsv}", "pairs: pairs.tsv}").replace(
+        "splits: {ratios: {train: 0.8, validation: 0.1, test: 0.1}, seed: 0,",
+        "splits: {train: train.tsv, validation: validation.tsv, test: test.tsv,"))
+    with pytest.raises(UserError, match=r"files\.md: splits\.group_by_protein left split 'validation' empty: every one "
+                                        r"of its pairs shares a protein with a later split; give it pairs of other "
+                                        r"proteins, or set group_by_protein: false$"):
+        PPITask().read(read_card(str(tmp_path / "files.md")), PPITask().options())
 
 
 def test_repeated_pairs_are_one_example_and_never_cross_splits(tmp_path):
@@ -455,8 +466,8 @@ def test_predict_reads_tables_with_the_training_cards_columns(tmp_path):
     import peftlab
 
     rng = np.random.default_rng(0)
-    rows = ["peptide,activity"] + [f"{''.join(rng.choice(list('ACDEFGHIKLMNPQRSTVWY'), 12))},{i % 2}" for i in range(24)]
-    (tmp_path / "train.csv").write_text("\n".join(rows) + "\n")
+    rows_text = ["peptide,activity"] + [f"{''.join(rng.choice(list('ACDEFGHIKLMNPQRSTVWY'), 12))},{i % 2}" for i in range(24)]
+    (tmp_path / "train.csv").write_text("\n".join(rows_text) + "\n")
     card = tmp_path / "card.md"
     card.write_text("---\nname: renamed\ndomain: protein\ntask: protein-classify\nformat: csv\nfiles: {data: train.csv}\n"
                     "fields: {sequence: peptide, label: activity}\nlabels: [inactive, active]\n---\n")
@@ -466,6 +477,13 @@ def test_predict_reads_tables_with_the_training_cards_columns(tmp_path):
     rows = peftlab.load(run_dir).predict([str(tmp_path / "new.csv")])
     assert [r["prediction"] in ("inactive", "active") for r in rows] == [True, True]
     assert rows[0]["positive_class"] == "active" and rows[0]["score"] != rows[1]["score"]
+    # the id column a card names is not needed to predict: rows are then named FILE:LINE
+    (tmp_path / "card.md").write_text(card.read_text().replace("label: activity}", "label: activity, id: name}"))
+    (tmp_path / "train.csv").write_text("\n".join(f"{row},{'name' if i == 0 else f'p{i}'}" for i, row in enumerate(rows_text)) + "\n")
+    named_run = peftlab.run("protein-classify", data=str(card), backbone="tiny", out=tmp_path / "named",
+                            overrides={"train.epochs": 1})
+    named = peftlab.load(named_run).predict([str(tmp_path / "new.csv")])
+    assert [r["id"] for r in named] == ["new.csv:2", "new.csv:3"]
     (tmp_path / "other.csv").write_text("sequence\nMKTAYIAKQR\n")
     with pytest.raises(UserError, match=r"other\.csv: column 'peptide' for fields\.sequence not found; predict reads "
                                         r"inputs with the run's card, \S*card\.md \(fields \{'sequence': 'peptide', "

@@ -283,6 +283,12 @@ def test_session_folds(tmp_path):
     other = TASK.read(with_split_overrides(card, {"test": 1}, TASK), SpeechEmotionOptions())
     assert {e["session"] for e in other.splits["test"]} == {"1"} and {e["session"] for e in other.splits["train"]} == {"2"}
     assert card.splits["test"] == [2]  # the card itself is unchanged
+    # one value, as `--folds test=1,2` gives it (a string) or a card writes it (`test: Ses05`): a fold, not a file
+    single = TASK.read(with_split_overrides(card, {"test": "1"}, TASK), SpeechEmotionOptions())
+    assert {split: len(e) for split, e in single.splits.items()} == {split: len(e) for split, e in other.splits.items()}
+    assert {e["session"] for e in single.splits["test"]} == {"1"}
+    assert any(note.startswith(f"validation: {len(single.splits['validation'])} training clips held out (speakers ")
+               and note.endswith("the test fold is untouched") for note in single.notes), single.notes
     with pytest.raises(UserError, match=r"splits names session '2' for both test and validation"):
         TASK.read(with_split_overrides(card, {"validation": [2]}, TASK), SpeechEmotionOptions())
     with pytest.raises(UserError, match=r"data.splits.fold is not a split key speech-emotion reads"):
@@ -401,6 +407,13 @@ def test_read_inputs_and_confusion_report(tmp_path):
     listed = TASK.read_inputs([tmp_path / "list.csv"], SpeechEmotionOptions(), {"path": "file", "speaker": "who"})
     assert [e["id"] for e in listed] == ["b.ogg", "a.wav"] and all("label" not in e for e in listed)
     assert listed[1]["path"] == examples[0]["path"] and listed[1]["samples"] == examples[0]["samples"]
+    # the card's speaker, gender and session columns are not needed to predict: a list of paths will do
+    (tmp_path / "paths.csv").write_text("file\nb.ogg\na.wav\n")
+    bare = TASK.read_inputs([tmp_path / "paths.csv"], SpeechEmotionOptions(),
+                            {"path": "file", "speaker": "who", "gender": "sex", "session": "ses"})
+    assert [e["id"] for e in bare] == ["b.ogg", "a.wav"] and all("speaker" not in e for e in bare)
+    with pytest.raises(UserError, match=r"paths\.csv: column 'clip' for fields\.path is not in the header \['file'\]"):
+        TASK.read_inputs([tmp_path / "paths.csv"], SpeechEmotionOptions(), {"path": "clip"})
     # predict says which clips only a window of is scored
     assert TASK.input_notes(examples, SpeechEmotionOptions(max_seconds=0.4)) == [
         "3 clips are longer than task.max_seconds=0.4: their centre 0.4 s is scored (task.eval_crop=full scores whole clips)"]

@@ -265,6 +265,8 @@ class MedicalClassifyTask:
     card_keys = ("demo", "on_bad_file", "image_root")
     split_keys = (*SPLIT_KEYS, "validation_fraction")
     field_keys = ("image", "label", "group", "patient")
+    group_metrics = True
+    """The card's `group_by` gives per-group metrics (e.g. AUROC per sex) and the worst-group gap."""
     options = MedicalImageOptions
 
     def backbones(self) -> list[str]:

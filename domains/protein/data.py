@@ -124,8 +124,13 @@ def read_sequence_csv(path: Path, fields: dict, labels: list[str] | None, labell
     header = [h.strip() for h in rows[0][1]]
     seq_col = _column(fields, "sequence", "sequence", header, path)
     label_col = _column(fields, "label", "label", header, path) if labelled else None
-    # ids from `fields.id`, else from a column named `id`, else file:line
-    id_col = _column(fields, "id", None, header, path) if "id" in fields else header.index("id") if "id" in header else None
+    # ids from `fields.id`, else from a column named `id`, else file:line; a table to
+    # predict on may leave out the id column the training card named
+    id_spec = fields.get("id", "id")
+    if "id" in fields and (labelled or isinstance(id_spec, int) or id_spec in header):
+        id_col = _column(fields, "id", None, header, path)
+    else:
+        id_col = header.index(id_spec) if id_spec in header else None
     examples = []
     for number, cells in rows[1:]:
         if len(cells) != len(header):

@@ -369,6 +369,11 @@ class PPITask(_ProteinTask):
             splits = self._splits(card, pairs["all"], by_first_protein)
         if group:  # given files too: pairs of train (and validation) sharing a protein with a later split go
             notes.append(keep_proteins_apart(splits))
+            emptied = [name for name in ("train", "validation") if name in splits and not splits[name]]
+            if emptied:
+                raise UserError(f"{card.card_path}: splits.group_by_protein left split {emptied[0]!r} empty: every one "
+                                f"of its pairs shares a protein with a later split; give it pairs of other proteins, "
+                                f"or set group_by_protein: false")
         long, where = count_by_split(splits, lambda e: max(len(e["a_seq"]), len(e["b_seq"])) > options.max_length)
         if long:
             notes.append(f"{long} pairs ({where}) have a sequence longer than {options.max_length} residues, cropped "

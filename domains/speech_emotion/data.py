@@ -199,7 +199,8 @@ def read_table(path: Path, audio_root: Path, fields: dict, labels: list[str] | N
             columns[key] = spec
         elif spec in header:
             columns[key] = header.index(spec)
-        elif key == "path" or (key == "label" and labelled) or (key in fields and key != "label"):
+        # prediction reads the audio alone: the card's speaker, gender and session columns may be absent there
+        elif key == "path" or (labelled and key in ("label", *fields)):
             raise MissingField(str(path), f"column {spec!r} for fields.{key} is not in the header {header}", "fix `fields` in the card",
                                field=key)
     if group_by is not None and group_by not in columns and group_by not in header:

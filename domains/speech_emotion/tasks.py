@@ -286,6 +286,8 @@ class SpeechEmotionTask:
     card_keys = ("demo", "on_bad_file", "label_map")
     split_keys = (*SPLIT_KEYS, "fold_by", "validation_fraction")
     field_keys = data.TABLE_FIELDS
+    group_metrics = True
+    """The card's `group_by` gives per-group metrics (e.g. UAR per gender) and their gap."""
     options = SpeechEmotionOptions
 
     def backbones(self) -> list[str]:
@@ -343,7 +345,9 @@ class SpeechEmotionTask:
         read = lambda path: data.read_table(path, audio_root, card.fields, card.labels, label_map,  # noqa: E731
                                             card.group_by, on_bad_file)
         notes, skipped, dropped = [], [], Counter()
-        files = {k: spec[k] for k in ("train", "validation", "test") if isinstance(spec.get(k), str)}
+        # with fold_by, `test: Ses05` is one fold value (as `--folds test=1,2` gives), not a file
+        files = {} if "fold_by" in spec else {k: spec[k] for k in ("train", "validation", "test")
+                                              if isinstance(spec.get(k), str)}
         if files:
             splits = {}
             for split, value in files.items():
@@ -357,10 +361,7 @@ class SpeechEmotionTask:
                 fraction = validation_fraction(card)
                 splits.update(data.hold_out_speakers(splits["train"], fraction, int(spec.get("seed", 0)), str(card.card_path)))
                 if "validation" in splits:
-                    speakers = sorted({str(e["speaker"]) for e in splits["validation"] if "speaker" in e})
-                    whose = f"speakers {', '.join(speakers)}" if speakers else "no speakers named in the table"
-                    notes.append(f"validation: {len(splits['validation'])} training clips held out ({whose}; "
-                                 f"splits.validation_fraction={fraction}); test is untouched")
+                    notes.append(_held_out_note(splits["validation"], fraction, "test is untouched"))
             overlap = _shared_speakers(splits)
             if overlap:
                 notes.append(f"speakers {sorted(overlap)[:5]} appear in more than one split file: results are not speaker-independent")
@@ -376,6 +377,9 @@ class SpeechEmotionTask:
                 splits = data.fold_split(examples, spec["fold_by"], _as_list(spec["test"]),
                                          _as_list(spec["validation"]) if "validation" in spec else None,
                                          validation_fraction(card), seed, where)
+                if "validation" not in spec and "validation" in splits:
+                    notes.append(_held_out_note(splits["validation"], validation_fraction(card),
+                                                "the test fold is untouched"))
             else:
                 ratios = spec.get("ratios", {"train": 0.8, "validation": 0.1, "test": 0.1})
                 if all("speaker" in e for e in examples):
@@ -464,6 +468,12 @@ class SpeechEmotionTask:
 
     def card_template(self) -> str:
         return CARD_TEMPLATE
+
+
+def _held_out_note(validation: list[dict], fraction: float, test: str) -> str:
+    speakers = sorted({str(e["speaker"]) for e in validation if "speaker" in e})
+    whose = f"speakers {', '.join(speakers)}" if speakers else "no speakers named in the table"
+    return f"validation: {len(validation)} training clips held out ({whose}; splits.validation_fraction={fraction}); {test}"
 
 
 def _as_list(value) -> list:
