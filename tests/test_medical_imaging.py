@@ -516,3 +516,138 @@ def test_patient_field_keeps_each_patients_images_in_one_split(tmp_path):
     assert by_patient["validation"] and not by_patient["validation"] & by_patient["train"]
     with pytest.raises(UserError, match="fields.patient names a column of a csv table"):
         TASK.read(read_card(_write_card(tmp_path, "format: imagefolder\npath: img\nfields: {patient: p}")), TASK.options())
+    # ratios that give validation 0 (or leave it out) make no validation split: nothing is held out of train
+    for ratios in ("{train: 0.8, validation: 0, test: 0.2}", "{train: 0.8, test: 0.2}"):
+        by_patient, dataset = patients(base + f"path: data.csv\nfields: {{label: finding, patient: patient}}\n"
+                                       f"splits: {{ratios: {ratios}, seed: 0}}")
+        assert set(by_patient) == {"train", "test"} and sum(len(v) for v in by_patient.values()) == 20
+        assert not any(note.startswith("validation:") for note in dataset.notes)
+
+
+@pytest.mark.parametrize("header, message", [
+    ("format: imagefolder\npath: img\nsplits: {train: nope_train, test: nope_test}",
+     r"card\.md: splits\.train: format imagefolder does not read per-split files; lay the folder out as path/train, "
+     r"path/val, path/test \(class folders inside each\), or use format: csv with one table per split$"),
+    ("format: medmnist_npz\npath: m.npz\nsplits: {ratios: {train: 0.5, validation: 0.5}, test: nope.npz, seed: 3}",
+     r"card\.md: splits\.test: format medmnist_npz does not read per-split files; the file's own train/val/test "
+     r"arrays are its splits \(splits\.ratios split a file with train only\)$"),
+])
+def test_per_split_files_are_refused_by_formats_that_split_themselves(tmp_path, header, message):
+    """They were accepted, even naming missing files, and the data was split by the default ratios."""
+    with pytest.raises(UserError, match=message):
+        TASK.read(read_card(_write_card(tmp_path, header)), TASK.options())
+
+
+def test_per_split_tables_still_work_for_csv(tmp_path):
+    _image_table(tmp_path, "label", [["benign", "malignant"][i % 2] for i in range(20)])
+    rows = (tmp_path / "data.csv").read_text().splitlines()
+    (tmp_path / "train.csv").write_text("\n".join(rows[:17]) + "\n")
+    (tmp_path / "test.csv").write_text("\n".join(rows[:1] + rows[17:]) + "\n")
+    card = "format: csv\nlabels: [benign, malignant]\nsplits: {train: train.csv, test: test.csv, validation_fraction: 0.25}"
+    dataset = TASK.read(read_card(_write_card(tmp_path, card)), TASK.options())
+    assert {k: len(v) for k, v in dataset.splits.items()} == {"train": 12, "test": 4, "validation": 4}
+    # a whole table or ratios beside them would be ignored: refused
+    for extra, named in (("path: data.csv", "path"), ("files: {data: data.csv}", "files.data")):
+        with pytest.raises(UserError, match=rf"card\.md: {named} and splits\.train: one table per split makes the "
+                                            rf"splits; remove {named}, or the per-split tables to split one table by ratios$"):
+            TASK.read(read_card(_write_card(tmp_path, card + "\n" + extra)), TASK.options())
+    with pytest.raises(UserError, match=r"card\.md: splits\.ratios and splits\.train: one table per split"):
+        TASK.read(read_card(_write_card(tmp_path, card.replace("validation_fraction: 0.25", "ratios: {train: 1.0}"))),
+                  TASK.options())
+
+
+def test_a_validation_ratio_of_zero_makes_no_validation_split(tmp_path):
+    """It held 10 % of train out as validation all the same (38 / 10 / 3 of 51 images);
+    protein, speech and point clouds leave a split of ratio 0 out, as the README says."""
+    _image_table(tmp_path, "label", [["benign", "malignant"][i % 2] for i in range(20)])
+    base = "format: csv\npath: data.csv\nlabels: [benign, malignant]\n"
+    for ratios in ("{train: 0.8, validation: 0, test: 0.2}", "{train: 0.8, test: 0.2}"):
+        dataset = TASK.read(read_card(_write_card(tmp_path, base + f"splits: {{ratios: {ratios}, seed: 0}}")), TASK.options())
+        assert {k: len(v) for k, v in dataset.splits.items()} == {"train": 16, "test": 4}
+        assert dataset.notes == []
+    dataset = TASK.read(read_card(_write_card(tmp_path, base)), TASK.options())  # the default ratios: 0.8 / 0.1 / 0.1
+    assert {k: len(v) for k, v in dataset.splits.items()} == {"train": 16, "validation": 2, "test": 2}
+    # a validation_fraction next to ratios would be ignored: refused
+    with pytest.raises(UserError, match=r"card\.md: splits\.validation_fraction holds validation out of train where the "
+                                        r"data comes split \(split folders, per-split files, an npz's arrays\); here "
+                                        r"splits\.ratios divide the images: give validation its ratio there \(e\.g\. "
+                                        r"ratios: \{train: 0\.8, validation: 0\.1, test: 0\.1\}\) and remove "
+                                        r"validation_fraction$"):
+        TASK.read(read_card(_write_card(tmp_path, base + "splits: {ratios: {train: 0.8, test: 0.2}, "
+                                                         "validation_fraction: 0.1}")), TASK.options())
+
+    # a MedMNIST file with train arrays only is split by the ratios, likewise
+    rng = np.random.default_rng(0)
+    arrays = {"train_images": rng.integers(0, 255, (20, 8, 8), dtype=np.uint8), "train_labels": np.arange(20).reshape(-1, 1) % 2}
+    np.savez(tmp_path / "train_only.npz", **arrays)
+    card = "format: medmnist_npz\npath: train_only.npz\nsplits: {ratios: {train: 0.7, validation: 0, test: 0.3}}"
+    dataset = TASK.read(read_card(_write_card(tmp_path, card)), TASK.options())
+    assert {k: len(v) for k, v in dataset.splits.items()} == {"train": 14, "test": 6}
+    # with train and test arrays but no val, validation_fraction of train is held out, as for split folders
+    np.savez(tmp_path / "no_val.npz", **arrays, test_images=arrays["train_images"][:6], test_labels=arrays["train_labels"][:6])
+    dataset = TASK.read(read_card(_write_card(tmp_path, "format: medmnist_npz\npath: no_val.npz")), TASK.options())
+    assert {k: len(v) for k, v in dataset.splits.items()} == {"train": 18, "test": 6, "validation": 2}
+    assert dataset.notes == ["validation: 2 training images held out (splits.validation_fraction=0.1, seed 0); test is untouched"]
+    with pytest.raises(UserError, match=r"card\.md: splits\.ratios divide a file with train arrays only, but \S*no_val\.npz "
+                                        r"has train, test arrays, which are its splits; remove splits\.ratios$"):
+        TASK.read(read_card(_write_card(tmp_path, "format: medmnist_npz\npath: no_val.npz\n"
+                                                  "splits: {ratios: {train: 0.9, test: 0.1}}")), TASK.options())
+
+
+def test_ratios_on_split_folders_are_refused(tmp_path):
+    """They were ignored: the folders made the splits."""
+    for split in ("train", "test"):
+        (tmp_path / "images" / split / "normal").mkdir(parents=True)
+        Image.new("L", (8, 8)).save(tmp_path / "images" / split / "normal" / "0.png")
+    card = "format: imagefolder\npath: images\nsplits: {ratios: {train: 0.5, test: 0.5}}"
+    with pytest.raises(UserError, match=rf"card\.md: splits\.ratios divide images that come unsplit, but "
+                                        rf"{tmp_path / 'images'} has split folders \(train/, test/\); remove "
+                                        rf"splits\.ratios, or put the class folders directly in {tmp_path / 'images'}$"):
+        TASK.read(read_card(_write_card(tmp_path, card)), TASK.options())
+
+
+def test_imagefolder_labels_in_any_order_are_matched_by_name(tmp_path):
+    """The card's `labels` order is the class index order (as for point clouds)."""
+    for label in ("benign", "malignant", "normal"):
+        (tmp_path / "images" / label).mkdir(parents=True)
+        for i in range(2):
+            Image.new("L", (8, 8), i).save(tmp_path / "images" / label / f"{i}.png")
+    card = "format: imagefolder\npath: images\nlabels: [normal, malignant, benign]\nsplits: {ratios: {test: 1.0}}"
+    dataset = TASK.read(read_card(_write_card(tmp_path, card)), TASK.options())
+    assert dataset.labels == ["normal", "malignant", "benign"]
+    assert sorted((e["id"], e["label"]) for e in dataset.splits["test"]) == [
+        ("benign/0.png", 2), ("benign/1.png", 2), ("malignant/0.png", 1), ("malignant/1.png", 1),
+        ("normal/0.png", 0), ("normal/1.png", 0)]
+
+
+def test_predict_reads_a_plain_table_of_image_paths(tmp_path, capsys):
+    """The run's card named a patient column and a group column, which prediction never
+    uses; a table of image paths alone was refused for lacking them."""
+    from peftlab.pipelines.cli import main
+
+    (tmp_path / "img").mkdir()
+    rows = ["path,finding,patient,sex"]
+    for i in range(24):
+        Image.new("L", (8, 8), i * 10).save(tmp_path / "img" / f"{i}.png")
+        rows.append(f"img/{i}.png,{['normal', 'effusion'][i % 2]},p{i // 2},{'FM'[i % 2]}")
+    (tmp_path / "data.csv").write_text("\n".join(rows) + "\n")
+    card = _write_card(tmp_path, "format: csv\npath: data.csv\nlabels: [normal, effusion]\ngroup_by: sex\n"
+                                 "fields: {label: finding, patient: patient}")
+    run_dir = peftlab.run("medical-classify", backbone="tiny_vit", data=card, out=tmp_path / "run",
+                          overrides={"train.max_steps": 1, "train.epochs": 1, "task.image_size": 16})
+    (tmp_path / "new").mkdir()
+    (tmp_path / "new" / "paths.csv").write_text("path\n../img/3.png\n../img/0.png\n")
+    assert main(["predict", str(run_dir), str(tmp_path / "new" / "paths.csv"), "--out", str(tmp_path / "out.jsonl")]) == 0
+    lines = [json.loads(line) for line in (tmp_path / "out.jsonl").read_text().splitlines()]
+    assert [(line["id"], line["path"]) for line in lines] == [("../img/3.png", str(tmp_path / "new" / "../img/3.png")),
+                                                              ("../img/0.png", str(tmp_path / "new" / "../img/0.png"))]
+    assert all(set(line) == {"id", "path", "score", "positive_class", "prediction"} for line in lines)
+    # the column the input itself needs is still asked for, in one line
+    (tmp_path / "new" / "ids.csv").write_text("image\n../img/3.png\n")
+    capsys.readouterr()
+    assert main(["predict", str(run_dir), str(tmp_path / "new" / "ids.csv"), "--out", str(tmp_path / "ids.jsonl")]) == 2
+    assert capsys.readouterr().err.strip().splitlines() == [
+        f"error: {tmp_path / 'new' / 'ids.csv'}: column 'path' for fields.image not found; predict reads inputs with the "
+        f"run's card, {run_dir / 'card.md'} (fields {{'label': 'finding', 'patient': 'patient'}}): name the columns so "
+        f"in the input"]
+    assert not (tmp_path / "ids.jsonl").exists()

@@ -7,6 +7,7 @@ import copy
 import json
 import struct
 import time
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -256,11 +257,14 @@ def test_modelnet_txt_and_scanobjectnn_h5_cards(tmp_path):
     assert dataset.labels == ["chair", "lamp"]
     assert [len(dataset.splits[s]) for s in ("train", "validation", "test")] == [2, 2, 2]
     assert dataset.splits["test"][1]["points"].shape == (30, 3) and dataset.splits["test"][1]["label"] == 1
-    for labels, message in [("[lamp, chair]", r"are the data's classes in another order; class indices follow the "
-                                               r"data's, \['chair', 'lamp'\]"),
-                            ("[chair, sofa]", r"differ from the data's classes \['chair', 'lamp'\]")]:
-        with pytest.raises(UserError, match=message):
-            task.read(_card(tmp_path, f"format: modelnet_txt\nfiles: {{root: {root}}}\nlabels: {labels}"), options)
+    # the card's `labels` order is the class index order, matched to the data's classes by name
+    reordered = task.read(_card(tmp_path, f"format: modelnet_txt\nfiles: {{root: {root}}}\nlabels: [lamp, chair]"), options)
+    assert reordered.labels == ["lamp", "chair"]
+    assert [(e["id"], e["label"]) for e in reordered.splits["test"]] == [("chair_0003", 1), ("lamp_0003", 0)]
+    with pytest.raises(UserError, match=r"card\.md: `labels` \['chair', 'sofa'\] differ from the data's classes "
+                                        r"\['chair', 'lamp'\]; list the data's classes \(in the order you want as class "
+                                        r"indices\) or remove `labels`$"):
+        task.read(_card(tmp_path, f"format: modelnet_txt\nfiles: {{root: {root}}}\nlabels: [chair, sofa]"), options)
 
     clouds = rng.normal(size=(6, 50, 3)).astype(np.float32)
     for split in ("train", "test"):
@@ -297,7 +301,7 @@ def test_normalisation_and_training_augmentation_come_from_the_rng():
 # ----------------------------------------------------------------------------- learning
 
 
-def test_demo_pipeline_learns_writes_per_class_accuracy_and_predicts(tmp_path):
+def test_demo_pipeline_learns_writes_per_class_accuracy_and_predicts(tmp_path, capsys):
     """Point-PEFT on the random tiny backbone, a short demo run: test accuracy beats
     chance (1/6) by at least 0.2."""
     config = runner.build_config(TASK, demo=True, overrides=[
@@ -320,6 +324,23 @@ def test_demo_pipeline_learns_writes_per_class_accuracy_and_predicts(tmp_path):
     assert [r["id"] for r in rows] == [str(tmp_path / "torus.npy"), str(tmp_path / "torus.txt")]
     assert rows[0]["prediction"] == rows[1]["prediction"]
     assert sum(rows[0]["scores"].values()) == pytest.approx(1, abs=1e-5)
+
+    # a folder, as medical and speech predict take (it was "file does not exist"): its point files, sorted
+    from peftlab.pipelines.cli import main
+
+    folder = tmp_path / "clouds"
+    (folder / "more").mkdir(parents=True)
+    for name in ("b.npy", "a.txt", "more/c.npy"):
+        (folder / name).write_bytes((tmp_path / f"torus{Path(name).suffix}").read_bytes())
+    (folder / "notes.md").write_text("not a cloud")
+    assert main(["predict", str(run_dir), str(folder), "--out", str(tmp_path / "folder.jsonl")]) == 0
+    lines = [json.loads(line) for line in (tmp_path / "folder.jsonl").read_text().splitlines()]
+    assert [line["id"] for line in lines] == [str(folder / "a.txt"), str(folder / "b.npy"), str(folder / "more/c.npy")]
+    assert {line["prediction"] for line in lines} == {rows[0]["prediction"]}
+    capsys.readouterr()
+    assert main(["predict", str(run_dir), str(tmp_path / "gone"), "--out", str(tmp_path / "gone.jsonl")]) == 2
+    assert capsys.readouterr().err.strip().splitlines() == [f"error: {tmp_path / 'gone'}: no such file or folder"]
+    assert not (tmp_path / "gone.jsonl").exists()
 
 
 def test_real_modelnet10_subset_beats_chance(real_assets, tmp_path, monkeypatch):
@@ -445,3 +466,96 @@ def test_deep_prompts_give_each_of_the_first_blocks_its_own_tokens():
     assert (before[1] - after[1]).abs().max() > 1e-4
     with pytest.raises(UserError, match="prompt_blocks is 3, but this Point-BERT has 2 blocks"):
         methods.apply(copy.deepcopy(backbone), "point_peft", prompt_blocks=3)
+
+
+@pytest.mark.parametrize("header, message", [
+    ("format: point_folder\nfiles: {root: clouds}\nsplits: {train: clouds/Sphere/train, test: missing.npz}",
+     r"card\.md: splits\.train: format point_folder does not read per-split files; put train/ and test/ folders in "
+     r"each class folder \(root/chair/train/\.\.\.\), or leave the splits to splits\.ratios$"),
+    ("format: points_npz\nfiles: {data: c.npz}\nsplits: {ratios: {train: 0.5, test: 0.5}, test: nothing.txt}",
+     r"card\.md: splits\.test: format points_npz does not read per-split files; the file's `split` array"),
+    ("format: scanobjectnn_h5\nfiles: {train: t.h5}\nsplits: {validation: v.h5}",
+     r"card\.md: splits\.validation: format scanobjectnn_h5 does not read per-split files; name the \.h5 files under"),
+])
+def test_per_split_files_are_refused_where_the_format_gives_its_splits(tmp_path, header, message):
+    """They were accepted, even naming missing files, and the data was split by ratios."""
+    task, options = _task()
+    with pytest.raises(UserError, match=message):
+        task.read(_card(tmp_path, header), options)
+
+
+def test_predict_reads_a_folder_of_point_files_in_sorted_order(tmp_path):
+    """A folder (as medical and speech predict take) was "file does not exist"."""
+    task, options = _task()
+    rng = np.random.default_rng(0)
+    (tmp_path / "clouds" / "more").mkdir(parents=True)
+    (tmp_path / "clouds" / ".ipynb_checkpoints").mkdir()
+    clouds = {name: rng.normal(size=(32, 3)).astype(np.float32) for name in ("b.npy", "a.npy", "more/c.npy")}
+    for name, cloud in clouds.items():
+        np.save(tmp_path / "clouds" / name, cloud)
+    np.save(tmp_path / "clouds" / ".ipynb_checkpoints" / "a.npy", clouds["a.npy"])
+    (tmp_path / "clouds" / "notes.md").write_text("not a cloud")
+    examples = task.read_inputs([tmp_path / "clouds", tmp_path / "clouds" / "a.npy"], options, {})
+    names = [Path(e["id"]).relative_to(tmp_path / "clouds").as_posix() for e in examples]
+    assert names == ["a.npy", "b.npy", "more/c.npy", "a.npy"]
+    for name, example in zip(names, examples):
+        np.testing.assert_array_equal(example["points"], clouds[name])
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(UserError, match=r"empty: no point files \(\.npy, \.ply, \.off, \.txt\) in this folder$"):
+        task.read_inputs([tmp_path / "empty"], options, {})
+    with pytest.raises(UserError, match=r"gone\.npy: file does not exist$"):
+        task.read_inputs([tmp_path / "gone.npy"], options, {})
+
+
+def _point_folder(root: Path, classes: dict[str, int], split_folders: tuple[str, ...] = ()) -> None:
+    """`root/<class>/[<split>/]<i>.npy`: `classes[name]` clouds per class (per split folder)."""
+    rng = np.random.default_rng(0)
+    for name, count in classes.items():
+        for folder in split_folders or ("",):
+            (root / name / folder).mkdir(parents=True, exist_ok=True)
+            for index in range(count):
+                np.save(root / name / folder / f"{index}.npy", rng.normal(size=(16, 3)).astype(np.float32))
+
+
+def test_point_folder_splits_follow_the_card_exactly(tmp_path):
+    """A validation ratio of 0 (or none) is no validation split; settings the data's layout
+    would ignore are refused."""
+    task, options = _task()
+    _point_folder(tmp_path / "flat", {"Sphere": 10, "cube": 10, "cylinder": 10})
+    for ratios in ("{train: 0.8, validation: 0, test: 0.2}", "{train: 0.8, test: 0.2}"):
+        dataset = task.read(_card(tmp_path, f"format: point_folder\nfiles: {{root: flat}}\nsplits: {{ratios: {ratios}}}"), options)
+        assert {split: len(examples) for split, examples in dataset.splits.items()} == {"train": 24, "test": 6}
+    dataset = task.read(_card(tmp_path, "format: point_folder\nfiles: {root: flat}"), options)
+    assert {split: len(examples) for split, examples in dataset.splits.items()} == {"train": 24, "validation": 3, "test": 3}
+    with pytest.raises(UserError, match=r"card\.md: splits\.validation_fraction holds validation out of train where the "
+                                        r"data comes split \(train/ and test/ folders in each class folder\); here "
+                                        r"splits\.ratios divide the clouds: give validation its ratio there \(e\.g\. "
+                                        r"ratios: \{train: 0\.8, validation: 0\.1, test: 0\.1\}\) and remove "
+                                        r"validation_fraction$"):
+        task.read(_card(tmp_path, "format: point_folder\nfiles: {root: flat}\nsplits: {validation_fraction: 0}"), options)
+
+    _point_folder(tmp_path / "split", {"Sphere": 5, "cube": 5}, ("train", "test"))
+    dataset = task.read(_card(tmp_path, "format: point_folder\nfiles: {root: split}\nsplits: {validation_fraction: 0.4}"), options)
+    assert {split: len(examples) for split, examples in dataset.splits.items()} == {"train": 6, "test": 10, "validation": 4}
+    assert dataset.notes[0] == "validation: 4 training clouds held out (splits.validation_fraction=0.4, seed 0); test is untouched"
+    with pytest.raises(UserError, match=r"card\.md: splits\.ratios divide clouds that come unsplit, but this point_folder "
+                                        r"data comes split \(train/ and test/ folders in each class folder\); remove "
+                                        r"splits\.ratios$"):
+        task.read(_card(tmp_path, "format: point_folder\nfiles: {root: split}\nsplits: {ratios: {train: 0.5, test: 0.5}}"), options)
+
+
+def test_point_folder_labels_in_any_order_are_matched_by_name(tmp_path):
+    """They had to follow the sorted folder order (upper case first: Sphere, cube, cylinder);
+    as medical imagefolder does, the card's order is the class index order."""
+    task, options = _task()
+    _point_folder(tmp_path / "split", {"Sphere": 2, "cube": 2, "cylinder": 2}, ("train", "test"))
+    card = "format: point_folder\nfiles: {root: split}\nsplits: {validation_fraction: 0}\n"
+    dataset = task.read(_card(tmp_path, card + "labels: [cube, cylinder, Sphere]"), options)
+    assert dataset.labels == ["cube", "cylinder", "Sphere"]
+    assert [(e["id"], e["label"]) for e in dataset.splits["test"]] == [
+        ("Sphere/test/0.npy", 2), ("Sphere/test/1.npy", 2), ("cube/test/0.npy", 0), ("cube/test/1.npy", 0),
+        ("cylinder/test/0.npy", 1), ("cylinder/test/1.npy", 1)]
+    assert task.read(_card(tmp_path, card), options).labels == ["Sphere", "cube", "cylinder"]
+    with pytest.raises(UserError, match=r"`labels` \['cube', 'cylinder', 'sphere'\] differ from the data's classes "
+                                        r"\['Sphere', 'cube', 'cylinder'\]"):
+        task.read(_card(tmp_path, card + "labels: [cube, cylinder, sphere]"), options)

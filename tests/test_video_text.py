@@ -149,11 +149,154 @@ def test_msrvtt_json_and_csv_readers(tmp_path):
     rows = data.read_caption_csv(tmp_path / "pairs.csv", videos, {"video": "clip", "caption": "text"})
     assert [(e["video"], e["caption"]) for e in rows] == [(str(videos / "video0.mp4"), "a cat, sitting"),
                                                           (str(videos / "video1.mp4"), "a dog")]
+    # predict reads a table laid out like the training card's with that card's `fields`
+    (tmp_path / "videos" / "pairs.csv").write_text((tmp_path / "pairs.csv").read_text())
+    task = get_task("video-text-retrieval")
+    predicted = task.read_inputs([tmp_path / "videos" / "pairs.csv"], task.options(), {"video": "clip", "caption": "text"})
+    assert [(e["video"], e["caption"]) for e in predicted] == [(e["video"], e["caption"]) for e in rows]
     # A caption card splits whole videos; the caption task scores each video against all its captions.
     card = _write_card(tmp_path, {"name": "t", "domain": "video_text", "task": "video-caption", "format": "msrvtt_json",
                                   "files": {"annotations": "msrvtt.json"}, "video_root": "videos"})
     dataset = get_task("video-caption").read(read_card(card), get_task("video-caption").options())
     assert len(dataset.splits["train"]) == 2 and dataset.splits["test"][0]["references"] == ["a bird"]
+
+
+def test_msrvtt_json_splits_lose_no_video_and_hold_out_validation_videos(tmp_path):
+    """A file whose videos give train and test holds validation out of train's videos;
+    videos without a split beside videos with one, an unknown split name, and ratios
+    beside the file's splits are refused (each lost data or settings silently)."""
+    videos = tmp_path / "videos"
+    videos.mkdir()
+    for number in range(12):
+        data.write_video(videos / f"video{number}.mp4", _solid_frames(4))
+
+    def card_for(split_of: dict[int, str | None], **splits) -> str:
+        document = {"videos": [{"video_id": f"video{n}", **({"split": split} if split else {})} for n, split in split_of.items()],
+                    "sentences": [{"video_id": f"video{n}", "caption": f"clip {n} take {k}"} for n in split_of for k in range(2)]}
+        (tmp_path / "msrvtt.json").write_text(json.dumps(document))
+        header = {"name": "t", "domain": "video_text", "task": "video-text-retrieval", "format": "msrvtt_json",
+                  "files": {"annotations": "msrvtt.json"}, "video_root": "videos", **({"splits": splits} if splits else {})}
+        return _write_card(tmp_path, header)
+
+    task = get_task("video-text-retrieval")
+    card = card_for({n: "train" if n < 10 else "test" for n in range(12)}, validation_fraction=0.2, seed=3)
+    dataset = task.read(read_card(card), task.options())
+    by_split = {split: {e["video_id"] for e in examples} for split, examples in dataset.splits.items()}
+    assert {split: len(ids) for split, ids in by_split.items()} == {"train": 8, "validation": 2, "test": 2}
+    assert by_split["test"] == {"video10", "video11"} and not by_split["train"] & by_split["validation"]
+    assert sum(len(examples) for examples in dataset.splits.values()) == 24  # every caption kept
+    assert any(note.startswith("validation: 4 training captions (whole videos) held out") for note in dataset.notes)
+    for split_of, message in [
+        ({n: "train" if n < 8 else None for n in range(12)},
+         r"msrvtt\.json: 4 of 12 videos have no `split` \(e\.g\. 'video8'\); give every video a split, or none"),
+        ({n: "dev" if n == 5 else "train" for n in range(12)},
+         r"msrvtt\.json: videos\[5\] has split 'dev'; a video's split is one of train, validate, validation, val, "
+         r"test \(or leave `split` out of every video\)"),
+    ]:
+        with pytest.raises(UserError, match=message):
+            task.read(read_card(card_for(split_of)), task.options())
+    card = card_for({n: "train" if n < 10 else "test" for n in range(12)}, ratios={"train": 0.5, "test": 0.5})
+    with pytest.raises(UserError, match=r"card\.md: splits\.ratios: the annotations give every video a split; leave ratios out"):
+        task.read(read_card(card), task.options())
+
+
+def _msrvtt_file(folder: Path, split_of: dict[str, str | None], keys=("video_id", "caption")) -> Path:
+    """An MSR-VTT-style file listing `split_of`'s videos (a `split` where one is given), two captions each."""
+    video_key, caption_key = keys
+    document = {"videos": [{video_key: video, **({"split": split} if split else {})} for video, split in split_of.items()],
+                "sentences": [{video_key: video, caption_key: f"{video} take {take}"} for video in split_of for take in (0, 1)]}
+    path = folder / "msrvtt.json"
+    path.write_text(json.dumps(document))
+    return path
+
+
+def test_msrvtt_json_split_refusals_are_one_exact_line(tmp_path):
+    videos = _video_folder(tmp_path)
+    annotations = str(tmp_path / "msrvtt.json")
+    for split_of, message in [
+        ({"video0": "train", "video1": None, "video2": None},
+         f"{annotations}: 2 of 3 videos have no `split` (e.g. 'video1'); give every video a split, or none, so that "
+         f"the card's splits.ratios split whole videos"),
+        ({"video0": "train", "video1": "dev", "video2": "test"},
+         f"{annotations}: videos[1] has split 'dev'; a video's split is one of train, validate, validation, val, test "
+         f"(or leave `split` out of every video)"),
+        # "all" once stood for "no split given" inside the reader; in a file it is no split name
+        ({"video0": "train", "video1": "all", "video2": "test"},
+         f"{annotations}: videos[1] has split 'all'; a video's split is one of train, validate, validation, val, test "
+         f"(or leave `split` out of every video)"),
+    ]:
+        with pytest.raises(UserError) as refused:
+            data.read_msrvtt_json(_msrvtt_file(tmp_path, split_of), videos, {})
+        assert str(refused.value) == message
+    # MSR-VTT's own names, and every video without a split: nothing is lost
+    official = data.read_msrvtt_json(_msrvtt_file(tmp_path, {"video0": "train", "video1": "validate", "video2": "test"}),
+                                     videos, {})
+    assert {split: [e["id"] for e in examples] for split, examples in official.items()} == {
+        "train": ["video0#0", "video0#1"], "validation": ["video1#0", "video1#1"], "test": ["video2#0", "video2#1"]}
+    unsplit = data.read_msrvtt_json(_msrvtt_file(tmp_path, dict.fromkeys(["video0", "video1", "video2"])), videos, {})
+    assert list(unsplit) == ["all"] and len(unsplit["all"]) == 6
+
+
+def test_msrvtt_json_file_splits_hold_out_whole_training_videos_for_validation(tmp_path):
+    videos = tmp_path / "videos"
+    videos.mkdir()
+    split_of = {f"video{n}": "train" if n < 20 else "test" for n in range(24)}
+    for video in split_of:
+        data.write_video(videos / f"{video}.mp4", _solid_frames(2, size=8))
+    _msrvtt_file(tmp_path, split_of)
+    task = get_task("video-text-retrieval")
+
+    def read(**splits):
+        header = {"name": "t", "domain": "video_text", "task": "video-text-retrieval", "format": "msrvtt_json",
+                  "files": {"annotations": "msrvtt.json"}, "video_root": "videos", **({"splits": splits} if splits else {})}
+        return task.read(read_card(_write_card(tmp_path, header)), task.options())
+
+    held = read()  # validation_fraction defaults to 0.1: 2 of train's 20 videos, with both their captions
+    videos_of = {split: [e["video_id"] for e in examples] for split, examples in held.splits.items()}
+    assert {split: len(set(ids)) for split, ids in videos_of.items()} == {"train": 18, "validation": 2, "test": 4}
+    assert {split: len(ids) for split, ids in videos_of.items()} == {"train": 36, "validation": 4, "test": 8}
+    assert sorted(sum(videos_of.values(), [])) == sorted(v for v in split_of for _ in (0, 1))  # each caption once
+    assert not set(videos_of["train"]) & set(videos_of["validation"])
+    assert set(videos_of["test"]) == {"video20", "video21", "video22", "video23"}  # test untouched
+    assert held.notes == ["validation: 4 training captions (whole videos) held out (splits.validation_fraction=0.1, "
+                          "seed 0); test is untouched"]
+    assert read(seed=1).splits["validation"] != held.splits["validation"]  # drawn with splits.seed
+    none_held = read(validation_fraction=0)
+    assert {split: len(examples) for split, examples in none_held.splits.items()} == {"train": 40, "test": 8}
+    assert none_held.notes == []
+
+
+def test_predict_reads_the_training_table_with_the_run_cards_fields(tmp_path, capsys):
+    """The very table a run trained on, its columns mapped by the card's `fields`, is read
+    by `peftlab predict RUN table.csv` as training read it: each row its own caption."""
+    videos = _video_folder(tmp_path)
+    table = videos / "pairs.csv"  # beside its videos, where predict looks for them
+    pairs = [("video0", "a cat, sitting"), ("video1", "a dog"), ("video2", "a bird"), ("video0", "a kitten")]
+    table.write_text("clip,text\n" + "".join(f'{video},"{caption}"\n' for video, caption in pairs))
+    card = _write_card(tmp_path, {"name": "t", "domain": "video_text", "task": "video-text-retrieval", "format": "csv",
+                                  "files": {"data": "videos/pairs.csv"}, "video_root": "videos",
+                                  "fields": {"video": "clip", "caption": "text"}, "splits": {"ratios": {"train": 1.0}}})
+    run_dir, predictions = tmp_path / "run", tmp_path / "predictions.jsonl"
+    assert main(["run", "video-text-retrieval", "--demo", "--data", card, "--out", str(run_dir), "eval.splits=[train]",
+                 "train.epochs=1", "task.frames=2", "task.feature_cache=off"]) == 0
+    capsys.readouterr()
+    assert main(["predict", str(run_dir), str(table), "--out", str(predictions)]) == 0, capsys.readouterr().err
+    rows = [json.loads(line) for line in predictions.read_text().splitlines()]
+    assert [(row["id"], row["caption"]) for row in rows] == [
+        ("video0#0", "a cat, sitting"), ("video1#0", "a dog"), ("video2#0", "a bird"), ("video0#1", "a kitten")]
+    assert [Path(row["video"]).name for row in rows] == ["video0.mp4", "video1.mp4", "video2.mp4", "video0.mp4"]
+    # a JSON file laid out as the card's fields say is read alike; predict embeds every
+    # pair, so the videos' splits (a training matter) are not read and refuse nothing
+    _msrvtt_file(videos, {"video0": "train", "video1": None}, keys=("clip", "text"))
+    task = get_task("video-text-retrieval")
+    from_json = task.read_inputs([videos / "msrvtt.json"], task.options(), {"video": "clip", "caption": "text"})
+    assert [(e["id"], e["caption"]) for e in from_json] == [
+        ("video0#0", "video0 take 0"), ("video0#1", "video0 take 1"), ("video1#0", "video1 take 0"),
+        ("video1#1", "video1 take 1")]
+    # captioning finds the videos in the mapped column too (and reads no label to score)
+    captioned = get_task("video-caption").read_inputs([table], None, {"video": "clip", "caption": "text"})
+    assert [(Path(e["video"]).name, "label" in e) for e in captioned] == [
+        ("video0.mp4", False), ("video1.mp4", False), ("video2.mp4", False), ("video0.mp4", False)]
 
 
 def test_missing_and_undecodable_videos_stop_with_their_name(tmp_path, capsys):
@@ -479,7 +622,9 @@ def test_max_text_tokens_cuts_captions_as_clip4clip_does():
         embed = lambda t: clip.encode_text(t)  # noqa: E731
         assert torch.equal(embed(tokens[:1]), embed(whole.tokenize([cut])))
         assert not torch.allclose(embed(tokens[:1]), embed(whole.tokenize([long_caption])))
-    with pytest.raises(UserError, match="task.max_text_tokens is 40, more than the text tower's context of 16"):
+    with pytest.raises(UserError, match=r"task.max_text_tokens is 40, more than the text tower's context of 16 tokens; "
+                                        r"set task.max_text_tokens=16 \(or lower\), or task.max_text_tokens=null for "
+                                        r"the whole context$"):
         task.build_model("tiny", [], task.options(max_text_tokens=40))
     with pytest.raises(ValueError, match="max_text_tokens must be >= 3"):
         task.options(max_text_tokens=2)

@@ -249,7 +249,9 @@ def read_image_csv(path: Path, image_root: Path, fields: dict, labels: list[str]
     """CSV with a header: an image path column (relative to `image_root`), a label column,
     when the card sets `group_by`, that column as each example's group, and with
     `fields.patient`, that column as each example's patient (splits keep a patient's
-    images together)."""
+    images together). `labelled=False` (images to predict on) reads the image column
+    alone: the other columns serve training and evaluation, and a table of image paths
+    need not have them."""
     rows = table_rows(path, ",")
     if not rows:
         raise UserError(f"{path}: empty CSV file")
@@ -265,8 +267,8 @@ def read_image_csv(path: Path, image_root: Path, fields: dict, labels: list[str]
 
     image_col = column("image", "path")
     label_col = column("label", "label") if labelled else None
-    group_col = column("group", group_by) if group_by else None
-    patient_col = column("patient", "") if "patient" in fields else None
+    group_col = column("group", group_by) if group_by and labelled else None
+    patient_col = column("patient", "") if "patient" in fields and labelled else None
     examples = []
     for number, cells in rows[1:]:
         if len(cells) != len(header):

@@ -255,6 +255,14 @@ def _conv_net_defaults(method: str, backbone: nn.Module) -> dict:
     return {}
 
 
+PER_SPLIT_INSTEAD = {
+    "imagefolder": "lay the folder out as path/train, path/val, path/test (class folders inside each), or use "
+                   "format: csv with one table per split",
+    "medmnist_npz": "the file's own train/val/test arrays are its splits (splits.ratios split a file with train only)",
+}
+"""Formats whose splits come from the data itself -> what a card does instead of per-split files."""
+
+
 class MedicalClassifyTask:
     name = "medical-classify"
     domain = "medical_imaging"
@@ -293,21 +301,36 @@ class MedicalClassifyTask:
         if card.group_by and group_field is not None and group_field != card.group_by:
             raise UserError(f"{card.card_path}: group_by is {card.group_by!r} but fields.group names column "
                             f"{group_field!r}; name the group column once (group_by: {group_field})")
+        given = [key for key in ("train", "validation", "test") if key in (card.splits or {})]
+        if given and card.format in PER_SPLIT_INSTEAD:
+            raise UserError(f"{card.card_path}: splits.{given[0]}: format {card.format} does not read per-split files; "
+                            f"{PER_SPLIT_INSTEAD[card.format]}")
+        notes: list[str] = []
         if card.format == "medmnist_npz":
             splits, labels = data.read_medmnist_npz(self._data_path(card), labels, options.multi_label)
-            if "train" in splits and not {"validation", "test"} & set(splits):
+            by_ratios = set(splits) == {"train"}
+            if by_ratios:
                 splits = self._ratio_split(card, splits["train"])
-            return Dataset(splits, labels)
-        notes: list[str] = []
-        if card.format == "imagefolder":
-            splits, labels = self._read_imagefolder(card, labels, notes)
+            elif "ratios" in (card.splits or {}):
+                raise UserError(f"{card.card_path}: splits.ratios divide a file with train arrays only, but "
+                                f"{self._data_path(card)} has {', '.join(splits)} arrays, which are its splits; "
+                                f"remove splits.ratios")
+        elif card.format == "imagefolder":
+            splits, labels, by_ratios = self._read_imagefolder(card, labels, notes)
         else:
-            splits = self._read_csv(card, labels, options)
+            splits, by_ratios = self._read_csv(card, labels, options)
             if labels is None:
                 labels = number_classes(splits, notes, str(card.card_path))
+        if by_ratios and "validation_fraction" in (card.splits or {}):
+            raise UserError(f"{card.card_path}: splits.validation_fraction holds validation out of train where the data "
+                            f"comes split (split folders, per-split files, an npz's arrays); here splits.ratios divide "
+                            f"the images: give validation its ratio there (e.g. ratios: {{train: 0.8, validation: 0.1, "
+                            f"test: 0.1}}) and remove validation_fraction")
         for split in list(splits):
             splits[split], skipped = data.keep_readable(splits[split], on_bad_file, f"{card.card_path} ({split})")
             notes += skipped
+        if by_ratios:  # the ratios made every split the card asked for: a validation ratio of 0 (or none) means none
+            return Dataset(splits, labels, notes)
         splits, note = hold_out_validation(splits, card, "images", group_of=self._by_patient(card))
         return Dataset(splits, labels, notes + ([note] if note else []))
 
@@ -346,21 +369,27 @@ class MedicalClassifyTask:
         return ratio_split(examples, ratios, int(spec.get("seed", 0)), self._by_patient(card), where=str(card.card_path))
 
     def _read_imagefolder(self, card: Card, labels, notes: list[str]):
+        """-> the splits, the labels, and whether the card's ratios made the splits (not split folders)."""
         root = self._data_path(card)
         split_dirs = {"train": ["train"], "validation": ["validation", "val", "valid"], "test": ["test"]}
         present = {split: next((root / n for n in names if (root / n).is_dir()), None) for split, names in split_dirs.items()}
         if present["train"] is not None:
+            if "ratios" in (card.splits or {}):
+                folders = ", ".join(f"{folder.name}/" for folder in present.values() if folder is not None)
+                raise UserError(f"{card.card_path}: splits.ratios divide images that come unsplit, but {root} has split "
+                                f"folders ({folders}); remove splits.ratios, or put the class folders directly in {root}")
             splits = {}
             for split, folder in present.items():
                 if folder is not None:
                     splits[split], labels, skipped = data.read_imagefolder(folder, labels)
                     notes += skipped
-            return splits, labels
+            return splits, labels, False
         examples, labels, skipped = data.read_imagefolder(root, labels)
         notes += skipped
-        return self._ratio_split(card, examples), labels
+        return self._ratio_split(card, examples), labels, True
 
-    def _read_csv(self, card: Card, labels, options: MedicalImageOptions) -> dict[str, list[dict]]:
+    def _read_csv(self, card: Card, labels, options: MedicalImageOptions) -> tuple[dict[str, list[dict]], bool]:
+        """-> the splits, and whether the card's ratios made them (not its per-split files)."""
         image_root = card.resolve(card.option("image_root"), "image_root") if card.option("image_root") else card.folder
 
         def read(path: Path) -> list[dict]:
@@ -368,14 +397,20 @@ class MedicalClassifyTask:
 
         per_split = {k: v for k, v in (card.splits or {}).items() if k in ("train", "validation", "test")}
         if per_split:
+            given = {"splits.ratios": "ratios" in card.splits, "path": bool(card.path), "files.data": "data" in (card.files or {})}
+            ignored = [name for name, present in given.items() if present]
+            if ignored:
+                raise UserError(f"{card.card_path}: {ignored[0]} and splits.{next(iter(per_split))}: one table per "
+                                f"split makes the splits; remove {ignored[0]}, or the per-split tables to split one "
+                                f"table by ratios")
             splits = {}
             for split, value in per_split.items():
                 path = card.resolve(str(value), f"splits.{split}")
                 if not path.is_file():
                     raise UserError(f"{card.card_path}: splits.{split} = {path} does not exist")
                 splits[split] = read(path)
-            return splits
-        return self._ratio_split(card, read(self._data_path(card)))
+            return splits, False
+        return self._ratio_split(card, read(self._data_path(card))), True
 
     # ----------------------------------------------------------------------- the model
 

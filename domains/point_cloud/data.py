@@ -259,7 +259,7 @@ def read_point_file(path: Path, off_points: int = 8192, seed: int = 0) -> np.nda
     path = Path(path)
     suffix = path.suffix.lower()
     if not path.is_file():
-        raise UserError(f"{path}: file does not exist")
+        raise UserError(f"{path}: {'a folder, not a point file' if path.is_dir() else 'file does not exist'}")
     if suffix == ".npy":
         try:
             array = np.load(path, allow_pickle=False)
@@ -276,6 +276,13 @@ def read_point_file(path: Path, off_points: int = 8192, seed: int = 0) -> np.nda
     if suffix == ".txt":
         return read_xyz_text(path)
     raise UserError(f"{path}: unsupported point file; use {', '.join(POINT_SUFFIXES)}")
+
+
+def list_point_files(folder: Path) -> list[Path]:
+    """The point files below `folder`, sorted; hidden ones (`.ipynb_checkpoints/`, macOS
+    `._x.ply`) left out."""
+    return sorted(p for p in folder.rglob("*") if p.is_file() and p.suffix.lower() in POINT_SUFFIXES
+                  and not any(part.startswith(".") for part in p.relative_to(folder).parts))
 
 
 def read_xyz_text(path: Path) -> np.ndarray:

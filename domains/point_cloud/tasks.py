@@ -238,6 +238,20 @@ _METHOD_DEFAULTS = {
 }
 
 
+SPLITS_OF_FORMAT = {
+    "point_folder": ("train/ and test/ folders in each class folder",
+                     "put train/ and test/ folders in each class folder (root/chair/train/...), or leave the splits "
+                     "to splits.ratios"),
+    "modelnet_off": ("train/ and test/ folders in each class folder",
+                     "put train/ and test/ folders in each class folder, as ModelNet ships (root/chair/train/...)"),
+    "modelnet_txt": ("the root's <name>_train.txt and <name>_test.txt lists",
+                     "the root's <name>_train.txt and <name>_test.txt lists are its splits"),
+    "points_npz": ("the file's `split` array", "the file's `split` array (0 train, 1 test) gives the splits"),
+    "scanobjectnn_h5": ("one .h5 file per split", "name the .h5 files under `files: {train: ..., test: ...}`"),
+}
+"""Each format: where its splits come from, and what a card that names per-split files does instead."""
+
+
 class PointCloudClassifyTask:
     name = "pointcloud-classify"
     domain = "point_cloud"
@@ -281,6 +295,10 @@ class PointCloudClassifyTask:
             raise UserError(f"{card.card_path}: splits.shape_names names the class-list file of the modelnet_txt format "
                             f"(e.g. modelnet10_shape_names.txt); it got {spec['shape_names']!r} for format "
                             f"{card.format!r}: {'remove it' if card.format != 'modelnet_txt' else 'give a file name'}")
+        given = [key for key in ("train", "validation", "test") if key in spec]
+        if given and card.format in SPLITS_OF_FORMAT:
+            raise UserError(f"{card.card_path}: splits.{given[0]}: format {card.format} does not read per-split files; "
+                            f"{SPLITS_OF_FORMAT[card.format][1]}")
         if card.format == "points_npz":
             splits, labels = data.read_points_npz(card.file("data"))
         elif card.format == "modelnet_txt":
@@ -292,7 +310,7 @@ class PointCloudClassifyTask:
             splits, labels = self._read_h5(card)
         else:
             raise UserError(f"{card.card_path}: pointcloud-classify reads formats {', '.join(self.formats)}, not {card.format!r}")
-        labels = self._check_labels(card, labels, splits)
+        labels = self._order_labels(card, labels, splits)
         splits = self._arrange_splits(card, splits, seed, notes)
         small, where = count_by_split(splits, lambda e: len(e["points"]) < options.num_points)
         if small:
@@ -310,26 +328,38 @@ class PointCloudClassifyTask:
         count = 1 + max(e["label"] for s in splits.values() for e in s)
         return splits, card.labels or [str(i) for i in range(count)]
 
-    def _check_labels(self, card: Card, labels: list[str], splits) -> list[str]:
+    def _order_labels(self, card: Card, labels: list[str], splits) -> list[str]:
+        """The card's `labels` order is the class index order: classes are matched to the
+        data's by name (as medical-classify's imagefolder does), and every example renumbered."""
         if card.labels is None:
             return labels
-        if card.format in ("scanobjectnn_h5",):
-            return card.labels
-        if list(card.labels) != list(labels):
-            same = sorted(card.labels) == sorted(labels)
-            raise UserError(f"{card.card_path}: `labels` {card.labels} " + (
-                f"are the data's classes in another order; class indices follow the data's, {labels}: list them "
-                f"so, or remove `labels`" if same else
-                f"differ from the data's classes {labels}; remove `labels` or list the data's classes in order"))
-        return labels
+        if card.format == "scanobjectnn_h5":  # its files hold class indices only: the card names them
+            return list(card.labels)
+        if sorted(card.labels) != sorted(labels):
+            raise UserError(f"{card.card_path}: `labels` {card.labels} differ from the data's classes {labels}; "
+                            f"list the data's classes (in the order you want as class indices) or remove `labels`")
+        index_in_card = [card.labels.index(name) for name in labels]
+        for examples in splits.values():
+            for example in examples:
+                example["label"] = index_in_card[example["label"]]
+        return list(card.labels)
 
     def _arrange_splits(self, card: Card, splits: dict[str, list[dict]], seed: int, notes: list[str]) -> dict[str, list[dict]]:
         """Official train/test kept; validation carved out of train by `validation_fraction`
-        (stratified); data without splits ('all') divided by `ratios`."""
+        (stratified); data without splits ('all') divided by `ratios`, which give every split
+        (a validation ratio of 0, or none, makes no validation split)."""
         spec = card.splits or {}
         if "all" in splits:
+            if "validation_fraction" in spec:
+                raise UserError(f"{card.card_path}: splits.validation_fraction holds validation out of train where the "
+                                f"data comes split ({SPLITS_OF_FORMAT[card.format][0]}); here splits.ratios divide the "
+                                f"clouds: give validation its ratio there (e.g. ratios: {{train: 0.8, validation: 0.1, "
+                                f"test: 0.1}}) and remove validation_fraction")
             ratios = spec.get("ratios", {"train": 0.8, "validation": 0.1, "test": 0.1})
             return ratio_split(splits["all"], ratios, seed, where=str(card.card_path))
+        if "ratios" in spec:
+            raise UserError(f"{card.card_path}: splits.ratios divide clouds that come unsplit, but this {card.format} "
+                            f"data comes split ({SPLITS_OF_FORMAT[card.format][0]}); remove splits.ratios")
         splits, note = hold_out_validation(splits, card, "clouds")
         notes += [note] if note else []
         return splits
@@ -344,7 +374,17 @@ class PointCloudClassifyTask:
         return PointCloudClassifier(encoder, info, options, len(labels))
 
     def read_inputs(self, paths, options: PointCloudOptions, fields) -> list[dict]:
-        return [{"id": str(p), "points": data.read_point_file(Path(p), options.off_points)} for p in paths]
+        """Point files, and folders of them (every point file inside, subfolders too, in sorted order)."""
+        files = []
+        for path in map(Path, paths):
+            if path.is_dir():
+                found = data.list_point_files(path)
+                if not found:
+                    raise UserError(f"{path}: no point files ({', '.join(data.POINT_SUFFIXES)}) in this folder")
+                files += found
+            else:
+                files.append(path)
+        return [{"id": str(p), "points": data.read_point_file(p, options.off_points)} for p in files]
 
     def input_notes(self, examples, options) -> list[str]:
         small = sum(len(e["points"]) < options.num_points for e in examples)
@@ -409,7 +449,7 @@ task: pointcloud-classify
 format: modelnet_off             # or modelnet_txt, scanobjectnn_h5, point_folder, points_npz
 files:
   root: ModelNet40               # <root>/<class>/{train,test}/*.off
-splits: {validation_fraction: 0.1, seed: 0}   # folders without train/test: {ratios: {train: 0.8, validation: 0.1, test: 0.1}}
+splits: {validation_fraction: 0.1, seed: 0}   # class folders without train/ and test/: {ratios: {train: 0.8, validation: 0.1, test: 0.1}, seed: 0} instead
 license: ""
 source: ""
 ---

@@ -213,9 +213,15 @@ def _pair(video_id: str, path: Path, caption: str, index: int) -> dict:
     return {"id": f"{video_id}#{index}", "video_id": video_id, "video": str(path), "caption": caption, "label": caption}
 
 
-def read_msrvtt_json(path: Path, video_root: Path, fields: dict) -> dict[str, list[dict]]:
+MSRVTT_SPLITS = {"train": "train", "validate": "validation", "validation": "validation", "val": "validation",
+                 "test": "test"}
+"""A video's `split` in an MSR-VTT-style file (MSR-VTT's own: train / validate / test) -> peftlab's split."""
+
+
+def read_msrvtt_json(path: Path, video_root: Path, fields: dict, read_splits: bool = True) -> dict[str, list[dict]]:
     """MSR-VTT-style JSON -> examples per split (`split` of each video: train / validate
-    or validation / test), or under "all" when videos carry no split."""
+    or validation / test), or under "all" when videos carry no split or `read_splits` is
+    False (`peftlab predict` embeds every pair alike)."""
     try:
         document = json.loads(Path(path).read_text(encoding="utf-8-sig"))
     except (OSError, UnicodeDecodeError) as error:
@@ -226,12 +232,21 @@ def read_msrvtt_json(path: Path, video_root: Path, fields: dict) -> dict[str, li
     if not isinstance(document, dict) or not isinstance(document.get("sentences"), list):
         raise UserError(f"{path}: an MSR-VTT-style file is an object with a `sentences` list "
                         f"({{{video_key!r}: ..., {caption_key!r}: ...}}) and optionally `videos`")
-    split_of: dict[str, str] = {}
+    split_of: dict[str, str | None] = {}  # every listed video; None where it gives no split
     for number, video in enumerate(document.get("videos") or []):
         if not isinstance(video, dict) or video_key not in video:
             raise UserError(f"{path}: videos[{number}] has no {video_key!r}")
-        split = str(video.get("split", "all"))
-        split_of[str(video[video_key])] = {"validate": "validation", "val": "validation"}.get(split, split)
+        split = video.get("split") if read_splits and "split" in video else None
+        if split is not None and (not isinstance(split, str) or split not in MSRVTT_SPLITS):
+            raise UserError(f"{path}: videos[{number}] has split {split!r}; a video's split is one of "
+                            f"{', '.join(MSRVTT_SPLITS)} (or leave `split` out of every video)")
+        split_of[str(video[video_key])] = None if split is None else MSRVTT_SPLITS[split]
+    # Videos with a split beside videos without one: which split the latter belong to is
+    # unknowable, and dropping them would lose their captions unannounced.
+    unsplit = [video for video, split in split_of.items() if split is None]
+    if unsplit and len(unsplit) < len(split_of):
+        raise UserError(f"{path}: {len(unsplit)} of {len(split_of)} videos have no `split` (e.g. {unsplit[0]!r}); give "
+                        f"every video a split, or none, so that the card's splits.ratios split whole videos")
     splits: dict[str, list[dict]] = {}
     counts: dict[str, int] = {}
     found: dict[str, Path] = {}
@@ -245,7 +260,7 @@ def read_msrvtt_json(path: Path, video_root: Path, fields: dict) -> dict[str, li
             found[video_id] = find_video(video_root, video_id, f"{path}: sentences[{number}]")
         index = counts.get(video_id, 0)
         counts[video_id] = index + 1
-        splits.setdefault(split_of.get(video_id, "all"), []).append(_pair(video_id, found[video_id], caption, index))
+        splits.setdefault(split_of.get(video_id) or "all", []).append(_pair(video_id, found[video_id], caption, index))
     if not splits:
         raise UserError(f"{path}: no sentences")
     return splits

@@ -163,7 +163,8 @@ class RetrievalModel(_VideoInputs):
         self.context = int(clip.model.context_length)
         if options.max_text_tokens is not None and options.max_text_tokens > self.context:
             raise UserError(f"task.max_text_tokens is {options.max_text_tokens}, more than the text tower's context of "
-                            f"{self.context} tokens; lower it or leave it out")
+                            f"{self.context} tokens; set task.max_text_tokens={self.context} (or lower), or "
+                            f"task.max_text_tokens=null for the whole context")
         self.max_text_tokens = options.max_text_tokens
         self._init_video_inputs(clip, options)
 
@@ -406,8 +407,12 @@ class _VideoTextTask:
             splits, note = hold_out_validation(splits, card, "captions (whole videos)", group_of=lambda e: e["video_id"])
             return splits, [note] if note else []
         found = read(self._data_file(card))
-        if set(found) != {"all"}:
-            return {split: examples for split, examples in found.items() if split != "all"}, []
+        if set(found) != {"all"}:  # the file's own splits; validation from train's videos where it gives none
+            if "ratios" in (card.splits or {}):
+                raise UserError(f"{card.card_path}: splits.ratios: the annotations give every video a split; leave "
+                                f"ratios out, or take `split` out of the file's videos to split by ratios")
+            splits, note = hold_out_validation(found, card, "captions (whole videos)", group_of=lambda e: e["video_id"])
+            return splits, [note] if note else []
         spec = card.splits or {}
         ratios = spec.get("ratios", {"train": 0.8, "validation": 0.1, "test": 0.1})
         # whole videos go to one split, so no video is seen in training and in test
@@ -425,16 +430,18 @@ class _VideoTextTask:
             return path
         raise UserError(f"{card.card_path}: set `files: {{annotations: captions.json}}` (or a CSV) or per-split `splits` files")
 
-    def _read_input_files(self, paths, captions_are_inputs: bool) -> list[dict]:
+    def _read_input_files(self, paths, captions_are_inputs: bool, fields: dict) -> list[dict]:
         """`captions_are_inputs` (retrieval): CSV rows are (video, caption) pairs and text files
-        hold queries; captioning reads videos only (a CSV's captions are not read)."""
+        hold queries; captioning needs only the videos (a CSV's captions are neither needed
+        nor scored). Tables and JSON files are read with the run card's `fields`."""
         examples = []
         for path in map(Path, paths):
             suffix = path.suffix.lower()
-            if suffix == ".json":
-                examples += [e for split in data.read_msrvtt_json(path, path.parent, {}).values() for e in split]
+            if suffix == ".json":  # every pair is embedded alike, so the videos' splits are not read
+                pairs = data.read_msrvtt_json(path, path.parent, fields, read_splits=False)
+                examples += [e for split in pairs.values() for e in split]
             elif suffix == ".csv":
-                examples += data.read_caption_csv(path, path.parent, {}, labelled=captions_are_inputs)
+                examples += data.read_caption_csv(path, path.parent, fields, labelled=captions_are_inputs)
             elif suffix == ".txt" and captions_are_inputs:
                 examples += read_queries(path)
             elif captions_are_inputs and path.is_file() and suffix not in data.VIDEO_SUFFIXES:
@@ -477,7 +484,7 @@ class RetrievalTask(_VideoTextTask):
         """Caption files (MSR-VTT JSON or a video,caption CSV: pairs), videos and frame
         folders (embedded alone), and text files of queries, one per line (embedded alone,
         and ranked against the videos given alone)."""
-        return self._read_input_files(paths, captions_are_inputs=True)
+        return self._read_input_files(paths, captions_are_inputs=True, fields=fields or {})
 
     def parse_request(self, payload: dict, options) -> list[dict]:
         """{"queries": [TEXT, ...] or {ID: TEXT, ...}} and/or {"videos": [BASE64, ...] or
@@ -584,7 +591,7 @@ class CaptionTask(_VideoTextTask):
         return clm.default_method_options(method, model.backbone)
 
     def read_inputs(self, paths, options, fields) -> list[dict]:
-        return self._read_input_files(paths, captions_are_inputs=False)
+        return self._read_input_files(paths, captions_are_inputs=False, fields=fields or {})
 
     def parse_request(self, payload: dict, options) -> list[dict]:
         """{"videos": [BASE64, ...]} or {"videos": {ID: BASE64, ...}}: encoded video files
