@@ -113,10 +113,18 @@ def test_train_and_test_files_get_a_validation_split_from_train(task_name, tmp_p
 
 
 def test_protein_pairs_given_per_split_are_kept_protein_disjoint_on_request(tmp_path):
-    header, _, _ = _protein_ppi(tmp_path)
+    # Six families of four proteins, pairs within a family, so that a disjoint split exists; two train pairs
+    # reach into the test family and must go
+    (tmp_path / "p.fasta").write_text("".join(f">p{i}\nMKV{'A' * i}L\n" for i in range(24)))
+    families = [list(itertools.combinations(range(4 * f, 4 * f + 4), 2)) for f in range(6)]
+    train = [pair for family in families[:5] for pair in family] + [(0, 20), (4, 21)]
+    for split, chosen in (("train", train), ("test", families[5])):
+        (tmp_path / f"{split}.tsv").write_text("".join(f"p{a}\tp{b}\t{(a + b) % 2}\n" for a, b in chosen))
+    grouped = ("format: fasta+pairs_tsv\nfiles: {sequences: p.fasta}\nlabels: [negative, positive]\n"
+               "splits: {train: train.tsv, test: test.tsv, validation_fraction: 0.25, group_by_protein: true}")
     task = get_task("protein-ppi")
-    grouped = header.replace("validation_fraction: 0.25}", "validation_fraction: 0.25, group_by_protein: true}")
     dataset = task.read(_write_card(tmp_path, "protein-ppi", grouped), task.options())
+    assert dataset.splits["validation"] and len(dataset.splits["test"]) == 6
     proteins = {split: {p for e in examples for p in (e["a"], e["b"])} for split, examples in dataset.splits.items()}
     assert dataset.splits["test"] and dataset.splits["train"]
     # Ignored before: train kept pairs with test proteins, silently
