@@ -146,6 +146,12 @@ def load_card(card_path: str | Path, task, root: Path | None = None) -> Card:
     if card.loader is not None:
         raise UserError(f"{card.card_path}: loader: custom loader functions are not supported yet; convert the data "
                         f"to a format {task.name} reads ({', '.join(task.formats)}) and leave `loader` out")
+    if card.format == "demo" and card.splits is not None:
+        raise UserError(f"{card.card_path}: splits: a demo card's splits are its generator's; set their sizes under "
+                        f"`demo:` (as {task.name}'s demo card does) and leave splits out")
+    if card.labels is not None and not getattr(task, "named_classes", True):
+        raise UserError(f"{card.card_path}: labels: {task.name} has no classes to name (its targets are text); "
+                        f"leave `labels` out")
     if card.group_by is not None and not getattr(task, "group_metrics", False):
         raise UserError(f"{card.card_path}: group_by: {task.name} reports no per-group metrics (medical-classify and "
                         f"speech-emotion do); leave group_by out")
@@ -231,7 +237,7 @@ def dataset_notes(dataset: Dataset, training: bool) -> list[str]:
         if absent := classes_missing_from(dataset, split):
             notes.append(f"the {split} split has no examples of {', '.join(absent)}: "
                          f"{'its' if len(absent) == 1 else 'their'} per-class scores are undefined there")
-    if "validation" not in dataset.splits:
+    if "validation" not in dataset.splits and "train" in dataset.splits:  # not for a card to evaluate on
         notes.append("no validation split, so no checkpoint selection or early stopping: the last epoch's model "
                      "is kept (give the card a validation split or ratio)")
     return notes

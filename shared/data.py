@@ -90,6 +90,28 @@ def validation_fraction(card) -> float:
     return float(fraction)
 
 
+def split_ratios(card, what: str, comes_split: str = "per-split files") -> dict[str, float]:
+    """The card's `splits.ratios` (default 80/10/10) for data that comes unsplit. A
+    `validation_fraction` beside them would be ignored (the ratios give validation its
+    share), so it is refused; `comes_split` says how this task's data can come split,
+    where the fraction does apply."""
+    spec = card.splits or {}
+    if "validation_fraction" in spec:
+        raise UserError(f"{card.card_path}: splits.validation_fraction holds validation out of train where the data "
+                        f"comes split ({comes_split}); here splits.ratios divide the {what}: give validation its "
+                        f"ratio there (e.g. ratios: {{train: 0.8, validation: 0.1, test: 0.1}}) and remove "
+                        f"validation_fraction")
+    return spec.get("ratios", {"train": 0.8, "validation": 0.1, "test": 0.1})
+
+
+def check_validation_given(card, gives_validation: bool) -> None:
+    """A `validation_fraction` where the data gives its own validation split would be
+    ignored: refused."""
+    if gives_validation and "validation_fraction" in (card.splits or {}):
+        raise UserError(f"{card.card_path}: splits.validation_fraction holds validation out of train, but the data "
+                        f"gives a validation split; remove validation_fraction")
+
+
 def hold_out_validation(splits: dict[str, list[Example]], card, what: str,
                         group_of: Callable[[Example], object] | None = None) -> tuple[dict[str, list[Example]], str | None]:
     """Where the data comes with train and test but no validation split, hold out
@@ -97,6 +119,7 @@ def hold_out_validation(splits: dict[str, list[Example]], card, what: str,
     with `splits.seed`: stratified by class for single-label data, or with `group_of`
     whole groups (e.g. every caption of one video). Test is never touched. Returns the
     splits and a note saying what was held out (None if nothing)."""
+    check_validation_given(card, "validation" in splits)
     if "validation" in splits or "train" not in splits:
         return splits, None
     spec = card.splits or {}

@@ -132,6 +132,7 @@ class Task(Protocol):
     #   parse_request(body, options)                    `peftlab serve`'s JSON input form
     #   export_backbone(model, directory)               the backbone in its library's own format
     #   group_metrics (attribute)                       True where the card's `group_by` gives per-group metrics
+    #   named_classes (attribute)                       False where targets are text, so a card's `labels` is refused
 
 
 _TASKS: dict[str, Task] = {}

@@ -137,6 +137,11 @@ def test_a_card_without_validation_says_the_last_epoch_is_kept(tmp_path, capsys)
     assert "no validation split, so no checkpoint selection or early stopping" in capsys.readouterr().err
     runner.prepare(runner.build_config("protein-ppi", data=str(write_card(tmp_path)), backbone="tiny"))
     assert "no validation split" not in capsys.readouterr().err
+    # a card of test data only (what `peftlab eval RUN --data CARD` takes) trains nothing: no such note
+    test_only = write_card(tmp_path, GOOD.replace("train: 0.5, validation: 0.25, test: 0.25", "test: 1.0"))
+    assert main(["card", "validate", str(test_only)]) == 0
+    summary = json.loads(capsys.readouterr().out)
+    assert summary["splits"] == {"test": 8} and summary["notes"] == []
 
 
 def test_data_limit_is_said_with_what_it_kept(tmp_path):

@@ -181,6 +181,11 @@ CASES = [
     Case("card-group-by-without-groups", card_run(PROTEIN, "demo", group_by="organism"),
          r"card\.md: group_by: protein-ppi reports no per-group metrics \(medical-classify and speech-emotion do\); "
          r"leave group_by out"),
+    Case("card-demo-with-splits", card_run(MEDICAL, "demo", splits={"ratios": {"train": 0.5, "test": 0.5}}),
+         r"card\.md: splits: a demo card's splits are its generator's; set their sizes under `demo:` \(as "
+         r"medical-classify's demo card does\) and leave splits out"),
+    Case("card-labels-on-generation", card_run(COMMENT, "demo", labels=["good", "bad"]),
+         r"card\.md: labels: code-review-comment has no classes to name \(its targets are text\); leave `labels` out"),
     Case("card-loader", card_run(PROTEIN, "demo", loader="mine:load"),
          r"card\.md: loader: custom loader functions are not supported yet; convert the data to a format protein-ppi "
          r"reads \(fasta\+pairs_tsv, demo\) and leave `loader` out"),

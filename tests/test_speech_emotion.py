@@ -293,6 +293,11 @@ def test_session_folds(tmp_path):
         TASK.read(with_split_overrides(card, {"validation": [2]}, TASK), SpeechEmotionOptions())
     with pytest.raises(UserError, match=r"data.splits.fold is not a split key speech-emotion reads"):
         with_split_overrides(card, {"fold": 1}, TASK)
+    # a validation fold and a validation_fraction: the fraction held nothing out
+    with pytest.raises(UserError, match=r"card\.md: splits\.validation_fraction holds validation out of train, but the "
+                                        r"data gives a validation split; remove validation_fraction$"):
+        TASK.read(with_split_overrides(card, {"test": [2], "validation": [1], "validation_fraction": 0.2}, TASK),
+                  SpeechEmotionOptions())
 
 
 def test_split_files_without_validation_hold_out_whole_training_speakers(tmp_path):
@@ -317,6 +322,13 @@ def test_split_files_without_validation_hold_out_whole_training_speakers(tmp_pat
     everything = TASK.read(write_card(tmp_path, "splits: {train: train.csv, test: test.csv, validation_fraction: 0}"),
                            SpeechEmotionOptions())
     assert list(everything.splits) == ["train", "test"] and len(everything.splits["train"]) == 4
+    # beside a validation file, or where the ratios divide one table, a fraction would be ignored
+    for splits, message in (("{train: train.csv, validation: test.csv, test: test.csv, validation_fraction: 0.2}",
+                             r"the data gives a validation split; remove validation_fraction$"),
+                            ("{ratios: {train: 0.5, test: 0.5}, validation_fraction: 0.2}",
+                             r"where the data comes split \(per-split files, or fold_by\); here splits\.ratios divide the clips")):
+        with pytest.raises(UserError, match=r"card\.md: splits\.validation_fraction holds validation out of train.* " + message):
+            TASK.read(write_card(tmp_path, f"splits: {splits}"), SpeechEmotionOptions())
     assert not any(note.startswith("validation:") for note in everything.notes)
     # two clips without speakers: a fraction too small to hold out one says so (it made an empty split)
     from peftlab.domains.speech_emotion.data import hold_out_speakers

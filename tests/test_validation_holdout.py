@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import itertools
 import json
+import re
 from collections import Counter
 
 import pytest
@@ -131,3 +132,23 @@ def test_protein_pairs_given_per_split_are_kept_protein_disjoint_on_request(tmp_
     assert not proteins["train"] & proteins["test"] and not proteins["validation"] & proteins["test"]
     assert not proteins["train"] & proteins["validation"]
     assert any(note.startswith("group_by_protein: no protein is in two splits") for note in dataset.notes)
+
+
+@pytest.mark.parametrize("task_name", list(CASES))
+def test_a_validation_fraction_that_would_be_ignored_is_refused(task_name, tmp_path):
+    header, _, _ = CASES[task_name](tmp_path)
+    task = get_task(task_name)
+    train_file = re.search(r"splits: \{train: (\S+),", header).group(1)
+    # beside a validation file: the fraction held nothing out
+    with_validation = header.replace("test: ", f"validation: {train_file}, test: ", 1)
+    with pytest.raises(UserError, match=r"card\.md: splits\.validation_fraction holds validation out of train, but "
+                                        r"the data gives a validation split; remove validation_fraction$"):
+        task.read(_write_card(tmp_path, task_name, with_validation), task.options())
+    # one table the ratios divide: validation got its ratio, the fraction nothing
+    unsplit = re.sub(r"splits: \{.*\}", "splits: {validation_fraction: 0.25}", header)
+    unsplit = (unsplit.replace("files: {sequences: p.fasta}", f"files: {{sequences: p.fasta, pairs: {train_file}}}")
+               if "files:" in unsplit else f"{unsplit}\nfiles: {{data: {train_file}}}")
+    with pytest.raises(UserError, match=r"card\.md: splits\.validation_fraction holds validation out of train where the "
+                                        r"data comes split \(.+\); here splits\.ratios divide the \w+: give validation "
+                                        r"its ratio there"):
+        task.read(_write_card(tmp_path, task_name, unsplit), task.options())

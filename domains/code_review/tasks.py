@@ -30,7 +30,7 @@ import torch
 from peftlab.shared import causal_lm as clm
 from peftlab.shared import requests
 from peftlab.shared.cards import Card
-from peftlab.shared.data import count_by_split, hold_out_validation, ratio_split
+from peftlab.shared.data import count_by_split, hold_out_validation, ratio_split, split_ratios
 from peftlab.shared.errors import UserError
 from peftlab.shared.tasks import SPLIT_KEYS, Dataset, FP32Head, describe_scores, register_task
 from peftlab.shared.text_metrics import TEXT_METRICS, compute_text_metrics
@@ -206,7 +206,7 @@ class _CodeReviewTask:
             notes += [note] if note else []
         else:
             spec = card.splits or {}
-            ratios = spec.get("ratios", {"train": 0.8, "validation": 0.1, "test": 0.1})
+            ratios = split_ratios(card, "records")
             splits = ratio_split(self._read_file(card, card.file("data"), notes), ratios, int(spec.get("seed", 0)),
                                  where=str(card.card_path))
         return Dataset(splits, labels, notes + self._notes(splits, options))
@@ -307,6 +307,7 @@ class NecessityTask(_CodeReviewTask):
 
 
 class _GenerationTask(_CodeReviewTask):
+    named_classes = False  # the target is text
     metrics = ("bleu4", "corpus_bleu4", "exact_match")
     primary_metric = "bleu4"
     formats = ("jsonl", "tufano_tsv", "demo")

@@ -26,7 +26,7 @@ import torch
 from peftlab.shared import io, methods, reports, requests
 from peftlab.shared import metrics as metric_registry
 from peftlab.shared.cards import Card
-from peftlab.shared.data import hold_out_validation, number_classes, ratio_split
+from peftlab.shared.data import hold_out_validation, number_classes, ratio_split, split_ratios
 from peftlab.shared.errors import UserError
 from peftlab.shared.feature_cache import (
     FeatureCache,
@@ -321,11 +321,6 @@ class MedicalClassifyTask:
             splits, by_ratios = self._read_csv(card, labels, options)
             if labels is None:
                 labels = number_classes(splits, notes, str(card.card_path))
-        if by_ratios and "validation_fraction" in (card.splits or {}):
-            raise UserError(f"{card.card_path}: splits.validation_fraction holds validation out of train where the data "
-                            f"comes split (split folders, per-split files, an npz's arrays); here splits.ratios divide "
-                            f"the images: give validation its ratio there (e.g. ratios: {{train: 0.8, validation: 0.1, "
-                            f"test: 0.1}}) and remove validation_fraction")
         for split in list(splits):
             splits[split], skipped = data.keep_readable(splits[split], on_bad_file, f"{card.card_path} ({split})")
             notes += skipped
@@ -365,7 +360,7 @@ class MedicalClassifyTask:
 
     def _ratio_split(self, card: Card, examples: list[dict]) -> dict[str, list[dict]]:
         spec = card.splits or {}
-        ratios = spec.get("ratios", {"train": 0.8, "validation": 0.1, "test": 0.1})
+        ratios = split_ratios(card, "images", "split folders, per-split files, an npz's arrays")
         return ratio_split(examples, ratios, int(spec.get("seed", 0)), self._by_patient(card), where=str(card.card_path))
 
     def _read_imagefolder(self, card: Card, labels, notes: list[str]):

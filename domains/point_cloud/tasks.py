@@ -28,7 +28,7 @@ import numpy as np
 import torch
 from peftlab.shared import io, methods, requests
 from peftlab.shared.cards import Card
-from peftlab.shared.data import count_by_split, hold_out_validation, ratio_split
+from peftlab.shared.data import count_by_split, hold_out_validation, ratio_split, split_ratios
 from peftlab.shared.errors import UserError
 from peftlab.shared.feature_cache import (
     FeatureCache,
@@ -350,12 +350,7 @@ class PointCloudClassifyTask:
         (a validation ratio of 0, or none, makes no validation split)."""
         spec = card.splits or {}
         if "all" in splits:
-            if "validation_fraction" in spec:
-                raise UserError(f"{card.card_path}: splits.validation_fraction holds validation out of train where the "
-                                f"data comes split ({SPLITS_OF_FORMAT[card.format][0]}); here splits.ratios divide the "
-                                f"clouds: give validation its ratio there (e.g. ratios: {{train: 0.8, validation: 0.1, "
-                                f"test: 0.1}}) and remove validation_fraction")
-            ratios = spec.get("ratios", {"train": 0.8, "validation": 0.1, "test": 0.1})
+            ratios = split_ratios(card, "clouds", SPLITS_OF_FORMAT[card.format][0])
             return ratio_split(splits["all"], ratios, seed, where=str(card.card_path))
         if "ratios" in spec:
             raise UserError(f"{card.card_path}: splits.ratios divide clouds that come unsplit, but this {card.format} "

@@ -15,7 +15,7 @@ import numpy as np
 import torch
 from peftlab.shared import io, methods, requests
 from peftlab.shared.cards import Card
-from peftlab.shared.data import count_by_split, hold_out_validation, ratio_split
+from peftlab.shared.data import count_by_split, hold_out_validation, ratio_split, split_ratios
 from peftlab.shared.errors import UserError
 from peftlab.shared.feature_cache import FeatureCache, frozen_prefix_stages
 from peftlab.shared.tasks import SPLIT_KEYS, Dataset, FP32Head, describe_scores, register_task
@@ -244,9 +244,9 @@ class _ProteinTask:
                             f"got {spec['group_by_protein']!r}")
         return spec
 
-    def _splits(self, card: Card, examples: list[dict], group_of=None) -> dict[str, list[dict]]:
+    def _splits(self, card: Card, examples: list[dict], what: str, group_of=None) -> dict[str, list[dict]]:
         spec = self._split_spec(card)
-        ratios = spec.get("ratios", {"train": 0.8, "validation": 0.1, "test": 0.1})
+        ratios = split_ratios(card, what)
         return ratio_split(examples, ratios, int(spec.get("seed", 0)), group_of, where=str(card.card_path))
 
     # ------------------------------------------------------------- serving and export
@@ -366,7 +366,7 @@ class PPITask(_ProteinTask):
             pairs = {"all": data.read_pairs(card.file("pairs"), sequences, card.fields, labels)}
             repeated = drop_repeated_pairs(pairs, str(card.file("pairs")))
             notes += [repeated] if repeated else []
-            splits = self._splits(card, pairs["all"], by_first_protein)
+            splits = self._splits(card, pairs["all"], "pairs", by_first_protein)
         if group:  # given files too: pairs of train (and validation) sharing a protein with a later split go
             notes.append(keep_proteins_apart(splits))
             emptied = [name for name in ("train", "validation") if name in splits and not splits[name]]
@@ -453,7 +453,7 @@ class ClassifyTask(_ProteinTask):
             splits = {s: data.read_sequence_csv(p, card.fields, labels) for s, p in per_split.items()}
             splits, note = hold_out_validation(splits, card, "sequences")
         else:
-            splits = self._splits(card, data.read_sequence_csv(card.file("data"), card.fields, labels))
+            splits = self._splits(card, data.read_sequence_csv(card.file("data"), card.fields, labels), "sequences")
         if labels is None:
             count = 1 + max(e["label"] for split in splits.values() for e in split)
             labels = [str(i) for i in range(count)]

@@ -26,7 +26,7 @@ from typing import Any, ClassVar
 from peftlab.shared import causal_lm as clm
 from peftlab.shared import requests
 from peftlab.shared.cards import Card
-from peftlab.shared.data import hold_out_validation, ratio_split
+from peftlab.shared.data import hold_out_validation, ratio_split, split_ratios
 from peftlab.shared.errors import UserError
 from peftlab.shared.metrics import list_metrics, register_metric
 from peftlab.shared.tasks import SPLIT_KEYS, Dataset, register_task
@@ -92,6 +92,7 @@ def _stamp(examples: list[dict], options: ReasoningOptions) -> list[dict]:
 
 class _ReasoningTask:
     domain = "reasoning"
+    named_classes = False  # the answer is text (or an option of its own problem)
     metrics = ("accuracy", "accuracy_avg")
     primary_metric = "accuracy"
     formats = ("jsonl", "demo")
@@ -128,7 +129,7 @@ class _ReasoningTask:
             splits, note = hold_out_validation(splits, card, "problems")
         else:
             spec = card.splits or {}
-            ratios = spec.get("ratios", {"train": 0.8, "validation": 0.1, "test": 0.1})
+            ratios = split_ratios(card, "problems")
             splits = ratio_split(data.read_jsonl(card.file("data"), self.KIND), ratios, int(spec.get("seed", 0)),
                                  where=str(card.card_path))
         return Dataset(splits, [], [note] if note else [])

@@ -25,7 +25,14 @@ import numpy as np
 import torch
 from peftlab.shared import methods, reports, requests
 from peftlab.shared.cards import Card
-from peftlab.shared.data import count_by_split, number_classes, ratio_split, validation_fraction
+from peftlab.shared.data import (
+    check_validation_given,
+    count_by_split,
+    number_classes,
+    ratio_split,
+    split_ratios,
+    validation_fraction,
+)
 from peftlab.shared.errors import UserError
 from peftlab.shared.feature_cache import FeatureCache, in_training, plan, unique_ids
 from peftlab.shared.tasks import (
@@ -357,6 +364,7 @@ class SpeechEmotionTask:
                 rows = read(path)
                 splits[split], skipped = rows.examples, skipped + rows.skipped
                 dropped.update(rows.dropped)
+            check_validation_given(card, "validation" in splits)
             if "validation" not in splits and "train" in splits:  # carved out of train, for model selection
                 fraction = validation_fraction(card)
                 splits.update(data.hold_out_speakers(splits["train"], fraction, int(spec.get("seed", 0)), str(card.card_path)))
@@ -374,6 +382,7 @@ class SpeechEmotionTask:
             if "fold_by" in spec:
                 if "test" not in spec:
                     raise UserError(f"{card.card_path}: splits.fold_by needs `test: [values]` (e.g. fold_by: session, test: [5])")
+                check_validation_given(card, "validation" in spec)
                 splits = data.fold_split(examples, spec["fold_by"], _as_list(spec["test"]),
                                          _as_list(spec["validation"]) if "validation" in spec else None,
                                          validation_fraction(card), seed, where)
@@ -381,7 +390,7 @@ class SpeechEmotionTask:
                     notes.append(_held_out_note(splits["validation"], validation_fraction(card),
                                                 "the test fold is untouched"))
             else:
-                ratios = spec.get("ratios", {"train": 0.8, "validation": 0.1, "test": 0.1})
+                ratios = split_ratios(card, "clips", "per-split files, or fold_by")
                 if all("speaker" in e for e in examples):
                     splits = data.speaker_split(examples, ratios, seed, where)
                 else:

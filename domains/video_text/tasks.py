@@ -34,7 +34,7 @@ from peftlab.shared import causal_lm as clm
 from peftlab.shared import io, requests
 from peftlab.shared import metrics as metric_registry
 from peftlab.shared.cards import Card
-from peftlab.shared.data import hold_out_validation, ratio_split
+from peftlab.shared.data import hold_out_validation, ratio_split, split_ratios
 from peftlab.shared.errors import UserError
 from peftlab.shared.retrieval_metrics import (
     RETRIEVAL_METRICS,
@@ -375,6 +375,7 @@ DEMO_DEFAULTS = {"train": 480, "validation": 48, "test": 48, "seed": 0, "frames"
 
 class _VideoTextTask:
     domain = "video_text"
+    named_classes = False  # captions, not classes
     formats = ("msrvtt_json", "csv", "demo")
     card_keys = ("demo", "video_root")
     split_keys = (*SPLIT_KEYS, "validation_fraction")
@@ -414,7 +415,7 @@ class _VideoTextTask:
             splits, note = hold_out_validation(found, card, "captions (whole videos)", group_of=lambda e: e["video_id"])
             return splits, [note] if note else []
         spec = card.splits or {}
-        ratios = spec.get("ratios", {"train": 0.8, "validation": 0.1, "test": 0.1})
+        ratios = split_ratios(card, "videos", "per-split files, or a split per video in MSR-VTT JSON")
         # whole videos go to one split, so no video is seen in training and in test
         return ratio_split(found["all"], ratios, int(spec.get("seed", 0)), group_of=lambda e: e["video_id"],
                            where=str(card.card_path)), []
