@@ -66,18 +66,24 @@ def strata(examples: Sequence[Example]) -> dict[int, list[int]]:
 
 
 def number_classes(splits: dict[str, list[Example]], notes: list[str], where: str) -> list[str]:
-    """Labels for data read without the card's `labels`: class indices as they are, or the
-    label cells' names, sorted, each example renumbered (a note says so: the order is a guess)."""
+    """Labels for data read without the card's `labels`: class indices 0..K-1 as they are;
+    codes that do not run from 0 without a gap (1..K, say), and label cells' names, are the
+    classes' names, in numeric or sorted order, each example renumbered (a note says so:
+    the order is a guess). Read as indices, code 1..K would make a class 0 with no examples."""
     values = {e["label"] for split in splits.values() for e in split}
-    if not any(isinstance(v, str) for v in values):
-        return [str(i) for i in range(1 + max(values))]
-    if any(not isinstance(v, str) for v in values):
+    names = [v for v in values if isinstance(v, str)]
+    if names and len(names) < len(values):
         raise UserError(f"{where}: the label column mixes class names and indices; name the classes in `labels`")
-    labels = sorted(values)
+    if not names and values == set(range(len(values))):
+        return [str(i) for i in range(len(values))]
+    ordered = sorted(values)
+    position = {value: index for index, value in enumerate(ordered)}
     for split in splits.values():
         for example in split:
-            example["label"] = labels.index(example["label"])
-    notes.append(f"labels {labels} are the label column's names, sorted; set the card's `labels` to choose their order")
+            example["label"] = position[example["label"]]
+    labels = [str(value) for value in ordered]
+    what = "names, sorted" if names else f"codes, which do not run 0..{len(labels) - 1}: class i is the i-th code"
+    notes.append(f"labels {labels} are the label column's {what}; set the card's `labels` to choose their order")
     return labels
 
 

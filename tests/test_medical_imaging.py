@@ -206,6 +206,18 @@ def test_csv_without_the_cards_labels_names_the_classes_from_the_column(tmp_path
     by_id = {e["id"]: e["label"] for split in dataset.splits.values() for e in split}
     assert by_id["img/0.png"] == 2 and by_id["img/1.png"] == 1 and by_id["img/2.png"] == 0
     assert any("are the label column's names, sorted" in note for note in dataset.notes)
+    # grades coded 1..3: read as indices they made a class "0" no image has
+    _image_table(tmp_path, "diagnosis", [str(1 + i % 3) for i in range(9)])
+    dataset = TASK.read(card, TASK.options())
+    assert dataset.labels == ["1", "2", "3"]
+    by_id = {e["id"]: e["label"] for split in dataset.splits.values() for e in split}
+    assert by_id["img/0.png"] == 0 and by_id["img/1.png"] == 1 and by_id["img/2.png"] == 2
+    assert "labels ['1', '2', '3'] are the label column's codes, which do not run 0..2: class i is the i-th code; " \
+           "set the card's `labels` to choose their order" in dataset.notes
+    _image_table(tmp_path, "diagnosis", [str(i % 3) for i in range(9)])  # indices from 0: kept as they are
+    dataset = TASK.read(card, TASK.options())
+    assert dataset.labels == ["0", "1", "2"] and not any("label column" in note for note in dataset.notes)
+    assert {e["id"]: e["label"] for split in dataset.splits.values() for e in split}["img/2.png"] == 2
     (tmp_path / "data.csv").write_text("path,diagnosis\nimg/0.png,1\nimg/1.png,normal\n")
     with pytest.raises(UserError, match="mixes class names and indices"):
         TASK.read(card, TASK.options())
