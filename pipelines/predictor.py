@@ -244,8 +244,9 @@ class Predictor:
         try:
             runner.save_adapter(self.model, out / runner.ADAPTER)
             config = io.read_json(self.run_dir / "meta.json")
-            merged_from = {"run_dir": str(self.run_dir.resolve()), "method": config["method"]}
+            merged_from = {"run_dir": str(self.run_dir.resolve()), "method": config["method"], "params": config["params"]}
             config["method"] = {"name": "full", "options": {}, "merged_from": merged_from}
+            config["params"] = runner.parameter_summary(self.model)  # the merged model's: no adapter modules left
             io.write_json(out / "meta.json", config)
             # the config that trained the adapter: `run --config` repeats that training (and says so)
             shutil.copy(self.run_dir / "run.yaml", out / "run.yaml")
@@ -307,7 +308,7 @@ def check_mergeable(run_dir: Path, meta: dict, into_run: bool = False) -> None:
         raise UserError(f"{run_dir}: {what} has no adapter to merge: its weights are the whole backbone; "
                         f"use it as it is, or --export it in its library's format")
     if method != "full" and not methods.get_method(method).mergeable:
-        mergeable = [m for m in methods.list_methods() if methods.get_method(m).mergeable]
+        mergeable = [m for m in methods.list_methods() if methods.get_method(m).mergeable and m != "full"]
         raise UserError(f"{run_dir}: method {method!r} cannot be merged into the backbone weights; "
                         f"mergeable methods: {', '.join(mergeable)}")
 

@@ -419,6 +419,11 @@ def resume(run_dir: str | Path) -> Path:
             if checkpoint.has_checkpoint(checkpoints):
                 checkpoint.check_checkpoint(checkpoints)
             prepared = prepare(config, run_dir=run_dir if (run_dir / "card.md").is_file() else None)
+            if main:  # killed before the start was written in full: eval, predict and merge need all of it
+                if not (run_dir / "card.md").is_file():
+                    io.write_text(run_dir / "card.md", prepared.card.text)
+                if not (run_dir / "meta.json").is_file():
+                    io.write_json(run_dir / "meta.json", _meta(prepared))
             return _train_and_finish(run_dir, prepared, resume=True)
     except KeyboardInterrupt:
         _say_how_to_resume(run_dir, main)

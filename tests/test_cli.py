@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import re
+import shutil
 from pathlib import Path
 
 import peftlab
@@ -158,6 +159,10 @@ def test_merge_gives_a_run_that_evaluates_like_the_original(ppi_run, tmp_path, c
     assert result.returncode == 0, result.stderr[-2000:]
     method = json.loads((merged / "meta.json").read_text())["method"]
     assert method["name"] == "full" and method["merged_from"]["run_dir"] == str(ppi_run.resolve())
+    # its parameter counts are the merged model's (no LoRA matrices); the adapter's stay with merged_from
+    adapter_params, merged_params = (json.loads((run / "meta.json").read_text())["params"] for run in (ppi_run, merged))
+    assert method["merged_from"]["params"] == adapter_params
+    assert merged_params["total"] == adapter_params["total"] - adapter_params["method"]
     resumed = run_peftlab("run", "--resume", merged)  # not an unfinished run: nothing to resume, nothing overwritten
     assert resumed.returncode == 2 and f"{merged} is a merged model (`peftlab merge` of {ppi_run.resolve()})" in resumed.stderr
     assert not (merged / "metrics.json").exists() and not (merged / "checkpoints").exists()
@@ -184,6 +189,17 @@ def test_merge_gives_a_run_that_evaluates_like_the_original(ppi_run, tmp_path, c
     assert f"error: {merged}: a merged run has no adapter to merge: its weights are the whole backbone; use it as it " \
            f"is, or --export it in its library's format" in capsys.readouterr().err
     assert not (tmp_path / "twice").exists()
+    # so are a non-empty --out, and --export of a task without an export format
+    (tmp_path / "taken").mkdir()
+    (tmp_path / "taken" / "x").write_text("")
+    assert main(["merge", str(ppi_run), "--out", str(tmp_path / "taken")]) == 2
+    assert f"error: {tmp_path / 'taken'} exists and is not empty; choose another --out" in capsys.readouterr().err
+    reasoning = tmp_path / "reasoning-run"
+    reasoning.mkdir()
+    (reasoning / "meta.json").write_text(json.dumps({"task": "reasoning-arithmetic", "method": {"name": "lora"}}))
+    assert main(["merge", str(reasoning), "--export", str(tmp_path / "exported")]) == 2
+    assert "error: task 'reasoning-arithmetic' has no export format; `peftlab merge --out` writes a merged run" \
+        in capsys.readouterr().err
 
 
 def test_list_and_help():
@@ -358,3 +374,21 @@ def test_resume_of_a_run_another_process_is_training_is_refused(tmp_path, capsys
     assert not (run_dir / "metrics.json").exists()
     capsys.readouterr()
     assert main(["run", "--resume", str(run_dir)]) == 0 and (run_dir / "metrics.json").is_file()  # the lock is gone
+
+
+def test_a_run_killed_before_its_start_was_written_resumes_to_a_reusable_run(tmp_path, capsys):
+    """Killed after run.yaml but before card.md and meta.json: `--resume` trained it to the
+    end, yet without meta.json eval / predict / merge refused it and sent the user back to
+    --resume, which said the run was finished."""
+    finished = tmp_path / "finished"
+    assert main(["run", "protein-classify", "--demo", "--out", str(finished), "train.max_steps=2", "train.epochs=1"]) == 0
+    killed = tmp_path / "killed"
+    killed.mkdir()
+    shutil.copy(finished / "run.yaml", killed / "run.yaml")
+    assert main(["run", "--resume", str(killed)]) == 0
+    written, original = (json.loads((run / "meta.json").read_text()) for run in (killed, finished))
+    assert written.pop("created") >= original.pop("created") and written == original
+    assert (killed / "card.md").read_text() == (finished / "card.md").read_text()
+    capsys.readouterr()
+    assert main(["eval", str(killed), "--split", "test"]) == 0
+    assert json.loads(capsys.readouterr().out)["test"] == json.loads((finished / "metrics.json").read_text())["test"]

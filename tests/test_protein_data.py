@@ -12,7 +12,7 @@ import torch
 from peftlab.domains.protein import backbones, data
 from peftlab.domains.protein.tasks import crop
 from peftlab.shared.data import BucketBatchSampler, ratio_split, subsample
-from peftlab.shared.errors import UserError
+from peftlab.shared.errors import MissingField, UserError
 
 
 def test_fasta_reader_joins_lines_and_reports_bad_letters_with_line(tmp_path):
@@ -458,6 +458,13 @@ def test_a_pairs_file_never_loses_its_first_pair_to_header_detection(tmp_path):
     pairs.write_text("P1,P2,1\n")
     with pytest.raises(UserError, match=r"pairs.tsv:1: expected 2 tab-separated columns, found 1"):
         data.read_pairs(pairs, sequences, {}, None, labelled=False)
+    # a labelled read of unlabelled pairs names the missing label as such (predict on a card then says
+    # to give unlabelled pairs as files)
+    pairs.write_text("P1\tP2\n")
+    with pytest.raises(MissingField, match=r"pairs.tsv:1: expected 3 tab-separated columns, found 2: the pair has no "
+                                           r"label; add its label \(fields.label is column 2\)$") as missing:
+        data.read_pairs(pairs, sequences, {}, None)
+    assert missing.value.field == "label"
 
 
 def test_predict_reads_tables_with_the_training_cards_columns(tmp_path):

@@ -102,6 +102,9 @@ def read_pairs(path: Path, sequences: dict[str, str], fields: dict, labels: list
     for number, cells in rows:
         need = max(a_col, b_col, label_col if label_col is not None else 0) + 1
         if len(cells) < need:
+            if label_col is not None and len(cells) > max(a_col, b_col):  # an unlabelled pair (predict says so)
+                raise MissingField(f"{path}:{number}", f"expected {need} tab-separated columns, found {len(cells)}: the "
+                                   f"pair has no label", f"add its label (fields.label is column {label_col})", field="label")
             raise UserError(f"{path}:{number}: expected {need} tab-separated columns, found {len(cells)}")
         a, b = cells[a_col].strip(), cells[b_col].strip()
         for name in (a, b):
