@@ -38,7 +38,12 @@ def list_command(what):
         if section == "pipelines":
             for name in cfg.list_pipelines():
                 recipe = cfg.read_recipe(name)
-                click.echo(f"{name:28s} task={recipe['task']['name']} backbone={recipe['backbone']['name']} method={recipe['method']['name']}")
+                demo = recipe.get("demo", {})
+                # --demo trains what the tiny backbone can learn, which is not always the recipe's method
+                demo_method = demo.get("method", {}).get("name", recipe["method"]["name"])
+                click.echo(f"{name:28s} task={recipe['task']['name']} backbone={recipe['backbone']['name']} "
+                           f"method={recipe['method']['name']} (--demo: {demo_method} on "
+                           f"{demo.get('backbone', {}).get('name', recipe['backbone']['name'])})")
         elif section == "methods":
             for name in methods.list_methods():
                 spec = methods.get_method(name)

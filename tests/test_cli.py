@@ -207,6 +207,8 @@ def test_list_and_help():
     assert result.returncode == 0
     for expected in ("protein-ppi", "lora", "ssf", "esm2_t33_650M_UR50D", "data_cards/protein-ppi-demo.md"):
         assert expected in result.stdout
+    # --demo's method where it is not the recipe's (a tiny random-init model has nothing for LoReFT to steer)
+    assert "method=loreft (--demo: full on tiny-wide)" in result.stdout
     for command in (["run"], ["eval"], ["predict"], ["merge"], ["card", "validate"], ["card", "new"], ["list"]):
         assert run_peftlab(*command, "--help").returncode == 0
 

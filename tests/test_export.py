@@ -29,9 +29,9 @@ LOADER = textwrap.dedent("""
     exports, inputs = sys.argv[1], np.load(sys.argv[2])
     outputs = {}
     with torch.inference_mode():
-        import esm
-        with torch.serialization.safe_globals([argparse.Namespace]):
-            model, _ = esm.pretrained.load_model_and_alphabet_local(exports + "/protein/esm2_t2_64_merged.pt")
+        namespace = {"EXPORT_DIR": exports + "/protein"}  # export.json's own instructions, run from elsewhere
+        exec(json.load(open(exports + "/protein/export.json"))["load_without_peftlab"], namespace)
+        model = namespace["model"]
         layers = model.num_layers
         outputs["protein"] = model.eval()(torch.from_numpy(inputs["protein"]), repr_layers=[layers])["representations"][layers]
 

@@ -273,7 +273,7 @@ class _ProteinTask:
                             for k, v in content.items()}, tmp)
         return ("import argparse, torch, esm\n"
                 "with torch.serialization.safe_globals([argparse.Namespace]):\n"
-                f"    model, alphabet = esm.pretrained.load_model_and_alphabet_local('{files[0].name}')")
+                f"    model, alphabet = esm.pretrained.load_model_and_alphabet_local(EXPORT_DIR + '/{files[0].name}')")
 
 
 
