@@ -37,6 +37,15 @@ def table_rows(path, delimiter: str = ",") -> list[tuple[int, list[str]]]:
     return rows
 
 
+def files_in_folder(folder, list_files: Callable, kind: str, suffixes: Sequence[str]) -> list:
+    """The files `list_files` finds in a folder given to `peftlab predict`, or an error
+    naming the folder and what it looked for: an empty folder predicts nothing, silently."""
+    found = list_files(folder)
+    if not found:
+        raise UserError(f"{folder}: no {kind} ({', '.join(suffixes)}) in this folder")
+    return found
+
+
 def parse_label(value: str, labels: list[str] | None, where: str) -> int:
     """A label cell -> class index: a label name from the card, or its index (0, 1, 1.0)."""
     value = value.strip()

@@ -654,6 +654,9 @@ def test_predict_reads_a_plain_table_of_image_paths(tmp_path, capsys):
     assert [(line["id"], line["path"]) for line in lines] == [("../img/3.png", str(tmp_path / "new" / "../img/3.png")),
                                                               ("../img/0.png", str(tmp_path / "new" / "../img/0.png"))]
     assert all(set(line) == {"id", "path", "score", "positive_class", "prediction"} for line in lines)
+    (tmp_path / "empty").mkdir()  # a folder with no image predicts nothing: said, not silent
+    assert main(["predict", str(run_dir), str(tmp_path / "empty"), "--out", str(tmp_path / "none.jsonl")]) == 2
+    assert "empty: no image files (.png, " in capsys.readouterr().err and not (tmp_path / "none.jsonl").exists()
     # the column the input itself needs is still asked for, in one line
     (tmp_path / "new" / "ids.csv").write_text("image\n../img/3.png\n")
     capsys.readouterr()

@@ -26,7 +26,13 @@ import torch
 from peftlab.shared import io, methods, reports, requests
 from peftlab.shared import metrics as metric_registry
 from peftlab.shared.cards import Card
-from peftlab.shared.data import hold_out_validation, number_classes, ratio_split, split_ratios
+from peftlab.shared.data import (
+    files_in_folder,
+    hold_out_validation,
+    number_classes,
+    ratio_split,
+    split_ratios,
+)
 from peftlab.shared.errors import UserError
 from peftlab.shared.feature_cache import (
     FeatureCache,
@@ -438,10 +444,7 @@ class MedicalClassifyTask:
         tables: list[dict] = []
         for path in map(Path, paths):
             if path.is_dir():
-                found = data.list_images(path)
-                if not found:
-                    raise UserError(f"{path}: no image files ({', '.join(data.READABLE_SUFFIXES)}) in this folder")
-                files += found
+                files += files_in_folder(path, data.list_images, "image files", data.READABLE_SUFFIXES)
             elif path.suffix.lower() == ".csv":  # a table laid out like the training card's (its `fields`)
                 tables += data.read_image_csv(path, path.parent, fields, None, None, options.multi_label, labelled=False)
             elif path.is_file():

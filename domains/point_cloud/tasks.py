@@ -28,7 +28,13 @@ import numpy as np
 import torch
 from peftlab.shared import io, methods, requests
 from peftlab.shared.cards import Card
-from peftlab.shared.data import count_by_split, hold_out_validation, ratio_split, split_ratios
+from peftlab.shared.data import (
+    count_by_split,
+    files_in_folder,
+    hold_out_validation,
+    ratio_split,
+    split_ratios,
+)
 from peftlab.shared.errors import UserError
 from peftlab.shared.feature_cache import (
     FeatureCache,
@@ -373,10 +379,7 @@ class PointCloudClassifyTask:
         files = []
         for path in map(Path, paths):
             if path.is_dir():
-                found = data.list_point_files(path)
-                if not found:
-                    raise UserError(f"{path}: no point files ({', '.join(data.POINT_SUFFIXES)}) in this folder")
-                files += found
+                files += files_in_folder(path, data.list_point_files, "point files", data.POINT_SUFFIXES)
             else:
                 files.append(path)
         return [{"id": str(p), "points": data.read_point_file(p, options.off_points)} for p in files]
