@@ -158,22 +158,13 @@ def predict(run_dir, inputs, out, split, force):
               help="Also write the merged backbone in its own library's format (fair-esm, timm, transformers), loadable without peftlab.")
 def merge(run_dir, out, export_dir):
     """Fold a mergeable adapter into the backbone weights; writes a run directory with method `full`."""
-    from peftlab.pipelines.predictor import check_mergeable, load
+    from peftlab.pipelines.predictor import check_merge_request, load
     from peftlab.shared import io
-    from peftlab.shared.tasks import get_task
 
     if not out and not export_dir:
         raise UserError("merge needs --out DIR (a merged run), --export DIR (the merged backbone), or both")
-    # what can be refused is refused before the backbone loads (seconds to minutes)
-    for directory, option in ((out, "--out"), (export_dir, "--export")):
-        if directory and Path(directory).is_dir() and any(Path(directory).iterdir()):
-            raise UserError(f"{directory} exists and is not empty; choose another {option}")
-    if (Path(run_dir) / "meta.json").is_file():
-        meta = io.read_json(Path(run_dir) / "meta.json")
-        check_mergeable(Path(run_dir), meta, into_run=bool(out))
-        task = get_task(meta["task"])
-        if export_dir and not hasattr(task, "export_backbone"):
-            raise UserError(f"task {task.name!r} has no export format; `peftlab merge --out` writes a merged run")
+    if (Path(run_dir) / "meta.json").is_file():  # refused before the backbone loads (seconds to minutes)
+        check_merge_request(Path(run_dir), io.read_json(Path(run_dir) / "meta.json"), out=out, export=export_dir)
     predictor = load(run_dir)
     written = [predictor.merge(out)] if out else []
     if export_dir:

@@ -234,10 +234,8 @@ class Predictor:
 
     def merge(self, out) -> Path:
         """Write a run directory whose adapter is the merged backbone (method `full`)."""
-        check_mergeable(self.run_dir, self.meta, into_run=True)
+        check_merge_request(self.run_dir, self.meta, out=out)
         out = Path(out)
-        if out.exists() and any(out.iterdir()):
-            raise UserError(f"{out} exists and is not empty; choose another --out")
         merged = self.model.backbone.merge()
         self.model.backbone = methods.apply(merged, "full")
         out.mkdir(parents=True, exist_ok=True)
@@ -260,14 +258,10 @@ class Predictor:
     def export(self, directory) -> Path:
         """The merged backbone in its own library's format (fair-esm, timm, transformers, ...),
         loadable without peftlab, plus `export.json` saying what it is and how to load it."""
+        check_merge_request(self.run_dir, self.meta, export=directory)
         directory = Path(directory)
-        if directory.exists() and any(directory.iterdir()):
-            raise UserError(f"{directory} exists and is not empty; choose another --export")
-        if not hasattr(self.task, "export_backbone"):
-            raise UserError(f"task {self.task.name!r} has no export format; `peftlab merge --out` writes a merged run")
         adapted = self.model.backbone
         method = self.meta["method"]["name"]
-        check_mergeable(self.run_dir, self.meta)
         self.model.backbone = adapted.base_model if method == "full" else adapted.merge()
         tmp = directory.with_name(f".{directory.name}.tmp")
         shutil.rmtree(tmp, ignore_errors=True)
@@ -296,6 +290,19 @@ def load(run_dir, force: bool = False):
 
         return MultiAdapter(run_dir, force=force)
     return Predictor(run_dir, force=force).build()  # now: `load` is where a Python user expects the wait and its errors
+
+
+def check_merge_request(run_dir: Path, meta: dict, out=None, export=None) -> None:
+    """Everything `merge --out OUT` / `--export EXPORT` can refuse from meta.json alone,
+    so the command refuses it before the backbone loads: a target folder that is not
+    empty, a method that cannot merge, a task with no export format."""
+    for directory, option in ((out, "--out"), (export, "--export")):
+        if directory is not None and Path(directory).is_dir() and any(Path(directory).iterdir()):
+            raise UserError(f"{directory} exists and is not empty; choose another {option}")
+    check_mergeable(run_dir, meta, into_run=out is not None)
+    task = get_task(meta["task"])
+    if export is not None and not hasattr(task, "export_backbone"):
+        raise UserError(f"task {task.name!r} has no export format; `peftlab merge --out` writes a merged run")
 
 
 def check_mergeable(run_dir: Path, meta: dict, into_run: bool = False) -> None:
