@@ -140,12 +140,15 @@ def load_card(card_path: str | Path, task, root: Path | None = None) -> Card:
     card.check_keys(task.card_keys)
     card.check_split_keys(task.split_keys, task.name)
     card.check_field_keys(task.field_keys, task.name)
-    if card.format not in task.formats:
-        raise UserError(f"{card.card_path}: format {card.format!r} is not one {task.name} reads ({', '.join(task.formats)}); "
-                        f"convert the data to one of them")
     if card.loader is not None:
-        raise UserError(f"{card.card_path}: loader: custom loader functions are not supported yet; convert the data "
-                        f"to a format {task.name} reads ({', '.join(task.formats)}) and leave `loader` out")
+        if card.format in task.formats:
+            raise UserError(f"{card.card_path}: loader: {task.name} reads format {card.format!r} itself; leave "
+                            f"`loader` out, or set `format` to the name of the format your loader reads")
+        # The loader's records are read as the task's own record format: its reader takes that branch.
+        card = card.model_copy(update={"format": task.loader_format})
+    elif card.format not in task.formats:
+        raise UserError(f"{card.card_path}: format {card.format!r} is not one {task.name} reads ({', '.join(task.formats)}); "
+                        f"convert the data to one of them, or read it with `loader: module:function`")
     if card.format == "demo" and card.splits is not None:
         raise UserError(f"{card.card_path}: splits: a demo card's splits are its generator's; set their sizes under "
                         f"`demo:` (as {task.name}'s demo card does) and leave splits out")

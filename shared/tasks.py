@@ -94,6 +94,9 @@ class Task(Protocol):
     metrics: tuple[str, ...]
     primary_metric: str
     formats: tuple[str, ...]
+    loader_format: str
+    """The format whose reader reads the records of a card's `loader: module:function`
+    (a table's rows, or JSON lines' objects): shared/loaders.py."""
     card_keys: tuple[str, ...]
     """Extra card header fields this task reads, besides the core ones."""
     split_keys: tuple[str, ...]
@@ -141,7 +144,7 @@ _TASKS: dict[str, Task] = {}
 def register_task(task: Task) -> Task:
     if task.name in _TASKS:
         raise ValueError(f"task {task.name!r} is registered twice")
-    missing = [m for m in ("split_keys", "field_keys", "read", "build_model", "read_inputs", "describe", "card_template") if not hasattr(task, m)]
+    missing = [m for m in ("loader_format", "split_keys", "field_keys", "read", "build_model", "read_inputs", "describe", "card_template") if not hasattr(task, m)]
     if missing:
         raise TypeError(f"task {task.name!r} lacks {', '.join(missing)}")
     _TASKS[task.name] = task

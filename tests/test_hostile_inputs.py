@@ -186,15 +186,20 @@ CASES = [
          r"medical-classify's demo card does\) and leave splits out"),
     Case("card-labels-on-generation", card_run(COMMENT, "demo", labels=["good", "bad"]),
          r"card\.md: labels: code-review-comment has no classes to name \(its targets are text\); leave `labels` out"),
-    Case("card-loader", card_run(PROTEIN, "demo", loader="mine:load"),
-         r"card\.md: loader: custom loader functions are not supported yet; convert the data to a format protein-ppi "
-         r"reads \(fasta\+pairs_tsv, demo\) and leave `loader` out"),
+    Case("card-loader-beside-a-known-format", card_run(PROTEIN, "demo", loader="mine:load"),
+         r"card\.md: loader: protein-ppi reads format 'demo' itself; leave `loader` out, or set `format` to the name "
+         r"of the format your loader reads$"),
+    Case("card-loader-missing", card_run(PROTEIN, "parquet", {"p.fasta": ">a\nMKV\n", "p.parquet": b"PAR1"},
+                                         loader="no_such_loader:load", files={"sequences": "p.fasta", "pairs": "p.parquet"}),
+         r"card\.md: loader: no module 'no_such_loader': neither .*no_such_loader\.py nor an installed module; put "
+         r"no_such_loader\.py beside the card or install it$"),
     Case("card-unknown-metric", card_run(PROTEIN, "demo", metrics=["aupr", "bogus_metric"]),
          r"card\.md: metrics: unknown metric 'bogus_metric'; protein-ppi computes aupr, "),
     Case("config-unknown-metrics", demo_run("protein-ppi", "eval.metrics=[aupr,bogus_metric]"),
          r"eval\.metrics: unknown metric 'bogus_metric'; protein-ppi computes aupr, "),
     Case("card-unknown-format", card_run(PROTEIN, "custom"),
-         r"card\.md: format 'custom' is not one protein-ppi reads \(fasta\+pairs_tsv, demo\); convert the data to one of them$"),
+         r"card\.md: format 'custom' is not one protein-ppi reads \(fasta\+pairs_tsv, demo\); convert the data to one of "
+         r"them, or read it with `loader: module:function`$"),
     Case("card-unset-variable", card_run(PROTEIN, "fasta+pairs_tsv", files={"sequences": "${PEFTLAB_NOT_SET_ANYWHERE}/s.fasta", "pairs": "p.tsv"}),
          r"card\.md: files\.sequences: environment variable PEFTLAB_NOT_SET_ANYWHERE is not set"),
     Case("card-missing-file", card_run(PROTEIN, "fasta+pairs_tsv", files={"sequences": "nowhere.fasta", "pairs": "p.tsv"}),

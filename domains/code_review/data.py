@@ -49,27 +49,17 @@ def text_lines(path: Path) -> list[str]:
         return [line.removesuffix("\n").removesuffix("\r") for line in handle]
 
 
-def read_jsonl(path: Path, kind: str, fields: dict, labelled: bool = True, notes: list[str] | None = None) -> list[dict]:
+def read_jsonl(path: Path, kind: str, fields: dict, labelled: bool = True, notes: list[str] | None = None,
+               records: list[tuple[int, dict]] | None = None) -> list[dict]:
     """CodeReviewer JSONL -> examples with the task's fields (`label` = y, msg or new).
     Ids come from the records' `id` (else FILE:LINE). CodeReviewer's ids repeat (two
     projects' hunks share one): a repeated id gets `@LINE` so that each prediction line
-    names one record, and `notes` (where given) says so."""
+    names one record, and `notes` (where given) says so. `records`: a card loader's
+    records of the file, numbered, in place of its lines."""
     keys = {**TASK_FIELDS[kind], **{k: v for k, v in fields.items() if k in TASK_FIELDS[kind] or k == "id"}}
     examples, line_numbers = [], []
-    try:
-        lines = text_lines(path)
-    except UnicodeDecodeError as error:
-        raise UserError(f"{path}: not UTF-8 text (byte {error.start}); save it as UTF-8 JSON lines") from None
-    for number, line in enumerate(lines, start=1):
-        if not line.strip():
-            continue
+    for number, record in _json_records(path) if records is None else records:
         where = f"{path}:{number}"
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError as error:
-            raise UserError(f"{where}: not a JSON object ({error.msg} at column {error.colno}); each line must be one JSON object") from None
-        if not isinstance(record, dict):
-            raise UserError(f"{where}: a {type(record).__name__}, not a JSON object; each line must be one JSON object")
         example = {"id": str(record.get(keys.get("id", "id"), f"{Path(path).name}:{number}"))}
         for name, key in keys.items():
             if name == "id" or (name == "label" and not labelled):
@@ -103,6 +93,28 @@ def read_jsonl(path: Path, kind: str, fields: dict, labelled: bool = True, notes
         notes.append(f"{path.name}: several records share an id ({len(repeated)} such id{'s' * (len(repeated) != 1)}, e.g. "
                      f"{first!r} at lines {', '.join(map(str, numbers))}); those records are named ID@LINE")
     return examples
+
+
+def _json_records(path: Path) -> list[tuple[int, dict]]:
+    """The JSON object on each non-blank line, with its line number."""
+    try:
+        lines = text_lines(path)
+    except UnicodeDecodeError as error:
+        raise UserError(f"{path}: not UTF-8 text (byte {error.start}); save it as UTF-8 JSON lines") from None
+    records = []
+    for number, line in enumerate(lines, start=1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as error:
+            raise UserError(f"{path}:{number}: not a JSON object ({error.msg} at column {error.colno}); each line must "
+                            f"be one JSON object") from None
+        if not isinstance(record, dict):
+            raise UserError(f"{path}:{number}: a {type(record).__name__}, not a JSON object; each line must be one "
+                            f"JSON object")
+        records.append((number, record))
+    return records
 
 
 def _marked(code: str, change: str) -> bool:

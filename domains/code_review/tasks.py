@@ -32,6 +32,7 @@ from peftlab.shared import requests
 from peftlab.shared.cards import Card
 from peftlab.shared.data import count_by_split, hold_out_validation, ratio_split, split_ratios
 from peftlab.shared.errors import UserError
+from peftlab.shared.loaders import loader_records
 from peftlab.shared.tasks import SPLIT_KEYS, Dataset, FP32Head, describe_scores, register_task
 from peftlab.shared.text_metrics import TEXT_METRICS, compute_text_metrics
 from torch import nn
@@ -216,7 +217,7 @@ class _CodeReviewTask:
 
     def _read_file(self, card: Card, path: Path, notes: list[str]) -> list[dict]:
         if card.format == "jsonl":
-            return data.read_jsonl(path, self.KIND, card.fields or {}, notes=notes)
+            return data.read_jsonl(path, self.KIND, card.fields or {}, notes=notes, records=loader_records(card, path))
         return data.read_tufano_tsv(path, self.KIND)
 
     def _notes(self, splits, options) -> list[str]:
@@ -291,6 +292,7 @@ class NecessityTask(_CodeReviewTask):
     metrics = ("f1", "precision", "recall", "accuracy", "auroc", "aupr")
     primary_metric = "f1"
     formats = ("jsonl", "demo")
+    loader_format = "jsonl"
     options = NecessityOptions
     KIND = "necessity"
     DEMO_SIZES = {"train": 600, "validation": 100, "test": 200}
@@ -311,6 +313,7 @@ class _GenerationTask(_CodeReviewTask):
     metrics = ("bleu4", "corpus_bleu4", "exact_match")
     primary_metric = "bleu4"
     formats = ("jsonl", "tufano_tsv", "demo")
+    loader_format = "jsonl"
 
     def compute_metrics(self, metric_names, examples, outputs) -> dict:
         not_text = [n for n in metric_names if n not in TEXT_METRICS]

@@ -245,14 +245,14 @@ def read_medmnist_npz(path: Path, labels: list[str] | None, multi_label: bool) -
 
 
 def read_image_csv(path: Path, image_root: Path, fields: dict, labels: list[str] | None, group_by: str | None,
-                   multi_label: bool, labelled: bool = True) -> list[dict]:
+                   multi_label: bool, labelled: bool = True, rows: list[tuple[int, list[str]]] | None = None) -> list[dict]:
     """CSV with a header: an image path column (relative to `image_root`), a label column,
     when the card sets `group_by`, that column as each example's group, and with
     `fields.patient`, that column as each example's patient (splits keep a patient's
     images together). `labelled=False` (images to predict on) reads the image column
     alone: the other columns serve training and evaluation, and a table of image paths
-    need not have them."""
-    rows = table_rows(path, ",")
+    need not have them. `rows`: a card loader's records of the file as a table."""
+    rows = table_rows(path, ",") if rows is None else rows
     if not rows:
         raise UserError(f"{path}: empty CSV file")
     header = [h.strip() for h in rows[0][1]]

@@ -44,6 +44,7 @@ from peftlab.shared.feature_cache import (
     unique_ids,
 )
 from peftlab.shared.lazy import lazy_import
+from peftlab.shared.loaders import loader_rows
 from peftlab.shared.tasks import (
     SPLIT_KEYS,
     Dataset,
@@ -276,6 +277,7 @@ class MedicalClassifyTask:
     metrics = ("auroc", "accuracy", "balanced_accuracy", "macro_f1")
     primary_metric = "auroc"
     formats = ("imagefolder", "medmnist_npz", "csv", "demo")
+    loader_format = "csv"
     card_keys = ("demo", "on_bad_file", "image_root")
     split_keys = (*SPLIT_KEYS, "validation_fraction")
     field_keys = ("image", "label", "group", "patient")
@@ -394,7 +396,8 @@ class MedicalClassifyTask:
         image_root = card.resolve(card.option("image_root"), "image_root") if card.option("image_root") else card.folder
 
         def read(path: Path) -> list[dict]:
-            return data.read_image_csv(path, image_root, card.fields, labels, card.group_by, options.multi_label)
+            return data.read_image_csv(path, image_root, card.fields, labels, card.group_by, options.multi_label,
+                                       rows=loader_rows(card, path))
 
         per_split = {k: v for k, v in (card.splits or {}).items() if k in ("train", "validation", "test")}
         if per_split:

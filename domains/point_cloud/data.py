@@ -21,7 +21,8 @@ import zipfile
 from pathlib import Path
 
 import numpy as np
-from peftlab.shared.errors import UserError
+from peftlab.shared.data import parse_label
+from peftlab.shared.errors import MissingField, UserError
 
 POINT_SUFFIXES = (".npy", ".ply", ".off", ".txt")
 
@@ -419,6 +420,28 @@ def read_points_npz(path: Path) -> tuple[dict[str, list[dict]], list[str]]:
         splits["train" if split[i] == 0 else "test"].append(
             {"id": str(names[i]), "points": check_points(points[i], f"{path} (shape {i}, {names[i]})"), "label": int(label[i])})
     return splits, labels
+
+
+def read_point_records(path: Path, records: list[tuple[int, dict]], labels: list[str] | None) -> list[dict]:
+    """A card loader's records of one file -> clouds. A record holds `points` (N, 3+),
+    `label` (a class name, or an index into the card's `labels`) and optionally `id`."""
+    examples = []
+    for number, record in records:
+        where = f"{path}:{number}"
+        missing = [key for key in ("points", "label") if key not in record]
+        if missing:
+            raise MissingField(where, f"the record has no {missing[0]!r}",
+                               "each record needs points (an (N, 3+) array) and label", field=missing[0])
+        label = record["label"]
+        if labels is not None:
+            label = parse_label(str(label), labels, where)
+        elif isinstance(label, bool) or not isinstance(label, str | int):
+            raise UserError(f"{where}: label {label!r} is neither a class name nor a class index")
+        examples.append({"id": str(record.get("id", f"{path.name}:{number}")),
+                         "points": check_points(record["points"], f"{where} (points)"), "label": label})
+    if not examples:
+        raise UserError(f"{path}: the card's loader gave no records for this file")
+    return examples
 
 
 # ----------------------------------------------------------------------------- sampling and augmentation

@@ -32,6 +32,7 @@ from peftlab.shared.data import (
     count_by_split,
     files_in_folder,
     hold_out_validation,
+    number_classes,
     ratio_split,
     split_ratios,
 )
@@ -45,6 +46,7 @@ from peftlab.shared.feature_cache import (
     stack_rows,
     unique_ids,
 )
+from peftlab.shared.loaders import loader_records
 from peftlab.shared.tasks import SPLIT_KEYS, Dataset, FP32Head, describe_scores, register_task
 from torch import nn
 from torch.nn import functional as F
@@ -265,6 +267,7 @@ class PointCloudClassifyTask:
     metrics = ("accuracy", "balanced_accuracy", "macro_f1")
     primary_metric = "accuracy"
     formats = ("modelnet_off", "modelnet_txt", "scanobjectnn_h5", "point_folder", "points_npz", "demo")
+    loader_format = "point_records"  # records of points and label, one file or one per split
     card_keys = ("demo",)
     split_keys = (*SPLIT_KEYS, "shape_names", "validation_fraction")
     field_keys = ()
@@ -314,6 +317,9 @@ class PointCloudClassifyTask:
             splits, labels = data.read_point_folder(card.file("root"), suffixes, options.off_points, seed)
         elif card.format == "scanobjectnn_h5":
             splits, labels = self._read_h5(card)
+        elif card.format == "point_records":
+            splits = self._read_loader_files(card)
+            labels = card.labels or number_classes(splits, notes, str(card.card_path))
         else:
             raise UserError(f"{card.card_path}: pointcloud-classify reads formats {', '.join(self.formats)}, not {card.format!r}")
         labels = self._order_labels(card, labels, splits)
@@ -333,6 +339,12 @@ class PointCloudClassifyTask:
             raise UserError(f"{card.card_path}: a scanobjectnn_h5 card names `files: {{train: ..., test: ...}}` (.h5 files)")
         count = 1 + max(e["label"] for s in splits.values() for e in s)
         return splits, card.labels or [str(i) for i in range(count)]
+
+    def _read_loader_files(self, card: Card) -> dict[str, list[dict]]:
+        """The card loader's clouds: one file per split, or one file ('all') that ratios divide."""
+        files = card.split_files() or {"all": card.file("data")}
+        return {split: data.read_point_records(path, loader_records(card, path), card.labels)
+                for split, path in files.items()}
 
     def _order_labels(self, card: Card, labels: list[str], splits) -> list[str]:
         """The card's `labels` order is the class index order: classes are matched to the
@@ -355,12 +367,13 @@ class PointCloudClassifyTask:
         (stratified); data without splits ('all') divided by `ratios`, which give every split
         (a validation ratio of 0, or none, makes no validation split)."""
         spec = card.splits or {}
+        comes_split = SPLITS_OF_FORMAT[card.format][0] if card.format in SPLITS_OF_FORMAT else "one file per split"
         if "all" in splits:
-            ratios = split_ratios(card, "clouds", SPLITS_OF_FORMAT[card.format][0])
+            ratios = split_ratios(card, "clouds", comes_split)
             return ratio_split(splits["all"], ratios, seed, where=str(card.card_path))
         if "ratios" in spec:
             raise UserError(f"{card.card_path}: splits.ratios divide clouds that come unsplit, but this {card.format} "
-                            f"data comes split ({SPLITS_OF_FORMAT[card.format][0]}); remove splits.ratios")
+                            f"data comes split ({comes_split}); remove splits.ratios")
         splits, note = hold_out_validation(splits, card, "clouds")
         notes += [note] if note else []
         return splits

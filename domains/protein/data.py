@@ -89,12 +89,17 @@ def _column(fields: dict, key: str, default, header: list[str] | None, path: Pat
 
 
 def read_pairs(path: Path, sequences: dict[str, str], fields: dict, labels: list[str] | None,
-               labelled: bool = True) -> list[dict]:
-    """D-SCRIPT pair TSV: `protein_a<TAB>protein_b<TAB>label`, no header (or a named header)."""
-    rows = table_rows(path, "\t")
+               labelled: bool = True, rows: list[tuple[int, list[str]]] | None = None) -> list[dict]:
+    """D-SCRIPT pair TSV: `protein_a<TAB>protein_b<TAB>label`, no header (or a named header).
+    `rows`: a card loader's records of the file as a table (its header names the fields)."""
     header = None
-    if rows and _is_header(rows[0][1], fields, sequences, labels):
+    if rows is not None:
         header, rows = rows[0][1], rows[1:]
+        fields = {"protein_a": "protein_a", "protein_b": "protein_b", "label": "label", **fields}
+    else:
+        rows = table_rows(path, "\t")
+        if rows and _is_header(rows[0][1], fields, sequences, labels):
+            header, rows = rows[0][1], rows[1:]
     a_col = _column(fields, "protein_a", 0, header, path)
     b_col = _column(fields, "protein_b", 1, header, path)
     label_col = _column(fields, "label", 2, header, path) if labelled else None
@@ -119,9 +124,11 @@ def read_pairs(path: Path, sequences: dict[str, str], fields: dict, labels: list
     return examples
 
 
-def read_sequence_csv(path: Path, fields: dict, labels: list[str] | None, labelled: bool = True) -> list[dict]:
-    """CSV with a header: a sequence column and (when labelled) a label column."""
-    rows = table_rows(path, ",")
+def read_sequence_csv(path: Path, fields: dict, labels: list[str] | None, labelled: bool = True,
+                      rows: list[tuple[int, list[str]]] | None = None) -> list[dict]:
+    """CSV with a header: a sequence column and (when labelled) a label column. `rows`: a
+    card loader's records of the file as a table."""
+    rows = table_rows(path, ",") if rows is None else rows
     if not rows:
         raise UserError(f"{path}: empty CSV file")
     header = [h.strip() for h in rows[0][1]]

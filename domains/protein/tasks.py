@@ -18,6 +18,7 @@ from peftlab.shared.cards import Card
 from peftlab.shared.data import count_by_split, hold_out_validation, ratio_split, split_ratios
 from peftlab.shared.errors import UserError
 from peftlab.shared.feature_cache import FeatureCache, frozen_prefix_stages
+from peftlab.shared.loaders import loader_rows
 from peftlab.shared.tasks import SPLIT_KEYS, Dataset, FP32Head, describe_scores, register_task
 from torch import nn
 from torch.nn import functional as F
@@ -336,6 +337,7 @@ class PPITask(_ProteinTask):
     metrics = ("aupr", "auroc", "f1", "precision", "recall", "accuracy")
     primary_metric = "aupr"
     formats = ("fasta+pairs_tsv", "demo")
+    loader_format = "fasta+pairs_tsv"  # the loader reads the pairs files; sequences stay in the FASTA
     split_keys = (*_ProteinTask.split_keys, "group_by_protein")
     field_keys = ("protein_a", "protein_b", "label")
     options = PPIOptions
@@ -358,12 +360,14 @@ class PPITask(_ProteinTask):
         by_first_protein = (lambda e: e["a"]) if group else None
         notes = []
         if per_split:
-            splits = {s: data.read_pairs(p, sequences, card.fields, labels) for s, p in per_split.items()}
+            splits = {s: data.read_pairs(p, sequences, card.fields, labels, rows=loader_rows(card, p))
+                      for s, p in per_split.items()}
             repeated = drop_repeated_pairs(splits, str(card.card_path))
             splits, held_out = hold_out_validation(splits, card, "pairs", group_of=by_first_protein)
             notes += [note for note in (repeated, held_out) if note]
         else:
-            pairs = {"all": data.read_pairs(card.file("pairs"), sequences, card.fields, labels)}
+            path = card.file("pairs")
+            pairs = {"all": data.read_pairs(path, sequences, card.fields, labels, rows=loader_rows(card, path))}
             repeated = drop_repeated_pairs(pairs, str(card.file("pairs")))
             notes += [repeated] if repeated else []
             splits = self._splits(card, pairs["all"], "pairs", by_first_protein)
@@ -436,6 +440,7 @@ class ClassifyTask(_ProteinTask):
     metrics = ("accuracy", "macro_f1", "auroc")
     primary_metric = "accuracy"
     formats = ("csv", "demo")
+    loader_format = "csv"
     field_keys = ("sequence", "label", "id")
 
     def read(self, card: Card, options: ProteinOptions) -> Dataset:
@@ -450,10 +455,13 @@ class ClassifyTask(_ProteinTask):
         per_split = card.split_files()
         note = None
         if per_split:
-            splits = {s: data.read_sequence_csv(p, card.fields, labels) for s, p in per_split.items()}
+            splits = {s: data.read_sequence_csv(p, card.fields, labels, rows=loader_rows(card, p))
+                      for s, p in per_split.items()}
             splits, note = hold_out_validation(splits, card, "sequences")
         else:
-            splits = self._splits(card, data.read_sequence_csv(card.file("data"), card.fields, labels), "sequences")
+            path = card.file("data")
+            splits = self._splits(card, data.read_sequence_csv(path, card.fields, labels, rows=loader_rows(card, path)),
+                                  "sequences")
         if labels is None:
             count = 1 + max(e["label"] for split in splits.values() for e in split)
             labels = [str(i) for i in range(count)]

@@ -37,13 +37,15 @@ LETTERS = string.ascii_uppercase
 # ----------------------------------------------------------------------------- reading
 
 
-def read_jsonl(path: Path, kind: str, labelled: bool = True) -> list[dict]:
-    """JSON lines (or one JSON array) of a known shape -> examples; `kind` is commonsense or math."""
-    try:
-        text = path.read_text(encoding="utf-8-sig")
-    except UnicodeDecodeError as error:
-        raise UserError(f"{path}: not UTF-8 text ({error.reason} at byte {error.start}); save it as UTF-8") from None
-    records = _records(path, text)
+def read_jsonl(path: Path, kind: str, labelled: bool = True, records: list[tuple[int, Any]] | None = None) -> list[dict]:
+    """JSON lines (or one JSON array) of a known shape -> examples; `kind` is commonsense or
+    math. `records`: a card loader's records of the file, numbered, in place of its lines."""
+    if records is None:
+        try:
+            text = path.read_text(encoding="utf-8-sig")
+        except UnicodeDecodeError as error:
+            raise UserError(f"{path}: not UTF-8 text ({error.reason} at byte {error.start}); save it as UTF-8") from None
+        records = _records(path, text)
     examples = []
     for line, record in records:
         where = f"{path}:{line}"

@@ -28,6 +28,7 @@ from peftlab.shared import requests
 from peftlab.shared.cards import Card
 from peftlab.shared.data import hold_out_validation, ratio_split, split_ratios
 from peftlab.shared.errors import UserError
+from peftlab.shared.loaders import loader_records
 from peftlab.shared.metrics import list_metrics, register_metric
 from peftlab.shared.tasks import SPLIT_KEYS, Dataset, register_task
 
@@ -96,6 +97,7 @@ class _ReasoningTask:
     metrics = ("accuracy", "accuracy_avg")
     primary_metric = "accuracy"
     formats = ("jsonl", "demo")
+    loader_format = "jsonl"
     card_keys = ("demo",)
     split_keys = (*SPLIT_KEYS, "validation_fraction")
     field_keys = ()
@@ -125,13 +127,15 @@ class _ReasoningTask:
         per_split = card.split_files()
         note = None
         if per_split:
-            splits = {split: data.read_jsonl(path, self.KIND) for split, path in per_split.items()}
+            splits = {split: data.read_jsonl(path, self.KIND, records=loader_records(card, path))
+                      for split, path in per_split.items()}
             splits, note = hold_out_validation(splits, card, "problems")
         else:
             spec = card.splits or {}
             ratios = split_ratios(card, "problems")
-            splits = ratio_split(data.read_jsonl(card.file("data"), self.KIND), ratios, int(spec.get("seed", 0)),
-                                 where=str(card.card_path))
+            path = card.file("data")
+            splits = ratio_split(data.read_jsonl(path, self.KIND, records=loader_records(card, path)), ratios,
+                                 int(spec.get("seed", 0)), where=str(card.card_path))
         return Dataset(splits, [], [note] if note else [])
 
     def build_model(self, backbone: str, labels: list[str], options: ReasoningOptions):

@@ -184,11 +184,13 @@ class TableRows:
 
 
 def read_table(path: Path, audio_root: Path, fields: dict, labels: list[str] | None, label_map: dict | None,
-               group_by: str | None, on_bad_file: str, labelled: bool = True) -> TableRows:
+               group_by: str | None, on_bad_file: str, labelled: bool = True,
+               rows: list[tuple[int, list[str]]] | None = None) -> TableRows:
     """A CSV (or TSV, by suffix) with a header row; relative audio paths start at `audio_root`.
-    Unlabelled (`peftlab predict`), a label column is not needed and not read."""
-    delimiter = "\t" if path.suffix.lower() == ".tsv" else ","
-    rows = table_rows(path, delimiter)
+    Unlabelled (`peftlab predict`), a label column is not needed and not read. `rows`: a
+    card loader's records of the file as a table."""
+    if rows is None:
+        rows = table_rows(path, "\t" if path.suffix.lower() == ".tsv" else ",")
     if not rows:
         raise UserError(f"{path}: empty table; it needs a header row (e.g. path,label,speaker) and one row per clip")
     header = [h.strip() for h in rows[0][1]]

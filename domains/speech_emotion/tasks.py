@@ -35,6 +35,7 @@ from peftlab.shared.data import (
 )
 from peftlab.shared.errors import UserError
 from peftlab.shared.feature_cache import FeatureCache, in_training, plan, unique_ids
+from peftlab.shared.loaders import loader_rows
 from peftlab.shared.tasks import (
     SPLIT_KEYS,
     Dataset,
@@ -290,6 +291,7 @@ class SpeechEmotionTask:
     metrics = ("uar", "accuracy", "macro_f1")
     primary_metric = "uar"
     formats = ("audio_csv", "demo")
+    loader_format = "audio_csv"
     card_keys = ("demo", "on_bad_file", "label_map")
     split_keys = (*SPLIT_KEYS, "fold_by", "validation_fraction")
     field_keys = data.TABLE_FIELDS
@@ -350,7 +352,7 @@ class SpeechEmotionTask:
         audio_root = card.resolve(card.path, "path") if card.path else card.folder
         spec = dict(card.splits or {})
         read = lambda path: data.read_table(path, audio_root, card.fields, card.labels, label_map,  # noqa: E731
-                                            card.group_by, on_bad_file)
+                                            card.group_by, on_bad_file, rows=loader_rows(card, path))
         notes, skipped, dropped = [], [], Counter()
         # with fold_by, `test: Ses05` is one fold value (as `--folds test=1,2` gives), not a file
         files = {} if "fold_by" in spec else {k: spec[k] for k in ("train", "validation", "test")

@@ -266,9 +266,11 @@ def read_msrvtt_json(path: Path, video_root: Path, fields: dict, read_splits: bo
     return splits
 
 
-def read_caption_csv(path: Path, video_root: Path, fields: dict, labelled: bool = True) -> list[dict]:
-    """A CSV with a header naming a video column and a caption column (`video,caption`)."""
-    rows = table_rows(path)
+def read_caption_csv(path: Path, video_root: Path, fields: dict, labelled: bool = True,
+                     rows: list[tuple[int, list[str]]] | None = None) -> list[dict]:
+    """A CSV with a header naming a video column and a caption column (`video,caption`).
+    `rows`: a card loader's records of the file as a table."""
+    rows = table_rows(path) if rows is None else rows
     if not rows:
         raise UserError(f"{path}: empty; a header `video,caption` then one row per caption")
     header = [cell.strip() for cell in rows[0][1]]

@@ -36,6 +36,7 @@ from peftlab.shared import metrics as metric_registry
 from peftlab.shared.cards import Card
 from peftlab.shared.data import hold_out_validation, ratio_split, split_ratios
 from peftlab.shared.errors import UserError
+from peftlab.shared.loaders import loader_rows
 from peftlab.shared.retrieval_metrics import (
     RETRIEVAL_METRICS,
     random_ranking_levels,
@@ -377,6 +378,7 @@ class _VideoTextTask:
     domain = "video_text"
     named_classes = False  # captions, not classes
     formats = ("msrvtt_json", "csv", "demo")
+    loader_format = "csv"
     card_keys = ("demo", "video_root")
     split_keys = (*SPLIT_KEYS, "validation_fraction")
     field_keys = ("video", "caption")
@@ -400,7 +402,7 @@ class _VideoTextTask:
         def read(path: Path) -> dict[str, list[dict]]:
             if card.format == "msrvtt_json":
                 return data.read_msrvtt_json(path, root, fields)
-            return {"all": data.read_caption_csv(path, root, fields)}
+            return {"all": data.read_caption_csv(path, root, fields, rows=loader_rows(card, path))}
 
         per_split = card.split_files()
         if per_split:
