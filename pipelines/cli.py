@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import sys
 from pathlib import Path
@@ -249,6 +250,9 @@ def card_new(domain, task_name, out):
     if task.domain != domain:
         raise UserError(f"task {task_name!r} belongs to domain {task.domain!r}, not {domain!r}")
     template = task.card_template().rstrip("\n") + "\n"  # a text file ends its last line
+    # where the format is chosen, the way to read any other
+    template = re.sub(r"^(format: .*)$", r"\1\n# another format: set format to its name, add `loader: my_loader:read` (README, "
+                      r"'A format no domain reads')", template, count=1, flags=re.MULTILINE)
     if out:
         if Path(out).exists():
             raise UserError(f"{out} exists; choose another --out")

@@ -96,6 +96,7 @@ def test_cli_card_validate_and_new(tmp_path, capsys):
     card = read_card(new)
     assert card.task == "protein-classify" and card.format == "csv"
     assert new.read_text().endswith("biases.\n")  # a text file ends its last line
+    assert "\nformat: csv\n# another format: set format to its name, add `loader: my_loader:read`" in new.read_text()
     assert main(["card", "new", "imaging", "protein-ppi"]) == 2
     assert "belongs to domain 'protein'" in capsys.readouterr().err
 
