@@ -21,26 +21,33 @@ calls them through `metrics.get_metric(name).fn`. Values are fractions in [0, 1]
 - `rouge_l`: coco-caption's ROUGE-L (`pycocoevalcap`, longest common subsequence,
   F-measure with beta = 1.2 from the best precision and best recall over the
   references, no stemming), averaged over examples, on the words `cider` uses.
-- `cider`: CIDEr-D (Vedantam et al. 2015) from `pycocoevalcap` (pure Python; its Java
-  PTB tokenizer is not used: texts are lower-cased and split on anything that is not a
-  letter, digit or apostrophe, and a Chinese or Japanese character is a word). Its idf
-  comes from the evaluated split's references, as in coco-caption. Reported as
-  pycocoevalcap returns it (papers print it x100); it can exceed 1.
+- `cider`: CIDEr-D (Vedantam et al. 2015) from `pycocoevalcap`. Its idf comes from the
+  evaluated split's references, as in coco-caption. Reported as pycocoevalcap returns it
+  (papers print it x100); it can exceed 1.
 
 `rouge_l`, `cider` and `caption_bleu4` (video captioning's `bleu4`: coco-caption's
 corpus-level `Bleu_4`) also take several references per example (each reference a list
-of strings), as captioning data has (MSR-VTT: 20 per video).
+of strings), as captioning data has (MSR-VTT: 20 per video), and a `tokenize` function
+(texts -> space-joined words): `ptb_tokens` is coco-caption's own tokenisation (Stanford
+CoreNLP's PTBTokenizer, run with Java), so the scores equal coco-caption's, the figures
+captioning papers print; `word_tokens` (the default) is pure Python: lower-cased, split
+on anything that is not a letter, digit or apostrophe, a Chinese or Japanese character
+a word.
 """
 
 from __future__ import annotations
 
 import math
 import re
+import shutil
+import subprocess
 import sys
 from collections import Counter
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
+from importlib import resources
 
 import sacrebleu
+from peftlab.shared.errors import UserError
 from peftlab.shared.metrics import list_metrics, register_metric
 
 TEXT_METRICS = ("bleu4", "corpus_bleu4", "exact_match", "rouge_l", "cider")
@@ -143,19 +150,32 @@ def reference_lists(references: Sequence[str | Sequence[str]]) -> list[list[str]
     return [[r] if isinstance(r, str) else list(r) for r in references]
 
 
-def caption_bleu4(references: Sequence[str | Sequence[str]], hypotheses: Sequence[str]) -> float | None:
+Tokenize = Callable[[Sequence[str]], list[str]]
+"""Caption texts -> their words, space-joined (`word_tokens`, `ptb_tokens`)."""
+
+
+def _tokenized(references: Sequence[str | Sequence[str]], hypotheses: Sequence[str],
+               tokenize: Tokenize) -> tuple[list[list[str]], list[str]]:
+    """Every reference and hypothesis tokenised in one call (one Java process for PTB)."""
+    lists = reference_lists(references)
+    words = iter(tokenize([text for refs in lists for text in refs] + list(hypotheses)))
+    return [[next(words) for _ in refs] for refs in lists], [next(words) for _ in hypotheses]
+
+
+def caption_bleu4(references: Sequence[str | Sequence[str]], hypotheses: Sequence[str],
+                  tokenize: Tokenize | None = None) -> float | None:
     """coco-caption's `Bleu_4`, the captioning papers' BLEU-4: corpus-level over all the
     examples (clipped n-gram matches summed before the ratio, no smoothing), each
     hypothesis against all its references, the brevity penalty from the closest
-    reference length; on `caption_tokens`, as CIDEr here."""
+    reference length."""
     from pycocoevalcap.bleu.bleu_scorer import BleuScorer
 
     _check(references, hypotheses)
     if not references:
         return None
     scorer = BleuScorer(n=4)
-    for refs, hypothesis in zip(reference_lists(references), hypotheses):
-        scorer += (caption_tokens(hypothesis), [caption_tokens(r) for r in refs])
+    for refs, hypothesis in zip(*_tokenized(references, hypotheses, tokenize or word_tokens)):
+        scorer += (hypothesis, refs)
     scores, _ = scorer.compute_score(option="closest", verbose=0)  # verbose would print to stdout
     return float(scores[3])
 
@@ -167,40 +187,74 @@ _UNSPACED = "\u3040-\u30ff\u3400-\u4dbf\u4e00-\u9fff\uf900-\ufaff"
 _CAPTION_WORD = re.compile(rf"[{_UNSPACED}]|[^\W_{_UNSPACED}]+(?:'[^\W_{_UNSPACED}]+)*")
 
 
-def rouge_l(references: Sequence[str | Sequence[str]], hypotheses: Sequence[str]) -> float | None:
+def rouge_l(references: Sequence[str | Sequence[str]], hypotheses: Sequence[str],
+            tokenize: Tokenize | None = None) -> float | None:
     """Mean over examples of coco-caption's ROUGE-L (pycocoevalcap): the LCS F-measure with
-    beta = 1.2, from the best precision and the best recall over the references, on
-    `caption_tokens`. An empty caption scores 0 (coco-caption divides by zero there)."""
+    beta = 1.2, from the best precision and the best recall over the references. An
+    empty caption scores 0 (coco-caption divides by zero there)."""
     from pycocoevalcap.rouge.rouge import Rouge
 
     _check(references, hypotheses)
     if not references:
         return None
     scorer, total = Rouge(), 0.0
-    for refs, hypothesis in zip(reference_lists(references), hypotheses):
-        tokens = caption_tokens(hypothesis)
-        kept = [words for words in map(caption_tokens, refs) if words]
-        total += scorer.calc_score([tokens], kept) if tokens and kept else 0.0
+    for refs, hypothesis in zip(*_tokenized(references, hypotheses, tokenize or word_tokens)):
+        kept = [words for words in refs if words]
+        total += scorer.calc_score([hypothesis], kept) if hypothesis and kept else 0.0
     return total / len(references)
 
 
 def caption_tokens(text: str) -> str:
     """Lower-cased words (letters of any script, digits, apostrophes; each Chinese or
-    Japanese character a word) joined by spaces, for caption BLEU-4 and CIDEr: punctuation
-    goes, as coco-caption's PTB tokeniser drops it."""
+    Japanese character a word) joined by spaces: punctuation goes, as coco-caption's PTB
+    tokeniser drops it."""
     return " ".join(_CAPTION_WORD.findall(text.lower()))
 
 
-def cider(references: Sequence[str | Sequence[str]], hypotheses: Sequence[str]) -> float | None:
+def word_tokens(texts: Sequence[str]) -> list[str]:
+    """`caption_tokens` of each text: the pure-Python tokenisation."""
+    return [caption_tokens(text) for text in texts]
+
+
+PTB_PUNCTUATION = frozenset(["''", "'", "``", "`", "-LRB-", "-RRB-", "-LCB-", "-RCB-", ".", "?", "!", ",", ":", "-",
+                             "--", "...", ";"])
+"""The tokens coco-caption drops from the PTB tokeniser's output. Its list is upper-case
+and the tokeniser lower-cases, so brackets stay, as -lrb- and -rrb-, in coco-caption too."""
+
+JAVA_NEEDED = ("coco-caption's PTB tokeniser (task.caption_tokenizer=ptb) runs on Java, and no `java` is on PATH: "
+               "install a Java runtime (e.g. apt install default-jre-headless), or set task.caption_tokenizer=words")
+
+
+def ptb_tokens(texts: Sequence[str]) -> list[str]:
+    """coco-caption's tokenisation (pycocoevalcap's PTBTokenizer) of each text: the Stanford
+    CoreNLP PTBTokenizer that pycocoevalcap ships, lower-casing, one text per line, then
+    coco-caption's punctuation dropped. One Java process for all the texts."""
+    if not texts:
+        return []
+    java = shutil.which("java")
+    if java is None:
+        raise UserError(JAVA_NEEDED)
+    jar = resources.files("pycocoevalcap.tokenizer") / "stanford-corenlp-3.4.1.jar"
+    lines = "\n".join(" ".join(text.split()) for text in texts)  # a line break inside a text would split it
+    command = [java, "-cp", str(jar), "edu.stanford.nlp.process.PTBTokenizer", "-preserveLines", "-lowerCase",
+               "-encoding", "utf-8"]
+    result = subprocess.run(command, input=lines.encode("utf-8"), capture_output=True, check=False)
+    tokenized = result.stdout.decode("utf-8").split("\n")
+    if result.returncode or len(tokenized) < len(texts):
+        raise RuntimeError(f"the PTB tokeniser failed (exit {result.returncode}): {result.stderr.decode()[-500:]}")
+    return [" ".join(word for word in line.split() if word not in PTB_PUNCTUATION) for line in tokenized[:len(texts)]]
+
+
+def cider(references: Sequence[str | Sequence[str]], hypotheses: Sequence[str],
+          tokenize: Tokenize | None = None) -> float | None:
     """Corpus CIDEr-D over the examples (pycocoevalcap)."""
     from pycocoevalcap.cider.cider import Cider
 
     _check(references, hypotheses)
     if not references:
         return None
-    truth = {i: [caption_tokens(r) for r in refs] for i, refs in enumerate(reference_lists(references))}
-    produced = {i: [caption_tokens(h)] for i, h in enumerate(hypotheses)}
-    score, _ = Cider().compute_score(truth, produced)
+    truth, produced = _tokenized(references, hypotheses, tokenize or word_tokens)
+    score, _ = Cider().compute_score(dict(enumerate(truth)), {i: [h] for i, h in enumerate(produced)})
     return float(score)
 
 

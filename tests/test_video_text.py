@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import base64
 import json
+import shutil
 from collections import Counter
 from pathlib import Path
 
@@ -16,12 +17,19 @@ from peftlab.domains.video_text import data
 from peftlab.domains.video_text.backbones import TINY_CONFIG, TINY_SEED, VideoCLIP, load_clip
 from peftlab.pipelines import runner
 from peftlab.pipelines.cli import main
-from peftlab.shared import methods
+from peftlab.shared import methods, text_metrics
 from peftlab.shared.cards import read_card
 from peftlab.shared.errors import UserError
 from peftlab.shared.metrics import compute
 from peftlab.shared.tasks import get_task
-from peftlab.shared.text_metrics import caption_bleu4, caption_tokens, cider, rouge_l
+from peftlab.shared.text_metrics import (
+    caption_bleu4,
+    caption_tokens,
+    cider,
+    ptb_tokens,
+    rouge_l,
+    word_tokens,
+)
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -440,6 +448,83 @@ def test_caption_metrics():
     references = ["a red square moves left", "a blue circle moves up", "a green triangle moves down"]
     perfect, constant = cider(references, references), cider(references, [references[0]] * 3)
     assert perfect > constant > 0
+
+
+needs_java = pytest.mark.skipif(shutil.which("java") is None, reason="coco-caption's PTB tokeniser runs on Java")
+
+# Captions with what tokenisers disagree on: contractions and possessives, hyphens,
+# decimals, brackets, quotes, symbols, a missing space, non-ASCII letters.
+TRICKY_REFERENCES = [
+    ["A man's playing a guitar.", "a man is playing the guitar on stage", "someone plays guitar"],
+    ["The kids don't want to go, they're tired & hungry!", "kids can't sleep"],
+    ["a woman in a t-shirt is cooking (pasta) on a 3.5-inch pan", "a lady cooks pasta"],
+    ['people say "hello" -- and leave...', "the boys' toys are on the table; 50% of them"],
+    ["a café owner pours coffee", "cartoon characters are talking.a dog runs"],
+]
+DEMO_CAPTIONS = {"name": "t", "domain": "video_text", "task": "video-caption", "format": "demo",
+                 "demo": {"train": 2, "validation": 2, "test": 2}}
+TRICKY_HYPOTHESES = ["a man is playing a guitar .", "the kids do not want to go", "a woman in a t shirt is cooking pasta",
+                     "people say hello and leave", "a cafe owner pours coffee"]
+
+
+@needs_java
+def test_ptb_tokens_are_coco_captions_tokenisation():
+    assert ptb_tokens(["A man's playing a guitar.", "The kids don't want to go, they're tired & hungry!",
+                       "a woman in a t-shirt is cooking (pasta) on a 3.5-inch pan", "", "Café très—bien"]) == [
+        "a man 's playing a guitar", "the kids do n't want to go they 're tired & hungry",
+        "a woman in a t-shirt is cooking -lrb- pasta -rrb- on a 3.5-inch pan", "", "café très bien"]
+    assert word_tokens(["A man's playing a guitar."]) == ["a man's playing a guitar"]  # what ptb changes
+    assert ptb_tokens([]) == []
+
+
+@needs_java
+def test_caption_metrics_on_ptb_tokens_equal_coco_captions_evaluator():
+    """pycocoevalcap's own pipeline: its PTBTokenizer, then Bleu(4), Rouge and Cider."""
+    from pycocoevalcap.bleu.bleu import Bleu
+    from pycocoevalcap.cider.cider import Cider
+    from pycocoevalcap.rouge.rouge import Rouge
+    from pycocoevalcap.tokenizer.ptbtokenizer import PTBTokenizer
+
+    tokenizer = PTBTokenizer()
+    truth = tokenizer.tokenize({i: [{"caption": c} for c in refs] for i, refs in enumerate(TRICKY_REFERENCES)})
+    produced = tokenizer.tokenize({i: [{"caption": h}] for i, h in enumerate(TRICKY_HYPOTHESES)})
+    bleu, _ = Bleu(4).compute_score(truth, produced, verbose=0)
+    assert caption_bleu4(TRICKY_REFERENCES, TRICKY_HYPOTHESES, ptb_tokens) == pytest.approx(bleu[3], abs=1e-12)
+    assert cider(TRICKY_REFERENCES, TRICKY_HYPOTHESES, ptb_tokens) == \
+        pytest.approx(Cider().compute_score(truth, produced)[0], abs=1e-12)
+    assert rouge_l(TRICKY_REFERENCES, TRICKY_HYPOTHESES, ptb_tokens) == \
+        pytest.approx(Rouge().compute_score(truth, produced)[0], abs=1e-12)
+    # the pure-Python words differ on these captions: the option matters
+    assert cider(TRICKY_REFERENCES, TRICKY_HYPOTHESES) != pytest.approx(Cider().compute_score(truth, produced)[0])
+
+
+@needs_java
+def test_caption_task_scores_with_the_tokeniser_its_options_name(tmp_path):
+    task = get_task("video-caption")
+    examples = [{"id": str(i), "video": f"v{i}", "references": refs} for i, refs in enumerate(TRICKY_REFERENCES)]
+    for name, tokenize in (("ptb", ptb_tokens), ("words", word_tokens)):
+        stamped = [{**e, "caption_tokenizer": name} for e in examples]
+        expected = {"bleu4": caption_bleu4(TRICKY_REFERENCES, TRICKY_HYPOTHESES, tokenize),
+                    "rouge_l": rouge_l(TRICKY_REFERENCES, TRICKY_HYPOTHESES, tokenize),
+                    "cider": cider(TRICKY_REFERENCES, TRICKY_HYPOTHESES, tokenize)}
+        assert task.compute_metrics(["bleu4", "rouge_l", "cider"], stamped, TRICKY_HYPOTHESES) == expected
+    # read stamps the evaluated splits with the option
+    splits = task.read(read_card(_write_card(tmp_path, DEMO_CAPTIONS)),
+                       task.options(caption_tokenizer="words")).splits
+    assert {e["caption_tokenizer"] for e in splits["test"] + splits["validation"]} == {"words"}
+
+
+def test_ptb_without_java_is_refused_before_training(tmp_path, monkeypatch):
+    monkeypatch.setattr(shutil, "which", lambda name: None)
+    card = read_card(_write_card(tmp_path, DEMO_CAPTIONS))
+    message = (r"coco-caption's PTB tokeniser \(task\.caption_tokenizer=ptb\) runs on Java, and no `java` is on PATH: "
+               r"install a Java runtime \(e\.g\. apt install default-jre-headless\), or set task\.caption_tokenizer=words$")
+    with pytest.raises(UserError, match=message):
+        get_task("video-caption").read(card, get_task("video-caption").options())
+    with pytest.raises(UserError, match=message):
+        text_metrics.ptb_tokens(["a caption"])
+    with pytest.raises(ValueError, match=r"caption_tokenizer must be one of ptb, words, got 'nltk'"):
+        get_task("video-caption").options(caption_tokenizer="nltk")
 
 
 # ----------------------------------------------------------------------------- methods

@@ -24,6 +24,7 @@ frames from a bounded memory cache (`data.FrameStore`).
 from __future__ import annotations
 
 import hashlib
+import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -43,7 +44,14 @@ from peftlab.shared.retrieval_metrics import (
     text_to_video_ranks,
 )
 from peftlab.shared.tasks import SPLIT_KEYS, Dataset, register_task
-from peftlab.shared.text_metrics import caption_bleu4, cider, rouge_l
+from peftlab.shared.text_metrics import (
+    JAVA_NEEDED,
+    caption_bleu4,
+    cider,
+    ptb_tokens,
+    rouge_l,
+    word_tokens,
+)
 from torch import nn
 from torch.nn import functional as F
 
@@ -79,6 +87,10 @@ class RetrievalOptions(VideoOptions):
             raise ValueError(f"max_text_tokens must be >= 3 (start, a word, end), got {self.max_text_tokens}")
 
 
+CAPTION_TOKENIZERS = {"ptb": ptb_tokens, "words": word_tokens}
+"""How caption metrics split captions into words (task.caption_tokenizer)."""
+
+
 @dataclass
 class CaptionOptions(VideoOptions):
     vision_backbone: str | None = field(default=None, metadata={"help": "CLIP for the frames (MODEL:TAG, MODEL:/path, tiny); default: tiny with the tiny LM, else ViT-B-32:openai"})
@@ -87,10 +99,15 @@ class CaptionOptions(VideoOptions):
     max_target_tokens: int = field(default=48, metadata={"help": "caption tokens trained on at most"})
     max_new_tokens: int = field(default=32, metadata={"help": "tokens generated at most"})
     num_beams: int = field(default=1, metadata={"help": "1 = greedy decoding, more = beam search"})
+    caption_tokenizer: str = field(default="ptb", metadata={"help": "words of a caption for bleu4, rouge_l and cider: "
+                                   "ptb = coco-caption's PTB tokeniser (needs Java; scores equal the papers' "
+                                   "evaluator's), words = lower-cased words without punctuation (pure Python)"})
 
     def __post_init__(self):
         super().__post_init__()
         clm.GenerationOptions.checked(self)
+        if self.caption_tokenizer not in CAPTION_TOKENIZERS:
+            raise ValueError(f"caption_tokenizer must be one of {', '.join(CAPTION_TOKENIZERS)}, got {self.caption_tokenizer!r}")
         if self.prefix_length is not None and not 1 <= self.prefix_length <= self.frames:
             raise ValueError(f"prefix_length must be in 1..frames ({self.frames}), got {self.prefix_length}")
 
@@ -578,11 +595,15 @@ class CaptionTask(_VideoTextTask):
         return [*clm.TINY_PRESETS, "HuggingFaceTB/SmolLM2-135M", "HuggingFaceTB/SmolLM2-360M",
                 "TinyLlama/TinyLlama-1.1B-intermediate-step-1431k-3T", "meta-llama/Llama-2-7b-hf"]
 
-    def read(self, card: Card, options) -> Dataset:
+    def read(self, card: Card, options: CaptionOptions) -> Dataset:
+        if options.caption_tokenizer == "ptb" and shutil.which("java") is None:  # found now, not after training
+            raise UserError(JAVA_NEEDED)
         splits, notes = self._read_pairs(card)
         # Training sees every (video, caption) pair; evaluation generates once per video and
-        # scores it against all of that video's captions.
-        return Dataset({split: examples if split == "train" else group_by_video(examples)
+        # scores it against all of that video's captions, tokenised as the options say
+        # (scoring happens where only the examples reach).
+        return Dataset({split: examples if split == "train" else
+                        [{**e, "caption_tokenizer": options.caption_tokenizer} for e in group_by_video(examples)]
                         for split, examples in splits.items()}, [], notes)
 
     def build_model(self, backbone: str, labels, options: CaptionOptions) -> CaptionModel:
@@ -607,7 +628,11 @@ class CaptionTask(_VideoTextTask):
         if unknown:
             raise UserError(f"{self.name}: metric {unknown[0]!r} does not apply; use {', '.join(CAPTION_METRICS)}")
         references = [e.get("references") or [e["label"]] for e in examples]
-        return {name: CAPTION_METRICS[name](references, list(outputs)) for name in metric_names}
+        tokenize = CAPTION_TOKENIZERS[examples[0].get("caption_tokenizer", "words") if examples else "words"]
+        texts = sorted({text for refs in references for text in refs} | set(outputs))
+        words_of = dict(zip(texts, tokenize(texts)))  # once for every metric: one Java process for PTB
+        return {name: CAPTION_METRICS[name](references, list(outputs), lambda batch: [words_of[t] for t in batch])
+                for name in metric_names}
 
     def describe(self, example, output, labels) -> dict:
         row = {"id": example["id"], "video": example["video"], "prediction": output}
