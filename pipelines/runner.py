@@ -144,6 +144,11 @@ def load_card(card_path: str | Path, task, root: Path | None = None) -> Card:
         if card.format in task.formats:
             raise UserError(f"{card.card_path}: loader: {task.name} reads format {card.format!r} itself; leave "
                             f"`loader` out, or set `format` to the name of the format your loader reads")
+        positional = [key for key, spec in (card.fields or {}).items() if isinstance(spec, int)]
+        if positional:
+            raise UserError(f"{card.card_path}: fields.{positional[0]}: {card.fields[positional[0]]} is a column "
+                            f"position, and a loader's records name their fields: give the name "
+                            f"(fields: {{{positional[0]}: NAME}}) or leave it out")
         # The loader's records are read as the task's own record format: its reader takes that branch.
         card = card.model_copy(update={"format": task.loader_format})
     elif card.format not in task.formats:

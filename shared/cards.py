@@ -90,6 +90,11 @@ class Card(BaseModel):
             raise UserError(f"{self.card_path}: files.{key} = {path} does not exist; fix the path (relative paths start at {self.folder})")
         return path
 
+    def data_exists(self, path: Path) -> bool:
+        """Whether a data path names something to read: a file, or for a card's loader also
+        a folder (a saved dataset, say)."""
+        return path.exists() if self.loader else path.is_file()
+
     def split_files(self) -> dict[str, Path] | None:
         """`splits: {train: a.tsv, validation: b.tsv, test: c.tsv}` resolved and checked,
         or None when the card splits by ratios (or not at all)."""
@@ -97,7 +102,7 @@ class Card(BaseModel):
         resolved = {}
         for split, value in files.items():
             path = self.resolve(str(value), f"splits.{split}")
-            if not path.is_file():
+            if not self.data_exists(path):
                 raise UserError(f"{self.card_path}: splits.{split} = {path} does not exist; fix the path")
             resolved[split] = path
         return resolved or None

@@ -191,8 +191,8 @@ CASES = [
          r"of the format your loader reads$"),
     Case("card-loader-missing", card_run(PROTEIN, "parquet", {"p.fasta": ">a\nMKV\n", "p.parquet": b"PAR1"},
                                          loader="no_such_loader:load", files={"sequences": "p.fasta", "pairs": "p.parquet"}),
-         r"card\.md: loader: no module 'no_such_loader': neither .*no_such_loader\.py nor an installed module; put "
-         r"no_such_loader\.py beside the card or install it$"),
+         r"card\.md: loader: no module 'no_such_loader': neither .*no_such_loader\.py \(or a package folder\) nor an "
+         r"installed module; put no_such_loader\.py beside the card or install it$"),
     Case("card-unknown-metric", card_run(PROTEIN, "demo", metrics=["aupr", "bogus_metric"]),
          r"card\.md: metrics: unknown metric 'bogus_metric'; protein-ppi computes aupr, "),
     Case("config-unknown-metrics", demo_run("protein-ppi", "eval.metrics=[aupr,bogus_metric]"),

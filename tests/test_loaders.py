@@ -5,6 +5,7 @@ same data through a loader and through the task's own format reads to the same e
 from __future__ import annotations
 
 import json
+import os
 import re
 
 import numpy as np
@@ -190,8 +191,9 @@ def _loader_card(tmp_path, source: str, loader: str = "my_loader:read", task_nam
 @pytest.mark.parametrize("source, loader, message", [
     ("def read(path):\n    return []\n", "my_loader.read",
      r"card\.md: loader: 'my_loader\.read' is not module:function; e\.g\. `loader: my_loader:read`"),
-    ("", "no_such_module:read", r"card\.md: loader: no module 'no_such_module': neither .*no_such_module\.py nor an "
-                                r"installed module; put no_such_module\.py beside the card or install it$"),
+    ("", "no_such_module:read", r"card\.md: loader: no module 'no_such_module': neither .*no_such_module\.py \(or a "
+                                r"package folder\) nor an installed module; put no_such_module\.py beside the card or "
+                                r"install it$"),
     ("def load(path):\n    return []\ndef helper():\n    pass\n", "my_loader:read",
      r"card\.md: loader: module 'my_loader' has no function 'read'; its functions: helper, load$"),
     ("import no_such_dependency\n", "my_loader:read",
@@ -205,14 +207,110 @@ def _loader_card(tmp_path, source: str, loader: str = "my_loader:read", task_nam
      r"data\.bin:1: loader my_loader:read gave a list, not a dict; each record is a dict \(field name -> value\)$"),
     ("def read(path):\n    return [{'sequence': 'MKVL', 'class': 'a'}]\n", "my_loader:read",
      r"data\.bin: column 'label' for fields\.label not found; the header has \['sequence', 'class'\]$"),
-    ("def read(path):\n    return [{'sequence': ['M', 'K'], 'label': 'a'}]\n", "my_loader:read",
-     r"data\.bin:1: field 'sequence' holds a list; these records are read as a table's rows, whose cells hold text "
-     r"or a number"),
+    ("def read(path, columns):\n    return []\n", "my_loader:read",
+     r"card\.md: loader: my_loader:read takes \(path, columns\); a loader takes one argument, the data file's path$"),
+    ("def read(path):\n    return []\n", "my_loader:read", r"data\.bin: loader my_loader:read gave no records for this file$"),
+    ("def read(path):\n    raise SystemExit('stop')\n", "my_loader:read",
+     r"data\.bin: loader my_loader:read failed: SystemExit: stop \(.*my_loader\.py:2\); fix the loader or the file$"),
+    ("import sys\nsys.exit(3)\n", "my_loader:read",
+     r"card\.md: loader: importing 'my_loader' failed: SystemExit: 3 \(.*my_loader\.py:2\)$"),
+    ("def read(path):\n    return [\n", "my_loader:read",
+     r"card\.md: loader: importing 'my_loader' failed: SyntaxError: .* \(.*my_loader\.py:2\)$"),
 ])
 def test_a_broken_loader_is_one_line_naming_the_card_or_the_file(tmp_path, source, loader, message):
     card = _loader_card(tmp_path, source, loader)
     with pytest.raises(UserError, match=message):
         _read(card, "protein-classify")
+
+
+def test_positional_fields_are_refused_beside_a_loader(tmp_path):
+    # a loader's records are dicts: a column position would pick whichever key came third
+    card = _loader_card(tmp_path, "def read(path):\n    return []\n")
+    card.write_text(card.read_text().replace("labels: [a, b]", "labels: [a, b]\nfields: {sequence: seq, label: 2}"))
+    with pytest.raises(UserError, match=r"card\.md: fields\.label: 2 is a column position, and a loader's records "
+                                        r"name their fields: give the name \(fields: \{label: NAME\}\) or leave it out$"):
+        runner.load_card(str(card), get_task("protein-classify"))
+
+
+def test_a_loader_package_and_its_helpers_import_from_the_card_folder_when_it_loads_and_when_it_runs(tmp_path):
+    package = tmp_path / "lab_formats"
+    package.mkdir()
+    (package / "__init__.py").write_text("")
+    (package / "columns.py").write_text("RENAME = {'seq': 'sequence', 'class': 'label'}\n")
+    (package / "readers.py").write_text(
+        "from .columns import RENAME\n"
+        "def read(path):\n"
+        "    import lab_helpers  # a sibling of the package, imported when the loader runs\n"
+        "    return [{RENAME[k]: v for k, v in row.items()} for row in lab_helpers.rows(path)]\n")
+    (tmp_path / "lab_helpers.py").write_text(
+        "def rows(path):\n    return [dict(zip(('seq', 'class'), line.split())) for line in open(path).read().splitlines()]\n")
+    (tmp_path / "train.txt").write_text("MKVL a\nMKVAL b\n" * 5)
+    (tmp_path / "test.txt").write_text("MKVAAL a\nMKL b\n")
+    card = _card(tmp_path, "protein-classify", "format: lab_text\nloader: lab_formats.readers:read\nlabels: [a, b]\n"
+                                               "splits: {train: train.txt, test: test.txt, validation_fraction: 0}")
+    dataset = _read(card, "protein-classify")
+    assert [(e["seq"], e["label"]) for e in dataset.splits["test"]] == [("MKVAAL", 0), ("MKL", 1)]
+
+
+def test_a_saved_dataset_folder_is_a_data_file_for_a_loader(tmp_path):
+    for split, rows in (("train", 10), ("test", 4)):
+        (tmp_path / f"{split}_set").mkdir()
+        (tmp_path / f"{split}_set" / "rows.json").write_text(json.dumps([{"sequence": "MKVL", "label": i % 2} for i in range(rows)]))
+    (tmp_path / "folder_loader.py").write_text("import json\ndef read(folder):\n    return json.loads((folder / 'rows.json').read_text())\n")
+    card = _card(tmp_path, "protein-classify", "format: saved_folders\nloader: folder_loader:read\nlabels: [a, b]\n"
+                                               "splits: {train: train_set, test: test_set, validation_fraction: 0}")
+    assert {split: len(examples) for split, examples in _read(card, "protein-classify").splits.items()} == {"train": 10, "test": 4}
+
+
+def test_an_edited_loader_and_another_cards_loader_of_the_same_name_are_each_read_afresh(tmp_path):
+    (tmp_path / "rows.csv").write_text("x\n")
+    header = "format: mine\nloader: same_name:read\nlabels: [a, b]\nfiles: {data: rows.csv}\nsplits: {ratios: {test: 1.0}}"
+    first, second = tmp_path / "first", tmp_path / "second"
+    for folder, sequence in ((first, "MKVL"), (second, "MKAAL")):
+        folder.mkdir()
+        (folder / "rows.csv").write_text("x\n")
+        (folder / "same_name.py").write_text(f"def read(path):\n    return [{{'sequence': '{sequence}', 'label': 'a'}}]\n")
+        _card(folder, "protein-classify", header)
+    assert _read(first / "card.md", "protein-classify").splits["test"][0]["seq"] == "MKVL"
+    assert _read(second / "card.md", "protein-classify").splits["test"][0]["seq"] == "MKAAL"
+    (first / "same_name.py").write_text("def read(path):\n    return [{'sequence': 'MKVVVL', 'label': 'b'}]\n")
+    os.utime(first / "same_name.py", (1, 1))  # another modification time, whatever the clock's resolution
+    assert _read(first / "card.md", "protein-classify").splits["test"][0]["seq"] == "MKVVVL"
+
+
+def test_missing_values_are_missing_fields_and_unread_columns_may_hold_anything(tmp_path):
+    # JSON tasks: None and NaN are an absent key, as in JSON lines
+    (tmp_path / "problems.bin").write_bytes(b"")
+    (tmp_path / "nan_loader.py").write_text(
+        "import math\n"
+        "def read(path):\n"
+        "    return [{'question': f'{i} + 1?', 'answer': str(i + 1) if i else math.nan, 'id': None} for i in range(4)]\n")
+    card = _card(tmp_path, "reasoning-arithmetic", "format: mine\nloader: nan_loader:read\nfiles: {data: problems.bin}")
+    with pytest.raises(UserError, match=r"problems\.bin:1: no answer; labelled data needs the gold answer$"):
+        _read(card, "reasoning-arithmetic")
+    # a float necessity label reads as the table tasks' 1.0 does; a list column no one reads is no error
+    (tmp_path / "review_loader.py").write_text(
+        "import datetime\n"
+        "def read(path):\n"
+        "    return [{'patch': f'+x = {i}', 'y': float(i % 2), 'id': None, 'tags': ['a', 'b'],\n"
+        "             'when': datetime.date(2024, 1, i + 1)} for i in range(10)]\n")
+    card = _card(tmp_path, "code-review-necessity", "format: mine\nloader: review_loader:read\nfiles: {data: problems.bin}\n"
+                                                    "splits: {ratios: {test: 1.0}}", "reviews.md")
+    examples = _read(card, "code-review-necessity").splits["test"]
+    assert sorted(e["label"] for e in examples) == [0] * 5 + [1] * 5
+    assert sorted(e["id"] for e in examples) == [f"problems.bin:{n}" for n in sorted(range(1, 11), key=str)]
+    (tmp_path / "rows.csv").write_text("x\n")
+    table = _loader_card(tmp_path, "import datetime\ndef read(path):\n    return [{'sequence': 'MKVL', 'label': 'a', "
+                                   "'go_terms': ['GO:1', 'GO:2'], 'when': datetime.date(2024, 1, 1)}] * 4\n")
+    assert len(_read(table, "protein-classify").splits["train"]) >= 1
+
+
+def test_a_loaders_prints_go_to_stderr_not_into_the_results(tmp_path, capsys):
+    card = _loader_card(tmp_path, "print('loading')\ndef read(path):\n    print('reading', path.name)\n"
+                                  "    return [{'sequence': 'MKVL', 'label': 'a'}] * 10\n")
+    _read(card, "protein-classify")
+    captured = capsys.readouterr()
+    assert captured.out == "" and "loading" in captured.err and "reading data.bin" in captured.err
 
 
 def test_a_loader_beside_a_format_the_task_reads_itself_is_refused(tmp_path):

@@ -175,7 +175,7 @@ def _text(value, where: str, key: str) -> str:
 
 
 def _necessity_label(value, where: str, key: str) -> int:
-    if value in (0, 1, "0", "1", True, False) and not isinstance(value, float):
+    if value in (0, 1, "0", "1", True, False):  # 1.0 too, as a table's label cell reads
         return int(value)
     raise UserError(f"{where}: field {key!r} is {value!r}; review necessity labels are 1 (needs a comment) or 0")
 

@@ -410,7 +410,7 @@ class MedicalClassifyTask:
             splits = {}
             for split, value in per_split.items():
                 path = card.resolve(str(value), f"splits.{split}")
-                if not path.is_file():
+                if not card.data_exists(path):
                     raise UserError(f"{card.card_path}: splits.{split} = {path} does not exist")
                 splits[split] = read(path)
             return splits, False

@@ -361,7 +361,7 @@ class SpeechEmotionTask:
             splits = {}
             for split, value in files.items():
                 path = card.resolve(value, f"splits.{split}")
-                if not path.is_file():
+                if not card.data_exists(path):
                     raise UserError(f"{card.card_path}: splits.{split} = {path} does not exist")
                 rows = read(path)
                 splits[split], skipped = rows.examples, skipped + rows.skipped

@@ -445,7 +445,7 @@ class _VideoTextTask:
                 return card.file(key)
         if card.path:
             path = card.resolve(card.path, "path")
-            if not path.is_file():
+            if not card.data_exists(path):
                 raise UserError(f"{card.card_path}: path = {path} does not exist; fix the path (relative paths start at {card.folder})")
             return path
         raise UserError(f"{card.card_path}: set `files: {{annotations: captions.json}}` (or a CSV) or per-split `splits` files")
