@@ -384,6 +384,11 @@ class MultiAdapter:
         computed on the shared backbone."""
         return self.get(name).predictor.predict(inputs, split, outputs_of=self._outputs_of(name))
 
+    def evaluate(self, name: str, split: str = "test", card: str | None = None, predictions_file=None) -> dict[str, Any]:
+        """`Predictor.evaluate` for adapter `name` (its own card's `split`, as in its
+        metrics.json, or another card's), computed on the shared backbone."""
+        return self.get(name).predictor.evaluate(split, card, predictions_file, outputs_of=self._outputs_of(name))
+
     def predict_request(self, name: str, payload: Any) -> list[dict[str, Any]]:
         """One JSON request body (the task's form, as `POST /predict/NAME` takes it) -> rows."""
         return self.get(name).predictor.predict_request(payload, outputs_of=self._outputs_of(name))

@@ -87,12 +87,14 @@ class Predictor:
                 f"pass --force to use it anyway"
             )
 
-    def evaluate(self, split: str = "test", card: str | None = None, predictions_file=None) -> dict[str, Any]:
+    def evaluate(self, split: str = "test", card: str | None = None, predictions_file=None,
+                 outputs_of=None) -> dict[str, Any]:
         """The run's metrics on `split` of its own card (as saved in metrics.json, exactly),
         or of another `card` of the task with the run's classes: {metric: value}, plus
         `by_group` where the data has groups and per-dataset accuracies for reasoning.
         `predictions_file`: a JSONL path for one row per example (and a task's per-class
-        report beside it), as `peftlab eval --predictions` writes."""
+        report beside it), as `peftlab eval --predictions` writes. `outputs_of`: where the
+        model runs elsewhere (`MultiAdapter.evaluate`)."""
         loaded = runner.load_run_card(self.run_dir, self.config, self.task) if card is None else \
             runner.load_card(card, self.task)
         # The run's own card is read as in training (same subsample); another card whole.
@@ -113,7 +115,7 @@ class Predictor:
         runner.log_notes(dataset, training=False)
         runner.log(f"{split}: {len(dataset.splits[split])} examples of {loaded.card_path}")
         return runner.evaluate_split(self.task, self.model, dataset, split, self.meta["metrics"],
-                                     self.batch_size, self.accelerator.autocast, predictions_file)
+                                     self.batch_size, self.accelerator.autocast, predictions_file, outputs_of)
 
     def _match_labels(self, dataset, card) -> None:
         """Another card's classes must be the run's; named in another order, its examples

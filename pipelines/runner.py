@@ -35,6 +35,7 @@ from peftlab.shared.cards import Card, read_card
 from peftlab.shared.data import subsample
 from peftlab.shared.errors import UserError
 from peftlab.shared.evaluation import evaluate
+from peftlab.shared.folds import check_fold_by
 from peftlab.shared.metrics import list_metrics
 from peftlab.shared.tasks import Dataset, get_task
 from peftlab.shared.training import (
@@ -154,6 +155,7 @@ def load_card(card_path: str | Path, task, root: Path | None = None) -> Card:
     elif card.format not in task.formats:
         raise UserError(f"{card.card_path}: format {card.format!r} is not one {task.name} reads ({', '.join(task.formats)}); "
                         f"convert the data to one of them, or read it with `loader: module:function`")
+    check_fold_by(card, task)
     if card.format == "demo" and card.splits is not None:
         raise UserError(f"{card.card_path}: splits: a demo card's splits are its generator's; set their sizes under "
                         f"`demo:` (as {task.name}'s demo card does) and leave splits out")
@@ -180,10 +182,16 @@ def with_split_overrides(card: Card, overrides: dict[str, Any] | None, task) -> 
         raise UserError(f"data.splits.{unknown[0]} is not a split key {task.name} reads; "
                         f"its split keys: {', '.join(task.split_keys)}")
     try:
-        return card.model_validate({**card.model_dump(), "splits": {**(card.splits or {}), **overrides}})
+        changed = card.model_validate({**card.model_dump(), "splits": {**(card.splits or {}), **overrides}})
     except ValidationError as error:
         first = error.errors()[0]
         raise UserError(f"data.splits: {first['msg'].removeprefix('Value error, ')}") from None
+    try:
+        check_fold_by(changed, task)
+    except UserError as error:
+        given = ", ".join(f"{key}={value}" for key, value in overrides.items())
+        raise UserError(f"{error} (the card's splits with data.splits {given})") from None
+    return changed
 
 
 def load_run_card(run_dir: Path, config: cfg.RunConfig, task) -> Card:
@@ -559,13 +567,15 @@ def save_adapter(model, directory: Path) -> None:
     tmp.rename(directory)
 
 
-def evaluate_split(task, model, dataset: Dataset, split: str, metric_names, batch_size, autocast, predictions_file=None) -> dict:
+def evaluate_split(task, model, dataset: Dataset, split: str, metric_names, batch_size, autocast, predictions_file=None,
+                   outputs_of=None) -> dict:
     examples = dataset.splits[split]
     if not examples:
         raise UserError(f"split {split!r} is empty")
     if any("label" not in e for e in examples):
         raise UserError(f"split {split!r} has unlabelled examples; it cannot be evaluated")
-    results, outputs = evaluate(task, model, examples, metric_names, batch_size, autocast, progress=f"evaluate {split}")
+    results, outputs = evaluate(task, model, examples, metric_names, batch_size, autocast, progress=f"evaluate {split}",
+                                outputs_of=outputs_of)
     empty = sum(1 for output in outputs if isinstance(output, str) and not output.strip())
     if empty:  # a score of 0 then says "nothing generated", not "a metric is broken"
         log(f"note: {empty} of {len(outputs)} generated outputs on split {split!r} are empty "

@@ -107,7 +107,11 @@ def check_finite(examples: Sequence[Example], outputs: list[Any]) -> None:
                             f"values are outside the range the model computes in (check its scale)")
 
 
-def evaluate(task, model, examples, metric_names, batch_size, autocast, progress: str | None = None) -> tuple[dict, list[Any]]:
-    outputs = predict_outputs(model, examples, batch_size, autocast, progress)
+def evaluate(task, model, examples, metric_names, batch_size, autocast, progress: str | None = None,
+             outputs_of=None) -> tuple[dict, list[Any]]:
+    """Metrics of `model` on `examples`, and its outputs; `outputs_of(examples, progress)`
+    computes the outputs instead where the model runs elsewhere (a served, shared backbone)."""
+    outputs = predict_outputs(model, examples, batch_size, autocast, progress) if outputs_of is None \
+        else outputs_of(examples, progress)
     check_finite(examples, outputs)
     return compute_metrics(task, metric_names, examples, outputs), outputs

@@ -17,8 +17,9 @@ from peftlab.shared.cards import Card
 from peftlab.shared.errors import UserError, did_you_mean
 from torch import nn
 
-SPLIT_KEYS = ("ratios", "seed", "train", "validation", "test")
-"""What every task reads from a card's `splits:`: ratios and seed, or one file per split."""
+SPLIT_KEYS = ("ratios", "seed", "train", "validation", "test", "fold_by")
+"""What every task reads from a card's `splits:`: ratios and seed, one file per split, or
+the column whose values make the splits (`shared.folds`)."""
 
 Example = dict[str, Any]
 """One record: task-specific fields, plus `label` (class index) where labelled and `id`."""

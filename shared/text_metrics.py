@@ -12,8 +12,9 @@ calls them through `metrics.get_metric(name).fn`. Values are fractions in [0, 1]
   again and NIST-normalised; add-1 smoothing of the matched and total n-gram counts for
   n >= 2 (Lin & Och 2004); the brevity penalty exp(1 - (r+1)/(c+1)) against the shortest
   reference. An empty hypothesis of an empty reference scores 1. CodeReviewer's
-  review-comment figure also drops the words of its `stopwords.txt` first:
-  `smooth_bleu4(references, hypotheses, stopwords=...)` computes that one from a run's
+  review-comment figure also drops the words of its `stopwords.txt` first: a
+  code-review-comment card's `bleu_stopwords: FILE` makes `bleu4` that figure, and
+  `smooth_bleu4(references, hypotheses, stopwords=...)` computes it from a run's
   predictions (the list is not shipped here).
 - `corpus_bleu4`: corpus-level BLEU-4 (sacrebleu defaults, unsmoothed), the WMT figure.
 - `exact_match`: whitespace-normalised string equality (runs of whitespace collapse to

@@ -122,7 +122,10 @@ def test_every_task_refuses_a_misspelt_split_key(tmp_path, task_name):
                                         r"did you mean splits\.ratios\? its split keys: ratios, seed, train, validation, test"):
         runner.load_card(str(card), task)
     for key in task.split_keys:  # each documented key passes the check
-        card.write_text(f"---\nname: x\ndomain: {task.domain}\ntask: {task.name}\nformat: {task.formats[0]}\n"
+        # fold_by divides the records of the task's record format (a loader's, where the task reads none itself)
+        fmt = task.formats[0] if key != "fold_by" else task.loader_format
+        loader = "loader: my_loader:read\n" if fmt not in task.formats else ""
+        card.write_text(f"---\nname: x\ndomain: {task.domain}\ntask: {task.name}\nformat: {fmt}\n{loader}"
                         f"splits: {{{key}: 1}}\n---\n")
         runner.load_card(str(card), task)
 

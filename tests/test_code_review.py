@@ -482,3 +482,40 @@ def test_predict_notes_inputs_longer_than_the_prompt_budget(task_name):
         f"about 1 inputs have a {options.LONG_FIELD} longer than max_prompt_tokens={options.max_prompt_tokens}; "
         f"their middle lines are cut (hunk headers kept)"]
     assert task.input_notes(examples[1:], options) == []
+
+
+def test_a_card_stopword_list_makes_bleu4_codereviewer_s_review_comment_figure(tmp_path):
+    """`bleu_stopwords: FILE`: bleu4 drops those words from both sides first (CodeReviewer's
+    rmstop), for every split the card gives, so `peftlab eval` scores as the card says."""
+    from peftlab.pipelines import runner
+    from peftlab.shared.evaluation import compute_metrics
+    from peftlab.shared.text_metrics import smooth_bleu4
+
+    records = [{"patch": f"@@ -1 +1 @@\n+x = {i}", "msg": f"Please rename the variable {i} to a clearer name", "id": f"r{i}"}
+               for i in range(10)]
+    (tmp_path / "comments.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    (tmp_path / "stopwords.txt").write_text("the\n\nto\n a \nPlease\n")
+    card = tmp_path / "card.md"
+    card.write_text("---\nname: c\ndomain: code_review\ntask: code-review-comment\nformat: jsonl\n"
+                    "files: {data: comments.jsonl}\nbleu_stopwords: stopwords.txt\nsplits: {ratios: {test: 1.0}}\n---\n")
+    task = get_task("code-review-comment")
+    dataset = task.read(runner.load_card(str(card), task), task.options())
+    assert any("bleu4 drops the 4 words of" in note for note in dataset.notes)
+    examples = dataset.splits["test"]
+    hypotheses = [f"rename variable {i} to the better name" for i in range(10)]
+    scores = compute_metrics(task, ["bleu4", "exact_match"], examples, hypotheses)
+    references = [e["label"] for e in examples]
+    assert scores["bleu4"] == smooth_bleu4(references, hypotheses, ["the", "to", "a", "Please"])
+    assert scores["bleu4"] != smooth_bleu4(references, hypotheses) and scores["exact_match"] == 0.0
+    for text, message in (("", r"stopwords\.txt: no words; bleu_stopwords lists one word per line$"),
+                          (None, r"card\.md: bleu_stopwords = .*missing\.txt is not a file; give a text file of one word")):
+        if text is None:
+            card.write_text(card.read_text().replace("stopwords.txt", "missing.txt"))
+        else:
+            (tmp_path / "stopwords.txt").write_text(text)
+        with pytest.raises(UserError, match=message):
+            task.read(runner.load_card(str(card), task), task.options())
+    refine = tmp_path / "refine.md"
+    refine.write_text(card.read_text().replace("code-review-comment", "code-refine"))
+    with pytest.raises(UserError, match=r"refine\.md: .*bleu_stopwords"):  # the comment task's key only
+        runner.load_card(str(refine), get_task("code-refine"))

@@ -212,7 +212,8 @@ CASES = [
     Case("card-empty-validation-split", card_run(PROTEIN, "fasta+pairs_tsv", {"s.fasta": FASTA, "p.tsv": "a\tb\t1\nb\tc\t0\n"},
                                                  files={"sequences": "s.fasta", "pairs": "p.tsv"},
                                                  splits={"ratios": {"train": 0.9, "validation": 0.05, "test": 0.05}}),
-         r"card\.md: split 'validation' is empty.*eval\.splits"),  # 5 % of two pairs rounds to none
+         r"card\.md: splits\.ratios gives validation 0\.05 of 2 examples, which rounds to none; raise it, or set it "
+         r"to 0 to leave the split out$"),
     Case("card-no-validation-split", card_run(PROTEIN, "fasta+pairs_tsv", {"s.fasta": FASTA, "p.tsv": "a\tb\t1\nb\tc\t0\n"},
                                               files={"sequences": "s.fasta", "pairs": "p.tsv"},
                                               splits={"ratios": {"train": 1.0, "validation": 0.0, "test": 0.0}}),
@@ -300,14 +301,15 @@ CASES = [
                                          files={"data": "t.csv"}, labels=["happy", "sad"]), r"t\.csv:2: label 'bored' is not one of"),
     Case("audio-unknown-field", card_run(SPEECH, "audio_csv", {"t.csv": "path,label\n"}, files={"data": "t.csv"}, fields={"mood": "label"}),
          r"card\.md: fields\.mood is not a field speech-emotion reads; its fields: path, label, speaker"),
-    Case("audio-fold-without-test", card_run(SPEECH, "audio_csv", {"t.csv": "path,label,session\nx.wav,happy,1\n", "x.wav": wav_bytes(TONE)},
+    Case("audio-fold-value-not-a-split", card_run(SPEECH, "audio_csv", {"t.csv": "path,label,session\nx.wav,happy,1\n", "x.wav": wav_bytes(TONE)},
                                              files={"data": "t.csv"}, fields={"session": "session"}, splits={"fold_by": "session"}),
-         r"card\.md: splits\.fold_by needs `test: \[values\]`"),
+         r"t\.csv:2: session is '1', not a split name \(train, validation, test\); name the values that make each "
+         r"split, e\.g\. splits: \{fold_by: session, test: \[1\]\}$"),
     Case("audio-fold-override-names-no-row",
          card_run(SPEECH, "audio_csv", {"t.csv": "path,label,session\nx.wav,happy,1\n", "x.wav": wav_bytes(TONE)},
                   overrides=("data.splits.test=[9]",), files={"data": "t.csv"}, fields={"session": "session"},
                   splits={"fold_by": "session", "test": [1]}),
-         r"card\.md: splits names session '9', which no row has.*\(the card's splits with data\.splits test=\[9\]\)"),
+         r"card\.md: splits\.test names session '9', which no record has.*\(the card's splits with data\.splits test=\[9\]\)"),
     Case("train-keep-unknown", demo_run("protein-classify", "train.keep=worst"), r"train\.keep: Input should be 'best' or 'last'"),
     Case("speech-augment-not-bool", demo_run("speech-emotion", "task.augment=maybe"),
          r"option 'augment' must be true or false, got 'maybe'"),

@@ -106,6 +106,24 @@ def test_one_backbone_for_the_peft_runs_and_each_run_on_its_path(multi, runs):
     assert max(abs(a[0]["scores"][k] - b[0]["scores"][k]) for k in a[0]["scores"]) > 0.01
 
 
+def test_each_served_run_evaluates_as_its_own_predictor_does(multi, runs, tmp_path, monkeypatch):
+    """`MultiAdapter.evaluate` runs a run's data through the shared backbone (mixed, switched
+    or own model) and scores it as `peftlab eval` does: the metrics and prediction rows
+    are the run's own, to float rounding."""
+    submitted = []
+    submit = multi.submit
+    monkeypatch.setattr(multi, "submit", lambda name, examples: submitted.append(name) or submit(name, examples))
+    for name, run_dir in runs.items():
+        served = multi.evaluate(name, "test", predictions_file=tmp_path / f"{name}.jsonl")
+        own = Predictor(run_dir).evaluate("test", predictions_file=tmp_path / f"{name}-own.jsonl")
+        assert served.keys() == own.keys() and served["accuracy"] == own["accuracy"], name
+        assert all(abs(served[k] - own[k]) <= TOLERANCE for k in own if isinstance(own[k], float)), name
+        assert_same_rows(peftlab_io.read_jsonl(tmp_path / f"{name}.jsonl"), peftlab_io.read_jsonl(tmp_path / f"{name}-own.jsonl"))
+    assert submitted == list(runs)  # through the served engines, not the predictors' own models
+    with pytest.raises(UserError, match=r"split 'dev' is not in .*card\.md; it has "):
+        multi.evaluate("lora_a", "dev")
+
+
 def test_a_mixed_batch_gives_each_row_its_own_runs_answer(multi, expected):
     engine = multi.get("lora_a").engine
     before = engine.stats["mixed_batches"]

@@ -58,7 +58,7 @@ def read_jsonl(path: Path, kind: str, fields: dict, labelled: bool = True, notes
     records of the file, numbered, in place of its lines."""
     keys = {**TASK_FIELDS[kind], **{k: v for k, v in fields.items() if k in TASK_FIELDS[kind] or k == "id"}}
     examples, line_numbers = [], []
-    for number, record in _json_records(path) if records is None else records:
+    for number, record in json_records(path) if records is None else records:
         where = f"{path}:{number}"
         example = {"id": str(record.get(keys.get("id", "id"), f"{Path(path).name}:{number}"))}
         for name, key in keys.items():
@@ -95,7 +95,7 @@ def read_jsonl(path: Path, kind: str, fields: dict, labelled: bool = True, notes
     return examples
 
 
-def _json_records(path: Path) -> list[tuple[int, dict]]:
+def json_records(path: Path) -> list[tuple[int, dict]]:
     """The JSON object on each non-blank line, with its line number."""
     try:
         lines = text_lines(path)

@@ -32,9 +32,10 @@ from peftlab.shared import requests
 from peftlab.shared.cards import Card
 from peftlab.shared.data import count_by_split, hold_out_validation, ratio_split, split_ratios
 from peftlab.shared.errors import UserError
+from peftlab.shared.folds import split_sources
 from peftlab.shared.loaders import loader_records
 from peftlab.shared.tasks import SPLIT_KEYS, Dataset, FP32Head, describe_scores, register_task
-from peftlab.shared.text_metrics import TEXT_METRICS, compute_text_metrics
+from peftlab.shared.text_metrics import TEXT_METRICS, compute_text_metrics, smooth_bleu4
 from torch import nn
 from torch.nn import functional as F
 
@@ -199,25 +200,26 @@ class _CodeReviewTask:
             return Dataset(data.demo_examples(self.KIND, sizes, int(demo["seed"])), labels)
         if card.format not in self.formats:
             raise UserError(f"{card.card_path}: {self.name} reads formats {', '.join(self.formats)}, not {card.format!r}")
-        per_split = card.split_files()
+        per_split = split_sources(card, False, lambda: card.file("data"), data.json_records)
         notes: list[str] = []
         if per_split:
-            splits = {split: self._read_file(card, path, notes) for split, path in per_split.items()}
+            splits = {split: self._read_file(card, path, notes, records) for split, (path, records) in per_split.items()}
             splits, note = hold_out_validation(splits, card, "records")
             notes += [note] if note else []
         else:
             spec = card.splits or {}
             ratios = split_ratios(card, "records")
-            splits = ratio_split(self._read_file(card, card.file("data"), notes), ratios, int(spec.get("seed", 0)),
-                                 where=str(card.card_path))
+            path = card.file("data")
+            splits = ratio_split(self._read_file(card, path, notes, loader_records(card, path)), ratios,
+                                 int(spec.get("seed", 0)), where=str(card.card_path))
         return Dataset(splits, labels, notes + self._notes(splits, options))
 
     def _labels(self, card: Card) -> list[str]:
         return []
 
-    def _read_file(self, card: Card, path: Path, notes: list[str]) -> list[dict]:
+    def _read_file(self, card: Card, path: Path, notes: list[str], records: list | None) -> list[dict]:
         if card.format == "jsonl":
-            return data.read_jsonl(path, self.KIND, card.fields or {}, notes=notes, records=loader_records(card, path))
+            return data.read_jsonl(path, self.KIND, card.fields or {}, notes=notes, records=records)
         return data.read_tufano_tsv(path, self.KIND)
 
     def _notes(self, splits, options) -> list[str]:
@@ -319,7 +321,13 @@ class _GenerationTask(_CodeReviewTask):
         not_text = [n for n in metric_names if n not in TEXT_METRICS]
         if not_text:
             raise UserError(f"{self.name} generates text; metric {not_text[0]!r} does not apply (use {', '.join(TEXT_METRICS)})")
-        return compute_text_metrics(metric_names, [e["label"] for e in examples], list(outputs))
+        references, hypotheses = [e["label"] for e in examples], list(outputs)
+        stopwords = examples[0].get(STOPWORDS) if examples else None
+        if not stopwords or "bleu4" not in metric_names:
+            return compute_text_metrics(metric_names, references, hypotheses)
+        others = compute_text_metrics([n for n in metric_names if n != "bleu4"], references, hypotheses)
+        return {name: smooth_bleu4(references, hypotheses, stopwords) if name == "bleu4" else others[name]
+                for name in metric_names}
 
     def describe(self, example, output, labels) -> dict:
         return {"id": example["id"], "prediction": output}
@@ -329,8 +337,44 @@ class CommentTask(_GenerationTask):
     name = "code-review-comment"
     description = "diff hunk -> review comment (LLaMA-Reviewer's review comment generation)"
     options = CommentOptions
+    card_keys = ("demo", "bleu_stopwords")
     KIND = "comment"
     DEMO_SIZES = {"train": 600, "validation": 60, "test": 150}
+
+    def read(self, card: Card, options) -> Dataset:
+        """The card's `bleu_stopwords: FILE` (one word per line, as CodeReviewer's
+        stopwords.txt) makes `bleu4` CodeReviewer's review-comment figure: those words are
+        dropped from both sides first. The words travel on the examples, so evaluation
+        scores the split the way its card says."""
+        dataset = super().read(card, options)
+        if card.option("bleu_stopwords") is None:
+            return dataset
+        path = card.resolve(str(card.option("bleu_stopwords")), "bleu_stopwords")
+        stopwords = _stopwords(path, card)
+        for examples in dataset.splits.values():
+            for example in examples:
+                example[STOPWORDS] = stopwords
+        dataset.notes.append(f"bleu4 drops the {len(stopwords)} words of {path} from comments and references first "
+                             f"(bleu_stopwords, as CodeReviewer's review-comment BLEU)")
+        return dataset
+
+
+STOPWORDS = "bleu_stopwords"
+"""The example key that carries the card's `bleu_stopwords` words to the metrics."""
+
+
+def _stopwords(path: Path, card: Card) -> tuple[str, ...]:
+    """The file's words, sorted (a tuple: examples stay JSON-able)."""
+    if not path.is_file():
+        raise UserError(f"{card.card_path}: bleu_stopwords = {path} is not a file; give a text file of one word per "
+                        f"line (relative paths start at {card.folder})")
+    try:
+        words = tuple(sorted({line.strip() for line in path.read_text(encoding="utf-8-sig").splitlines() if line.strip()}))
+    except UnicodeDecodeError as error:
+        raise UserError(f"{path}: not UTF-8 text (byte {error.start}); save the stopwords as UTF-8") from None
+    if not words:
+        raise UserError(f"{path}: no words; bleu_stopwords lists one word per line")
+    return words
 
 
 class RefineTask(_GenerationTask):
@@ -353,6 +397,7 @@ fields: {patch: patch, label: y}  # which JSON key is what
 labels: [no_comment, needs_comment]
 splits: {ratios: {train: 0.8, validation: 0.1, test: 0.1}, seed: 0}
 # or one file per split, without files.data: splits: {train: train.jsonl, validation: valid.jsonl, test: test.jsonl}; without validation, validation_fraction (0.1) of train is held out
+# or a column naming each record's split: splits: {fold_by: set} (cells train, validation, test), or its fold: {fold_by: fold, test: [5]} (the rest trains)
 license: ""
 source: ""
 ---
@@ -366,8 +411,10 @@ format: jsonl                     # CodeReviewer JSON lines, or tufano_tsv (code
 files:
   data: comments.jsonl            # one {"patch": "@@ ... @@ ...", "msg": "review comment"} per line
 fields: {patch: patch, label: msg}
+# bleu_stopwords: stopwords.txt   # CodeReviewer's review-comment BLEU drops these words (one per line) first
 splits: {ratios: {train: 0.8, validation: 0.1, test: 0.1}, seed: 0}
 # or one file per split, without files.data: splits: {train: train.jsonl, validation: valid.jsonl, test: test.jsonl}; without validation, validation_fraction (0.1) of train is held out
+# or a column naming each record's split: splits: {fold_by: set} (cells train, validation, test), or its fold: {fold_by: fold, test: [5]} (the rest trains)
 license: ""
 source: ""
 ---
@@ -383,6 +430,7 @@ files:
 fields: {old: old, comment: comment, label: new}
 splits: {ratios: {train: 0.8, validation: 0.1, test: 0.1}, seed: 0}
 # or one file per split, without files.data: splits: {train: train.jsonl, validation: valid.jsonl, test: test.jsonl}; without validation, validation_fraction (0.1) of train is held out
+# or a column naming each record's split: splits: {fold_by: set} (cells train, validation, test), or its fold: {fold_by: fold, test: [5]} (the rest trains)
 license: ""
 source: ""
 ---

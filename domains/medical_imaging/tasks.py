@@ -32,6 +32,7 @@ from peftlab.shared.data import (
     number_classes,
     ratio_split,
     split_ratios,
+    table_rows,
 )
 from peftlab.shared.errors import UserError
 from peftlab.shared.feature_cache import (
@@ -43,6 +44,7 @@ from peftlab.shared.feature_cache import (
     stack_rows,
     unique_ids,
 )
+from peftlab.shared.folds import split_sources
 from peftlab.shared.lazy import lazy_import
 from peftlab.shared.loaders import loader_rows
 from peftlab.shared.tasks import (
@@ -270,6 +272,20 @@ PER_SPLIT_INSTEAD = {
 """Formats whose splits come from the data itself -> what a card does instead of per-split files."""
 
 
+def _patients_in_several_splits(splits: dict[str, list[dict]]) -> str | None:
+    """A note where given splits (tables, or a fold column) put one patient's images in
+    more than one split: a model tested on a patient it trained on."""
+    splits_of: dict[str, set[str]] = {}
+    for split, examples in splits.items():
+        for example in examples:
+            splits_of.setdefault(str(example["patient"]), set()).add(split)
+    shared = sorted(patient for patient, names in splits_of.items() if len(names) > 1)
+    if not shared:
+        return None
+    return (f"{len(shared)} patients have images in more than one split (e.g. {', '.join(shared[:3])}): results on "
+            f"them are not on unseen patients")
+
+
 class MedicalClassifyTask:
     name = "medical-classify"
     domain = "medical_imaging"
@@ -335,7 +351,8 @@ class MedicalClassifyTask:
         if by_ratios:  # the ratios made every split the card asked for: a validation ratio of 0 (or none) means none
             return Dataset(splits, labels, notes)
         splits, note = hold_out_validation(splits, card, "images", group_of=self._by_patient(card))
-        return Dataset(splits, labels, notes + ([note] if note else []))
+        shared = _patients_in_several_splits(splits) if "patient" in (card.fields or {}) else None
+        return Dataset(splits, labels, notes + [n for n in (note, shared) if n])
 
     def _read_demo(self, card: Card, options: MedicalImageOptions) -> Dataset:
         demo = {"image_size": 32, "seed": 0, "train": 600, "validation": 150, "test": 300, **(card.option("demo") or {})}
@@ -395,26 +412,23 @@ class MedicalClassifyTask:
         """-> the splits, and whether the card's ratios made them (not its per-split files)."""
         image_root = card.resolve(card.option("image_root"), "image_root") if card.option("image_root") else card.folder
 
-        def read(path: Path) -> list[dict]:
+        def read(path: Path, rows=None) -> list[dict]:
             return data.read_image_csv(path, image_root, card.fields, labels, card.group_by, options.multi_label,
-                                       rows=loader_rows(card, path))
+                                       rows=rows)
 
         per_split = {k: v for k, v in (card.splits or {}).items() if k in ("train", "validation", "test")}
-        if per_split:
+        if per_split and "fold_by" not in card.splits:
             given = {"splits.ratios": "ratios" in card.splits, "path": bool(card.path), "files.data": "data" in (card.files or {})}
             ignored = [name for name, present in given.items() if present]
             if ignored:
                 raise UserError(f"{card.card_path}: {ignored[0]} and splits.{next(iter(per_split))}: one table per "
                                 f"split makes the splits; remove {ignored[0]}, or the per-split tables to split one "
                                 f"table by ratios")
-            splits = {}
-            for split, value in per_split.items():
-                path = card.resolve(str(value), f"splits.{split}")
-                if not card.data_exists(path):
-                    raise UserError(f"{card.card_path}: splits.{split} = {path} does not exist")
-                splits[split] = read(path)
-            return splits, False
-        return self._ratio_split(card, read(self._data_path(card))), True
+        sources = split_sources(card, True, lambda: self._data_path(card), table_rows)
+        if sources:
+            return {split: read(path, rows) for split, (path, rows) in sources.items()}, False
+        path = self._data_path(card)
+        return self._ratio_split(card, read(path, loader_rows(card, path))), True
 
     # ----------------------------------------------------------------------- the model
 
@@ -603,6 +617,7 @@ labels: [benign, malignant]       # label cells hold these names or their indice
 group_by: sex                     # optional: per-group metrics and the worst-group gap
 splits: {ratios: {train: 0.7, validation: 0.1, test: 0.2}, seed: 0}
 # or one table per split, without files.data: splits: {train: train.csv, validation: valid.csv, test: test.csv}; without validation, validation_fraction (0.1) of train is held out
+# or a column naming each row's split: splits: {fold_by: set} (cells train, validation, test), or its fold: {fold_by: fold, test: [5]} (the rest trains)
 on_bad_file: error                # or skip: leave unreadable images out (counted in the run log)
 license: ""
 source: ""

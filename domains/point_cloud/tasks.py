@@ -46,6 +46,7 @@ from peftlab.shared.feature_cache import (
     stack_rows,
     unique_ids,
 )
+from peftlab.shared.folds import split_sources
 from peftlab.shared.loaders import loader_records
 from peftlab.shared.tasks import SPLIT_KEYS, Dataset, FP32Head, describe_scores, register_task
 from torch import nn
@@ -341,10 +342,13 @@ class PointCloudClassifyTask:
         return splits, card.labels or [str(i) for i in range(count)]
 
     def _read_loader_files(self, card: Card) -> dict[str, list[dict]]:
-        """The card loader's clouds: one file per split, or one file ('all') that ratios divide."""
-        files = card.split_files() or {"all": card.file("data")}
-        return {split: data.read_point_records(path, loader_records(card, path), card.labels)
-                for split, path in files.items()}
+        """The card loader's clouds: one file per split, one file whose `fold_by` key names each
+        cloud's split, or one file ('all') that ratios divide."""
+        sources = split_sources(card, False, lambda: card.file("data"), lambda path: loader_records(card, path))
+        if sources is None:
+            path = card.file("data")
+            return {"all": data.read_point_records(path, loader_records(card, path), card.labels)}
+        return {split: data.read_point_records(path, records, card.labels) for split, (path, records) in sources.items()}
 
     def _order_labels(self, card: Card, labels: list[str], splits) -> list[str]:
         """The card's `labels` order is the class index order: classes are matched to the

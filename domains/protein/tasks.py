@@ -15,9 +15,16 @@ import numpy as np
 import torch
 from peftlab.shared import io, methods, requests
 from peftlab.shared.cards import Card
-from peftlab.shared.data import count_by_split, hold_out_validation, ratio_split, split_ratios
+from peftlab.shared.data import (
+    count_by_split,
+    hold_out_validation,
+    ratio_split,
+    split_ratios,
+    table_rows,
+)
 from peftlab.shared.errors import UserError
 from peftlab.shared.feature_cache import FeatureCache, frozen_prefix_stages
+from peftlab.shared.folds import split_sources
 from peftlab.shared.loaders import loader_rows
 from peftlab.shared.tasks import SPLIT_KEYS, Dataset, FP32Head, describe_scores, register_task
 from torch import nn
@@ -355,13 +362,12 @@ class PPITask(_ProteinTask):
         if card.format != "fasta+pairs_tsv":
             raise UserError(f"{card.card_path}: protein-ppi reads formats {', '.join(self.formats)}, not {card.format!r}")
         sequences = data.read_fasta(card.file("sequences"))
-        per_split = card.split_files()
+        per_split = split_sources(card, True, lambda: card.file("pairs"), lambda path: table_rows(path, "\t"))
         group = self._split_spec(card).get("group_by_protein", False)
         by_first_protein = (lambda e: e["a"]) if group else None
         notes = []
         if per_split:
-            splits = {s: data.read_pairs(p, sequences, card.fields, labels, rows=loader_rows(card, p))
-                      for s, p in per_split.items()}
+            splits = {s: data.read_pairs(p, sequences, card.fields, labels, rows=rows) for s, (p, rows) in per_split.items()}
             repeated = drop_repeated_pairs(splits, str(card.card_path))
             splits, held_out = hold_out_validation(splits, card, "pairs", group_of=by_first_protein)
             notes += [note for note in (repeated, held_out) if note]
@@ -452,11 +458,10 @@ class ClassifyTask(_ProteinTask):
         if card.format != "csv":
             raise UserError(f"{card.card_path}: protein-classify reads formats csv and demo, not {card.format!r}")
         labels = card.labels
-        per_split = card.split_files()
+        per_split = split_sources(card, True, lambda: card.file("data"), table_rows)
         note = None
         if per_split:
-            splits = {s: data.read_sequence_csv(p, card.fields, labels, rows=loader_rows(card, p))
-                      for s, p in per_split.items()}
+            splits = {s: data.read_sequence_csv(p, card.fields, labels, rows=rows) for s, (p, rows) in per_split.items()}
             splits, note = hold_out_validation(splits, card, "sequences")
         else:
             path = card.file("data")
@@ -551,6 +556,7 @@ fields: {protein_a: 0, protein_b: 1, label: 2}
 labels: [no_interaction, interaction]
 splits: {ratios: {train: 0.8, validation: 0.1, test: 0.1}, seed: 0, group_by_protein: false}
 # or one pairs file per split, keeping files.sequences: splits: {train: train.tsv, validation: valid.tsv, test: test.tsv}; without validation, validation_fraction (0.1) of train is held out
+# or a column naming each row's split: splits: {fold_by: set} (cells train, validation, test), or its fold: {fold_by: fold, test: [5]} (the rest trains)
 license: ""
 source: ""
 ---
@@ -567,6 +573,7 @@ fields: {sequence: sequence, label: label}
 labels: [negative, positive]      # label cells hold these names or their indices
 splits: {ratios: {train: 0.8, validation: 0.1, test: 0.1}, seed: 0}
 # or one file per split, without files.data: splits: {train: train.csv, validation: valid.csv, test: test.csv}; without validation, validation_fraction (0.1) of train is held out
+# or a column naming each row's split: splits: {fold_by: set} (cells train, validation, test), or its fold: {fold_by: fold, test: [5]} (the rest trains)
 license: ""
 source: ""
 ---

@@ -40,13 +40,9 @@ LETTERS = string.ascii_uppercase
 def read_jsonl(path: Path, kind: str, labelled: bool = True, records: list[tuple[int, Any]] | None = None) -> list[dict]:
     """JSON lines (or one JSON array) of a known shape -> examples; `kind` is commonsense or
     math. `records`: a card loader's records of the file, numbered, in place of its lines."""
-    if records is None:
-        try:
-            text = path.read_text(encoding="utf-8-sig")
-        except UnicodeDecodeError as error:
-            raise UserError(f"{path}: not UTF-8 text ({error.reason} at byte {error.start}); save it as UTF-8") from None
-        records = _records(path, text)
     examples = []
+    if records is None:
+        records = json_records(path)
     for line, record in records:
         where = f"{path}:{line}"
         if not isinstance(record, dict):
@@ -68,7 +64,12 @@ def record_example(record: dict, where: str, kind: str, labelled: bool, dataset:
     return example
 
 
-def _records(path: Path, text: str) -> list[tuple[int, Any]]:
+def json_records(path: Path) -> list[tuple[int, Any]]:
+    """The file's records, numbered: JSON lines by line, or a JSON array's items from 1."""
+    try:
+        text = path.read_text(encoding="utf-8-sig")
+    except UnicodeDecodeError as error:
+        raise UserError(f"{path}: not UTF-8 text ({error.reason} at byte {error.start}); save it as UTF-8") from None
     stripped = text.lstrip()
     if stripped.startswith("["):  # a JSON array, as SVAMP, MAWPS and AQuA ship in some releases
         try:

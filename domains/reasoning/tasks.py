@@ -28,6 +28,7 @@ from peftlab.shared import requests
 from peftlab.shared.cards import Card
 from peftlab.shared.data import hold_out_validation, ratio_split, split_ratios
 from peftlab.shared.errors import UserError
+from peftlab.shared.folds import split_sources
 from peftlab.shared.loaders import loader_records
 from peftlab.shared.metrics import list_metrics, register_metric
 from peftlab.shared.tasks import SPLIT_KEYS, Dataset, register_task
@@ -124,11 +125,10 @@ class _ReasoningTask:
             sizes = {s: int(demo[s]) for s in ("train", "validation", "test")}
             generate = data.demo_commonsense if self.KIND == "commonsense" else data.demo_math
             return Dataset(generate(sizes, int(demo["seed"])), [])
-        per_split = card.split_files()
+        per_split = split_sources(card, False, lambda: card.file("data"), data.json_records)
         note = None
         if per_split:
-            splits = {split: data.read_jsonl(path, self.KIND, records=loader_records(card, path))
-                      for split, path in per_split.items()}
+            splits = {split: data.read_jsonl(path, self.KIND, records=records) for split, (path, records) in per_split.items()}
             splits, note = hold_out_validation(splits, card, "problems")
         else:
             spec = card.splits or {}
@@ -241,6 +241,7 @@ domain: reasoning
 task: {task}
 format: jsonl                 # one JSON object per line (or a JSON array)
 splits: {{train: train.jsonl, validation: dev.jsonl, test: test.jsonl}}
+# or one file: files: {{data: all.jsonl}}, and splits: {{ratios: {{train: 0.8, validation: 0.1, test: 0.1}}, seed: 0}}, or a key naming each record's split: {{fold_by: split}} (train, validation, test)
 license: ""
 source: ""
 ---

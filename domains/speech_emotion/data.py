@@ -285,32 +285,6 @@ def speaker_split(examples: list[dict], ratios: dict[str, float], seed: int, whe
     return splits
 
 
-def fold_split(examples: list[dict], key: str, test: list, validation: list | None, validation_fraction: float,
-               seed: int, where: str) -> dict[str, list[dict]]:
-    """IEMOCAP-style folds: examples whose `key` (e.g. session) is in `test` are the test
-    split, those in `validation` the validation split; without `validation`, a
-    speaker-independent share of the rest is held out for model selection."""
-    if any(key not in e for e in examples):
-        raise UserError(f"{where}: splits.fold_by is {key!r}, but the table gives no {key!r} field; add fields.{key}")
-    values = {str(e[key]) for e in examples}
-    wanted = {str(v) for v in test} | {str(v) for v in (validation or [])}
-    missing = sorted(wanted - values)
-    if missing:
-        raise UserError(f"{where}: splits names {key} {missing[0]!r}, which no row has; the data has {sorted(values)}")
-    test_values = {str(v) for v in test}
-    both = sorted(test_values & {str(v) for v in (validation or [])})
-    if both:
-        raise UserError(f"{where}: splits names {key} {both[0]!r} for both test and validation; a fold's test "
-                        f"{key} must not also validate (leave `validation` out to hold out speakers of the rest)")
-    held_out = [e for e in examples if str(e[key]) in test_values]
-    rest = [e for e in examples if str(e[key]) not in test_values]
-    if validation:
-        validation_values = {str(v) for v in validation}
-        return {"train": [e for e in rest if str(e[key]) not in validation_values],
-                "validation": [e for e in rest if str(e[key]) in validation_values], "test": held_out}
-    return {**hold_out_speakers(rest, validation_fraction, seed, where), "test": held_out}
-
-
 def hold_out_speakers(train: list[dict], validation_fraction: float, seed: int, where: str) -> dict[str, list[dict]]:
     """Train -> {train, validation}: a `validation_fraction` share (already checked to be
     in [0, 1)) held out for model selection, whole speakers at a time where every row
@@ -325,7 +299,7 @@ def hold_out_speakers(train: list[dict], validation_fraction: float, seed: int, 
                             f"validation; give a validation split or set splits.validation_fraction: 0")
         split = speaker_split(train, ratios, seed, where)
     else:
-        split = ratio_split(train, ratios, seed, where=where)
+        split = ratio_split(train, ratios, seed, where=where, setting="splits.validation_fraction")
     if not split.get("validation"):
         raise UserError(f"{where}: splits.validation_fraction={validation_fraction} of {len(train)} training clips "
                         f"holds out none; give a validation split, raise the fraction, or set it to 0")

@@ -31,10 +31,12 @@ from peftlab.shared.data import (
     number_classes,
     ratio_split,
     split_ratios,
+    table_rows,
     validation_fraction,
 )
 from peftlab.shared.errors import UserError
 from peftlab.shared.feature_cache import FeatureCache, in_training, plan, unique_ids
+from peftlab.shared.folds import split_sources
 from peftlab.shared.loaders import loader_rows
 from peftlab.shared.tasks import (
     SPLIT_KEYS,
@@ -293,7 +295,7 @@ class SpeechEmotionTask:
     formats = ("audio_csv", "demo")
     loader_format = "audio_csv"
     card_keys = ("demo", "on_bad_file", "label_map")
-    split_keys = (*SPLIT_KEYS, "fold_by", "validation_fraction")
+    split_keys = (*SPLIT_KEYS, "validation_fraction")
     field_keys = data.TABLE_FIELDS
     group_metrics = True
     """The card's `group_by` gives per-group metrics (e.g. UAR per gender) and their gap."""
@@ -351,55 +353,43 @@ class SpeechEmotionTask:
             raise UserError(f"{card.card_path}: label_map maps label cells to class names, e.g. {{exc: happy, oth: null}}")
         audio_root = card.resolve(card.path, "path") if card.path else card.folder
         spec = dict(card.splits or {})
-        read = lambda path: data.read_table(path, audio_root, card.fields, card.labels, label_map,  # noqa: E731
-                                            card.group_by, on_bad_file, rows=loader_rows(card, path))
+        read = lambda path, rows: data.read_table(path, audio_root, card.fields, card.labels, label_map,  # noqa: E731
+                                                  card.group_by, on_bad_file, rows=rows)
         notes, skipped, dropped = [], [], Counter()
-        # with fold_by, `test: Ses05` is one fold value (as `--folds test=1,2` gives), not a file
-        files = {} if "fold_by" in spec else {k: spec[k] for k in ("train", "validation", "test")
-                                              if isinstance(spec.get(k), str)}
-        if files:
+        sources = split_sources(card, True, lambda: card.file("data"),
+                                lambda path: table_rows(path, "\t" if path.suffix.lower() == ".tsv" else ","))
+        if sources:
             splits = {}
-            for split, value in files.items():
-                path = card.resolve(value, f"splits.{split}")
-                if not card.data_exists(path):
-                    raise UserError(f"{card.card_path}: splits.{split} = {path} does not exist")
-                rows = read(path)
-                splits[split], skipped = rows.examples, skipped + rows.skipped
-                dropped.update(rows.dropped)
+            for split, (path, rows) in sources.items():
+                table = read(path, rows)
+                splits[split], skipped = table.examples, skipped + table.skipped
+                dropped.update(table.dropped)
             check_validation_given(card, "validation" in splits)
+            folds = "fold_by" in spec
             if "validation" not in splits and "train" in splits:  # carved out of train, for model selection
                 fraction = validation_fraction(card)
                 splits.update(data.hold_out_speakers(splits["train"], fraction, int(spec.get("seed", 0)), str(card.card_path)))
                 if "validation" in splits:
-                    notes.append(_held_out_note(splits["validation"], fraction, "test is untouched"))
+                    notes.append(_held_out_note(splits["validation"], fraction,
+                                                "the test fold is untouched" if folds else "test is untouched"))
             overlap = _shared_speakers(splits)
             if overlap:
-                notes.append(f"speakers {sorted(overlap)[:5]} appear in more than one split file: results are not speaker-independent")
+                given = f"splits.fold_by: {spec['fold_by']}" if folds else "the split files"
+                notes.append(f"speakers {sorted(overlap)[:5]} are in more than one split ({given}): results are not "
+                             f"speaker-independent")
         else:
-            rows = read(card.file("data"))
-            examples, skipped = rows.examples, rows.skipped
-            dropped.update(rows.dropped)
-            seed = int(spec.get("seed", 0))
-            where = str(card.card_path)
-            if "fold_by" in spec:
-                if "test" not in spec:
-                    raise UserError(f"{card.card_path}: splits.fold_by needs `test: [values]` (e.g. fold_by: session, test: [5])")
-                check_validation_given(card, "validation" in spec)
-                splits = data.fold_split(examples, spec["fold_by"], _as_list(spec["test"]),
-                                         _as_list(spec["validation"]) if "validation" in spec else None,
-                                         validation_fraction(card), seed, where)
-                if "validation" not in spec and "validation" in splits:
-                    notes.append(_held_out_note(splits["validation"], validation_fraction(card),
-                                                "the test fold is untouched"))
-            else:
-                ratios = split_ratios(card, "clips", "per-split files, or fold_by")
-                if all("speaker" in e for e in examples):
-                    splits = data.speaker_split(examples, ratios, seed, where)
-                else:
-                    splits = ratio_split(examples, ratios, seed, where=where)
-                    notes.append("the table names no speaker field: the split is by utterance, not speaker-independent")
+            path = card.file("data")
+            table = read(path, loader_rows(card, path))
+            examples, skipped = table.examples, table.skipped
+            dropped.update(table.dropped)
+            ratios = split_ratios(card, "clips", "per-split files, or fold_by")
+            seed, where = int(spec.get("seed", 0)), str(card.card_path)
             if all("speaker" in e for e in examples):
+                splits = data.speaker_split(examples, ratios, seed, where)
                 assert not _shared_speakers(splits), "speaker-independent split leaked a speaker"
+            else:
+                splits = ratio_split(examples, ratios, seed, where=where)
+                notes.append("the table names no speaker field: the split is by utterance, not speaker-independent")
         if skipped:
             notes.append(f"skipped {len(skipped)} bad audio file(s) (on_bad_file: skip), e.g. {skipped[0]}")
         if dropped:
@@ -487,10 +477,6 @@ def _held_out_note(validation: list[dict], fraction: float, test: str) -> str:
     return f"validation: {len(validation)} training clips held out ({whose}; splits.validation_fraction={fraction}); {test}"
 
 
-def _as_list(value) -> list:
-    return list(value) if isinstance(value, list | tuple) else [value]
-
-
 def _shared_speakers(splits: dict[str, list[dict]]) -> set:
     seen: dict[str, str] = {}
     shared = set()
@@ -514,7 +500,7 @@ fields: {path: path, label: label, speaker: speaker, gender: gender}   # speaker
 labels: [neutral, happy, angry, sad]
 # label_map: {excited: happy, frustrated: null}   # rename cells; null drops the row
 splits: {ratios: {train: 0.8, validation: 0.1, test: 0.1}, seed: 0}  # by speaker when a speaker field is given
-# splits: {fold_by: session, test: [5]}           # IEMOCAP-style session fold (needs fields.session)
+# splits: {fold_by: session, test: [5]}           # IEMOCAP-style session fold (a session column); fold_by: set if cells name the split
 # or one table per split, without files.data: splits: {train: train.csv, validation: valid.csv, test: test.csv}; without validation, validation_fraction (0.1) of train's speakers are held out
 group_by: gender                # per-group metrics and the recall gap between groups
 on_bad_file: error              # or skip: corrupt/empty/silent files are counted and left out

@@ -35,8 +35,9 @@ from peftlab.shared import causal_lm as clm
 from peftlab.shared import io, requests
 from peftlab.shared import metrics as metric_registry
 from peftlab.shared.cards import Card
-from peftlab.shared.data import hold_out_validation, ratio_split, split_ratios
+from peftlab.shared.data import hold_out_validation, ratio_split, split_ratios, table_rows
 from peftlab.shared.errors import UserError
+from peftlab.shared.folds import split_sources
 from peftlab.shared.loaders import loader_rows
 from peftlab.shared.retrieval_metrics import (
     RETRIEVAL_METRICS,
@@ -391,6 +392,20 @@ RETRIEVAL_METHOD_DEFAULTS: dict[str, dict[str, Any]] = {
 DEMO_DEFAULTS = {"train": 480, "validation": 48, "test": 48, "seed": 0, "frames": 16, "size": 32}
 
 
+def _videos_in_several_splits(splits: dict[str, list[dict]]) -> str | None:
+    """A note where given splits (files, or a fold column) put one video's captions in
+    more than one split: a model tested on a video it trained on."""
+    splits_of: dict[str, set[str]] = {}
+    for split, examples in splits.items():
+        for example in examples:
+            splits_of.setdefault(example["video_id"], set()).add(split)
+    shared = sorted(video for video, names in splits_of.items() if len(names) > 1)
+    if not shared:
+        return None
+    return (f"{len(shared)} videos have captions in more than one split (e.g. {', '.join(shared[:3])}): results on "
+            f"them are not on unseen videos")
+
+
 class _VideoTextTask:
     domain = "video_text"
     named_classes = False  # captions, not classes
@@ -416,17 +431,19 @@ class _VideoTextTask:
             raise UserError(f"{card.card_path}: video_root = {root} is not a folder; fix the path (relative paths start at {card.folder})")
         fields = card.fields or {}
 
-        def read(path: Path) -> dict[str, list[dict]]:
+        def read(path: Path, rows=None) -> dict[str, list[dict]]:
             if card.format == "msrvtt_json":
                 return data.read_msrvtt_json(path, root, fields)
-            return {"all": data.read_caption_csv(path, root, fields, rows=loader_rows(card, path))}
+            return {"all": data.read_caption_csv(path, root, fields, rows=rows)}
 
-        per_split = card.split_files()
+        per_split = split_sources(card, True, lambda: self._data_file(card), table_rows)
         if per_split:
-            splits = {split: [e for examples in read(path).values() for e in examples] for split, path in per_split.items()}
+            splits = {split: [e for examples in read(path, rows).values() for e in examples]
+                      for split, (path, rows) in per_split.items()}
             splits, note = hold_out_validation(splits, card, "captions (whole videos)", group_of=lambda e: e["video_id"])
-            return splits, [note] if note else []
-        found = read(self._data_file(card))
+            return splits, [n for n in (note, _videos_in_several_splits(splits)) if n]
+        path = self._data_file(card)
+        found = read(path, loader_rows(card, path))
         if set(found) != {"all"}:  # the file's own splits; validation from train's videos where it gives none
             if "ratios" in (card.splits or {}):
                 raise UserError(f"{card.card_path}: splits.ratios: the annotations give every video a split; leave "
@@ -695,6 +712,7 @@ video_root: videos/               # video files <video_id>.mp4 (.avi, .webm, ...
 fields: {{video: video_id, caption: caption}}
 splits: {{ratios: {{train: 0.8, validation: 0.1, test: 0.1}}, seed: 0}}   # used when videos carry no `split`; whole videos per split
 # or one caption table per split (format: csv), without files.annotations: splits: {{train: train.csv, validation: valid.csv, test: test.csv}}; without validation, validation_fraction (0.1) of train's videos is held out
+# or a column naming each row's split: splits: {{fold_by: set}} (cells train, validation, test), or its fold: {{fold_by: fold, test: [5]}} (the rest trains)
 license: ""
 source: ""
 ---

@@ -1,0 +1,308 @@
+"""`splits: {fold_by: COLUMN}`: one file whose column names each record's split, or the
+values of each fold. Every task: the same records read through a fold column and through
+one file per split give the same examples, so splitting, hold-out and per-cell checks are
+the task's own."""
+
+from __future__ import annotations
+
+import json
+import re
+
+import numpy as np
+import pytest
+import soundfile
+import yaml
+from peftlab.pipelines import bench, runner
+from peftlab.pipelines.cli import main
+from peftlab.shared.data import fingerprint
+from peftlab.shared.errors import UserError
+from peftlab.shared.tasks import get_task, list_tasks
+from PIL import Image
+
+SPLITS = ("train", "validation", "test")
+
+
+def _table(header, rows, delimiter=","):
+    return "".join(delimiter.join(cells) + "\n" for cells in [header, *rows])
+
+
+def _tables(folder, header, rows, suffix=".csv", delimiter=","):
+    """`rows` of (split, cells) -> all.csv with a `part` column, and one file per split
+    without it; returns the two cards' data lines."""
+    (folder / f"all{suffix}").write_text(_table([*header, "part"], [[*cells, split] for split, cells in rows], delimiter))
+    for split in SPLITS:
+        (folder / f"{split}{suffix}").write_text(_table(header, [cells for s, cells in rows if s == split], delimiter))
+    return (f"files: {{data: all{suffix}}}\nsplits: {{fold_by: part}}",
+            f"splits: {{{', '.join(f'{s}: {s}{suffix}' for s in SPLITS)}}}")
+
+
+def _split_of(i):
+    return SPLITS[0] if i % 5 < 3 else SPLITS[1 + i % 5 % 3]
+
+
+def _protein_classify(folder):
+    rows = [(_split_of(i), [f"MKV{'A' * (i % 7)}L{'G' * (i % 3)}", "ab"[i % 2]]) for i in range(40)]
+    fold, per_split = _tables(folder, ["sequence", "label"], rows)
+    return "format: csv\nlabels: [a, b]", fold, per_split
+
+
+def _protein_ppi(folder):
+    (folder / "p.fasta").write_text("".join(f">p{i}\nMKV{'A' * i}L\n" for i in range(12)))
+    pairs = [(a, b) for a in range(12) for b in range(a + 1, 12)]
+    rows = [(_split_of(i), [f"p{a}", f"p{b}", str((a + b) % 2)]) for i, (a, b) in enumerate(pairs)]
+    fold, per_split = _tables(folder, ["protein_a", "protein_b", "label"], rows, ".tsv", "\t")
+    fold = fold.replace("files: {data: all.tsv}", "files: {sequences: p.fasta, pairs: all.tsv}")
+    return "format: fasta+pairs_tsv", fold, f"files: {{sequences: p.fasta}}\n{per_split}"
+
+
+def _medical(folder):
+    for i in range(30):
+        Image.new("RGB", (8, 8), (8 * i, 0, 0)).save(folder / f"x{i}.png")
+    rows = [(_split_of(i), [f"x{i}.png", ["benign", "malignant"][i % 2], f"site{i % 3}"]) for i in range(30)]
+    fold, per_split = _tables(folder, ["path", "label", "site"], rows)
+    return "format: csv\ngroup_by: site", fold, per_split
+
+
+def _speech(folder):
+    for i in range(20):
+        soundfile.write(folder / f"c{i}.wav", np.sin(np.arange(1600) * (i + 1) / 50).astype(np.float32), 16000)
+    rows = [(_split_of(i), [f"c{i}.wav", ["neutral", "angry"][i % 2], f"s{i % 5}"]) for i in range(20)]
+    fold, per_split = _tables(folder, ["path", "label", "speaker"], rows)
+    return "format: audio_csv\nlabels: [neutral, angry]", fold, per_split
+
+
+def _pointcloud(folder):
+    """Clouds come in formats of their own: a loader's records carry the fold."""
+    (folder / "cloud_loader.py").write_text(
+        "import numpy as np\n\ndef read(path):\n    arrays = np.load(path)\n"
+        "    return [{'points': p, 'label': str(l), 'id': str(n), **({'part': str(s)} if 'part' in arrays else {})}\n"
+        "            for p, l, n, s in zip(arrays['points'], arrays['label'], arrays['name'],\n"
+        "                                  arrays['part'] if 'part' in arrays else arrays['name'])]\n")
+    rng = np.random.default_rng(0)
+    parts = [_split_of(i) for i in range(36)]
+    points, labels = rng.normal(size=(36, 64, 3)).astype(np.float32), np.array([["chair", "lamp", "table"][i % 3] for i in range(36)])
+    names = np.array([f"c{i}" for i in range(36)])
+    np.savez(folder / "all.npz", points=points, label=labels, name=names, part=np.array(parts))
+    for split in SPLITS:
+        keep = np.array([p == split for p in parts])
+        np.savez(folder / f"{split}.npz", points=points[keep], label=labels[keep], name=names[keep])
+    return ("format: my_clouds\nloader: cloud_loader:read", "files: {data: all.npz}\nsplits: {fold_by: part}",
+            "splits: {train: train.npz, validation: validation.npz, test: test.npz}")
+
+
+def _json_lines(record):
+    def write(folder):
+        records = [(_split_of(i), record(i)) for i in range(30)]
+        (folder / "all.jsonl").write_text("".join(json.dumps({**r, "part": split}) + "\n" for split, r in records))
+        for split in SPLITS:
+            (folder / f"{split}.jsonl").write_text("".join(json.dumps(r) + "\n" for s, r in records if s == split))
+        return ("format: jsonl", "files: {data: all.jsonl}\nsplits: {fold_by: part}",
+                "splits: {train: train.jsonl, validation: validation.jsonl, test: test.jsonl}")
+    return write
+
+
+def _video(folder):
+    for v in range(10):
+        (folder / f"v{v}.mp4").write_bytes(b"")  # found by name; decoded only when a batch needs it
+    rows = [(_split_of(v), [f"v{v}", f"a clip {v} take {c}"]) for v in range(10) for c in range(2)]
+    fold, per_split = _tables(folder, ["video", "caption"], rows)
+    return "format: csv", fold, per_split
+
+
+CASES = {
+    "protein-classify": _protein_classify,
+    "protein-ppi": _protein_ppi,
+    "medical-classify": _medical,
+    "speech-emotion": _speech,
+    "pointcloud-classify": _pointcloud,
+    "code-review-necessity": _json_lines(lambda i: {"patch": f"@@ -1 +1 @@\n+x = {i}", "y": i % 2, "id": f"r{i}"}),
+    "code-review-comment": _json_lines(lambda i: {"patch": f"@@ -1 +1 @@\n+x = {i}", "msg": f"name {i}", "id": f"r{i}"}),
+    "code-refine": _json_lines(lambda i: {"old": f"x = {i}", "comment": "rename", "new": f"y = {i}", "id": f"r{i}"}),
+    "reasoning-commonsense": _json_lines(lambda i: {"question": f"is {i} even?", "answer": ["false", "true"][i % 2 == 0],
+                                                    "dataset": "boolq", "id": f"q{i}"}),
+    "reasoning-arithmetic": _json_lines(lambda i: {"question": f"{i} + 1?", "answer": str(i + 1), "dataset": "gsm8k",
+                                                   "id": f"q{i}"}),
+    "video-text-retrieval": _video,
+    "video-caption": _video,
+}
+
+
+def _card(folder, task_name, header, name="card.md"):
+    path = folder / name
+    path.write_text(f"---\nname: t\ndomain: {get_task(task_name).domain}\ntask: {task_name}\n{header}\n---\n")
+    return path
+
+
+def _read(path, task_name, splits=None):
+    task = get_task(task_name)
+    options = task.options(caption_tokenizer="words") if task_name == "video-caption" else task.options()
+    card = runner.with_split_overrides(runner.load_card(str(path), task), splits, task)
+    return task.read(card, options)
+
+
+def _without_locations(splits):
+    """The examples less what names where they were read (ids from line numbers, table rows)."""
+    return {split: [{k: v for k, v in e.items() if k not in ("id", "row")} for e in examples]
+            for split, examples in splits.items()}
+
+
+def test_every_task_has_a_case():
+    assert set(CASES) == {task.name for task in list_tasks()}
+
+
+@pytest.mark.parametrize("task_name", sorted(CASES))
+def test_a_fold_column_reads_as_one_file_per_split(task_name, tmp_path):
+    common, fold, per_split = CASES[task_name](tmp_path)
+    by_column = _read(_card(tmp_path, task_name, f"{common}\n{fold}"), task_name)
+    by_files = _read(_card(tmp_path, task_name, f"{common}\n{per_split}", "files.md"), task_name)
+    assert list(by_column.splits) == list(SPLITS) and all(by_column.splits.values())
+    assert by_column.labels == by_files.labels
+    assert fingerprint(_without_locations(by_column.splits)) == fingerprint(_without_locations(by_files.splits))
+
+
+@pytest.mark.parametrize("task_name", ["protein-classify", "code-refine", "speech-emotion"])
+def test_folds_by_value_hold_validation_out_of_the_rest_as_per_split_files_do(task_name, tmp_path):
+    """`test: [c]`: the rows whose value is c test; the rest train, with validation held
+    out of them as it is held out of a per-split train file (same seed, same rows)."""
+    common, fold, _ = CASES[task_name](tmp_path)
+    card = _card(tmp_path, task_name, f"{common}\n{fold}")
+    dataset = _read(card, task_name, {"test": ["validation"], "seed": 4})
+    # the same rows as files: train = every row not in the test fold, in file order
+    source = next(tmp_path.glob("all.*"))
+    lines = source.read_text().splitlines()
+    if source.suffix == ".jsonl":
+        rest = [line for line in lines if json.loads(line)["part"] != "validation"]
+        held = [line for line in lines if json.loads(line)["part"] == "validation"]
+        (tmp_path / "rest.jsonl").write_text("\n".join(rest) + "\n")
+        (tmp_path / "held.jsonl").write_text("\n".join(held) + "\n")
+        files = "splits: {train: rest.jsonl, test: held.jsonl, seed: 4}"
+    else:
+        rest = [lines[0]] + [line for line in lines[1:] if not line.endswith(",validation")]
+        held = [lines[0]] + [line for line in lines[1:] if line.endswith(",validation")]
+        (tmp_path / "rest.csv").write_text("\n".join(rest) + "\n")
+        (tmp_path / "held.csv").write_text("\n".join(held) + "\n")
+        files = "splits: {train: rest.csv, test: held.csv, seed: 4}"
+    expected = _read(_card(tmp_path, task_name, f"{common}\n{files}", "files.md"), task_name)
+    assert set(dataset.splits) == set(SPLITS) and dataset.splits["validation"]
+    assert fingerprint(_without_locations(dataset.splits)) == fingerprint(_without_locations(expected.splits))
+    assert len(dataset.splits["test"]) == len(held) - (source.suffix != ".jsonl")  # less the header row
+
+
+def _fold_card(tmp_path, splits: str, table: str | None = None, task_name="protein-classify"):
+    (tmp_path / "all.csv").write_text(table or "sequence,label,fold\n" + "".join(
+        f"MKV{'A' * i}L,{'ab'[i % 2]},{1 + i % 3}\n" for i in range(12)))
+    return _card(tmp_path, task_name, f"format: csv\nlabels: [a, b]\nfiles: {{data: all.csv}}\nsplits: {splits}")
+
+
+def test_a_fold_per_run_and_per_sweep_cell(tmp_path):
+    card = _fold_card(tmp_path, "{fold_by: fold, test: [3], validation: [2]}")
+    dataset = _read(card, "protein-classify")
+    assert {split: len(examples) for split, examples in dataset.splits.items()} == {"train": 4, "validation": 4, "test": 4}
+    other = _read(card, "protein-classify", {"test": "1", "validation": [3]})  # a value as --folds gives it: text
+    assert [e["id"] for e in other.splits["test"]] == [f"all.csv:{n}" for n in (2, 5, 8, 11)]
+    assert [e["id"] for e in other.splits["validation"]] == [f"all.csv:{n}" for n in (4, 7, 10, 13)]
+    assert card.read_text().count("test: [3]") == 1  # the card itself is unchanged
+
+
+@pytest.mark.parametrize("splits, table, message", [
+    ("{fold_by: fold}", None, r"all\.csv:2: fold is '1', not a split name \(train, validation, test\); name the values "
+                              r"that make each split, e\.g\. splits: \{fold_by: fold, test: \[1\]\}$"),
+    ("{fold_by: part}", "sequence,label,part\nMKVL,a,train\nMKVAL,b,dev\n",
+     r"all\.csv:3: part is 'dev', not a split name .* e\.g\. splits: \{fold_by: part, validation: \[dev\]\}$"),
+    ("{fold_by: fold, test: [1]}", "sequence,label,fold\nMKVL,a,1\nMKVAL,b,\n",
+     r"all\.csv:3: no 'fold' value; splits\.fold_by: fold needs one in every record$"),
+    ("{fold_by: fold, test: [1]}", "sequence,label\nMKVL,a\n",
+     r"all\.csv: splits\.fold_by names column 'fold', which the header lacks \(sequence, label\); name one of them$"),
+    ("{fold_by: fold, test: [7]}", None, r"card\.md: splits\.test names fold '7', which no record has; the data has "
+                                         r"\['1', '2', '3'\]$"),
+    ("{fold_by: fold, test: [1], validation: [1]}", None,
+     r"card\.md: splits names fold '1' for both test and validation"),
+    ("{fold_by: fold, test: [1, 2], validation: [3]}", None,
+     r"card\.md: splits\.fold_by: fold leaves no record to train on: every fold value is in test or validation$"),
+    ("{fold_by: fold, test: [1], validation: [2], validation_fraction: 0.2}", None,
+     r"card\.md: splits\.validation_fraction holds validation out of train, but the data gives a validation split"),
+    ("{fold_by: fold, test: [1], ratios: {train: 0.8, test: 0.2}}", None,
+     r"card\.md: splits\.ratios beside splits\.fold_by: the fold column makes the splits \(every record not in test or "
+     r"validation trains\); remove splits\.ratios$"),
+    ("{fold_by: fold, train: [2], test: [1]}", None, r"card\.md: splits\.train beside splits\.fold_by"),
+    ("{fold_by: [fold], test: [1]}", None, r"card\.md: splits\.fold_by names the column that holds each record's split"),
+])
+def test_fold_mistakes_are_one_line_naming_the_place(tmp_path, splits, table, message):
+    card = _fold_card(tmp_path, splits, table)
+    with pytest.raises(UserError, match=message):
+        _read(card, "protein-classify")
+
+
+def test_a_json_record_that_is_not_an_object_is_named(tmp_path):
+    (tmp_path / "all.jsonl").write_text('{"question": "1 + 1?", "answer": "2", "part": "train"}\n[1, 2]\n')
+    card = _card(tmp_path, "reasoning-arithmetic", "format: jsonl\nfiles: {data: all.jsonl}\nsplits: {fold_by: part}")
+    with pytest.raises(UserError, match=r"all\.jsonl:2: a list, not a record \(a JSON object of named fields\)$"):
+        _read(card, "reasoning-arithmetic")
+
+
+@pytest.mark.parametrize("task_name, header", [
+    ("medical-classify", "format: imagefolder\npath: images"),
+    ("video-caption", "format: msrvtt_json\nfiles: {annotations: a.json}"),
+    ("pointcloud-classify", "format: points_npz\nfiles: {data: a.npz}"),
+])
+def test_fold_by_is_refused_where_the_format_has_no_records_to_divide(tmp_path, task_name, header):
+    card = _card(tmp_path, task_name, f"{header}\nsplits: {{fold_by: part}}")
+    loader_format = get_task(task_name).loader_format
+    with pytest.raises(UserError, match=rf"card\.md: splits\.fold_by divides the records of one {loader_format} file by "
+                                        rf"a column; format '{header.split()[1]}' has none"):
+        runner.load_card(str(card), get_task(task_name))
+
+
+def test_a_run_override_that_adds_fold_by_to_a_demo_says_so(tmp_path, capsys):
+    assert main(["run", "protein-classify", "--demo", "--out", str(tmp_path / "run"), "data.splits.fold_by=part"]) == 2
+    error = capsys.readouterr().err.strip().splitlines()
+    assert len(error) == 1 and re.search(r"splits\.fold_by divides the records of one csv file by a column; format "
+                                         r"'demo' has none .*\(the card's splits with data\.splits fold_by=part\)$",
+                                         error[0]), error
+    assert not (tmp_path / "run").exists()
+
+
+def test_bench_runs_one_cell_per_fold_of_the_column(tmp_path):
+    """Cross-validation on a table with a fold column: `--folds test=1,2,3`, each cell
+    testing on its fold (and validating on what the card says) and training on the rest."""
+    from peftlab.domains.protein.data import demo_sequences
+
+    examples = demo_sequences({"train": 60}, 2, seed=0)["train"]
+    (tmp_path / "all.csv").write_text("sequence,label,fold\n" + "".join(
+        f"{e['seq']},{e['label']},{1 + i % 3}\n" for i, e in enumerate(examples)))
+    card = _card(tmp_path, "protein-classify", "format: csv\nlabels: [a, b]\nfiles: {data: all.csv}\n"
+                                               "splits: {fold_by: fold, test: [1], validation_fraction: 0.25}")
+    out = bench.bench("protein-classify", "bitfit", seeds=1, data=str(card), backbone="tiny", out=tmp_path / "sweep",
+                      full=False, overrides=["train.epochs=2"], folds="test=1,2,3", isolate=False)
+    rows = [json.loads(line) for line in (out / "results.jsonl").read_text().splitlines()]
+    assert [(row["fold"], row["status"]) for row in rows] == [(f"test={k}", "finished") for k in (1, 2, 3)]
+    tested = []
+    for row, fold in zip(rows, (1, 2, 3)):
+        run = out / row["run_dir"]
+        assert yaml.safe_load((run / "run.yaml").read_text())["data"]["splits"] == {"test": str(fold)}
+        ids = {json.loads(line)["id"] for line in (run / "predictions" / "test.jsonl").read_text().splitlines()}
+        assert ids == {f"all.csv:{i + 2}" for i in range(60) if 1 + i % 3 == fold}
+        tested.append(ids)
+    assert set.union(*tested) == {f"all.csv:{i + 2}" for i in range(60)}  # every row tested once
+
+
+def test_a_video_or_patient_in_two_splits_is_noted(tmp_path):
+    """Given splits (a fold column, or files) may put one video's captions, or one
+    patient's images, in train and test: the run says so."""
+    for v in range(4):
+        (tmp_path / f"v{v}.mp4").write_bytes(b"")
+    (tmp_path / "all.csv").write_text("video,caption,part\nv0,a,train\nv0,b,test\nv1,c,train\nv2,d,validation\nv3,e,test\n")
+    card = _card(tmp_path, "video-text-retrieval", "format: csv\nfiles: {data: all.csv}\nsplits: {fold_by: part}")
+    notes = _read(card, "video-text-retrieval").notes
+    assert "1 videos have captions in more than one split (e.g. v0): results on them are not on unseen videos" in notes
+    for i in range(6):
+        Image.new("RGB", (8, 8), (40 * i, 0, 0)).save(tmp_path / f"x{i}.png")
+    (tmp_path / "images.csv").write_text("path,label,patient,part\n" + "".join(
+        f"x{i}.png,{'ab'[i % 2]},p{i // 2},{['train', 'train', 'test'][i % 3]}\n" for i in range(6)))
+    card = _card(tmp_path, "medical-classify", "format: csv\nlabels: [a, b]\nfiles: {data: images.csv}\n"
+                                               "fields: {patient: patient}\nsplits: {fold_by: part, validation_fraction: 0}")
+    notes = _read(card, "medical-classify").notes
+    assert "2 patients have images in more than one split (e.g. p1, p2): results on them are not on unseen patients" in notes
+    (tmp_path / "images.csv").write_text("path,label,patient,part\n" + "".join(
+        f"x{i}.png,{'ab'[i % 2]},p{i // 2},{['train', 'test'][i // 4]}\n" for i in range(6)))
+    assert not any("patients" in note for note in _read(card, "medical-classify").notes)
