@@ -314,8 +314,10 @@ def prepare(config: cfg.RunConfig, run_dir: Path | None = None) -> Prepared:
             raise UserError(f"eval.splits names {split!r}; the data has {', '.join(dataset.splits)}: set "
                             f"eval.splits=[{', '.join(held_out)}] or add a {split} split to the card")
         if not dataset.splits[split]:  # found now, not after training
-            raise UserError(f"{card.card_path}: split {split!r} is empty; give it examples (the card's `splits`) "
-                            f"or leave it out of eval.splits")
+            total = sum(len(examples) for examples in dataset.splits.values())
+            raise UserError(f"{card.card_path}: split {split!r} is empty: the card's splits (a ratio, or "
+                            f"validation_fraction of train) round it to none of these {total} examples; give it "
+                            f"examples (raise its share, or give it a file) or leave it out of eval.splits")
     log_notes(dataset, training=True)
     model = build_model(config, task, options, dataset.labels)
     return Prepared(config, task, options, card, dataset, model, metric_names, primary)

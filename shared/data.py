@@ -154,14 +154,21 @@ def hold_out_validation(splits: dict[str, list[Example]], card, what: str,
         chosen = set()
         for members in strata(train).values():
             chosen |= set(rng.choice(members, size=int(round(fraction * len(members))), replace=False).tolist())
-    if not chosen:
-        raise UserError(f"{card.card_path}: splits.validation_fraction={fraction} of {len(train)} training {what} "
-                        f"holds out none (it rounds to 0{' in every class' if group_of is None else ''}): raise it, "
-                        f"give a validation split, or set validation_fraction: 0 to train without one")
     held = {**splits, "train": [e for i, e in enumerate(train) if i not in chosen],
             "validation": [e for i, e in enumerate(train) if i in chosen]}
     return held, (f"validation: {len(chosen)} training {what} held out "
                   f"(splits.validation_fraction={fraction}, seed {int(spec.get('seed', 0))}); test is untouched")
+
+
+def in_several_splits(splits: dict[str, list[Example]], key: str) -> list[str]:
+    """The values of `key` (a speaker, patient or video) that examples of more than one
+    split hold, sorted: where given splits leak one across train and test."""
+    splits_of: dict[str, set[str]] = {}
+    for split, examples in splits.items():
+        for example in examples:
+            if key in example:
+                splits_of.setdefault(str(example[key]), set()).add(split)
+    return sorted(value for value, names in splits_of.items() if len(names) > 1)
 
 
 def check_ratios(ratios, where: str) -> None:
@@ -184,7 +191,6 @@ def ratio_split(
     seed: int,
     group_of: Callable[[Example], object] | None = None,
     where: str = "card",
-    setting: str = "splits.ratios",
 ) -> dict[str, list[Example]]:
     """Random split by ratios, each class in proportion (to within one example); with
     `group_of`, whole groups go to one split. A split of ratio 0 is left out, so that
@@ -197,10 +203,6 @@ def ratio_split(
         order = _classes_spread(examples, rng)
         cut = np.round(bounds * len(examples)).astype(int)
         starts = np.concatenate([[0], cut[:-1]])
-        emptied = [n for n, s, e in zip(names, starts, cut) if ratios[n] > 0 and e <= s]
-        if emptied:
-            raise UserError(f"{where}: {setting} gives {emptied[0]} {ratios[emptied[0]]} of {len(examples)} "
-                            f"examples, which rounds to none; raise it, or set it to 0 to leave the split out")
         return {n: [examples[i] for i in order[s:e]] for n, s, e in zip(names, starts, cut) if ratios[n] > 0}
     return _group_split(examples, names, ratios, bounds, rng, group_of)
 

@@ -128,3 +128,30 @@ def failing_compiler(monkeypatch, tmp_path):
     monkeypatch.setattr(torch.utils.cpp_extension, "load", no_compiler)
     monkeypatch.setenv("PEFTLAB_KERNEL_CACHE", str(tmp_path))
     return tmp_path
+
+
+def write_task_card(folder: Path, task_name: str, header: str, name: str = "card.md") -> Path:
+    """A data card for `task_name` whose YAML header holds `header` (lines after name, domain, task)."""
+    from peftlab.shared.tasks import get_task
+
+    path = folder / name
+    path.write_text(f"---\nname: t\ndomain: {get_task(task_name).domain}\ntask: {task_name}\n{header}\n---\n")
+    return path
+
+
+def read_task_data(path: Path, task_name: str, splits: dict | None = None):
+    """The card's dataset as a run reads it (with `data.splits` overrides); reading needs no
+    Java (the caption task's default PTB tokeniser scores on it, so words here)."""
+    from peftlab.pipelines import runner
+    from peftlab.shared.tasks import get_task
+
+    task = get_task(task_name)
+    options = task.options(caption_tokenizer="words") if task_name == "video-caption" else task.options()
+    card = runner.with_split_overrides(runner.load_card(str(path), task), splits, task)
+    return task.read(card, options)
+
+
+def without_locations(splits: dict) -> dict:
+    """The examples less what names where they were read (ids from line numbers, table rows)."""
+    return {split: [{k: v for k, v in e.items() if k not in ("id", "row")} for e in examples]
+            for split, examples in splits.items()}

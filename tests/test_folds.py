@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 import soundfile
 import yaml
+from conftest import read_task_data, without_locations, write_task_card
 from peftlab.pipelines import bench, runner
 from peftlab.pipelines.cli import main
 from peftlab.shared.data import fingerprint
@@ -127,23 +128,7 @@ CASES = {
 }
 
 
-def _card(folder, task_name, header, name="card.md"):
-    path = folder / name
-    path.write_text(f"---\nname: t\ndomain: {get_task(task_name).domain}\ntask: {task_name}\n{header}\n---\n")
-    return path
 
-
-def _read(path, task_name, splits=None):
-    task = get_task(task_name)
-    options = task.options(caption_tokenizer="words") if task_name == "video-caption" else task.options()
-    card = runner.with_split_overrides(runner.load_card(str(path), task), splits, task)
-    return task.read(card, options)
-
-
-def _without_locations(splits):
-    """The examples less what names where they were read (ids from line numbers, table rows)."""
-    return {split: [{k: v for k, v in e.items() if k not in ("id", "row")} for e in examples]
-            for split, examples in splits.items()}
 
 
 def test_every_task_has_a_case():
@@ -153,11 +138,11 @@ def test_every_task_has_a_case():
 @pytest.mark.parametrize("task_name", sorted(CASES))
 def test_a_fold_column_reads_as_one_file_per_split(task_name, tmp_path):
     common, fold, per_split = CASES[task_name](tmp_path)
-    by_column = _read(_card(tmp_path, task_name, f"{common}\n{fold}"), task_name)
-    by_files = _read(_card(tmp_path, task_name, f"{common}\n{per_split}", "files.md"), task_name)
+    by_column = read_task_data(write_task_card(tmp_path, task_name, f"{common}\n{fold}"), task_name)
+    by_files = read_task_data(write_task_card(tmp_path, task_name, f"{common}\n{per_split}", "files.md"), task_name)
     assert list(by_column.splits) == list(SPLITS) and all(by_column.splits.values())
     assert by_column.labels == by_files.labels
-    assert fingerprint(_without_locations(by_column.splits)) == fingerprint(_without_locations(by_files.splits))
+    assert fingerprint(without_locations(by_column.splits)) == fingerprint(without_locations(by_files.splits))
 
 
 @pytest.mark.parametrize("task_name", ["protein-classify", "code-refine", "speech-emotion"])
@@ -165,8 +150,8 @@ def test_folds_by_value_hold_validation_out_of_the_rest_as_per_split_files_do(ta
     """`test: [c]`: the rows whose value is c test; the rest train, with validation held
     out of them as it is held out of a per-split train file (same seed, same rows)."""
     common, fold, _ = CASES[task_name](tmp_path)
-    card = _card(tmp_path, task_name, f"{common}\n{fold}")
-    dataset = _read(card, task_name, {"test": ["validation"], "seed": 4})
+    card = write_task_card(tmp_path, task_name, f"{common}\n{fold}")
+    dataset = read_task_data(card, task_name, {"test": ["validation"], "seed": 4})
     # the same rows as files: train = every row not in the test fold, in file order
     source = next(tmp_path.glob("all.*"))
     lines = source.read_text().splitlines()
@@ -182,23 +167,23 @@ def test_folds_by_value_hold_validation_out_of_the_rest_as_per_split_files_do(ta
         (tmp_path / "rest.csv").write_text("\n".join(rest) + "\n")
         (tmp_path / "held.csv").write_text("\n".join(held) + "\n")
         files = "splits: {train: rest.csv, test: held.csv, seed: 4}"
-    expected = _read(_card(tmp_path, task_name, f"{common}\n{files}", "files.md"), task_name)
+    expected = read_task_data(write_task_card(tmp_path, task_name, f"{common}\n{files}", "files.md"), task_name)
     assert set(dataset.splits) == set(SPLITS) and dataset.splits["validation"]
-    assert fingerprint(_without_locations(dataset.splits)) == fingerprint(_without_locations(expected.splits))
+    assert fingerprint(without_locations(dataset.splits)) == fingerprint(without_locations(expected.splits))
     assert len(dataset.splits["test"]) == len(held) - (source.suffix != ".jsonl")  # less the header row
 
 
 def _fold_card(tmp_path, splits: str, table: str | None = None, task_name="protein-classify"):
     (tmp_path / "all.csv").write_text(table or "sequence,label,fold\n" + "".join(
         f"MKV{'A' * i}L,{'ab'[i % 2]},{1 + i % 3}\n" for i in range(12)))
-    return _card(tmp_path, task_name, f"format: csv\nlabels: [a, b]\nfiles: {{data: all.csv}}\nsplits: {splits}")
+    return write_task_card(tmp_path, task_name, f"format: csv\nlabels: [a, b]\nfiles: {{data: all.csv}}\nsplits: {splits}")
 
 
 def test_a_fold_per_run_and_per_sweep_cell(tmp_path):
     card = _fold_card(tmp_path, "{fold_by: fold, test: [3], validation: [2]}")
-    dataset = _read(card, "protein-classify")
+    dataset = read_task_data(card, "protein-classify")
     assert {split: len(examples) for split, examples in dataset.splits.items()} == {"train": 4, "validation": 4, "test": 4}
-    other = _read(card, "protein-classify", {"test": "1", "validation": [3]})  # a value as --folds gives it: text
+    other = read_task_data(card, "protein-classify", {"test": "1", "validation": [3]})  # a value as --folds gives it: text
     assert [e["id"] for e in other.splits["test"]] == [f"all.csv:{n}" for n in (2, 5, 8, 11)]
     assert [e["id"] for e in other.splits["validation"]] == [f"all.csv:{n}" for n in (4, 7, 10, 13)]
     assert card.read_text().count("test: [3]") == 1  # the card itself is unchanged
@@ -230,14 +215,14 @@ def test_a_fold_per_run_and_per_sweep_cell(tmp_path):
 def test_fold_mistakes_are_one_line_naming_the_place(tmp_path, splits, table, message):
     card = _fold_card(tmp_path, splits, table)
     with pytest.raises(UserError, match=message):
-        _read(card, "protein-classify")
+        read_task_data(card, "protein-classify")
 
 
 def test_a_json_record_that_is_not_an_object_is_named(tmp_path):
     (tmp_path / "all.jsonl").write_text('{"question": "1 + 1?", "answer": "2", "part": "train"}\n[1, 2]\n')
-    card = _card(tmp_path, "reasoning-arithmetic", "format: jsonl\nfiles: {data: all.jsonl}\nsplits: {fold_by: part}")
+    card = write_task_card(tmp_path, "reasoning-arithmetic", "format: jsonl\nfiles: {data: all.jsonl}\nsplits: {fold_by: part}")
     with pytest.raises(UserError, match=r"all\.jsonl:2: a list, not a record \(a JSON object of named fields\)$"):
-        _read(card, "reasoning-arithmetic")
+        read_task_data(card, "reasoning-arithmetic")
 
 
 @pytest.mark.parametrize("task_name, header", [
@@ -246,7 +231,7 @@ def test_a_json_record_that_is_not_an_object_is_named(tmp_path):
     ("pointcloud-classify", "format: points_npz\nfiles: {data: a.npz}"),
 ])
 def test_fold_by_is_refused_where_the_format_has_no_records_to_divide(tmp_path, task_name, header):
-    card = _card(tmp_path, task_name, f"{header}\nsplits: {{fold_by: part}}")
+    card = write_task_card(tmp_path, task_name, f"{header}\nsplits: {{fold_by: part}}")
     loader_format = get_task(task_name).loader_format
     with pytest.raises(UserError, match=rf"card\.md: splits\.fold_by divides the records of one {loader_format} file by "
                                         rf"a column; format '{header.split()[1]}' has none"):
@@ -270,7 +255,7 @@ def test_bench_runs_one_cell_per_fold_of_the_column(tmp_path):
     examples = demo_sequences({"train": 60}, 2, seed=0)["train"]
     (tmp_path / "all.csv").write_text("sequence,label,fold\n" + "".join(
         f"{e['seq']},{e['label']},{1 + i % 3}\n" for i, e in enumerate(examples)))
-    card = _card(tmp_path, "protein-classify", "format: csv\nlabels: [a, b]\nfiles: {data: all.csv}\n"
+    card = write_task_card(tmp_path, "protein-classify", "format: csv\nlabels: [a, b]\nfiles: {data: all.csv}\n"
                                                "splits: {fold_by: fold, test: [1], validation_fraction: 0.25}")
     out = bench.bench("protein-classify", "bitfit", seeds=1, data=str(card), backbone="tiny", out=tmp_path / "sweep",
                       full=False, overrides=["train.epochs=2"], folds="test=1,2,3", isolate=False)
@@ -292,17 +277,17 @@ def test_a_video_or_patient_in_two_splits_is_noted(tmp_path):
     for v in range(4):
         (tmp_path / f"v{v}.mp4").write_bytes(b"")
     (tmp_path / "all.csv").write_text("video,caption,part\nv0,a,train\nv0,b,test\nv1,c,train\nv2,d,validation\nv3,e,test\n")
-    card = _card(tmp_path, "video-text-retrieval", "format: csv\nfiles: {data: all.csv}\nsplits: {fold_by: part}")
-    notes = _read(card, "video-text-retrieval").notes
+    card = write_task_card(tmp_path, "video-text-retrieval", "format: csv\nfiles: {data: all.csv}\nsplits: {fold_by: part}")
+    notes = read_task_data(card, "video-text-retrieval").notes
     assert "1 videos have captions in more than one split (e.g. v0): results on them are not on unseen videos" in notes
     for i in range(6):
         Image.new("RGB", (8, 8), (40 * i, 0, 0)).save(tmp_path / f"x{i}.png")
     (tmp_path / "images.csv").write_text("path,label,patient,part\n" + "".join(
         f"x{i}.png,{'ab'[i % 2]},p{i // 2},{['train', 'train', 'test'][i % 3]}\n" for i in range(6)))
-    card = _card(tmp_path, "medical-classify", "format: csv\nlabels: [a, b]\nfiles: {data: images.csv}\n"
+    card = write_task_card(tmp_path, "medical-classify", "format: csv\nlabels: [a, b]\nfiles: {data: images.csv}\n"
                                                "fields: {patient: patient}\nsplits: {fold_by: part, validation_fraction: 0}")
-    notes = _read(card, "medical-classify").notes
+    notes = read_task_data(card, "medical-classify").notes
     assert "2 patients have images in more than one split (e.g. p1, p2): results on them are not on unseen patients" in notes
     (tmp_path / "images.csv").write_text("path,label,patient,part\n" + "".join(
         f"x{i}.png,{'ab'[i % 2]},p{i // 2},{['train', 'test'][i // 4]}\n" for i in range(6)))
-    assert not any("patients" in note for note in _read(card, "medical-classify").notes)
+    assert not any("patients" in note for note in read_task_data(card, "medical-classify").notes)

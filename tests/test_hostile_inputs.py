@@ -212,8 +212,14 @@ CASES = [
     Case("card-empty-validation-split", card_run(PROTEIN, "fasta+pairs_tsv", {"s.fasta": FASTA, "p.tsv": "a\tb\t1\nb\tc\t0\n"},
                                                  files={"sequences": "s.fasta", "pairs": "p.tsv"},
                                                  splits={"ratios": {"train": 0.9, "validation": 0.05, "test": 0.05}}),
-         r"card\.md: splits\.ratios gives validation 0\.05 of 2 examples, which rounds to none; raise it, or set it "
-         r"to 0 to leave the split out$"),
+         r"card\.md: split 'validation' is empty: the card's splits \(a ratio, or validation_fraction of train\) round "
+         r"it to none of these 2 examples; give it examples \(raise its share, or give it a file\) or leave it out of "
+         r"eval\.splits$"),  # 5 % of two pairs rounds to none
+    Case("card-validation-fraction-holds-out-none",
+         card_run(CLASSIFY, "csv", {"tr.csv": "sequence,label\nMKVL,0\nMKVA,1\nMKVG,0\nMKVW,1\n", "te.csv": "sequence,label\nMKVC,0\n"},
+                  splits={"train": "tr.csv", "test": "te.csv"}),
+         r"card\.md: split 'validation' is empty: the card's splits \(a ratio, or validation_fraction of train\) round "
+         r"it to none of these 5 examples"),  # 10 % of two per class rounds to none
     Case("card-no-validation-split", card_run(PROTEIN, "fasta+pairs_tsv", {"s.fasta": FASTA, "p.tsv": "a\tb\t1\nb\tc\t0\n"},
                                               files={"sequences": "s.fasta", "pairs": "p.tsv"},
                                               splits={"ratios": {"train": 1.0, "validation": 0.0, "test": 0.0}}),

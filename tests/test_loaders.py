@@ -12,7 +12,7 @@ import numpy as np
 import peftlab
 import pytest
 import soundfile
-from conftest import run_peftlab
+from conftest import read_task_data, run_peftlab, without_locations, write_task_card
 from peftlab.pipelines import runner
 from peftlab.shared.data import fingerprint
 from peftlab.shared.errors import UserError
@@ -137,23 +137,7 @@ CASES = {
 }
 
 
-def _card(folder, task_name, header, name="card.md"):
-    path = folder / name
-    path.write_text(f"---\nname: t\ndomain: {get_task(task_name).domain}\ntask: {task_name}\n{header}\n---\n")
-    return path
 
-
-def _read(path, task_name):
-    task = get_task(task_name)
-    # reading needs no Java (the caption task's default PTB tokeniser scores on it)
-    options = task.options(caption_tokenizer="words") if task_name == "video-caption" else task.options()
-    return task.read(runner.load_card(str(path), task), options)
-
-
-def _without_locations(splits):
-    """The examples less what names where they were read (ids from line numbers, table rows)."""
-    return {split: [{k: v for k, v in e.items() if k not in ("id", "row")} for e in examples]
-            for split, examples in splits.items()}
 
 
 def test_every_task_has_a_case():
@@ -164,30 +148,30 @@ def test_every_task_has_a_case():
 def test_a_loader_reads_the_same_examples_as_the_task_own_format(task_name, tmp_path):
     (tmp_path / "card_loaders.py").write_text(LOADERS)
     native_header, loader_header = CASES[task_name](tmp_path)
-    native = _read(_card(tmp_path, task_name, native_header), task_name)
-    loaded = _read(_card(tmp_path, task_name, f"format: my_format\n{loader_header}", "loaded.md"), task_name)
+    native = read_task_data(write_task_card(tmp_path, task_name, native_header), task_name)
+    loaded = read_task_data(write_task_card(tmp_path, task_name, f"format: my_format\n{loader_header}", "loaded.md"), task_name)
     assert loaded.labels == native.labels
     assert {s: len(e) for s, e in loaded.splits.items()} == {s: len(e) for s, e in native.splits.items()}
     assert all(loaded.splits.values())
-    assert fingerprint(_without_locations(loaded.splits)) == fingerprint(_without_locations(native.splits))
+    assert fingerprint(without_locations(loaded.splits)) == fingerprint(without_locations(native.splits))
 
 
 def test_record_ids_and_error_locations_name_the_file_and_record(tmp_path):
     (tmp_path / "card_loaders.py").write_text(LOADERS)
     (tmp_path / "rows.csv").write_text("sequence,label\nMKVL,a\nMKVAL,b\n")
-    loaded = _read(_card(tmp_path, "protein-classify", "format: my_format\nloader: card_loaders:table\nlabels: [a, b]\n"
+    loaded = read_task_data(write_task_card(tmp_path, "protein-classify", "format: my_format\nloader: card_loaders:table\nlabels: [a, b]\n"
                                                        "files: {data: rows.csv}\nsplits: {ratios: {test: 1.0}}"),
                    "protein-classify")
     assert sorted(e["id"] for e in loaded.splits["test"]) == ["rows.csv:1", "rows.csv:2"]  # record N of the file
     (tmp_path / "rows.csv").write_text("sequence,label\nMKVL,a\nMKVAL,c\n")
     with pytest.raises(UserError, match=r"rows\.csv:2: label 'c' is not one of \['a', 'b'\] or an index"):
-        _read(tmp_path / "card.md", "protein-classify")
+        read_task_data(tmp_path / "card.md", "protein-classify")
 
 
 def _loader_card(tmp_path, source: str, loader: str = "my_loader:read", task_name: str = "protein-classify", format="my_format"):
     (tmp_path / "my_loader.py").write_text(source)
     (tmp_path / "data.bin").write_bytes(b"\x00")
-    return _card(tmp_path, task_name, f"format: {format}\nloader: {loader}\nlabels: [a, b]\nfiles: {{data: data.bin}}")
+    return write_task_card(tmp_path, task_name, f"format: {format}\nloader: {loader}\nlabels: [a, b]\nfiles: {{data: data.bin}}")
 
 
 @pytest.mark.parametrize("source, loader, message", [
@@ -222,7 +206,7 @@ def _loader_card(tmp_path, source: str, loader: str = "my_loader:read", task_nam
 def test_a_broken_loader_is_one_line_naming_the_card_or_the_file(tmp_path, source, loader, message):
     card = _loader_card(tmp_path, source, loader)
     with pytest.raises(UserError, match=message):
-        _read(card, "protein-classify")
+        read_task_data(card, "protein-classify")
 
 
 def test_positional_fields_are_refused_beside_a_loader(tmp_path):
@@ -248,9 +232,9 @@ def test_a_loader_package_and_its_helpers_import_from_the_card_folder_when_it_lo
         "def rows(path):\n    return [dict(zip(('seq', 'class'), line.split())) for line in open(path).read().splitlines()]\n")
     (tmp_path / "train.txt").write_text("MKVL a\nMKVAL b\n" * 5)
     (tmp_path / "test.txt").write_text("MKVAAL a\nMKL b\n")
-    card = _card(tmp_path, "protein-classify", "format: lab_text\nloader: lab_formats.readers:read\nlabels: [a, b]\n"
+    card = write_task_card(tmp_path, "protein-classify", "format: lab_text\nloader: lab_formats.readers:read\nlabels: [a, b]\n"
                                                "splits: {train: train.txt, test: test.txt, validation_fraction: 0}")
-    dataset = _read(card, "protein-classify")
+    dataset = read_task_data(card, "protein-classify")
     assert [(e["seq"], e["label"]) for e in dataset.splits["test"]] == [("MKVAAL", 0), ("MKL", 1)]
 
 
@@ -259,9 +243,9 @@ def test_a_saved_dataset_folder_is_a_data_file_for_a_loader(tmp_path):
         (tmp_path / f"{split}_set").mkdir()
         (tmp_path / f"{split}_set" / "rows.json").write_text(json.dumps([{"sequence": "MKVL", "label": i % 2} for i in range(rows)]))
     (tmp_path / "folder_loader.py").write_text("import json\ndef read(folder):\n    return json.loads((folder / 'rows.json').read_text())\n")
-    card = _card(tmp_path, "protein-classify", "format: saved_folders\nloader: folder_loader:read\nlabels: [a, b]\n"
+    card = write_task_card(tmp_path, "protein-classify", "format: saved_folders\nloader: folder_loader:read\nlabels: [a, b]\n"
                                                "splits: {train: train_set, test: test_set, validation_fraction: 0}")
-    assert {split: len(examples) for split, examples in _read(card, "protein-classify").splits.items()} == {"train": 10, "test": 4}
+    assert {split: len(examples) for split, examples in read_task_data(card, "protein-classify").splits.items()} == {"train": 10, "test": 4}
 
 
 def test_an_edited_loader_and_another_cards_loader_of_the_same_name_are_each_read_afresh(tmp_path):
@@ -272,12 +256,12 @@ def test_an_edited_loader_and_another_cards_loader_of_the_same_name_are_each_rea
         folder.mkdir()
         (folder / "rows.csv").write_text("x\n")
         (folder / "same_name.py").write_text(f"def read(path):\n    return [{{'sequence': '{sequence}', 'label': 'a'}}]\n")
-        _card(folder, "protein-classify", header)
-    assert _read(first / "card.md", "protein-classify").splits["test"][0]["seq"] == "MKVL"
-    assert _read(second / "card.md", "protein-classify").splits["test"][0]["seq"] == "MKAAL"
+        write_task_card(folder, "protein-classify", header)
+    assert read_task_data(first / "card.md", "protein-classify").splits["test"][0]["seq"] == "MKVL"
+    assert read_task_data(second / "card.md", "protein-classify").splits["test"][0]["seq"] == "MKAAL"
     (first / "same_name.py").write_text("def read(path):\n    return [{'sequence': 'MKVVVL', 'label': 'b'}]\n")
     os.utime(first / "same_name.py", (1, 1))  # another modification time, whatever the clock's resolution
-    assert _read(first / "card.md", "protein-classify").splits["test"][0]["seq"] == "MKVVVL"
+    assert read_task_data(first / "card.md", "protein-classify").splits["test"][0]["seq"] == "MKVVVL"
 
 
 def test_missing_values_are_missing_fields_and_unread_columns_may_hold_anything(tmp_path):
@@ -287,30 +271,30 @@ def test_missing_values_are_missing_fields_and_unread_columns_may_hold_anything(
         "import math\n"
         "def read(path):\n"
         "    return [{'question': f'{i} + 1?', 'answer': str(i + 1) if i else math.nan, 'id': None} for i in range(4)]\n")
-    card = _card(tmp_path, "reasoning-arithmetic", "format: mine\nloader: nan_loader:read\nfiles: {data: problems.bin}")
+    card = write_task_card(tmp_path, "reasoning-arithmetic", "format: mine\nloader: nan_loader:read\nfiles: {data: problems.bin}")
     with pytest.raises(UserError, match=r"problems\.bin:1: no answer; labelled data needs the gold answer$"):
-        _read(card, "reasoning-arithmetic")
+        read_task_data(card, "reasoning-arithmetic")
     # a float necessity label reads as the table tasks' 1.0 does; a list column no one reads is no error
     (tmp_path / "review_loader.py").write_text(
         "import datetime\n"
         "def read(path):\n"
         "    return [{'patch': f'+x = {i}', 'y': float(i % 2), 'id': None, 'tags': ['a', 'b'],\n"
         "             'when': datetime.date(2024, 1, i + 1)} for i in range(10)]\n")
-    card = _card(tmp_path, "code-review-necessity", "format: mine\nloader: review_loader:read\nfiles: {data: problems.bin}\n"
+    card = write_task_card(tmp_path, "code-review-necessity", "format: mine\nloader: review_loader:read\nfiles: {data: problems.bin}\n"
                                                     "splits: {ratios: {test: 1.0}}", "reviews.md")
-    examples = _read(card, "code-review-necessity").splits["test"]
+    examples = read_task_data(card, "code-review-necessity").splits["test"]
     assert sorted(e["label"] for e in examples) == [0] * 5 + [1] * 5
     assert sorted(e["id"] for e in examples) == [f"problems.bin:{n}" for n in sorted(range(1, 11), key=str)]
     (tmp_path / "rows.csv").write_text("x\n")
     table = _loader_card(tmp_path, "import datetime\ndef read(path):\n    return [{'sequence': 'MKVL', 'label': 'a', "
                                    "'go_terms': ['GO:1', 'GO:2'], 'when': datetime.date(2024, 1, 1)}] * 4\n")
-    assert len(_read(table, "protein-classify").splits["train"]) >= 1
+    assert len(read_task_data(table, "protein-classify").splits["train"]) >= 1
 
 
 def test_a_loaders_prints_go_to_stderr_not_into_the_results(tmp_path, capsys):
     card = _loader_card(tmp_path, "print('loading')\ndef read(path):\n    print('reading', path.name)\n"
                                   "    return [{'sequence': 'MKVL', 'label': 'a'}] * 10\n")
-    _read(card, "protein-classify")
+    read_task_data(card, "protein-classify")
     captured = capsys.readouterr()
     assert captured.out == "" and "loading" in captured.err and "reading data.bin" in captured.err
 
@@ -328,7 +312,7 @@ def test_values_from_numpy_and_pandas_read_as_their_python_values(tmp_path):
               "def read(path):\n"
               "    return pd.DataFrame({'sequence': ['MKVL', 'MKVAL', 'MKVAAL'], 'label': np.array([0, 1, 1]),\n"
               "                         'weight': [1.5, float('nan'), True]})\n")
-    dataset = _read(_loader_card(tmp_path, source).parent / "card.md", "protein-classify")
+    dataset = read_task_data(_loader_card(tmp_path, source).parent / "card.md", "protein-classify")
     assert {e["seq"]: e["label"] for examples in dataset.splits.values() for e in examples} == \
         {"MKVL": 0, "MKVAL": 1, "MKVAAL": 1}
 
@@ -337,7 +321,7 @@ def test_a_run_on_a_loader_card_evaluates_from_its_run_folder_to_the_same_metric
     data = tmp_path / "data"
     data.mkdir()
     (data / "card_loaders.py").write_text(LOADERS)
-    card = _card(data, "protein-classify", f"format: my_format\n{_protein_classify(data)[1]}")
+    card = write_task_card(data, "protein-classify", f"format: my_format\n{_protein_classify(data)[1]}")
     run_dir = peftlab.run("protein-classify", data=str(card), backbone="tiny", out=tmp_path / "run",
                           overrides={"train.epochs": 1})
     saved = json.loads((run_dir / "metrics.json").read_text())["test"]

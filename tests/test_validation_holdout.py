@@ -50,21 +50,6 @@ def test_a_bad_fraction_and_a_zero_fraction():
     assert hold_out_validation(splits, Card(validation_fraction=0), "rows") == (splits, None)
 
 
-def test_a_fraction_or_ratio_that_rounds_to_no_example_names_the_setting():
-    """0.1 of 4 examples per class is none: said where the setting is, not later as an empty split."""
-    splits = {"train": [{"label": i % 2} for i in range(8)], "test": []}
-    with pytest.raises(UserError, match=r"^card\.md: splits\.validation_fraction=0\.1 of 8 training rows holds out none "
-                                        r"\(it rounds to 0 in every class\): raise it, give a validation split, or set "
-                                        r"validation_fraction: 0 to train without one$"):
-        hold_out_validation(splits, Card(validation_fraction=0.1), "rows")
-    assert len(hold_out_validation(splits, Card(validation_fraction=0.25), "rows")[0]["validation"]) == 2
-    from peftlab.shared.data import ratio_split
-
-    with pytest.raises(UserError, match=r"^card\.md: splits\.ratios gives test 0\.1 of 4 examples, which rounds "
-                                        r"to none; raise it, or set it to 0 to leave the split out$"):
-        ratio_split(splits["train"][:4], {"train": 0.8, "validation": 0.1, "test": 0.1}, 0, where="card.md")
-
-
 def _write_card(folder, task, header):
     card = folder / "card.md"
     card.write_text(f"---\nname: t\ndomain: {get_task(task).domain}\ntask: {task}\n{header}\n---\n")

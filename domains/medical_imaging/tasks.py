@@ -29,6 +29,7 @@ from peftlab.shared.cards import Card
 from peftlab.shared.data import (
     files_in_folder,
     hold_out_validation,
+    in_several_splits,
     number_classes,
     ratio_split,
     split_ratios,
@@ -275,15 +276,9 @@ PER_SPLIT_INSTEAD = {
 def _patients_in_several_splits(splits: dict[str, list[dict]]) -> str | None:
     """A note where given splits (tables, or a fold column) put one patient's images in
     more than one split: a model tested on a patient it trained on."""
-    splits_of: dict[str, set[str]] = {}
-    for split, examples in splits.items():
-        for example in examples:
-            splits_of.setdefault(str(example["patient"]), set()).add(split)
-    shared = sorted(patient for patient, names in splits_of.items() if len(names) > 1)
-    if not shared:
-        return None
+    shared = in_several_splits(splits, "patient")
     return (f"{len(shared)} patients have images in more than one split (e.g. {', '.join(shared[:3])}): results on "
-            f"them are not on unseen patients")
+            f"them are not on unseen patients") if shared else None
 
 
 class MedicalClassifyTask:

@@ -299,7 +299,7 @@ def hold_out_speakers(train: list[dict], validation_fraction: float, seed: int, 
                             f"validation; give a validation split or set splits.validation_fraction: 0")
         split = speaker_split(train, ratios, seed, where)
     else:
-        split = ratio_split(train, ratios, seed, where=where, setting="splits.validation_fraction")
+        split = ratio_split(train, ratios, seed, where=where)
     if not split.get("validation"):
         raise UserError(f"{where}: splits.validation_fraction={validation_fraction} of {len(train)} training clips "
                         f"holds out none; give a validation split, raise the fraction, or set it to 0")

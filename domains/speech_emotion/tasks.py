@@ -28,6 +28,7 @@ from peftlab.shared.cards import Card
 from peftlab.shared.data import (
     check_validation_given,
     count_by_split,
+    in_several_splits,
     number_classes,
     ratio_split,
     split_ratios,
@@ -372,10 +373,10 @@ class SpeechEmotionTask:
                 if "validation" in splits:
                     notes.append(_held_out_note(splits["validation"], fraction,
                                                 "the test fold is untouched" if folds else "test is untouched"))
-            overlap = _shared_speakers(splits)
+            overlap = in_several_splits(splits, "speaker")
             if overlap:
                 given = f"splits.fold_by: {spec['fold_by']}" if folds else "the split files"
-                notes.append(f"speakers {sorted(overlap)[:5]} are in more than one split ({given}): results are not "
+                notes.append(f"speakers {overlap[:5]} are in more than one split ({given}): results are not "
                              f"speaker-independent")
         else:
             path = card.file("data")
@@ -386,7 +387,7 @@ class SpeechEmotionTask:
             seed, where = int(spec.get("seed", 0)), str(card.card_path)
             if all("speaker" in e for e in examples):
                 splits = data.speaker_split(examples, ratios, seed, where)
-                assert not _shared_speakers(splits), "speaker-independent split leaked a speaker"
+                assert not in_several_splits(splits, "speaker"), "speaker-independent split leaked a speaker"
             else:
                 splits = ratio_split(examples, ratios, seed, where=where)
                 notes.append("the table names no speaker field: the split is by utterance, not speaker-independent")
@@ -475,17 +476,6 @@ def _held_out_note(validation: list[dict], fraction: float, test: str) -> str:
     speakers = sorted({str(e["speaker"]) for e in validation if "speaker" in e})
     whose = f"speakers {', '.join(speakers)}" if speakers else "no speakers named in the table"
     return f"validation: {len(validation)} training clips held out ({whose}; splits.validation_fraction={fraction}); {test}"
-
-
-def _shared_speakers(splits: dict[str, list[dict]]) -> set:
-    seen: dict[str, str] = {}
-    shared = set()
-    for name, examples in splits.items():
-        for speaker in {e["speaker"] for e in examples if "speaker" in e}:
-            if speaker in seen and seen[speaker] != name:
-                shared.add(speaker)
-            seen[speaker] = name
-    return shared
 
 
 CARD_TEMPLATE = """---

@@ -35,7 +35,13 @@ from peftlab.shared import causal_lm as clm
 from peftlab.shared import io, requests
 from peftlab.shared import metrics as metric_registry
 from peftlab.shared.cards import Card
-from peftlab.shared.data import hold_out_validation, ratio_split, split_ratios, table_rows
+from peftlab.shared.data import (
+    hold_out_validation,
+    in_several_splits,
+    ratio_split,
+    split_ratios,
+    table_rows,
+)
 from peftlab.shared.errors import UserError
 from peftlab.shared.folds import split_sources
 from peftlab.shared.loaders import loader_rows
@@ -395,15 +401,9 @@ DEMO_DEFAULTS = {"train": 480, "validation": 48, "test": 48, "seed": 0, "frames"
 def _videos_in_several_splits(splits: dict[str, list[dict]]) -> str | None:
     """A note where given splits (files, or a fold column) put one video's captions in
     more than one split: a model tested on a video it trained on."""
-    splits_of: dict[str, set[str]] = {}
-    for split, examples in splits.items():
-        for example in examples:
-            splits_of.setdefault(example["video_id"], set()).add(split)
-    shared = sorted(video for video, names in splits_of.items() if len(names) > 1)
-    if not shared:
-        return None
+    shared = in_several_splits(splits, "video_id")
     return (f"{len(shared)} videos have captions in more than one split (e.g. {', '.join(shared[:3])}): results on "
-            f"them are not on unseen videos")
+            f"them are not on unseen videos") if shared else None
 
 
 class _VideoTextTask:
