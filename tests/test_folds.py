@@ -291,3 +291,15 @@ def test_a_video_or_patient_in_two_splits_is_noted(tmp_path):
     (tmp_path / "images.csv").write_text("path,label,patient,part\n" + "".join(
         f"x{i}.png,{'ab'[i % 2]},p{i // 2},{['train', 'test'][i // 4]}\n" for i in range(6)))
     assert not any("patients" in note for note in read_task_data(card, "medical-classify").notes)
+
+
+def test_speakers_a_fold_column_puts_in_two_splits_are_noted(tmp_path):
+    common, fold, per_split = CASES["speech-emotion"](tmp_path)
+    for name in ("all.csv", "train.csv", "test.csv"):  # one speaker for train and test clips
+        (tmp_path / name).write_text((tmp_path / name).read_text().replace(",s4", ",s0"))
+    notes = read_task_data(write_task_card(tmp_path, "speech-emotion", f"{common}\n{fold}"), "speech-emotion").notes
+    assert "speakers ['s0'] are in more than one split (splits.fold_by: part): results are not speaker-independent" \
+        in notes
+    notes = read_task_data(write_task_card(tmp_path, "speech-emotion", f"{common}\n{per_split}", "files.md"),
+                           "speech-emotion").notes
+    assert "speakers ['s0'] are in more than one split (the split files): results are not speaker-independent" in notes
