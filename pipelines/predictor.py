@@ -97,9 +97,10 @@ class Predictor:
         model runs elsewhere (`MultiAdapter.evaluate`)."""
         loaded = runner.load_run_card(self.run_dir, self.config, self.task) if card is None else \
             runner.load_card(card, self.task)
-        # The run's own card is read as in training (same subsample); another card whole.
+        # The run's own card is read as in training (same subsample and fold); another card
+        # whole, with its own splits.
         config = self.config if card is None else self.config.model_copy(
-            update={"data": self.config.data.model_copy(update={"limit": None})})
+            update={"data": self.config.data.model_copy(update={"limit": None, "splits": None})})
         try:
             dataset = runner.read_dataset(config, self.task, self.options, loaded, training=False)
         except UserError as error:

@@ -181,8 +181,16 @@ def with_split_overrides(card: Card, overrides: dict[str, Any] | None, task) -> 
     if unknown:
         raise UserError(f"data.splits.{unknown[0]} is not a split key {task.name} reads; "
                         f"its split keys: {', '.join(task.split_keys)}")
+    for key, value in overrides.items():
+        if key in ("train", "validation", "test") and "fold_by" not in {**(card.splits or {}), **overrides} \
+                and not (isinstance(value, str) and card.data_exists(card.resolve(value, f"data.splits.{key}"))):
+            raise UserError(f"data.splits.{key}={value}: {card.card_path} has no splits.fold_by, so splits.{key} "
+                            f"names a file, and there is none there; to pick fold values add fold_by: COLUMN to the "
+                            f"card's splits (or give --folds seed=0,1,2 for random splits)")
+    # KEY=null takes the card's key away (its ratios, say, for a fold run)
+    merged = {key: value for key, value in {**(card.splits or {}), **overrides}.items() if value is not None}
     try:
-        changed = card.model_validate({**card.model_dump(), "splits": {**(card.splits or {}), **overrides}})
+        changed = card.model_validate({**card.model_dump(), "splits": merged})
     except ValidationError as error:
         first = error.errors()[0]
         raise UserError(f"data.splits: {first['msg'].removeprefix('Value error, ')}") from None

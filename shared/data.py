@@ -157,7 +157,8 @@ def hold_out_validation(splits: dict[str, list[Example]], card, what: str,
     held = {**splits, "train": [e for i, e in enumerate(train) if i not in chosen],
             "validation": [e for i, e in enumerate(train) if i in chosen]}
     return held, (f"validation: {len(chosen)} training {what} held out "
-                  f"(splits.validation_fraction={fraction}, seed {int(spec.get('seed', 0))}); test is untouched")
+                  f"(splits.validation_fraction={fraction}, seed {int(spec.get('seed', 0))}); "
+                  f"{'test is untouched' if 'test' in splits else 'the data has no test split'}")
 
 
 def in_several_splits(splits: dict[str, list[Example]], key: str) -> list[str]:

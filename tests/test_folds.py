@@ -147,26 +147,23 @@ def test_a_fold_column_reads_as_one_file_per_split(task_name, tmp_path):
 
 @pytest.mark.parametrize("task_name", ["protein-classify", "code-refine", "speech-emotion"])
 def test_folds_by_value_hold_validation_out_of_the_rest_as_per_split_files_do(task_name, tmp_path):
-    """`test: [c]`: the rows whose value is c test; the rest train, with validation held
+    """`test: [..]` lists values: those rows test; the rest train, with validation held
     out of them as it is held out of a per-split train file (same seed, same rows)."""
     common, fold, _ = CASES[task_name](tmp_path)
     card = write_task_card(tmp_path, task_name, f"{common}\n{fold}")
-    dataset = read_task_data(card, task_name, {"test": ["validation"], "seed": 4})
+    dataset = read_task_data(card, task_name, {"test": ["validation", "test"], "seed": 4})
     # the same rows as files: train = every row not in the test fold, in file order
     source = next(tmp_path.glob("all.*"))
     lines = source.read_text().splitlines()
     if source.suffix == ".jsonl":
-        rest = [line for line in lines if json.loads(line)["part"] != "validation"]
-        held = [line for line in lines if json.loads(line)["part"] == "validation"]
-        (tmp_path / "rest.jsonl").write_text("\n".join(rest) + "\n")
-        (tmp_path / "held.jsonl").write_text("\n".join(held) + "\n")
-        files = "splits: {train: rest.jsonl, test: held.jsonl, seed: 4}"
+        rest = [line for line in lines if json.loads(line)["part"] == "train"]
+        held = [line for line in lines if json.loads(line)["part"] != "train"]
     else:
-        rest = [lines[0]] + [line for line in lines[1:] if not line.endswith(",validation")]
-        held = [lines[0]] + [line for line in lines[1:] if line.endswith(",validation")]
-        (tmp_path / "rest.csv").write_text("\n".join(rest) + "\n")
-        (tmp_path / "held.csv").write_text("\n".join(held) + "\n")
-        files = "splits: {train: rest.csv, test: held.csv, seed: 4}"
+        rest = [lines[0]] + [line for line in lines[1:] if line.endswith(",train")]
+        held = [lines[0]] + [line for line in lines[1:] if not line.endswith(",train")]
+    (tmp_path / f"rest{source.suffix}").write_text("\n".join(rest) + "\n")
+    (tmp_path / f"held{source.suffix}").write_text("\n".join(held) + "\n")
+    files = f"splits: {{train: rest{source.suffix}, test: held{source.suffix}, seed: 4}}"
     expected = read_task_data(write_task_card(tmp_path, task_name, f"{common}\n{files}", "files.md"), task_name)
     assert set(dataset.splits) == set(SPLITS) and dataset.splits["validation"]
     assert fingerprint(without_locations(dataset.splits)) == fingerprint(without_locations(expected.splits))
@@ -190,16 +187,24 @@ def test_a_fold_per_run_and_per_sweep_cell(tmp_path):
 
 
 @pytest.mark.parametrize("splits, table, message", [
-    ("{fold_by: fold}", None, r"all\.csv:2: fold is '1', not a split name \(train, validation, test\); name the values "
-                              r"that make each split, e\.g\. splits: \{fold_by: fold, test: \[1\]\}$"),
-    ("{fold_by: part}", "sequence,label,part\nMKVL,a,train\nMKVAL,b,dev\n",
-     r"all\.csv:3: part is 'dev', not a split name .* e\.g\. splits: \{fold_by: part, validation: \[dev\]\}$"),
+    ("{fold_by: fold}", None, r"all\.csv:2: fold is '1', not a split name \(train, validation or valid, test\); the "
+                              r"column holds 1, 2, 3: list the values that test \(and validate\), e\.g\. splits: "
+                              r"\{fold_by: fold, test: \[3\]\}, and the rest trains$"),
+    ("{fold_by: part}", "sequence,label,part\nMKVL,a,train\nMKVAL,b,holdout\n",
+     r"all\.csv:3: part is 'holdout', not a split name .* e\.g\. splits: \{fold_by: part, test: \[holdout\]\}"),
+    ("{fold_by: part, validation: [valid]}", "sequence,label,part\nMKVL,a,train\nMKVAL,b,valid\nMKVG,a,Test\n",
+     r"all\.csv:4: part is 'Test', a split name that splits\.test and splits\.validation do not list, so it would "
+     r"train; list it \(e\.g\. test: \[Test\]\), or leave test and validation out to read the cells as split names$"),
     ("{fold_by: fold, test: [1]}", "sequence,label,fold\nMKVL,a,1\nMKVAL,b,\n",
      r"all\.csv:3: no 'fold' value; splits\.fold_by: fold needs one in every record$"),
     ("{fold_by: fold, test: [1]}", "sequence,label\nMKVL,a\n",
-     r"all\.csv: splits\.fold_by names column 'fold', which the header lacks \(sequence, label\); name one of them$"),
+     r"all\.csv: splits\.fold_by names column 'fold', which the header lacks \(sequence, label\); name one of them "
+     r"\(fold_by needs a header row naming the column\)$"),
     ("{fold_by: fold, test: [7]}", None, r"card\.md: splits\.test names fold '7', which no record has; the data has "
                                          r"\['1', '2', '3'\]$"),
+    ("{fold_by: fold, test: [05]}", "sequence,label,fold\nMKVL,a,04\nMKVAL,b,05\n",
+     r"card\.md: splits\.test names fold '5', which no record has; the data has \['04', '05'\] \(write it quoted, "
+     r"test: \['05'\], to keep its zeros\)$"),
     ("{fold_by: fold, test: [1], validation: [1]}", None,
      r"card\.md: splits names fold '1' for both test and validation"),
     ("{fold_by: fold, test: [1, 2], validation: [3]}", None,
@@ -210,6 +215,12 @@ def test_a_fold_per_run_and_per_sweep_cell(tmp_path):
      r"card\.md: splits\.ratios beside splits\.fold_by: the fold column makes the splits \(every record not in test or "
      r"validation trains\); remove splits\.ratios$"),
     ("{fold_by: fold, train: [2], test: [1]}", None, r"card\.md: splits\.train beside splits\.fold_by"),
+    ("{fold_by: fold, test: []}", None, r"card\.md: splits\.test names no fold value; list the values that make test"),
+    ("{fold_by: fold, test: ~}", None, r"card\.md: splits\.test names no fold value"),
+    ("{fold_by: fold, test: [[1, 2]]}", None, r"card\.md: splits\.test lists \[1, 2\]; list fold values"),
+    ("{fold_by: fold, test: test.csv}", None, r"card\.md: splits\.test = test\.csv is a file, but beside splits\.fold_by "
+                                              r"test lists fold values; give one file \(files\.data\) with the fold "
+                                              r"column, or leave fold_by out to read one file per split$"),
     ("{fold_by: [fold], test: [1]}", None, r"card\.md: splits\.fold_by names the column that holds each record's split"),
 ])
 def test_fold_mistakes_are_one_line_naming_the_place(tmp_path, splits, table, message):
@@ -269,6 +280,12 @@ def test_bench_runs_one_cell_per_fold_of_the_column(tmp_path):
         assert ids == {f"all.csv:{i + 2}" for i in range(60) if 1 + i % 3 == fold}
         tested.append(ids)
     assert set.union(*tested) == {f"all.csv:{i + 2}" for i in range(60)}  # every row tested once
+    # another card is read with its own splits: the cell's fold (data.splits.test) was the training card's
+    from peftlab.pipelines.predictor import Predictor
+
+    other = write_task_card(tmp_path, "protein-classify", "format: csv\nlabels: [a, b]\nfiles: {data: all.csv}\n"
+                                                          "splits: {ratios: {test: 1.0}}", "other.md")
+    assert Predictor(out / rows[0]["run_dir"]).evaluate("test", card=str(other)).keys() >= {"accuracy", "macro_f1"}
 
 
 def test_a_video_or_patient_in_two_splits_is_noted(tmp_path):
@@ -303,3 +320,47 @@ def test_speakers_a_fold_column_puts_in_two_splits_are_noted(tmp_path):
     notes = read_task_data(write_task_card(tmp_path, "speech-emotion", f"{common}\n{per_split}", "files.md"),
                            "speech-emotion").notes
     assert "speakers ['s0'] are in more than one split (the split files): results are not speaker-independent" in notes
+
+
+def test_fold_values_compare_as_numbers_and_split_names_in_any_case(tmp_path):
+    """5, "5", 5.0 and "5.0" are one fold (a float column writes 5.0); "05" keeps its zero;
+    cells that name splits may be Train, TEST, valid or dev."""
+    values = [5, "5", 5.0, "5.0", 4, "05"]
+    (tmp_path / "all.jsonl").write_text("".join(json.dumps({"question": f"{i} + 1?", "answer": str(i + 1), "fold": v}) + "\n"
+                                                for i, v in enumerate(values * 3)))
+    card = write_task_card(tmp_path, "reasoning-arithmetic", "format: jsonl\nfiles: {data: all.jsonl}\n"
+                                                             "splits: {fold_by: fold, test: [5.0], validation: ['05']}")
+    dataset = read_task_data(card, "reasoning-arithmetic")
+    assert {split: len(examples) for split, examples in dataset.splits.items()} == {"train": 3, "validation": 3, "test": 12}
+    (tmp_path / "named.csv").write_text("sequence,label,part\n" + "".join(
+        f"MKV{'A' * i}L,{'ab'[i % 2]},{part}\n" for i, part in enumerate(["Train", " train", "TEST", "valid", "dev", "Validation"])))
+    card = write_task_card(tmp_path, "protein-classify", "format: csv\nlabels: [a, b]\nfiles: {data: named.csv}\n"
+                                                         "splits: {fold_by: part}", "named.md")
+    dataset = read_task_data(card, "protein-classify")
+    assert {split: [e["id"] for e in examples] for split, examples in dataset.splits.items()} == {
+        "train": ["named.csv:2", "named.csv:3"], "validation": ["named.csv:5", "named.csv:6", "named.csv:7"],
+        "test": ["named.csv:4"]}
+
+
+def test_fold_keys_by_position_and_misspelt_json_keys(tmp_path):
+    (tmp_path / "all.jsonl").write_text('{"question": "1 + 1?", "answer": "2", "split": "train"}\n')
+    card = write_task_card(tmp_path, "reasoning-arithmetic", "format: jsonl\nfiles: {data: all.jsonl}\nsplits: {fold_by: splti}")
+    with pytest.raises(UserError, match=r"all\.jsonl: splits\.fold_by names key 'splti', which no record has \(did you "
+                                        r"mean 'split'\?\); known: answer, question, split$"):
+        read_task_data(card, "reasoning-arithmetic")
+    common, fold, _ = CASES["speech-emotion"](tmp_path)  # header path,label,speaker,part: part is column 3
+    card = write_task_card(tmp_path, "speech-emotion", f"{common}\nfields: {{session: 3}}\nfiles: {{data: all.csv}}\n"
+                                                       "splits: {fold_by: session}", "speech.md")
+    assert set(read_task_data(card, "speech-emotion").splits) == set(SPLITS)
+
+
+def test_a_fold_override_needs_a_fold_column_and_null_takes_a_card_key_away(tmp_path):
+    card = _fold_card(tmp_path, "{ratios: {train: 0.5, validation: 0.25, test: 0.25}}")
+    with pytest.raises(UserError, match=r"^data\.splits\.test=1: .*card\.md has no splits\.fold_by, so splits\.test names "
+                                        r"a file, and there is none there; to pick fold values add fold_by: COLUMN"):
+        read_task_data(card, "protein-classify", {"test": "1"})
+    dataset = read_task_data(card, "protein-classify", {"ratios": None, "fold_by": "fold", "test": [1]})
+    assert len(dataset.splits["test"]) == 4
+    with pytest.raises(UserError, match=r"format 'demo' has none \(a demo generates its own splits\)"):
+        runner.load_card(str(write_task_card(tmp_path, "medical-classify", "format: demo\nsplits: {fold_by: x}", "d.md")),
+                         get_task("medical-classify"))

@@ -309,8 +309,8 @@ CASES = [
          r"card\.md: fields\.mood is not a field speech-emotion reads; its fields: path, label, speaker"),
     Case("audio-fold-value-not-a-split", card_run(SPEECH, "audio_csv", {"t.csv": "path,label,session\nx.wav,happy,1\n", "x.wav": wav_bytes(TONE)},
                                              files={"data": "t.csv"}, fields={"session": "session"}, splits={"fold_by": "session"}),
-         r"t\.csv:2: session is '1', not a split name \(train, validation, test\); name the values that make each "
-         r"split, e\.g\. splits: \{fold_by: session, test: \[1\]\}$"),
+         r"t\.csv:2: session is '1', not a split name \(train, validation or valid, test\); the column holds 1: list "
+         r"the values that test \(and validate\), e\.g\. splits: \{fold_by: session, test: \[1\]\}, and the rest trains$"),
     Case("audio-fold-override-names-no-row",
          card_run(SPEECH, "audio_csv", {"t.csv": "path,label,session\nx.wav,happy,1\n", "x.wav": wav_bytes(TONE)},
                   overrides=("data.splits.test=[9]",), files={"data": "t.csv"}, fields={"session": "session"},

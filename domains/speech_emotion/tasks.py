@@ -372,6 +372,7 @@ class SpeechEmotionTask:
                 splits.update(data.hold_out_speakers(splits["train"], fraction, int(spec.get("seed", 0)), str(card.card_path)))
                 if "validation" in splits:
                     notes.append(_held_out_note(splits["validation"], fraction,
+                                                "the data has no test split" if "test" not in splits else
                                                 "the test fold is untouched" if folds else "test is untouched"))
             overlap = in_several_splits(splits, "speaker")
             if overlap:
