@@ -156,7 +156,8 @@ def predict(run_dir, inputs, out, split, force):
 @click.argument("run_dir", type=click.Path())
 @click.option("--out", type=click.Path(file_okay=False), help="Directory for the merged run.")
 @click.option("--export", "export_dir", type=click.Path(file_okay=False),
-              help="Also write the merged backbone in its own library's format (fair-esm, timm, transformers), loadable without peftlab.")
+              help="Write the merged backbone in its own library's format (fair-esm, timm, transformers), loadable "
+                   "without peftlab (the task head stays in the run); with --out too, both.")
 def merge(run_dir, out, export_dir):
     """Fold a mergeable adapter into the backbone weights; writes a run directory with method `full`."""
     from peftlab.pipelines.predictor import check_merge_request, load
@@ -305,10 +306,21 @@ def _reports_errors() -> bool:
     return launcher_rank() == 0
 
 
+def _close_progress_bars() -> None:
+    """Progress bars a mistake interrupted end their line first, so that the error is a line
+    of its own (not `train:   0%| ... error: ...`)."""
+    if "tqdm" in sys.modules:
+        from tqdm import tqdm
+
+        for bar in list(getattr(tqdm, "_instances", ())):
+            bar.close()
+
+
 def main(argv=None) -> int:
     try:
         code = cli.main(args=argv, prog_name="peftlab", standalone_mode=False)
     except UserError as error:
+        _close_progress_bars()
         if _reports_errors():
             click.echo(f"error: {error}", err=True)
         return 2

@@ -198,7 +198,7 @@ def _load_hub(name: str) -> CausalLM:
     if reason := hub.offline():
         raise UserError(
             f"backbone {name!r} is not available offline ({reason}): it is not one of the presets "
-            f"({', '.join(TINY_PRESETS)}), not a local path, and not in the Hugging Face cache {HF_HUB_CACHE}; "
+            f"({', '.join([*TINY_PRESETS, *PACKAGED_GGUF])}), not a local path, and not in the Hugging Face cache {HF_HUB_CACHE}; "
             f"download it where you have internet (huggingface-cli download {name}) or pass --backbone /path/to/model"
         )
     try:

@@ -204,12 +204,13 @@ def test_every_card_template_with_ratios_offers_per_split_files_that_load(tmp_pa
     runner.load_card(str(card), task)
     alternative = re.search(r"^# or one .* per split(?: \(format: (\w+)\))?, (?:without|keeping) files\.(\w+): "
                             r"(splits: \{[^}]*\})", template, re.MULTILINE)
-    if not re.search(r"^splits: \{ratios:", template, re.MULTILINE):
-        assert alternative is None
+    if alternative is None:
+        assert not re.search(r"^splits: \{ratios:", template, re.MULTILINE), \
+            "a template that splits by ratios should show the per-split files form too"
         return
-    assert alternative, "a template that splits by ratios should show the per-split files form too"
     fmt, files_key, splits = alternative.groups()
-    lines = [splits if line.startswith("splits:") else line for line in template.splitlines() if not line.startswith("#")]
+    lines = [line for line in template.splitlines() if not line.startswith(("#", "splits:"))]
+    lines.insert(lines.index("---", 1), splits)  # in the header, whether or not it had a splits line
     if "without" in alternative.group(0):
         lines = [line for line in lines if not line.strip().startswith(f"{files_key}:")]
     if fmt:

@@ -338,6 +338,21 @@ def test_tqdm_disable_hides_the_training_and_evaluation_bars(tmp_path):
     assert "epoch 1: train loss" in hidden.stderr  # what the run says still shows
 
 
+def test_a_mistake_met_mid_training_is_a_line_of_its_own_after_the_bar(tmp_path, capsys, monkeypatch):
+    """A mistake found at a training step (an undecodable video, say) ends the progress bar's
+    line before the error, which stays one line that starts with `error: `."""
+    from peftlab.domains.protein import tasks as protein_tasks
+
+    def unreadable(self, batch):
+        raise UserError("x.mp4: cannot be decoded as a video")
+
+    monkeypatch.setattr(protein_tasks.ClassifyModel, "forward", unreadable)
+    assert main(["run", "protein-classify", "--demo", "--out", str(tmp_path / "run"), "train.max_steps=2"]) == 2
+    err = capsys.readouterr().err
+    assert err.endswith("\nerror: x.mp4: cannot be decoded as a video\n"), err[-300:]
+    assert "train:" in err  # the bar was there, on its own line
+
+
 def test_a_card_without_validation_runs_with_the_recipes_evaluated_splits(tmp_path, capsys):
     """`validation_fraction: 0` or ratios without validation is documented to train on all
     of train and keep the last epoch; the recipes evaluate [validation, test], so the run

@@ -82,6 +82,10 @@ def test_exports_load_without_peftlab_and_match_the_adapted_backbone(runs, tmp_p
         predictor.export(exports / "code")
     usage = json.loads((exports / "medical" / "export.json").read_text())["load_without_peftlab"]
     assert "timm.create_model('local-dir:' + EXPORT_DIR, pretrained=True)" in usage
+    for name in ("protein", "medical", "code"):  # each has a task head (the necessity classifier too): named, not exported
+        described = json.loads((exports / name / "export.json").read_text())
+        assert described["not_included"].startswith(f"the task head ({runs[name] / 'adapter' / 'head.safetensors'}, ")
+        assert not list((exports / name).glob("head*"))
 
     np.savez(tmp_path / "inputs.npz", **inputs)
     loaded = subprocess.run([sys.executable, "-c", LOADER, str(exports), str(tmp_path / "inputs.npz"), str(tmp_path / "out.npz")],

@@ -359,6 +359,8 @@ def test_math_reader_refuses_non_numbers(tmp_path):
     ("not the hammer but the plum", {"choices": ["hammer", "plum"]}, None),  # two options: none chosen
     ("an apple pie", {"choices": ["apple", "apple pie"]}, "B"),  # "apple" only inside "apple pie"
     ("the answer is a plum", {"choices": ["hammer", "plum"]}, "B"),  # "a" here is an article
+    ("|\ufffd\ufffdk\ufffdD\ufffd3", {"choices": ["w", "x", "y", "z"]}, None),  # a byte of a broken token, not "D"
+    ("\ufffd B", {"choices": ["x", "y"]}, "B"),
     ("yes, it is", {"choices": None, "answer": "true"}, "true"),
     ("the correct answer is answer3", {"choices": None, "answer": "answer1"}, "answer3"),
 ])

@@ -47,7 +47,7 @@ def read_jsonl(path: Path, kind: str, labelled: bool = True, records: list[tuple
         where = f"{path}:{line}"
         if not isinstance(record, dict):
             raise UserError(f"{where}: expected a JSON object, got {type(record).__name__}")
-        examples.append(record_example(record, where, kind, labelled, dataset_of_file(path), f"{path.stem}-{line}"))
+        examples.append(record_example(record, where, kind, labelled, dataset_of_file(path), f"{path.name}:{line}"))
     if not examples:
         raise UserError(f"{path}: no records; expected JSON lines of {kind} questions")
     return examples
@@ -360,7 +360,8 @@ def _choice_letter(text: str, valid: str) -> str | None:
         match = re.search(pattern, text)
         if match:
             return match.group(1).upper()
-    for match in re.finditer(rf"(?<![A-Za-z])([{valid}])(?![A-Za-z])", text):
+    # U+FFFD (bytes that decode to no character) is part of a broken token, not a boundary
+    for match in re.finditer(rf"(?<![A-Za-z\ufffd])([{valid}])(?![A-Za-z\ufffd])", text):
         if not re.match(r" [a-z]", text[match.end():match.end() + 2]):  # "A plum": an article, not an option
             return match.group(1)
     return None

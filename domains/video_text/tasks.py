@@ -710,7 +710,7 @@ files:
   annotations: captions.json      # {{"videos": [{{"video_id": "video0", "split": "train"}}], "sentences": [{{"video_id": "video0", "caption": "..."}}]}}
 video_root: videos/               # video files <video_id>.mp4 (.avi, .webm, ...) or frame folders <video_id>/
 fields: {{video: video_id, caption: caption}}
-splits: {{ratios: {{train: 0.8, validation: 0.1, test: 0.1}}, seed: 0}}   # used when videos carry no `split`; whole videos per split
+# splits: {{ratios: {{train: 0.8, validation: 0.1, test: 0.1}}, seed: 0}}   # only for videos that carry no `split` (whole videos per split)
 # or one caption table per split (format: csv), without files.annotations: splits: {{train: train.csv, validation: valid.csv, test: test.csv}}; without validation, validation_fraction (0.1) of train's videos is held out
 # or a column naming each row's split: splits: {{fold_by: set}} (cells train, validation, test), or its fold: {{fold_by: fold, test: [5]}} (the rest trains)
 license: ""
