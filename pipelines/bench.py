@@ -595,7 +595,8 @@ def run_cells(sweep: Sweep, isolate: bool = True) -> list[dict]:
         else:
             pending.append(cell)
     if len(pending) < len(sweep.cells):
-        runner.log(f"{len(sweep.cells) - len(pending)} of {len(sweep.cells)} cells already finished; skipping them")
+        runner.log(f"{len(sweep.cells) - len(pending)} of {len(sweep.cells)} cells already finished (their runs are "
+                   f"kept); running the other {len(pending)}")
     earlier = _earlier_rows(sweep)
 
     def save() -> None:

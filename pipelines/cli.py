@@ -234,8 +234,12 @@ def card_validate(path, overrides):
         if not examples:
             raise UserError(f"{loaded.card_path}: split {split!r} is empty")
     counts = {split: len(examples) for split, examples in dataset.splits.items()}
+    notes = runner.dataset_notes(dataset, training=True)
+    if loaded.format != "demo":
+        notes += [f"the card gives no {key} (`{key}:`): say where the data comes from and on what terms it may be "
+                  f"used, so that runs on it can be shared" for key in ("license", "source") if not getattr(loaded, key)]
     click.echo(json.dumps({"card": str(loaded.card_path), "task": task.name, "labels": dataset.labels, "splits": counts,
-                           "notes": runner.dataset_notes(dataset, training=True)}))
+                           "notes": notes}))
 
 
 @card.command("new")

@@ -84,10 +84,17 @@ def list_pipelines() -> list[str]:
 
 
 def read_recipe(pipeline: str) -> dict:
+    """The pipeline's recipe; the cards it names are the package's own (a `data_cards/`
+    folder in the working directory does not stand in for them)."""
     path = RECIPES / f"{pipeline}.yaml"
     if not path.is_file():
         raise UserError(f"unknown pipeline {pipeline!r}{did_you_mean(pipeline, list_pipelines())}")
-    return _load_yaml(path)
+    recipe = _load_yaml(path)
+    for section in (recipe, recipe.get("demo") or {}):
+        data = section.get("data") or {}
+        if isinstance(data.get("card"), str) and (PACKAGE_ROOT / data["card"]).is_file():
+            data["card"] = str(PACKAGE_ROOT / data["card"])
+    return recipe
 
 
 def _load_yaml(path: Path) -> dict:

@@ -271,11 +271,11 @@ class Predictor:
         tmp.mkdir(parents=True)
         try:
             usage = self.task.export_backbone(self.model, tmp)
-            described = {"run_dir": str(self.run_dir), "task": self.task.name, "backbone": self.meta["backbone"],
+            described = {"run_dir": str(self.run_dir.resolve()), "task": self.task.name, "backbone": self.meta["backbone"],
                          "merged_method": self.meta["method"], "load_without_peftlab": usage}
             if self.model.head.state_dict():  # generation tasks answer with the LM's own output layer: no head
                 described["not_included"] = (
-                    f"the task head ({self.run_dir / runner.ADAPTER / runner.HEAD_FILE}, a peftlab module): this "
+                    f"the task head ({self.run_dir.resolve() / runner.ADAPTER / runner.HEAD_FILE}, a peftlab module): this "
                     f"folder is the adapted backbone, whose features the run's head scores; `peftlab merge --out` "
                     f"keeps both")
             io.write_json(tmp / "export.json", described)

@@ -455,7 +455,8 @@ def _train(task, model: TaskModel, train_examples: list[Example], validation_exa
                     elif value is not None:  # an undefined score is no evidence to stop on
                         state["bad_epochs"] += 1
                 log(f"epoch {epoch + 1}: train loss {entry['train_loss']:.4f}, validation {primary_metric} "
-                    f"{_fmt(value)} (best {_fmt(state['best_metric'])} at epoch {state['best_epoch']})")
+                    f"{_fmt(value)} (best {_fmt(state['best_metric'])}"
+                    f"{'' if state['best_epoch'] is None else ' at epoch ' + str(state['best_epoch'])})")
             state["history"].append(entry)
             state["epoch"] += 1
             state["step_in_epoch"] = 0

@@ -6,6 +6,7 @@ import json
 import re
 from pathlib import Path
 
+import peftlab
 import pytest
 from conftest import REPO, run_peftlab
 from peftlab.pipelines import runner
@@ -23,6 +24,7 @@ files: {sequences: seqs.fasta, pairs: pairs.tsv}
 labels: [no_interaction, interaction]
 splits: {ratios: {train: 0.5, validation: 0.25, test: 0.25}, seed: 0}
 license: CC0-1.0
+source: written by the tests
 ---
 Four proteins, eight pairs.
 """
@@ -146,6 +148,11 @@ def test_a_card_without_validation_says_the_last_epoch_is_kept(tmp_path, capsys)
     assert main(["card", "validate", str(test_only)]) == 0
     summary = json.loads(capsys.readouterr().out)
     assert summary["splits"] == {"test": 8} and summary["notes"] == []
+    # a card that says nothing of where its data comes from, or on what terms, is told so
+    no_terms = write_card(tmp_path, GOOD.replace("license: CC0-1.0", "license: ''"))
+    assert main(["card", "validate", str(no_terms)]) == 0
+    notes = json.loads(capsys.readouterr().out)["notes"]
+    assert any(note.startswith("the card gives no license (`license:`): say where the data comes from") for note in notes)
 
 
 def test_data_limit_is_said_with_what_it_kept(tmp_path):
@@ -219,3 +226,15 @@ def test_every_card_template_with_ratios_offers_per_split_files_that_load(tmp_pa
     loaded = runner.load_card(str(card), task)
     assert {"train", "validation", "test"} <= set(loaded.splits)
     assert "ratios" not in loaded.splits
+
+
+def test_a_recipe_reads_the_package_cards_whatever_the_working_folder_holds(tmp_path, monkeypatch):
+    """A user's own data_cards/ folder, with a file of a shipped card's name, does not
+    stand in for the recipe's card; `--data data_cards/...` names the user's own."""
+    (tmp_path / "data_cards").mkdir()
+    (tmp_path / "data_cards" / "protein-ppi-demo.md").write_text("not the shipped card\n")
+    monkeypatch.chdir(tmp_path)
+    packaged = Path(peftlab.__file__).parent / "data_cards" / "protein-ppi-demo.md"
+    assert runner.build_config("protein-ppi", demo=True).data.card == str(packaged)
+    mine = runner.build_config("protein-ppi", demo=True, data="data_cards/protein-ppi-demo.md").data.card
+    assert runner.cfg.resolve_card_path(mine) == Path("data_cards/protein-ppi-demo.md")

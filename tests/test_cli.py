@@ -85,7 +85,7 @@ def test_predict_on_fasta_and_pairs(ppi_run, tmp_path):
     out = tmp_path / "predictions.jsonl"
     result = run_peftlab("predict", ppi_run, fasta, pairs, "--out", out)
     assert result.returncode == 0, result.stderr[-2000:]
-    assert f"note: 1 pairs have a sequence longer than {max_length} residues: its start window is scored" in result.stderr
+    assert f"note: 1 pair has a sequence longer than {max_length} residues: its start window is scored" in result.stderr
     assert "note: 1 ids name more than one input (e.g. 'fam0_p0|fam1_p3'); their prediction rows follow the input order" \
         in result.stderr
     rows = [json.loads(line) for line in out.read_text().splitlines()]

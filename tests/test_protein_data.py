@@ -383,6 +383,8 @@ def test_group_by_protein_leaves_no_protein_in_two_splits(tmp_path):
     note = next(n for n in dataset.notes if n.startswith("group_by_protein"))
     dropped_train, dropped_validation = map(int, re.search(r"dropped (\d+) training and (\d+) validation", note).groups())
     assert dropped_train + dropped_validation == len(pairs) - kept > 0
+    sizes = ", ".join(f"{len(dataset.splits[name])} {name}" for name in ("train", "validation", "test"))
+    assert note.endswith(f"; {sizes} pairs remain")  # what a C3 split leaves, logged
     # given files whose validation pairs all share a protein with test: the split it empties is named
     (tmp_path / "train.tsv").write_text("P1\tP2\t1\nP3\tP4\t0\n")
     (tmp_path / "validation.tsv").write_text("P5\tP6\t1\n")

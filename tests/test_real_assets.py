@@ -75,3 +75,4 @@ def test_group_by_protein_keeps_ecoli_proteins_apart(real_assets, tmp_path, monk
     assert not proteins["train"] & proteins["test"] and not proteins["validation"] & (proteins["train"] | proteins["test"])
     sizes = {name: len(split) for name, split in dataset.splits.items()}
     assert sizes == {"train": 4186, "validation": 805, "test": 1821}  # the figures the README quotes
+    assert any(note.endswith("; 4186 train, 805 validation, 1821 test pairs remain") for note in dataset.notes)

@@ -140,7 +140,9 @@ def test_an_undefined_validation_metric_neither_stops_training_nor_passes_silent
                                      "data.limit": {"train": 64, "validation": 1, "test": 32}})
     metrics = json.loads((run_dir / "metrics.json").read_text())
     assert metrics["train"]["epochs"] == 3 and metrics["train"]["best_epoch"] is None
-    assert "note: validation auroc was undefined at every epoch" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "note: validation auroc was undefined at every epoch" in err
+    assert "validation auroc n/a (best n/a)\n" in err and "epoch None" not in err
 
 
 def test_an_epoch_cut_short_by_max_steps_reports_the_mean_loss_of_its_steps(tmp_path):

@@ -122,7 +122,10 @@ class Attention(nn.Module):
     def __init__(self, dim: int, num_heads: int, qkv_bias: bool = False):
         super().__init__()
         if dim % num_heads:
-            raise UserError(f"Point-BERT width {dim} is not divisible by {num_heads} heads")
+            divisors = [n for n in range(1, dim + 1) if dim % n == 0 and n <= 16]
+            raise UserError(f"Point-BERT width {dim} is not divisible by {num_heads} heads; set task.num_heads to the "
+                            f"checkpoint's head count (one of {', '.join(map(str, divisors))}; a peftlab export's "
+                            f"config.json says it)")
         self.num_heads = num_heads
         self.qkv = nn.Linear(dim, dim * 3, bias=qkv_bias)
         self.proj = nn.Linear(dim, dim)

@@ -299,8 +299,9 @@ def keep_proteins_apart(splits: dict[str, list[dict]]) -> str:
             splits[name] = kept
         dropped[name] = len(pairs) - len(kept)
         seen_later |= {protein for e in kept for protein in (e["a"], e["b"])}
+    remain = ", ".join(f"{len(splits[name])} {name}" for name in ("train", "validation", "test") if name in splits)
     return (f"group_by_protein: no protein is in two splits; dropped {dropped['train']} training and "
-            f"{dropped['validation']} validation pairs that shared a protein with a later split")
+            f"{dropped['validation']} validation pairs that shared a protein with a later split; {remain} pairs remain")
 
 
 def drop_repeated_pairs(splits: dict[str, list[dict]], where: str) -> str | None:
@@ -404,7 +405,8 @@ class PPITask(_ProteinTask):
 
     def input_notes(self, examples, options: ProteinOptions) -> list[str]:
         long = sum(max(len(e["a_seq"]), len(e["b_seq"])) > options.max_length for e in examples)
-        return [f"{long} pairs have a sequence longer than {options.max_length} residues: its "
+        pairs = "1 pair has" if long == 1 else f"{long} pairs have"
+        return [f"{pairs} a sequence longer than {options.max_length} residues: its "
                 f"{options.crop_eval} window is scored (task.crop_eval, task.max_length)"] if long else []
 
     def describe(self, example, scores, labels) -> dict:
