@@ -559,3 +559,13 @@ def test_point_folder_labels_in_any_order_are_matched_by_name(tmp_path):
     with pytest.raises(UserError, match=r"`labels` \['cube', 'cylinder', 'sphere'\] differ from the data's classes "
                                         r"\['Sphere', 'cube', 'cylinder'\]"):
         task.read(_card(tmp_path, card + "labels: [cube, cylinder, sphere]"), options)
+
+
+def test_a_head_count_that_does_not_divide_the_width_names_the_option_and_its_values():
+    from peftlab.domains.point_cloud.backbones import Attention
+
+    with pytest.raises(UserError, match=r"^Point-BERT width 64 is not divisible by 6 heads; set task\.num_heads to the "
+                                        r"checkpoint's head count \(one of 1, 2, 4, 8, 16; a peftlab export's "
+                                        r"config\.json says it\)$"):
+        Attention(64, 6)
+    assert Attention(64, 4).num_heads == 4
