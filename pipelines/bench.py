@@ -197,18 +197,26 @@ def plan(pipeline, methods, *, seeds, demo, data, backbone, out, full, overrides
     # stops the sweep with exit 2 before anything is written, not as the same error
     # recorded in every cell
     card = runner.load_card(base.data.card, task)
-    dataset = runner.read_dataset(base, task, options, card)
-    fold_datasets = {None: dataset}
-    if fold_items:
+    if fold_items:  # the card's own fold need not exist (`fold_by: fold` with no test: the folds name it)
         fold_datasets = {fold: _fold_dataset(pipeline, demo, backbone, data, general, fold, override, task, options, card)
                          for fold, override in fold_items}
+    else:
+        fold_datasets = {None: runner.read_dataset(base, task, options, card)}
+    for fold, fold_dataset in fold_datasets.items():  # a split a fold leaves empty stops the sweep now, named
+        try:
+            runner.evaluated_splits(base.eval.splits, card, fold_dataset, announce=False)
+        except UserError as error:
+            raise UserError(f"--folds {fold}: {error}" if fold else str(error)) from None
+    dataset = next(iter(fold_datasets.values()))
     prints = {fold: fingerprint(d.splits) for fold, d in fold_datasets.items()}  # each fold's examples, once
     same = _same_splits(prints)
     if same:
         raise UserError(f"--folds {same[0]} and {same[1]} give the same splits: this card's splits do not depend "
                         f"on splits.{same[0].partition('=')[0]} (e.g. one file per split, or demo data); "
                         f"fold over a key the card's splits use")
-    runner.log_notes(dataset, training=True)
+    for fold, fold_dataset in fold_datasets.items():  # what each fold's reading did, e.g. a patient in two splits
+        for note in runner.dataset_notes(fold_dataset, training=True):
+            runner.log(f"note: --folds {fold}: {note}" if fold else f"note: {note}")
     metric_names, primary = runner.run_metrics(base, task, card)
     reported = "test" if "test" in base.eval.splits else base.eval.splits[-1]
     model = task.build_model(base.backbone.name, dataset.labels, options)

@@ -230,11 +230,12 @@ def card_validate(path, overrides):
     options = cfg.build_task_options(task, given.get("task", {}))
     loaded = runner.load_card(path, task)
     dataset = task.read(loaded, options)
-    for split, examples in dataset.splits.items():
-        if not examples:
-            raise UserError(f"{loaded.card_path}: split {split!r} is empty")
+    runner.evaluated_splits(list(dataset.splits), loaded, dataset, announce=False)  # an empty split, said why
     counts = {split: len(examples) for split, examples in dataset.splits.items()}
     notes = runner.dataset_notes(dataset, training=True)
+    if "test" not in dataset.splits and "train" in dataset.splits:
+        notes.append("the card gives no test split: a run then needs eval.splits=[validation]; give it one (a file, "
+                     "a ratio, or with fold_by, test: [VALUES])")
     if loaded.format != "demo":
         notes += [f"the card gives no {key} (`{key}:`): say where the data comes from and on what terms it may be "
                   f"used, so that runs on it can be shared" for key in ("license", "source") if not getattr(loaded, key)]

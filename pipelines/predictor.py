@@ -97,9 +97,9 @@ class Predictor:
         model runs elsewhere (`MultiAdapter.evaluate`)."""
         loaded = runner.load_run_card(self.run_dir, self.config, self.task) if card is None else \
             runner.load_card(card, self.task)
-        # The run's own card is read as in training (same subsample and fold); another card
-        # whole, with its own splits.
-        config = self.config if card is None else self.config.model_copy(
+        # The run's own card is read as in training (same subsample and fold), named or not;
+        # another card whole, with its own splits.
+        config = self.config if card is None or self._is_run_card(loaded) else self.config.model_copy(
             update={"data": self.config.data.model_copy(update={"limit": None, "splits": None})})
         try:
             dataset = runner.read_dataset(config, self.task, self.options, loaded, training=False)
@@ -117,6 +117,20 @@ class Predictor:
         runner.log(f"{split}: {len(dataset.splits[split])} examples of {loaded.card_path}")
         return runner.evaluate_split(self.task, self.model, dataset, split, self.meta["metrics"],
                                      self.batch_size, self.accelerator.autocast, predictions_file, outputs_of)
+
+    def _is_run_card(self, card) -> bool:
+        """Whether `card` is the card the run trained on: at its path, or its text (a copy,
+        say, beside data that has moved). A run trained on one fold (`data.splits`) keeps
+        that fold there; read as another card, its default fold could be training data."""
+        trained_on = Path(self.config.data.card)
+        copy = self.run_dir / "card.md"
+        same = Path(card.card_path).resolve() == trained_on.resolve() or (copy.is_file() and card.text == copy.read_text(
+            encoding="utf-8", errors="replace"))
+        if not same and self.config.data.splits:
+            given = ", ".join(f"{key}={value}" for key, value in self.config.data.splits.items())
+            runner.log(f"note: {self.run_dir.name} trained with data.splits {given} on {trained_on}; "
+                       f"{card.card_path} is another card, read with its own splits")
+        return same
 
     def _match_labels(self, dataset, card) -> None:
         """Another card's classes must be the run's; named in another order, its examples
@@ -217,6 +231,8 @@ class Predictor:
         """Every example of the card's splits (or of `split`), read by the task's reader as
         training reads a card, each line naming its split. Labels in the data are read, not used."""
         card = runner.load_card(str(card_path), self.task)
+        if self._is_run_card(card):  # its splits as the run made them: the test of a fold run is that fold's
+            card = runner.with_split_overrides(card, self.config.data.splits, self.task)
         try:
             dataset = self.task.read(card, self.options)
         except MissingField as error:

@@ -302,6 +302,32 @@ def run_metrics(config: cfg.RunConfig, task, card: Card) -> tuple[list[str], str
     return metric_names, primary
 
 
+def evaluated_splits(wanted: list[str], card: Card, dataset: Dataset, announce: bool = True) -> list[str]:
+    """The splits a run evaluates: `wanted` (eval.splits), less validation where the data
+    has none (a card with validation_fraction: 0, or no validation ratio, runs with the
+    recipes' [validation, test]). Each must be in the data and hold examples: found before
+    training, not after."""
+    others = [split for split in wanted if split != "validation"]
+    if "validation" not in dataset.splits and "validation" in wanted and others \
+            and all(split in dataset.splits for split in others):
+        if announce:
+            log(f"note: the data has no validation split; eval.splits is {others}")
+        wanted = others
+    for split in wanted:
+        if split not in dataset.splits:
+            held_out = [present for present in dataset.splits if present != "train"]
+            raise UserError(f"{card.card_path}: eval.splits names {split!r}; the data has {', '.join(dataset.splits)}: "
+                            f"set eval.splits=[{', '.join(held_out)}] or give the card a {split} split (a file, a "
+                            f"ratio, or with fold_by, {split}: [VALUES])")
+        if not dataset.splits[split]:
+            sizes = ", ".join(f"{name} {len(examples)}" for name, examples in dataset.splits.items())
+            raise UserError(f"{card.card_path}: split {split!r} is empty: the card's splits (a ratio, or "
+                            f"validation_fraction of train) round it to none of these examples ({sizes}); give it "
+                            f"examples (raise its share, name its fold values, or give it a file) or leave it out "
+                            f"of eval.splits")
+    return wanted
+
+
 def prepare(config: cfg.RunConfig, run_dir: Path | None = None) -> Prepared:
     """`run_dir`: a run being resumed, whose own copy of the card is read."""
     task = get_task(config.task_name)
@@ -309,23 +335,7 @@ def prepare(config: cfg.RunConfig, run_dir: Path | None = None) -> Prepared:
     card = load_card(config.data.card, task) if run_dir is None else load_run_card(run_dir, config, task)
     dataset = read_dataset(config, task, options, card)
     metric_names, primary = run_metrics(config, task, card)
-    others = [split for split in config.eval.splits if split != "validation"]
-    if "validation" not in dataset.splits and "validation" in config.eval.splits and others \
-            and all(split in dataset.splits for split in others):
-        # a card with no validation split (validation_fraction: 0, or no validation ratio)
-        # runs with the recipes' [validation, test]: the splits it has are evaluated
-        config.eval.splits = others
-        log(f"note: the data has no validation split; eval.splits is {others}")
-    for split in config.eval.splits:
-        if split not in dataset.splits:
-            held_out = [present for present in dataset.splits if present != "train"]
-            raise UserError(f"eval.splits names {split!r}; the data has {', '.join(dataset.splits)}: set "
-                            f"eval.splits=[{', '.join(held_out)}] or add a {split} split to the card")
-        if not dataset.splits[split]:  # found now, not after training
-            total = sum(len(examples) for examples in dataset.splits.values())
-            raise UserError(f"{card.card_path}: split {split!r} is empty: the card's splits (a ratio, or "
-                            f"validation_fraction of train) round it to none of these {total} examples; give it "
-                            f"examples (raise its share, or give it a file) or leave it out of eval.splits")
+    config.eval.splits = evaluated_splits(config.eval.splits, card, dataset)
     log_notes(dataset, training=True)
     model = build_model(config, task, options, dataset.labels)
     return Prepared(config, task, options, card, dataset, model, metric_names, primary)

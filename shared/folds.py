@@ -4,8 +4,8 @@ column names each record's split.
 `splits: {fold_by: COLUMN}` reads one table (or JSON lines) of the task's record format,
 the format a card loader's records are read as, and divides its records by COLUMN:
 
-- `fold_by: set` alone: each cell is a split name, train, validation (or valid, val,
-  dev) or test, in any case (FLIP's `set` column; a saved Hugging Face dataset's `split`);
+- `fold_by: set` alone: each cell is a split name, train, validation or test (or
+  training, valid, val, dev, testing), in any case (FLIP's `set` column; a saved Hugging Face dataset's `split`);
 - `fold_by: session, test: [5]` (and `validation: [4]`): the records with those values
   are the test (and validation) split and every other record trains. A fold per run
   (`data.splits.test=[2]`) or per cell of a sweep (`peftlab bench --folds test=1,2,3`)
@@ -14,7 +14,7 @@ the format a card loader's records are read as, and divides its records by COLUM
 Each split's records are then read as a per-split file's are, so a validation split the
 data does not give is held out of train the same way (`validation_fraction`). Values
 compare as text, numbers by value (`5`, `"5"`, `5.0` and `"5.0"` are one fold; `"05"`
-is another). COLUMN may be a `fields` key that names a column (speech-emotion's
+is another), booleans in any case. COLUMN may be a `fields` key that names a column (speech-emotion's
 `fields.session`).
 """
 
@@ -82,11 +82,16 @@ def check_fold_by(card: Card, task) -> None:
             raise UserError(f"{card.card_path}: splits.{key} beside splits.fold_by: the fold column makes the splits "
                             f"(every record not in test or validation trains); remove splits.{key}")
     for key in ("validation", "test"):
-        values = spec.get(key)
-        if key in spec and (values is None or values == []):
+        if key not in spec:
+            continue
+        values = spec[key]
+        if values is None or values == []:
             raise UserError(f"{card.card_path}: splits.{key} names no {column} value; list the values that make "
                             f"{key} (e.g. {key}: [5]) or leave {key} out")
         for value in values if isinstance(values, list | tuple) else [values]:
+            if value is None or (isinstance(value, str) and not value.strip()):
+                raise UserError(f"{card.card_path}: splits.{key} lists an empty value ({value!r}); list {column} "
+                                f"values, e.g. {key}: [5]")
             if isinstance(value, list | dict):
                 raise UserError(f"{card.card_path}: splits.{key} lists {value!r}; list {column} values (text or "
                                 f"numbers), e.g. {key}: [5]")
@@ -99,9 +104,16 @@ def check_fold_by(card: Card, task) -> None:
 DATA_SUFFIXES = frozenset((".csv", ".tsv", ".txt", ".json", ".jsonl", ".npz", ".h5", ".parquet", ".pkl", ".fasta"))
 """Suffixes of files a per-split `splits.test` names: beside fold_by, not a fold value."""
 
-SPLIT_NAMES = {"train": "train", "validation": "validation", "valid": "validation", "val": "validation",
-               "dev": "validation", "test": "test"}
+SPLIT_NAMES = {"train": "train", "training": "train", "validation": "validation", "valid": "validation",
+               "val": "validation", "validating": "validation", "dev": "validation", "development": "validation",
+               "test": "test", "testing": "test"}
 """Cell text (any case) -> the split it names, where the cells name the split."""
+
+
+def _names_held_out_split(value: str) -> bool:
+    """A cell that reads as a test or validation split's name ("test", "Testing", "test_set",
+    "valid"): in a column of fold values, training on it would be a silent mistake."""
+    return SPLIT_NAMES.get(value.lower(), "train") != "train" or re.search(r"test|valid", value.lower()) is not None
 
 
 def fold_split(card: Card, path: Path, records: list, table: bool) -> dict[str, list]:
@@ -111,7 +123,10 @@ def fold_split(card: Card, path: Path, records: list, table: bool) -> dict[str, 
     named = (card.fields or {}).get(key)
     column = named if isinstance(named, str) else key
     if table:
-        header, records = records[0][1], records[1:]
+        header, records = (records[0][1], records[1:]) if records else ([], [])
+    if not records:
+        raise UserError(f"{path}: no records to divide by splits.fold_by")
+    if table:
         names = [cell.strip() for cell in header]
         if isinstance(named, int) and not isinstance(named, bool) and 0 <= named < len(names):
             index = named  # fields.KEY as a column position
@@ -128,7 +143,7 @@ def fold_split(card: Card, path: Path, records: list, table: bool) -> dict[str, 
                 raise UserError(f"{path}:{number}: a {type(record).__name__}, not a record (a JSON object of named fields)")
         if not any(column in record for _, record in records):
             raise UserError(f"{path}: splits.fold_by names key {column!r}, which no record has"
-                            f"{did_you_mean(column, records[0][1]) if records else ''}")
+                            f"{did_you_mean(column, records[0][1])}")
         value_of = lambda record: record.get(column)  # noqa: E731
     values = []
     for number, record in records:
@@ -164,13 +179,15 @@ def fold_value(value, where: str, column: str) -> str | None:
     if isinstance(value, float) and value.is_integer():
         value = int(value)
     text = str(value).strip()
-    if _WHOLE_DECIMAL.fullmatch(text):
-        text = text.split(".")[0]
+    if text.lower() in ("true", "false"):  # YAML's true, JSON's true and a cell's "True" are one value
+        return text.lower()
+    if _DECIMAL.fullmatch(text):  # "5.0" as a float column writes 5, "5.50" is 5.5
+        text = text.rstrip("0").rstrip(".")
     return text or None
 
 
-_WHOLE_DECIMAL = re.compile(r"-?(0|[1-9][0-9]*)\.0+")
-"""A decimal that is a whole number ("5.0", as a float column writes it), read as "5"."""
+_DECIMAL = re.compile(r"-?(0|[1-9][0-9]*)\.[0-9]+")
+"""A decimal number without leading zeros, whose trailing zeros say nothing ("5.0", "5.50")."""
 
 
 def _split_by_names(values: list[str], records: list, path: Path, column: str, key: str) -> dict[str, str]:
@@ -179,9 +196,11 @@ def _split_by_names(values: list[str], records: list, path: Path, column: str, k
     if unknown:
         number = next(n for (n, _), value in zip(records, values) if value == unknown[0])
         present = sorted(set(values))
+        # a fold number is the usual held-out value; a name could mean anything, so none is guessed
+        example = unknown[-1] if all(re.fullmatch(r"-?[0-9.]+", value) for value in unknown) else "VALUE"
         raise UserError(f"{path}:{number}: {column} is {unknown[0]!r}, not a split name (train, validation or valid, "
                         f"test); the column holds {', '.join(present[:8])}{', ...' if len(present) > 8 else ''}: list "
-                        f"the values that test (and validate), e.g. splits: {{fold_by: {key}, test: [{unknown[-1]}]}}, "
+                        f"the values that test (and validate), e.g. splits: {{fold_by: {key}, test: [{example}]}}, "
                         f"and the rest trains")
     return {value: SPLIT_NAMES[value.lower()] for value in set(values)}
 
@@ -204,11 +223,12 @@ def _split_by_values(given: dict[str, list[str]], values: list[str], records: li
                         f"{column} must not also validate (leave `validation` out to hold validation out of the rest)")
     split_of = {value: split for split, wanted in given.items() for value in wanted}
     trained = next(((n, value) for (n, _), value in zip(records, values)
-                    if value not in split_of and SPLIT_NAMES.get(value.lower(), "train") != "train"), None)
+                    if value not in split_of and _names_held_out_split(value)), None)
     if trained is not None:
         number, value = trained
-        raise UserError(f"{path}:{number}: {column} is {value!r}, a split name that splits.test and splits.validation "
-                        f"do not list, so it would train; list it (e.g. {SPLIT_NAMES[value.lower()]}: [{value}]), or "
+        split = SPLIT_NAMES.get(value.lower(), "test" if "test" in value.lower() else "validation")
+        raise UserError(f"{path}:{number}: {column} is {value!r}, a split's name that splits.test and "
+                        f"splits.validation do not list, so it would train; list it (e.g. {split}: [{value}]), or "
                         f"leave test and validation out to read the cells as split names")
     return split_of
 

@@ -64,16 +64,27 @@ def write_yaml(path, obj) -> None:
 
 class _YamlLoader(yaml.SafeLoader):
     """YAML as `safe_load` reads it, with YAML 1.2's numbers and booleans: `1e-3` is a
-    number (PyYAML's YAML 1.1 wants `1.0e-3` and otherwise keeps the text), and only
+    number (PyYAML's YAML 1.1 wants `1.0e-3` and otherwise keeps the text), only
     true/false are booleans (YAML 1.1 also reads yes/no/on/off so, which turned
-    `task.feature_cache=off` into False)."""
+    `task.feature_cache=off` into False), and an integer is decimal whatever its leading
+    zeros (YAML 1.1 read the fold `010` as octal 8 and `1:30` as 90); 0o17 and 0x1f
+    are octal and hexadecimal."""
+
+    def construct_yaml_int(self, node):
+        text = self.construct_scalar(node).replace("_", "")
+        sign, digits = (-1, text[1:]) if text.startswith("-") else (1, text.lstrip("+"))
+        base = {"0o": 8, "0x": 16}.get(digits[:2].lower(), 10)
+        return sign * int(digits[2:] if base != 10 else digits, base)
 
 
 _YamlLoader.yaml_implicit_resolvers = {
-    first: [(tag, pattern) for tag, pattern in resolvers if tag != "tag:yaml.org,2002:bool"]
+    first: [(tag, pattern) for tag, pattern in resolvers if tag not in ("tag:yaml.org,2002:bool", "tag:yaml.org,2002:int")]
     for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()}
 _YamlLoader.add_implicit_resolver(
     "tag:yaml.org,2002:bool", re.compile(r"^(?:true|True|TRUE|false|False|FALSE)$"), list("tTfF"))
+_YamlLoader.add_implicit_resolver(
+    "tag:yaml.org,2002:int", re.compile(r"^(?:[-+]?[0-9][0-9_]*|0o[0-7]+|0x[0-9a-fA-F]+)$"), list("-+0123456789"))
+_YamlLoader.add_constructor("tag:yaml.org,2002:int", _YamlLoader.construct_yaml_int)
 _YamlLoader.add_implicit_resolver(
     "tag:yaml.org,2002:float", re.compile(r"^[-+]?[0-9][0-9_]*(?:\.[0-9_]*)?[eE][-+]?[0-9]+$"), list("-+0123456789"))
 

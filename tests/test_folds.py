@@ -176,6 +176,15 @@ def _fold_card(tmp_path, splits: str, table: str | None = None, task_name="prote
     return write_task_card(tmp_path, task_name, f"format: csv\nlabels: [a, b]\nfiles: {{data: all.csv}}\nsplits: {splits}")
 
 
+def test_card_validate_says_when_a_fold_card_gives_no_test_split(tmp_path, capsys):
+    card = _fold_card(tmp_path, "{fold_by: fold, validation: [3]}")
+    assert main(["card", "validate", str(card)]) == 0
+    summary = json.loads(capsys.readouterr().out)
+    assert summary["splits"] == {"train": 8, "validation": 4}
+    assert "the card gives no test split: a run then needs eval.splits=[validation]; give it one (a file, a ratio, or " \
+           "with fold_by, test: [VALUES])" in summary["notes"]
+
+
 def test_a_fold_per_run_and_per_sweep_cell(tmp_path):
     card = _fold_card(tmp_path, "{fold_by: fold, test: [3], validation: [2]}")
     dataset = read_task_data(card, "protein-classify")
@@ -190,11 +199,21 @@ def test_a_fold_per_run_and_per_sweep_cell(tmp_path):
     ("{fold_by: fold}", None, r"all\.csv:2: fold is '1', not a split name \(train, validation or valid, test\); the "
                               r"column holds 1, 2, 3: list the values that test \(and validate\), e\.g\. splits: "
                               r"\{fold_by: fold, test: \[3\]\}, and the rest trains$"),
-    ("{fold_by: part}", "sequence,label,part\nMKVL,a,train\nMKVAL,b,holdout\n",
-     r"all\.csv:3: part is 'holdout', not a split name .* e\.g\. splits: \{fold_by: part, test: \[holdout\]\}"),
+    ("{fold_by: part}", "sequence,label,part\nMKVL,a,train\nMKVAL,b,holdout\n",  # a name: no value guessed
+     r"all\.csv:3: part is 'holdout', not a split name .* e\.g\. splits: \{fold_by: part, test: \[VALUE\]\}"),
+    ("{fold_by: part}", "sequence,label,part\nMKVL,a,training\nMKVAL,b,testing\nMKVG,a,validating\n", None),
     ("{fold_by: part, validation: [valid]}", "sequence,label,part\nMKVL,a,train\nMKVAL,b,valid\nMKVG,a,Test\n",
-     r"all\.csv:4: part is 'Test', a split name that splits\.test and splits\.validation do not list, so it would "
+     r"all\.csv:4: part is 'Test', a split's name that splits\.test and splits\.validation do not list, so it would "
      r"train; list it \(e\.g\. test: \[Test\]\), or leave test and validation out to read the cells as split names$"),
+    ("{fold_by: part, test: [b]}", "sequence,label,part\nMKVL,a,a\nMKVAL,b,b\nMKVG,a,test_set\n",
+     r"all\.csv:4: part is 'test_set', a split's name .* \(e\.g\. test: \[test_set\]\)"),
+    ("{fold_by: fold, test: [1, null]}", None, r"card\.md: splits\.test lists an empty value \(None\); list fold "
+                                               r"values, e\.g\. test: \[5\]$"),
+    ("{fold_by: fold, validation: ' '}", None, r"card\.md: splits\.validation lists an empty value \(' '\)"),
+    ("{fold_by: fold, test: [010]}", "sequence,label,fold\nMKVL,a,008\nMKVAL,b,010\n",
+     r"card\.md: splits\.test names fold '10', which no record has; the data has \['008', '010'\] \(write it quoted, "
+     r"test: \['010'\], to keep its zeros\)$"),
+    ("{fold_by: fold, test: [1]}", "sequence,label,fold\n", r"all\.csv: no records to divide by splits\.fold_by$"),
     ("{fold_by: fold, test: [1]}", "sequence,label,fold\nMKVL,a,1\nMKVAL,b,\n",
      r"all\.csv:3: no 'fold' value; splits\.fold_by: fold needs one in every record$"),
     ("{fold_by: fold, test: [1]}", "sequence,label\nMKVL,a\n",
@@ -225,6 +244,11 @@ def test_a_fold_per_run_and_per_sweep_cell(tmp_path):
 ])
 def test_fold_mistakes_are_one_line_naming_the_place(tmp_path, splits, table, message):
     card = _fold_card(tmp_path, splits, table)
+    if message is None:  # training, testing, validating name the splits too
+        splits = read_task_data(card, "protein-classify").splits
+        assert {name: [e["id"] for e in examples] for name, examples in splits.items()} == {
+            "train": ["all.csv:2"], "test": ["all.csv:3"], "validation": ["all.csv:4"]}
+        return
     with pytest.raises(UserError, match=message):
         read_task_data(card, "protein-classify")
 
@@ -296,7 +320,7 @@ def test_a_video_or_patient_in_two_splits_is_noted(tmp_path):
     (tmp_path / "all.csv").write_text("video,caption,part\nv0,a,train\nv0,b,test\nv1,c,train\nv2,d,validation\nv3,e,test\n")
     card = write_task_card(tmp_path, "video-text-retrieval", "format: csv\nfiles: {data: all.csv}\nsplits: {fold_by: part}")
     notes = read_task_data(card, "video-text-retrieval").notes
-    assert "1 videos have captions in more than one split (e.g. v0): results on them are not on unseen videos" in notes
+    assert "1 video has captions in more than one split (e.g. v0): results on them are not on unseen videos" in notes
     for i in range(6):
         Image.new("RGB", (8, 8), (40 * i, 0, 0)).save(tmp_path / f"x{i}.png")
     (tmp_path / "images.csv").write_text("path,label,patient,part\n" + "".join(
@@ -332,6 +356,13 @@ def test_fold_values_compare_as_numbers_and_split_names_in_any_case(tmp_path):
                                                              "splits: {fold_by: fold, test: [5.0], validation: ['05']}")
     dataset = read_task_data(card, "reasoning-arithmetic")
     assert {split: len(examples) for split, examples in dataset.splits.items()} == {"train": 3, "validation": 3, "test": 12}
+    # booleans are one value however written (YAML true, JSON true, "True"); decimals by value (5.5, "5.50")
+    (tmp_path / "b.jsonl").write_text("".join(json.dumps({"question": f"{i} + 1?", "answer": str(i + 1), "held": v}) + "\n"
+                                              for i, v in enumerate([True, "true", "True", False, 5.5, "5.50", 5.25])))
+    card = write_task_card(tmp_path, "reasoning-arithmetic", "format: jsonl\nfiles: {data: b.jsonl}\n"
+                                                             "splits: {fold_by: held, test: [true], validation: [5.5]}", "b.md")
+    dataset = read_task_data(card, "reasoning-arithmetic")
+    assert {split: len(examples) for split, examples in dataset.splits.items()} == {"train": 2, "validation": 2, "test": 3}
     (tmp_path / "named.csv").write_text("sequence,label,part\n" + "".join(
         f"MKV{'A' * i}L,{'ab'[i % 2]},{part}\n" for i, part in enumerate(["Train", " train", "TEST", "valid", "dev", "Validation"])))
     card = write_task_card(tmp_path, "protein-classify", "format: csv\nlabels: [a, b]\nfiles: {data: named.csv}\n"
@@ -364,3 +395,51 @@ def test_a_fold_override_needs_a_fold_column_and_null_takes_a_card_key_away(tmp_
     with pytest.raises(UserError, match=r"format 'demo' has none \(a demo generates its own splits\)"):
         runner.load_card(str(write_task_card(tmp_path, "medical-classify", "format: demo\nsplits: {fold_by: x}", "d.md")),
                          get_task("medical-classify"))
+
+
+def test_eval_and_predict_on_the_run_s_own_card_keep_the_run_s_fold(tmp_path, capsys):
+    """A run trained on one fold (data.splits.test=[2]) evaluates and predicts on that fold
+    whether its card is named or not (the card's own default fold trained it); another
+    card is read with its own splits, and the run says so."""
+    from peftlab import run as run_pipeline
+    from peftlab.pipelines.predictor import Predictor
+
+    card = _fold_card(tmp_path, "{fold_by: fold, test: [3]}")
+    run_dir = run_pipeline("protein-classify", data=str(card), backbone="tiny", out=tmp_path / "run",
+                           overrides={"train.epochs": 1, "data.splits": {"test": [2], "validation_fraction": 0}})
+    fold2 = [f"all.csv:{n}" for n in (3, 6, 9, 12)]
+    tested = [json.loads(line)["id"] for line in (run_dir / "predictions" / "test.jsonl").read_text().splitlines()]
+    assert tested == fold2
+    predictor = Predictor(run_dir)
+    saved = json.loads((run_dir / "metrics.json").read_text())["test"]
+    assert predictor.evaluate("test", card=str(card)) == predictor.evaluate("test") == saved
+    copy = tmp_path / "moved"  # the card copied beside data that moved: the same card, by its text
+    copy.mkdir()
+    (copy / "all.csv").write_text((tmp_path / "all.csv").read_text())
+    (copy / "card.md").write_text(card.read_text())
+    assert predictor.evaluate("test", card=str(copy / "card.md")) == saved
+    assert [row["id"] for row in predictor.predict(str(card), split="test")] == fold2
+    capsys.readouterr()
+    other = write_task_card(tmp_path, "protein-classify", "format: csv\nlabels: [a, b]\nfiles: {data: all.csv}\n"
+                                                          "splits: {fold_by: fold, test: [3], seed: 1}", "other.md")
+    assert [row["id"] for row in predictor.predict(str(other), split="test")] == [f"all.csv:{n}" for n in (4, 7, 10, 13)]
+    assert f"note: run trained with data.splits test=[2], validation_fraction=0 on {card}; {other} is another card, " \
+           f"read with its own splits" in capsys.readouterr().err
+
+
+def test_bench_folds_are_checked_before_training_and_need_no_default_fold(tmp_path, capsys):
+    (tmp_path / "all.csv").write_text("sequence,label,fold\n" + "".join(
+        f"MKV{'A' * i}L,{'ab'[i % 2]},{1 if i < 16 else 2}\n" for i in range(20)))
+    card = write_task_card(tmp_path, "protein-classify", "format: csv\nlabels: [a, b]\nfiles: {data: all.csv}\n"
+                                                         "splits: {fold_by: fold}")  # no test: the folds name it
+    argv = ["bench", "protein-classify", "--methods", "bitfit", "--no-full", "--data", str(card), "--backbone", "tiny",
+            "--out", str(tmp_path / "sweep"), "train.epochs=1"]
+    # fold test=1 leaves 4 training rows: 10 % of them for validation rounds to none; found before any training
+    assert main([*argv, "--folds", "test=2,1"]) == 2
+    error = capsys.readouterr().err.strip().splitlines()[-1]
+    assert re.search(r"^error: --folds test=1: .*card\.md: split 'validation' is empty: .* \(train 4, test 16, "
+                     r"validation 0\)", error), error
+    assert not (tmp_path / "sweep").exists()
+    assert main([*argv, "--folds", "test=2", "data.splits.validation_fraction=0.25"]) == 0
+    err = capsys.readouterr().err
+    assert "note: --folds test=2: validation: 4 training sequences held out" in err

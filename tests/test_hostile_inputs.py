@@ -213,17 +213,18 @@ CASES = [
                                                  files={"sequences": "s.fasta", "pairs": "p.tsv"},
                                                  splits={"ratios": {"train": 0.9, "validation": 0.05, "test": 0.05}}),
          r"card\.md: split 'validation' is empty: the card's splits \(a ratio, or validation_fraction of train\) round "
-         r"it to none of these 2 examples; give it examples \(raise its share, or give it a file\) or leave it out of "
-         r"eval\.splits$"),  # 5 % of two pairs rounds to none
+         r"it to none of these examples \(train 2, validation 0, test 0\); give it examples \(raise its share, name its "
+         r"fold values, or give it a file\) or leave it out of eval\.splits$"),  # 5 % of two pairs rounds to none
     Case("card-validation-fraction-holds-out-none",
          card_run(CLASSIFY, "csv", {"tr.csv": "sequence,label\nMKVL,0\nMKVA,1\nMKVG,0\nMKVW,1\n", "te.csv": "sequence,label\nMKVC,0\n"},
                   splits={"train": "tr.csv", "test": "te.csv"}),
          r"card\.md: split 'validation' is empty: the card's splits \(a ratio, or validation_fraction of train\) round "
-         r"it to none of these 5 examples"),  # 10 % of two per class rounds to none
+         r"it to none of these examples \(train 4, test 1, validation 0\)"),  # 10 % of two per class rounds to none
     Case("card-no-validation-split", card_run(PROTEIN, "fasta+pairs_tsv", {"s.fasta": FASTA, "p.tsv": "a\tb\t1\nb\tc\t0\n"},
                                               files={"sequences": "s.fasta", "pairs": "p.tsv"},
                                               splits={"ratios": {"train": 1.0, "validation": 0.0, "test": 0.0}}),
-         r"eval\.splits names 'validation'; the data has train: set eval\.splits=\[\] or add a validation split to the card"),
+         r"card\.md: eval\.splits names 'validation'; the data has train: set eval\.splits=\[\] or give the card a "
+         r"validation split \(a file, a ratio, or with fold_by, validation: \[VALUES\]\)$"),
     # ------------------------------------------------------------------ protein
     Case("fasta-binary-garbage", card_run(PROTEIN, "fasta+pairs_tsv", {"s.fasta": bytes(range(256)) * 4, "p.tsv": "a\tb\t1\n"},
                                           files={"sequences": "s.fasta", "pairs": "p.tsv"}), r"s\.fasta: not UTF-8/ASCII text"),

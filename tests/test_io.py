@@ -41,6 +41,8 @@ def test_yaml_reads_numbers_and_booleans_as_yaml_1_2_does_in_configs_overrides_a
     # and only true/false are booleans (YAML 1.1 read `task.feature_cache=off` as False)
     assert io.load_yaml("a: off\nb: yes\nc: true\nd: FALSE\ne: [on, No]") == \
         {"a": "off", "b": "yes", "c": True, "d": False, "e": ["on", "No"]}
+    # integers are decimal whatever their zeros (YAML 1.1 read the fold 010 as octal 8, 1:30 as 90)
+    assert io.load_yaml("a: [010, 05, -007, +3, 0o17, 0x1F, 1:30, 0]") == {"a": [10, 5, -7, 3, 15, 31, "1:30", 0]}
     overrides = config.apply_overrides({}, ["method.dropout=1e-1", "train.lr=3e-4", "task.name=x1e3"])
     assert overrides == {"method": {"dropout": 0.1}, "train": {"lr": 0.0003}, "task": {"name": "x1e3"}}
     assert build_options(get_method("lora"), overrides["method"]).dropout == 0.1

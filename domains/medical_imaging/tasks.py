@@ -277,7 +277,7 @@ def _patients_in_several_splits(splits: dict[str, list[dict]]) -> str | None:
     """A note where given splits (tables, or a fold column) put one patient's images in
     more than one split: a model tested on a patient it trained on."""
     shared = in_several_splits(splits, "patient")
-    return (f"{len(shared)} patients have images in more than one split (e.g. {', '.join(shared[:3])}): results on "
+    return (f"{'1 patient has' if len(shared) == 1 else f'{len(shared)} patients have'} images in more than one split (e.g. {', '.join(shared[:3])}): results on "
             f"them are not on unseen patients") if shared else None
 
 

@@ -402,7 +402,7 @@ def _videos_in_several_splits(splits: dict[str, list[dict]]) -> str | None:
     """A note where given splits (files, or a fold column) put one video's captions in
     more than one split: a model tested on a video it trained on."""
     shared = in_several_splits(splits, "video_id")
-    return (f"{len(shared)} videos have captions in more than one split (e.g. {', '.join(shared[:3])}): results on "
+    return (f"{'1 video has' if len(shared) == 1 else f'{len(shared)} videos have'} captions in more than one split (e.g. {', '.join(shared[:3])}): results on "
             f"them are not on unseen videos") if shared else None
 
 
