@@ -155,3 +155,14 @@ def without_locations(splits: dict) -> dict:
     """The examples less what names where they were read (ids from line numbers, table rows)."""
     return {split: [{k: v for k, v in e.items() if k not in ("id", "row")} for e in examples]
             for split, examples in splits.items()}
+
+
+JSON_RECORDS = {
+    "code-review-necessity": lambda i: {"patch": f"@@ -1 +1 @@\n+x = {i}", "y": i % 2, "id": f"r{i}"},
+    "code-review-comment": lambda i: {"patch": f"@@ -1 +1 @@\n+x = {i}", "msg": f"name {i}", "id": f"r{i}"},
+    "code-refine": lambda i: {"old": f"x = {i}", "comment": "rename", "new": f"y = {i}", "id": f"r{i}"},
+    "reasoning-commonsense": lambda i: {"question": f"is {i} even?", "answer": ["false", "true"][i % 2 == 0],
+                                        "dataset": "boolq", "id": f"q{i}"},
+    "reasoning-arithmetic": lambda i: {"question": f"{i} + 1?", "answer": str(i + 1), "dataset": "gsm8k", "id": f"q{i}"},
+}
+"""Record i of each JSON-lines task, in its own format (CodeReviewer's keys, the reasoning shapes)."""

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 import soundfile
 import yaml
-from conftest import read_task_data, without_locations, write_task_card
+from conftest import JSON_RECORDS, read_task_data, without_locations, write_task_card
 from peftlab.pipelines import bench, runner
 from peftlab.pipelines.cli import main
 from peftlab.shared.data import fingerprint
@@ -116,19 +116,10 @@ CASES = {
     "medical-classify": _medical,
     "speech-emotion": _speech,
     "pointcloud-classify": _pointcloud,
-    "code-review-necessity": _json_lines(lambda i: {"patch": f"@@ -1 +1 @@\n+x = {i}", "y": i % 2, "id": f"r{i}"}),
-    "code-review-comment": _json_lines(lambda i: {"patch": f"@@ -1 +1 @@\n+x = {i}", "msg": f"name {i}", "id": f"r{i}"}),
-    "code-refine": _json_lines(lambda i: {"old": f"x = {i}", "comment": "rename", "new": f"y = {i}", "id": f"r{i}"}),
-    "reasoning-commonsense": _json_lines(lambda i: {"question": f"is {i} even?", "answer": ["false", "true"][i % 2 == 0],
-                                                    "dataset": "boolq", "id": f"q{i}"}),
-    "reasoning-arithmetic": _json_lines(lambda i: {"question": f"{i} + 1?", "answer": str(i + 1), "dataset": "gsm8k",
-                                                   "id": f"q{i}"}),
+    **{name: _json_lines(record) for name, record in JSON_RECORDS.items()},
     "video-text-retrieval": _video,
     "video-caption": _video,
 }
-
-
-
 
 
 def test_every_task_has_a_case():

@@ -12,7 +12,7 @@ import numpy as np
 import peftlab
 import pytest
 import soundfile
-from conftest import read_task_data, run_peftlab, without_locations, write_task_card
+from conftest import JSON_RECORDS, read_task_data, run_peftlab, without_locations, write_task_card
 from peftlab.pipelines import runner
 from peftlab.shared.data import fingerprint
 from peftlab.shared.errors import UserError
@@ -126,18 +126,10 @@ CASES = {
     "medical-classify": _medical,
     "speech-emotion": _speech,
     "pointcloud-classify": _pointcloud,
-    "code-review-necessity": _code_review(lambda i: {"patch": f"@@ -1 +1 @@\n+x = {i}", "y": i % 2, "id": f"r{i}"}),
-    "code-review-comment": _code_review(lambda i: {"patch": f"@@ -1 +1 @@\n+x = {i}", "msg": f"name {i}", "id": f"r{i}"}),
-    "code-refine": _code_review(lambda i: {"old": f"x = {i}", "comment": "rename", "new": f"y = {i}", "id": f"r{i}"}),
-    "reasoning-commonsense": _reasoning(lambda i: {"question": f"is {i} even?", "answer": ["false", "true"][i % 2 == 0],
-                                                   "dataset": "boolq", "id": f"q{i}"}),
-    "reasoning-arithmetic": _reasoning(lambda i: {"question": f"{i} + 1?", "answer": str(i + 1), "id": f"q{i}"}),
+    **{name: (_code_review if name.startswith("code") else _reasoning)(record) for name, record in JSON_RECORDS.items()},
     "video-text-retrieval": _video,
     "video-caption": _video,
 }
-
-
-
 
 
 def test_every_task_has_a_case():
