@@ -113,6 +113,8 @@ class Predictor:
             self._match_labels(dataset, loaded)
         if split not in dataset.splits:
             raise UserError(f"split {split!r} is not in {loaded.card_path}; it has {', '.join(dataset.splits)}")
+        if config is not self.config:
+            self._note_another_card(loaded)
         runner.log_notes(dataset, training=False)
         runner.log(f"{split}: {len(dataset.splits[split])} examples of {loaded.card_path}")
         return runner.evaluate_split(self.task, self.model, dataset, split, self.meta["metrics"],
@@ -122,15 +124,16 @@ class Predictor:
         """Whether `card` is the card the run trained on: at its path, or its text (a copy,
         say, beside data that has moved). A run trained on one fold (`data.splits`) keeps
         that fold there; read as another card, its default fold could be training data."""
-        trained_on = Path(self.config.data.card)
         copy = self.run_dir / "card.md"
-        same = Path(card.card_path).resolve() == trained_on.resolve() or (copy.is_file() and card.text == copy.read_text(
-            encoding="utf-8", errors="replace"))
-        if not same and self.config.data.splits:
+        return Path(card.card_path).resolve() == Path(self.config.data.card).resolve() or (
+            copy.is_file() and card.text == copy.read_text(encoding="utf-8", errors="replace"))
+
+    def _note_another_card(self, card) -> None:
+        """Says, once the card is read, that the run's fold does not apply to another card."""
+        if self.config.data.splits:
             given = ", ".join(f"{key}={value}" for key, value in self.config.data.splits.items())
-            runner.log(f"note: {self.run_dir.name} trained with data.splits {given} on {trained_on}; "
+            runner.log(f"note: {self.run_dir.name} trained with data.splits {given} on {self.config.data.card}; "
                        f"{card.card_path} is another card, read with its own splits")
-        return same
 
     def _match_labels(self, dataset, card) -> None:
         """Another card's classes must be the run's; named in another order, its examples
@@ -231,7 +234,8 @@ class Predictor:
         """Every example of the card's splits (or of `split`), read by the task's reader as
         training reads a card, each line naming its split. Labels in the data are read, not used."""
         card = runner.load_card(str(card_path), self.task)
-        if self._is_run_card(card):  # its splits as the run made them: the test of a fold run is that fold's
+        run_card = self._is_run_card(card)
+        if run_card:  # its splits as the run made them: the test of a fold run is that fold's
             card = runner.with_split_overrides(card, self.config.data.splits, self.task)
         try:
             dataset = self.task.read(card, self.options)
@@ -242,6 +246,8 @@ class Predictor:
                             f"included: give unlabelled data as files instead (peftlab predict RUN FILE ...)") from None
         if split is not None and split not in dataset.splits:
             raise UserError(f"split {split!r} is not in {card.card_path}; it has {', '.join(dataset.splits)}")
+        if not run_card:
+            self._note_another_card(card)
         if dataset.labels and dataset.labels != self.labels:
             runner.log(f"note: {card.card_path} names the classes {dataset.labels}; predictions name the run's, {self.labels}")
         runner.log_notes(dataset, training=False)

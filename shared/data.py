@@ -172,6 +172,17 @@ def in_several_splits(splits: dict[str, list[Example]], key: str) -> list[str]:
     return sorted(value for value, names in splits_of.items() if len(names) > 1)
 
 
+def in_several_splits_note(splits: dict[str, list[Example]], key: str, noun: str, items: str) -> str | None:
+    """A note where given splits (files, or a fold column) put one `key` (a patient, a
+    video) in more than one split, so that a model is tested on what it trained on."""
+    shared = in_several_splits(splits, key)
+    if not shared:
+        return None
+    who = f"1 {noun} has" if len(shared) == 1 else f"{len(shared)} {noun}s have"
+    return (f"{who} {items} in more than one split (e.g. {', '.join(shared[:3])}): results on them are not on "
+            f"unseen {noun}s")
+
+
 def check_ratios(ratios, where: str) -> None:
     """UserError unless `ratios` maps split names to non-negative numbers summing to 1."""
     if not isinstance(ratios, dict):

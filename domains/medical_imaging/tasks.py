@@ -29,7 +29,7 @@ from peftlab.shared.cards import Card
 from peftlab.shared.data import (
     files_in_folder,
     hold_out_validation,
-    in_several_splits,
+    in_several_splits_note,
     number_classes,
     ratio_split,
     split_ratios,
@@ -273,14 +273,6 @@ PER_SPLIT_INSTEAD = {
 """Formats whose splits come from the data itself -> what a card does instead of per-split files."""
 
 
-def _patients_in_several_splits(splits: dict[str, list[dict]]) -> str | None:
-    """A note where given splits (tables, or a fold column) put one patient's images in
-    more than one split: a model tested on a patient it trained on."""
-    shared = in_several_splits(splits, "patient")
-    return (f"{'1 patient has' if len(shared) == 1 else f'{len(shared)} patients have'} images in more than one split (e.g. {', '.join(shared[:3])}): results on "
-            f"them are not on unseen patients") if shared else None
-
-
 class MedicalClassifyTask:
     name = "medical-classify"
     domain = "medical_imaging"
@@ -346,7 +338,7 @@ class MedicalClassifyTask:
         if by_ratios:  # the ratios made every split the card asked for: a validation ratio of 0 (or none) means none
             return Dataset(splits, labels, notes)
         splits, note = hold_out_validation(splits, card, "images", group_of=self._by_patient(card))
-        shared = _patients_in_several_splits(splits) if "patient" in (card.fields or {}) else None
+        shared = in_several_splits_note(splits, "patient", "patient", "images") if "patient" in (card.fields or {}) else None
         return Dataset(splits, labels, notes + [n for n in (note, shared) if n])
 
     def _read_demo(self, card: Card, options: MedicalImageOptions) -> Dataset:

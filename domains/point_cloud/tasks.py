@@ -344,6 +344,7 @@ class PointCloudClassifyTask:
     def _read_loader_files(self, card: Card) -> dict[str, list[dict]]:
         """The card loader's clouds: one file per split, one file whose `fold_by` key names each
         cloud's split, or one file ('all') that ratios divide."""
+        # point_records come from a loader only: split_sources reads them with it, never a file itself
         sources = split_sources(card, False, lambda: card.file("data"), lambda path: loader_records(card, path))
         if sources is None:
             path = card.file("data")

@@ -37,7 +37,7 @@ from peftlab.shared import metrics as metric_registry
 from peftlab.shared.cards import Card
 from peftlab.shared.data import (
     hold_out_validation,
-    in_several_splits,
+    in_several_splits_note,
     ratio_split,
     split_ratios,
     table_rows,
@@ -398,14 +398,6 @@ RETRIEVAL_METHOD_DEFAULTS: dict[str, dict[str, Any]] = {
 DEMO_DEFAULTS = {"train": 480, "validation": 48, "test": 48, "seed": 0, "frames": 16, "size": 32}
 
 
-def _videos_in_several_splits(splits: dict[str, list[dict]]) -> str | None:
-    """A note where given splits (files, or a fold column) put one video's captions in
-    more than one split: a model tested on a video it trained on."""
-    shared = in_several_splits(splits, "video_id")
-    return (f"{'1 video has' if len(shared) == 1 else f'{len(shared)} videos have'} captions in more than one split (e.g. {', '.join(shared[:3])}): results on "
-            f"them are not on unseen videos") if shared else None
-
-
 class _VideoTextTask:
     domain = "video_text"
     named_classes = False  # captions, not classes
@@ -441,7 +433,7 @@ class _VideoTextTask:
             splits = {split: [e for examples in read(path, rows).values() for e in examples]
                       for split, (path, rows) in per_split.items()}
             splits, note = hold_out_validation(splits, card, "captions (whole videos)", group_of=lambda e: e["video_id"])
-            return splits, [n for n in (note, _videos_in_several_splits(splits)) if n]
+            return splits, [n for n in (note, in_several_splits_note(splits, "video_id", "video", "captions")) if n]
         path = self._data_file(card)
         found = read(path, loader_rows(card, path))
         if set(found) != {"all"}:  # the file's own splits; validation from train's videos where it gives none
