@@ -1153,18 +1153,26 @@ def plot_pareto(path: Path, summaries: list[MethodSummary], primary: str, higher
 
 def _label_points(axes, names: list[str], xs: list[float], ys: list[float], fontsize: int = 8) -> None:
     """Name each point beside it, moving a label up or down until it clears the labels
-    already placed (methods of similar size and score otherwise print over each other)."""
+    already placed and the other points' markers (methods of similar size and score
+    otherwise print over each other)."""
     placed: list[tuple[float, float, float, float]] = []
     points_to_pixels = axes.figure.dpi / 72
     height = 1.3 * fontsize * points_to_pixels
+    centres = [axes.transData.transform((x, y)) for x, y in zip(xs, ys)]
+    radius = 4 * points_to_pixels  # a marker's half-width, the "o" of errorbar
+    markers = [(x - radius, y - radius, x + radius, y + radius) for x, y in centres]
+
+    def overlaps(box, other) -> bool:
+        return box[0] < other[2] and other[0] < box[2] and box[1] < other[3] and other[1] < box[3]
+
     for index in sorted(range(len(names)), key=lambda i: (xs[i], ys[i])):
-        x, y = axes.transData.transform((xs[index], ys[index]))
+        x, y = centres[index]
         width = 0.62 * fontsize * points_to_pixels * len(names[index])
+        obstacles = placed + markers[:index] + markers[index + 1:]
         for shift in (0, 1, -1, 2, -2, 3, -3, 4, -4):
             left, bottom = x + 5 * points_to_pixels, y + 2 * points_to_pixels + shift * height
             box = (left, bottom, left + width, bottom + height)
-            if not any(box[0] < other[2] and other[0] < box[2] and box[1] < other[3] and other[1] < box[3]
-                       for other in placed):
+            if not any(overlaps(box, other) for other in obstacles):
                 break
         placed.append(box)
         axes.annotate(names[index], (xs[index], ys[index]), textcoords="offset pixels", fontsize=fontsize,

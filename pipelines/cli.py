@@ -239,22 +239,29 @@ def card_validate(path, overrides):
     if loaded.format != "demo":
         notes += [f"the card gives no {key} (`{key}:`): say where the data comes from and on what terms it may be "
                   f"used, so that runs on it can be shared" for key in ("license", "source") if not getattr(loaded, key)]
+    units = {split: task.example_unit if split == "train" else getattr(task, "held_out_example_unit", task.example_unit)
+             for split in counts}
     click.echo(json.dumps({"card": str(loaded.card_path), "task": task.name, "labels": dataset.labels, "splits": counts,
-                           "notes": notes}))
+                           "counted_as": units, "notes": notes}))
 
 
 @card.command("new")
-@click.argument("domain")
-@click.argument("task_name", metavar="TASK")
+@click.argument("names", nargs=-1, required=True, metavar="[DOMAIN] TASK")
 @click.option("--out", type=click.Path(dir_okay=False), help="Write the card here (default: stdout).")
-def card_new(domain, task_name, out):
-    """Print (or write) a card template for DOMAIN TASK."""
+def card_new(names, out):
+    """Print (or write) a card template for TASK (`peftlab list tasks`); a DOMAIN before it is checked."""
     from peftlab.shared import io
-    from peftlab.shared.tasks import get_task
+    from peftlab.shared.tasks import get_task, list_tasks
 
+    if len(names) > 2:
+        raise UserError(f"card new takes TASK (or DOMAIN TASK), got {' '.join(names)}; the card goes to --out FILE")
+    *domain, task_name = names
+    of_domain = [task.name for task in list_tasks() if task.domain == task_name]
+    if of_domain:
+        raise UserError(f"{task_name} is a domain; name one of its tasks: peftlab card new {' | '.join(of_domain)}")
     task = get_task(task_name)
-    if task.domain != domain:
-        raise UserError(f"task {task_name!r} belongs to domain {task.domain!r}, not {domain!r}")
+    if domain and task.domain != domain[0]:
+        raise UserError(f"task {task_name!r} belongs to domain {task.domain!r}, not {domain[0]!r}")
     template = task.card_template().rstrip("\n") + "\n"  # a text file ends its last line
     # where the format is chosen, the way to read any other
     template = re.sub(r"^(format: .*)$", r"\1\n# another format: set format to its name, add `loader: my_loader:read` (README, "

@@ -95,8 +95,7 @@ class Predictor:
         `predictions_file`: a JSONL path for one row per example (and a task's per-class
         report beside it), as `peftlab eval --predictions` writes. `outputs_of`: where the
         model runs elsewhere (`MultiAdapter.evaluate`)."""
-        loaded = runner.load_run_card(self.run_dir, self.config, self.task) if card is None else \
-            runner.load_card(card, self.task)
+        loaded = self._load_card(card)
         # The run's own card is read as in training (same subsample and fold), named or not;
         # another card whole, with its own splits.
         config = self.config if card is None or self._is_run_card(loaded) else self.config.model_copy(
@@ -119,6 +118,13 @@ class Predictor:
         runner.log(f"{split}: {len(dataset.splits[split])} examples of {loaded.card_path}")
         return runner.evaluate_split(self.task, self.model, dataset, split, self.meta["metrics"],
                                      self.batch_size, self.accelerator.autocast, predictions_file, outputs_of)
+
+    def _load_card(self, card: str | Path | None):
+        """`card`, or the run's own when None. RUN/card.md, named, is the run's copy too: its
+        relative paths start at the original card's folder, not the run directory."""
+        if card is None or Path(card).expanduser().resolve() == (self.run_dir / "card.md").resolve():
+            return runner.load_run_card(self.run_dir, self.config, self.task)
+        return runner.load_card(str(card), self.task)
 
     def _is_run_card(self, card) -> bool:
         """Whether `card` is the card the run trained on: at its path, or its text (a copy,
@@ -233,7 +239,7 @@ class Predictor:
     def _predict_card(self, card_path, split: str | None, outputs_of) -> list[dict[str, Any]]:
         """Every example of the card's splits (or of `split`), read by the task's reader as
         training reads a card, each line naming its split. Labels in the data are read, not used."""
-        card = runner.load_card(str(card_path), self.task)
+        card = self._load_card(card_path)
         run_card = self._is_run_card(card)
         if run_card:  # its splits as the run made them: the test of a fold run is that fold's
             card = runner.with_split_overrides(card, self.config.data.splits, self.task)

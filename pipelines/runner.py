@@ -89,11 +89,13 @@ def build_config(
     overrides: list[str] | tuple[str, ...] = (),
 ) -> cfg.RunConfig:
     """Recipe (or config file), then --demo, --method/--backbone/--data, then key=value."""
+    trained_on = None  # the card of the run a config file repeats
     if config_file:
         raw = cfg.read_config_file(config_file)
         if pipeline and raw.get("pipeline") != pipeline:
             raise UserError(f"{config_file} is for pipeline {raw.get('pipeline')!r}, not {pipeline!r}")
         _note_merged_config(Path(config_file))
+        trained_on = (raw.get("data") or {}).get("card")
     elif pipeline:
         raw = cfg.read_recipe(pipeline)
     else:
@@ -115,7 +117,11 @@ def build_config(
         raw.setdefault("data", {})
         raw["data"] = {"card": data}
     raw = cfg.apply_overrides(raw, list(overrides))
-    return cfg.validate(raw, where=config_file or f"pipeline {pipeline}")
+    config = cfg.validate(raw, where=config_file or f"pipeline {pipeline}")
+    if trained_on and config.data.card and \
+            cfg.resolve_card_path(config.data.card).resolve() == cfg.resolve_card_path(trained_on).resolve():
+        _note_changed_card(Path(config_file), config)
+    return config
 
 
 @dataclass
@@ -436,6 +442,17 @@ def _note_merged_config(config_file: Path) -> None:
         log(f"note: {config_file.parent} is a merged model; its run.yaml repeats the training of "
             f"{source['run_dir']} ({source['method']['name']} on the base backbone), not a run on the merged weights "
             f"(for that, train on its export: `peftlab merge --export`)")
+
+
+def _note_changed_card(config_file: Path, config: cfg.RunConfig) -> None:
+    """A run repeated from its run.yaml reads the card as it is now; where that card is
+    not the one the run trained on (RUN/card.md), the repeat is not the same experiment."""
+    copy, card = config_file.parent / "card.md", cfg.resolve_card_path(config.data.card)
+    if config_file.name != "run.yaml" or not copy.is_file() or not card.is_file():
+        return
+    if card.read_text(encoding="utf-8", errors="replace") != copy.read_text(encoding="utf-8", errors="replace"):
+        log(f"note: {card} has changed since {config_file.parent} trained on it; this run reads it as it is now "
+            f"(the card that run read is {copy})")
 
 
 def resume(run_dir: str | Path) -> Path:

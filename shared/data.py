@@ -37,6 +37,16 @@ def table_rows(path, delimiter: str = ",") -> list[tuple[int, list[str]]]:
     return rows
 
 
+def header_column(header: list[str], name: str, path) -> int | None:
+    """The position of column `name` in a table's header row, None where it has none. A
+    name the header gives twice is refused: which of the two columns is meant is a guess."""
+    positions = [index for index, cell in enumerate(header) if cell == name]
+    if len(positions) > 1:
+        raise UserError(f"{path}: the header row names column {name!r} {len(positions)} times (columns "
+                        f"{', '.join(str(p + 1) for p in positions)}); rename all but one")
+    return positions[0] if positions else None
+
+
 def files_in_folder(folder, list_files: Callable, kind: str, suffixes: Sequence[str]) -> list:
     """The files `list_files` finds in a folder given to `peftlab predict`, or an error
     naming the folder and what it looked for: an empty folder predicts nothing, silently."""

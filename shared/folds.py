@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import Any
 
 from peftlab.shared.cards import Card
-from peftlab.shared.data import check_validation_given
+from peftlab.shared.data import check_validation_given, header_column
 from peftlab.shared.errors import UserError, did_you_mean
 from peftlab.shared.loaders import loader_records, loader_rows
 
@@ -131,8 +131,8 @@ def fold_split(card: Card, path: Path, records: list, table: bool) -> dict[str, 
         if isinstance(named, int) and not isinstance(named, bool) and 0 <= named < len(names):
             index = named  # fields.KEY as a column position
             column = names[index]
-        elif column in names:
-            index = names.index(column)
+        elif (found := header_column(names, column, path)) is not None:
+            index = found
         else:
             raise UserError(f"{path}: splits.fold_by names column {column!r}, which the header lacks "
                             f"({', '.join(names)}); name one of them (fold_by needs a header row naming the column)")

@@ -94,6 +94,8 @@ class Task(Protocol):
     description: str
     metrics: tuple[str, ...]
     primary_metric: str
+    example_unit: str
+    """What one example is, plural ("protein pairs", "clips"): how `card validate` counts."""
     formats: tuple[str, ...]
     loader_format: str
     """The format whose reader reads the records of a card's `loader: module:function`
@@ -137,6 +139,7 @@ class Task(Protocol):
     #   export_backbone(model, directory)               the backbone in its library's own format
     #   group_metrics (attribute)                       True where the card's `group_by` gives per-group metrics
     #   named_classes (attribute)                       False where targets are text, so a card's `labels` is refused
+    #   held_out_example_unit (attribute)               `example_unit` of validation and test where it differs (captions)
 
 
 _TASKS: dict[str, Task] = {}
@@ -145,7 +148,7 @@ _TASKS: dict[str, Task] = {}
 def register_task(task: Task) -> Task:
     if task.name in _TASKS:
         raise ValueError(f"task {task.name!r} is registered twice")
-    missing = [m for m in ("loader_format", "split_keys", "field_keys", "read", "build_model", "read_inputs", "describe", "card_template") if not hasattr(task, m)]
+    missing = [m for m in ("example_unit", "loader_format", "split_keys", "field_keys", "read", "build_model", "read_inputs", "describe", "card_template") if not hasattr(task, m)]
     if missing:
         raise TypeError(f"task {task.name!r} lacks {', '.join(missing)}")
     _TASKS[task.name] = task

@@ -563,3 +563,30 @@ def test_folds_that_change_nothing_or_clash_with_an_override_are_refused(tmp_pat
     assert main(["bench", PIPELINE, "--methods", "bitfit", "--data", str(card), "--backbone", "tiny",
                  "--folds", "seed=0,1", "data.splits.seed=3"]) == 2
     assert "data.splits.seed=3: --folds sets data.splits.seed per fold" in capsys.readouterr().err
+
+
+def test_point_labels_clear_the_other_points_and_each_other():
+    """Methods of similar size and score: a label is not printed over another point's
+    marker or over another label."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    figure = Figure(figsize=(7, 4.5), dpi=120)
+    canvas = FigureCanvasAgg(figure)
+    axes = figure.add_subplot()
+    axes.set_xscale("log")
+    axes.set_xlim(0.1, 100)
+    axes.set_ylim(0, 1)
+    # the other two points sit where the first one's label would go
+    xs, ys, names = [1.0, 1.25, 1.25], [0.5, 0.505, 0.52], ["lora", "dora", "vera"]
+    axes.plot(xs, ys, "o")
+    bench._label_points(axes, names, xs, ys)
+    canvas.draw()
+    labels = {text.get_text(): text.get_window_extent(canvas.get_renderer()) for text in axes.texts}
+    centres = dict(zip(names, axes.transData.transform(list(zip(xs, ys)))))
+    radius = 4 * figure.dpi / 72
+    for name, box in labels.items():
+        for other, (x, y) in centres.items():
+            if other != name:
+                assert not box.overlaps(type(box).from_extents(x - radius, y - radius, x + radius, y + radius)), (name, other)
+        assert not any(box.overlaps(labels[other]) for other in labels if other != name), name

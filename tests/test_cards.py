@@ -87,6 +87,8 @@ def test_cli_card_validate_and_new(tmp_path, capsys):
     summary = json.loads(result.stdout)
     assert summary["task"] == "protein-ppi" and sum(summary["splits"].values()) == 8
 
+    assert summary["counted_as"] == dict.fromkeys(summary["splits"], "protein pairs")
+
     # a shipped card by the path `peftlab list cards` prints, from any working directory
     shipped = run_peftlab("card", "validate", "data_cards/protein-classify-demo.md", cwd=tmp_path)
     assert shipped.returncode == 0, shipped.stderr
@@ -101,6 +103,12 @@ def test_cli_card_validate_and_new(tmp_path, capsys):
     assert "\nformat: csv\n# another format: set format to its name, add `loader: my_loader:read`" in new.read_text()
     assert main(["card", "new", "imaging", "protein-ppi"]) == 2
     assert "belongs to domain 'protein'" in capsys.readouterr().err
+    capsys.readouterr()
+    assert main(["card", "new", "protein-classify"]) == 0  # the task alone names its domain
+    assert capsys.readouterr().out == new.read_text()
+    assert main(["card", "new", "protein"]) == 2
+    assert capsys.readouterr().err.strip() == ("error: protein is a domain; name one of its tasks: "
+                                               "peftlab card new protein-classify | protein-ppi")
 
 
 def test_every_shipped_card_parses():
@@ -238,3 +246,20 @@ def test_a_recipe_reads_the_package_cards_whatever_the_working_folder_holds(tmp_
     assert runner.build_config("protein-ppi", demo=True).data.card == str(packaged)
     mine = runner.build_config("protein-ppi", demo=True, data="data_cards/protein-ppi-demo.md").data.card
     assert runner.cfg.resolve_card_path(mine) == Path("data_cards/protein-ppi-demo.md")
+
+
+def test_card_validate_says_what_it_counts_where_splits_count_different_things(capsys):
+    """Captioning trains on (caption, video) pairs and evaluates once per video: the counts
+    say so, and the held-out counts are the videos."""
+    from peftlab.pipelines import runner
+    from peftlab.shared.tasks import get_task
+
+    assert main(["card", "validate", "data_cards/video-caption-demo.md"]) == 0
+    summary = json.loads(capsys.readouterr().out)
+    assert summary["counted_as"] == {"train": "captions, each with its video",
+                                     "validation": "videos, each with all its captions",
+                                     "test": "videos, each with all its captions"}
+    task = get_task("video-caption")
+    pairs, _ = task._read_pairs(runner.load_card("data_cards/video-caption-demo.md", task))
+    assert summary["splits"] == {"train": len(pairs["train"]),
+                                 **{split: len({e["video_id"] for e in pairs[split]}) for split in ("validation", "test")}}

@@ -283,6 +283,28 @@ def test_python_api_mirrors_the_cli(tmp_path):
 
 
 @pytest.mark.xdist_group("ppi-demo-run")  # one worker trains the shared run once
+def test_repeating_a_run_from_its_run_yaml_notes_a_card_that_changed_since(ppi_run, tmp_path, capsys):
+    """`run --config RUN/run.yaml` reads the card as it is now: where that is not the card
+    the run read (RUN/card.md), the repeat is another experiment, and a note says so."""
+    from peftlab.pipelines import config as cfg
+    from peftlab.pipelines import runner
+
+    copy = tmp_path / "run"
+    copy.mkdir()
+    (copy / "run.yaml").write_text((ppi_run / "run.yaml").read_text())
+    (copy / "card.md").write_text((ppi_run / "card.md").read_text())
+    config = runner.build_config(config_file=str(copy / "run.yaml"))
+    assert "has changed since" not in capsys.readouterr().err
+    (copy / "card.md").write_text((ppi_run / "card.md").read_text().replace("seed: 0", "seed: 1"))
+    assert runner.build_config(config_file=str(copy / "run.yaml")) == config
+    card = cfg.resolve_card_path(config.data.card)
+    assert f"note: {card} has changed since {copy} trained on it; this run reads it as it is now " \
+           f"(the card that run read is {copy / 'card.md'})" in capsys.readouterr().err
+    runner.build_config(config_file=str(copy / "run.yaml"), data=str(tmp_path / "another.md"))
+    assert "has changed since" not in capsys.readouterr().err  # another card named: not a repeat of that run
+
+
+@pytest.mark.xdist_group("ppi-demo-run")  # one worker trains the shared run once
 def test_adapter_on_other_backbone_weights_is_refused_unless_forced(ppi_run, tmp_path, capsys):
     import shutil
 

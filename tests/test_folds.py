@@ -409,6 +409,9 @@ def test_eval_and_predict_on_the_run_s_own_card_keep_the_run_s_fold(tmp_path, ca
     (copy / "all.csv").write_text((tmp_path / "all.csv").read_text())
     (copy / "card.md").write_text(card.read_text())
     assert predictor.evaluate("test", card=str(copy / "card.md")) == saved
+    # the run's own copy, named: its relative paths start at the original card's folder, not the run's
+    assert predictor.evaluate("test", card=str(run_dir / "card.md")) == saved
+    assert [row["id"] for row in predictor.predict(str(run_dir / "card.md"), split="test")] == fold2
     assert [row["id"] for row in predictor.predict(str(card), split="test")] == fold2
     capsys.readouterr()
     other = write_task_card(tmp_path, "protein-classify", "format: csv\nlabels: [a, b]\nfiles: {data: all.csv}\n"

@@ -290,6 +290,7 @@ class _CodeReviewTask:
 
 class NecessityTask(_CodeReviewTask):
     name = "code-review-necessity"
+    example_unit = "diff hunks"
     description = "diff hunk -> needs a review comment? (LLaMA-Reviewer's review necessity prediction)"
     metrics = ("f1", "precision", "recall", "accuracy", "auroc", "aupr")
     primary_metric = "f1"
@@ -335,6 +336,7 @@ class _GenerationTask(_CodeReviewTask):
 
 class CommentTask(_GenerationTask):
     name = "code-review-comment"
+    example_unit = "diff hunks with their comments"
     description = "diff hunk -> review comment (LLaMA-Reviewer's review comment generation)"
     options = CommentOptions
     card_keys = ("demo", "bleu_stopwords")
@@ -379,6 +381,7 @@ def _stopwords(path: Path, card: Card) -> tuple[str, ...]:
 
 class RefineTask(_GenerationTask):
     name = "code-refine"
+    example_unit = "code changes with their revisions"
     description = "code + review comment -> revised code (LLaMA-Reviewer's code refinement)"
     options = RefineOptions
     KIND = "refine"

@@ -19,7 +19,7 @@ import zipfile
 from pathlib import Path
 
 import numpy as np
-from peftlab.shared.data import parse_label, table_rows
+from peftlab.shared.data import header_column, parse_label, table_rows
 from peftlab.shared.errors import MissingField, UserError
 from PIL import Image, UnidentifiedImageError
 
@@ -261,9 +261,10 @@ def read_image_csv(path: Path, image_root: Path, fields: dict, labels: list[str]
         name = fields.get(key, default)
         if isinstance(name, int):
             return name
-        if name not in header:
+        index = header_column(header, name, path)
+        if index is None:
             raise MissingField(str(path), f"column {name!r} for fields.{key} not found", f"the header has {header}", field=key)
-        return header.index(name)
+        return index
 
     image_col = column("image", "path")
     label_col = column("label", "label") if labelled else None

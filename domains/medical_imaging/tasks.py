@@ -275,6 +275,7 @@ PER_SPLIT_INSTEAD = {
 
 class MedicalClassifyTask:
     name = "medical-classify"
+    example_unit = "images"
     domain = "medical_imaging"
     description = "medical image -> class (or findings, multi-label) on timm ViT / ResNet backbones (Dutt et al. 2023)"
     metrics = ("auroc", "accuracy", "balanced_accuracy", "macro_f1")

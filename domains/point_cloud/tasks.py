@@ -263,6 +263,7 @@ SPLITS_OF_FORMAT = {
 
 class PointCloudClassifyTask:
     name = "pointcloud-classify"
+    example_unit = "point clouds"
     domain = "point_cloud"
     description = "3D shape classification on Point-BERT with Point-PEFT (point-prior prompt + geometry-aware adapter)"
     metrics = ("accuracy", "balanced_accuracy", "macro_f1")

@@ -10,7 +10,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
-from peftlab.shared.data import parse_label, table_rows
+from peftlab.shared.data import header_column, parse_label, table_rows
 from peftlab.shared.errors import MissingField, UserError
 
 from .backbones import AMINO_ACIDS
@@ -83,9 +83,10 @@ def _column(fields: dict, key: str, default, header: list[str] | None, path: Pat
     spec = fields.get(key, default)
     if isinstance(spec, int):
         return spec
-    if header is None or spec not in header:
+    index = None if header is None else header_column(header, spec, path)
+    if index is None:
         raise MissingField(str(path), f"column {spec!r} for fields.{key} not found", f"the header has {header}", field=key)
-    return header.index(spec)
+    return index
 
 
 def read_pairs(path: Path, sequences: dict[str, str], fields: dict, labels: list[str] | None,
@@ -140,7 +141,7 @@ def read_sequence_csv(path: Path, fields: dict, labels: list[str] | None, labell
     if "id" in fields and (labelled or isinstance(id_spec, int) or id_spec in header):
         id_col = _column(fields, "id", None, header, path)
     else:
-        id_col = header.index(id_spec) if id_spec in header else None
+        id_col = header_column(header, id_spec, path)
     examples = []
     for number, cells in rows[1:]:
         if len(cells) != len(header):

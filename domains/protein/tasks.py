@@ -341,6 +341,7 @@ def drop_repeated_pairs(splits: dict[str, list[dict]], where: str) -> str | None
 
 class PPITask(_ProteinTask):
     name = "protein-ppi"
+    example_unit = "protein pairs"
     description = "protein-protein interaction: two sequences -> interact yes/no (ESM-2, Sledzieski et al. 2023)"
     metrics = ("aupr", "auroc", "f1", "precision", "recall", "accuracy")
     primary_metric = "aupr"
@@ -444,6 +445,7 @@ class PPITask(_ProteinTask):
 
 class ClassifyTask(_ProteinTask):
     name = "protein-classify"
+    example_unit = "sequences"
     description = "protein sequence -> class (e.g. symmetry, function, activity) on ESM-2"
     metrics = ("accuracy", "macro_f1", "auroc")
     primary_metric = "accuracy"

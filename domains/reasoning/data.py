@@ -123,7 +123,7 @@ def _shape_dataset(record: dict) -> str | None:
 
 def _need(record: dict, key: str, where: str):
     if key not in record or record[key] is None:
-        raise MissingField(where, f"missing field {key!r}", "see `peftlab card new reasoning <task>` for the accepted shapes")
+        raise MissingField(where, f"missing field {key!r}", "see `peftlab card new TASK` for the accepted shapes")
     return record[key]
 
 

@@ -214,6 +214,7 @@ class _ReasoningTask:
 
 class CommonsenseTask(_ReasoningTask):
     name = "reasoning-commonsense"
+    example_unit = "questions"
     description = "multiple-choice and yes/no commonsense questions -> answer (BoolQ, PIQA, SIQA, HellaSwag, WinoGrande, ARC, OBQA)"
     KIND = "commonsense"
     NUMERIC = False
@@ -222,6 +223,7 @@ class CommonsenseTask(_ReasoningTask):
 
 class ArithmeticTask(_ReasoningTask):
     name = "reasoning-arithmetic"
+    example_unit = "problems"
     description = "math word problems -> rationale and final number (GSM8K, AQuA, MAWPS, SVAMP)"
     KIND = "math"
     NUMERIC = True

@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 import soundfile
 import torch
-from peftlab.shared.data import SPLITS, check_ratios, ratio_split, table_rows
+from peftlab.shared.data import SPLITS, check_ratios, header_column, ratio_split, table_rows
 from peftlab.shared.errors import MissingField, UserError
 
 AUDIO_SUFFIXES = (".wav", ".flac", ".ogg", ".mp3")
@@ -199,16 +199,16 @@ def read_table(path: Path, audio_root: Path, fields: dict, labels: list[str] | N
         spec = fields.get(key, key)
         if isinstance(spec, int) and 0 <= spec < len(header):
             columns[key] = spec
-        elif spec in header:
-            columns[key] = header.index(spec)
+        elif (index := header_column(header, spec, path)) is not None:
+            columns[key] = index
         # prediction reads the audio alone: the card's speaker, gender and session columns may be absent there
         elif key == "path" or (labelled and key in ("label", *fields)):
             raise MissingField(str(path), f"column {spec!r} for fields.{key} is not in the header {header}", "fix `fields` in the card",
                                field=key)
-    if group_by is not None and group_by not in columns and group_by not in header:
+    group_column = columns.get(group_by, None if group_by is None else header_column(header, group_by, path))
+    if group_by is not None and group_column is None:
         raise UserError(f"{path}: the card's group_by {group_by!r} is neither a field ({', '.join(columns)}) nor a "
                         f"column of {header}; set group_by to one of them, or leave it out")
-    group_column = columns.get(group_by, header.index(group_by) if group_by in header else None)
     examples, skipped, dropped = [], [], {}
     for number, cells in rows[1:]:
         where = f"{path}:{number}"

@@ -289,6 +289,7 @@ def audio_format_notes(splits: dict[str, list[dict]]) -> list[str]:
 
 class SpeechEmotionTask:
     name = "speech-emotion"
+    example_unit = "clips"
     domain = "speech_emotion"
     description = "utterance -> emotion on a frozen WavLM / wav2vec 2.0 / HuBERT / Whisper encoder (PEFT-SER)"
     metrics = ("uar", "accuracy", "macro_f1")

@@ -31,7 +31,7 @@ from pathlib import Path
 import numpy as np
 import torch
 from peftlab.shared import io
-from peftlab.shared.data import table_rows
+from peftlab.shared.data import header_column, table_rows
 from peftlab.shared.errors import MissingField, UserError
 
 VIDEO_SUFFIXES = (".mp4", ".avi", ".webm", ".mkv", ".mov", ".m4v", ".mpg", ".mpeg", ".gif")
@@ -276,7 +276,9 @@ def read_caption_csv(path: Path, video_root: Path, fields: dict, labelled: bool 
     header = [cell.strip() for cell in rows[0][1]]
     video_column, caption_column = str(fields.get("video", "video")), str(fields.get("caption", "caption"))
     needed = [video_column] + ([caption_column] if labelled else [])
-    missing = [c for c in needed if c not in header]
+    video_index, caption_index = header_column(header, video_column, path), header_column(header, caption_column, path)
+    missing = [c for c, index in ((video_column, video_index), (caption_column, caption_index))
+               if c in needed and index is None]
     if missing:
         raise MissingField(f"{path}:1", f"no column {missing[0]!r} in the header {header}",
                            "name it, or map it with the card's `fields: {video: ..., caption: ...}`",
@@ -286,13 +288,13 @@ def read_caption_csv(path: Path, video_root: Path, fields: dict, labelled: bool 
         where = f"{path}:{number}"
         if len(cells) != len(header):
             raise UserError(f"{where}: {len(cells)} cells, the header has {len(header)}; quote captions that hold commas")
-        reference = cells[header.index(video_column)].strip()
+        reference = cells[video_index].strip()
         if reference not in found:
             found[reference] = find_video(video_root, reference, where)
         video_id = reference
         index = counts.get(video_id, 0)
         counts[video_id] = index + 1
-        caption = cells[header.index(caption_column)].strip() if caption_column in header else ""
+        caption = cells[caption_index].strip() if caption_index is not None else ""
         if labelled and not caption:
             raise UserError(f"{where}: empty caption; fill it or remove the row")
         example = _pair(video_id, found[reference], caption, index)

@@ -490,6 +490,7 @@ TOP_VIDEOS = 10
 
 class RetrievalTask(_VideoTextTask):
     name = "video-text-retrieval"
+    example_unit = "captions, each with its video"
     description = "caption <-> video retrieval with CLIP over uniformly sampled frames (CLIP4Clip / AGAdapter)"
     metrics = ("t2v_r1", "t2v_r5", "t2v_r10", "v2t_r1", "v2t_r5", "v2t_r10", "median_rank", "mean_rank",
                "v2t_median_rank", "v2t_mean_rank")
@@ -595,6 +596,8 @@ CAPTION_METRICS = {"bleu4": caption_bleu4, "rouge_l": rouge_l, "cider": cider}
 
 class CaptionTask(_VideoTextTask):
     name = "video-caption"
+    example_unit = "captions, each with its video"
+    held_out_example_unit = "videos, each with all its captions"  # generated once per video
     description = "video -> caption: frozen CLIP frame features as a prefix for a LoRA/LLaMA-Adapter-tuned causal LM (AGAdapter)"
     metrics = ("bleu4", "rouge_l", "cider")
     primary_metric = "bleu4"
