@@ -1154,7 +1154,7 @@ def plot_pareto(path: Path, summaries: list[MethodSummary], primary: str, higher
 def _label_points(axes, names: list[str], xs: list[float], ys: list[float], fontsize: int = 8) -> None:
     """Name each point beside it, moving a label up or down until it clears the labels
     already placed and the other points' markers (methods of similar size and score
-    otherwise print over each other)."""
+    otherwise print over each other); a moved label has a line to its point."""
     placed: list[tuple[float, float, float, float]] = []
     points_to_pixels = axes.figure.dpi / 72
     height = 1.3 * fontsize * points_to_pixels
@@ -1175,8 +1175,10 @@ def _label_points(axes, names: list[str], xs: list[float], ys: list[float], font
             if not any(overlaps(box, other) for other in obstacles):
                 break
         placed.append(box)
+        # a label moved off its point's row is tied to the point by a thin line
+        arrow = {"arrowstyle": "-", "color": "gray", "linewidth": 0.6, "shrinkA": 0, "shrinkB": 3} if shift else None
         axes.annotate(names[index], (xs[index], ys[index]), textcoords="offset pixels", fontsize=fontsize,
-                      xytext=(box[0] - x, box[1] - y), va="bottom", ha="left")
+                      xytext=(box[0] - x, box[1] - y), va="bottom", ha="left", arrowprops=arrow)
 
 
 def _plain_log_formatter():

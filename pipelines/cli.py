@@ -227,7 +227,8 @@ def card_validate(path, overrides):
     given = cfg.apply_overrides({}, list(overrides))
     if set(given) - {"task"} or "name" in given.get("task", {}):
         raise UserError(f"card validate takes task options only (task.KEY=VALUE), got {' '.join(overrides)}")
-    options = cfg.build_task_options(task, given.get("task", {}))
+    # the options a run starts from (the recipe's, e.g. its crop), then the ones given
+    options = cfg.build_task_options(task, runner.build_config(task.name, overrides=list(overrides)).task_options)
     loaded = runner.load_card(path, task)
     dataset = task.read(loaded, options)
     runner.evaluated_splits(list(dataset.splits), loaded, dataset, announce=False)  # an empty split, said why
@@ -239,10 +240,8 @@ def card_validate(path, overrides):
     if loaded.format != "demo":
         notes += [f"the card gives no {key} (`{key}:`): say where the data comes from and on what terms it may be "
                   f"used, so that runs on it can be shared" for key in ("license", "source") if not getattr(loaded, key)]
-    units = {split: task.example_unit if split == "train" else getattr(task, "held_out_example_unit", task.example_unit)
-             for split in counts}
     click.echo(json.dumps({"card": str(loaded.card_path), "task": task.name, "labels": dataset.labels, "splits": counts,
-                           "counted_as": units, "notes": notes}))
+                           "counted_as": runner.split_units(task, counts), "notes": notes}))
 
 
 @card.command("new")
@@ -336,8 +335,10 @@ def main(argv=None) -> int:
         if _reports_errors():
             click.echo(f"error: {error}", err=True)
         return 2
-    except click.exceptions.Abort as error:  # click's form of Ctrl-C (a run has said how to resume it)
-        click.echo("interrupted" if isinstance(error.__context__, KeyboardInterrupt) else "aborted", err=True)
+    except click.exceptions.Abort as error:  # click's form of Ctrl-C
+        interrupt = error.__context__
+        if not getattr(interrupt, "said", False):  # a run has said it, with how to resume
+            click.echo("interrupted" if isinstance(interrupt, KeyboardInterrupt) else "aborted", err=True)
         return 130
     except click.ClickException as error:
         # one line, like every other mistake: the message and where the help is

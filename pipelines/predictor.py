@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import re
 import shutil
 from collections import Counter
 from pathlib import Path
@@ -132,7 +133,7 @@ class Predictor:
         that fold there; read as another card, its default fold could be training data."""
         copy = self.run_dir / "card.md"
         return Path(card.card_path).resolve() == Path(self.config.data.card).resolve() or (
-            copy.is_file() and card.text == copy.read_text(encoding="utf-8", errors="replace"))
+            copy.is_file() and card.text == copy.read_text(encoding="utf-8-sig", errors="replace"))
 
     def _note_another_card(self, card) -> None:
         """Says, once the card is read, that the run's fold does not apply to another card."""
@@ -188,8 +189,9 @@ class Predictor:
                 examples = self.task.read_inputs([Path(i) for i in inputs], self.options, self.card_fields)
             except MissingField as error:  # the card whose fields name the columns is the run's; predict takes none
                 names = f"fields {self.card_fields}" if self.card_fields else "the default field names"
+                kind = "keys" if re.search(r"\.jsonl?\b", error.where, re.IGNORECASE) else "columns"
                 raise UserError(f"{error.where}: {error.what}; predict reads inputs with the run's card, "
-                                f"{self.run_dir / 'card.md'} ({names}): name the columns so in the input") from None
+                                f"{self.run_dir / 'card.md'} ({names}): name the {kind} so in the input") from None
         elif all(isinstance(i, dict) for i in inputs):
             # dicts made by hand may carry no id; a line names its input by position then
             examples = [example if "id" in example else {"id": str(index), **example} for index, example in enumerate(inputs)]

@@ -100,17 +100,19 @@ def build_config(
         raw = cfg.read_recipe(pipeline)
     else:
         raise UserError("name a pipeline (see `peftlab list pipelines`) or pass --config FILE")
+    recipe_method = dict(raw.get("method") or {})
     if demo:
         if not raw.get("demo"):
             raise UserError(f"pipeline {raw.get('pipeline')!r} has no demo settings")
         demo_method = raw["demo"].get("method") or {}
-        if demo_method.get("name") not in (None, (raw.get("method") or {}).get("name")):
+        if demo_method.get("name") not in (None, recipe_method.get("name")):
             raw["method"] = {}  # another method: the recipe's method options do not apply to it
         raw = cfg.merge(raw, raw["demo"])
     raw.pop("demo", None)
-    # Naming the recipe's own method or backbone keeps the recipe's options for it.
+    # Naming the recipe's own method or backbone keeps the recipe's options for it (with
+    # --demo too, where the demo trains another method: LoReFT's rank and positions).
     if method and method != (raw.get("method") or {}).get("name"):
-        raw["method"] = {"name": method}
+        raw["method"] = recipe_method if method == recipe_method.get("name") else {"name": method}
     if backbone and backbone != (raw.get("backbone") or {}).get("name"):
         raw["backbone"] = {"name": backbone}
     if data:
@@ -214,7 +216,7 @@ def load_run_card(run_dir: Path, config: cfg.RunConfig, task) -> Card:
     training read, even after the original card was edited or moved."""
     original = Path(config.data.card)
     card = load_card(run_dir / "card.md", task, root=original.parent)
-    if original.is_file() and original.read_text(encoding="utf-8", errors="replace") != card.text:
+    if original.is_file() and original.read_text(encoding="utf-8-sig", errors="replace") != card.text:
         log(f"note: {original} has changed since training; reading the run's copy, {card.card_path} "
             f"(pass --data {original} to use the edited card)")
     return card
@@ -344,7 +346,26 @@ def prepare(config: cfg.RunConfig, run_dir: Path | None = None) -> Prepared:
     config.eval.splits = evaluated_splits(config.eval.splits, card, dataset)
     log_notes(dataset, training=True)
     model = build_model(config, task, options, dataset.labels)
+    log(f"data: {describe_split_sizes(task, dataset)}")  # once nothing more can refuse the run
     return Prepared(config, task, options, card, dataset, model, metric_names, primary)
+
+
+def split_units(task, splits) -> dict[str, str]:
+    """What each split's examples are (`card validate` counts them so): the task's
+    `example_unit`, or for held-out splits its `held_out_example_unit` where it has one."""
+    return {split: task.example_unit if split == "train" else getattr(task, "held_out_example_unit", task.example_unit)
+            for split in splits}
+
+
+def describe_split_sizes(task, dataset: Dataset) -> str:
+    """`train 48, validation 6, test 6 (sequences)`; each unit named after its splits."""
+    units = split_units(task, dataset.splits)
+    parts = []
+    for index, (split, examples) in enumerate(dataset.splits.items()):
+        following = list(units.values())[index + 1:]
+        unit = f" ({units[split]})" if not following or following[0] != units[split] else ""
+        parts.append(f"{split} {len(examples):,}{unit}")
+    return ", ".join(parts)
 
 
 def build_model(config: cfg.RunConfig, task, options, labels):
@@ -425,8 +446,8 @@ def run(config: cfg.RunConfig, out: str | Path | None = None) -> Path:
         if main:
             shutil.rmtree(run_dir, ignore_errors=True)
         raise
-    except KeyboardInterrupt:
-        _say_how_to_resume(run_dir, main)
+    except KeyboardInterrupt as interrupt:
+        _say_how_to_resume(run_dir, main, interrupt)
         raise
 
 
@@ -450,7 +471,7 @@ def _note_changed_card(config_file: Path, config: cfg.RunConfig) -> None:
     copy, card = config_file.parent / "card.md", cfg.resolve_card_path(config.data.card)
     if config_file.name != "run.yaml" or not copy.is_file() or not card.is_file():
         return
-    if card.read_text(encoding="utf-8", errors="replace") != copy.read_text(encoding="utf-8", errors="replace"):
+    if card.read_text(encoding="utf-8-sig", errors="replace") != copy.read_text(encoding="utf-8-sig", errors="replace"):
         log(f"note: {card} has changed since {config_file.parent} trained on it; this run reads it as it is now "
             f"(the card that run read is {copy})")
 
@@ -478,8 +499,8 @@ def resume(run_dir: str | Path) -> Path:
                 if not (run_dir / "meta.json").is_file():
                     io.write_json(run_dir / "meta.json", _meta(prepared))
             return _train_and_finish(run_dir, prepared, resume=True)
-    except KeyboardInterrupt:
-        _say_how_to_resume(run_dir, main)
+    except KeyboardInterrupt as interrupt:
+        _say_how_to_resume(run_dir, main, interrupt)
         raise
 
 
@@ -499,12 +520,14 @@ def _training_lock(run_dir: Path, main: bool):
         yield
 
 
-def _say_how_to_resume(run_dir: Path, main: bool) -> None:
-    """On Ctrl-C: where the run can go on from (its last checkpoint, or the start)."""
+def _say_how_to_resume(run_dir: Path, main: bool, interrupt: KeyboardInterrupt) -> None:
+    """On Ctrl-C: where the run can go on from (its last checkpoint, or the start). The
+    interrupt is marked as said, so the CLI does not say "interrupted" a second time."""
     if main:
         last = checkpoint.latest(run_dir / "checkpoints")
         start = f"from its checkpoint {last.resolve().name}" if last is not None else "from the start (no checkpoint yet)"
         log(f"interrupted; `peftlab run --resume {run_dir}` continues it {start}")
+        interrupt.said = True
 
 
 def _write_start(run_dir: Path, prepared: Prepared) -> None:
@@ -537,6 +560,7 @@ def _meta(prepared: Prepared) -> dict:
         "pipeline": prepared.config.pipeline,
         "backbone": prepared.model.backbone_info,
         "labels": prepared.dataset.labels,
+        "examples": {split: len(examples) for split, examples in prepared.dataset.splits.items()},
         "method": {"name": prepared.config.method_name, "options": prepared.model.backbone.options.__dict__},
         "metrics": prepared.metrics,
         "primary_metric": prepared.primary_metric,

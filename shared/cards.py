@@ -54,6 +54,19 @@ class Card(BaseModel):
     body: str = ""
     text: str = ""
 
+    @field_validator("labels", mode="before")
+    @classmethod
+    def _label_names(cls, labels: Any) -> Any:
+        """Classes named by whole numbers (`labels: [0, 1]`) are names as YAML wrote them;
+        anything else that is no text says what `labels` holds."""
+        if not isinstance(labels, list):
+            return labels
+        for label in labels:
+            if not isinstance(label, str) and (isinstance(label, bool) or not isinstance(label, int)):
+                raise ValueError(f"labels name the classes in order as text, got {label!r}: quote it "
+                                 f"(labels: ['{label}', ...]) or leave `labels` out")
+        return [str(label) for label in labels]
+
     @field_validator("splits")
     @classmethod
     def _split_seed(cls, splits: dict[str, Any] | None) -> dict[str, Any] | None:
@@ -151,9 +164,9 @@ def read_card(path, root=None) -> Card:
     if not path.is_file():
         raise UserError(f"data card {path} does not exist; pass the path of a card (see `peftlab list cards`)")
     try:
-        text = path.read_text(encoding="utf-8")
+        text = path.read_text(encoding="utf-8-sig")  # Notepad saves a byte-order mark
     except UnicodeDecodeError as error:
-        raise UserError(f"{path}: not UTF-8 text (byte {error.start}); save the card as UTF-8") from None
+        raise io.not_utf8(path, error, "save the card as UTF-8") from None
     header, body = _split_front_matter(text, path)
     try:
         data = io.load_yaml(header)
@@ -171,7 +184,7 @@ def read_card(path, root=None) -> Card:
         field = ".".join(str(p) for p in first["loc"])
         if first["type"] == "missing":
             raise UserError(f"{path}: required field {field!r} is missing; add `{field}:` to the header") from None
-        raise UserError(f"{path}: field {field!r}: {first['msg']}") from None
+        raise UserError(f"{path}: field {field!r}: {first['msg'].removeprefix('Value error, ')}") from None
     if card.labels is not None:
         _check_labels(card.labels, path)
     card.card_path = path.resolve()

@@ -10,6 +10,7 @@ import os
 from collections.abc import Callable, Sequence
 
 import numpy as np
+from peftlab.shared import io
 from peftlab.shared.errors import UserError
 from peftlab.shared.tasks import Example
 from torch.utils.data import Sampler
@@ -26,7 +27,7 @@ def table_rows(path, delimiter: str = ",") -> list[tuple[int, list[str]]]:
             rows = [(number, cells) for number, cells in enumerate(csv.reader(handle, delimiter=delimiter), start=1)
                     if any(cell.strip() for cell in cells)]
     except UnicodeDecodeError as error:
-        raise UserError(f"{path}: not UTF-8 text (byte {error.start}); save it as UTF-8") from None
+        raise io.not_utf8(path, error, "save it as UTF-8") from None
     except csv.Error as error:
         raise UserError(f"{path}: malformed {kind} ({error})") from None
     if delimiter == "," and rows and len(rows[0][1]) == 1:  # Excel in many locales saves CSV with ';'
@@ -71,6 +72,20 @@ def parse_label(value: str, labels: list[str] | None, where: str) -> int:
     if number != int(number) or number < 0 or (labels and int(number) >= len(labels)):
         raise UserError(f"{where}: label {value!r} is out of range for labels {labels}")
     return int(number)
+
+
+def label_cell(value: str, labels: list[str] | None, where: str) -> int | str:
+    """A label cell -> class index; without the card's `labels`, a cell that is not an
+    index keeps its name, and `number_classes` numbers the classes once all are read."""
+    value = value.strip()
+    if labels is None:
+        try:
+            number = float(value)
+        except ValueError:
+            return value
+        if not math.isfinite(number) or number != int(number):
+            return value
+    return parse_label(value, labels, where)
 
 
 def strata(examples: Sequence[Example]) -> dict[int, list[int]]:
@@ -169,6 +184,26 @@ def hold_out_validation(splits: dict[str, list[Example]], card, what: str,
     return held, (f"validation: {len(chosen)} training {what} held out "
                   f"(splits.validation_fraction={fraction}, seed {int(spec.get('seed', 0))}); "
                   f"{'test is untouched' if 'test' in splits else 'the data has no test split'}")
+
+
+UNKNOWN_GROUP = "(none: "
+"""How a group value (patient, speaker) starts where its cell is empty: `(none: FILE:LINE)`."""
+
+
+def group_cell(value: str, where: str) -> str:
+    """A patient or speaker cell, stripped; an empty one is a group of its own, named by
+    its row. Pooled as one group "", every record without one would move between splits
+    together, skewing them."""
+    return value.strip() or f"{UNKNOWN_GROUP}{where})"
+
+
+def unknown_groups_note(examples: Sequence[Example], key: str, items: str) -> str | None:
+    """A note where some records' `key` cell (patient, speaker) was empty."""
+    unknown = [str(e[key]) for e in examples if str(e.get(key, "")).startswith(UNKNOWN_GROUP)]
+    if not unknown:
+        return None
+    return (f"{len(unknown)} {items} have an empty {key} cell (e.g. {unknown[0][len(UNKNOWN_GROUP):-1]}): each is "
+            f"split as a {key} of its own, so if some are one {key}'s, they may be in train and test")
 
 
 def in_several_splits(splits: dict[str, list[Example]], key: str) -> list[str]:

@@ -94,6 +94,21 @@ def load_yaml(text: str):
     return yaml.load(text, Loader=_YamlLoader)  # noqa: S506 - a SafeLoader subclass
 
 
+_ARCHIVE_MAGIC = {b"\x1f\x8b": "gzip-compressed: decompress it (gunzip)", b"PK\x03\x04": "a zip archive: unzip it",
+                  b"BZh": "bzip2-compressed: decompress it (bunzip2)", b"\xfd7zXZ": "xz-compressed: decompress it (unxz)"}
+
+
+def not_utf8(path, error: UnicodeDecodeError, fix: str) -> UserError:
+    """The error for a text file that is not UTF-8: a compressed file says so (its bytes
+    are not text in any encoding), anything else gets `fix`."""
+    with open(path, "rb") as handle:
+        start = handle.read(6)
+    compressed = next((what for magic, what in _ARCHIVE_MAGIC.items() if start.startswith(magic)), None)
+    if compressed:
+        return UserError(f"{path}: {compressed}, then pass the text file")
+    return UserError(f"{path}: not UTF-8 text (byte {error.start}); {fix}")
+
+
 def read_json(path):
     """A JSON file peftlab wrote; a damaged one (truncated, edited, not UTF-8) is a UserError naming it."""
     try:

@@ -577,12 +577,15 @@ def test_point_labels_clear_the_other_points_and_each_other():
     axes.set_xscale("log")
     axes.set_xlim(0.1, 100)
     axes.set_ylim(0, 1)
-    # the other two points sit where the first one's label would go
-    xs, ys, names = [1.0, 1.25, 1.25], [0.5, 0.505, 0.52], ["lora", "dora", "vera"]
+    # the second and third points sit where the first one's label would go; the fourth stands alone
+    xs, ys, names = [1.0, 1.25, 1.25, 50.0], [0.5, 0.505, 0.52, 0.9], ["lora", "dora", "vera", "full"]
     axes.plot(xs, ys, "o")
     bench._label_points(axes, names, xs, ys)
     canvas.draw()
-    labels = {text.get_text(): text.get_window_extent(canvas.get_renderer()) for text in axes.texts}
+    from matplotlib.text import Text
+
+    # the text's own box (an annotation's extent takes in its line too)
+    labels = {text.get_text(): Text.get_window_extent(text, canvas.get_renderer()) for text in axes.texts}
     centres = dict(zip(names, axes.transData.transform(list(zip(xs, ys)))))
     radius = 4 * figure.dpi / 72
     for name, box in labels.items():
@@ -590,3 +593,6 @@ def test_point_labels_clear_the_other_points_and_each_other():
             if other != name:
                 assert not box.overlaps(type(box).from_extents(x - radius, y - radius, x + radius, y + radius)), (name, other)
         assert not any(box.overlaps(labels[other]) for other in labels if other != name), name
+    # a label moved off its point's row has a line to the point; one beside it needs none
+    moved = {text.get_text(): text.arrow_patch is not None for text in axes.texts}
+    assert moved == {"lora": True, "dora": True, "vera": True, "full": False}, moved

@@ -13,7 +13,7 @@ from peftlab.pipelines import runner
 from peftlab.pipelines.cli import main
 from peftlab.shared.cards import read_card
 from peftlab.shared.errors import UserError
-from peftlab.shared.tasks import get_task, list_tasks
+from peftlab.shared.tasks import Dataset, get_task, list_tasks
 
 GOOD = """---
 name: tiny-ppi
@@ -53,6 +53,19 @@ def test_card_parses_and_resolves_paths_relative_to_the_card(tmp_path):
     assert dataset.splits["train"][0]["a_seq"] in {"MKTAYIAKQR", "MLLAVLYCLAVFALSSRA", "GGGWWWKKKL", "ACDEFGHIKL"}
 
 
+def test_a_card_saved_with_a_byte_order_mark_and_crlf_reads_as_the_plain_card(tmp_path):
+    """Windows Notepad saves UTF-8 with a byte-order mark (and CRLF line ends)."""
+    plain = read_card(write_card(tmp_path))
+    path = tmp_path / "notepad.md"
+    path.write_bytes(b"\xef\xbb\xbf" + GOOD.replace("\n", "\r\n").encode())
+    assert read_card(path).model_dump(exclude={"card_path", "text"}) == plain.model_dump(exclude={"card_path", "text"})
+
+
+def test_classes_named_by_whole_numbers_are_their_names(tmp_path):
+    card = read_card(write_card(tmp_path, GOOD.replace("labels: [no_interaction, interaction]", "labels: [0, 1]")))
+    assert card.labels == ["0", "1"]
+
+
 @pytest.mark.parametrize("edit, message", [
     (lambda t: t.replace("task: protein-ppi\n", ""), r"required field 'task' is missing; add `task:`"),
     (lambda t: t.replace("labels: [no_interaction, interaction]", "labels: no_interaction"), r"field 'labels'"),
@@ -64,6 +77,9 @@ def test_card_parses_and_resolves_paths_relative_to_the_card(tmp_path):
     (lambda t: t.replace("---\nname", "name", 1), r":1: a data card starts with a '---' line"),
     (lambda t: t.replace("task: protein-ppi", "task: protein-classify"), r"format 'fasta\+pairs_tsv' is not one protein-classify reads"),
     (lambda t: t.replace("train: 0.5", "train: 0.9"), r"splits.ratios must be non-negative and sum to 1"),
+    (lambda t: t.replace("labels: [no_interaction, interaction]", "labels: [no, 1.5]"),
+     r"card\.md: field 'labels': labels name the classes in order as text, got 1\.5: quote it \(labels: \['1\.5', "
+     r"\.\.\.\]\) or leave `labels` out$"),
 ])
 def test_card_errors_name_the_field_and_the_fix(tmp_path, edit, message, monkeypatch):
     monkeypatch.delenv("PEFTLAB_TEST_UNSET", raising=False)
@@ -260,6 +276,12 @@ def test_card_validate_says_what_it_counts_where_splits_count_different_things(c
                                      "validation": "videos, each with all its captions",
                                      "test": "videos, each with all its captions"}
     task = get_task("video-caption")
-    pairs, _ = task._read_pairs(runner.load_card("data_cards/video-caption-demo.md", task))
+    pairs, _ = task._read_pairs(runner.load_card("data_cards/video-caption-demo.md", task), task.options())
     assert summary["splits"] == {"train": len(pairs["train"]),
                                  **{split: len({e["video_id"] for e in pairs[split]}) for split in ("validation", "test")}}
+    # a run logs the same counts, each unit named once after the splits it counts
+    dataset = Dataset({split: [{}] * count for split, count in summary["splits"].items()}, [])
+    assert runner.describe_split_sizes(task, dataset) == \
+        "train 480 (captions, each with its video), validation 48, test 48 (videos, each with all its captions)"
+    assert runner.describe_split_sizes(get_task("protein-ppi"), dataset) == \
+        "train 480, validation 48, test 48 (protein pairs)"

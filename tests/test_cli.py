@@ -44,6 +44,7 @@ def test_demo_learns_and_writes_the_run_directory(ppi_run):
     meta = json.loads((ppi_run / "meta.json").read_text())
     assert meta["task"] == "protein-ppi" and meta["method"]["name"] == "lora"
     assert meta["backbone"]["weights_sha256"] and meta["labels"] == ["no_interaction", "interaction"]
+    assert meta["examples"] == {"train": 800, "validation": 200, "test": 300}  # the demo card's sizes
     assert 0 < metrics["params"]["percent"] < 100 and metrics["params"]["trainable"] < metrics["params"]["total"]
     assert set(metrics["train"]) >= {"samples_per_s", "seconds", "peak_rss_mb"}
     best = max(metrics["history"], key=lambda h: h["validation"]["aupr"])
@@ -345,6 +346,10 @@ def test_naming_the_recipes_own_method_keeps_its_options_and_another_method_drop
     recipe = runner.build_config("protein-classify")
     assert own.method == recipe.method  # alpha 32, dropout 0.1 from the recipe
     assert other.method == {"name": "dora"}
+    # with --demo too, where the demo trains another method (full): LoReFT keeps the recipe's rank and positions
+    demo_loreft = runner.build_config("reasoning-commonsense", demo=True, method="loreft")
+    assert demo_loreft.method == runner.build_config("reasoning-commonsense").method
+    assert demo_loreft.method["rank"] == 8 and demo_loreft.backbone.name == "tiny"
 
 
 def test_tqdm_disable_hides_the_training_and_evaluation_bars(tmp_path):

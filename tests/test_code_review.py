@@ -257,12 +257,41 @@ def test_unlabelled_refinement_inputs_lose_codereviewers_markers_as_training_rec
     ('[1, 2]\n', "comment", r"bad\.jsonl:1: a list, not a JSON object"),
     ('{"patch": "x", "y": 1}\n{"patch": " \\n ", "y": 0}\n', "necessity", r"bad\.jsonl:2: field 'patch' is empty"),
     ('{"old": "", "comment": "c", "new": "n"}\n', "refine", r"bad\.jsonl:1: field 'old' is empty"),
+    ('{"patch": "x", "msg": "fine"}\n{"patch": "y", "msg": " "}\n', "comment",
+     r"^\S*bad\.jsonl:2: field 'msg' is empty; a record needs the review comment the model learns to write \(drop the "
+     r"line or fill it\)$"),
+    ('{"patch": "x", "y": "needs_comment"}\n', "necessity",
+     r"^\S*bad\.jsonl:1: field 'y' is 'needs_comment'; review necessity labels are 1 \(needs a comment\) or 0$"),
 ])
 def test_malformed_jsonl_names_file_and_line(tmp_path, content, kind, message):
     path = tmp_path / "bad.jsonl"
     path.write_text(content)
     with pytest.raises(UserError, match=message):
         data.read_jsonl(path, kind, {})
+
+
+def test_necessity_reads_the_cards_label_names(tmp_path):
+    """A card's `labels` name 0 then 1; records may give those names (spaces around them
+    dropped, as a table's cells), and anything else is refused with what is accepted."""
+    records = [{"patch": "+a", "y": "needs_comment"}, {"patch": "+b", "y": "no_comment "}, {"patch": "+c", "y": 1},
+               {"patch": "+d", "y": " 0"}]
+    (tmp_path / "cls.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    card = tmp_path / "card.md"
+    card.write_text("---\nname: c\ndomain: code_review\ntask: code-review-necessity\nformat: jsonl\n"
+                    "files: {data: cls.jsonl}\nlabels: [no_comment, needs_comment]\nsplits: {ratios: {test: 1.0}}\n---\n")
+    task = get_task("code-review-necessity")
+    dataset = task.read(read_card(str(card)), task.options())
+    assert [e["label"] for e in dataset.splits["test"]] == [1, 0, 1, 0]
+    card.write_text(card.read_text().replace("[no_comment, needs_comment]", "[fine, flagged]"))
+    with pytest.raises(UserError) as refused:
+        task.read(read_card(str(card)), task.options())
+    assert str(refused.value) == (f"{tmp_path / 'cls.jsonl'}:1: field 'y' is 'needs_comment'; review necessity labels "
+                                  f"are 1 (needs a comment) or 0, or the card's `labels` 'flagged' (1) and 'fine' (0)")
+    card.write_text(card.read_text().replace("[fine, flagged]", "[no_comment, needs_comment]"))
+    (tmp_path / "cls.jsonl").write_text(json.dumps({"patch": "+a", "y": "Needs_Comment"}) + "\n")
+    with pytest.raises(UserError, match=r"cls\.jsonl:1: field 'y' is 'Needs_Comment'; .* or the card's `labels` "
+                                        r"'needs_comment' \(1\) and 'no_comment' \(0\)$"):
+        task.read(read_card(str(card)), task.options())
 
 
 def test_repeated_record_ids_are_told_apart_by_line(tmp_path):
@@ -287,6 +316,9 @@ def test_malformed_tufano_line_names_file_and_line(tmp_path):
         data.read_tufano_tsv(path, "refine")
     path.write_text(" \tthe comment\n")
     with pytest.raises(UserError, match=r"bad\.tsv:1: the source \(code to review\) is empty"):
+        data.read_tufano_tsv(path, "comment")
+    path.write_text("int a ;\t \n")
+    with pytest.raises(UserError, match=r"bad\.tsv:1: the target \(the reviewer's comment\) is empty; drop the line or fill it$"):
         data.read_tufano_tsv(path, "comment")
 
 

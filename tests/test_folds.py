@@ -13,6 +13,7 @@ import pytest
 import soundfile
 import yaml
 from conftest import JSON_RECORDS, read_task_data, without_locations, write_task_card
+from peftlab.domains.video_text.data import write_video
 from peftlab.pipelines import bench, runner
 from peftlab.pipelines.cli import main
 from peftlab.shared.data import fingerprint
@@ -104,7 +105,7 @@ def _json_lines(record):
 
 def _video(folder):
     for v in range(10):
-        (folder / f"v{v}.mp4").write_bytes(b"")  # found by name; decoded only when a batch needs it
+        write_video(folder / f"v{v}.mp4", np.full((2, 8, 8, 3), 10 * v, np.uint8))  # reading decodes every video
     rows = [(_split_of(v), [f"v{v}", f"a clip {v} take {c}"]) for v in range(10) for c in range(2)]
     fold, per_split = _tables(folder, ["video", "caption"], rows)
     return "format: csv", fold, per_split
@@ -307,7 +308,7 @@ def test_a_video_or_patient_in_two_splits_is_noted(tmp_path):
     """Given splits (a fold column, or files) may put one video's captions, or one
     patient's images, in train and test: the run says so."""
     for v in range(4):
-        (tmp_path / f"v{v}.mp4").write_bytes(b"")
+        write_video(tmp_path / f"v{v}.mp4", np.zeros((2, 8, 8, 3), np.uint8))
     (tmp_path / "all.csv").write_text("video,caption,part\nv0,a,train\nv0,b,test\nv1,c,train\nv2,d,validation\nv3,e,test\n")
     card = write_task_card(tmp_path, "video-text-retrieval", "format: csv\nfiles: {data: all.csv}\nsplits: {fold_by: part}")
     notes = read_task_data(card, "video-text-retrieval").notes

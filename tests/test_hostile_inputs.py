@@ -11,6 +11,7 @@ run as the real command in a subprocess, to show it behaves identically.
 
 from __future__ import annotations
 
+import gzip
 import io
 import json
 import re
@@ -260,6 +261,8 @@ CASES = [
                                       files={"sequences": "s.fasta", "pairs": "p.tsv"}), r"p\.tsv: no pairs"),
     Case("csv-latin1", card_run(CLASSIFY, "csv", {"d.csv": "sequence,label\nMKT,caf\xe9\n".encode("latin-1")}, files={"data": "d.csv"}),
          r"d\.csv: not UTF-8 text \(byte \d+\)"),
+    Case("csv-gzipped", card_run(CLASSIFY, "csv", {"d.csv": gzip.compress(b"sequence,label\nMKT,0\n")}, files={"data": "d.csv"}),
+         r"d\.csv: gzip-compressed: decompress it \(gunzip\), then pass the text file$"),
     Case("csv-missing-column", card_run(CLASSIFY, "csv", {"d.csv": "seq,label\nMKT,0\n"}, files={"data": "d.csv"}),
          r"d\.csv: column 'sequence' for fields\.sequence not found"),
     Case("csv-ragged-row", card_run(CLASSIFY, "csv", {"d.csv": "sequence,label\nMKT,0\nMKV,1,extra\n"}, files={"data": "d.csv"}),
@@ -292,6 +295,20 @@ CASES = [
     Case("medmnist-nan-pixels", card_run(MEDICAL, "medmnist_npz", {"m.npz": npz_bytes(
         train_images=np.where(np.eye(8)[None].repeat(4, 0) > 0, np.nan, 0.5), train_labels=np.zeros((4, 1)))},
         files={"data": "m.npz"}), r"m\.npz: train_images holds NaN or infinite pixels"),
+    Case("medmnist-negative-label", card_run(MEDICAL, "medmnist_npz", {"m.npz": npz_bytes(
+        train_images=np.zeros((3, 8, 8), np.uint8), train_labels=np.array([[0], [-1], [-1]]))}, files={"data": "m.npz"}),
+         r"m\.npz: train_labels\[1\] is -1: labels are class indices 0, 1, \.\.\.; 2 rows are not$"),
+    Case("medmnist-fractional-label", card_run(MEDICAL, "medmnist_npz", {"m.npz": npz_bytes(
+        train_images=np.zeros((2, 8, 8), np.uint8), train_labels=np.array([[0.0], [0.5]]))}, files={"data": "m.npz"}),
+         r"m\.npz: train_labels\[1\] is 0\.5: labels are class indices 0, 1, \.\.\.$"),
+    Case("medmnist-one-hot", card_run(MEDICAL, "medmnist_npz", {"m.npz": npz_bytes(
+        train_images=np.zeros((2, 8, 8), np.uint8), train_labels=np.eye(2))}, files={"data": "m.npz"}),
+         r"m\.npz: train_labels has 2 columns, one 1 per row \(one-hot\): save the class indices "
+         r"\(train_labels\.argmax\(axis=1\)\) for single-label data, or set task\.multi_label=true"),
+    Case("medmnist-channels-first", card_run(MEDICAL, "medmnist_npz", {"m.npz": npz_bytes(
+        train_images=np.zeros((2, 3, 8, 8), np.uint8), train_labels=np.zeros((2, 1)))}, files={"data": "m.npz"}),
+         r"m\.npz: train_images has shape \(2, 3, 8, 8\), channels first; MedMNIST stores \(N, H, W, C\): save "
+         r"np\.transpose\(images, \(0, 2, 3, 1\)\)$"),
     Case("medmnist-missing-labels", card_run(MEDICAL, "medmnist_npz", {"m.npz": npz_bytes(train_images=np.zeros((2, 8, 8), np.uint8))},
                                              files={"data": "m.npz"}), r"m\.npz: has train_images but no train_labels"),
     Case("medmnist-truncated", card_run(MEDICAL, "medmnist_npz", {"m.npz": npz_bytes(train_images=np.zeros((2, 8, 8)))[:60]},
@@ -336,7 +353,7 @@ CASES = [
     Case("point-prompt-blocks-over-depth", demo_run("pointcloud-classify", "--method", "point_peft", "method.prompt_blocks=3"),
          r"prompt_blocks is 3, but this Point-BERT has 2 blocks"),
     Case("video-text-tokens-over-context", demo_run("video-text-retrieval", "task.max_text_tokens=99"),
-         r"task\.max_text_tokens is 99, more than the text tower's context of 16 tokens"),
+         r"task\.max_text_tokens is 99, more than the text tower's context of 77 tokens; set task\.max_text_tokens=77"),
     Case("reasoning-answer-prefix-not-text", demo_run("reasoning-commonsense", "task.answer_prefix=[1]"),
          r"answer_prefix"),
     Case("data-splits-unknown-key", demo_run("speech-emotion", "data.splits.fold=1"),
@@ -390,6 +407,12 @@ CASES = [
     Case("jsonl-broken-line", card_run(NECESSITY, "jsonl", {"d.jsonl": '{"patch": "+x", "y": 1}\n{"patch": \n'}, files={"data": "d.jsonl"}),
          r"d\.jsonl:2: not a JSON object"),
     Case("jsonl-array-line", card_run(NECESSITY, "jsonl", {"d.jsonl": '[1, 2]\n'}, files={"data": "d.jsonl"}), r"d\.jsonl:1: a list, not a JSON object"),
+    Case("jsonl-pretty-printed-array", card_run(NECESSITY, "jsonl", {"d.jsonl": '[\n  {"patch": "+x", "y": 1}\n]\n'},
+                                                files={"data": "d.jsonl"}),
+         r"d\.jsonl: a JSON array over several lines, not JSON lines; write each record as one JSON object on a line "
+         r"of its own$"),
+    Case("jsonl-gzipped", card_run(NECESSITY, "jsonl", {"d.jsonl": gzip.compress(b'{"patch": "+x", "y": 1}\n')},
+                                   files={"data": "d.jsonl"}), r"d\.jsonl: gzip-compressed: decompress it \(gunzip\)"),
     Case("jsonl-missing-field", card_run(COMMENT, "jsonl", {"d.jsonl": '{"patch": "+x"}\n'}, files={"data": "d.jsonl"}),
          r"d\.jsonl:1: no field 'msg' \(needed as `label`\)"),
     Case("jsonl-nan-label", card_run(NECESSITY, "jsonl", {"d.jsonl": '{"patch": "+x", "y": NaN}\n'}, files={"data": "d.jsonl"}),

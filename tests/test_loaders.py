@@ -13,6 +13,7 @@ import peftlab
 import pytest
 import soundfile
 from conftest import JSON_RECORDS, read_task_data, run_peftlab, without_locations, write_task_card
+from peftlab.domains.video_text.data import write_video
 from peftlab.pipelines import runner
 from peftlab.shared.data import fingerprint
 from peftlab.shared.errors import UserError
@@ -113,7 +114,7 @@ def _reasoning(record):
 
 def _video(folder):
     for v in range(10):
-        (folder / f"v{v}.mp4").write_bytes(b"")  # found by name; decoded only when a batch needs it
+        write_video(folder / f"v{v}.mp4", np.full((2, 8, 8, 3), 10 * v, np.uint8))  # reading decodes every video
     (folder / "captions.csv").write_text("video,caption\n" + "".join(f"v{v},a clip {v} take {c}\n"
                                                                      for v in range(10) for c in range(2)))
     common = "files: {data: captions.csv}\nsplits: {ratios: {train: 0.6, validation: 0.2, test: 0.2}}"

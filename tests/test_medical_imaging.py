@@ -155,6 +155,12 @@ def test_imagefolder_grayscale_rgba_and_split_folders(tmp_path):
     # RGBA is composited onto black: a fully transparent pixel becomes black
     transparent = Image.new("RGBA", (2, 2), (255, 255, 255, 0))
     assert np.asarray(data.to_rgb(transparent)).max() == 0
+    # split folders named in any case (Train/, Val/, Test/, as Windows tools save them)
+    for split, named in (("train", "Train"), ("val", "Val"), ("test", "TEST")):
+        (root / split).rename(root / named)
+    renamed = TASK.read(read_card(_write_card(tmp_path, "format: imagefolder\npath: images")), TASK.options())
+    assert {k: len(v) for k, v in renamed.splits.items()} == {"train": 8, "validation": 8, "test": 8}
+    assert renamed.labels == ["normal", "tumour"]
 
 
 def test_imagefolder_leaves_hidden_folders_and_other_files_out(tmp_path):
@@ -528,6 +534,16 @@ def test_patient_field_keeps_each_patients_images_in_one_split(tmp_path):
     assert by_patient["validation"] and not by_patient["validation"] & by_patient["train"]
     with pytest.raises(UserError, match="fields.patient names a column of a csv table"):
         TASK.read(read_card(_write_card(tmp_path, "format: imagefolder\npath: img\nfields: {patient: p}")), TASK.options())
+    # images without a patient are each a patient of their own, not one pooled patient "" that moves
+    # between splits as a block (two thirds of the data in one split), and a note says so
+    blanked = [row if i % 3 == 0 else row.rsplit(",", 1)[0] + "," for i, row in enumerate(rows[1:])]
+    (tmp_path / "blank.csv").write_text("\n".join(rows[:1] + blanked) + "\n")
+    by_patient, dataset = patients(base + "path: blank.csv\nfields: {label: finding, patient: patient}\n"
+                                   "splits: {ratios: {train: 0.6, validation: 0.2, test: 0.2}, seed: 0}")
+    sizes = {name: len(split) for name, split in dataset.splits.items()}
+    assert sizes == {"train": 72, "validation": 24, "test": 24}, sizes
+    assert f"80 images have an empty patient cell (e.g. {tmp_path / 'blank.csv'}:3): each is split as a patient " \
+           f"of its own, so if some are one patient's, they may be in train and test" in dataset.notes
     # ratios that give validation 0 (or leave it out) make no validation split: nothing is held out of train
     for ratios in ("{train: 0.8, validation: 0, test: 0.2}", "{train: 0.8, test: 0.2}"):
         by_patient, dataset = patients(base + f"path: data.csv\nfields: {{label: finding, patient: patient}}\n"

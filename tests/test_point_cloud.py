@@ -535,6 +535,10 @@ def test_point_folder_splits_follow_the_card_exactly(tmp_path):
         task.read(_card(tmp_path, "format: point_folder\nfiles: {root: flat}\nsplits: {validation_fraction: 0}"), options)
 
     _point_folder(tmp_path / "split", {"Sphere": 5, "cube": 5}, ("train", "test"))
+    # what macOS and Jupyter leave beside the data is not data (nor a split folder)
+    (tmp_path / "split" / "cube" / "train" / "._0.npy").write_bytes(b"\x00\x05\x16\x07 AppleDouble")
+    (tmp_path / "split" / "cube" / ".ipynb_checkpoints").mkdir()
+    np.save(tmp_path / "split" / "cube" / ".ipynb_checkpoints" / "0-checkpoint.npy", np.zeros((16, 3), np.float32))
     dataset = task.read(_card(tmp_path, "format: point_folder\nfiles: {root: split}\nsplits: {validation_fraction: 0.4}"), options)
     assert {split: len(examples) for split, examples in dataset.splits.items()} == {"train": 6, "test": 10, "validation": 4}
     assert dataset.notes[0] == "validation: 4 training clouds held out (splits.validation_fraction=0.4, seed 0); test is untouched"
@@ -569,3 +573,13 @@ def test_a_head_count_that_does_not_divide_the_width_names_the_option_and_its_va
                                         r"config\.json says it\)$"):
         Attention(64, 6)
     assert Attention(64, 4).num_heads == 4
+
+
+def test_a_two_class_prediction_line_reads_as_every_binary_task_s():
+    """`score`, the probability of labels[1], named by `positive_class`, as images, clips and
+    protein pairs print it; three classes keep one score per class."""
+    task, _ = _task()
+    row = task.describe({"id": "c.npy"}, np.array([0.25, 0.75]), ["plane", "chair"])
+    assert row == {"id": "c.npy", "score": 0.75, "positive_class": "chair", "prediction": "chair"}
+    row = task.describe({"id": "c.npy"}, np.array([0.5, 0.2, 0.3]), ["plane", "chair", "lamp"])
+    assert row == {"id": "c.npy", "scores": {"plane": 0.5, "chair": 0.2, "lamp": 0.3}, "prediction": "plane"}

@@ -40,3 +40,14 @@ def test_predict_on_example_dicts_without_ids_names_them_by_position(pipeline, t
     rows = predictor.predict([{key: value for key, value in e.items() if key != "id"} for e in examples])
     assert len(rows) == len(examples)
     assert all(row["id"] == str(index) for index, row in enumerate(rows) if "id" in row)
+
+
+def test_a_json_input_missing_a_field_is_told_to_name_its_keys(tmp_path):
+    """JSON lines have keys, not columns: the hint says which."""
+    from peftlab.shared.errors import UserError
+
+    config = runner.build_config("code-review-necessity", demo=True, overrides=ONE_STEP)
+    predictor = load(runner.run(config, out=tmp_path / "run"))
+    (tmp_path / "new.jsonl").write_text('{"diff": "@@ -1 +1 @@\\n-a\\n+b"}\n')
+    with pytest.raises(UserError, match=r"new\.jsonl:1: .*: name the keys so in the input$"):
+        predictor.predict([str(tmp_path / "new.jsonl")])

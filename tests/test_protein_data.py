@@ -9,6 +9,7 @@ import datetime
 import numpy as np
 import pytest
 import torch
+from conftest import read_task_data, write_task_card
 from peftlab.domains.protein import backbones, data
 from peftlab.domains.protein.tasks import crop
 from peftlab.shared.data import BucketBatchSampler, ratio_split, subsample
@@ -70,6 +71,31 @@ def test_csv_reader(tmp_path):
     assert [e["id"] for e in data.read_sequence_csv(path, {}, None, labelled=False)] == ["P12345", "Q99999"]
     path.write_text("sequence\nMKT\n")
     assert [e["id"] for e in data.read_sequence_csv(path, {}, None, labelled=False)] == ["s.csv:2"]
+    # columns by position: a first row that reads as a record is not silently taken for the header
+    positional = {"id": 0, "sequence": 1, "label": 2}
+    path.write_text("x1,MKT,pos\nx2,GGW,neg\n")
+    with pytest.raises(UserError, match=r"s\.csv:1: the first row reads as a record \(x1,MKT,pos\), but a table's "
+                                         r"first row is its header: add a header row"):
+        data.read_sequence_csv(path, positional, ["neg", "pos"])
+    path.write_text("id,sequence,label\nx1,MKT,pos\n")  # "sequence" spells amino acids; "label" is no class
+    assert [e["id"] for e in data.read_sequence_csv(path, positional, ["neg", "pos"])] == ["x1"]
+    assert [e["id"] for e in data.read_sequence_csv(path, positional, None, labelled=False)] == ["x1"]
+
+
+def test_class_codes_without_the_cards_labels_are_the_classes(tmp_path):
+    """Label codes 1 and 2 with no `labels` in the card are two classes named by their codes
+    (as images, clips and point clouds read them), not three with an empty class 0; names
+    are kept and sorted."""
+    rows = [f"{'MKT' * (1 + i % 5)}{'W' * (i % 2)},{1 + i % 2}" for i in range(40)]
+    (tmp_path / "d.csv").write_text("sequence,label\n" + "\n".join(rows) + "\n")
+    card = write_task_card(tmp_path, "protein-classify", "format: csv\nfiles: {data: d.csv}")
+    dataset = read_task_data(card, "protein-classify")
+    assert dataset.labels == ["1", "2"]
+    assert {e["label"] for split in dataset.splits.values() for e in split} == {0, 1}
+    assert any("labels ['1', '2'] are the label column's codes" in note for note in dataset.notes)
+    (tmp_path / "d.csv").write_text("sequence,label\n" + "\n".join(
+        row.replace(",1", ",toxic").replace(",2", ",benign") for row in rows) + "\n")
+    assert read_task_data(card, "protein-classify").labels == ["benign", "toxic"]
 
 
 def test_crop_policies():
@@ -535,3 +561,18 @@ def test_crop_notes_say_which_splits_hold_the_long_sequences(tmp_path):
     notes = task.read(runner.load_card(str(card), task), options).notes
     assert notes == ["2 sequences (test 2) are longer than 10 residues, cropped (random in training, start at evaluation)"]
     assert task.read(runner.load_card(str(card), task), runner.cfg.build_task_options(task, {})).notes == []
+
+
+def test_nucleotide_only_sequences_and_shared_ids_are_noted(tmp_path):
+    """A, C, G and T are amino acids too, so a DNA file reads without error: a note asks.
+    Ids given to two rows would name two prediction lines alike."""
+    rows = ["id,sequence,label"] + [f"p{i % 9},{'ACGT' * (1 + i % 3)}{'TTGCA'[i % 5]},{i % 2}" for i in range(20)]
+    (tmp_path / "d.csv").write_text("\n".join(rows) + "\n")
+    card = write_task_card(tmp_path, "protein-classify", "format: csv\nfiles: {data: d.csv}\nlabels: [a, b]")
+    notes = read_task_data(card, "protein-classify").notes
+    assert f"{card}: every sequence holds only A, C, G, T (N): if these are DNA, translate them to protein first; " \
+           f"ESM-2 reads amino acids" in notes
+    assert f"{card}: 9 ids are given to more than one row (e.g. 'p0'); their prediction lines share it" in notes
+    (tmp_path / "d.csv").write_text("\n".join(rows[:1] + [f"u{i}{row}".replace("ACGT", "MKWV" if i == 5 else "ACGT", 1)
+                                                         for i, row in enumerate(rows[1:])]) + "\n")
+    assert not any("DNA" in note or "more than one row" in note for note in read_task_data(card, "protein-classify").notes)

@@ -323,6 +323,17 @@ def test_llm_adapters_letter_answers_need_their_options(tmp_path, instruction, a
                                                         r"question needs two or more \(leave `choices` out"),
     ('{"question": "q", "answer": "maybe", "passage": "p"}', r"bad\.jsonl:1: yes/no answer 'maybe'"),
     ('not json', r"bad\.jsonl:1: invalid JSON"),
+    ('{"question": null, "choices": ["a", "b"], "answer": "A"}',
+     r"^\S*bad\.jsonl:1: field 'question' is null; give its text \(or drop the line\)$"),
+    ('{"question": " ", "answer": "true"}', r"^\S*bad\.jsonl:1: field 'question' is empty; fill it or drop the line$"),
+    ('{"question": "q", "choices": ["hammer", null], "answer": "A"}',
+     r"^\S*bad\.jsonl:1: choice B is null; give its text \(or drop the line\)$"),
+    ('{"question": "q", "choices": ["hammer", ""], "answer": "A"}', r"bad\.jsonl:1: choice B is empty"),
+    ('{"goal": "g", "sol1": "a", "sol2": null, "label": 0}', r"bad\.jsonl:1: choice B is null"),
+    ('{"question": "q", "passage": null, "answer": true}', r"bad\.jsonl:1: field 'passage' is null"),
+    ('{"question": "q", "choices": {"A": "hammer", "B": "plum"}, "answer": "B"}',
+     r"^\S*bad\.jsonl:1: `choices` is an object \(keys \['A', 'B'\]\); write the options as a list of texts, in the "
+     r"order the letters A, B, \.\.\. name them: \"choices\": \[\"hammer\", \"plum\"\]$"),
 ])
 def test_commonsense_reader_names_the_line_and_the_fix(tmp_path, line, message):
     path = tmp_path / "bad.jsonl"
@@ -338,6 +349,35 @@ def test_math_reader_refuses_non_numbers(tmp_path):
     path = _write(tmp_path / "nan.jsonl", [{"question": "q", "answer": "nan"}])
     with pytest.raises(UserError, match="not a finite number"):
         data.read_jsonl(path, "math")
+
+
+@pytest.mark.parametrize("record, message", [
+    ({"question": None, "answer": 12}, r"^\S*bad\.jsonl:1: field 'question' is null; give its text \(or drop the line\)$"),
+    ({"question": "  ", "answer": 12}, r"^\S*bad\.jsonl:1: field 'question' is empty; fill it or drop the line$"),
+    ({"question": None, "answer": "5 + 7 = 12\n#### 12"}, r"bad\.jsonl:1: field 'question' is null"),
+    ({"Body": None, "Question": "How many?", "Answer": 3}, r"bad\.jsonl:1: field 'Body' is null"),
+    ({"question": "q", "options": ["A)1", None], "correct": "A"}, r"bad\.jsonl:1: choice B is null"),
+    ({"question": "q", "choices": {"A": "1", "B": "2"}, "answer": "B"}, r"bad\.jsonl:1: `choices` is an object"),
+])
+def test_math_reader_refuses_null_and_blank_text(tmp_path, record, message):
+    with pytest.raises(UserError, match=message):
+        data.read_jsonl(_write(tmp_path / "bad.jsonl", [record]), "math")
+
+
+def test_a_null_rationale_is_no_rationale(tmp_path):
+    (example,) = data.read_jsonl(_write(tmp_path / "m.jsonl", [{"question": "7 + 5?", "answer": 12, "rationale": None}]), "math")
+    assert example["label"] == "The answer is 12."
+
+
+@pytest.mark.parametrize("task, line, message", [
+    ("reasoning-arithmetic", '{"question": null}', r"^\S*q\.jsonl:2: field 'question' is null; give its text"),
+    ("reasoning-commonsense", '{"question": "Pick", "choices": ["a", null]}', r"^\S*q\.jsonl:2: choice B is null"),
+])
+def test_predict_refuses_a_null_question_or_choice(tmp_path, task, line, message):
+    path = tmp_path / "q.jsonl"
+    path.write_text('{"question": "Is a plum a fruit?"}\n' + line + "\n")
+    with pytest.raises(UserError, match=message):
+        get_task(task).read_inputs([path], None, {})
 
 
 @pytest.mark.parametrize("text, example, expected", [

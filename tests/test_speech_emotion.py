@@ -236,6 +236,40 @@ def test_audio_csv_reads_resamples_and_splits_by_speaker(tmp_path):
     assert dataset.labels == LABELS and {e["label"] for e in dataset.splits["train"]} <= {0, 1, 2, 3}
 
 
+def test_clips_without_a_speaker_are_each_a_speaker_of_their_own(tmp_path):
+    """Empty speaker cells are not one speaker "" whose clips move between splits as a
+    block (half the corpus in one split); a note says the split cannot keep them apart."""
+    rows = [(name, label, speaker if index % 2 else "", gender)
+            for index, (name, label, speaker, gender) in enumerate(toy_rows(speakers=8))]
+    write_corpus(tmp_path, rows)
+    dataset = TASK.read(write_card(tmp_path, "splits: {ratios: {train: 0.5, validation: 0.25, test: 0.25}, seed: 0}"),
+                        SpeechEmotionOptions())
+    sizes = {split: len(examples) for split, examples in dataset.splits.items()}
+    assert all(abs(sizes[split] - wanted) <= 2 for split, wanted in (("train", 16), ("validation", 8), ("test", 8))), sizes
+    assert f"16 clips have an empty speaker cell (e.g. {tmp_path / 'labels.csv'}:2): each is split as a speaker of " \
+           f"its own, so if some are one speaker's, they may be in train and test" in dataset.notes
+    named = {split: {e["speaker"] for e in examples if not e["speaker"].startswith("(none")}
+             for split, examples in dataset.splits.items()}
+    assert not (named["train"] & named["test"]) and not (named["train"] & named["validation"])
+
+
+def test_card_validate_describes_the_crop_a_run_makes(tmp_path, capsys):
+    """The recipe crops from the start (PEFT-SER's); validate said the task's defaults
+    (random in training, center at evaluation), which no run used."""
+    from peftlab.pipelines.cli import main
+
+    write_corpus(tmp_path, toy_rows())
+    soundfile.write(tmp_path / "long.wav", tone(7.0, 16000), 16000)
+    with open(tmp_path / "labels.csv", "a") as table:
+        table.write("long.wav,happy,s9,male\n")
+    card = write_card(tmp_path, "splits: {ratios: {train: 0.6, validation: 0.2, test: 0.2}, seed: 3}").card_path
+    assert main(["card", "validate", str(card)]) == 0
+    notes = " ".join(json.loads(capsys.readouterr().out)["notes"])
+    assert "cropped (start window in training, start at evaluation)" in notes
+    assert main(["card", "validate", str(card), "task.train_crop=random"]) == 0
+    assert "cropped (random window in training, start at evaluation)" in " ".join(json.loads(capsys.readouterr().out)["notes"])
+
+
 def test_augmentation_adds_noise_at_10_to_30_db_and_silences_one_span():
     """task.augment (the recipe's, PEFT-SER's): every training clip gets Gaussian noise
     at 10-30 dB SNR and one span of 10-15 % silenced with 10 ms fades; evaluation clips

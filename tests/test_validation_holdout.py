@@ -9,7 +9,9 @@ import json
 import re
 from collections import Counter
 
+import numpy as np
 import pytest
+from peftlab.domains.video_text.data import write_video
 from peftlab.pipelines import runner
 from peftlab.shared.data import hold_out_validation
 from peftlab.shared.errors import UserError
@@ -87,7 +89,7 @@ def _reasoning(folder):
 
 def _video(folder):
     for v in range(20):
-        (folder / f"v{v}.mp4").write_bytes(b"")  # found by name; decoded only when a batch needs it
+        write_video(folder / f"v{v}.mp4", np.full((2, 8, 8, 3), 10 * v, np.uint8))  # reading decodes every video
     for split, videos in (("train", range(16)), ("test", range(16, 20))):
         (folder / f"{split}.csv").write_text("video,caption\n" + "".join(f"v{v},a clip {v} take {c}\n" for v in videos for c in range(2)))
     return "format: csv\nsplits: {train: train.csv, test: test.csv, validation_fraction: 0.25}", 32, 8

@@ -26,6 +26,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
+from peftlab.shared import io
 from peftlab.shared.errors import MissingField, UserError
 
 # ----------------------------------------------------------------------------- readers
@@ -50,12 +51,13 @@ def text_lines(path: Path) -> list[str]:
 
 
 def read_jsonl(path: Path, kind: str, fields: dict, labelled: bool = True, notes: list[str] | None = None,
-               records: list[tuple[int, dict]] | None = None) -> list[dict]:
+               records: list[tuple[int, dict]] | None = None, label_names: list[str] | None = None) -> list[dict]:
     """CodeReviewer JSONL -> examples with the task's fields (`label` = y, msg or new).
     Ids come from the records' `id` (else FILE:LINE). CodeReviewer's ids repeat (two
     projects' hunks share one): a repeated id gets `@LINE` so that each prediction line
     names one record, and `notes` (where given) says so. `records`: a card loader's
-    records of the file, numbered, in place of its lines."""
+    records of the file, numbered, in place of its lines. `label_names`: the card's
+    names of necessity labels 0 and 1, read as those labels."""
     keys = {**TASK_FIELDS[kind], **{k: v for k, v in fields.items() if k in TASK_FIELDS[kind] or k == "id"}}
     examples, line_numbers = [], []
     for number, record in json_records(path) if records is None else records:
@@ -67,10 +69,13 @@ def read_jsonl(path: Path, kind: str, fields: dict, labelled: bool = True, notes
             if key not in record:
                 raise MissingField(where, f"no field {key!r} (needed as `{name}`)", f"add it, or map it with the card's `fields: {{{name}: KEY}}`", field=name)
             value = record[key]
-            example[name] = _necessity_label(value, where, key) if (name == "label" and kind == "necessity") \
+            example[name] = _necessity_label(value, where, key, label_names) if (name == "label" and kind == "necessity") \
                 else _text(value, where, key)
             if name in REVIEWED_FIELDS and not example[name].strip():
                 raise UserError(f"{where}: field {key!r} is empty; a record needs the code to review (drop the line or fill it)")
+            if name == "label" and kind == "comment" and not example[name].strip():
+                raise UserError(f"{where}: field {key!r} is empty; a record needs the review comment the model "
+                                f"learns to write (drop the line or fill it)")
         examples.append(example)
         line_numbers.append(number)
     if not examples:
@@ -100,7 +105,7 @@ def json_records(path: Path) -> list[tuple[int, dict]]:
     try:
         lines = text_lines(path)
     except UnicodeDecodeError as error:
-        raise UserError(f"{path}: not UTF-8 text (byte {error.start}); save it as UTF-8 JSON lines") from None
+        raise io.not_utf8(path, error, "save it as UTF-8 JSON lines") from None
     records = []
     for number, line in enumerate(lines, start=1):
         if not line.strip():
@@ -108,6 +113,9 @@ def json_records(path: Path) -> list[tuple[int, dict]]:
         try:
             record = json.loads(line)
         except json.JSONDecodeError as error:
+            if not records and line.strip() == "[":  # a pretty-printed JSON array: one record over many lines
+                raise UserError(f"{path}: a JSON array over several lines, not JSON lines; write each record as one "
+                                f"JSON object on a line of its own") from None
             raise UserError(f"{path}:{number}: not a JSON object ({error.msg} at column {error.colno}); each line must "
                             f"be one JSON object") from None
         if not isinstance(record, dict):
@@ -174,10 +182,15 @@ def _text(value, where: str, key: str) -> str:
     return value
 
 
-def _necessity_label(value, where: str, key: str) -> int:
+def _necessity_label(value, where: str, key: str, names: list[str] | None = None) -> int:
+    if isinstance(value, str):
+        value = value.strip()  # " 1" and "needs_comment " too, as a table's label cells read
     if value in (0, 1, "0", "1", True, False):  # 1.0 too, as a table's label cell reads
         return int(value)
-    raise UserError(f"{where}: field {key!r} is {value!r}; review necessity labels are 1 (needs a comment) or 0")
+    if names and value in names:  # the card's `labels` name 0 then 1, and the CSV tasks read such names
+        return names.index(value)
+    named = f", or the card's `labels` {names[1]!r} (1) and {names[0]!r} (0)" if names else ""
+    raise UserError(f"{where}: field {key!r} is {value!r}; review necessity labels are 1 (needs a comment) or 0{named}")
 
 
 _TUFANO_REFINE = re.compile(r"\s*<code>(?P<old>.*)</code>\s*<technical_language>(?P<comment>.*)</technical_language>\s*", re.S)
@@ -191,7 +204,7 @@ def read_tufano_tsv(path: Path, kind: str, labelled: bool = True) -> list[dict]:
     try:
         lines = text_lines(path)
     except UnicodeDecodeError as error:
-        raise UserError(f"{path}: not UTF-8 text (byte {error.start})") from None
+        raise io.not_utf8(path, error, "save it as UTF-8") from None
     for number, line in enumerate(lines, start=1):
         if not line.strip():
             continue
@@ -210,6 +223,8 @@ def read_tufano_tsv(path: Path, kind: str, labelled: bool = True) -> list[dict]:
                 raise UserError(f"{where}: the source must read <code>OLD</code><technical_language>COMMENT</technical_language>")
             example["old"], example["comment"] = match["old"].strip(), match["comment"].strip()
         if labelled:
+            if kind == "comment" and not cells[1].strip():
+                raise UserError(f"{where}: the target (the reviewer's comment) is empty; drop the line or fill it")
             example["label"] = cells[1]
         examples.append(example)
     if not examples:

@@ -219,7 +219,8 @@ class _CodeReviewTask:
 
     def _read_file(self, card: Card, path: Path, notes: list[str], records: list | None) -> list[dict]:
         if card.format == "jsonl":
-            return data.read_jsonl(path, self.KIND, card.fields or {}, notes=notes, records=records)
+            return data.read_jsonl(path, self.KIND, card.fields or {}, notes=notes, records=records,
+                                   label_names=self._labels(card))
         return data.read_tufano_tsv(path, self.KIND)
 
     def _notes(self, splits, options) -> list[str]:
@@ -397,7 +398,7 @@ format: jsonl                     # CodeReviewer JSON lines
 files:
   data: hunks.jsonl               # one {"patch": "@@ ... @@ ...", "y": 0 or 1} per line
 fields: {patch: patch, label: y}  # which JSON key is what
-labels: [no_comment, needs_comment]
+labels: [no_comment, needs_comment]  # the names of y = 0 and 1; a record's y may give the name
 splits: {ratios: {train: 0.8, validation: 0.1, test: 0.1}, seed: 0}
 # or one file per split, without files.data: splits: {train: train.jsonl, validation: valid.jsonl, test: test.jsonl}; without validation, validation_fraction (0.1) of train is held out
 # or a column naming each record's split: splits: {fold_by: set} (cells train, validation, test), or its fold: {fold_by: fold, test: [5]} (the rest trains)

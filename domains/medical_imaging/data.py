@@ -19,7 +19,7 @@ import zipfile
 from pathlib import Path
 
 import numpy as np
-from peftlab.shared.data import header_column, parse_label, table_rows
+from peftlab.shared.data import group_cell, header_column, label_cell, parse_label, table_rows
 from peftlab.shared.errors import MissingField, UserError
 from PIL import Image, UnidentifiedImageError
 
@@ -217,6 +217,7 @@ def read_medmnist_npz(path: Path, labels: list[str] | None, multi_label: bool) -
             raise UserError(f"{path}: {prefix}_labels holds NaN or infinite values")
         if len(images) != len(targets):
             raise UserError(f"{path}: {prefix}_images has {len(images)} images but {prefix}_labels has {len(targets)} rows")
+        _check_image_stack(images, f"{path}: {prefix}_images")
         targets = targets.reshape(len(targets), -1)
         if multi_label:
             if labels is None:
@@ -224,7 +225,13 @@ def read_medmnist_npz(path: Path, labels: list[str] | None, multi_label: bool) -
             if targets.shape[1] != len(labels):
                 raise UserError(f"{path}: {prefix}_labels has {targets.shape[1]} columns, the card names {len(labels)} labels")
         elif targets.shape[1] != 1:
-            raise UserError(f"{path}: {prefix}_labels has {targets.shape[1]} columns (multi-label); set task.multi_label=true")
+            one_hot = set(np.unique(targets)) <= {0, 1} and (targets.sum(axis=1) == 1).all()
+            raise UserError(f"{path}: {prefix}_labels has {targets.shape[1]} columns" + (
+                f", one 1 per row (one-hot): save the class indices ({prefix}_labels.argmax(axis=1)) for single-label "
+                f"data, or set task.multi_label=true if an image may have several findings" if one_hot else
+                " (multi-label); set task.multi_label=true"))
+        else:
+            _check_class_indices(targets[:, 0], f"{path}: {prefix}_labels")
         examples = []
         for index in range(len(images)):
             example = {"id": f"{split}:{index}", "image": images[index]}
@@ -239,9 +246,28 @@ def read_medmnist_npz(path: Path, labels: list[str] | None, multi_label: bool) -
     if not multi_label:
         count = 1 + max(e["label"] for examples in splits.values() for e in examples)
         labels = labels or [str(i) for i in range(count)]
-        if count > len(labels) or min(e["label"] for examples in splits.values() for e in examples) < 0:
+        if count > len(labels):
             raise UserError(f"{path}: labels run from 0 to {count - 1}, the card names {len(labels)} labels")
     return splits, labels
+
+
+def _check_image_stack(images: np.ndarray, where: str) -> None:
+    """An array of images as MedMNIST stores them: (N, H, W) or channels-last (N, H, W, C)."""
+    if images.ndim == 3 or (images.ndim == 4 and images.shape[-1] in (1, 3, 4)):
+        return
+    if images.ndim == 4 and images.shape[1] in (1, 3, 4):
+        raise UserError(f"{where} has shape {images.shape}, channels first; MedMNIST stores (N, H, W, C): save "
+                        f"np.transpose(images, (0, 2, 3, 1))")
+    raise UserError(f"{where} has shape {images.shape}; expected (N, H, W) or (N, H, W, C) with C 1, 3 or 4")
+
+
+def _check_class_indices(targets: np.ndarray, where: str) -> None:
+    """Single-label targets are class indices: whole numbers from 0."""
+    targets = targets.astype(np.float64)
+    bad = np.flatnonzero((targets < 0) | (targets != np.round(targets)))
+    if len(bad):
+        others = f"; {len(bad)} rows are not" if len(bad) > 1 else ""
+        raise UserError(f"{where}[{bad[0]}] is {targets[bad[0]].item():g}: labels are class indices 0, 1, ...{others}")
 
 
 def read_image_csv(path: Path, image_root: Path, fields: dict, labels: list[str] | None, group_by: str | None,
@@ -281,7 +307,7 @@ def read_image_csv(path: Path, image_root: Path, fields: dict, labels: list[str]
         if group_col is not None:
             example["group"] = cells[group_col].strip()
         if patient_col is not None:
-            example["patient"] = cells[patient_col].strip()
+            example["patient"] = group_cell(cells[patient_col], f"{path}:{number}")
         if label_col is not None:
             where = f"{path}:{number}"
             if multi_label:
@@ -292,18 +318,11 @@ def read_image_csv(path: Path, image_root: Path, fields: dict, labels: list[str]
                     raise UserError(f"{where}: label {value!r} reads as multi-label findings; set task.multi_label=true "
                                     f"(in `peftlab run` and `peftlab card validate`), or fix the cell")
                 # without the card's labels a name is kept; the task numbers the classes once all are read
-                example["label"] = value if labels is None and not _is_index(value) else parse_label(value, labels, where)
+                example["label"] = label_cell(value, labels, where)
         examples.append(example)
     if not examples:
         raise UserError(f"{path}: no data rows under the header")
     return examples
-
-
-def _is_index(value: str) -> bool:
-    try:
-        return float(value) == int(float(value))
-    except ValueError:
-        return False
 
 
 # ------------------------------------------------------------------------------- demo data

@@ -34,6 +34,7 @@ from peftlab.shared.data import (
     ratio_split,
     split_ratios,
     table_rows,
+    unknown_groups_note,
 )
 from peftlab.shared.errors import UserError
 from peftlab.shared.feature_cache import (
@@ -336,6 +337,8 @@ class MedicalClassifyTask:
         for split in list(splits):
             splits[split], skipped = data.keep_readable(splits[split], on_bad_file, f"{card.card_path} ({split})")
             notes += skipped
+        unknown = unknown_groups_note([e for examples in splits.values() for e in examples], "patient", "images")
+        notes += [unknown] if unknown else []
         if by_ratios:  # the ratios made every split the card asked for: a validation ratio of 0 (or none) means none
             return Dataset(splits, labels, notes)
         splits, note = hold_out_validation(splits, card, "images", group_of=self._by_patient(card))
@@ -380,7 +383,9 @@ class MedicalClassifyTask:
         """-> the splits, the labels, and whether the card's ratios made the splits (not split folders)."""
         root = self._data_path(card)
         split_dirs = {"train": ["train"], "validation": ["validation", "val", "valid"], "test": ["test"]}
-        present = {split: next((root / n for n in names if (root / n).is_dir()), None) for split, names in split_dirs.items()}
+        folders = {folder.name.lower(): folder for folder in sorted(root.iterdir()) if folder.is_dir()} \
+            if root.is_dir() else {}  # Train/ and Val/ too
+        present = {split: next((folders[n] for n in names if n in folders), None) for split, names in split_dirs.items()}
         if present["train"] is not None:
             if "ratios" in (card.splits or {}):
                 folders = ", ".join(f"{folder.name}/" for folder in present.values() if folder is not None)

@@ -351,7 +351,7 @@ def read_point_folder(root: Path, suffixes: tuple[str, ...], off_points: int, se
     splits: dict[str, list[dict]] = {}
     layout_of: dict[str, Path] = {}  # "split folders" or "files" -> the first class folder laid out so
     for label, name in enumerate(labels):
-        files = sorted(p for p in (root / name).rglob("*") if p.suffix.lower() in suffixes)
+        files = [p for p in list_point_files(root / name) if p.suffix.lower() in suffixes]
         if not files:
             raise UserError(f"{root / name}: no {'/'.join(suffixes)} files")
         for file in files:

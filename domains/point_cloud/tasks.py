@@ -410,7 +410,8 @@ class PointCloudClassifyTask:
                 f"are repeated to fill"] if small else []
 
     def describe(self, example, scores, labels) -> dict:
-        return {"id": example["id"], **describe_scores(scores, labels)}
+        # two classes read as every binary task's line: the probability of labels[1]
+        return {"id": example["id"], **describe_scores(scores[1] if len(labels) == 2 else scores, labels)}
 
     def rows_follow_examples(self, options: PointCloudOptions) -> bool:
         return options.votes == 1  # with votes, each example is several rows (its vote copies)

@@ -7,10 +7,11 @@ card's list. Each error names the file and line.
 
 from __future__ import annotations
 
+from collections import Counter
 from pathlib import Path
 
 import numpy as np
-from peftlab.shared.data import header_column, parse_label, table_rows
+from peftlab.shared.data import header_column, label_cell, parse_label, table_rows
 from peftlab.shared.errors import MissingField, UserError
 
 from .backbones import AMINO_ACIDS
@@ -135,6 +136,10 @@ def read_sequence_csv(path: Path, fields: dict, labels: list[str] | None, labell
     header = [h.strip() for h in rows[0][1]]
     seq_col = _column(fields, "sequence", "sequence", header, path)
     label_col = _column(fields, "label", "label", header, path) if labelled else None
+    if isinstance(fields.get("sequence"), int) and label_col is not None and \
+            _reads_as_record(header, seq_col, label_col, labels):
+        raise UserError(f"{path}:{rows[0][0]}: the first row reads as a record ({','.join(header)}), but a table's first "
+                        f"row is its header: add a header row naming the columns (e.g. id,sequence,label)")
     # ids from `fields.id`, else from a column named `id`, else file:line; a table to
     # predict on may leave out the id column the training card named
     id_spec = fields.get("id", "id")
@@ -149,11 +154,45 @@ def read_sequence_csv(path: Path, fields: dict, labels: list[str] | None, labell
         example = {"id": cells[id_col] if id_col is not None else f"{path.name}:{number}",
                    "seq": check_sequence(cells[seq_col], f"{path}:{number}")}
         if label_col is not None:
-            example["label"] = parse_label(cells[label_col], labels, f"{path}:{number}")
+            example["label"] = label_cell(cells[label_col], labels, f"{path}:{number}")
         examples.append(example)
     if not examples:
         raise UserError(f"{path}: no data rows under the header")
     return examples
+
+
+def nucleotide_note(sequences, where: str) -> str | None:
+    """A note where every sequence spells nucleotides only: A, C, G and T are amino acids
+    too, so a DNA file reads without error, and ESM-2 models proteins."""
+    sequences = [s for s in sequences if s]
+    if sequences and all(set(s.upper()) <= set("ACGTN") for s in sequences):
+        return (f"{where}: every sequence holds only A, C, G, T (N): if these are DNA, translate them to protein "
+                f"first; ESM-2 reads amino acids")
+    return None
+
+
+def repeated_ids_note(examples, where: str) -> str | None:
+    """A note where rows share an id: prediction lines would name them alike."""
+    counts = Counter(e["id"] for e in examples)
+    repeated = sorted(key for key, count in counts.items() if count > 1)
+    if not repeated:
+        return None
+    return (f"{where}: {len(repeated)} id{'s are' if len(repeated) > 1 else ' is'} given to more than one row "
+            f"(e.g. {repeated[0]!r}); their prediction lines share it")
+
+
+def _reads_as_record(cells: list[str], seq_col: int, label_col: int, labels: list[str] | None) -> bool:
+    """Whether a header row, its columns given by position, could be a record: a valid
+    sequence and label (`sequence,label` has the one, never the other: "sequence" spells
+    amino acids)."""
+    if max(seq_col, label_col) >= len(cells):
+        return False
+    try:
+        check_sequence(cells[seq_col], "")
+        parse_label(cells[label_col], labels, "")
+    except UserError:
+        return False
+    return True
 
 
 def _is_header(cells: list[str], fields: dict, sequences: dict[str, str], labels: list[str] | None) -> bool:

@@ -18,6 +18,7 @@ from peftlab.shared.cards import Card
 from peftlab.shared.data import (
     count_by_split,
     hold_out_validation,
+    number_classes,
     ratio_split,
     split_ratios,
     table_rows,
@@ -333,7 +334,8 @@ def drop_repeated_pairs(splits: dict[str, list[dict]], where: str) -> str | None
         splits[name] = kept
     parts = []
     if repeats:
-        parts.append(f"{repeats} repeated pairs (the same two proteins, in either order) left out, each pair kept once")
+        parts.append(f"{repeats} repeated pair{'s' if repeats > 1 else ''} (the same two proteins, in either order) "
+                     f"left out, each pair kept once")
     if both_labels:
         parts.append(f"{both_labels} lines of {len(conflicting)} pairs listed with both labels left out")
     return f"{where}: {'; '.join(parts)}" if parts else None
@@ -367,7 +369,7 @@ class PPITask(_ProteinTask):
         per_split = split_sources(card, True, lambda: card.file("pairs"), lambda path: table_rows(path, "\t"))
         group = self._split_spec(card).get("group_by_protein", False)
         by_first_protein = (lambda e: e["a"]) if group else None
-        notes = []
+        notes = [note for note in [data.nucleotide_note(sequences.values(), str(card.file("sequences")))] if note]
         if per_split:
             splits = {s: data.read_pairs(p, sequences, card.fields, labels, rows=rows) for s, (p, rows) in per_split.items()}
             repeated = drop_repeated_pairs(splits, str(card.card_path))
@@ -471,10 +473,11 @@ class ClassifyTask(_ProteinTask):
             path = card.file("data")
             splits = self._splits(card, data.read_sequence_csv(path, card.fields, labels, rows=loader_rows(card, path)),
                                   "sequences")
+        every = [e for examples in splits.values() for e in examples]
+        notes = [n for n in (note, data.nucleotide_note((e["seq"] for e in every), str(card.card_path)),
+                             data.repeated_ids_note(every, str(card.card_path))) if n]
         if labels is None:
-            count = 1 + max(e["label"] for split in splits.values() for e in split)
-            labels = [str(i) for i in range(count)]
-        notes = [note] if note else []
+            labels = number_classes(splits, notes, str(card.card_path))
         long, where = count_by_split(splits, lambda e: len(e["seq"]) > options.max_length)
         if long:
             notes.append(f"{long} sequences ({where}) are longer than {options.max_length} residues, cropped "

@@ -30,6 +30,7 @@ import string
 from pathlib import Path
 from typing import Any
 
+from peftlab.shared import io
 from peftlab.shared.errors import MissingField, UserError
 
 LETTERS = string.ascii_uppercase
@@ -69,7 +70,7 @@ def json_records(path: Path) -> list[tuple[int, Any]]:
     try:
         text = path.read_text(encoding="utf-8-sig")
     except UnicodeDecodeError as error:
-        raise UserError(f"{path}: not UTF-8 text ({error.reason} at byte {error.start}); save it as UTF-8") from None
+        raise io.not_utf8(path, error, "save it as UTF-8") from None
     stripped = text.lstrip()
     if stripped.startswith("["):  # a JSON array, as SVAMP, MAWPS and AQuA ship in some releases
         try:
@@ -127,6 +128,27 @@ def _need(record: dict, key: str, where: str):
     return record[key]
 
 
+def _text(value, where: str, what: str) -> str:
+    """A question's or option's text (`what` names it): str() would make null the text
+    "None", and a blank one is nothing to answer or choose."""
+    if value is None:
+        raise UserError(f"{where}: {what} is null; give its text (or drop the line)")
+    if isinstance(value, (dict, list, bool)):
+        raise UserError(f"{where}: {what} is {json.dumps(value)[:40]}; expected text")
+    text = str(value).strip()
+    if not text:
+        raise UserError(f"{where}: {what} is empty; fill it or drop the line")
+    return text
+
+
+def _field(record: dict, key: str, where: str) -> str:
+    return _text(_need(record, key, where) if key not in record else record[key], where, f"field {key!r}")
+
+
+def _options(choices: list, where: str) -> list[str]:
+    return [_text(choice, where, f"choice {LETTERS[i]}") for i, choice in enumerate(choices)]
+
+
 def _letter(index: int, count: int, where: str) -> str:
     if not 0 <= index < count:
         raise UserError(f"{where}: answer index {index} is out of range for {count} choices")
@@ -139,8 +161,8 @@ def commonsense_example(record: dict, where: str, labelled: bool) -> dict:
     if choices is not None:
         if len(choices) < 2 or len(choices) > len(LETTERS):
             raise UserError(f"{where}: {len(choices)} choices; a multiple-choice question needs 2 to 26")
-        choices = [str(c).strip() for c in choices]
-    example: dict[str, Any] = {"question": str(question).strip(), "choices": choices}
+        choices = _options(choices, where)
+    example: dict[str, Any] = {"question": question.strip(), "choices": choices}
     if answer is not None:
         example["answer"] = answer
         example["label"] = answer
@@ -154,39 +176,51 @@ def _commonsense_fields(r: dict, where: str, labelled: bool) -> tuple[str, list 
     if has("passage", "question"):  # BoolQ (original: answer bool; SuperGLUE: label 1 = true)
         gold = r.get("answer", r.get("label"))
         answer = None if gold is None else ("true" if _truthy(gold, where) else "false")
-        return f"{r['passage']}\nQuestion: {r['question']}?", None, answer
+        return f"{_field(r, 'passage', where)}\nQuestion: {_field(r, 'question', where)}?", None, answer
     if has("goal", "sol1", "sol2"):  # PIQA
-        return r["goal"], [r["sol1"], r["sol2"]], _indexed(r.get("label"), 2, 0, where)
+        return _field(r, "goal", where), [r["sol1"], r["sol2"]], _indexed(r.get("label"), 2, 0, where)
     if has("context", "question", "answerA"):  # SIQA, labels 1..3
         choices = [r["answerA"], r["answerB"], r["answerC"]]
-        return f"{r['context']} {r['question']}", choices, _indexed(r.get("label"), 3, 1, where)
+        question = f"{_field(r, 'context', where)} {_field(r, 'question', where)}"
+        return question, choices, _indexed(r.get("label"), 3, 1, where)
     if "endings" in r:  # HellaSwag
-        context = r.get("ctx") or f"{r.get('ctx_a', '')} {r.get('ctx_b', '')}".strip()
+        context = _text(r.get("ctx") or f"{r.get('ctx_a') or ''} {r.get('ctx_b') or ''}", where, "field 'ctx'")
         return f"How does it continue? {context}", list(r["endings"]), _indexed(r.get("label"), len(r["endings"]), 0, where)
     if has("sentence", "option1", "option2"):  # WinoGrande, answer 1..2
-        return f"Fill in the blank: {r['sentence']}", [r["option1"], r["option2"]], _indexed(r.get("answer"), 2, 1, where)
+        return f"Fill in the blank: {_field(r, 'sentence', where)}", [r["option1"], r["option2"]], _indexed(r.get("answer"), 2, 1, where)
     if isinstance(r.get("question"), dict):  # ARC / OBQA official
-        stem = _need(r["question"], "stem", where)
+        stem = _text(_need(r["question"], "stem", where), where, "field 'question.stem'")
         options = _need(r["question"], "choices", where)
         labels = [str(c.get("label")) for c in options]
         return stem, [c.get("text", "") for c in options], _keyed(r.get("answerKey"), labels, where)
     if isinstance(r.get("choices"), dict):  # ARC and OpenBookQA (its `question_stem`) on the Hugging Face hub
+        if "text" not in r["choices"]:
+            _unified_choices(r, where)  # {"A": "hammer", "B": "plum"}: refused as not a list
         labels = [str(label) for label in r["choices"].get("label", [])]
-        question = r["question_stem"] if "question_stem" in r else _need(r, "question", where)
+        question = _field(r, "question_stem" if "question_stem" in r else "question", where)
         return question, list(r["choices"].get("text", [])), _keyed(r.get("answerKey"), labels, where)
     if "instruction" in r:  # LLM-Adapters: the instruction already lists the options
         answer = r.get("answer")
-        return r["instruction"] + (f"\n{r['input']}" if r.get("input") else ""), None, None if answer is None else str(answer).strip()
+        question = _field(r, "instruction", where) + (f"\n{r['input']}" if r.get("input") else "")
+        return question, None, None if answer is None else str(answer).strip()
     if "question" in r:  # unified
-        choices = r.get("choices")
-        if choices is not None and not isinstance(choices, list):
-            raise UserError(f"{where}: `choices` must be a list of option texts")
-        if choices is not None and len(choices) < 2:
-            raise UserError(f"{where}: `choices` lists {len(choices)} option(s); a multiple-choice question needs two "
-                            f"or more (leave `choices` out for a true/false or free answer)")
-        return r["question"], choices, _unified_answer(r.get("answer"), choices, where)
+        choices = _unified_choices(r, where)
+        return _field(r, "question", where), choices, _unified_answer(r.get("answer"), choices, where)
     raise UserError(f"{where}: not a commonsense record peftlab knows (keys {sorted(r)[:6]}); "
                     f"use the unified form {{\"question\", \"choices\", \"answer\"}}")
+
+
+def _unified_choices(r: dict, where: str) -> list | None:
+    choices = r.get("choices")
+    if isinstance(choices, dict):
+        raise UserError(f"{where}: `choices` is an object (keys {list(choices)[:6]}); write the options as a list of "
+                        f"texts, in the order the letters A, B, ... name them: \"choices\": {json.dumps(list(choices.values()))[:80]}")
+    if choices is not None and not isinstance(choices, list):
+        raise UserError(f"{where}: `choices` must be a list of option texts")
+    if choices is not None and len(choices) < 2:
+        raise UserError(f"{where}: `choices` lists {len(choices)} option(s); a multiple-choice question needs two "
+                        f"or more (leave `choices` out for a true/false or free answer)")
+    return choices
 
 
 def _truthy(value, where: str) -> bool:
@@ -258,26 +292,26 @@ def math_example(record: dict, where: str, labelled: bool) -> dict:
     r = record
     choices, rationale = None, ""
     if isinstance(r.get("answer"), str) and "####" in r["answer"]:  # GSM8K
-        question = _need(r, "question", where)
+        question = _field(r, "question", where)
         rationale, _, final = r["answer"].rpartition("####")
         rationale = _CALCULATOR.sub("", rationale).strip()
         answer = number_text(final, where)
     elif "options" in r and ("correct" in r or not labelled):  # AQuA
-        question = _need(r, "question", where)
-        choices = [re.sub(r"^[A-E]\)\s*", "", str(o)) for o in r["options"]]
-        rationale = str(r.get("rationale", "")).strip()
+        question = _field(r, "question", where)
+        choices = [re.sub(r"^[A-E]\)\s*", "", option) for option in _options(r["options"], where)]
+        rationale = str(r.get("rationale") or "").strip()
         answer = None if r.get("correct") is None else _unified_answer(str(r["correct"]), choices, where)
     elif "Body" in r:  # SVAMP
-        question = f"{r['Body'].strip()} {_need(r, 'Question', where).strip()}"
+        question = f"{_field(r, 'Body', where)} {_field(r, 'Question', where)}"
         rationale = f"{r['Equation'].strip()} = {number_text(r['Answer'], where)}." if r.get("Equation") and "Answer" in r else ""
         answer = number_text(r["Answer"], where) if "Answer" in r else None
     elif "sQuestion" in r:  # MAWPS
-        question = r["sQuestion"]
+        question = _field(r, "sQuestion", where)
         solutions = r.get("lSolutions") or []
         answer = number_text(solutions[0], where) if solutions else None
     elif "instruction" in r:  # LLM-Adapters math
-        question = r["instruction"] + (f"\n{r['input']}" if r.get("input") else "")
-        rationale = str(r.get("output", "")).strip()
+        question = _field(r, "instruction", where) + (f"\n{r['input']}" if r.get("input") else "")
+        rationale = str(r.get("output") or "").strip()
         gold = None if r.get("answer") is None else str(r["answer"]).strip()
         if gold is not None and len(gold) == 1 and gold.upper() in LETTERS:  # AQuA: the options are in the instruction
             choices = _inline_choices(question, where)
@@ -285,15 +319,16 @@ def math_example(record: dict, where: str, labelled: bool) -> dict:
         else:
             answer = None if gold is None else number_text(gold, where)
     elif "question" in r:  # unified
-        question = r["question"]
-        choices = r.get("choices")
-        rationale = str(r.get("rationale", "")).strip()
+        question = _field(r, "question", where)
+        choices = _unified_choices(r, where)
+        choices = None if choices is None else _options(choices, where)
+        rationale = str(r.get("rationale") or "").strip()  # null: no rationale, not the text "None"
         gold = r.get("answer")
         answer = None if gold is None else (_unified_answer(gold, choices, where) if choices else number_text(gold, where))
     else:
         raise UserError(f"{where}: not a math record peftlab knows (keys {sorted(r)[:6]}); "
                         f"use the unified form {{\"question\", \"answer\"}} (+ optional \"rationale\")")
-    example: dict[str, Any] = {"question": str(question).strip(), "choices": choices}
+    example: dict[str, Any] = {"question": question.strip(), "choices": choices}
     if choices is not None and "instruction" in r:
         example["choices_in_question"] = True  # LLM-Adapters' prompt shows them inline; not twice
     if answer is None:

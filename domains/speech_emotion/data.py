@@ -17,7 +17,14 @@ from pathlib import Path
 import numpy as np
 import soundfile
 import torch
-from peftlab.shared.data import SPLITS, check_ratios, header_column, ratio_split, table_rows
+from peftlab.shared.data import (
+    SPLITS,
+    check_ratios,
+    group_cell,
+    header_column,
+    ratio_split,
+    table_rows,
+)
 from peftlab.shared.errors import MissingField, UserError
 
 AUDIO_SUFFIXES = (".wav", ".flac", ".ogg", ".mp3")
@@ -232,7 +239,7 @@ def read_table(path: Path, audio_root: Path, fields: dict, labels: list[str] | N
             example["label"] = parse_label(label_text, labels, where)
         for key in ("speaker", "gender", "session"):
             if key in columns:
-                example[key] = cells[columns[key]].strip()
+                example[key] = group_cell(cells[columns[key]], where) if key == "speaker" else cells[columns[key]].strip()
         if group_column is not None:
             example["group"] = cells[group_column].strip()
         examples.append(example)

@@ -33,6 +33,7 @@ from peftlab.shared.data import (
     ratio_split,
     split_ratios,
     table_rows,
+    unknown_groups_note,
     validation_fraction,
 )
 from peftlab.shared.errors import UserError
@@ -398,6 +399,8 @@ class SpeechEmotionTask:
         if dropped:
             notes.insert(0, f"label_map leaves out {sum(dropped.values())} rows: "
                             + ", ".join(f"{count} {cell}" for cell, count in sorted(dropped.items())))
+        unknown = unknown_groups_note([e for examples in splits.values() for e in examples], "speaker", "clips")
+        notes += [unknown] if unknown else []
         labels = card.labels
         if labels is None:
             labels = number_classes(splits, notes, str(card.card_path))

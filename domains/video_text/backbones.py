@@ -3,9 +3,9 @@
 A CLIP name is, in order:
 
 - `tiny`: a random-init CLIP built here from an open_clip config (vision: 32 px, patch 8,
-  width 64, 2 layers; text: width 64, 2 layers, 16 tokens), seeded, so every build is the
-  same weights. For tests and the demo; nothing is downloaded (the BPE vocabulary ships
-  with open_clip).
+  width 64, 2 layers; text: width 64, 2 layers, 77 tokens as CLIP's), seeded, so every
+  build is the same weights. For tests and the demo; nothing is downloaded (the BPE
+  vocabulary ships with open_clip).
 - `MODEL:TAG`: an open_clip architecture and one of its pretrained tags
   (`ViT-B-32:openai`, `ViT-B-16:laion2b_s34b_b88k`; `open_clip.list_pretrained()`).
   The weights file is looked up in the Hugging Face cache (or the legacy URL cache)
@@ -48,7 +48,9 @@ TINY_SEED = 4321
 TINY_CONFIG: dict[str, Any] = {
     "embed_dim": 64,
     "vision_cfg": {"image_size": 32, "patch_size": 8, "width": 64, "layers": 2, "head_width": 16, "mlp_ratio": 2.0},
-    "text_cfg": {"context_length": 16, "vocab_size": 49408, "width": 64, "heads": 4, "layers": 2, "mlp_ratio": 2.0},
+    # CLIP's context, so that `--backbone tiny`, the first offline check of a card, takes the
+    # caption length a recipe sets for CLIP (32, CLIP4Clip's)
+    "text_cfg": {"context_length": 77, "vocab_size": 49408, "width": 64, "heads": 4, "layers": 2, "mlp_ratio": 2.0},
 }
 TINY_PREPROCESS = {"size": 32, "mean": (0.48145466, 0.4578275, 0.40821073), "std": (0.26862954, 0.26130258, 0.27577711),
                    "interpolation": "bicubic", "resize_mode": "shortest"}

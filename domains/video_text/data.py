@@ -5,8 +5,8 @@ the deterministic demo of coloured shapes moving in named directions.
   `video_id` and `caption`) and a CSV with a `video,caption` header; several captions of
   one video are several rows. A video reference is a path (relative to the card's
   `video_root`), or an id that names `<id>.<ext>` or a folder of frames `<id>/` there.
-  A missing video stops with its name when the card is read; an undecodable one when
-  it is first decoded (training removes the half-made run directory).
+  A missing or undecodable video stops with its name when the card is read (each is
+  decoded then, once: `check_videos` remembers the videos that decoded).
 - Decoding: PyAV (FFmpeg) for .mp4/.avi/.webm/.mkv/.mov/..., or a folder of frame images
   (sorted by name, numbers compared as numbers). `num_frames` frames are sampled
   uniformly: the centre frame of each of `num_frames` equal segments (repeats when the
@@ -172,6 +172,22 @@ def normalise(frames: torch.Tensor, preprocess: dict) -> torch.Tensor:
     return (frames.float() / 255.0 - mean) / std
 
 
+def check_videos(videos, num_frames: int, directory: Path | None) -> None:
+    """Decode each video as training will, so that one that cannot be decoded stops
+    `card validate` and the run before training rather than at the first evaluation. A
+    video decoded here is remembered by its fingerprint under `directory` (None: not
+    remembered), so a run after `card validate`, and every later run, decodes nothing
+    twice; only the first read of a video pays for a decode that training repeats."""
+    for video in dict.fromkeys(videos):
+        marker = None if directory is None else directory / f"{video_fingerprint(video)}-{num_frames}"
+        if marker is not None and marker.is_file():
+            continue
+        decode_frames(video, num_frames)
+        if marker is not None:
+            marker.parent.mkdir(parents=True, exist_ok=True)
+            marker.touch()
+
+
 def video_fingerprint(video: str) -> str:
     """Identity of a video's content for the feature cache: path, size and modification
     time of the file (or of each frame in a folder); a video sent in a request, its bytes' hash."""
@@ -218,10 +234,16 @@ MSRVTT_SPLITS = {"train": "train", "validate": "validation", "validation": "vali
 """A video's `split` in an MSR-VTT-style file (MSR-VTT's own: train / validate / test) -> peftlab's split."""
 
 
-def read_msrvtt_json(path: Path, video_root: Path, fields: dict, read_splits: bool = True) -> dict[str, list[dict]]:
+def _split_words(split: str | None) -> str:
+    return f"split {split}" if split else "no split"
+
+
+def read_msrvtt_json(path: Path, video_root: Path, fields: dict, read_splits: bool = True,
+                     notes: list[str] | None = None) -> dict[str, list[dict]]:
     """MSR-VTT-style JSON -> examples per split (`split` of each video: train / validate
     or validation / test), or under "all" when videos carry no split or `read_splits` is
-    False (`peftlab predict` embeds every pair alike)."""
+    False (`peftlab predict` embeds every pair alike). `notes` (where given) counts the
+    listed videos that have no captions."""
     try:
         document = json.loads(Path(path).read_text(encoding="utf-8-sig"))
     except (OSError, UnicodeDecodeError) as error:
@@ -233,6 +255,7 @@ def read_msrvtt_json(path: Path, video_root: Path, fields: dict, read_splits: bo
         raise UserError(f"{path}: an MSR-VTT-style file is an object with a `sentences` list "
                         f"({{{video_key!r}: ..., {caption_key!r}: ...}}) and optionally `videos`")
     split_of: dict[str, str | None] = {}  # every listed video; None where it gives no split
+    listed_at: dict[str, int] = {}
     for number, video in enumerate(document.get("videos") or []):
         if not isinstance(video, dict) or video_key not in video:
             raise UserError(f"{path}: videos[{number}] has no {video_key!r}")
@@ -240,7 +263,14 @@ def read_msrvtt_json(path: Path, video_root: Path, fields: dict, read_splits: bo
         if split is not None and (not isinstance(split, str) or split not in MSRVTT_SPLITS):
             raise UserError(f"{path}: videos[{number}] has split {split!r}; a video's split is one of "
                             f"{', '.join(MSRVTT_SPLITS)} (or leave `split` out of every video)")
-        split_of[str(video[video_key])] = None if split is None else MSRVTT_SPLITS[split]
+        video_id, split = str(video[video_key]), None if split is None else MSRVTT_SPLITS[split]
+        if video_id in split_of and split_of[video_id] != split:  # the last would win unannounced
+            first = listed_at[video_id]
+            raise UserError(f"{path}: videos[{number}] lists video {video_id!r} with {_split_words(split)}, but "
+                            f"videos[{first}] with {_split_words(split_of[video_id])}; a video belongs to one "
+                            f"split: keep one of the two entries")
+        split_of[video_id] = split
+        listed_at.setdefault(video_id, number)
     # Videos with a split beside videos without one: which split the latter belong to is
     # unknowable, and dropping them would lose their captions unannounced.
     unsplit = [video for video, split in split_of.items() if split is None]
@@ -253,7 +283,12 @@ def read_msrvtt_json(path: Path, video_root: Path, fields: dict, read_splits: bo
     for number, sentence in enumerate(document["sentences"]):
         if not isinstance(sentence, dict) or video_key not in sentence or caption_key not in sentence:
             raise UserError(f"{path}: sentences[{number}] needs {video_key!r} and {caption_key!r}")
-        video_id, caption = str(sentence[video_key]), str(sentence[caption_key]).strip()
+        video_id, caption = str(sentence[video_key]), sentence[caption_key]
+        if not isinstance(caption, str) or not caption.strip():  # str() would make null the caption "None"
+            what = "null" if caption is None else "empty" if isinstance(caption, str) else f"not text ({caption!r:.40})"
+            raise UserError(f"{path}: sentences[{number}] (video {video_id!r}): {caption_key!r} is {what}; "
+                            f"fill it or remove the sentence")
+        caption = caption.strip()
         if split_of and video_id not in split_of:
             raise UserError(f"{path}: sentences[{number}] names video {video_id!r}, which `videos` does not list")
         if video_id not in found:
@@ -263,6 +298,11 @@ def read_msrvtt_json(path: Path, video_root: Path, fields: dict, read_splits: bo
         splits.setdefault(split_of.get(video_id) or "all", []).append(_pair(video_id, found[video_id], caption, index))
     if not splits:
         raise UserError(f"{path}: no sentences")
+    uncaptioned = [video for video in split_of if video not in counts]
+    if uncaptioned and notes is not None:
+        one = len(uncaptioned) == 1
+        notes.append(f"{path.name}: {len(uncaptioned)} of the {len(split_of)} videos listed {'has' if one else 'have'} no "
+                     f"captions (e.g. {uncaptioned[0]!r}); {'it is' if one else 'they are'} left out")
     return splits
 
 

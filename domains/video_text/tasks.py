@@ -407,8 +407,17 @@ class _VideoTextTask:
     split_keys = (*SPLIT_KEYS, "validation_fraction")
     field_keys = ("video", "caption")
 
-    def _read_pairs(self, card: Card) -> tuple[dict[str, list[dict]], list[str]]:
-        """(video, caption) pairs per split, and notes on what was held out."""
+    def _read_pairs(self, card: Card, options: VideoOptions) -> tuple[dict[str, list[dict]], list[str]]:
+        """(video, caption) pairs per split, and notes on what was held out; every video
+        decoded once, so that `card validate` finds one that cannot be (a run otherwise
+        meets it at its first evaluation, after an epoch of training)."""
+        splits, notes = self._read_card_pairs(card)
+        if card.format != "demo":
+            remembered = None if options.feature_cache == "off" else data.cache_root() / "decoded_videos"
+            data.check_videos((e["video"] for examples in splits.values() for e in examples), options.frames, remembered)
+        return splits, notes
+
+    def _read_card_pairs(self, card: Card) -> tuple[dict[str, list[dict]], list[str]]:
         if card.format == "demo":
             demo = {**DEMO_DEFAULTS, **(card.option("demo") or {})}
             unknown = sorted(set(demo) - set(DEMO_DEFAULTS))
@@ -422,10 +431,11 @@ class _VideoTextTask:
         if not root.is_dir():
             raise UserError(f"{card.card_path}: video_root = {root} is not a folder; fix the path (relative paths start at {card.folder})")
         fields = card.fields or {}
+        read_notes: list[str] = []
 
         def read(path: Path, rows=None) -> dict[str, list[dict]]:
             if card.format == "msrvtt_json":
-                return data.read_msrvtt_json(path, root, fields)
+                return data.read_msrvtt_json(path, root, fields, notes=read_notes)
             return {"all": data.read_caption_csv(path, root, fields, rows=rows)}
 
         per_split = split_sources(card, True, lambda: self._data_file(card), table_rows)
@@ -433,7 +443,7 @@ class _VideoTextTask:
             splits = {split: [e for examples in read(path, rows).values() for e in examples]
                       for split, (path, rows) in per_split.items()}
             splits, note = hold_out_validation(splits, card, "captions (whole videos)", group_of=lambda e: e["video_id"])
-            return splits, [n for n in (note, in_several_splits_note(splits, "video_id", "video", "captions")) if n]
+            return splits, read_notes + [n for n in (note, in_several_splits_note(splits, "video_id", "video", "captions")) if n]
         path = self._data_file(card)
         found = read(path, loader_rows(card, path))
         if set(found) != {"all"}:  # the file's own splits; validation from train's videos where it gives none
@@ -441,12 +451,12 @@ class _VideoTextTask:
                 raise UserError(f"{card.card_path}: splits.ratios: the annotations give every video a split; leave "
                                 f"ratios out, or take `split` out of the file's videos to split by ratios")
             splits, note = hold_out_validation(found, card, "captions (whole videos)", group_of=lambda e: e["video_id"])
-            return splits, [note] if note else []
+            return splits, read_notes + ([note] if note else [])
         spec = card.splits or {}
         ratios = split_ratios(card, "videos", "per-split files, or a split per video in MSR-VTT JSON")
         # whole videos go to one split, so no video is seen in training and in test
         return ratio_split(found["all"], ratios, int(spec.get("seed", 0)), group_of=lambda e: e["video_id"],
-                           where=str(card.card_path)), []
+                           where=str(card.card_path)), read_notes
 
     def _data_file(self, card: Card) -> Path:
         for key in ("annotations", "data"):
@@ -501,7 +511,7 @@ class RetrievalTask(_VideoTextTask):
         return backbone_names()
 
     def read(self, card: Card, options) -> Dataset:
-        splits, notes = self._read_pairs(card)
+        splits, notes = self._read_pairs(card, options)
         return Dataset(splits, [], notes)
 
     def build_model(self, backbone: str, labels, options) -> RetrievalModel:
@@ -610,7 +620,7 @@ class CaptionTask(_VideoTextTask):
     def read(self, card: Card, options: CaptionOptions) -> Dataset:
         if options.caption_tokenizer == "ptb" and shutil.which("java") is None:  # found now, not after training
             raise UserError(JAVA_NEEDED)
-        splits, notes = self._read_pairs(card)
+        splits, notes = self._read_pairs(card, options)
         # Training sees every (video, caption) pair; evaluation generates once per video and
         # scores it against all of that video's captions, tokenised as the options say
         # (scoring happens where only the examples reach).

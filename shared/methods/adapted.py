@@ -123,7 +123,7 @@ def apply(model: nn.Module, name: str, **options) -> AdaptedModel:
     """Apply PEFT method `name` to `model`; only the method's parameters stay trainable."""
     spec = get_method(name)
     if not spec.fits(model):
-        raise UserError(f"method {name!r} does not fit a {type(model).__name__} backbone ({spec.description})")
+        raise UserError(f"method {name!r} does not fit the {type(model).__name__} backbone ({spec.description})")
     parsed = build_options(spec, options)
     base_parameters = sum(p.numel() for p in model.parameters())
     for param in model.parameters():

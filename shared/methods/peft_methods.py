@@ -82,6 +82,9 @@ class _ScaledMask(torch.autograd.Function):
 PEFT_NOTICES = (
     (FutureWarning, r"`is_gradient_checkpointing` is deprecated"),  # read on every model peft wraps
     (UserWarning, r"Could not find a config file in "),  # a GGUF backbone's folder (a pip package) has no config.json
+    # merging LN tuning: peft's merge walks every module and names the LayerNorm it tuned
+    # "unsupported", then merges it correctly (merged predictions equal unmerged ones)
+    (UserWarning, r"Unsupported layer type '<class 'torch\.nn\.modules\.normalization\.LayerNorm'>'"),
 )
 """peft's notices that say nothing a peftlab user could act on: neither changes what runs."""
 
@@ -110,7 +113,8 @@ def _wrap(model: nn.Module, config: peft.PeftConfig) -> Applied:
 
 
 def _merge(model, options, state):
-    return model.merge_and_unload()
+    with quiet_peft():
+        return model.merge_and_unload()
 
 
 @dataclass
