@@ -1138,7 +1138,7 @@ def plot_pareto(path: Path, summaries: list[MethodSummary], primary: str, higher
         bottom, top = min(bottom, chance), max(top, chance)
     margin = 0.15 * ((top - bottom) or abs(top) or 1.0)
     axes.set_ylim(bottom - margin, top + margin)
-    _label_points(axes, [s.method for s in done], xs, ys)
+    _label_points(axes, [s.method for s in done], xs, ys, ringed=set(front))
     # plain numbers (0.1, 2, 100) on major and, over a short range, minor ticks: never 2×10^0
     plain = _plain_log_formatter()
     axes.xaxis.set_major_formatter(plain(labelOnlyBase=False))
@@ -1151,16 +1151,19 @@ def plot_pareto(path: Path, summaries: list[MethodSummary], primary: str, higher
         figure.savefig(tmp, format="png", dpi=120)
 
 
-def _label_points(axes, names: list[str], xs: list[float], ys: list[float], fontsize: int = 8) -> None:
+def _label_points(axes, names: list[str], xs: list[float], ys: list[float], fontsize: int = 8,
+                  ringed: set[int] = frozenset()) -> None:
     """Name each point beside it, moving a label up or down until it clears the labels
     already placed and the other points' markers (methods of similar size and score
-    otherwise print over each other); a moved label has a line to its point."""
+    otherwise print over each other); a label moved past the next row has a line to its
+    point. `ringed`: the points circled as the Pareto front, whose ring is wider."""
     placed: list[tuple[float, float, float, float]] = []
     points_to_pixels = axes.figure.dpi / 72
     height = 1.3 * fontsize * points_to_pixels
     centres = [axes.transData.transform((x, y)) for x, y in zip(xs, ys)]
-    radius = 4 * points_to_pixels  # a marker's half-width, the "o" of errorbar
-    markers = [(x - radius, y - radius, x + radius, y + radius) for x, y in centres]
+    # half-widths: the errorbar's "o", and the front's ring (s=140 points², about 12 points across)
+    radii = [(6 if index in ringed else 4) * points_to_pixels for index in range(len(xs))]
+    markers = [(x - r, y - r, x + r, y + r) for (x, y), r in zip(centres, radii)]
 
     def overlaps(box, other) -> bool:
         return box[0] < other[2] and other[0] < box[2] and box[1] < other[3] and other[1] < box[3]
@@ -1175,8 +1178,8 @@ def _label_points(axes, names: list[str], xs: list[float], ys: list[float], font
             if not any(overlaps(box, other) for other in obstacles):
                 break
         placed.append(box)
-        # a label moved off its point's row is tied to the point by a thin line
-        arrow = {"arrowstyle": "-", "color": "gray", "linewidth": 0.6, "shrinkA": 0, "shrinkB": 3} if shift else None
+        # a label beside the next row reads as its point's; one moved further is tied to it by a line
+        arrow = {"arrowstyle": "-", "color": "gray", "linewidth": 0.6, "shrinkA": 0, "shrinkB": 4} if abs(shift) > 1 else None
         axes.annotate(names[index], (xs[index], ys[index]), textcoords="offset pixels", fontsize=fontsize,
                       xytext=(box[0] - x, box[1] - y), va="bottom", ha="left", arrowprops=arrow)
 

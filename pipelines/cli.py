@@ -252,7 +252,8 @@ def card_new(names, out):
     from peftlab.shared import io
     from peftlab.shared.tasks import get_task, list_tasks
 
-    if len(names) > 2:
+    tasks = {task.name for task in list_tasks()}
+    if len(names) > 2 or (len(names) == 2 and names[0] in tasks):  # `card new TASK my.md`: a file is --out's
         raise UserError(f"card new takes TASK (or DOMAIN TASK), got {' '.join(names)}; the card goes to --out FILE")
     *domain, task_name = names
     of_domain = [task.name for task in list_tasks() if task.domain == task_name]

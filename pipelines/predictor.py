@@ -19,6 +19,9 @@ from peftlab.shared.evaluation import check_finite, predict_outputs
 from peftlab.shared.tasks import get_task
 from peftlab.shared.training import make_accelerator
 
+COMPRESSED_SUFFIXES = (".gz", ".bz2", ".xz", ".zip", ".zst")
+"""Inputs no task reads as they are (an `.npz` is a zip, but a format of its own)."""
+
 
 class Predictor:
     """A run's model rebuilt from its directory: backbone + saved adapter + head.
@@ -104,7 +107,7 @@ class Predictor:
         try:
             dataset = runner.read_dataset(config, self.task, self.options, loaded, training=False)
         except UserError as error:
-            if card is not None:
+            if not self._names_run_copy(card):
                 raise
             # the run's data may have moved since training: another card is the way on
             raise UserError(f"{error}; or evaluate on the data where it is now: "
@@ -120,10 +123,14 @@ class Predictor:
         return runner.evaluate_split(self.task, self.model, dataset, split, self.meta["metrics"],
                                      self.batch_size, self.accelerator.autocast, predictions_file, outputs_of)
 
+    def _names_run_copy(self, card: str | Path | None) -> bool:
+        """None, or RUN/card.md by its path: the run's copy, whose relative paths start at
+        the original card's folder, not the run directory."""
+        return card is None or Path(card).expanduser().resolve() == (self.run_dir / "card.md").resolve()
+
     def _load_card(self, card: str | Path | None):
-        """`card`, or the run's own when None. RUN/card.md, named, is the run's copy too: its
-        relative paths start at the original card's folder, not the run directory."""
-        if card is None or Path(card).expanduser().resolve() == (self.run_dir / "card.md").resolve():
+        """`card`, or the run's own (its copy) when None or named."""
+        if self._names_run_copy(card):
             return runner.load_run_card(self.run_dir, self.config, self.task)
         return runner.load_card(str(card), self.task)
 
@@ -185,6 +192,10 @@ class Predictor:
             missing = [str(i) for i in inputs if not Path(i).exists()]
             if missing:
                 raise UserError(f"{missing[0]}: no such file or folder")
+            compressed = [str(i) for i in inputs if Path(i).suffix.lower() in COMPRESSED_SUFFIXES]
+            if compressed:
+                raise UserError(f"{compressed[0]}: a compressed file; decompress it (e.g. gunzip, unzip), then pass "
+                                f"the file it holds")
             try:
                 examples = self.task.read_inputs([Path(i) for i in inputs], self.options, self.card_fields)
             except MissingField as error:  # the card whose fields name the columns is the run's; predict takes none

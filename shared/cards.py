@@ -59,12 +59,16 @@ class Card(BaseModel):
     def _label_names(cls, labels: Any) -> Any:
         """Classes named by whole numbers (`labels: [0, 1]`) are names as YAML wrote them;
         anything else that is no text says what `labels` holds."""
-        if not isinstance(labels, list):
+        if labels is None:
             return labels
+        if not isinstance(labels, list):
+            raise ValueError(f"labels is the list of class names in order (labels: [negative, positive]), got "
+                             f"{io.yaml_text(labels)}")
         for label in labels:
             if not isinstance(label, str) and (isinstance(label, bool) or not isinstance(label, int)):
-                raise ValueError(f"labels name the classes in order as text, got {label!r}: quote it "
-                                 f"(labels: ['{label}', ...]) or leave `labels` out")
+                written = io.yaml_text(label)  # as the card has it: true, null, 1.5
+                raise ValueError(f"labels name the classes in order as text, got {written}: quote it "
+                                 f"(labels: ['{written}', ...]) or leave `labels` out")
         return [str(label) for label in labels]
 
     @field_validator("splits")

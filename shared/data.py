@@ -7,6 +7,7 @@ import hashlib
 import json
 import math
 import os
+import re
 from collections.abc import Callable, Sequence
 
 import numpy as np
@@ -181,6 +182,7 @@ def hold_out_validation(splits: dict[str, list[Example]], card, what: str,
             chosen |= set(rng.choice(members, size=int(round(fraction * len(members))), replace=False).tolist())
     held = {**splits, "train": [e for i, e in enumerate(train) if i not in chosen],
             "validation": [e for i, e in enumerate(train) if i in chosen]}
+    what = what if len(chosen) != 1 else re.sub(r"^(\w+?)s\b", r"\1", what)  # "1 training image"
     return held, (f"validation: {len(chosen)} training {what} held out "
                   f"(splits.validation_fraction={fraction}, seed {int(spec.get('seed', 0))}); "
                   f"{'test is untouched' if 'test' in splits else 'the data has no test split'}")

@@ -89,6 +89,12 @@ _YamlLoader.add_implicit_resolver(
     "tag:yaml.org,2002:float", re.compile(r"^[-+]?[0-9][0-9_]*(?:\.[0-9_]*)?[eE][-+]?[0-9]+$"), list("-+0123456789"))
 
 
+def yaml_text(value) -> str:
+    """A value as YAML writes it inline (`true`, `null`, `1.5`, `{a: 1}`): how a message
+    quotes what a card or config says."""
+    return yaml.safe_dump(value, default_flow_style=True, width=10**6).strip().removesuffix("...").strip()
+
+
 def load_yaml(text: str):
     """Parse YAML text (configs, overrides, card headers); raises yaml.YAMLError."""
     return yaml.load(text, Loader=_YamlLoader)  # noqa: S506 - a SafeLoader subclass

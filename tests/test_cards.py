@@ -77,6 +77,10 @@ def test_classes_named_by_whole_numbers_are_their_names(tmp_path):
     (lambda t: t.replace("---\nname", "name", 1), r":1: a data card starts with a '---' line"),
     (lambda t: t.replace("task: protein-ppi", "task: protein-classify"), r"format 'fasta\+pairs_tsv' is not one protein-classify reads"),
     (lambda t: t.replace("train: 0.5", "train: 0.9"), r"splits.ratios must be non-negative and sum to 1"),
+    (lambda t: t.replace("labels: [no_interaction, interaction]", "labels: [no, true]"),  # as the card writes it
+     r"got true: quote it \(labels: \['true', \.\.\.\]\)"),
+    (lambda t: t.replace("labels: [no_interaction, interaction]", "labels: 0"),
+     r"field 'labels': labels is the list of class names in order \(labels: \[negative, positive\]\), got 0$"),
     (lambda t: t.replace("labels: [no_interaction, interaction]", "labels: [no, 1.5]"),
      r"card\.md: field 'labels': labels name the classes in order as text, got 1\.5: quote it \(labels: \['1\.5', "
      r"\.\.\.\]\) or leave `labels` out$"),
@@ -122,6 +126,9 @@ def test_cli_card_validate_and_new(tmp_path, capsys):
     capsys.readouterr()
     assert main(["card", "new", "protein-classify"]) == 0  # the task alone names its domain
     assert capsys.readouterr().out == new.read_text()
+    assert main(["card", "new", "protein-classify", "my.md"]) == 2  # the old habit of naming the file
+    assert "card new takes TASK (or DOMAIN TASK), got protein-classify my.md; the card goes to --out FILE" in \
+        capsys.readouterr().err
     assert main(["card", "new", "protein"]) == 2
     assert capsys.readouterr().err.strip() == ("error: protein is a domain; name one of its tasks: "
                                                "peftlab card new protein-classify | protein-ppi")

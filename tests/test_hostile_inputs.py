@@ -228,9 +228,9 @@ CASES = [
          r"validation split \(a file, a ratio, or with fold_by, validation: \[VALUES\]\)$"),
     # ------------------------------------------------------------------ protein
     Case("fasta-binary-garbage", card_run(PROTEIN, "fasta+pairs_tsv", {"s.fasta": bytes(range(256)) * 4, "p.tsv": "a\tb\t1\n"},
-                                          files={"sequences": "s.fasta", "pairs": "p.tsv"}), r"s\.fasta: not UTF-8/ASCII text"),
+                                          files={"sequences": "s.fasta", "pairs": "p.tsv"}), r"s\.fasta: not UTF-8 text \(byte \d+\); is this a FASTA file\?"),
     Case("fasta-utf16", card_run(PROTEIN, "fasta+pairs_tsv", {"s.fasta": FASTA.encode("utf-16"), "p.tsv": "a\tb\t1\n"},
-                                 files={"sequences": "s.fasta", "pairs": "p.tsv"}), r"s\.fasta: not UTF-8/ASCII text"),
+                                 files={"sequences": "s.fasta", "pairs": "p.tsv"}), r"s\.fasta: not UTF-8 text \(byte \d+\); is this a FASTA file\?"),
     Case("fasta-truncated-header", card_run(PROTEIN, "fasta+pairs_tsv", {"s.fasta": FASTA + ">\n", "p.tsv": "a\tb\t1\n"},
                                             files={"sequences": "s.fasta", "pairs": "p.tsv"}), r"s\.fasta:7: FASTA header without an id"),
     Case("fasta-duplicate-id", card_run(PROTEIN, "fasta+pairs_tsv", {"s.fasta": FASTA + ">a\nMK\n", "p.tsv": "a\tb\t1\n"},

@@ -43,7 +43,7 @@ def test_predict_on_example_dicts_without_ids_names_them_by_position(pipeline, t
 
 
 def test_a_json_input_missing_a_field_is_told_to_name_its_keys(tmp_path):
-    """JSON lines have keys, not columns: the hint says which."""
+    """JSON lines have keys, not columns: the hint says which. A compressed input is named as such."""
     from peftlab.shared.errors import UserError
 
     config = runner.build_config("code-review-necessity", demo=True, overrides=ONE_STEP)
@@ -51,3 +51,7 @@ def test_a_json_input_missing_a_field_is_told_to_name_its_keys(tmp_path):
     (tmp_path / "new.jsonl").write_text('{"diff": "@@ -1 +1 @@\\n-a\\n+b"}\n')
     with pytest.raises(UserError, match=r"new\.jsonl:1: .*: name the keys so in the input$"):
         predictor.predict([str(tmp_path / "new.jsonl")])
+    (tmp_path / "new.jsonl.gz").write_bytes(b"\x1f\x8b")
+    with pytest.raises(UserError, match=r"new\.jsonl\.gz: a compressed file; decompress it \(e\.g\. gunzip, unzip\), "
+                                        r"then pass the file it holds$"):
+        predictor.predict([str(tmp_path / "new.jsonl.gz")])

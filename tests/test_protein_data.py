@@ -77,9 +77,13 @@ def test_csv_reader(tmp_path):
     with pytest.raises(UserError, match=r"s\.csv:1: the first row reads as a record \(x1,MKT,pos\), but a table's "
                                          r"first row is its header: add a header row"):
         data.read_sequence_csv(path, positional, ["neg", "pos"])
+    # without the card's labels (class names are then any text) and unlabelled (predict) too
+    for labels, labelled in ((None, True), (None, False)):
+        with pytest.raises(UserError, match=r"s\.csv:1: the first row reads as a record"):
+            data.read_sequence_csv(path, positional, labels, labelled=labelled)
     path.write_text("id,sequence,label\nx1,MKT,pos\n")  # "sequence" spells amino acids; "label" is no class
-    assert [e["id"] for e in data.read_sequence_csv(path, positional, ["neg", "pos"])] == ["x1"]
-    assert [e["id"] for e in data.read_sequence_csv(path, positional, None, labelled=False)] == ["x1"]
+    for labels, labelled in ((["neg", "pos"], True), (None, True), (None, False)):
+        assert [e["id"] for e in data.read_sequence_csv(path, positional, labels, labelled=labelled)] == ["x1"]
 
 
 def test_class_codes_without_the_cards_labels_are_the_classes(tmp_path):

@@ -334,6 +334,9 @@ def test_llm_adapters_letter_answers_need_their_options(tmp_path, instruction, a
     ('{"question": "q", "choices": {"A": "hammer", "B": "plum"}, "answer": "B"}',
      r"^\S*bad\.jsonl:1: `choices` is an object \(keys \['A', 'B'\]\); write the options as a list of texts, in the "
      r"order the letters A, B, \.\.\. name them: \"choices\": \[\"hammer\", \"plum\"\]$"),
+    # HellaSwag's endings as an object: its keys were read as the options
+    ('{"ctx": "A man sits.", "endings": {"a": "he sits", "b": "he runs"}, "label": 1}',
+     r"^\S*bad\.jsonl:1: `endings` is an object \(keys \['a', 'b'\]\); write the options as a list of texts"),
 ])
 def test_commonsense_reader_names_the_line_and_the_fix(tmp_path, line, message):
     path = tmp_path / "bad.jsonl"
@@ -358,6 +361,8 @@ def test_math_reader_refuses_non_numbers(tmp_path):
     ({"Body": None, "Question": "How many?", "Answer": 3}, r"bad\.jsonl:1: field 'Body' is null"),
     ({"question": "q", "options": ["A)1", None], "correct": "A"}, r"bad\.jsonl:1: choice B is null"),
     ({"question": "q", "choices": {"A": "1", "B": "2"}, "answer": "B"}, r"bad\.jsonl:1: `choices` is an object"),
+    ({"question": "q", "options": {"A": "1", "B": "2"}, "correct": "A"},  # AQuA's: its keys were read as the options
+     r"bad\.jsonl:1: `options` is an object \(keys \['A', 'B'\]\); write the options as a list"),
 ])
 def test_math_reader_refuses_null_and_blank_text(tmp_path, record, message):
     with pytest.raises(UserError, match=message):

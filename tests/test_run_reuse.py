@@ -48,9 +48,10 @@ def test_eval_reads_the_runs_copy_of_its_card_after_the_original_is_edited_or_mo
 
     moved = tmp_path / "moved"
     card.parent.rename(moved)  # the data itself moved: the error says where it was looked for, and the way on
-    with pytest.raises(UserError, match=rf"data\.csv.*; or evaluate on the data where it is now: "
-                                        rf"`peftlab eval {run_dir} --data CARD`"):
-        peftlab.load(run_dir).evaluate("test")
+    for named in (None, str(run_dir / "card.md")):  # the run's copy, named or not, gets the same way on
+        with pytest.raises(UserError, match=rf"data\.csv.*; or evaluate on the data where it is now: "
+                                            rf"`peftlab eval {run_dir} --data CARD`"):
+            peftlab.load(run_dir).evaluate("test", card=named)
     assert peftlab.load(run_dir).evaluate("test", card=str(moved / "renamed.md")) != saved  # seed 5 there
 
 

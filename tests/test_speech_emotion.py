@@ -251,6 +251,14 @@ def test_clips_without_a_speaker_are_each_a_speaker_of_their_own(tmp_path):
     named = {split: {e["speaker"] for e in examples if not e["speaker"].startswith("(none")}
              for split, examples in dataset.splits.items()}
     assert not (named["train"] & named["test"]) and not (named["train"] & named["validation"])
+    # a hold-out note names the speakers it held out and counts the clips without one
+    from peftlab.domains.speech_emotion.tasks import _held_out_note
+    from peftlab.shared.data import group_cell
+
+    held_out = [{"speaker": group_cell(cell, f"t.csv:{i}")} for i, cell in enumerate(["s1", "", " ", "s0"])]
+    assert _held_out_note(held_out, 0.25, "test is untouched") == (
+        "validation: 4 training clips held out (speakers s0, s1, 2 clips without a speaker; "
+        "splits.validation_fraction=0.25); test is untouched")
 
 
 def test_card_validate_describes_the_crop_a_run_makes(tmp_path, capsys):

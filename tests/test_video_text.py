@@ -396,6 +396,14 @@ def test_card_validate_decodes_every_video_once_and_names_one_that_cannot_be(tmp
     data.write_video(videos / "video1.mp4", _solid_frames(3))  # changed since: decoded again
     decoded.clear()
     assert main(["card", "validate", card]) == 0 and decoded == ["video1.mp4"]
+    # remembered with the frame features, in the folder the user names for them
+    decoded.clear()
+    assert main(["card", "validate", card, f"task.feature_cache={tmp_path / 'mine'}"]) == 0 and len(decoded) == 3
+    assert len(list((tmp_path / "mine" / "decoded_videos").iterdir())) == 3
+    # a cache that cannot be written (a file in its way) remembers nothing, and reading goes on
+    (tmp_path / "blocked").write_text("")
+    assert main(["card", "validate", card, f"task.feature_cache={tmp_path / 'blocked' / 'cache'}"]) == 0, \
+        capsys.readouterr().err
 
 
 # ----------------------------------------------------------------------------- feature cache

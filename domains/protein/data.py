@@ -11,6 +11,7 @@ from collections import Counter
 from pathlib import Path
 
 import numpy as np
+from peftlab.shared import io
 from peftlab.shared.data import header_column, label_cell, parse_label, table_rows
 from peftlab.shared.errors import MissingField, UserError
 
@@ -44,7 +45,7 @@ def read_fasta(path: Path) -> dict[str, str]:
     try:
         lines = Path(path).read_text(encoding="utf-8-sig").splitlines()
     except UnicodeDecodeError as error:
-        raise UserError(f"{path}: not UTF-8/ASCII text (byte {error.start}); is this a FASTA file?") from None
+        raise io.not_utf8(path, error, "is this a FASTA file?") from None
     for number, line in enumerate(lines, start=1):
         line = line.strip()
         if not line or line.startswith(";"):
@@ -136,8 +137,7 @@ def read_sequence_csv(path: Path, fields: dict, labels: list[str] | None, labell
     header = [h.strip() for h in rows[0][1]]
     seq_col = _column(fields, "sequence", "sequence", header, path)
     label_col = _column(fields, "label", "label", header, path) if labelled else None
-    if isinstance(fields.get("sequence"), int) and label_col is not None and \
-            _reads_as_record(header, seq_col, label_col, labels):
+    if isinstance(fields.get("sequence"), int) and _reads_as_record(header, seq_col, label_col, labels):
         raise UserError(f"{path}:{rows[0][0]}: the first row reads as a record ({','.join(header)}), but a table's first "
                         f"row is its header: add a header row naming the columns (e.g. id,sequence,label)")
     # ids from `fields.id`, else from a column named `id`, else file:line; a table to
@@ -181,18 +181,28 @@ def repeated_ids_note(examples, where: str) -> str | None:
             f"(e.g. {repeated[0]!r}); their prediction lines share it")
 
 
-def _reads_as_record(cells: list[str], seq_col: int, label_col: int, labels: list[str] | None) -> bool:
-    """Whether a header row, its columns given by position, could be a record: a valid
-    sequence and label (`sequence,label` has the one, never the other: "sequence" spells
-    amino acids)."""
-    if max(seq_col, label_col) >= len(cells):
+HEADER_WORDS = {"id", "name", "sequence", "sequences", "seq", "label", "labels", "target", "class", "y"}
+"""Column names that mark a row as a header whatever else it holds."""
+
+
+def _reads_as_record(cells: list[str], seq_col: int, label_col: int | None, labels: list[str] | None) -> bool:
+    """Whether a header row, its columns given by position, could be a record. With the
+    card's `labels`, a valid sequence and label say so ("sequence" spells amino acids, but
+    "label" is no class); without them (names are classes then, and predict reads no
+    label), a valid sequence in capitals beside no column name: a header is words."""
+    if seq_col >= len(cells) or any(cell.strip().lower() in HEADER_WORDS for cell in cells):
         return False
+    sequence = cells[seq_col].strip()
     try:
-        check_sequence(cells[seq_col], "")
-        parse_label(cells[label_col], labels, "")
+        check_sequence(sequence, "")
+        if label_col is not None and labels is not None:
+            if label_col >= len(cells):
+                return False
+            parse_label(cells[label_col], labels, "")
+            return True
     except UserError:
         return False
-    return True
+    return sequence == sequence.upper()
 
 
 def _is_header(cells: list[str], fields: dict, sequences: dict[str, str], labels: list[str] | None) -> bool:

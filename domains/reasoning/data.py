@@ -185,7 +185,8 @@ def _commonsense_fields(r: dict, where: str, labelled: bool) -> tuple[str, list 
         return question, choices, _indexed(r.get("label"), 3, 1, where)
     if "endings" in r:  # HellaSwag
         context = _text(r.get("ctx") or f"{r.get('ctx_a') or ''} {r.get('ctx_b') or ''}", where, "field 'ctx'")
-        return f"How does it continue? {context}", list(r["endings"]), _indexed(r.get("label"), len(r["endings"]), 0, where)
+        endings = _option_list(r["endings"], where, "endings")
+        return f"How does it continue? {context}", endings, _indexed(r.get("label"), len(endings), 0, where)
     if has("sentence", "option1", "option2"):  # WinoGrande, answer 1..2
         return f"Fill in the blank: {_field(r, 'sentence', where)}", [r["option1"], r["option2"]], _indexed(r.get("answer"), 2, 1, where)
     if isinstance(r.get("question"), dict):  # ARC / OBQA official
@@ -210,13 +211,19 @@ def _commonsense_fields(r: dict, where: str, labelled: bool) -> tuple[str, list 
                     f"use the unified form {{\"question\", \"choices\", \"answer\"}}")
 
 
+def _option_list(options, where: str, key: str) -> list:
+    """A record's options (`choices`, HellaSwag's `endings`, AQuA's `options`): a list of
+    texts. An object's keys are not its options, so one is refused, not iterated."""
+    if isinstance(options, dict):
+        raise UserError(f"{where}: `{key}` is an object (keys {list(options)[:6]}); write the options as a list of "
+                        f"texts, in the order the letters A, B, ... name them: \"{key}\": {json.dumps(list(options.values()))[:80]}")
+    if not isinstance(options, list):
+        raise UserError(f"{where}: `{key}` must be a list of option texts")
+    return options
+
+
 def _unified_choices(r: dict, where: str) -> list | None:
-    choices = r.get("choices")
-    if isinstance(choices, dict):
-        raise UserError(f"{where}: `choices` is an object (keys {list(choices)[:6]}); write the options as a list of "
-                        f"texts, in the order the letters A, B, ... name them: \"choices\": {json.dumps(list(choices.values()))[:80]}")
-    if choices is not None and not isinstance(choices, list):
-        raise UserError(f"{where}: `choices` must be a list of option texts")
+    choices = None if r.get("choices") is None else _option_list(r["choices"], where, "choices")
     if choices is not None and len(choices) < 2:
         raise UserError(f"{where}: `choices` lists {len(choices)} option(s); a multiple-choice question needs two "
                         f"or more (leave `choices` out for a true/false or free answer)")
@@ -298,7 +305,7 @@ def math_example(record: dict, where: str, labelled: bool) -> dict:
         answer = number_text(final, where)
     elif "options" in r and ("correct" in r or not labelled):  # AQuA
         question = _field(r, "question", where)
-        choices = [re.sub(r"^[A-E]\)\s*", "", option) for option in _options(r["options"], where)]
+        choices = [re.sub(r"^[A-E]\)\s*", "", option) for option in _options(_option_list(r["options"], where, "options"), where)]
         rationale = str(r.get("rationale") or "").strip()
         answer = None if r.get("correct") is None else _unified_answer(str(r["correct"]), choices, where)
     elif "Body" in r:  # SVAMP

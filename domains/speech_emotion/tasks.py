@@ -26,6 +26,7 @@ import torch
 from peftlab.shared import methods, reports, requests
 from peftlab.shared.cards import Card
 from peftlab.shared.data import (
+    UNKNOWN_GROUP,
     check_validation_given,
     count_by_split,
     in_several_splits,
@@ -478,8 +479,12 @@ class SpeechEmotionTask:
 
 
 def _held_out_note(validation: list[dict], fraction: float, test: str) -> str:
-    speakers = sorted({str(e["speaker"]) for e in validation if "speaker" in e})
-    whose = f"speakers {', '.join(speakers)}" if speakers else "no speakers named in the table"
+    given = [str(e["speaker"]) for e in validation if "speaker" in e]
+    speakers = sorted({s for s in given if not s.startswith(UNKNOWN_GROUP)})
+    unnamed = len(given) - sum(s in speakers for s in given)  # clips whose speaker cell was empty
+    whose = ", ".join(filter(None, [f"speakers {', '.join(speakers)}" if speakers else "",
+                                    f"{unnamed} clip{'s' if unnamed > 1 else ''} without a speaker" if unnamed else ""]))
+    whose = whose or "no speakers named in the table"
     return f"validation: {len(validation)} training clips held out ({whose}; splits.validation_fraction={fraction}); {test}"
 
 

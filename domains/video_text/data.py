@@ -184,8 +184,11 @@ def check_videos(videos, num_frames: int, directory: Path | None) -> None:
             continue
         decode_frames(video, num_frames)
         if marker is not None:
-            marker.parent.mkdir(parents=True, exist_ok=True)
-            marker.touch()
+            try:
+                marker.parent.mkdir(parents=True, exist_ok=True)
+                marker.touch()
+            except OSError:  # a cache folder that cannot be written: decoded again next time, nothing worse
+                pass
 
 
 def video_fingerprint(video: str) -> str:

@@ -413,7 +413,8 @@ class _VideoTextTask:
         meets it at its first evaluation, after an epoch of training)."""
         splits, notes = self._read_card_pairs(card)
         if card.format != "demo":
-            remembered = None if options.feature_cache == "off" else data.cache_root() / "decoded_videos"
+            features = cache_directory(options.feature_cache)  # with the frame features, where the user put them
+            remembered = None if features is None else features / "decoded_videos"
             data.check_videos((e["video"] for examples in splits.values() for e in examples), options.frames, remembered)
         return splits, notes
 
