@@ -252,11 +252,11 @@ def card_new(names, out):
     from peftlab.shared import io
     from peftlab.shared.tasks import get_task, list_tasks
 
-    tasks = {task.name for task in list_tasks()}
-    if len(names) > 2 or (len(names) == 2 and names[0] in tasks):  # `card new TASK my.md`: a file is --out's
+    known = list_tasks()
+    if len(names) > 2 or (len(names) == 2 and names[0] in {task.name for task in known}):  # `card new TASK my.md`
         raise UserError(f"card new takes TASK (or DOMAIN TASK), got {' '.join(names)}; the card goes to --out FILE")
     *domain, task_name = names
-    of_domain = [task.name for task in list_tasks() if task.domain == task_name]
+    of_domain = [task.name for task in known if task.domain == task_name]
     if of_domain:
         raise UserError(f"{task_name} is a domain; name one of its tasks: peftlab card new {' | '.join(of_domain)}")
     task = get_task(task_name)
