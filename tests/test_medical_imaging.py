@@ -174,7 +174,12 @@ def test_imagefolder_leaves_hidden_folders_and_other_files_out(tmp_path):
     dataset = TASK.read(read_card(_write_card(tmp_path, "format: imagefolder\npath: images")), TASK.options())
     assert dataset.labels == ["normal", "tumour"]
     assert sum(len(v) for v in dataset.splits.values()) == 8
-    assert any("1 files that are not images were left out (e.g. tumour/README.txt)" in n for n in dataset.notes)
+    assert any("1 file that is not an image was left out (e.g. tumour/README.txt)" in n for n in dataset.notes)
+    # a link to an image that is not there is a missing image, not a file to pass over
+    (root / "tumour" / "x9.png").symlink_to(tmp_path / "elsewhere" / "x9.png")
+    with pytest.raises(UserError, match=r"tumour/x9\.png: a link to \S*elsewhere/x9\.png, which does not exist; fix or "
+                                        r"remove the link$"):
+        TASK.read(read_card(_write_card(tmp_path, "format: imagefolder\npath: images")), TASK.options())
 
 
 def _image_table(folder, column: str, cells: list[str]) -> None:

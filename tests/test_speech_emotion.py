@@ -236,6 +236,18 @@ def test_audio_csv_reads_resamples_and_splits_by_speaker(tmp_path):
     assert dataset.labels == LABELS and {e["label"] for e in dataset.splits["train"]} <= {0, 1, 2, 3}
 
 
+def test_a_speaker_given_two_genders_is_noted(tmp_path):
+    rows = toy_rows()
+    rows[1] = (*rows[1][:3], "female" if rows[1][3] == "male" else "male")  # speaker s0's second clip
+    write_corpus(tmp_path, rows)
+    notes = TASK.read(write_card(tmp_path, "splits: {ratios: {train: 0.6, validation: 0.2, test: 0.2}, seed: 3}"),
+                      SpeechEmotionOptions()).notes
+    assert "1 speaker is given more than one gender (e.g. s0: female, male); their clips count under each in " \
+           "per-gender results: fix the gender column" in notes
+    write_corpus(tmp_path, toy_rows())
+    assert not any("more than one gender" in note for note in TASK.read(write_card(tmp_path), SpeechEmotionOptions()).notes)
+
+
 def test_clips_without_a_speaker_are_each_a_speaker_of_their_own(tmp_path):
     """Empty speaker cells are not one speaker "" whose clips move between splits as a
     block (half the corpus in one split); a note says the split cannot keep them apart."""

@@ -160,8 +160,11 @@ def list_images(folder: Path) -> list[Path]:
 
 
 def _visible_files(folder: Path) -> list[Path]:
-    return sorted(p for p in folder.rglob("*")
-                  if p.is_file() and not any(part.startswith(".") for part in p.relative_to(folder).parts))
+    visible = [p for p in folder.rglob("*") if not any(part.startswith(".") for part in p.relative_to(folder).parts)]
+    broken = [p for p in visible if p.is_symlink() and not p.exists()]
+    if broken:  # a missing image, as a table's path to a file that is not there is
+        raise UserError(f"{broken[0]}: a link to {broken[0].readlink()}, which does not exist; fix or remove the link")
+    return sorted(p for p in visible if p.is_file())
 
 
 def read_imagefolder(root: Path, labels: list[str] | None) -> tuple[list[dict], list[str], list[str]]:
@@ -185,8 +188,8 @@ def read_imagefolder(root: Path, labels: list[str] | None) -> tuple[list[dict], 
                             f"remove the folder or add its images")
         others += [p for p in files if p.suffix.lower() not in READABLE_SUFFIXES]
         examples += [{"id": str(p.relative_to(root)), "path": str(p), "label": labels.index(name)} for p in images]
-    notes = [f"{root}: {len(others)} files that are not images were left out (e.g. {others[0].relative_to(root)})"] \
-        if others else []
+    which = "1 file that is not an image was" if len(others) == 1 else f"{len(others)} files that are not images were"
+    notes = [f"{root}: {which} left out (e.g. {others[0].relative_to(root)})"] if others else []
     return examples, labels, notes
 
 

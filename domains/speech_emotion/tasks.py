@@ -400,8 +400,8 @@ class SpeechEmotionTask:
         if dropped:
             notes.insert(0, f"label_map leaves out {sum(dropped.values())} rows: "
                             + ", ".join(f"{count} {cell}" for cell, count in sorted(dropped.items())))
-        unknown = unknown_groups_note([e for examples in splits.values() for e in examples], "speaker", "clips")
-        notes += [unknown] if unknown else []
+        every = [e for examples in splits.values() for e in examples]
+        notes += [note for note in (unknown_groups_note(every, "speaker", "clips"), _two_genders_note(every)) if note]
         labels = card.labels
         if labels is None:
             labels = number_classes(splits, notes, str(card.card_path))
@@ -476,6 +476,21 @@ class SpeechEmotionTask:
 
     def card_template(self) -> str:
         return CARD_TEMPLATE
+
+
+def _two_genders_note(examples: list[dict]) -> str | None:
+    """A note where the table gives one speaker two genders: a typo, most likely, that
+    puts the speaker's clips under both in per-gender results."""
+    genders: dict[str, set[str]] = {}
+    for example in examples:
+        if "gender" in example and not str(example.get("speaker", UNKNOWN_GROUP)).startswith(UNKNOWN_GROUP):
+            genders.setdefault(example["speaker"], set()).add(example["gender"])
+    both = sorted(speaker for speaker, given in genders.items() if len(given) > 1)
+    if not both:
+        return None
+    who = "1 speaker is" if len(both) == 1 else f"{len(both)} speakers are"
+    return (f"{who} given more than one gender (e.g. {both[0]}: {', '.join(sorted(genders[both[0]]))}); their clips "
+            f"count under each in per-gender results: fix the gender column")
 
 
 def _held_out_note(validation: list[dict], fraction: float, test: str) -> str:
