@@ -13,7 +13,7 @@ import numpy as np
 from peftlab.pipelines import config as cfg
 from peftlab.pipelines import runner
 from peftlab.shared import checkpoint, io, methods
-from peftlab.shared.cards import read_card
+from peftlab.shared.cards import card_text, read_card
 from peftlab.shared.errors import MissingField, UserError
 from peftlab.shared.evaluation import check_finite, predict_outputs
 from peftlab.shared.tasks import get_task
@@ -140,7 +140,7 @@ class Predictor:
         that fold there; read as another card, its default fold could be training data."""
         copy = self.run_dir / "card.md"
         return Path(card.card_path).resolve() == Path(self.config.data.card).resolve() or (
-            copy.is_file() and card.text == copy.read_text(encoding="utf-8-sig", errors="replace"))
+            copy.is_file() and card.text == card_text(copy))
 
     def _note_another_card(self, card) -> None:
         """Says, once the card is read, that the run's fold does not apply to another card."""

@@ -31,7 +31,7 @@ import peftlab
 import torch
 from peftlab.pipelines import config as cfg
 from peftlab.shared import checkpoint, io, methods, sharding
-from peftlab.shared.cards import Card, read_card
+from peftlab.shared.cards import Card, card_text, read_card
 from peftlab.shared.data import subsample
 from peftlab.shared.errors import UserError
 from peftlab.shared.evaluation import evaluate
@@ -216,7 +216,7 @@ def load_run_card(run_dir: Path, config: cfg.RunConfig, task) -> Card:
     training read, even after the original card was edited or moved."""
     original = Path(config.data.card)
     card = load_card(run_dir / "card.md", task, root=original.parent)
-    if original.is_file() and original.read_text(encoding="utf-8-sig", errors="replace") != card.text:
+    if original.is_file() and card_text(original) != card.text:
         log(f"note: {original} has changed since training; reading the run's copy, {card.card_path} "
             f"(pass --data {original} to use the edited card)")
     return card
@@ -471,7 +471,7 @@ def _note_changed_card(config_file: Path, config: cfg.RunConfig) -> None:
     copy, card = config_file.parent / "card.md", cfg.resolve_card_path(config.data.card)
     if config_file.name != "run.yaml" or not copy.is_file() or not card.is_file():
         return
-    if card.read_text(encoding="utf-8-sig", errors="replace") != copy.read_text(encoding="utf-8-sig", errors="replace"):
+    if card_text(card) != card_text(copy):
         log(f"note: {card} has changed since {config_file.parent} trained on it; this run reads it as it is now "
             f"(the card that run read is {copy})")
 

@@ -162,6 +162,12 @@ def expand_vars(value: str, where: str) -> str:
     return _VAR.sub(substitute, value)
 
 
+def card_text(path) -> str:
+    """A card file's text as `read_card` reads it (a byte-order mark dropped), to compare a
+    card with a run's copy of it; bytes that are not UTF-8 compare as replaced."""
+    return Path(path).read_text(encoding="utf-8-sig", errors="replace")
+
+
 def read_card(path, root=None) -> Card:
     """`root`: the folder relative paths start from, when not the card's own."""
     path = Path(path)

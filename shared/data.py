@@ -199,9 +199,14 @@ def group_cell(value: str, where: str) -> str:
     return value.strip() or f"{UNKNOWN_GROUP}{where})"
 
 
+def is_unknown_group(value) -> bool:
+    """Whether a group value is `group_cell`'s stand-in for an empty cell."""
+    return str(value).startswith(UNKNOWN_GROUP)
+
+
 def unknown_groups_note(examples: Sequence[Example], key: str, items: str) -> str | None:
     """A note where some records' `key` cell (patient, speaker) was empty."""
-    unknown = [str(e[key]) for e in examples if str(e.get(key, "")).startswith(UNKNOWN_GROUP)]
+    unknown = [str(e[key]) for e in examples if key in e and is_unknown_group(e[key])]
     if not unknown:
         return None
     return (f"{len(unknown)} {items} have an empty {key} cell (e.g. {unknown[0][len(UNKNOWN_GROUP):-1]}): each is "

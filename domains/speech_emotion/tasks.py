@@ -26,10 +26,10 @@ import torch
 from peftlab.shared import methods, reports, requests
 from peftlab.shared.cards import Card
 from peftlab.shared.data import (
-    UNKNOWN_GROUP,
     check_validation_given,
     count_by_split,
     in_several_splits,
+    is_unknown_group,
     number_classes,
     ratio_split,
     split_ratios,
@@ -483,7 +483,7 @@ def _two_genders_note(examples: list[dict]) -> str | None:
     puts the speaker's clips under both in per-gender results."""
     genders: dict[str, set[str]] = {}
     for example in examples:
-        if "gender" in example and not str(example.get("speaker", UNKNOWN_GROUP)).startswith(UNKNOWN_GROUP):
+        if "gender" in example and "speaker" in example and not is_unknown_group(example["speaker"]):
             genders.setdefault(example["speaker"], set()).add(example["gender"])
     both = sorted(speaker for speaker, given in genders.items() if len(given) > 1)
     if not both:
@@ -495,7 +495,7 @@ def _two_genders_note(examples: list[dict]) -> str | None:
 
 def _held_out_note(validation: list[dict], fraction: float, test: str) -> str:
     given = [str(e["speaker"]) for e in validation if "speaker" in e]
-    speakers = sorted({s for s in given if not s.startswith(UNKNOWN_GROUP)})
+    speakers = sorted({s for s in given if not is_unknown_group(s)})
     unnamed = len(given) - sum(s in speakers for s in given)  # clips whose speaker cell was empty
     whose = ", ".join(filter(None, [f"speakers {', '.join(speakers)}" if speakers else "",
                                     f"{unnamed} clip{'s' if unnamed > 1 else ''} without a speaker" if unnamed else ""]))
