@@ -19,9 +19,6 @@ from peftlab.shared.evaluation import check_finite, predict_outputs
 from peftlab.shared.tasks import get_task
 from peftlab.shared.training import make_accelerator
 
-COMPRESSED_SUFFIXES = (".gz", ".bz2", ".xz", ".zip", ".zst")
-"""Inputs no task reads as they are (an `.npz` is a zip, but a format of its own)."""
-
 
 class Predictor:
     """A run's model rebuilt from its directory: backbone + saved adapter + head.
@@ -192,10 +189,9 @@ class Predictor:
             missing = [str(i) for i in inputs if not Path(i).exists()]
             if missing:
                 raise UserError(f"{missing[0]}: no such file or folder")
-            compressed = [str(i) for i in inputs if Path(i).suffix.lower() in COMPRESSED_SUFFIXES]
-            if compressed:
-                raise UserError(f"{compressed[0]}: a compressed file; decompress it (e.g. gunzip, unzip), then pass "
-                                f"the file it holds")
+            compressed = next((i for i in inputs if io.compressed_by_suffix(i)), None)
+            if compressed is not None:
+                raise UserError(f"{compressed}: {io.compressed_by_suffix(compressed)}, then pass the file it holds")
             try:
                 examples = self.task.read_inputs([Path(i) for i in inputs], self.options, self.card_fields)
             except MissingField as error:  # the card whose fields name the columns is the run's; predict takes none
@@ -203,6 +199,8 @@ class Predictor:
                 kind = "keys" if re.search(r"\.jsonl?\b", error.where, re.IGNORECASE) else "columns"
                 raise UserError(f"{error.where}: {error.what}; predict reads inputs with the run's card, "
                                 f"{self.run_dir / 'card.md'} ({names}): name the {kind} so in the input") from None
+            for note in _left_out_notes(map(Path, inputs), examples, self.task.name):
+                runner.log(f"note: {note}")
         elif all(isinstance(i, dict) for i in inputs):
             # dicts made by hand may carry no id; a line names its input by position then
             examples = [example if "id" in example else {"id": str(index), **example} for index, example in enumerate(inputs)]
@@ -366,6 +364,26 @@ def check_mergeable(run_dir: Path, meta: dict, into_run: bool = False) -> None:
         mergeable = [m for m in methods.list_methods() if methods.get_method(m).mergeable and m != "full"]
         raise UserError(f"{run_dir}: method {method!r} cannot be merged into the backbone weights; "
                         f"mergeable methods: {', '.join(mergeable)}")
+
+
+def _left_out_notes(inputs, examples: list[dict], task_name: str) -> list[str]:
+    """Files in a folder given to predict that no input reads (a README, a table beside
+    the images): said, not passed over. Hidden files (macOS `._x`, checkpoints) are not
+    counted: every reader leaves them out."""
+    read = {value for example in examples for value in example.values() if isinstance(value, str)}
+    notes = []
+    for folder in (path for path in inputs if path.is_dir()):
+        left_out = []
+        for path in sorted(folder.rglob("*")):
+            parts = path.relative_to(folder).parts
+            # a file is read as itself, or as part of a folder that is one input (a video's frames)
+            if path.is_file() and not any(part.startswith(".") for part in parts) \
+                    and not any(str(read_as) in read for read_as in (path, *path.parents[:len(parts)])):
+                left_out.append(path)
+        if left_out:
+            files = "1 file" if len(left_out) == 1 else f"{len(left_out)} files"
+            notes.append(f"{files} in {folder} left out: not {task_name} inputs (e.g. {left_out[0].relative_to(folder)})")
+    return notes
 
 
 def takes_json_requests(task) -> bool:

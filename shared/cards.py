@@ -173,6 +173,7 @@ def read_card(path, root=None) -> Card:
     path = Path(path)
     if not path.is_file():
         raise UserError(f"data card {path} does not exist; pass the path of a card (see `peftlab list cards`)")
+    path = path.resolve()  # every message names the card as the checks after reading do
     try:
         text = path.read_text(encoding="utf-8-sig")  # Notepad saves a byte-order mark
     except UnicodeDecodeError as error:
@@ -197,7 +198,7 @@ def read_card(path, root=None) -> Card:
         raise UserError(f"{path}: field {field!r}: {first['msg'].removeprefix('Value error, ')}") from None
     if card.labels is not None:
         _check_labels(card.labels, path)
-    card.card_path = path.resolve()
+    card.card_path = path
     card.root = Path(root).resolve() if root is not None else None
     card.body = body.strip()
     card.text = text

@@ -58,8 +58,12 @@ def files_in_folder(folder, list_files: Callable, kind: str, suffixes: Sequence[
     return found
 
 
-def parse_label(value: str, labels: list[str] | None, where: str) -> int:
-    """A label cell -> class index: a label name from the card, or its index (0, 1, 1.0)."""
+LABEL_FIX = "fix the cell or the card's `labels`"
+
+
+def parse_label(value: str, labels: list[str] | None, where: str, fix: str = LABEL_FIX) -> int:
+    """A label cell -> class index: a label name from the card, or its index (0, 1, 1.0).
+    `fix`: what the error for a cell that is neither asks for."""
     value = value.strip()
     if labels and value in labels:
         return labels.index(value)
@@ -69,13 +73,13 @@ def parse_label(value: str, labels: list[str] | None, where: str) -> int:
         number = math.nan
     if not math.isfinite(number):  # not a number at all, or NaN / inf
         known = f"one of {labels} or an index" if labels else "a class index (or set the card's `labels`)"
-        raise UserError(f"{where}: label {value!r} is not {known}; fix the cell or the card's `labels`")
+        raise UserError(f"{where}: label {value!r} is not {known}; {fix}")
     if number != int(number) or number < 0 or (labels and int(number) >= len(labels)):
         raise UserError(f"{where}: label {value!r} is out of range for labels {labels}")
     return int(number)
 
 
-def label_cell(value: str, labels: list[str] | None, where: str) -> int | str:
+def label_cell(value: str, labels: list[str] | None, where: str, fix: str = LABEL_FIX) -> int | str:
     """A label cell -> class index; without the card's `labels`, a cell that is not an
     index keeps its name, and `number_classes` numbers the classes once all are read."""
     value = value.strip()
@@ -86,7 +90,7 @@ def label_cell(value: str, labels: list[str] | None, where: str) -> int | str:
             return value
         if not math.isfinite(number) or number != int(number):
             return value
-    return parse_label(value, labels, where)
+    return parse_label(value, labels, where, fix)
 
 
 def strata(examples: Sequence[Example]) -> dict[int, list[int]]:

@@ -100,8 +100,21 @@ def load_yaml(text: str):
     return yaml.load(text, Loader=_YamlLoader)  # noqa: S506 - a SafeLoader subclass
 
 
-_ARCHIVE_MAGIC = {b"\x1f\x8b": "gzip-compressed: decompress it (gunzip)", b"PK\x03\x04": "a zip archive: unzip it",
-                  b"BZh": "bzip2-compressed: decompress it (bunzip2)", b"\xfd7zXZ": "xz-compressed: decompress it (unxz)"}
+_COMPRESSED = (  # (suffix, leading bytes, what the file is and how to open it)
+    (".gz", b"\x1f\x8b", "gzip-compressed: decompress it (gunzip)"),
+    (".zip", b"PK\x03\x04", "a zip archive: unzip it"),
+    (".bz2", b"BZh", "bzip2-compressed: decompress it (bunzip2)"),
+    (".xz", b"\xfd7zXZ", "xz-compressed: decompress it (unxz)"),
+    (".zst", b"\x28\xb5\x2f\xfd", "zstd-compressed: decompress it (unzstd)"),
+)
+
+
+def compressed_by_suffix(path) -> str | None:
+    """What a file named as compressed is and how to open it (None for other names): for
+    inputs whose format is not known yet (`peftlab predict`), where leading bytes cannot
+    tell, as an `.npz` or `.pt` is a zip file too."""
+    suffix = Path(path).suffix.lower()
+    return next((what for known, _, what in _COMPRESSED if suffix == known), None)
 
 
 def not_utf8(path, error: UnicodeDecodeError, fix: str) -> UserError:
@@ -109,10 +122,37 @@ def not_utf8(path, error: UnicodeDecodeError, fix: str) -> UserError:
     are not text in any encoding), anything else gets `fix`."""
     with open(path, "rb") as handle:
         start = handle.read(6)
-    compressed = next((what for magic, what in _ARCHIVE_MAGIC.items() if start.startswith(magic)), None)
+    compressed = next((what for _, magic, what in _COMPRESSED if start.startswith(magic)), None)
     if compressed:
         return UserError(f"{path}: {compressed}, then pass the text file")
     return UserError(f"{path}: not UTF-8 text (byte {error.start}); {fix}")
+
+
+class RepeatedKey(ValueError):
+    """An object in a user's JSON that names one key twice."""
+
+    def __init__(self, key: str):
+        super().__init__(key)
+        self.key = key
+
+
+def _refuse_repeated_keys(pairs: list) -> dict:
+    seen: dict = {}
+    for key, value in pairs:
+        if key in seen:
+            raise RepeatedKey(key)
+        seen[key] = value
+    return seen
+
+
+def user_json(text: str, where) -> object:
+    """`json.loads` for a user's data: an object that names a key twice is a UserError at
+    `where` (json keeps the last value silently, so `{"label": 1, "label": 0}` would read
+    as 0). JSON syntax errors stay JSONDecodeError, for the caller to word."""
+    try:
+        return json.loads(text, object_pairs_hook=_refuse_repeated_keys)
+    except RepeatedKey as error:
+        raise UserError(f"{where}: an object names the key {error.key!r} twice; keep the one meant") from None
 
 
 def read_json(path):

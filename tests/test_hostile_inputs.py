@@ -413,6 +413,8 @@ CASES = [
          r"of its own$"),
     Case("jsonl-gzipped", card_run(NECESSITY, "jsonl", {"d.jsonl": gzip.compress(b'{"patch": "+x", "y": 1}\n')},
                                    files={"data": "d.jsonl"}), r"d\.jsonl: gzip-compressed: decompress it \(gunzip\)"),
+    Case("jsonl-key-twice", card_run(NECESSITY, "jsonl", {"d.jsonl": '{"patch": "+x", "y": 1}\n{"patch": "+x", "y": 1, "y": 0}\n'},
+                                     files={"data": "d.jsonl"}), r"d\.jsonl:2: an object names the key 'y' twice; keep the one meant"),
     Case("jsonl-missing-field", card_run(COMMENT, "jsonl", {"d.jsonl": '{"patch": "+x"}\n'}, files={"data": "d.jsonl"}),
          r"d\.jsonl:1: no field 'msg' \(needed as `label`\)"),
     Case("jsonl-nan-label", card_run(NECESSITY, "jsonl", {"d.jsonl": '{"patch": "+x", "y": NaN}\n'}, files={"data": "d.jsonl"}),

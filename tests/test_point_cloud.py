@@ -22,6 +22,7 @@ from peftlab.domains.point_cloud.backbones import (
     load_backbone,
 )
 from peftlab.pipelines import runner
+from peftlab.pipelines.predictor import _left_out_notes
 from peftlab.shared import methods
 from peftlab.shared.errors import UserError
 
@@ -500,6 +501,9 @@ def test_predict_reads_a_folder_of_point_files_in_sorted_order(tmp_path):
     assert names == ["a.npy", "b.npy", "more/c.npy", "a.npy"]
     for name, example in zip(names, examples):
         np.testing.assert_array_equal(example["points"], clouds[name])
+    # the README beside the clouds is said to be left out; the hidden copy is not counted
+    assert _left_out_notes([tmp_path / "clouds", tmp_path / "clouds" / "a.npy"], examples, TASK) == [
+        f"1 file in {tmp_path / 'clouds'} left out: not pointcloud-classify inputs (e.g. notes.md)"]
     (tmp_path / "empty").mkdir()
     with pytest.raises(UserError, match=r"empty: no point files \(\.npy, \.ply, \.off, \.txt\) in this folder$"):
         task.read_inputs([tmp_path / "empty"], options, {})

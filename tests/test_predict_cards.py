@@ -52,6 +52,9 @@ def test_a_json_input_missing_a_field_is_told_to_name_its_keys(tmp_path):
     with pytest.raises(UserError, match=r"new\.jsonl:1: .*: name the keys so in the input$"):
         predictor.predict([str(tmp_path / "new.jsonl")])
     (tmp_path / "new.jsonl.gz").write_bytes(b"\x1f\x8b")
-    with pytest.raises(UserError, match=r"new\.jsonl\.gz: a compressed file; decompress it \(e\.g\. gunzip, unzip\), "
-                                        r"then pass the file it holds$"):
+    with pytest.raises(UserError, match=r"new\.jsonl\.gz: gzip-compressed: decompress it \(gunzip\), then pass the "
+                                        r"file it holds$"):
         predictor.predict([str(tmp_path / "new.jsonl.gz")])
+    (tmp_path / "new.jsonl.zst").write_bytes(b"\x28\xb5\x2f\xfd")
+    with pytest.raises(UserError, match=r"new\.jsonl\.zst: zstd-compressed: decompress it \(unzstd\)"):
+        predictor.predict([str(tmp_path / "new.jsonl.zst")])

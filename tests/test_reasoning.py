@@ -369,6 +369,18 @@ def test_math_reader_refuses_null_and_blank_text(tmp_path, record, message):
         data.read_jsonl(_write(tmp_path / "bad.jsonl", [record]), "math")
 
 
+@pytest.mark.parametrize("text, where", [
+    ('{"question": "7 + 5?", "answer": 12}\n{"question": "1 + 1?", "answer": 2, "answer": 3}\n', "m.jsonl:2"),
+    ('[\n {"question": "7 + 5?", "answer": 12, "answer": 13}\n]', "m.jsonl"),  # a JSON array, as SVAMP ships
+])
+def test_a_key_given_twice_is_refused_not_read_as_its_last_value(tmp_path, text, where):
+    path = tmp_path / "m.jsonl"
+    path.write_text(text)
+    with pytest.raises(UserError) as refused:
+        data.read_jsonl(path, "math")
+    assert str(refused.value) == f"{tmp_path}/{where}: an object names the key 'answer' twice; keep the one meant"
+
+
 def test_a_null_rationale_is_no_rationale(tmp_path):
     (example,) = data.read_jsonl(_write(tmp_path / "m.jsonl", [{"question": "7 + 5?", "answer": 12, "rationale": None}]), "math")
     assert example["label"] == "The answer is 12."

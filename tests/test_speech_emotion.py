@@ -420,6 +420,20 @@ def test_bad_audio_names_the_file_or_is_skipped_and_counted(tmp_path, problem):
     assert any("skipped 1 bad audio file" in note for note in dataset.notes)
 
 
+def test_label_codes_without_labels_are_numbered_as_numbers(tmp_path):
+    """Codes were read as names and sorted as text: with ten or more classes, "10" came
+    before "2" (the other domains number codes in numeric order)."""
+    rows = [(f"s{s}_{i}.wav", str(1 + (s * 4 + i) % 11), f"s{s}", "female") for s in range(6) for i in range(4)]
+    write_corpus(tmp_path, rows)
+    card = write_card(tmp_path).model_copy()
+    card.labels = None
+    dataset = TASK.read(card, SpeechEmotionOptions())
+    assert dataset.labels == [str(code) for code in range(1, 12)]
+    for example in (e for split in dataset.splits.values() for e in split):
+        assert example["label"] == int(dict((r[0], r[1]) for r in rows)[example["id"]]) - 1
+    assert any("codes, which do not run 0..10" in note for note in dataset.notes)
+
+
 def test_unknown_label_and_missing_column_are_one_line_errors(tmp_path):
     rows = toy_rows()
     rows[3] = (rows[3][0], "bored", rows[3][2], rows[3][3])

@@ -273,6 +273,10 @@ def test_msrvtt_json_refuses_blank_captions_and_conflicting_splits_and_notes_unc
     splits = data.read_msrvtt_json(path, videos, {}, notes=notes)
     assert {split: [e["id"] for e in examples] for split, examples in splits.items()} == {"train": ["video0#0"]}
     assert notes == ["msrvtt.json: 2 of the 3 videos listed have no captions (e.g. 'video1'); they are left out"]
+    path.write_text('{"sentences": [{"video_id": "video0", "caption": "a cat", "caption": "a dog"}]}')
+    with pytest.raises(UserError) as refused:  # json keeps the last value: "a dog", silently
+        data.read_msrvtt_json(path, videos, {})
+    assert str(refused.value) == f"{path}: an object names the key 'caption' twice; keep the one meant"
     card = _write_card(tmp_path, {"name": "t", "domain": "video_text", "task": "video-text-retrieval",
                                   "format": "msrvtt_json", "files": {"annotations": "msrvtt.json"}, "video_root": "videos"})
     path.write_text(json.dumps({"videos": listed, "sentences": [{"video_id": "video0", "caption": f"take {k}"}
@@ -815,3 +819,25 @@ def test_a_users_card_runs_on_the_tiny_clip_at_the_recipes_caption_length(tmp_pa
     model = get_task("video-text-retrieval").build_model("tiny", [], get_task("video-text-retrieval").options(max_text_tokens=32))
     tokens = model.tokenize([rows.splitlines()[0]])
     assert tokens.shape == (1, 77) and int((tokens[0] != 0).sum()) == 32  # cut at 32, its end token kept
+
+
+def test_predict_says_which_files_in_a_folder_it_leaves_out(tmp_path):
+    """A folder's stray files were passed over without a word; a frame folder's frames are
+    read as part of their video, not left out."""
+    from peftlab.pipelines.predictor import _left_out_notes
+    from PIL import Image
+
+    folder = tmp_path / "videos"
+    for name in ("clip0", "clip1"):
+        (folder / name).mkdir(parents=True)
+        for index in range(3):
+            Image.new("RGB", (8, 8)).save(folder / name / f"{index}.png")
+    (folder / "captions.txt").write_text("not a video")
+    (folder / "extra" / "deeper").mkdir(parents=True)
+    (folder / "extra" / "deeper" / "note.md").write_text("x")
+    examples = data.video_inputs([folder])
+    assert [e["video_id"] for e in examples] == ["clip0", "clip1"]
+    assert _left_out_notes([folder], examples, "video-text-retrieval") == [
+        f"2 files in {folder} left out: not video-text-retrieval inputs (e.g. captions.txt)"]
+    frames = data.video_inputs([folder / "clip0"])  # one frame folder given: its frames are the video
+    assert _left_out_notes([folder / "clip0"], frames, "video-text-retrieval") == []

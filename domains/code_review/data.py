@@ -111,7 +111,7 @@ def json_records(path: Path) -> list[tuple[int, dict]]:
         if not line.strip():
             continue
         try:
-            record = json.loads(line)
+            record = io.user_json(line, f"{path}:{number}")
         except json.JSONDecodeError as error:
             if not records and line.strip() == "[":  # a pretty-printed JSON array: one record over many lines
                 raise UserError(f"{path}: a JSON array over several lines, not JSON lines; write each record as one "

@@ -74,7 +74,7 @@ def json_records(path: Path) -> list[tuple[int, Any]]:
     stripped = text.lstrip()
     if stripped.startswith("["):  # a JSON array, as SVAMP, MAWPS and AQuA ship in some releases
         try:
-            return list(enumerate(json.loads(text), start=1))
+            return list(enumerate(io.user_json(text, path), start=1))
         except json.JSONDecodeError as error:
             raise UserError(f"{path}: invalid JSON at line {error.lineno} ({error.msg})") from None
     records = []
@@ -82,7 +82,7 @@ def json_records(path: Path) -> list[tuple[int, Any]]:
         if not line.strip():
             continue
         try:
-            records.append((line_number, json.loads(line)))
+            records.append((line_number, io.user_json(line, f"{path}:{line_number}")))
         except json.JSONDecodeError as error:
             raise UserError(f"{path}:{line_number}: invalid JSON ({error.msg}); one JSON object per line") from None
     return records

@@ -22,6 +22,7 @@ from peftlab.shared.data import (
     check_ratios,
     group_cell,
     header_column,
+    label_cell,
     ratio_split,
     table_rows,
 )
@@ -176,6 +177,8 @@ def audio_files(paths: list[Path]) -> list[Path]:
 
 
 # --------------------------------------------------------------------------- tables
+LABEL_FIX = "fix the cell, the card's `labels`, or map it with `label_map` (null drops the row)"
+
 TABLE_FIELDS = ("path", "label", "speaker", "gender", "session")
 """Fields a table may name: `fields: {path: file, label: emotion, speaker: speaker_id}`.
 `path` and `label` default to columns of those names; the others are optional."""
@@ -236,7 +239,7 @@ def read_table(path: Path, audio_root: Path, fields: dict, labels: list[str] | N
             continue
         example["id"] = cells[columns["path"]].strip()
         if labelled:
-            example["label"] = parse_label(label_text, labels, where)
+            example["label"] = label_cell(label_text, labels, where, LABEL_FIX)
         for key in ("speaker", "gender", "session"):
             if key in columns:
                 example[key] = group_cell(cells[columns[key]], where) if key == "speaker" else cells[columns[key]].strip()
@@ -246,19 +249,6 @@ def read_table(path: Path, audio_root: Path, fields: dict, labels: list[str] | N
     if not examples:
         raise UserError(f"{path}: no usable rows under the header")
     return TableRows(examples, skipped, dropped)
-
-
-def parse_label(value: str, labels: list[str] | None, where: str) -> int | str:
-    """A label cell -> class index (a name from the card's `labels`, or an index). Without
-    `labels` the name is kept and the reader numbers the classes afterwards."""
-    if labels is None:
-        return value
-    if value in labels:
-        return labels.index(value)
-    if value.isdigit() and int(value) < len(labels):
-        return int(value)
-    raise UserError(f"{where}: label {value!r} is not one of {labels}; fix the cell, the card's `labels`, "
-                    f"or map it with `label_map` (null drops the row)")
 
 
 # --------------------------------------------------------------------------- splits

@@ -248,7 +248,7 @@ def read_msrvtt_json(path: Path, video_root: Path, fields: dict, read_splits: bo
     False (`peftlab predict` embeds every pair alike). `notes` (where given) counts the
     listed videos that have no captions."""
     try:
-        document = json.loads(Path(path).read_text(encoding="utf-8-sig"))
+        document = io.user_json(Path(path).read_text(encoding="utf-8-sig"), path)
     except (OSError, UnicodeDecodeError) as error:
         raise UserError(f"{path}: cannot be read ({error})") from None
     except json.JSONDecodeError as error:
