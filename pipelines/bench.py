@@ -217,7 +217,7 @@ def plan(pipeline, methods, *, seeds, demo, data, backbone, out, full, overrides
     for fold, fold_dataset in fold_datasets.items():  # what each fold's reading did, e.g. a patient in two splits
         for note in runner.dataset_notes(fold_dataset, training=True):
             runner.log(f"note: --folds {fold}: {note}" if fold else f"note: {note}")
-    metric_names, primary = runner.run_metrics(base, task, card)
+    metric_names, primary = runner.run_metrics(base, task, card, dataset)
     reported = "test" if "test" in base.eval.splits else base.eval.splits[-1]
     model = task.build_model(base.backbone.name, dataset.labels, options)
     skipped = _methods_that_do_not_fit(model.backbone, [specs[name] for name in names])

@@ -290,24 +290,40 @@ def classes_missing_from(dataset: Dataset, split: str) -> list[str]:
     return [label for index, label in enumerate(dataset.labels) if index not in seen]
 
 
-def run_metrics(config: cfg.RunConfig, task, card: Card) -> tuple[list[str], str]:
+def run_metrics(config: cfg.RunConfig, task, card: Card, dataset: Dataset) -> tuple[list[str], str]:
     """The metrics a run computes (config, else card, else the task's) and its primary one,
-    each checked to exist."""
-    from peftlab.shared.metrics import get_metric
+    each checked to exist and to apply to what the task outputs on this data: refused
+    before training, not at its first evaluation."""
+    from peftlab.shared.metrics import metrics_scoring
 
+    applicable = task.applicable_metrics(dataset) if hasattr(task, "applicable_metrics") else metrics_scoring("classes")
     metric_names = config.eval.metrics or card.metrics or list(task.metrics)
     primary = config.eval.primary_metric or task.primary_metric
-    for key, names in (("eval.metrics", config.eval.metrics or []), ("eval.primary_metric", [primary])):
+    given = (("eval.metrics", config.eval.metrics or []), (f"{card.card_path}: metrics", card.metrics or []),
+             ("eval.primary_metric", [primary]))
+    others = [name for name in applicable if name not in task.metrics]
+    offered = ", ".join(task.metrics) + (f" (and on request {', '.join(others)})" if others else "")
+    for key, names in given:
         unknown = [name for name in names if name not in list_metrics()]
         if unknown:
-            raise UserError(f"{key}: unknown metric {unknown[0]!r}; {task.name} computes {', '.join(task.metrics)}")
+            raise UserError(f"{key}: unknown metric {unknown[0]!r}; {task.name} computes {offered}")
+        wrong = [name for name in names if name not in applicable]
+        if wrong:
+            raise UserError(f"{key}: {task.name} cannot compute {wrong[0]!r} ({_scores_what(wrong[0])}); it "
+                            f"computes {offered}")
     if primary not in metric_names:
         metric_names = [primary, *metric_names]
-    for name in metric_names:
-        if get_metric(name).fn is None and name not in task.metrics:
-            raise UserError(f"{task.name} does not compute metric {name!r} (other tasks derive it); it computes "
-                            f"{', '.join(task.metrics)}")
     return metric_names, primary
+
+
+def _scores_what(name: str) -> str:
+    from peftlab.shared.metrics import get_metric
+
+    metric = get_metric(name)
+    if metric.fn is None:
+        return "a value only the tasks that list it derive"
+    return {"classes": "it scores class predictions", "text": "it scores generated text",
+            "ranking": "it scores a retrieval ranking"}[metric.scores]
 
 
 def evaluated_splits(wanted: list[str], card: Card, dataset: Dataset, announce: bool = True) -> list[str]:
@@ -342,7 +358,7 @@ def prepare(config: cfg.RunConfig, run_dir: Path | None = None) -> Prepared:
     options = cfg.build_task_options(task, config.task_options)
     card = load_card(config.data.card, task) if run_dir is None else load_run_card(run_dir, config, task)
     dataset = read_dataset(config, task, options, card)
-    metric_names, primary = run_metrics(config, task, card)
+    metric_names, primary = run_metrics(config, task, card, dataset)
     config.eval.splits = evaluated_splits(config.eval.splits, card, dataset)
     log_notes(dataset, training=True)
     model = build_model(config, task, options, dataset.labels)

@@ -27,15 +27,18 @@ class Metric:
     # `compute_metrics` (reasoning's accuracy_avg); registered for its name and direction.
     fn: Callable[[np.ndarray, np.ndarray], float | None] | None
     higher_is_better: bool = True
+    scores: str = "classes"
+    """What it scores: `classes` (class scores against labels), `text` (generated text
+    against references) or `ranking` (a query-item similarity matrix)."""
 
 
 _METRICS: dict[str, Metric] = {}
 
 
-def register_metric(name: str, fn: Callable | None, higher_is_better: bool = True) -> None:
+def register_metric(name: str, fn: Callable | None, higher_is_better: bool = True, scores: str = "classes") -> None:
     if name in _METRICS:
         raise ValueError(f"metric {name!r} is registered twice")
-    _METRICS[name] = Metric(name, fn, higher_is_better)
+    _METRICS[name] = Metric(name, fn, higher_is_better, scores)
 
 
 def get_metric(name: str) -> Metric:
@@ -46,6 +49,12 @@ def get_metric(name: str) -> Metric:
 
 def list_metrics() -> list[str]:
     return sorted(_METRICS)
+
+
+def metrics_scoring(what: str) -> tuple[str, ...]:
+    """The metrics that score `what` (a `Metric.scores`) and compute themselves: the ones
+    a task with such outputs can be asked for, unless it says otherwise."""
+    return tuple(name for name, metric in sorted(_METRICS.items()) if metric.scores == what and metric.fn is not None)
 
 
 def predicted_classes(scores: np.ndarray, threshold: float = 0.5) -> np.ndarray:

@@ -79,4 +79,4 @@ RETRIEVAL_METRICS = tuple(_METRICS)
 # Registered once, on first import (a re-import finds them there).
 for _name, (_fn, _higher) in _METRICS.items():
     if _name not in list_metrics():
-        register_metric(_name, _fn, higher_is_better=_higher)
+        register_metric(_name, _fn, higher_is_better=_higher, scores="ranking")

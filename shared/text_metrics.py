@@ -140,7 +140,7 @@ def compute_text_metrics(names: Sequence[str], references: Sequence[str], hypoth
 _FUNCTIONS = {"bleu4": smooth_bleu4, "corpus_bleu4": corpus_bleu4, "exact_match": exact_match}
 for _name, _fn in _FUNCTIONS.items():
     if _name not in list_metrics():
-        register_metric(_name, _fn)
+        register_metric(_name, _fn, scores="text")
 
 
 # ----------------------------------------------------------------------------- captioning metrics
@@ -261,4 +261,4 @@ def cider(references: Sequence[str | Sequence[str]], hypotheses: Sequence[str],
 
 for _name, _fn in {"rouge_l": rouge_l, "cider": cider}.items():
     if _name not in list_metrics():
-        register_metric(_name, _fn)
+        register_metric(_name, _fn, scores="text")

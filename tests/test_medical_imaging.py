@@ -325,6 +325,13 @@ def test_medmnist_npz_single_and_multi_label(tmp_path):
     assert scores.shape == (4, 3) and ((scores > 0) & (scores < 1)).all()
     results = TASK.compute_metrics(["auroc", "accuracy", "macro_f1"], dataset.splits["train"][:4], list(scores))
     assert set(results) == {"auroc", "accuracy", "macro_f1"}
+    # multi-label data has no per-image class to score MCC on: refused before training, not at its first evaluation
+    assert "mcc" in TASK.applicable_metrics(TASK.read(card.model_copy(update={"path": "single.npz", "labels": None}), TASK.options()))
+    config = runner.build_config("medical-classify", data=str(card.card_path), overrides=["eval.metrics=[auroc,mcc]"])
+    with pytest.raises(UserError, match=r"^eval\.metrics: medical-classify cannot compute 'mcc' \(it scores class "
+                                        r"predictions\); it computes auroc, accuracy, balanced_accuracy, macro_f1 \(and on "
+                                        r"request f1, aupr\)$"):
+        runner.run_metrics(config, TASK, card, dataset)
 
     # A finding neither present nor predicted has no F1 and leaves the mean (as a class absent
     # from both does in single-label macro F1); one predicted but absent counts 0.

@@ -8,6 +8,7 @@ import pytest
 import torch
 from peftlab.domains.reasoning import data
 from peftlab.domains.reasoning.tasks import render_prompt
+from peftlab.pipelines import config as cfg
 from peftlab.pipelines import runner
 from peftlab.pipelines.cli import main
 from peftlab.pipelines.predictor import load
@@ -485,7 +486,8 @@ def test_the_papers_average_can_be_the_primary_metric():
     def metrics_of(pipeline):
         config = runner.build_config(pipeline, demo=True, overrides=["eval.primary_metric=accuracy_avg"])
         task = get_task(config.task_name)
-        return runner.run_metrics(config, task, runner.load_card(config.data.card, task))
+        card = runner.load_card(config.data.card, task)
+        return runner.run_metrics(config, task, card, runner.read_dataset(config, task, cfg.build_task_options(task, config.task_options), card))
 
     names, primary = metrics_of("reasoning-commonsense")
     assert primary == "accuracy_avg" and "accuracy" in names
@@ -493,7 +495,8 @@ def test_the_papers_average_can_be_the_primary_metric():
                 {"dataset": "b", "answer": "true", "choices": None}]
     assert get_task("reasoning-commonsense").compute_metrics(names, examples, ["A", "A", "yes"])[primary] == 0.75
     assert is_better(primary, 0.8, 0.75) and not is_better(primary, 0.7, 0.75)
-    with pytest.raises(UserError, match="^protein-ppi does not compute metric 'accuracy_avg' .* it computes aupr"):
+    with pytest.raises(UserError, match=r"^eval\.primary_metric: protein-ppi cannot compute 'accuracy_avg' \(a value only "
+                                        r"the tasks that list it derive\); it computes aupr"):
         metrics_of("protein-ppi")
 
 

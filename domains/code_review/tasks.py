@@ -319,10 +319,10 @@ class _GenerationTask(_CodeReviewTask):
     formats = ("jsonl", "tufano_tsv", "demo")
     loader_format = "jsonl"
 
+    def applicable_metrics(self, dataset) -> tuple[str, ...]:
+        return TEXT_METRICS
+
     def compute_metrics(self, metric_names, examples, outputs) -> dict:
-        not_text = [n for n in metric_names if n not in TEXT_METRICS]
-        if not_text:
-            raise UserError(f"{self.name} generates text; metric {not_text[0]!r} does not apply (use {', '.join(TEXT_METRICS)})")
         references, hypotheses = [e["label"] for e in examples], list(outputs)
         stopwords = examples[0].get(STOPWORDS) if examples else None
         if not stopwords or "bleu4" not in metric_names:

@@ -517,6 +517,10 @@ class MedicalClassifyTask:
 
     # ------------------------------------------------------------------------- metrics
 
+    def applicable_metrics(self, dataset) -> tuple[str, ...]:
+        multi_label = any("targets" in e for examples in dataset.splits.values() for e in examples)
+        return tuple(_MULTI_LABEL) if multi_label else metric_registry.metrics_scoring("classes")
+
     def compute_metrics(self, metric_names, examples, outputs) -> dict:
         scores = np.stack(outputs)
         if all("targets" in e for e in examples):
@@ -589,9 +593,7 @@ def _per_finding(fn, y, s):
 
 def multi_label_metrics(names, targets: np.ndarray, scores: np.ndarray) -> dict:
     result = {}
-    for name in names:
-        if name not in _MULTI_LABEL:
-            raise UserError(f"metric {name!r} is not defined for multi-label data; use {', '.join(_MULTI_LABEL)}")
+    for name in names:  # each one of _MULTI_LABEL (runner.run_metrics)
         value = _MULTI_LABEL[name](targets, scores) if len(targets) else None
         result[name] = None if value is None or np.isnan(value) else float(value)
     return result

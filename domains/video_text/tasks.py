@@ -545,10 +545,10 @@ class RetrievalTask(_VideoTextTask):
             examples.append({"id": key, "caption": text})
         return examples
 
+    def applicable_metrics(self, dataset) -> tuple[str, ...]:
+        return RETRIEVAL_METRICS
+
     def compute_metrics(self, metric_names, examples, outputs) -> dict:
-        not_retrieval = [n for n in metric_names if n not in RETRIEVAL_METRICS]
-        if not_retrieval:
-            raise UserError(f"{self.name}: metric {not_retrieval[0]!r} does not apply; use {', '.join(RETRIEVAL_METRICS)}")
         _, item_of_query, similarity = similarity_matrix(examples, outputs)
         return metric_registry.compute(metric_names, item_of_query, similarity)
 
@@ -646,10 +646,10 @@ class CaptionTask(_VideoTextTask):
         requests.only_fields(payload, ("videos",))
         return request_videos(payload, options)
 
+    def applicable_metrics(self, dataset) -> tuple[str, ...]:
+        return tuple(CAPTION_METRICS)
+
     def compute_metrics(self, metric_names, examples, outputs) -> dict:
-        unknown = [n for n in metric_names if n not in CAPTION_METRICS]
-        if unknown:
-            raise UserError(f"{self.name}: metric {unknown[0]!r} does not apply; use {', '.join(CAPTION_METRICS)}")
         references = [e.get("references") or [e["label"]] for e in examples]
         tokenize = CAPTION_TOKENIZERS[examples[0].get("caption_tokenizer", "words") if examples else "words"]
         texts = sorted({text for refs in references for text in refs} | set(outputs))
