@@ -22,3 +22,8 @@ def __getattr__(name):
 
         return UserError
     raise AttributeError(f"module 'peftlab' has no attribute {name!r}")
+
+
+def __dir__():
+    # the lazily imported names too, so tab completion (IPython, Jupyter) offers them
+    return sorted({*globals(), *__all__})

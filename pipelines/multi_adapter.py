@@ -30,6 +30,7 @@ import json
 import queue
 import threading
 import time
+import weakref
 from collections import defaultdict
 from concurrent.futures import Future
 from dataclasses import dataclass, field
@@ -137,6 +138,9 @@ class Engine:
         """What the engine did: for the load test, and for tests that a batch really mixed."""
         self._queue: queue.Queue[_Job | None] = queue.Queue()
         self._worker: threading.Thread | None = None
+        # An engine dropped without close() (a notebook cell run again) still stops its
+        # thread: the thread holds the engine only while it runs a round.
+        weakref.finalize(self, self._queue.put, None)
 
     # ----------------------------------------------------------------------- loading
     def attach(self, adapter: Adapter, fresh_backbone: nn.Module, adapter_dir: Path) -> nn.Module:
@@ -169,7 +173,8 @@ class Engine:
     def _start(self) -> None:
         with self.lock:
             if self._worker is None:
-                self._worker = threading.Thread(target=self._serve, name=f"peftlab-engine-{id(self)}", daemon=True)
+                self._worker = threading.Thread(target=_serve, args=(weakref.ref(self), self._queue),
+                                                name=f"peftlab-engine-{id(self)}", daemon=True)
                 self._worker.start()
 
     def stop(self) -> None:
@@ -178,28 +183,25 @@ class Engine:
             self._worker.join()
             self._worker = None
 
-    def _serve(self) -> None:
-        while True:
-            job = self._queue.get()
-            if job is None:
-                return
-            jobs, count = [job], len(job.examples)
-            deadline = time.perf_counter() + self.max_wait
-            while count < self.max_batch:
-                try:
-                    more = self._queue.get(timeout=max(0.0, deadline - time.perf_counter()))
-                except queue.Empty:
-                    break
-                if more is None:
-                    self._queue.put(None)  # stop after this round
-                    break
-                jobs.append(more)
-                count += len(more.examples)
-            # A request whose client went away was cancelled: skip it. The others are
-            # marked running, so they can no longer be cancelled under our feet.
-            jobs = [j for j in jobs if j.future.set_running_or_notify_cancel()]
-            if jobs:
-                self._run_jobs(jobs)
+    def serve_round(self, job: _Job) -> None:
+        """Run `job` with whatever else is queued within max_wait, up to max_batch examples."""
+        jobs, count = [job], len(job.examples)
+        deadline = time.perf_counter() + self.max_wait
+        while count < self.max_batch:
+            try:
+                more = self._queue.get(timeout=max(0.0, deadline - time.perf_counter()))
+            except queue.Empty:
+                break
+            if more is None:
+                self._queue.put(None)  # stop after this round
+                break
+            jobs.append(more)
+            count += len(more.examples)
+        # A request whose client went away was cancelled: skip it. The others are
+        # marked running, so they can no longer be cancelled under our feet.
+        jobs = [j for j in jobs if j.future.set_running_or_notify_cancel()]
+        if jobs:
+            self._run_jobs(jobs)
 
     def _run_jobs(self, jobs: list[_Job]) -> None:
         try:
@@ -310,6 +312,18 @@ class _Replay(nn.Module):
     @property
     def base_model(self) -> nn.Module:
         return self.real.base_model
+
+
+def _serve(engine_ref: weakref.ref, jobs: queue.Queue) -> None:
+    """An engine's worker thread. It holds the engine only while a round runs, so an engine
+    no one holds any more is collected; its finalizer's None then ends the thread."""
+    while True:
+        job = jobs.get()
+        engine = engine_ref()
+        if job is None or engine is None:
+            return
+        engine.serve_round(job)
+        del engine, job  # a job holds its adapter, and through it the engine
 
 
 class MultiAdapter:

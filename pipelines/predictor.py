@@ -6,8 +6,10 @@ import functools
 import re
 import shutil
 from collections import Counter
+from collections.abc import Iterable
+from os import PathLike
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 from peftlab.pipelines import config as cfg
@@ -18,6 +20,9 @@ from peftlab.shared.errors import MissingField, UserError
 from peftlab.shared.evaluation import check_finite, predict_outputs
 from peftlab.shared.tasks import get_task
 from peftlab.shared.training import make_accelerator
+
+if TYPE_CHECKING:
+    from peftlab.pipelines.multi_adapter import MultiAdapter
 
 
 class Predictor:
@@ -30,8 +35,10 @@ class Predictor:
     run's adapter on a backbone it shares with other runs.
     """
 
-    def __init__(self, run_dir, force: bool = False, attach=None):
-        self.run_dir = Path(run_dir)
+    def __init__(self, run_dir: str | Path, force: bool = False, attach=None):
+        if not isinstance(run_dir, str | PathLike):
+            raise UserError(f"a run directory is a path (str or Path), not {type(run_dir).__name__}")
+        self.run_dir = Path(run_dir).expanduser()
         if not self.run_dir.is_dir():
             what = "a file, not a run directory" if self.run_dir.exists() else "no such run directory"
             raise UserError(f"{self.run_dir}: {what} (runs are written under runs/<pipeline>/ by default)")
@@ -175,7 +182,7 @@ class Predictor:
         writes them. `outputs_of(examples, progress) -> outputs` replaces this run's own
         model (the multi-adapter server computes them on a shared backbone)."""
         outputs_of = outputs_of or self._outputs
-        inputs = [inputs] if isinstance(inputs, str | Path | dict) else list(inputs)
+        inputs = _input_list(inputs)
         cards = [i for i in inputs if isinstance(i, str | Path) and Path(i).suffix.lower() == ".md"]
         if cards:
             if len(inputs) > 1:
@@ -203,7 +210,8 @@ class Predictor:
                 runner.log(f"note: {note}")
         elif all(isinstance(i, dict) for i in inputs):
             # dicts made by hand may carry no id; a line names its input by position then
-            examples = [example if "id" in example else {"id": str(index), **example} for index, example in enumerate(inputs)]
+            examples = [_HandMadeExample(example if "id" in example else {"id": str(index), **example})
+                        for index, example in enumerate(inputs)]
         else:
             kinds = sorted({type(i).__name__ for i in inputs})
             raise UserError(f"predict takes paths (files or one data card) or example dicts, not {', '.join(kinds)}")
@@ -216,12 +224,16 @@ class Predictor:
                 for note in self.task.input_notes(examples, self.options):
                     runner.log(f"note: {note}")
             return self.rows(examples, outputs_of(examples, "predict"))
-        except KeyError as error:
+        except _MissingField as missing:
+            raise UserError(f"an example dict lacks the field {missing.args[0]!r} that {self.task.name} reads; build "
+                            f"examples as its reader does (the task's read_inputs), or pass files") from None
+        except (KeyError, TypeError, ValueError, IndexError) as error:
             if not all(isinstance(i, dict) for i in inputs):
                 raise
-            # dicts made by hand are not checked by a reader: a missing field shows up here
-            raise UserError(f"an example dict lacks the field {error.args[0]!r} that {self.task.name} reads; build "
-                            f"examples as its reader does (the task's read_inputs) or pass files") from None
+            # Dicts made by hand are not checked by a reader: a value that does not fit shows up here.
+            raise UserError(f"an example dict holds a value {self.task.name} cannot read ({type(error).__name__}: "
+                            f"{str(error)[:120]}); build examples as its reader does (the task's read_inputs), or "
+                            f"pass files") from None
 
     def parse_request(self, payload) -> list[dict]:
         """A JSON request body in the task's natural form -> examples (UserError naming the field)."""
@@ -274,8 +286,9 @@ class Predictor:
             rows += [{"split": name, **row} for row in self.rows(examples, outputs_of(examples, f"predict {name}"))]
         return rows
 
-    def merge(self, out) -> Path:
-        """Write a run directory whose adapter is the merged backbone (method `full`)."""
+    def merge(self, out: str | Path) -> Path:
+        """Write a run directory whose adapter is the merged backbone (method `full`). This
+        predictor goes on with the merged weights (equal to the adapter's up to rounding)."""
         check_merge_request(self.run_dir, self.meta, out=out)
         out = Path(out)
         merged = self.model.backbone.merge()
@@ -297,7 +310,7 @@ class Predictor:
         return out
 
 
-    def export(self, directory) -> Path:
+    def export(self, directory: str | Path) -> Path:
         """The merged backbone in its own library's format (fair-esm, timm, transformers, ...),
         loadable without peftlab, plus `export.json` saying what it is and how to load it."""
         check_merge_request(self.run_dir, self.meta, export=directory)
@@ -328,9 +341,11 @@ class Predictor:
         return directory
 
 
-def load(run_dir, force: bool = False):
+def load(run_dir: str | Path | list | tuple, force: bool = False) -> Predictor | MultiAdapter:
     """One run directory -> a `Predictor`; a list of them -> a `MultiAdapter` serving all
-    of them on shared backbones (NAME=RUN_DIR names an adapter)."""
+    of them on shared backbones (NAME=RUN_DIR names an adapter; use it in a `with` block,
+    or `close()` it, to stop its threads at once). `force`: load a run whose backbone
+    weights differ from the ones it was trained on."""
     if isinstance(run_dir, list | tuple):
         from peftlab.pipelines.multi_adapter import MultiAdapter
 
@@ -348,7 +363,9 @@ def check_merge_request(run_dir: Path, meta: dict, out=None, export=None) -> Non
     check_mergeable(run_dir, meta, into_run=out is not None)
     task = get_task(meta["task"])
     if export is not None and not hasattr(task, "export_backbone"):
-        raise UserError(f"task {task.name!r} has no export format; `peftlab merge --out` writes a merged run")
+        instead = ("use the run as it is (eval, predict, serve)" if meta["method"]["name"] == "full"
+                   else "`peftlab merge --out` writes a merged run")
+        raise UserError(f"task {task.name!r} has no export format; {instead}")
 
 
 def check_mergeable(run_dir: Path, meta: dict, into_run: bool = False) -> None:
@@ -358,8 +375,9 @@ def check_mergeable(run_dir: Path, meta: dict, into_run: bool = False) -> None:
     method = meta["method"]["name"]
     if into_run and method == "full":
         what = "a merged run" if meta["method"].get("merged_from") else "a full fine-tuning run"
+        export = ", or --export it in its library's format" if hasattr(get_task(meta["task"]), "export_backbone") else ""
         raise UserError(f"{run_dir}: {what} has no adapter to merge: its weights are the whole backbone; "
-                        f"use it as it is, or --export it in its library's format")
+                        f"use it as it is (eval, predict, serve){export}")
     if method != "full" and not methods.get_method(method).mergeable:
         mergeable = [m for m in methods.list_methods() if methods.get_method(m).mergeable and m != "full"]
         raise UserError(f"{run_dir}: method {method!r} cannot be merged into the backbone weights; "
@@ -392,8 +410,34 @@ def takes_json_requests(task) -> bool:
     return callable(getattr(task, "parse_request", None))
 
 
+class _MissingField(KeyError):
+    pass
+
+
+class _HandMadeExample(dict):
+    """An example dict given to `predict`: a field the task reads and the dict lacks is
+    named as such, not confused with a KeyError from reading a value (a tokenizer's)."""
+
+    def __missing__(self, key):
+        raise _MissingField(key)
+
+
+def _input_list(inputs) -> list:
+    """`predict`'s inputs as a list: one path or dict, or an iterable of them. Anything
+    else is refused here, naming what to pass, rather than failing on its first use."""
+    if isinstance(inputs, str | PathLike | dict):
+        return [inputs]
+    if hasattr(inputs, "to_dict") and hasattr(inputs, "columns"):  # a pandas DataFrame iterates its column names
+        raise UserError("predict takes paths or example dicts, not a DataFrame: pass df.to_dict('records') (one dict "
+                        "per row, named as the task reads them) or the file it was read from")
+    if isinstance(inputs, bytes) or not isinstance(inputs, Iterable):
+        raise UserError(f"predict takes a path (file, folder or data card), an example dict, or a list of them, "
+                        f"not {type(inputs).__name__}")
+    return list(inputs)
+
+
 def _plain(value):
-    """numpy scalars and arrays -> JSON types."""
+    """numpy scalars and arrays, and paths -> JSON types."""
     if isinstance(value, dict):
         return {k.item() if isinstance(k, np.generic) else k: _plain(v) for k, v in value.items()}
     if isinstance(value, list | tuple):
@@ -402,4 +446,6 @@ def _plain(value):
         return value.item()
     if isinstance(value, np.ndarray):
         return value.tolist()
+    if isinstance(value, PathLike):
+        return str(value)
     return value

@@ -17,6 +17,7 @@ import contextlib
 import fcntl
 import json
 import logging
+import os
 import shutil
 import sys
 import time
@@ -399,7 +400,7 @@ def default_run_dir(pipeline: str, method: str) -> Path:
     candidate, suffix = base, 1
     while True:
         try:
-            candidate.mkdir(parents=True, exist_ok=False)  # exclusive: two runs never share one
+            _make_run_dir(candidate, exist_ok=False)  # exclusive: two runs never share one
             return candidate
         except FileExistsError:
             suffix += 1
@@ -430,17 +431,49 @@ def library_versions() -> dict[str, str]:
     return versions
 
 
+def check_out(out: str | Path | None) -> None:
+    """Refuse an --out that cannot hold a new run before any work (reading, building):
+    one that holds files, or lies under a file or in a folder that cannot be written."""
+    if out is None:
+        return
+    run_dir = Path(out)
+    if run_dir.is_dir() and any(run_dir.iterdir()):
+        raise UserError(f"{run_dir} exists and is not empty; choose another --out, or continue it with --resume {run_dir}")
+    existing = next(folder for folder in (run_dir, *run_dir.absolute().parents) if folder.exists())
+    if not existing.is_dir():
+        raise UserError(f"--out {run_dir}: {existing} is a file, not a folder; choose another --out")
+    if existing != run_dir and not os.access(existing, os.W_OK | os.X_OK):
+        raise UserError(f"--out {run_dir}: cannot create the folder ({existing} is not writable); choose another --out")
+
+
 def _claim_run_dir(config: cfg.RunConfig, out: str | Path | None) -> Path:
     if out is not None:
+        check_out(out)  # again: another process may have written there since
         run_dir = Path(out)
-        if run_dir.exists() and any(run_dir.iterdir()):
-            raise UserError(f"{run_dir} exists and is not empty; choose another --out, or continue it with --resume {run_dir}")
-        run_dir.mkdir(parents=True, exist_ok=True)
+        _make_run_dir(run_dir, exist_ok=True)
         return run_dir
     return default_run_dir(config.pipeline, config.method_name)
 
 
+def _make_run_dir(run_dir: Path, exist_ok: bool) -> None:
+    """`mkdir -p`, with a folder that cannot be made (under a file, read-only, /proc) a
+    one-line UserError. `exist_ok`: the folder `--out` names (it may exist, empty); else a
+    default run folder, claimed exclusively (FileExistsError passes through)."""
+    try:
+        run_dir.mkdir(parents=True, exist_ok=exist_ok)
+    except FileExistsError:
+        if not exist_ok:
+            raise
+        raise UserError(f"--out {run_dir}: a file, not a folder; choose another --out") from None
+    except OSError as error:
+        if exist_ok:  # the folder --out named
+            raise UserError(f"--out {run_dir}: cannot create the folder ({error.strerror}); choose another --out") from None
+        raise UserError(f"{run_dir}: cannot create the run folder ({error.strerror}); run from a folder you can write "
+                        f"to, or pass --out") from None
+
+
 def run(config: cfg.RunConfig, out: str | Path | None = None) -> Path:
+    check_out(out)
     prepared = prepare(config)
     main = process_state().is_main_process
     claimed: tuple[str, str] | None = None
@@ -593,6 +626,8 @@ def _train_and_finish(run_dir: Path, prepared: Prepared, resume: bool) -> Path:
     log(f"{config.pipeline}: {config.method_name} on {config.backbone.name}: "
         f"{params['trainable']:,} of {params['total']:,} parameters train ({params['percent']:.3f}%)")
     accelerator = make_accelerator(config.train.precision, model)
+    if torch.cuda.is_available():  # this run's peak, not an earlier run's in the same process (bench --in-process)
+        torch.cuda.reset_peak_memory_stats()
     started = time.perf_counter()
     state = train(prepared.task, model, prepared.dataset.splits["train"], prepared.dataset.splits.get("validation", []),
                   config.train, prepared.metrics, prepared.primary_metric, run_dir, accelerator, resume=resume, log=log)

@@ -188,7 +188,7 @@ def test_merge_gives_a_run_that_evaluates_like_the_original(ppi_run, tmp_path, c
     monkeypatch.setattr(predictor, "load", lambda *args, **kwargs: pytest.fail("the backbone loaded before the refusal"))
     assert main(["merge", str(merged), "--out", str(tmp_path / "twice")]) == 2
     assert f"error: {merged}: a merged run has no adapter to merge: its weights are the whole backbone; use it as it " \
-           f"is, or --export it in its library's format" in capsys.readouterr().err
+           f"is (eval, predict, serve), or --export it in its library's format" in capsys.readouterr().err
     assert not (tmp_path / "twice").exists()
     # so are a non-empty --out, and --export of a task without an export format
     (tmp_path / "taken").mkdir()
@@ -200,6 +200,14 @@ def test_merge_gives_a_run_that_evaluates_like_the_original(ppi_run, tmp_path, c
     (reasoning / "meta.json").write_text(json.dumps({"task": "reasoning-arithmetic", "method": {"name": "lora"}}))
     assert main(["merge", str(reasoning), "--export", str(tmp_path / "exported")]) == 2
     assert "error: task 'reasoning-arithmetic' has no export format; `peftlab merge --out` writes a merged run" \
+        in capsys.readouterr().err
+    # a full fine-tuning run of such a task is sent neither to --export nor back to merge --out: the advice went in a circle
+    (reasoning / "meta.json").write_text(json.dumps({"task": "reasoning-arithmetic", "method": {"name": "full"}}))
+    assert main(["merge", str(reasoning), "--out", str(tmp_path / "merged-full")]) == 2
+    assert f"error: {reasoning}: a full fine-tuning run has no adapter to merge: its weights are the whole backbone; " \
+           f"use it as it is (eval, predict, serve)\n" in capsys.readouterr().err
+    assert main(["merge", str(reasoning), "--export", str(tmp_path / "exported")]) == 2
+    assert "error: task 'reasoning-arithmetic' has no export format; use the run as it is (eval, predict, serve)" \
         in capsys.readouterr().err
 
 
@@ -279,6 +287,24 @@ def test_python_api_mirrors_the_cli(tmp_path):
     assert by_hand[0]["scores"] == pytest.approx(rows[0]["scores"], abs=1e-6)  # alone, not batched with q2
     with pytest.raises(UserError, match="an example dict lacks the field 'seq' that protein-classify reads"):
         predictor.predict([{"sequence": "MKV"}])  # a misnamed field: one line, not a KeyError
+    # a value the model cannot read is not a missing field (the tokenizer's KeyError read as "lacks the field '1'")
+    with pytest.raises(UserError, match=r"^an example dict holds a value protein-classify cannot read \(KeyError: '1'\)"):
+        predictor.predict([{"seq": "MKT123"}])
+    with pytest.raises(UserError, match=r"^an example dict holds a value protein-classify cannot read \(TypeError: "):
+        predictor.predict([{"seq": 5}])
+    assert json.dumps(predictor.predict([{"id": tmp_path / "x", "seq": "MKV"}]))  # a Path comes back as text
+    # what is neither a path, a dict nor a list of them is refused by name, not iterated
+    for wrong, named in [(5, "not int"), (None, "not NoneType"), (b"q.fasta", "not bytes")]:
+        with pytest.raises(UserError, match=f"^predict takes a path .*, {named}$"):
+            predictor.predict(wrong)
+    for wrong in (None, 5):
+        with pytest.raises(UserError, match=f"^a run directory is a path \\(str or Path\\), not {type(wrong).__name__}$"):
+            peftlab.load(wrong)
+    with pytest.raises(UserError, match=r"^overrides='train.epochs=1': give a dict"):
+        peftlab.run("protein-classify", demo=True, overrides="train.epochs=1")
+    with pytest.raises(UserError, match=r"^resume='.*run' continues the run as its run.yaml says and takes no other "
+                                        r"arguments \(got pipeline, method\)"):
+        peftlab.run("protein-classify", method="bitfit", resume=run_dir)
     repeated = run_peftlab("run", "--config", run_dir / "run.yaml", "--out", tmp_path / "again", "train.epochs=1")
     assert repeated.returncode == 0, repeated.stderr[-2000:]
 

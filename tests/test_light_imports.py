@@ -79,3 +79,13 @@ def test_registries_and_card_commands_import_no_heavy_library(tmp_path):
     assert report["exit_codes"] == [0, 0, 0]
     assert report["validated"]["splits"] == {"train": 32, "validation": 4, "test": 4}
     assert report["imported"] == []
+
+
+def test_tab_completion_offers_the_api_without_importing_it():
+    """`dir(peftlab)` listed none of run, load, bench (they are imported on first use), so
+    IPython's `peftlab.<TAB>` offered nothing; listing them must not import torch."""
+    listed = subprocess.run([sys.executable, "-c", "import json, sys, peftlab; print(json.dumps("
+                             "[[n for n in dir(peftlab) if not n.startswith('_')], 'torch' in sys.modules]))"],
+                            capture_output=True, text=True, check=True)
+    names, torch_imported = json.loads(listed.stdout)
+    assert names == ["MultiAdapter", "Predictor", "UserError", "bench", "load", "run"] and not torch_imported

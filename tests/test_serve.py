@@ -300,6 +300,28 @@ def test_python_api_load_of_a_list_serves_every_run(runs, expected):
         MultiAdapter([runs["lora_a"], runs["lora_a"]])
 
 
+def test_a_multi_adapter_dropped_without_close_stops_its_threads_and_frees_its_models(runs, expected):
+    """A notebook cell run twice left each earlier MultiAdapter's threads alive, and with
+    them its backbones: the threads held the engines."""
+    import gc
+    import threading
+    import weakref
+
+    served = peftlab.load([runs["lora_a"], runs["lora_b"]])
+    assert_same_rows(served.predict("lora_a", QUERIES[:2]), expected["lora_a"][:2])
+    names = {f"peftlab-engine-{id(engine)}" for engine in served.engines.values()}
+    assert names & {thread.name for thread in threading.enumerate()}
+    backbone = weakref.ref(next(iter(served.engines.values())).backbone)
+    del served
+    gc.collect()
+    for _ in range(100):  # the finalizer's stop reaches the thread at its next queue read
+        if not names & {thread.name for thread in threading.enumerate()}:
+            break
+        threading.Event().wait(0.05)
+    assert not names & {thread.name for thread in threading.enumerate()}
+    assert backbone() is None
+
+
 def test_the_multi_adapter_predicts_every_input_form_as_the_runs_own_predictor_does(runs, expected, tmp_path):
     """Files, one path alone, a generator, a data card, dicts without ids and the JSON
     request form: `peftlab.load([...]).predict` reads them as `peftlab.load(run).predict`."""
