@@ -174,6 +174,12 @@ def test_registry_errors():
         methods.apply(TinyNet(), "lora", rank=4)
     with pytest.raises(UserError, match="no module matches"):
         methods.apply(TinyNet(), "lora", target_modules=["nope"])
+    # IA3's feedforward names were matched against its targets and a miss dropped silently
+    adapted = methods.apply(TinyNet(), "ia3", target_modules=["q_proj", "fc2"], feedforward_modules=["fc2"])
+    assert adapted.model.peft_config["default"].feedforward_modules
+    with pytest.raises(UserError, match=r"^ia3: method\.feedforward_modules names 'fc_2', which is none of the modules "
+                                        r"IA3 targets \(e\.g\. layers\.0\.q_proj"):
+        methods.apply(TinyNet(), "ia3", target_modules=["q_proj", "fc2"], feedforward_modules=["fc_2"])
 
 
 def test_target_selection_by_suffix_regex_and_layers(tiny_net):
