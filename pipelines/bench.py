@@ -13,6 +13,7 @@ or repeated like any run. The sweep writes into OUT:
                    one-line error) or skipped (the method does not fit the backbone)
     table.md/.csv  one row per method: mean +/- std over seeds (and folds) of every scalar metric
     pareto.png     primary metric against trainable %, the Pareto front marked
+                   (these three are rewritten after each cell, as results.jsonl is)
     logs/          each cell's stderr
 
 By default each cell runs in a fresh Python process (`python -m peftlab.pipelines.bench`,
@@ -26,7 +27,9 @@ the tests), with peak memory left out rather than reported wrongly.
 
 Resumable: a cell whose run directory has metrics.json is finished and skipped; an
 unfinished one (a killed sweep) is resumed from its checkpoint, or restarted if it
-never got as far as its run.yaml; failed cells are tried again.
+never got as far as its run.yaml; failed cells are tried again. A resume is refused
+where the data or the backbone's weights (each cell's meta.json has their digest) have
+changed since the cells were trained: one table never mixes two of either.
 """
 
 from __future__ import annotations
@@ -122,6 +125,12 @@ class Sweep:
     """What that model answers, for the table's note."""
     folds: list[str | None] = field(default_factory=lambda: [None])
     """`KEY=VALUE` per fold of `--folds`; [None] without folds."""
+    backbone_sha256: str | None = None
+    """The digest of the backbone's weights as loaded now (`weights_sha256` of the task
+    model's backbone_info, which each cell's meta.json records as trained)."""
+    recorded_overrides: list[str] | None = None
+    """The key=value list of OUT's bench.json, which its cells were trained with (the
+    current command's may differ in ways that act alike, e.g. their order)."""
 
 
 # --------------------------------------------------------------------------- planning
@@ -143,6 +152,18 @@ def bench(
     folds: str | None = None,
 ) -> Path:
     """Run (or resume) the sweep and write its results, table and plot; returns OUT."""
+    return run_sweep(pipeline, methods, seeds=seeds, demo=demo, data=data, backbone=backbone, out=out, full=full,
+                     overrides=overrides, columns=columns, isolate=isolate, folds=folds).out
+
+
+def run_sweep(pipeline: str, methods: list[str] | str, *, seeds: int = 1, demo: bool = False, data: str | None = None,
+              backbone: str | None = None, out: str | Path | None = None, full: bool = True,
+              overrides: list[str] | tuple[str, ...] = (), columns: list[str] | str | None = None,
+              isolate: bool = True, folds: str | None = None) -> Sweep:
+    """`bench`, returning the sweep it ran: the CLI tells the cells this command planned
+    from those an earlier run into OUT left (`planned_cells`)."""
+    if out is not None:  # before the plan reads the data and builds the models, not after
+        runner.check_out_can_be_made(Path(out))
     sweep = plan(pipeline, methods, seeds=seeds, demo=demo, data=data, backbone=backbone, out=out,
                  full=full, overrides=overrides, folds=folds)
     columns = _split_names(columns) if isinstance(columns, str) else columns
@@ -158,9 +179,9 @@ def bench(
         note = recipe_options_note(sweep)
         if note:
             runner.log(f"note: {note}")
-        rows = run_cells(sweep, isolate=isolate)
+        rows = run_cells(sweep, isolate=isolate, columns=columns)
         write_reports(sweep, rows, columns)
-    return sweep.out
+    return sweep
 
 
 def _count(number: int, noun: str) -> str:
@@ -174,14 +195,14 @@ def plan(pipeline, methods, *, seeds, demo, data, backbone, out, full, overrides
     from peftlab.shared.metrics import get_metric
     from peftlab.shared.tasks import get_task
 
-    names = _split_names(methods) if isinstance(methods, str) else list(methods or [])
-    if not names:
-        raise UserError("--methods: name at least one method, e.g. --methods lora,bitfit (see `peftlab list methods`)")
+    names = method_names(methods)
     if seeds < 1:
         raise UserError(f"--seeds: {seeds} is not a number of seeds; pass 1 or more")
     overrides = list(overrides)
     if any(item.partition("=")[0] in ("method", "method.name") for item in overrides):
         raise UserError("method.name: a sweep sets the method per cell; list methods with --methods")
+    if not full and REFERENCE in names:  # which one the user meant cannot be guessed
+        raise UserError(f"--methods names {REFERENCE} and --no-full leaves it out; drop one of the two")
     if full and REFERENCE not in names:
         names.insert(0, REFERENCE)
     names = list(dict.fromkeys(names))  # a method named twice runs once
@@ -237,6 +258,15 @@ def plan(pipeline, methods, *, seeds, demo, data, backbone, out, full, overrides
                 cells.append(Cell(name, seed, config, method_argument, cell_overrides, fold))
         if name not in skipped:
             refusal = _refusal_on(model, task, cells[-1].config)
+            if refusal is not None and option_overrides[name]:
+                # a refusal the user's method.KEY=VALUE brings about (target_modules=[typo]) is a
+                # mistake to fix, as in `peftlab run`; only one the method meets without them is
+                # the architecture's, for which the method is skipped
+                plain = runner.build_config(pipeline, demo=demo, method=method_argument, backbone=backbone, data=data,
+                                            overrides=[item for item in cells[-1].overrides
+                                                       if item not in option_overrides[name]])
+                if _refusal_on(model, task, plain) is None:
+                    raise UserError(refusal)
             if refusal is not None:
                 skipped[name] = refusal
     cells = [cell for cell in cells if cell.method not in skipped]
@@ -249,7 +279,8 @@ def plan(pipeline, methods, *, seeds, demo, data, backbone, out, full, overrides
     chance, chance_basis = _mean_chance([chance_levels(task, d, reported, metric_names) for d in fold_datasets.values()])
     return Sweep(pipeline, out_dir, cells, skipped, names, seed_values, settings, primary,
                  get_metric(primary).higher_is_better, metric_names, chance=chance, chance_basis=chance_basis,
-                 folds=[fold for fold, _ in fold_items] or [None])
+                 folds=[fold for fold, _ in fold_items] or [None],
+                 backbone_sha256=model.backbone_info.get("weights_sha256"))
 
 
 def parse_folds(folds: str | None, task, overrides: list[str]) -> list[tuple[str, str]]:
@@ -400,6 +431,22 @@ def _split_names(text: str) -> list[str]:
     return [part.strip() for part in text.split(",") if part.strip()]
 
 
+def method_names(methods: list[str] | str | None) -> list[str]:
+    """--methods as registered names: comma-separated, case folded (`LoRA` is lora)."""
+    from peftlab.shared.methods.registry import list_methods
+
+    names = _split_names(methods) if isinstance(methods, str) else [name.strip() for name in methods or [] if name.strip()]
+    if not names:
+        raise UserError("--methods: name at least one method, e.g. --methods lora,bitfit (see `peftlab list methods`)")
+    joined = next((name for name in names if re.search(r"[;\s]", name)), None)
+    if joined is not None:  # `lora;bitfit` or `lora bitfit` would otherwise read as one unknown name
+        with_commas = ",".join(re.split(r"[;\s]+", joined))
+        raise UserError(f"--methods: {joined!r} is not one method; separate methods with commas, e.g. "
+                        f"--methods {with_commas}")
+    known = set(list_methods())
+    return [name if name in known else name.lower() for name in names]
+
+
 def _methods_that_do_not_fit(backbone, specs) -> dict[str, str]:
     """Architecture-specific methods (`applies_to`) checked on the sweep's backbone."""
     return {spec.name: f"method {spec.name!r} does not fit the {type(backbone).__name__} backbone ({spec.description})"
@@ -473,6 +520,7 @@ def _check_out_dir(sweep: Sweep) -> None:
                             f"choose another --out, or repeat them to resume it")
     elif sweep.out.exists() and any(path.name != LOCK_FILE for path in sweep.out.iterdir()):
         raise UserError(f"{sweep.out} exists and is not a bench directory (no {SETTINGS_FILE}); choose another --out")
+    _check_backbone_weights(sweep)
     for cell in sweep.cells:
         trained = _run_dir(sweep, cell) / "run.yaml"
         changes = _config_changes(cell.config, trained) if trained.is_file() else []
@@ -480,6 +528,26 @@ def _check_out_dir(sweep: Sweep) -> None:
             raise UserError(f"{trained}: cell {cell.name} was trained with other settings than the same command gives "
                             f"now ({'; '.join(changes[:3])}{'; ...' if len(changes) > 3 else ''}): the recipe or a "
                             f"default changed since; choose another --out, or delete {trained.parent} to retrain it")
+
+
+def _check_backbone_weights(sweep: Sweep) -> None:
+    """Every cell OUT holds (finished, partly trained, or an earlier run's) was trained on
+    the weights the backbone has now. bench.json names the backbone, but the same path or
+    hub name can hold other weights later (a re-trained checkpoint, an updated snapshot);
+    each run's meta.json records the digest of the weights it loaded."""
+    if sweep.backbone_sha256 is None:
+        return
+    for meta_file in sorted((sweep.out / "runs").glob("*/meta.json")):
+        try:
+            trained = io.read_json(meta_file).get("backbone", {}).get("weights_sha256")
+        except (OSError, UserError):  # unreadable: the cell's own reading of it reports that
+            continue
+        if trained is not None and trained != sweep.backbone_sha256:
+            backbone = sweep.settings["backbone"] or ("the demo backbone" if sweep.settings["demo"]
+                                                      else "the recipe's backbone")
+            raise UserError(f"{sweep.out}: the backbone's weights have changed since this sweep's cells were trained "
+                            f"({meta_file.parent.name} loaded weights {trained[:12]}, {backbone} has "
+                            f"{sweep.backbone_sha256[:12]} now); choose another --out, so that no table mixes the two")
 
 
 def _override_effects(sweep: Sweep, previous: list[str]) -> list[str]:
@@ -560,8 +628,11 @@ def _comparable(settings: dict) -> dict:
 def _exclusive(out: Path):
     """Hold OUT's lock for the sweep. The cell processes inherit it, so a cell left
     running by a killed sweep still keeps a new sweep out of its directory."""
-    out.mkdir(parents=True, exist_ok=True)
-    handle = open(out / LOCK_FILE, "a+", encoding="utf-8")
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        handle = open(out / LOCK_FILE, "a+", encoding="utf-8")
+    except OSError as error:  # e.g. a folder made read-only since the plan checked it
+        raise UserError(f"--out {out}: cannot write the sweep there ({runner.os_reason(error, out)}); choose another --out") from None
     try:
         fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
@@ -585,13 +656,17 @@ def _claim_out_dir(sweep: Sweep) -> None:
     _check_out_dir(sweep)
     if not (sweep.out / SETTINGS_FILE).is_file():
         io.write_json(sweep.out / SETTINGS_FILE, sweep.settings)
+    sweep.recorded_overrides = list(io.read_json(sweep.out / SETTINGS_FILE).get("overrides") or [])
 
 
 # --------------------------------------------------------------------------- running
 
 
-def run_cells(sweep: Sweep, isolate: bool = True) -> list[dict]:
-    """Run every unfinished cell; returns one results row per cell, in plan order."""
+def run_cells(sweep: Sweep, isolate: bool = True, columns: list[str] | None = None) -> list[dict]:
+    """Run every unfinished cell; returns one results row per cell, in plan order. The
+    reports are written with results.jsonl, before the first cell and after each
+    (`columns`: the table's; cells still to run count as pending), so that a sweep stopped
+    midway leaves table.md, table.csv and pareto.png that agree with results.jsonl."""
     from tqdm.auto import tqdm
 
     rows: dict[str, dict] = {}
@@ -609,6 +684,8 @@ def run_cells(sweep: Sweep, isolate: bool = True) -> list[dict]:
 
     def save() -> None:
         io.write_jsonl(sweep.out / RESULTS_FILE, _ordered_rows(sweep, rows) + earlier)
+        still_to_run = {cell.name: _pending_row(cell) for cell in pending if cell.name not in rows}
+        write_reports(sweep, _ordered_rows(sweep, {**still_to_run, **rows}) + earlier, columns, final=False)
 
     save()
     progress = tqdm(total=len(pending), desc="bench", unit="cell", file=sys.stderr, dynamic_ncols=True)
@@ -632,13 +709,24 @@ def run_cells(sweep: Sweep, isolate: bool = True) -> list[dict]:
     return _ordered_rows(sweep, rows) + earlier
 
 
+def _pending_row(cell: Cell) -> dict:
+    """A cell not run yet, as the interim reports count it (`1/2` seeds); never in results.jsonl."""
+    return {"method": cell.method, "seed": cell.seed, **_fold_key(cell.fold), "cell": cell.name, "status": "pending"}
+
+
+def planned_cells(sweep: Sweep) -> set[str]:
+    """The cells this command names (skipped ones too); any other row of OUT's results is
+    an earlier run's (another --methods or --seeds), kept as it was."""
+    return {cell_name(method, fold, seed) for method in sweep.methods for fold in sweep.folds for seed in sweep.seeds}
+
+
 def _earlier_rows(sweep: Sweep) -> list[dict]:
     """Rows an earlier run into OUT recorded for cells this one does not plan (another
     --methods or --seeds): kept, so a sweep can grow by a method without losing the others."""
     results = sweep.out / RESULTS_FILE
     if not results.is_file():
         return []
-    planned = {cell_name(method, fold, seed) for method in sweep.methods for fold in sweep.folds for seed in sweep.seeds}
+    planned = planned_cells(sweep)
     kept = [row for row in io.read_jsonl(results) if row.get("cell") not in planned]
     if kept:
         runner.log(f"keeping {_count(len(kept), 'earlier cell')} this run does not name: "
@@ -827,6 +915,8 @@ class MethodSummary:
     finished: int
     errors: list[str] = field(default_factory=list)
     status: str = "finished"
+    pending: int = 0
+    """Cells not run yet (the reports written while the sweep runs, or after it was stopped)."""
     trainable: int | None = None
     percent: float | None = None
     adapter_bytes: int | None = None
@@ -853,9 +943,10 @@ def summarise(rows: list[dict]) -> list[MethodSummary]:
         done = [row for row in method_rows if row["status"] == "finished"]
         summary = MethodSummary(method, len(method_rows), len(done),
                                 errors=list(dict.fromkeys(row["error"] for row in method_rows if row.get("error"))))
+        summary.pending = sum(row["status"] == "pending" for row in method_rows)
         summaries.append(summary)
-        if not done:
-            summary.status = method_rows[0]["status"]
+        if not done:  # failed or skipped says more than pending where a method has both
+            summary.status = next((row["status"] for row in method_rows if row["status"] != "pending"), "pending")
             continue
         summary.trainable = done[0]["params"]["trainable"]
         summary.percent = done[0]["params"]["percent"]
@@ -922,9 +1013,16 @@ def metric_columns(summaries: list[MethodSummary], primary: str, requested: list
     return list(requested)
 
 
-def write_reports(sweep: Sweep, rows: list[dict], columns: list[str] | None = None) -> None:
+def write_reports(sweep: Sweep, rows: list[dict], columns: list[str] | None = None, final: bool = True) -> None:
+    """table.md, table.csv and pareto.png from `rows`; `final=False` while cells are still
+    to run (said once, at the end)."""
     summaries = order_reference_first(summarise(rows))
-    names = metric_columns(summaries, sweep.primary_metric, columns)
+    try:
+        names = metric_columns(summaries, sweep.primary_metric, columns)
+    except UserError:
+        if final:
+            raise
+        return  # a --columns metric no cell has reported yet: the reports wait for one that does
     split = next((row["split"] for row in rows if row["status"] == "finished"), "test")
     io.write_text(sweep.out / "table.md", table_markdown(sweep, summaries, names, split, rows))
     chance_methods = {s.method for s in summaries if at_chance(s, sweep)}
@@ -932,8 +1030,33 @@ def write_reports(sweep: Sweep, rows: list[dict], columns: list[str] | None = No
     plot_pareto(sweep.out / "pareto.png", summaries, sweep.primary_metric, sweep.higher_is_better,
                 title=f"{sweep.pipeline}: {sweep.primary_metric} ({split}) vs trainable parameters",
                 chance=sweep.chance.get(sweep.primary_metric))
+    if not final:
+        return
     counts = {status: sum(row["status"] == status for row in rows) for status in ("finished", "failed", "skipped")}
     runner.log(", ".join(f"{n} {status}" for status, n in counts.items()) + f" cells; table: {sweep.out / 'table.md'}")
+    note = earlier_failures_note(sweep, rows)
+    if note:
+        runner.log(f"note: {note}")
+
+
+def earlier_failures_note(sweep: Sweep, rows: list[dict]) -> str | None:
+    """Failed cells of an earlier run into OUT that this command does not plan: they stay
+    in the reports, but this command does not retry them, so they are not its failure;
+    say which they are and what retries them."""
+    planned = planned_cells(sweep)
+    failed = [row for row in rows if row["status"] == "failed" and row["cell"] not in planned]
+    if not failed:
+        return None
+    retries = []
+    for method in dict.fromkeys(row["method"] for row in failed):
+        if method not in sweep.methods:
+            retries.append("leave out --no-full" if method == REFERENCE else f"add {method} back to --methods")
+    if any(row["method"] in sweep.methods for row in failed):  # a seed beyond this command's --seeds
+        needed = max(row["seed"] for row in failed if row["method"] in sweep.methods) - sweep.seeds[0] + 1
+        retries.append(f"run with --seeds {needed}")
+    return (f"{_count(len(failed), 'cell')} of an earlier run failed, which this command does not run "
+            f"({', '.join(row['cell'] for row in failed)}): table.md lists them, but only this command's cells decide "
+            f"its exit status; to retry them, {' and '.join(retries)}")
 
 
 def order_reference_first(summaries: list[MethodSummary]) -> list[MethodSummary]:
@@ -991,7 +1114,9 @@ def table_markdown(sweep: Sweep, summaries: list[MethodSummary], names: list[str
     settings = sweep.settings
     backbone = settings["backbone"] or ("the demo backbone" if settings["demo"] else "the recipe's backbone")
     data = settings["data"] or ("the demo card" if settings["demo"] else "the recipe's card")
-    seeds = ", ".join(str(seed) for seed in sweep.seeds)
+    # the overrides the cells were trained with (bench.json's): a resume may type ones that act alike
+    trained_with = settings["overrides"] if sweep.recorded_overrides is None else sweep.recorded_overrides
+    seeds = seeds_averaged(sweep, rows)
     if folded:
         key = sweep.folds[0].partition("=")[0]
         seeds += (f". Folds: splits.{key} = {', '.join(fold.partition('=')[2] for fold in sweep.folds)}, one run "
@@ -1000,7 +1125,7 @@ def table_markdown(sweep: Sweep, summaries: list[MethodSummary], names: list[str
     text = [
         f"# peftlab bench: {sweep.pipeline}",
         "",
-        f"Backbone: {backbone}. Data: {data}. Overrides: {' '.join(settings['overrides']) or 'none'}. "
+        f"Backbone: {backbone}. Data: {data}. Overrides: {' '.join(trained_with) or 'none'}. "
         f"Seeds: {seeds}. Primary metric: {primary} ({direction}), on the {split} split.",
         "",
         f"Metrics: mean ± sample standard deviation (n − 1) over the finished {over} (`{runs}` column)"
@@ -1026,9 +1151,29 @@ def table_markdown(sweep: Sweep, summaries: list[MethodSummary], names: list[str
     if left_out:
         text += ["", "Not finished:", ""]
         for s in left_out:
-            text.append(f"- {s.method}: {s.cells - s.finished} of {s.cells} cells {s.status if not s.finished else 'failed'}: "
-                        + "; ".join(s.errors))
+            text.append(f"- {s.method}: {s.cells - s.finished - s.pending} of {s.cells} cells "
+                        f"{s.status if not s.finished else 'failed'}: " + "; ".join(s.errors))
+    still_to_run = [row["cell"] for row in rows or [] if row["status"] == "pending"]
+    if still_to_run:
+        text += ["", f"Not run yet (the sweep is running, or was stopped: the same command resumes it): "
+                     f"{', '.join(still_to_run)}."]
     return "\n".join(text) + "\n"
+
+
+def seeds_averaged(sweep: Sweep, rows: list[dict] | None) -> str:
+    """The seeds of the finished rows, which the table averages (an earlier run into OUT
+    may have trained more than this command names): `0, 1`, or `0, 1 (ia3: 0)` where a
+    method has fewer. This command's seeds while no cell has finished."""
+    by_method: dict[str, set[int]] = {}
+    for row in rows or []:
+        if row["status"] == "finished":
+            by_method.setdefault(row["method"], set()).add(row["seed"])
+    if not by_method:
+        return ", ".join(str(seed) for seed in sweep.seeds)
+    every = sorted(set().union(*by_method.values()))
+    fewer = [f"{method}: {', '.join(str(seed) for seed in sorted(seeds))}"
+             for method, seeds in by_method.items() if len(seeds) < len(every)]
+    return ", ".join(str(seed) for seed in every) + (f" ({'; '.join(fewer)})" if fewer else "")
 
 
 def per_fold_table(sweep: Sweep, summaries: list[MethodSummary], rows: list[dict]) -> list[str]:
@@ -1101,10 +1246,19 @@ def table_csv(summaries: list[MethodSummary], names: list[str], primary: str, ch
 
 def plot_pareto(path: Path, summaries: list[MethodSummary], primary: str, higher_is_better: bool, title: str,
                 chance: float | None = None) -> None:
+    """`pareto_figure`, written to `path` as a PNG."""
+    figure = pareto_figure(summaries, primary, higher_is_better, title, chance)
+    with io.atomic_path(path) as tmp:
+        figure.savefig(tmp, format="png", dpi=120)
+
+
+def pareto_figure(summaries: list[MethodSummary], primary: str, higher_is_better: bool, title: str,
+                  chance: float | None = None):
     """Primary metric (mean, std error bars) against trainable % on a log axis; the
     Pareto front drawn as a line through its circled points. With `chance` (what a model
     that learnt nothing scores) a dashed line marks it, and a method no better than it is left off
-    the front: fewest parameters for nothing learnt is not a trade-off."""
+    the front: fewest parameters for nothing learnt is not a trade-off. A footnote names
+    the methods without a point (failed, skipped), so the plot is not read as complete."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
@@ -1113,13 +1267,14 @@ def plot_pareto(path: Path, summaries: list[MethodSummary], primary: str, higher
     FigureCanvasAgg(figure)  # no pyplot: the library never touches the user's backend
     axes = figure.add_subplot()
     axes.set_title(title, fontsize=10)
+    not_shown = [f"{s.method} ({s.status if not s.finished else f'no {primary}'})" for s in summaries if s not in done]
+    if not_shown:
+        figure.supxlabel(f"not shown: {', '.join(not_shown)}", fontsize=8, color="dimgray")
     if not done:  # the file exists whatever happened, and says why it is empty
         axes.text(0.5, 0.5, "no method finished: see table.md for the errors", ha="center", va="center",
                   transform=axes.transAxes)
         axes.set_axis_off()
-        with io.atomic_path(path) as tmp:
-            figure.savefig(tmp, format="png", dpi=120)
-        return
+        return figure
     xs = [s.percent for s in done]
     ys = [s.metrics[primary][0] for s in done]
     errors = [s.metrics[primary][1] or 0.0 for s in done]
@@ -1139,7 +1294,8 @@ def plot_pareto(path: Path, summaries: list[MethodSummary], primary: str, higher
     margin = 0.15 * ((top - bottom) or abs(top) or 1.0)
     axes.set_ylim(bottom - margin, top + margin)
     _label_points(axes, [s.method for s in done], xs, ys, ringed=set(front))
-    # plain numbers (0.1, 2, 100) on major and, over a short range, minor ticks: never 2×10^0
+    # plain numbers (0.1, 2, 100) on major and, over a short range, minor ticks: never 2×10^0;
+    # none past 100 %, where the axis only makes room for full fine-tuning's label
     plain = _plain_log_formatter()
     axes.xaxis.set_major_formatter(plain(labelOnlyBase=False))
     axes.xaxis.set_minor_formatter(plain(labelOnlyBase=False, minor_thresholds=(1.5, 0.5)))
@@ -1147,8 +1303,7 @@ def plot_pareto(path: Path, summaries: list[MethodSummary], primary: str, higher
     axes.set_ylabel(f"{primary} ({'higher' if higher_is_better else 'lower'} is better)")
     axes.grid(True, which="both", alpha=0.3)
     axes.legend(fontsize=8, loc="best")
-    with io.atomic_path(path) as tmp:
-        figure.savefig(tmp, format="png", dpi=120)
+    return figure
 
 
 def _label_points(axes, names: list[str], xs: list[float], ys: list[float], fontsize: int = 8,
@@ -1189,20 +1344,29 @@ def _plain_log_formatter():
 
     class PlainLogFormatter(LogFormatter):
         def _num_to_string(self, x, vmin, vmax):
-            return f"{x:g}"
+            return "" if x > 100 * (1 + 1e-9) else f"{x:g}"  # no share of the parameters is over 100 %
 
     return PlainLogFormatter
 
 
 def _fmt_metric(value) -> str:
-    return "n/a" if value is None else f"{value:.4f}"
+    return "n/a" if value is None else _fmt_value(value, ".4f")
+
+
+def _fmt_value(value: float, spec: str) -> str:
+    """`value` in `spec`, unless that rounds a value other than 0 to 0: then two significant
+    digits (3.1e-05), so that a small spread is not read as none (`± 0.0000`)."""
+    text = format(value, spec)
+    if value != 0 and float(text) == 0:
+        return f"{value:.2g}"
+    return text
 
 
 def _fmt_mean_std(mean_and_std, spec: str = ".4f") -> str:
     if mean_and_std is None:
         return "—"
     mean, std = mean_and_std
-    return format(mean, spec) if std is None else f"{format(mean, spec)} ± {format(std, spec)}"
+    return _fmt_value(mean, spec) if std is None else f"{_fmt_value(mean, spec)} ± {_fmt_value(std, spec)}"
 
 
 def _column_format(summaries: list[MethodSummary], name: str) -> str:

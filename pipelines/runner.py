@@ -17,7 +17,6 @@ import contextlib
 import fcntl
 import json
 import logging
-import os
 import shutil
 import sys
 import time
@@ -433,17 +432,42 @@ def library_versions() -> dict[str, str]:
 
 def check_out(out: str | Path | None) -> None:
     """Refuse an --out that cannot hold a new run before any work (reading, building):
-    one that holds files, or lies under a file or in a folder that cannot be written."""
+    one that holds files, or one that cannot be made."""
     if out is None:
         return
     run_dir = Path(out)
     if run_dir.is_dir() and any(run_dir.iterdir()):
         raise UserError(f"{run_dir} exists and is not empty; choose another --out, or continue it with --resume {run_dir}")
-    existing = next(folder for folder in (run_dir, *run_dir.absolute().parents) if folder.exists())
+    check_out_can_be_made(run_dir)
+
+
+def check_out_can_be_made(out: Path) -> None:
+    """--out is a folder or can become one: tried (and undone, so that a mistake found
+    later leaves nothing behind) rather than predicted, since permissions alone do not
+    say it (root may not make a folder in /proc either)."""
+    missing = []  # the folders mkdir would make, deepest first
+    existing = out
+    while not existing.exists() and existing != existing.parent:
+        missing.append(existing)
+        existing = existing.parent
     if not existing.is_dir():
-        raise UserError(f"--out {run_dir}: {existing} is a file, not a folder; choose another --out")
-    if existing != run_dir and not os.access(existing, os.W_OK | os.X_OK):
-        raise UserError(f"--out {run_dir}: cannot create the folder ({existing} is not writable); choose another --out")
+        raise UserError(f"--out {out}: cannot create the folder ({existing} is a file, not a folder); choose another --out")
+    if not missing:
+        return
+    try:
+        out.mkdir(parents=True, exist_ok=True)  # exist_ok: the processes of a --num-processes run all check
+    except OSError as error:
+        raise UserError(f"--out {out}: cannot create the folder ({os_reason(error, out)}); choose another --out") from None
+    finally:
+        for folder in missing:
+            with contextlib.suppress(OSError):
+                folder.rmdir()
+
+
+def os_reason(error: OSError, path: Path) -> str:
+    """The OS's words (`Operation not permitted`), and the path they are about where it is not `path`."""
+    reason = error.strerror or type(error).__name__
+    return f"{reason}: {error.filename}" if error.filename and Path(error.filename) != path else reason
 
 
 def _claim_run_dir(config: cfg.RunConfig, out: str | Path | None) -> Path:
@@ -467,9 +491,10 @@ def _make_run_dir(run_dir: Path, exist_ok: bool) -> None:
         raise UserError(f"--out {run_dir}: a file, not a folder; choose another --out") from None
     except OSError as error:
         if exist_ok:  # the folder --out named
-            raise UserError(f"--out {run_dir}: cannot create the folder ({error.strerror}); choose another --out") from None
-        raise UserError(f"{run_dir}: cannot create the run folder ({error.strerror}); run from a folder you can write "
-                        f"to, or pass --out") from None
+            raise UserError(f"--out {run_dir}: cannot create the folder ({os_reason(error, run_dir)}); choose another "
+                            f"--out") from None
+        raise UserError(f"{run_dir}: cannot create the run folder ({os_reason(error, run_dir)}); run from a folder you "
+                        f"can write to, or pass --out") from None
 
 
 def run(config: cfg.RunConfig, out: str | Path | None = None) -> Path:

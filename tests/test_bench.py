@@ -239,6 +239,9 @@ def test_a_cell_in_its_own_process_reports_its_own_peak_memory(tmp_path):
     recorded = json.loads((out / "runs" / "bitfit-seed0" / bench.PEAK_FILE).read_text())
     assert row["peak_rss_mb"] == recorded["peak_rss_mb"] > 100  # torch alone is more than 100 MB resident
     assert f"| {row['peak_rss_mb']:.0f} |" in (out / "table.md").read_text()
+    # the random-init tiny backbone has the same weights digest in another process: resumable
+    bench._check_out_dir(bench.plan(PIPELINE, ["bitfit"], seeds=1, demo=True, data=None, backbone=None, out=out,
+                                    full=False, overrides=BUDGET))
 
 
 def test_pareto_front_on_hand_made_points():
@@ -596,3 +599,182 @@ def test_point_labels_clear_the_other_points_and_each_other():
     # a label moved past the next row has a line to its point; one beside it, or a row off, needs none
     lined = {text.get_text(): text.arrow_patch is not None for text in axes.texts}
     assert lined == {"lora": False, "dora": False, "vera": True, "full": False}, lined
+
+
+def _write_esm_checkpoint(path: Path, shift: float = 0.0) -> None:
+    """The tiny ESM encoder as a fair-esm .pt file; `shift` stands for re-trained weights."""
+    import torch
+    from peftlab.domains.protein import backbones
+    from test_protein_data import _official_checkpoint
+
+    encoder = backbones.load_backbone("tiny")[0]
+    with torch.no_grad():
+        for parameter in encoder.parameters():
+            parameter.add_(shift)
+    torch.save(_official_checkpoint(encoder), path)
+
+
+def test_a_sweep_resumed_after_the_backbones_weights_changed_is_refused(tmp_path, capsys):
+    """The same --backbone path, other weights (a re-trained checkpoint): a resume would
+    pool cells trained on two backbones into one mean ± std."""
+    weights, out = tmp_path / "esm.pt", tmp_path / "sweep"
+    _write_esm_checkpoint(weights)
+    command = ["bench", PIPELINE, "--demo", "--backbone", str(weights), "--methods", "bitfit", "--no-full",
+               "--out", str(out), "--in-process", *BUDGET]
+    assert main(command) == 0
+    _write_esm_checkpoint(weights, shift=0.01)
+    capsys.readouterr()
+    assert main([*command, "--seeds", "2"]) == 2
+    err = capsys.readouterr().err
+    error = err.strip().splitlines()[-1]  # after the plan's notes
+    assert "Traceback" not in err and error.startswith(f"error: {out}: the backbone's weights have changed since this "
+                                                       f"sweep's cells were trained (bitfit-seed0 loaded weights "), err
+    assert error.endswith("choose another --out, so that no table mixes the two")
+    assert not (out / "runs" / "bitfit-seed1").exists()
+    _write_esm_checkpoint(weights)  # the weights the cells were trained on: resumable again
+    bench._check_out_dir(bench.plan(PIPELINE, "bitfit", seeds=2, demo=True, data=None, backbone=str(weights), out=out,
+                                    full=False, overrides=BUDGET))
+
+
+@pytest.mark.parametrize("where", ["under_a_file", "proc"])
+def test_an_out_that_cannot_be_made_is_refused_in_one_line_before_the_plan(tmp_path, capsys, monkeypatch, where):
+    (tmp_path / "afile").write_text("not a folder")
+    out = tmp_path / "afile" / "sub" if where == "under_a_file" else Path("/proc/peftlab_bench_test")
+    reason = f"{tmp_path / 'afile'} is a file, not a folder" if where == "under_a_file" else "No such file or directory"
+
+    def no_plan(*args, **kwargs):
+        raise AssertionError("the plan (data read, models built) ran before --out was checked")
+
+    monkeypatch.setattr(bench, "plan", no_plan)
+    assert main(["bench", PIPELINE, "--demo", "--methods", "bitfit", "--out", str(out), "--in-process"]) == 2
+    error = capsys.readouterr().err.strip().splitlines()
+    assert error == [f"error: --out {out}: cannot create the folder ({reason}); choose another --out"]
+    assert not out.exists()
+
+
+def test_a_method_option_that_matches_nothing_is_a_usage_error_not_a_skip(tmp_path, capsys):
+    """A typo in method.target_modules makes lora refuse the backbone only because of the
+    user's option: exit 2 with the method's message (as `peftlab run` does), not a sweep
+    of `full` alone that exits 0."""
+    out = tmp_path / "sweep"
+    assert main(["bench", PIPELINE, "--demo", "--methods", "lora,dora", "--out", str(out),
+                 "method.target_modules=[nonexistent]"]) == 2
+    err = capsys.readouterr().err
+    error = err.strip().splitlines()[-1]  # after the note on which methods take the option
+    assert "Traceback" not in err and error.startswith("error: lora: no module matches target_modules=['nonexistent']"), err
+    assert not out.exists()
+    # a method the architecture refuses, with or without the option given, stays skipped
+    sweep = bench.plan("medical-classify", "adapter,bitfit", seeds=1, demo=True, data=None, backbone="tiny_resnet",
+                       out=None, full=False, overrides=["method.size=8", "train.max_steps=1"])
+    assert {cell.method for cell in sweep.cells} == {"bitfit"}
+    assert sweep.skipped["adapter"].startswith("adapter: peftlab's bottleneck adapters act on token features")
+
+
+def test_an_earlier_runs_failed_cell_this_command_does_not_run_is_a_note_not_an_exit_1(tmp_path, capsys,
+                                                                                       exploding_method):
+    out = tmp_path / "sweep"
+    command = ["bench", PIPELINE, "--demo", "--no-full", "--out", str(out), "--in-process", *BUDGET]
+    assert main([*command, "--methods", "bitfit,explode"]) == 1
+    capsys.readouterr()
+    assert main([*command, "--methods", "bitfit"]) == 0  # explode dropped: this command retries nothing
+    err = capsys.readouterr().err
+    assert "error:" not in err and "retries them" not in err
+    assert ("note: 1 cell of an earlier run failed, which this command does not run (explode-seed0): table.md lists "
+            "them, but only this command's cells decide its exit status; to retry them, add explode back to --methods"
+            in err), err
+    assert "- explode: 1 of 1 cells failed" in (out / "table.md").read_text()
+    assert main([*command, "--methods", "bitfit,explode"]) == 1  # named again: retried, and its failure counts
+    assert "1 of 2 cells failed (explode-seed0)" in capsys.readouterr().err
+
+
+def test_the_table_header_names_the_seeds_and_overrides_its_rows_average(tmp_path):
+    """A resume with fewer seeds keeps the earlier seed's rows in the means, and overrides
+    typed otherwise (another order, a default given) act alike: the header says what the
+    rows were trained with, not what the last command typed."""
+    out = tmp_path / "sweep"
+    bench.bench(PIPELINE, "bitfit", seeds=2, demo=True, full=False, out=out, overrides=BUDGET, isolate=False)
+    bench.bench(PIPELINE, "bitfit", seeds=1, demo=True, full=False, out=out,
+                overrides=[*reversed(BUDGET), "train.seed=0"], isolate=False)
+    table = (out / "table.md").read_text()
+    assert f"Overrides: {' '.join(BUDGET)}. Seeds: 0, 1. Primary metric" in table, table
+    assert re.search(r"\| bitfit( \(at chance\))? \| 2/2 \|", table), table
+    # a method trained with fewer seeds than another is named with its own
+    rows = [row("lora", 0, 0.5), row("lora", 1, 0.6), row("ia3", 0, 0.4), row("ia3", 1, None, status="failed")]
+    assert bench.seeds_averaged(bench.plan(PIPELINE, "bitfit", seeds=1, demo=True, data=None, backbone=None, out=None,
+                                           full=False, overrides=BUDGET), rows) == "0, 1 (ia3: 0)"
+
+
+@pytest.mark.parametrize("methods, no_full, message", [
+    ("full", True, "--methods names full and --no-full leaves it out; drop one of the two"),
+    ("lora;bitfit", False, "--methods: 'lora;bitfit' is not one method; separate methods with commas, e.g. "
+                           "--methods lora,bitfit"),
+    ("lora bitfit", False, "--methods: 'lora bitfit' is not one method; separate methods with commas"),
+])
+def test_method_lists_that_contradict_or_lack_commas_are_refused(tmp_path, capsys, methods, no_full, message):
+    out = tmp_path / "sweep"
+    assert main(["bench", PIPELINE, "--demo", "--methods", methods, *(["--no-full"] if no_full else []),
+                 "--out", str(out)]) == 2
+    error = capsys.readouterr().err.strip().splitlines()
+    assert error == [f"error: {message}"] or (len(error) == 1 and error[0].startswith(f"error: {message}")), error
+    assert not out.exists()
+
+
+def test_method_names_fold_case():
+    sweep = bench.plan(PIPELINE, "LoRA, BitFit", seeds=1, demo=True, data=None, backbone=None, out=None, full=True,
+                       overrides=BUDGET)
+    assert sweep.methods == ["full", "lora", "bitfit"]
+    assert bench.method_names(["DoRA", "full"]) == ["dora", "full"]
+
+
+def test_a_sweep_stopped_midway_leaves_reports_that_match_its_results(tmp_path, monkeypatch):
+    """Ctrl-C during the second cell: table.md, table.csv and pareto.png already hold the
+    first cell, as results.jsonl does, rather than nothing (or an earlier run's table)."""
+    original = bench.run_cell
+
+    def interrupted_at_the_second_cell(sweep, cell, isolate):
+        if cell.seed == 1:
+            raise KeyboardInterrupt
+        return original(sweep, cell, isolate)
+
+    monkeypatch.setattr(bench, "run_cell", interrupted_at_the_second_cell)
+    out = tmp_path / "sweep"
+    with pytest.raises(KeyboardInterrupt):
+        bench.bench(PIPELINE, "bitfit", seeds=2, demo=True, full=False, out=out, overrides=BUDGET, isolate=False)
+    [finished] = read_rows(out)
+    table = (out / "table.md").read_text()
+    assert re.search(r"\| bitfit( \(at chance\))? \| 1/2 \|", table), table  # one of its two seeds so far
+    assert f"{finished['metrics']['accuracy']:.4f}" in table
+    assert "Not run yet (the sweep is running, or was stopped: the same command resumes it): bitfit-seed1." in table
+    with open(out / "table.csv", newline="") as handle:
+        [csv_row] = list(csv.DictReader(handle))
+    assert (csv_row["seeds_finished"], csv_row["seeds"]) == ("1", "2")
+    assert float(csv_row["accuracy_mean"]) == finished["metrics"]["accuracy"]
+    assert (out / "pareto.png").read_bytes()[:8] == PNG_MAGIC
+
+
+def test_a_spread_too_small_for_four_decimals_is_not_printed_as_none():
+    assert bench._fmt_mean_std((0.9993, 3.1e-05)) == "0.9993 ± 3.1e-05"
+    assert bench._fmt_mean_std((2.4e-05, None)) == "2.4e-05"
+    assert bench._fmt_mean_std((0.5, 0.0)) == "0.5000 ± 0.0000"  # no spread at all stays 0
+    assert bench._fmt_mean_std((5.0, 0.0), ".0f") == "5 ± 0"
+
+
+def test_the_pareto_plot_names_the_methods_it_leaves_out_and_has_no_tick_past_100_percent(tmp_path, monkeypatch):
+    from matplotlib.figure import Figure
+
+    saved = []
+    save = Figure.savefig
+    monkeypatch.setattr(Figure, "savefig", lambda figure, *args, **kwargs: (saved.append(figure), save(figure, *args, **kwargs)))
+    summaries = [bench.MethodSummary("full", 1, 1, trainable=100, percent=100.0, adapter_bytes=1,
+                                     metrics={"accuracy": (0.9, None)}),
+                 bench.MethodSummary("lora", 1, 1, trainable=40, percent=40.0, adapter_bytes=1,
+                                     metrics={"accuracy": (0.8, None)}),
+                 bench.MethodSummary("explode", 1, 0, errors=["boom"], status="failed"),
+                 bench.MethodSummary("vpt", 1, 0, errors=["does not fit"], status="skipped")]
+    bench.plot_pareto(tmp_path / "pareto.png", summaries, "accuracy", True, "t")
+    [figure] = saved
+    texts = [text.get_text() for text in figure.findobj(lambda artist: hasattr(artist, "get_text"))]
+    assert "not shown: explode (failed), vpt (skipped)" in texts
+    [axes] = figure.axes
+    ticks = [label.get_text() for label in [*axes.xaxis.get_ticklabels(), *axes.xaxis.get_ticklabels(minor=True)]]
+    assert "100" in ticks and not any(text and float(text) > 100 for text in ticks), ticks

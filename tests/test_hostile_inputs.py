@@ -448,7 +448,7 @@ CASES = [
     Case("config-eval-unknown-split", demo_run("protein-ppi", "eval.splits=[dev]"), r"eval\.splits names 'dev'; the data has train, validation, test: set eval\.splits=\[validation, test\]"),
     Case("run-out-under-a-file", lambda f: (f / "afile").write_text("x") and ["run", "protein-classify", "--demo", "--out",
                                                                               str(f / "afile" / "run")],
-         r"--out \S*afile/run: \S*afile is a file, not a folder; choose another --out$"),
+         r"--out \S*afile/run: cannot create the folder \(\S*afile is a file, not a folder\); choose another --out$"),
     Case("config-text-metric-on-classes", demo_run("code-review-necessity", "eval.metrics=[f1,bleu4]"),
          r"eval\.metrics: code-review-necessity cannot compute 'bleu4' \(it scores generated text\); it computes f1, "),
     Case("config-class-metric-on-text", demo_run("code-review-comment", "eval.primary_metric=auroc"),
