@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from pathlib import Path
 
 from peftlab.pipelines import runner
@@ -80,7 +81,8 @@ def _override_list(overrides) -> list[str]:
         return []
     if isinstance(overrides, dict):
         return [f"{k}={_yaml_value(v)}" for k, v in overrides.items()]
-    if isinstance(overrides, str | bytes) or not isinstance(overrides, list | tuple):
+    if isinstance(overrides, str | bytes | set | frozenset) or not isinstance(overrides, Iterable):
+        # a set has no order, and the later of two values for one key wins
         raise UserError(f"overrides={overrides!r}: give a dict ({{'train.max_steps': 20}}) or a list of key=value "
                         f"texts (['train.max_steps=20']), not a {type(overrides).__name__}")
     return list(overrides)

@@ -163,6 +163,7 @@ def run_sweep(pipeline: str, methods: list[str] | str, *, seeds: int = 1, demo: 
     """`bench`, returning the sweep it ran: the CLI tells the cells this command planned
     from those an earlier run into OUT left (`planned_cells`)."""
     if out is not None:  # before the plan reads the data and builds the models, not after
+        _check_not_foreign(Path(out))
         runner.check_out_can_be_made(Path(out))
     sweep = plan(pipeline, methods, seeds=seeds, demo=demo, data=data, backbone=backbone, out=out,
                  full=full, overrides=overrides, folds=folds)
@@ -518,8 +519,8 @@ def _check_out_dir(sweep: Sweep) -> None:
         if changed:
             raise UserError(f"{sweep.out}: this bench directory was run with other settings ({', '.join(changed)}); "
                             f"choose another --out, or repeat them to resume it")
-    elif sweep.out.exists() and any(path.name != LOCK_FILE for path in sweep.out.iterdir()):
-        raise UserError(f"{sweep.out} exists and is not a bench directory (no {SETTINGS_FILE}); choose another --out")
+    else:
+        _check_not_foreign(sweep.out)
     _check_backbone_weights(sweep)
     for cell in sweep.cells:
         trained = _run_dir(sweep, cell) / "run.yaml"
@@ -528,6 +529,12 @@ def _check_out_dir(sweep: Sweep) -> None:
             raise UserError(f"{trained}: cell {cell.name} was trained with other settings than the same command gives "
                             f"now ({'; '.join(changes[:3])}{'; ...' if len(changes) > 3 else ''}): the recipe or a "
                             f"default changed since; choose another --out, or delete {trained.parent} to retrain it")
+
+
+def _check_not_foreign(out: Path) -> None:
+    """OUT holds nothing, or a sweep (its bench.json): another folder's files are not ours to mix with."""
+    if not (out / SETTINGS_FILE).is_file() and out.is_dir() and any(path.name != LOCK_FILE for path in out.iterdir()):
+        raise UserError(f"{out} exists and is not a bench directory (no {SETTINGS_FILE}); choose another --out")
 
 
 def _check_backbone_weights(sweep: Sweep) -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import os
 import re
 import shutil
 from collections import Counter
@@ -388,15 +389,21 @@ def _left_out_notes(inputs, examples: list[dict], task_name: str) -> list[str]:
     """Files in a folder given to predict that no input reads (a README, a table beside
     the images): said, not passed over. Hidden files (macOS `._x`, checkpoints) are not
     counted: every reader leaves them out."""
-    read = {value for example in examples for value in example.values() if isinstance(value, str)}
+    inputs = list(inputs)
+    folders = list({os.path.abspath(path): path for path in inputs if path.is_dir()}.values())  # each once
+    if not folders:
+        return []
+    # a file is read where an example names it, or where it was given itself (a table of the videos beside it)
+    read = {os.path.abspath(value) for example in examples for value in example.values()
+            if isinstance(value, str) and len(value) < 4096} | {os.path.abspath(path) for path in inputs if path.is_file()}
     notes = []
-    for folder in (path for path in inputs if path.is_dir()):
+    for folder in folders:
         left_out = []
         for path in sorted(folder.rglob("*")):
             parts = path.relative_to(folder).parts
-            # a file is read as itself, or as part of a folder that is one input (a video's frames)
+            # read as itself, or as part of a folder that is one input (a video's frames)
             if path.is_file() and not any(part.startswith(".") for part in parts) \
-                    and not any(str(read_as) in read for read_as in (path, *path.parents[:len(parts)])):
+                    and not any(os.path.abspath(read_as) in read for read_as in (path, *path.parents[:len(parts)])):
                 left_out.append(path)
         if left_out:
             files = "1 file" if len(left_out) == 1 else f"{len(left_out)} files"

@@ -17,6 +17,7 @@ import contextlib
 import fcntl
 import json
 import logging
+import os
 import shutil
 import sys
 import time
@@ -294,9 +295,13 @@ def run_metrics(config: cfg.RunConfig, task, card: Card, dataset: Dataset) -> tu
     """The metrics a run computes (config, else card, else the task's) and its primary one,
     each checked to exist and to apply to what the task outputs on this data: refused
     before training, not at its first evaluation."""
-    from peftlab.shared.metrics import metrics_scoring
+    from peftlab.shared.metrics import get_metric, metrics_scoring
 
-    applicable = task.applicable_metrics(dataset) if hasattr(task, "applicable_metrics") else metrics_scoring("classes")
+    if hasattr(task, "applicable_metrics"):
+        applicable = tuple(task.applicable_metrics(dataset))
+    else:  # its own metrics, and any other that scores what they score
+        scored = dict.fromkeys(get_metric(name).scores for name in task.metrics if get_metric(name).fn is not None)
+        applicable = tuple(dict.fromkeys([*task.metrics, *(name for what in scored for name in metrics_scoring(what))]))
     metric_names = config.eval.metrics or card.metrics or list(task.metrics)
     primary = config.eval.primary_metric or task.primary_metric
     given = (("eval.metrics", config.eval.metrics or []), (f"{card.card_path}: metrics", card.metrics or []),
@@ -445,6 +450,7 @@ def check_out_can_be_made(out: Path) -> None:
     """--out is a folder or can become one: tried (and undone, so that a mistake found
     later leaves nothing behind) rather than predicted, since permissions alone do not
     say it (root may not make a folder in /proc either)."""
+    out = Path(os.path.abspath(out))  # `new/../kept`: walk what mkdir makes, not a name that passes through `new`
     missing = []  # the folders mkdir would make, deepest first
     existing = out
     while not existing.exists() and existing != existing.parent:

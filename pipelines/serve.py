@@ -30,6 +30,7 @@ from concurrent.futures import Future
 from typing import Any
 
 from peftlab.pipelines.multi_adapter import MultiAdapter
+from peftlab.shared import io
 from peftlab.shared.errors import UserError
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
@@ -95,7 +96,9 @@ def create_app(multi: MultiAdapter) -> Starlette:
         if body is None:
             return error(413, f"the request body is over {MAX_BODY_BYTES} bytes; send fewer inputs per request")
         try:
-            payload: Any = json.loads(body)
+            payload: Any = io.user_json(body, "the request body")
+        except UserError as exc:  # a key given twice: which value is meant is a guess
+            return error(400, str(exc))
         except (json.JSONDecodeError, UnicodeDecodeError) as exc:
             return error(400, f"the request body is not JSON ({exc}); send a JSON object")
         except RecursionError:

@@ -129,8 +129,8 @@ class Task(Protocol):
 
     # Optional hooks, looked up where they are used:
     #   compute_metrics(names, examples, outputs)       metrics other than shared/metrics.py's per-example ones
-    #   applicable_metrics(dataset)                     the metrics it can compute on this data (default: every one
-    #                                                   that scores classes); runner.run_metrics refuses others
+    #   applicable_metrics(dataset)                     the metrics it can compute on this data (default: its own
+    #                                                   and every metric scoring what they score); run_metrics refuses others
     #   chance_levels(names, train, scored)             (metric -> a model's score that learnt nothing, how it is
     #                                                   got) where a constant answer is not that model (retrieval)
     #   write_report(split, examples, outputs, labels, directory)   per-class files next to metrics.json

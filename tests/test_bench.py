@@ -778,3 +778,16 @@ def test_the_pareto_plot_names_the_methods_it_leaves_out_and_has_no_tick_past_10
     [axes] = figure.axes
     ticks = [label.get_text() for label in [*axes.xaxis.get_ticklabels(), *axes.xaxis.get_ticklabels(minor=True)]]
     assert "100" in ticks and not any(text and float(text) > 100 for text in ticks), ticks
+
+
+def test_a_folder_that_is_not_a_sweep_is_refused_before_the_plan(tmp_path, capsys, monkeypatch):
+    """It was refused, but only after the plan had read the data and built the models."""
+    (tmp_path / "notes.txt").write_text("someone else's")
+
+    def no_plan(*args, **kwargs):
+        raise AssertionError("the plan (data read, models built) ran before --out was checked")
+
+    monkeypatch.setattr(bench, "plan", no_plan)
+    assert main(["bench", PIPELINE, "--demo", "--methods", "bitfit", "--out", str(tmp_path), "--in-process"]) == 2
+    assert capsys.readouterr().err.strip().splitlines() == [
+        f"error: {tmp_path} exists and is not a bench directory (no bench.json); choose another --out"]

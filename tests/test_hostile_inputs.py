@@ -506,6 +506,16 @@ CASES = [
 ]
 
 
+def test_an_out_check_leaves_folders_it_did_not_make(tmp_path):
+    """`--out new/../kept/run`: the check tried the folder and removed `new/../kept`, an
+    existing empty folder, on its way out."""
+    from peftlab.pipelines.runner import check_out_can_be_made
+
+    (tmp_path / "kept").mkdir()
+    check_out_can_be_made(tmp_path / "new" / ".." / "kept" / "run")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["kept"] and not any((tmp_path / "kept").iterdir())
+
+
 def test_the_corpus_is_large_and_covers_every_domain():
     assert len(CASES) >= 40 and len({c.name for c in CASES}) == len(CASES)
     text = " ".join(c.name for c in CASES)

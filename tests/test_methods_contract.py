@@ -177,9 +177,12 @@ def test_registry_errors():
     # IA3's feedforward names were matched against its targets and a miss dropped silently
     adapted = methods.apply(TinyNet(), "ia3", target_modules=["q_proj", "fc2"], feedforward_modules=["fc2"])
     assert adapted.model.peft_config["default"].feedforward_modules
-    with pytest.raises(UserError, match=r"^ia3: method\.feedforward_modules names 'fc_2', which is none of the modules "
-                                        r"IA3 targets \(e\.g\. layers\.0\.q_proj"):
+    with pytest.raises(UserError, match=r"^ia3: method\.feedforward_modules names 'fc_2', which no module of the "
+                                        r"model is \(IA3 targets e\.g\. layers\.0\.q_proj"):
         methods.apply(TinyNet(), "ia3", target_modules=["q_proj", "fc2"], feedforward_modules=["fc_2"])
+    # a task's default feedforward module left out of the user's narrower targets is no mistake: it scales nothing
+    narrowed = methods.apply(TinyNet(), "ia3", target_modules=["q_proj"], feedforward_modules=["fc2"])
+    assert not narrowed.model.peft_config["default"].feedforward_modules
 
 
 def test_target_selection_by_suffix_regex_and_layers(tiny_net):

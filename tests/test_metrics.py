@@ -94,3 +94,27 @@ def test_evaluation_refuses_scores_that_are_not_finite(monkeypatch):
         evaluation.evaluate(object(), None, examples, ["accuracy", "auroc"], 2, None)
     outputs[1] = np.array([0.7, 0.3], dtype=np.float32)
     assert evaluation.evaluate(object(), None, examples, ["accuracy"], 2, None)[0]["accuracy"] == 1.0
+
+
+def test_a_task_without_applicable_metrics_may_use_its_own_and_their_kind():
+    """The default was every class-score metric alone, so a task's own derived or text
+    metric was refused ("cannot compute 'dice' ... it computes dice, accuracy")."""
+    from types import SimpleNamespace
+
+    from peftlab.pipelines.runner import run_metrics
+    from peftlab.shared.text_metrics import TEXT_METRICS
+
+    card = SimpleNamespace(metrics=None, card_path="card.md")
+
+    def config(metrics=None, primary=None):
+        return SimpleNamespace(eval=SimpleNamespace(metrics=metrics, primary_metric=primary))
+
+    derived = SimpleNamespace(name="segment", metrics=("accuracy_avg", "accuracy"), primary_metric="accuracy_avg")
+    assert run_metrics(config(), derived, card, None) == (["accuracy_avg", "accuracy"], "accuracy_avg")
+    assert run_metrics(config(["auroc"]), derived, card, None) == (["accuracy_avg", "auroc"], "accuracy_avg")
+    writer = SimpleNamespace(name="writer", metrics=("bleu4",), primary_metric="bleu4")
+    for name in TEXT_METRICS:  # every text metric, as its own scores text
+        assert run_metrics(config([name]), writer, card, None)[0][-1] == name
+    with pytest.raises(UserError, match=r"^eval\.metrics: writer cannot compute 'auroc' \(it scores class predictions\); "
+                                        r"it computes bleu4 \(and on request cider, corpus_bleu4, exact_match, rouge_l\)$"):
+        run_metrics(config(["auroc"]), writer, card, None)

@@ -261,6 +261,8 @@ def test_a_backbone_given_as_a_local_path_is_listed_by_its_name(tmp_path):
 @pytest.mark.parametrize("path, body, status, message", [
     ("/predict/nope", {"sequences": ["MKV"]}, 404, "no adapter named 'nope'; served: lora_a, lora_b, ia3, bitfit"),
     ("/predict/lora_a", b"{not json", 400, "not JSON"),
+    ("/predict/lora_a", b'{"sequences": ["MKV"], "sequences": ["GGA"]}', 400,
+     "the request body: an object names the key 'sequences' twice; keep the one meant"),
     ("/predict/lora_a", ["MKV"], 422, "must be a JSON object"),
     ("/predict/lora_a", {}, 422, "sequences: required"),
     ("/predict/lora_a", {"sequences": []}, 422, "sequences: empty"),

@@ -434,6 +434,18 @@ def test_label_codes_without_labels_are_numbered_as_numbers(tmp_path):
     assert any("codes, which do not run 0..10" in note for note in dataset.notes)
 
 
+def test_label_map_to_numbers_reads_them_as_codes(tmp_path):
+    """`label_map: {neutral: 0, ...}` maps to YAML numbers; reading them as label cells
+    failed on `.strip()` with a traceback."""
+    write_corpus(tmp_path, toy_rows())
+    card = write_card(tmp_path, "label_map: {neutral: 0, happy: 1, angry: 2, sad: 3}").model_copy()
+    card.labels = None
+    dataset = TASK.read(card, SpeechEmotionOptions())
+    assert dataset.labels == ["0", "1", "2", "3"]
+    example = next(e for split in dataset.splits.values() for e in split if e["id"] == "s0_1.wav")
+    assert example["label"] == LABELS.index("happy")
+
+
 def test_unknown_label_and_missing_column_are_one_line_errors(tmp_path):
     rows = toy_rows()
     rows[3] = (rows[3][0], "bored", rows[3][2], rows[3][3])

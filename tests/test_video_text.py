@@ -841,3 +841,6 @@ def test_predict_says_which_files_in_a_folder_it_leaves_out(tmp_path):
         f"2 files in {folder} left out: not video-text-retrieval inputs (e.g. captions.txt)"]
     frames = data.video_inputs([folder / "clip0"])  # one frame folder given: its frames are the video
     assert _left_out_notes([folder / "clip0"], frames, "video-text-retrieval") == []
+    # a file given itself is read, though inside a folder given too; a folder given twice is noted once
+    assert _left_out_notes([folder / "captions.txt", folder, folder], examples, "video-text-retrieval") == [
+        f"1 file in {folder} left out: not video-text-retrieval inputs (e.g. extra/deeper/note.md)"]

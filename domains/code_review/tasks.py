@@ -35,7 +35,7 @@ from peftlab.shared.errors import UserError
 from peftlab.shared.folds import split_sources
 from peftlab.shared.loaders import loader_records
 from peftlab.shared.tasks import SPLIT_KEYS, Dataset, FP32Head, describe_scores, register_task
-from peftlab.shared.text_metrics import TEXT_METRICS, compute_text_metrics, smooth_bleu4
+from peftlab.shared.text_metrics import compute_text_metrics, smooth_bleu4
 from torch import nn
 from torch.nn import functional as F
 
@@ -318,9 +318,6 @@ class _GenerationTask(_CodeReviewTask):
     primary_metric = "bleu4"
     formats = ("jsonl", "tufano_tsv", "demo")
     loader_format = "jsonl"
-
-    def applicable_metrics(self, dataset) -> tuple[str, ...]:
-        return TEXT_METRICS
 
     def compute_metrics(self, metric_names, examples, outputs) -> dict:
         references, hypotheses = [e["label"] for e in examples], list(outputs)

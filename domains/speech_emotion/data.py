@@ -239,7 +239,7 @@ def read_table(path: Path, audio_root: Path, fields: dict, labels: list[str] | N
             continue
         example["id"] = cells[columns["path"]].strip()
         if labelled:
-            example["label"] = label_cell(label_text, labels, where, LABEL_FIX)
+            example["label"] = label_cell(str(label_text), labels, where, LABEL_FIX)  # label_map may give numbers
         for key in ("speaker", "gender", "session"):
             if key in columns:
                 example[key] = group_cell(cells[columns[key]], where) if key == "speaker" else cells[columns[key]].strip()

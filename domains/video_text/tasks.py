@@ -46,7 +46,6 @@ from peftlab.shared.errors import UserError
 from peftlab.shared.folds import split_sources
 from peftlab.shared.loaders import loader_rows
 from peftlab.shared.retrieval_metrics import (
-    RETRIEVAL_METRICS,
     random_ranking_levels,
     text_to_video_ranks,
 )
@@ -544,9 +543,6 @@ class RetrievalTask(_VideoTextTask):
                 raise UserError(f"queries[{key}]: empty query")
             examples.append({"id": key, "caption": text})
         return examples
-
-    def applicable_metrics(self, dataset) -> tuple[str, ...]:
-        return RETRIEVAL_METRICS
 
     def compute_metrics(self, metric_names, examples, outputs) -> dict:
         _, item_of_query, similarity = similarity_matrix(examples, outputs)

@@ -183,10 +183,12 @@ def _ia3(model, o: IA3Options) -> Applied:
     if o.feedforward_modules:
         chosen = [n for n, _ in model.named_modules() if re.fullmatch(targets, n)]
         named = lambda name, wanted: name == wanted or name.endswith("." + wanted)  # noqa: E731
-        unmatched = [wanted for wanted in o.feedforward_modules if not any(named(n, wanted) for n in chosen)]
-        if unmatched:  # peft would scale no module's input for it, silently
-            raise UserError(f"ia3: method.feedforward_modules names {unmatched[0]!r}, which is none of the modules "
-                            f"IA3 targets (e.g. {', '.join(chosen[:3])}); name the FFN's second layer among them")
+        every = [n for n, _ in model.named_modules()]
+        unknown = [wanted for wanted in o.feedforward_modules if not any(named(n, wanted) for n in every)]
+        if unknown:  # a typo: peft would scale no module's input for it, silently
+            raise UserError(f"ia3: method.feedforward_modules names {unknown[0]!r}, which no module of the model is "
+                            f"(IA3 targets e.g. {', '.join(chosen[:3])}); name the FFN's second layer")
+        # a name outside the targets (the task's default fc2 where target_modules leaves it out) scales nothing
         matched = [n for n in chosen if any(named(n, f) for f in o.feedforward_modules)]
         feedforward = "(" + "|".join(re.escape(n) for n in matched) + ")" if matched else None
     return _wrap(model, peft.IA3Config(target_modules=targets, feedforward_modules=feedforward or []))
